@@ -1,0 +1,706 @@
+"""The op registry: per op, its attribute schema, shape/dtype inference and a numpy reference.
+
+Adding an op is one ``@register`` block here plus one lowering per backend. The numpy
+reference implementations are the oracle every pass and backend is checked against, so
+they favour obviousness over speed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from scipy import special
+
+from . import symbols
+from .graph import DTYPES, TensorType
+from .symbols import Dim
+
+REQUIRED = object()
+BIG = 2**62  # "to the end" for slice ends
+
+# Attribute kinds: how to validate a value, and whether the interpreter must bind symbols in it.
+_ATTR_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "ints": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+    "dims": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v),
+    "dim": lambda v: isinstance(v, (int, str)) and not isinstance(v, bool),
+    "dtype": lambda v: v in DTYPES,
+    "optional_ints": lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v)),
+    "optional_float": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "any": lambda v: True,
+}
+
+
+class OpError(ValueError):
+    """Bad attributes or input types for an op (names the op)."""
+
+
+@dataclass
+class OpDef:
+    name: str
+    infer: Callable[[list, dict], list[TensorType]]
+    ref: Callable[..., Any]
+    attrs: dict[str, tuple[str, Any]] = field(default_factory=dict)  # name -> (kind, default)
+    num_inputs: tuple[int, int] = (1, 1)  # (min, max); max -1 = variadic
+    kind: str = "compute"  # elementwise | reduce | shape | compute | fused
+    doc: str = ""
+
+    def check_attrs(self, attrs: dict) -> dict:
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise OpError(f"{self.name}: unknown attribute(s) {sorted(unknown)}")
+        out = {}
+        for key, (kind, default) in self.attrs.items():
+            if key in attrs:
+                val = attrs[key]
+                if isinstance(val, tuple):
+                    val = list(val)
+                if not _ATTR_CHECKS[kind](val):
+                    raise OpError(f"{self.name}: attribute {key}={val!r} is not of kind {kind}")
+                out[key] = val
+            elif default is REQUIRED:
+                raise OpError(f"{self.name}: missing attribute {key!r}")
+            else:
+                out[key] = default
+        return out
+
+    def bind_attrs(self, attrs: dict, env: dict[str, int]) -> dict:
+        """Replace symbolic dims in 'dims'/'dim' attributes by their values (for execution)."""
+        out = dict(attrs)
+        for key, (kind, _) in self.attrs.items():
+            if kind == "dims":
+                out[key] = [symbols.evaluate(d, env) for d in attrs[key]]
+            elif kind == "dim":
+                out[key] = symbols.evaluate(attrs[key], env)
+        return out
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(name: str, infer, attrs=None, num_inputs=(1, 1), kind="compute", doc=""):
+    def deco(ref):
+        REGISTRY[name] = OpDef(name, infer, ref, dict(attrs or {}), num_inputs, kind, doc or (ref.__doc__ or "").strip())
+        return ref
+
+    return deco
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise OpError(f"unknown op {name!r}") from None
+
+
+def infer_types(op: str, in_types: Sequence[TensorType | None], attrs: dict) -> list[TensorType]:
+    opdef = get_op(op)
+    lo, hi = opdef.num_inputs
+    if len(in_types) < lo or (hi >= 0 and len(in_types) > hi):
+        raise OpError(f"{op}: expects {lo}..{hi if hi >= 0 else 'n'} inputs, got {len(in_types)}")
+    return opdef.infer(list(in_types), opdef.check_attrs(attrs))
+
+
+# ---------------------------------------------------------------------------------------
+# shape helpers
+# ---------------------------------------------------------------------------------------
+
+def _norm_axis(axis: int, rank: int, op: str) -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise OpError(f"{op}: axis {axis} out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+def broadcast_shapes(a: Sequence[Dim], b: Sequence[Dim], op: str = "broadcast") -> tuple[Dim, ...]:
+    out = []
+    for i in range(max(len(a), len(b))):
+        x = a[len(a) - 1 - i] if i < len(a) else 1
+        y = b[len(b) - 1 - i] if i < len(b) else 1
+        if x == 1:
+            out.append(y)
+        elif y == 1 or symbols.dims_equal(x, y):
+            out.append(x)
+        elif isinstance(x, int) and isinstance(y, int):
+            raise OpError(f"{op}: shapes {tuple(a)} and {tuple(b)} do not broadcast")
+        else:
+            out.append(x if isinstance(y, int) else y)  # symbolic vs other: trust the symbol
+    return tuple(reversed(out))
+
+
+def _same_dtype(types, op):
+    dts = {t.dtype for t in types if t is not None}
+    if len(dts) > 1:
+        raise OpError(f"{op}: input dtypes differ {sorted(dts)}")
+    return dts.pop()
+
+
+def _float_only(t: TensorType, op: str):
+    if t.dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise OpError(f"{op}: needs a float input, got {t.dtype}")
+
+
+# ---------------------------------------------------------------------------------------
+# elementwise
+# ---------------------------------------------------------------------------------------
+
+def _binary_infer(result_dtype=None):
+    def infer(ts, attrs, _op=[None]):
+        a, b = ts
+        dt = _same_dtype(ts, "binary op")
+        return [TensorType(broadcast_shapes(a.shape, b.shape), result_dtype or dt)]
+
+    return infer
+
+
+_BINARY = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "maximum": np.maximum, "minimum": np.minimum,
+}
+for _name, _fn in _BINARY.items():
+    register(_name, _binary_infer(), num_inputs=(2, 2), kind="elementwise")(lambda a, b, _fn=_fn: _fn(a, b))
+
+
+@register("div", _binary_infer(), num_inputs=(2, 2), kind="elementwise")
+def _div(a, b):
+    """True division for floats, floor division for integers."""
+    if np.issubdtype(a.dtype, np.integer):
+        return np.floor_divide(a, b)
+    return np.divide(a, b)
+
+
+@register("pow", _binary_infer(), num_inputs=(2, 2), kind="elementwise")
+def _pow(a, b):
+    return np.power(a, b)
+
+
+_COMPARE = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+            "logical_and": np.logical_and, "logical_or": np.logical_or}
+for _name, _fn in _COMPARE.items():
+    register(_name, _binary_infer("bool"), num_inputs=(2, 2), kind="elementwise")(lambda a, b, _fn=_fn: _fn(a, b))
+
+
+def _where_infer(ts, attrs):
+    c, a, b = ts
+    if c.dtype != "bool":
+        raise OpError(f"where: condition must be bool, got {c.dtype}")
+    dt = _same_dtype([a, b], "where")
+    return [TensorType(broadcast_shapes(broadcast_shapes(c.shape, a.shape), b.shape), dt)]
+
+
+@register("where", _where_infer, num_inputs=(3, 3), kind="elementwise")
+def _where(c, a, b):
+    return np.where(c, a, b)
+
+
+def _unary_infer(float_only=True):
+    def infer(ts, attrs):
+        if float_only:
+            _float_only(ts[0], "unary op")
+        return [ts[0]]
+
+    return infer
+
+
+def _sigmoid(x):
+    return special.expit(x)
+
+
+_UNARY_FLOAT = {
+    "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x), "reciprocal": np.reciprocal,
+    "tanh": np.tanh, "sigmoid": _sigmoid, "erf": special.erf, "sin": np.sin, "cos": np.cos,
+    "silu": lambda x: x * _sigmoid(x), "floor": np.floor, "ceil": np.ceil,
+}
+for _name, _fn in _UNARY_FLOAT.items():
+    register(_name, _unary_infer(), kind="elementwise")(lambda x, _fn=_fn: _fn(x))
+
+for _name, _fn in {"neg": np.negative, "abs": np.abs, "relu": lambda x: np.maximum(x, 0).astype(x.dtype)}.items():
+    register(_name, _unary_infer(False), kind="elementwise")(lambda x, _fn=_fn: _fn(x))
+
+
+@register("logical_not", lambda ts, a: [TensorType(ts[0].shape, "bool")], kind="elementwise")
+def _logical_not(x):
+    return np.logical_not(x)
+
+
+@register("gelu", _unary_infer(), attrs={"approximate": ("str", "none")}, kind="elementwise")
+def _gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + special.erf(x / math.sqrt(2.0)))
+
+
+@register("clamp", _unary_infer(False), attrs={"min": ("optional_float", None), "max": ("optional_float", None)}, kind="elementwise")
+def _clamp(x, min=None, max=None):
+    return np.clip(x, min, max)
+
+
+@register("cast", lambda ts, a: [TensorType(ts[0].shape, a["dtype"])], attrs={"dtype": ("dtype", REQUIRED)}, kind="elementwise")
+def _cast(x, dtype):
+    return x.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# reductions and normalisations
+# ---------------------------------------------------------------------------------------
+
+def _reduce_infer(ts, attrs, dtype=None):
+    t = ts[0]
+    axes = attrs["axes"]
+    axes = list(range(t.rank)) if axes is None else [_norm_axis(a, t.rank, "reduce") for a in axes]
+    if attrs["keepdims"]:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(t.shape))
+    else:
+        shape = tuple(d for i, d in enumerate(t.shape) if i not in axes)
+    return [TensorType(shape, dtype or t.dtype)]
+
+
+_REDUCE_ATTRS = {"axes": ("optional_ints", None), "keepdims": ("bool", False)}
+for _name, _fn in {"reduce_sum": np.sum, "reduce_mean": np.mean, "reduce_max": np.max, "reduce_min": np.min}.items():
+    register(_name, _reduce_infer, attrs=_REDUCE_ATTRS, kind="reduce")(
+        lambda x, axes=None, keepdims=False, _fn=_fn: _fn(x, axis=None if axes is None else tuple(axes), keepdims=keepdims))
+
+
+@register("argmax", lambda ts, a: _reduce_infer(ts, {"axes": [a["axis"]], "keepdims": a["keepdims"]}, "int64"),
+          attrs={"axis": ("int", REQUIRED), "keepdims": ("bool", False)}, kind="reduce")
+def _argmax(x, axis, keepdims=False):
+    return np.argmax(x, axis=axis, keepdims=keepdims)
+
+
+def _softmax_infer(ts, attrs):
+    _float_only(ts[0], "softmax")
+    _norm_axis(attrs["axis"], ts[0].rank, "softmax")
+    return [ts[0]]
+
+
+@register("softmax", _softmax_infer, attrs={"axis": ("int", -1)})
+def _softmax(x, axis=-1):
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+@register("log_softmax", _softmax_infer, attrs={"axis": ("int", -1)})
+def _log_softmax(x, axis=-1):
+    m = x - np.max(x, axis=axis, keepdims=True)
+    return m - np.log(np.sum(np.exp(m), axis=axis, keepdims=True))
+
+
+def _norm_infer(ts, attrs):
+    _float_only(ts[0], "norm")
+    return [ts[0]]
+
+
+@register("layer_norm", _norm_infer, attrs={"naxes": ("int", 1), "eps": ("float", 1e-5)}, num_inputs=(1, 3))
+def _layer_norm(x, w=None, b=None, naxes=1, eps=1e-5):
+    """Normalise over the last ``naxes`` axes, then scale by w and shift by b."""
+    axes = tuple(range(x.ndim - naxes, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
+
+
+@register("rms_norm", _norm_infer, attrs={"naxes": ("int", 1), "eps": ("float", 1e-6)}, num_inputs=(1, 2))
+def _rms_norm(x, w=None, naxes=1, eps=1e-6):
+    axes = tuple(range(x.ndim - naxes, x.ndim))
+    y = x / np.sqrt((x * x).mean(axis=axes, keepdims=True) + eps)
+    return y * w if w is not None else y
+
+
+def _bn_infer(ts, attrs):
+    x = ts[0]
+    if x.rank < 2:
+        raise OpError("batch_norm: input must have a channel axis (rank >= 2)")
+    return [x]
+
+
+@register("batch_norm", _bn_infer, attrs={"eps": ("float", 1e-5)}, num_inputs=(3, 5))
+def _batch_norm(x, mean, var, w=None, b=None, eps=1e-5):
+    """Inference batch norm over axis 1 with running statistics."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    if w is not None:
+        y = y * w.reshape(shape)
+    if b is not None:
+        y = y + b.reshape(shape)
+    return y
+
+
+# ---------------------------------------------------------------------------------------
+# linear algebra
+# ---------------------------------------------------------------------------------------
+
+def _matmul_infer(ts, attrs):
+    a, b = ts
+    dt = _same_dtype(ts, "matmul")
+    if a.rank < 1 or b.rank < 1:
+        raise OpError("matmul: scalars are not allowed")
+    ash = a.shape if a.rank > 1 else (1,) + a.shape
+    bsh = b.shape if b.rank > 1 else b.shape + (1,)
+    if not symbols.dims_equal(ash[-1], bsh[-2]) and isinstance(ash[-1], int) and isinstance(bsh[-2], int):
+        raise OpError(f"matmul: inner dimensions differ: {a.shape} @ {b.shape}")
+    batch = broadcast_shapes(ash[:-2], bsh[:-2], "matmul")
+    out = batch + ((ash[-2],) if a.rank > 1 else ()) + ((bsh[-1],) if b.rank > 1 else ())
+    return [TensorType(out, dt)]
+
+
+@register("matmul", _matmul_infer, num_inputs=(2, 2))
+def _matmul(a, b):
+    return np.matmul(a, b)
+
+
+def _linear_infer(ts, attrs):
+    x, w = ts[0], ts[1]
+    b = ts[2] if len(ts) > 2 else None
+    _same_dtype([x, w, b], "linear")
+    if w.rank != 2:
+        raise OpError(f"linear: weight must be 2-D [out, in], got {w.shape}")
+    if isinstance(x.shape[-1], int) and isinstance(w.shape[1], int) and x.shape[-1] != w.shape[1]:
+        raise OpError(f"linear: input features {x.shape[-1]} != weight in-features {w.shape[1]}")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)]
+
+
+@register("linear", _linear_infer, num_inputs=(2, 3), doc="y = x @ w.T + b, w is [out, in]")
+def _linear(x, w, b=None):
+    y = np.matmul(x, w.T)
+    return y + b if b is not None else y
+
+
+def _pair(v):
+    return list(v) if len(v) == 2 else [v[0], v[0]]
+
+
+def _conv_out(size: Dim, k: int, s: int, p: int, d: int, ceil_mode=False) -> Dim:
+    eff = d * (k - 1) + 1
+    if isinstance(size, int):
+        num = size + 2 * p - eff
+        out = (-(-num // s) if ceil_mode else num // s) + 1
+        if ceil_mode and (out - 1) * s >= size + p:  # last window must start inside the input
+            out -= 1
+        if out <= 0:
+            raise OpError(f"window of {eff} does not fit input of size {size} (padding {p})")
+        return out
+    expr = symbols.to_sympy(size) + 2 * p - eff
+    import sympy
+
+    return symbols.from_sympy((sympy.ceiling(expr / s) if ceil_mode else sympy.floor(expr / s)) + 1)
+
+
+def _conv_infer(ts, attrs):
+    x, w = ts[0], ts[1]
+    _same_dtype(ts, "conv2d")
+    if x.rank != 4 or w.rank != 4:
+        raise OpError(f"conv2d: expects NCHW input and OIHW weight, got {x.shape} and {w.shape}")
+    g = attrs["groups"]
+    if isinstance(x.shape[1], int) and x.shape[1] != w.shape[1] * g:
+        raise OpError(f"conv2d: input channels {x.shape[1]} != weight channels {w.shape[1]} x groups {g}")
+    s, p, d = _pair(attrs["stride"]), _pair(attrs["padding"]), _pair(attrs["dilation"])
+    h = _conv_out(x.shape[2], w.shape[2], s[0], p[0], d[0])
+    wd = _conv_out(x.shape[3], w.shape[3], s[1], p[1], d[1])
+    return [TensorType((x.shape[0], w.shape[0], h, wd), x.dtype)]
+
+
+def _windows(x, kh, kw, s, d):
+    """[N,C,H,W] (already padded) -> [N,C,OH,OW,kh,kw] strided view of the sliding windows."""
+    v = np.lib.stride_tricks.sliding_window_view(x, ((kh - 1) * d[0] + 1, (kw - 1) * d[1] + 1), axis=(2, 3))
+    return v[:, :, :: s[0], :: s[1], :: d[0], :: d[1]]
+
+
+@register("conv2d", _conv_infer, num_inputs=(2, 3),
+          attrs={"stride": ("ints", [1, 1]), "padding": ("ints", [0, 0]), "dilation": ("ints", [1, 1]), "groups": ("int", 1)})
+def _conv2d(x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1])))
+    win = _windows(xp, w.shape[2], w.shape[3], s, d)  # N,C,OH,OW,kh,kw
+    n, c = x.shape[:2]
+    cg, og = c // groups, w.shape[0] // groups
+    outs = []
+    for gi in range(groups):
+        wg = w[gi * og:(gi + 1) * og]
+        outs.append(np.einsum("nchwij,ocij->nohw", win[:, gi * cg:(gi + 1) * cg], wg, optimize=True))
+    y = np.concatenate(outs, axis=1)
+    if b is not None:
+        y = y + b.reshape(1, -1, 1, 1)
+    return y.astype(x.dtype)
+
+
+_POOL_ATTRS = {"kernel": ("ints", REQUIRED), "stride": ("ints", REQUIRED), "padding": ("ints", [0, 0]),
+               "ceil_mode": ("bool", False)}
+
+
+def _pool_infer(ts, attrs):
+    x = ts[0]
+    if x.rank != 4:
+        raise OpError(f"pool2d: expects NCHW input, got {x.shape}")
+    k, s, p = _pair(attrs["kernel"]), _pair(attrs["stride"]), _pair(attrs["padding"])
+    d = _pair(attrs.get("dilation", [1, 1]))
+    h = _conv_out(x.shape[2], k[0], s[0], p[0], d[0], attrs["ceil_mode"])
+    w = _conv_out(x.shape[3], k[1], s[1], p[1], d[1], attrs["ceil_mode"])
+    return [TensorType((x.shape[0], x.shape[1], h, w), x.dtype)]
+
+
+def _pool_pad(x, k, s, p, d, ceil_mode, value):
+    oh = _conv_out(x.shape[2], k[0], s[0], p[0], d[0], ceil_mode)
+    ow = _conv_out(x.shape[3], k[1], s[1], p[1], d[1], ceil_mode)
+    extra_h = max(0, (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1 - (x.shape[2] + 2 * p[0]))
+    extra_w = max(0, (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1 - (x.shape[3] + 2 * p[1]))
+    return np.pad(x, ((0, 0), (0, 0), (p[0], p[0] + extra_h), (p[1], p[1] + extra_w)), constant_values=value)
+
+
+@register("max_pool2d", _pool_infer, attrs={**_POOL_ATTRS, "dilation": ("ints", [1, 1])})
+def _max_pool2d(x, kernel, stride, padding=(0, 0), ceil_mode=False, dilation=(1, 1)):
+    k, s, p, d = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    xp = _pool_pad(x, k, s, p, d, ceil_mode, -np.inf)
+    return _windows(xp, k[0], k[1], s, d).max(axis=(-2, -1))
+
+
+@register("avg_pool2d", _pool_infer, attrs={**_POOL_ATTRS, "count_include_pad": ("bool", True)})
+def _avg_pool2d(x, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True):
+    k, s, p, d = _pair(kernel), _pair(stride), _pair(padding), [1, 1]
+    xp = _pool_pad(x, k, s, p, d, ceil_mode, 0.0)
+    total = _windows(xp, k[0], k[1], s, d).sum(axis=(-2, -1))
+    # the divisor counts padding only when asked, and never the ceil-mode overhang (as torch)
+    ones = np.ones((1, 1) + x.shape[2:], x.dtype)
+    if count_include_pad:
+        ones = np.pad(ones, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1])), constant_values=1.0)
+        ones = _pool_pad(ones, k, s, [0, 0], d, ceil_mode, 0.0) if ceil_mode else ones
+    else:
+        ones = _pool_pad(ones, k, s, p, d, ceil_mode, 0.0)
+    count = _windows(ones, k[0], k[1], s, d).sum(axis=(-2, -1))
+    return (total / count).astype(x.dtype)
+
+
+def _adaptive_infer(ts, attrs):
+    x = ts[0]
+    if x.rank != 4:
+        raise OpError(f"adaptive_avg_pool2d: expects NCHW input, got {x.shape}")
+    oh, ow = _pair(attrs["output_size"])
+    return [TensorType((x.shape[0], x.shape[1], oh, ow), x.dtype)]
+
+
+@register("adaptive_avg_pool2d", _adaptive_infer, attrs={"output_size": ("ints", REQUIRED)})
+def _adaptive_avg_pool2d(x, output_size):
+    oh, ow = _pair(output_size)
+    h, w = x.shape[2:]
+    out = np.empty(x.shape[:2] + (oh, ow), x.dtype)
+    for i in range(oh):
+        h0, h1 = (i * h) // oh, -((-(i + 1) * h) // oh)
+        for j in range(ow):
+            w0, w1 = (j * w) // ow, -((-(j + 1) * w) // ow)
+            out[:, :, i, j] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------
+
+def _sdpa_infer(ts, attrs):
+    q, k, v = ts[:3]
+    _same_dtype([q, k, v], "sdpa")
+    _float_only(q, "sdpa")
+    if q.rank < 2 or k.rank != q.rank or v.rank != q.rank:
+        raise OpError(f"sdpa: q, k, v must share a rank >= 2, got {q.shape}, {k.shape}, {v.shape}")
+    if len(ts) > 3 and ts[3] is not None and ts[3].dtype not in ("bool", q.dtype):
+        raise OpError(f"sdpa: mask must be bool or {q.dtype}, got {ts[3].dtype}")
+    batch = broadcast_shapes(q.shape[:-2], k.shape[:-2], "sdpa")
+    return [TensorType(batch + (q.shape[-2], v.shape[-1]), q.dtype)]
+
+
+@register("sdpa", _sdpa_infer, num_inputs=(3, 4), attrs={"is_causal": ("bool", False), "scale": ("optional_float", None)},
+          doc="softmax(q @ k^T * scale + mask) @ v; a bool mask is True where attention is allowed")
+def _sdpa(q, k, v, mask=None, is_causal=False, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(scale, q.dtype)
+    if is_causal:
+        lq, lk = s.shape[-2:]
+        s = np.where(np.tril(np.ones((lq, lk), bool)), s, -np.inf)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
+    return np.matmul(_softmax(s, -1), v)
+
+
+# ---------------------------------------------------------------------------------------
+# shape and data movement
+# ---------------------------------------------------------------------------------------
+
+def _reshape_infer(ts, attrs):
+    x = ts[0]
+    shape = list(attrs["shape"])
+    if sum(1 for d in shape if d == -1) > 1:
+        raise OpError(f"reshape: more than one -1 in {shape}")
+    known = [d for d in shape if d != -1]
+    if -1 in shape:
+        shape[shape.index(-1)] = symbols.div(x.numel(), symbols.mul(*known) if known else 1)
+    elif x.is_static and all(isinstance(d, int) for d in shape) and math.prod(shape) != math.prod(x.shape):
+        raise OpError(f"reshape: cannot reshape {x.shape} to {tuple(shape)}")
+    return [TensorType(tuple(shape), x.dtype)]
+
+
+@register("reshape", _reshape_infer, attrs={"shape": ("dims", REQUIRED)}, kind="shape")
+def _reshape(x, shape):
+    return np.reshape(x, shape)
+
+
+def _permute_infer(ts, attrs):
+    x, perm = ts[0], attrs["perm"]
+    if sorted(perm) != list(range(x.rank)):
+        raise OpError(f"permute: {perm} is not a permutation of rank {x.rank}")
+    return [TensorType(tuple(x.shape[p] for p in perm), x.dtype)]
+
+
+@register("permute", _permute_infer, attrs={"perm": ("ints", REQUIRED)}, kind="shape")
+def _permute(x, perm):
+    return np.transpose(x, perm)
+
+
+def _expand_infer(ts, attrs):
+    x, shape = ts[0], list(attrs["shape"])
+    if len(shape) < x.rank:
+        raise OpError(f"expand: target rank {len(shape)} < input rank {x.rank}")
+    off = len(shape) - x.rank
+    out = []
+    for i, d in enumerate(shape):
+        src = x.shape[i - off] if i >= off else 1
+        if d == -1:
+            out.append(src)
+        elif src == 1 or symbols.dims_equal(src, d):
+            out.append(d)
+        elif isinstance(src, int) and isinstance(d, int):
+            raise OpError(f"expand: cannot expand {x.shape} to {tuple(shape)}")
+        else:
+            out.append(d)
+    return [TensorType(tuple(out), x.dtype)]
+
+
+@register("expand", _expand_infer, attrs={"shape": ("dims", REQUIRED)}, kind="shape")
+def _expand(x, shape):
+    off = len(shape) - x.ndim
+    target = [x.shape[i - off] if d == -1 else d for i, d in enumerate(shape)]
+    return np.broadcast_to(x, target).copy()
+
+
+def _concat_infer(ts, attrs):
+    dt = _same_dtype(ts, "concat")
+    r = ts[0].rank
+    if any(t.rank != r for t in ts):
+        raise OpError("concat: inputs differ in rank")
+    ax = _norm_axis(attrs["axis"], r, "concat")
+    shape = list(ts[0].shape)
+    shape[ax] = symbols.from_sympy(sum(symbols.to_sympy(t.shape[ax]) for t in ts))
+    return [TensorType(tuple(shape), dt)]
+
+
+@register("concat", _concat_infer, attrs={"axis": ("int", 0)}, num_inputs=(1, -1), kind="shape")
+def _concat(*xs, axis=0):
+    return np.concatenate(xs, axis=axis)
+
+
+def _slice_len(dim: Dim, start: int, end: Dim, step: int) -> Dim:
+    if isinstance(end, str):  # symbolic end (x[:, :seq]): assumed in bounds, as torch.export guards it
+        import sympy
+
+        return symbols.from_sympy(sympy.floor((symbols.to_sympy(end) - start + step - 1) / step))
+    if isinstance(dim, int):
+        return len(range(*slice(start, end, step).indices(dim)))
+    import sympy
+
+    d = symbols.to_sympy(dim)
+    s = d + start if start < 0 else sympy.Integer(start)
+    e = d if end >= BIG // 2 else (d + end if end < 0 else sympy.Integer(end))
+    return symbols.from_sympy(sympy.floor((e - s + step - 1) / step))
+
+
+def _slice_infer(ts, attrs):
+    x = ts[0]
+    ax = _norm_axis(attrs["axis"], x.rank, "slice")
+    if attrs["step"] < 1:
+        raise OpError("slice: step must be >= 1")
+    shape = list(x.shape)
+    shape[ax] = _slice_len(shape[ax], attrs["start"], attrs["end"], attrs["step"])
+    return [TensorType(tuple(shape), x.dtype)]
+
+
+@register("slice", _slice_infer, attrs={"axis": ("int", REQUIRED), "start": ("int", 0), "end": ("dim", BIG), "step": ("int", 1)},
+          kind="shape")
+def _slice(x, axis, start=0, end=BIG, step=1):
+    idx = [slice(None)] * x.ndim
+    idx[axis] = slice(start, end, step)
+    return x[tuple(idx)]
+
+
+def _gather_infer(ts, attrs):
+    data, idx = ts
+    if idx.dtype not in ("int64", "int32"):
+        raise OpError(f"gather: indices must be int64/int32, got {idx.dtype}")
+    ax = _norm_axis(attrs["axis"], data.rank, "gather")
+    return [TensorType(data.shape[:ax] + idx.shape + data.shape[ax + 1:], data.dtype)]
+
+
+@register("gather", _gather_infer, attrs={"axis": ("int", 0)}, num_inputs=(2, 2), kind="shape",
+          doc="numpy.take: embedding lookup and index select")
+def _gather(data, idx, axis=0):
+    return np.take(data, idx, axis=axis)
+
+
+def _squeeze_infer(ts, attrs):
+    x = ts[0]
+    axes = [_norm_axis(a, x.rank, "squeeze") for a in attrs["axes"]]
+    for a in axes:
+        if isinstance(x.shape[a], int) and x.shape[a] != 1:
+            raise OpError(f"squeeze: axis {a} of {x.shape} is not 1")
+    return [TensorType(tuple(d for i, d in enumerate(x.shape) if i not in axes), x.dtype)]
+
+
+@register("squeeze", _squeeze_infer, attrs={"axes": ("ints", REQUIRED)}, kind="shape")
+def _squeeze(x, axes):
+    return np.squeeze(x, axis=tuple(axes))
+
+
+def _unsqueeze_infer(ts, attrs):
+    x = ts[0]
+    r = x.rank + len(attrs["axes"])
+    axes = sorted(_norm_axis(a, r, "unsqueeze") for a in attrs["axes"])
+    shape = list(x.shape)
+    for a in axes:
+        shape.insert(a, 1)
+    return [TensorType(tuple(shape), x.dtype)]
+
+
+@register("unsqueeze", _unsqueeze_infer, attrs={"axes": ("ints", REQUIRED)}, kind="shape")
+def _unsqueeze(x, axes):
+    r = x.ndim + len(axes)
+    return np.expand_dims(x, tuple(sorted(a % r for a in axes)))
+
+
+def _full_like_infer(ts, attrs):
+    return [TensorType(ts[0].shape, attrs["dtype"] or ts[0].dtype)]
+
+
+@register("full_like", _full_like_infer, attrs={"value": ("float", REQUIRED), "dtype": ("any", None)})
+def _full_like(x, value, dtype=None):
+    return np.full(x.shape, value, dtype=dtype or x.dtype)
+
+
+def _arange_infer(ts, attrs):
+    start, end, step = attrs["start"], attrs["end"], attrs["step"]
+    if isinstance(end, int):
+        n = len(range(start, end, step))
+    else:
+        import sympy
+
+        n = symbols.from_sympy(sympy.floor((symbols.to_sympy(end) - start + step - 1) / step))
+    return [TensorType((n,), attrs["dtype"])]
+
+
+@register("arange", _arange_infer, attrs={"start": ("int", 0), "end": ("dim", REQUIRED), "step": ("int", 1),
+                                          "dtype": ("dtype", "int64")}, num_inputs=(0, 0), kind="shape")
+def _arange(start=0, end=1, step=1, dtype="int64"):
+    return np.arange(start, end, step, dtype=dtype)

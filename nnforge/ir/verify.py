@@ -1,0 +1,53 @@
+"""IR invariants: SSA, definition before use, known ops, valid attributes, types agree with inference."""
+from __future__ import annotations
+
+from ..errors import VerificationError
+from . import symbols
+from .graph import Graph
+from .ops import OpError, get_op, infer_types
+
+
+def _types_agree(a, b) -> bool:
+    return a.dtype == b.dtype and a.rank == b.rank and all(symbols.dims_equal(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def verify(g: Graph) -> None:
+    """Raise VerificationError naming the first broken node."""
+    defined = set()
+    names = set()
+    for v in list(g.inputs) + list(g.const_values.values()):
+        if v.name in names:
+            raise VerificationError(f"value name {v.name!r} defined twice")
+        names.add(v.name)
+        defined.add(v)
+    for k, v in g.const_values.items():
+        if k not in g.constants or v.name != k:
+            raise VerificationError(f"constant {k!r} has no array or a mismatched name")
+    for idx, n in enumerate(g.nodes):
+        where = f"node #{idx} ({n.op} -> {', '.join(o.name for o in n.outputs)})"
+        try:
+            opdef = get_op(n.op)
+            opdef.check_attrs(n.attrs)
+        except OpError as e:
+            raise VerificationError(f"{where}: {e}") from None
+        for i in n.inputs:
+            if i is not None and i not in defined:
+                raise VerificationError(f"{where}: input %{i.name} is used before it is defined (or never defined)")
+        try:
+            want = infer_types(n.op, [i.type if i is not None else None for i in n.inputs], n.attrs)
+        except (OpError, ValueError) as e:
+            raise VerificationError(f"{where}: {e}") from None
+        if len(want) != len(n.outputs):
+            raise VerificationError(f"{where}: has {len(n.outputs)} outputs, op defines {len(want)}")
+        for o, t in zip(n.outputs, want):
+            if o.name in names:
+                raise VerificationError(f"{where}: value %{o.name} defined twice (SSA)")
+            if o.producer is not n:
+                raise VerificationError(f"{where}: output %{o.name} does not point back to its producer")
+            if not _types_agree(o.type, t):
+                raise VerificationError(f"{where}: output %{o.name} is {o.type} but inference gives {t}")
+            names.add(o.name)
+            defined.add(o)
+    for o in g.outputs:
+        if o not in defined:
+            raise VerificationError(f"graph output %{o.name} is not defined")
