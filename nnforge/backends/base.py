@@ -1,0 +1,82 @@
+"""The backend interface: supports() lists what a backend cannot take, build() makes an Artifact.
+
+An Artifact runs numpy inputs and knows how to write its files into a bundle directory and to
+come back from one. Bundles (manifest, hash) are handled once, in ``nnforge.bundle``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..ir import Graph
+from ..targets import Target
+
+
+@dataclass
+class Unsupported:
+    op: str
+    node: str  # output value name
+    source: str  # model source line if known
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op} (%{self.node}){' at ' + self.source if self.source else ''}: {self.reason}"
+
+
+class Artifact:
+    """A built model. Subclasses implement run/save_files/load_files."""
+
+    backend: str = ""
+
+    def __init__(self, graph: Graph, target: Target):
+        self.graph = graph  # the IR it was built from: input/output names and types live here
+        self.target = target
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def save_files(self, directory: Path) -> list[str]:
+        """Write the backend's files into ``directory``; return their names (relative)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_files(cls, directory: Path, graph: Graph, target: Target, manifest: dict) -> "Artifact":
+        raise NotImplementedError
+
+
+class Backend:
+    name: str = ""
+
+    def supports(self, graph: Graph, target: Target) -> list[Unsupported]:
+        """Nodes this backend cannot take for ``target`` (empty list: all supported)."""
+        raise NotImplementedError
+
+    def build(self, graph: Graph, target: Target, options: dict | None = None) -> Artifact:
+        raise NotImplementedError
+
+    artifact_class: type = Artifact
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    from ..errors import NnforgeError
+
+    if name not in _BACKENDS:
+        # backends register on import; import lazily so a missing optional dependency only hurts its users
+        import importlib
+
+        module = {"onnxrt": "onnxrt", "tvm": "tvm", "torch": "torch_exec"}.get(name)
+        if module is None:
+            raise NnforgeError(f"unknown backend {name!r}; choose from onnxrt, tvm, torch")
+        importlib.import_module(f"nnforge.backends.{module}")
+    return _BACKENDS[name]
