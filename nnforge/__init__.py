@@ -1,0 +1,16 @@
+"""nnforge: a graph compiler for PyTorch and ONNX models.
+
+    fast = nnforge.compile(model, (x,), target="cpu")   # callable like the model
+    fast.save("out/"); again = nnforge.load("out/")
+"""
+from .api import compile, export, import_model, load
+from .compiled import CompiledModel
+from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
+from .ir import Graph, TensorType
+from .passes.manager import PIPELINES, Pass, PassContext, PassManager, PassResult, register_pass
+from .targets import TARGETS, Target, get_target
+
+__version__ = "0.1.0"
+__all__ = ["compile", "export", "load", "import_model", "CompiledModel", "Graph", "TensorType", "Pass", "PassContext",
+           "PassManager", "PassResult", "register_pass", "PIPELINES", "Target", "TARGETS", "get_target", "NnforgeError",
+           "UnsupportedOpError", "ModelLoadError", "BundleError", "VerificationError", "NumericsError"]

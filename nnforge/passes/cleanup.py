@@ -1,0 +1,180 @@
+"""Cleanup passes every pipeline runs: dead code, common subexpressions, constant folding, canonical forms."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from ..ir import Graph, Node, get_op
+from ..ir.interpret import run_node
+from ..ir import symbols
+from .manager import Pass, PassContext, PassResult, register_pass
+
+FOLD_LIMIT = 1 << 24  # elements: folding must not blow a small constant up into a huge one (e.g. expand)
+
+
+@register_pass
+class DeadCodeElimination(Pass):
+    """Remove nodes whose outputs nobody uses, and constants no node reads."""
+
+    name = "dce"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        live = set(graph.outputs)
+        kept: list[Node] = []
+        for node in reversed(graph.nodes):
+            if any(o in live for o in node.outputs):
+                kept.append(node)
+                live.update(i for i in node.inputs if i is not None)
+        removed = len(graph.nodes) - len(kept)
+        graph.nodes = kept[::-1]
+        consts = graph.remove_unused_constants()
+        return PassResult(bool(removed or consts), {"nodes_removed": removed, "constants_removed": consts})
+
+
+def _attr_key(attrs: dict) -> str:
+    return json.dumps(attrs, sort_keys=True, default=str)
+
+
+@register_pass
+class CommonSubexpressionElimination(Pass):
+    """Merge identical constants, then nodes with the same op, inputs and attributes."""
+
+    name = "cse"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        merged_consts = self._merge_constants(graph)
+        seen: dict[tuple, Node] = {}
+        keep: list[Node] = []
+        merged = 0
+        for node in graph.nodes:
+            key = (node.op, tuple(id(i) for i in node.inputs), _attr_key(node.attrs))
+            twin = seen.get(key)
+            if twin is None:
+                seen[key] = node
+                keep.append(node)
+                continue
+            for old, new in zip(node.outputs, twin.outputs):
+                graph.replace_all_uses(old, new)
+            merged += 1
+        graph.nodes = keep
+        graph.remove_unused_constants()
+        return PassResult(bool(merged or merged_consts), {"nodes_merged": merged, "constants_merged": merged_consts})
+
+    @staticmethod
+    def _merge_constants(graph: Graph) -> int:
+        by_content: dict[tuple, object] = {}
+        merged = 0
+        for name, value in list(graph.const_values.items()):
+            arr = graph.constants[name]
+            key = (arr.dtype.str, arr.shape, hashlib.sha1(arr.tobytes()).hexdigest())
+            twin = by_content.setdefault(key, value)
+            if twin is not value:
+                graph.replace_all_uses(value, twin)
+                merged += 1
+        return merged
+
+
+def _has_symbols(node: Node) -> bool:
+    """Attributes with symbolic dims depend on run-time sizes, so such nodes cannot fold."""
+    kinds = get_op(node.op).attrs
+    for key, value in node.attrs.items():
+        kind = kinds[key][0]
+        if (kind == "dims" and any(isinstance(d, str) for d in value)) or (kind == "dim" and isinstance(value, str)):
+            return True
+    return False
+
+
+@register_pass
+class ConstantFolding(Pass):
+    """Evaluate nodes whose inputs are all constants (weights-only subgraphs) into new constants."""
+
+    name = "fold_constants"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        folded = 0
+        keep: list[Node] = []
+        for node in graph.nodes:
+            foldable = (all(i is None or graph.is_constant(i) for i in node.inputs)
+                        and not _has_symbols(node) and all(o.type.is_static for o in node.outputs)
+                        and all(np.prod(o.type.shape, dtype=np.int64) <= FOLD_LIMIT for o in node.outputs))
+            if not foldable:
+                keep.append(node)
+                continue
+            results = run_node(node, [graph.constant(i) if i is not None else None for i in node.inputs], {})
+            for out, arr in zip(node.outputs, results):
+                const = graph.add_constant(np.ascontiguousarray(arr), name=out.name)
+                graph.replace_all_uses(out, const)
+            folded += 1
+        graph.nodes = keep
+        graph.remove_unused_constants()
+        return PassResult(bool(folded), {"nodes_folded": folded})
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(symbols.dims_equal(x, y) for x, y in zip(a, b))
+
+
+@register_pass
+class Canonicalize(Pass):
+    """Remove no-op reshapes/transposes/casts/expands/slices; cancel and merge transpose and reshape chains."""
+
+    name = "canonicalize"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        stats = {"noops_removed": 0, "chains_merged": 0}
+        changed = True
+        while changed:  # to a fixed point: one merge can expose a no-op
+            changed = False
+            for node in list(graph.nodes):
+                if self._drop_noop(graph, node):
+                    stats["noops_removed"] += 1
+                    changed = True
+                elif self._merge_chain(graph, node):
+                    stats["chains_merged"] += 1
+                    changed = True
+        from .manager import PASSES  # dce leaves no orphans from merged chains
+
+        PASSES["dce"]().run(graph, ctx)
+        return PassResult(any(stats.values()), stats)
+
+    @staticmethod
+    def _is_noop(node: Node) -> bool:
+        x = node.inputs[0] if node.inputs else None
+        if x is None or len(node.outputs) != 1:
+            return False
+        out = node.output
+        if node.op == "permute":
+            return node.attrs["perm"] == list(range(len(node.attrs["perm"])))
+        if node.op in ("reshape", "expand", "slice", "squeeze", "unsqueeze"):
+            return out.type.dtype == x.type.dtype and _same_shape(out.shape, x.shape) and (
+                node.op != "slice" or node.attrs["step"] == 1)
+        if node.op == "cast":
+            return node.attrs["dtype"] == x.dtype
+        if node.op == "concat":
+            return len(node.inputs) == 1
+        return False
+
+    def _drop_noop(self, graph: Graph, node: Node) -> bool:
+        if not self._is_noop(node) or node.output in graph.outputs and node.inputs[0] in graph.inputs:
+            return False
+        graph.replace_all_uses(node.output, node.inputs[0])
+        graph.remove_node(node)
+        return True
+
+    @staticmethod
+    def _merge_chain(graph: Graph, node: Node) -> bool:
+        x = node.inputs[0] if node.inputs else None
+        prev = x.producer if x is not None else None
+        if prev is None or prev.op != node.op or node.op not in ("permute", "reshape"):
+            return False
+        if node.op == "permute":  # permute(permute(y, p), q) = permute(y, p[q])
+            attrs = {"perm": [prev.attrs["perm"][i] for i in node.attrs["perm"]]}
+        else:  # reshape(reshape(y)) = reshape(y): only the last shape matters
+            attrs = dict(node.attrs)
+        new = graph.make_node(node.op, [prev.inputs[0]], attrs, name=node.output.name, source=node.source)
+        graph.nodes.insert(graph.nodes.index(node), new)
+        graph.replace_all_uses(node.output, new.output)
+        graph.remove_node(node)
+        return True
