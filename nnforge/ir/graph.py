@@ -138,12 +138,11 @@ class Graph:
     def make_node(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None,
                   name: str = "", source: str = "", out_types: Sequence[TensorType] | None = None) -> Node:
         """Create a node (not inserted); output types come from the op registry unless given."""
-        from .ops import get_op  # local: ops imports graph
+        from .ops import get_op, infer_types  # local: ops imports graph
 
-        opdef = get_op(op)
-        attrs = opdef.check_attrs(attrs or {})
+        attrs = get_op(op).check_attrs(attrs or {})
         if out_types is None:
-            out_types = opdef.infer([i.type if i is not None else None for i in inputs], attrs)
+            out_types = infer_types(op, [i.type if i is not None else None for i in inputs], attrs)
         outs = [Value(self.fresh_name(name or op), t) for t in out_types]
         return Node(op, inputs, outs, attrs, name=outs[0].name if outs else op, source=source)
 

@@ -103,7 +103,10 @@ def infer_types(op: str, in_types: Sequence[TensorType | None], attrs: dict) -> 
     lo, hi = opdef.num_inputs
     if len(in_types) < lo or (hi >= 0 and len(in_types) > hi):
         raise OpError(f"{op}: expects {lo}..{hi if hi >= 0 else 'n'} inputs, got {len(in_types)}")
-    return opdef.infer(list(in_types), opdef.check_attrs(attrs))
+    try:
+        return opdef.infer(list(in_types), opdef.check_attrs(attrs))
+    except OpError as e:  # make every message start with the op's name
+        raise e if str(e).startswith(op + ":") else OpError(f"{op}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------

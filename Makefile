@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install toolchains clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned first so no requirement can pull a multi-GB CUDA build
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# cross and wasm toolchains (apt, npm) used by the arm and wasm targets
+toolchains:
+	./scripts/install_toolchains.sh
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+test: install toolchains
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+bench: install
+	$(BIN)/nnforge bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

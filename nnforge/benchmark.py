@@ -1,0 +1,148 @@
+"""The bench harness: each model family through eager PyTorch, torch.compile, ONNX Runtime used
+directly and nnforge's backends, in one process, as a rich table and a JSON file.
+
+Benchmarks are not tests: nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class BenchRow:
+    family: str
+    runner: str
+    median_ms: float | None
+    speedup_vs_eager: float | None
+    max_rel_error: float | None
+    compile_s: float | None
+    note: str = ""
+
+
+def time_call(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e3
+
+
+def _as_list(out) -> list[np.ndarray]:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs]
+
+
+def _runners(zm):
+    """(name, build) pairs; build() returns a zero-argument callable that runs the model once."""
+    import torch
+
+    model, inputs = zm.model, zm.inputs
+
+    def eager():
+        return lambda: model(*inputs)
+
+    def compiled():
+        fn = torch.compile(model)
+        return lambda: fn(*inputs)
+
+    def ort_direct():
+        import onnxruntime as ort
+
+        path = Path(tempfile.mkdtemp()) / "model.onnx"
+        torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        feed = {n: x.numpy() for n, x in zip(names, inputs)}
+        return lambda: sess.run(None, feed)
+
+    def nnforge_backend(backend):
+        def build():
+            import nnforge
+
+            cm = nnforge.compile(model, inputs, target="cpu", backend=backend, check=False, progress=False)
+            arrays = [x.numpy() for x in inputs]
+            return lambda: cm.run(arrays)
+
+        return build
+
+    return [("eager", eager), ("torch.compile", compiled), ("onnxruntime", ort_direct),
+            ("nnforge-onnxrt", nnforge_backend("onnxrt"))]
+
+
+def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=None) -> list[BenchRow]:
+    import torch
+
+    from . import zoo
+
+    zm = zoo.build(family, size, batch=1)
+    rows: list[BenchRow] = []
+    ref = None
+    eager_ms = None
+    with torch.no_grad():
+        for name, build in _runners(zm):
+            if progress:
+                progress(f"{family}: {name}")
+            t0 = time.perf_counter()
+            try:
+                fn = build()
+                out = _as_list(fn())
+                compile_s = time.perf_counter() - t0
+                ms = time_call(fn, repeat)
+            except Exception as e:  # a runner that cannot take the model is reported, not fatal
+                rows.append(BenchRow(family, name, None, None, None, None, f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                continue
+            from .passes.manager import max_rel_error
+
+            if ref is None:
+                ref, eager_ms = out, ms
+            rows.append(BenchRow(family, name, ms, eager_ms / ms, max_rel_error(ref, out),
+                                 None if name == "eager" else compile_s))
+    return rows
+
+
+def render(rows: list[BenchRow]) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="nnforge bench (median ms; speedup = eager ms / runner ms)")
+    for col in ("family", "runner", "median ms", "speedup vs eager", "max rel error", "compile s", "note"):
+        table.add_column(col, justify="left" if col in ("family", "runner", "note") else "right")
+    for r in rows:
+        table.add_row(r.family, r.runner, f"{r.median_ms:.2f}" if r.median_ms is not None else "-",
+                      f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "-",
+                      f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else "-",
+                      f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note)
+    console = Console(record=True, width=140, file=open("/dev/null", "w"))
+    console.print(table)
+    return console.export_text()
+
+
+def run_bench(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20) -> list[BenchRow]:
+    from rich.console import Console
+
+    from . import zoo
+
+    console = Console(stderr=True)
+    rows: list[BenchRow] = []
+    with console.status("bench") as status:
+        for fam in families or zoo.FAMILIES:
+            rows += bench_family(fam, size, repeat, progress=lambda m: status.update(f"bench: {m}"))
+    print(render(rows))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        print(f"results written to {json_path}")
+    return rows

@@ -1,0 +1,121 @@
+"""The ``nnforge`` command line: show, compile, run, bench, passes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NnforgeError
+
+
+def _cmd_show(args) -> int:
+    from .api import import_model
+    from .ir.printer import format_graph, summary
+
+    graph = import_model(args.model)
+    print(format_graph(graph, constants=args.constants))
+    print(summary(graph))
+    return 0
+
+
+def _cmd_compile(args) -> int:
+    from .api import compile as nf_compile
+
+    compiled = nf_compile(args.model, target=args.target, pipeline=args.pipeline, backend=args.backend,
+                          check=not args.no_check)
+    compiled.save(args.output)
+    print(compiled.report())
+    print(f"bundle written to {args.output}")
+    return 0
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)  # never unpickle user files
+    except (OSError, ValueError) as e:
+        raise NnforgeError(f"cannot read input {path}: {e}") from None
+
+
+def _cmd_run(args) -> int:
+    from .api import load
+
+    compiled = load(args.bundle)
+    outs = compiled.run([_load_npy(p) for p in args.input])
+    if args.output:
+        if len(args.output) != len(outs):
+            raise NnforgeError(f"the model has {len(outs)} output(s) but {len(args.output)} --output path(s) were given")
+        for path, arr in zip(args.output, outs):
+            np.save(path, arr)
+    for v, arr in zip(compiled.graph.outputs, outs):
+        print(f"{v.name}: {arr.dtype}{list(arr.shape)}  mean={float(np.mean(arr)) if arr.size else 0:.6g}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .benchmark import run_bench
+
+    run_bench(families=args.family or None, size=args.size, json_path=args.json, repeat=args.repeat)
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    from .passes.manager import PASSES, PIPELINES, resolve_pipeline
+
+    resolve_pipeline("O0")  # loads the built-in passes
+    for name, cls in sorted(PASSES.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:18s} {'lossy' if cls.lossy else 'lossless':8s} {doc}")
+    for name, passes in PIPELINES.items():
+        print(f"pipeline {name}: {' -> '.join(passes)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnforge", description="Compile PyTorch/ONNX models for cpu, cuda, arm and wasm.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("show", help="print a model's IR")
+    s.add_argument("model", help="an .onnx file")
+    s.add_argument("--constants", action="store_true", help="list the constants too")
+    s.set_defaults(func=_cmd_show)
+
+    c = sub.add_parser("compile", help="compile an ONNX file into a bundle")
+    c.add_argument("model")
+    c.add_argument("--target", default="cpu")
+    c.add_argument("--backend", default=None)
+    c.add_argument("--pipeline", default="O2")
+    c.add_argument("--no-check", action="store_true", help="skip the per-pass numerics check")
+    c.add_argument("-o", "--output", required=True, help="bundle directory")
+    c.set_defaults(func=_cmd_compile)
+
+    r = sub.add_parser("run", help="run a bundle on .npy inputs")
+    r.add_argument("bundle")
+    r.add_argument("--input", action="append", default=[], help=".npy file, once per model input, in order")
+    r.add_argument("--output", action="append", default=[], help=".npy file, once per model output")
+    r.set_defaults(func=_cmd_run)
+
+    b = sub.add_parser("bench", help="benchmark the model families against eager, torch.compile and ONNX Runtime")
+    b.add_argument("--family", action="append", help="mlp, cnn, vit, bert, gpt (repeatable; default all)")
+    b.add_argument("--size", default="bench", choices=["tiny", "bench"])
+    b.add_argument("--repeat", type=int, default=20)
+    b.add_argument("--json", default="bench/results/bench.json")
+    b.set_defaults(func=_cmd_bench)
+
+    ps = sub.add_parser("passes", help="list passes and pipelines")
+    ps.set_defaults(func=_cmd_passes)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (NnforgeError, ValueError) as e:
+        print(f"nnforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
