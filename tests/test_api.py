@@ -1,0 +1,133 @@
+"""nnforge.compile / save / load end to end on the CPU with ONNX Runtime, on all five families."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import nnforge
+from nnforge import BundleError, zoo
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(1.0, np.abs(a).max())
+
+
+@pytest.fixture(scope="module")
+def compiled_families():
+    out = {}
+    for fam in zoo.FAMILIES:
+        zm = zoo.build(fam, "tiny")
+        out[fam] = (zm, nnforge.compile(zm.model, zm.inputs, target="cpu", dynamic_shapes=zm.dynamic_shapes,
+                                        progress=False))
+    return out
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_compile_matches_eager_and_reports(compiled_families, family):
+    zm, fast = compiled_families[family]
+    with torch.no_grad():
+        want = zm.model(*zm.inputs)
+    got = fast(*zm.inputs)
+    assert isinstance(got, torch.Tensor) and got.shape == want.shape
+    assert rel_err(want, got) <= 1e-4
+    assert fast.accuracy["max_rel_error"] <= 1e-4
+    report = fast.report()
+    for word in ("pass", "nodes before", "nodes after", "max error", "canonicalize", "accuracy traded"):
+        assert word in report
+    assert fast.records and all(r.max_error is not None and r.max_error <= 1e-4 for r in fast.records)
+
+
+@pytest.mark.parametrize("family", ["mlp", "bert", "gpt"])
+def test_dynamic_shapes_accept_other_sizes(compiled_families, family):
+    zm, fast = compiled_families[family]
+    if family == "mlp":
+        new = (torch.randn(5, zm.inputs[0].shape[1]),)
+    else:
+        ids = torch.randint(0, 100, (3, 11))
+        new = (ids, torch.ones(3, 11, dtype=torch.int64)) if family == "bert" else (ids,)
+    with torch.no_grad():
+        want = zm.model(*new)
+    assert rel_err(want, fast(*new)) <= 1e-4
+
+
+def test_wrong_inputs_raise_value_error_naming_the_input(compiled_families):
+    zm, fast = compiled_families["vit"]
+    x = zm.inputs[0]
+    with pytest.raises(ValueError, match="input 'x'.*rank 4"):
+        fast(x[0])
+    with pytest.raises(ValueError, match="input 'x'.*dtype float32"):
+        fast(x.double())
+    with pytest.raises(ValueError, match="input 'x'.*shape"):
+        fast(x[:, :, :16, :16])
+    with pytest.raises(ValueError, match="expected 1 input"):
+        fast(x, x)
+
+
+def test_numpy_in_numpy_out(compiled_families):
+    zm, fast = compiled_families["mlp"]
+    out = fast(zm.inputs[0].numpy())
+    assert isinstance(out, np.ndarray)
+
+
+def test_bundle_round_trip_and_tamper_detection(compiled_families, tmp_path):
+    zm, fast = compiled_families["cnn"]
+    fast.save(tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["target"] == "cpu" and manifest["backend"] == "onnxrt"
+    assert [i["name"] for i in manifest["inputs"]] == ["x"] and manifest["inputs"][0]["shape"][0] == "batch"
+    assert {"nnforge", "onnxruntime", "python"} <= set(manifest["versions"])
+    assert len(manifest["hash"]) == 64 and "model.onnx" in manifest["files"]
+
+    again = nnforge.load(tmp_path / "b")
+    assert torch.equal(again(*zm.inputs), fast(*zm.inputs))
+    assert "canonicalize" in again.report()
+
+    # a changed weight byte
+    shutil.copytree(tmp_path / "b", tmp_path / "w")
+    model_file = tmp_path / "w" / "model.onnx"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.onnx was modified"):
+        nnforge.load(tmp_path / "w")
+
+    # a manifest edited by hand
+    shutil.copytree(tmp_path / "b", tmp_path / "m")
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    m["inputs"][0]["shape"] = [1, 3, 32, 32]
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="manifest.json was modified"):
+        nnforge.load(tmp_path / "m")
+
+    # another target, and a newer format
+    with pytest.raises(BundleError, match="for target 'cpu', not 'arm'"):
+        nnforge.load(tmp_path / "b", target="arm")
+    shutil.copytree(tmp_path / "b", tmp_path / "n")
+    m = json.loads((tmp_path / "n" / "manifest.json").read_text())
+    m["format_version"] = 99
+    (tmp_path / "n" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="newer"):
+        nnforge.load(tmp_path / "n")
+    with pytest.raises(BundleError, match="not an nnforge bundle"):
+        nnforge.load(tmp_path)
+
+
+def test_compile_an_onnx_file(tmp_path):
+    zm = zoo.build("mlp", "tiny")
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(zm.model, zm.inputs, str(path), dynamo=True, verbose=False)
+    fast = nnforge.compile(str(path), target="cpu", progress=False)
+    with torch.no_grad():
+        want = zm.model(*zm.inputs).numpy()
+    assert rel_err(want, fast(zm.inputs[0].numpy())) <= 1e-4
+
+
+def test_unknown_target_and_backend_are_named():
+    zm = zoo.build("mlp", "tiny")
+    with pytest.raises(nnforge.NnforgeError, match="unknown target 'tpu'"):
+        nnforge.compile(zm.model, zm.inputs, target="tpu")
+    with pytest.raises(nnforge.NnforgeError, match="backend 'onnxrt' cannot build for target 'arm'"):
+        nnforge.compile(zm.model, zm.inputs, target="arm", backend="onnxrt")
