@@ -707,3 +707,56 @@ def _arange_infer(ts, attrs):
                                           "dtype": ("dtype", "int64")}, num_inputs=(0, 0), kind="shape")
 def _arange(start=0, end=1, step=1, dtype="int64"):
     return np.arange(start, end, step, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# fused ops that passes create
+# ---------------------------------------------------------------------------------------
+
+ACTIVATIONS = {
+    "none": lambda y: y,
+    "relu": lambda y: np.maximum(y, 0),
+    "gelu": lambda y: _gelu(y, "none"),
+    "gelu_tanh": lambda y: _gelu(y, "tanh"),
+    "silu": lambda y: y * _sigmoid(y),
+}
+
+
+def _linear_act_infer(ts, attrs):
+    if attrs["act"] not in ACTIVATIONS:
+        raise OpError(f"unknown activation {attrs['act']!r}; choose from {sorted(ACTIVATIONS)}")
+    return _linear_infer(ts, attrs)
+
+
+@register("linear_act", _linear_act_infer, num_inputs=(2, 3), attrs={"act": ("str", "none")}, kind="fused",
+          doc="act(x @ w.T + b): a linear layer with its bias and activation fused")
+def _linear_act(x, w, b=None, act="none"):
+    return ACTIVATIONS[act](_linear(x, w, b))
+
+
+def _attention_infer(ts, attrs):
+    q, k, v = ts[:3]
+    _same_dtype([q, k, v], "attention")
+    _float_only(q, "attention")
+    h = attrs["num_heads"]
+    if q.rank != 3 or k.rank != 3 or v.rank != 3:
+        raise OpError(f"attention: q, k, v must be [batch, seq, heads*dim], got {q.shape}, {k.shape}, {v.shape}")
+    for t in (q, k, v):
+        if not isinstance(t.shape[-1], int) or t.shape[-1] % h:
+            raise OpError(f"attention: hidden size {t.shape[-1]} is not a multiple of num_heads={h}")
+    if len(ts) > 3 and ts[3] is not None and ts[3].dtype not in ("bool", q.dtype):
+        raise OpError(f"attention: mask must be bool or {q.dtype}, got {ts[3].dtype}")
+    return [TensorType(q.shape[:2] + (v.shape[-1],), q.dtype)]
+
+
+@register("attention", _attention_infer, num_inputs=(3, 4), kind="fused",
+          attrs={"num_heads": ("int", REQUIRED), "scale": ("optional_float", None), "is_causal": ("bool", False)},
+          doc="multi-head attention on [batch, seq, heads*dim] tensors; the mask broadcasts to [batch, heads, q, k]")
+def _attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
+    def heads(t):
+        b, s, e = t.shape
+        return t.reshape(b, s, num_heads, e // num_heads).transpose(0, 2, 1, 3)
+
+    o = _sdpa(heads(q), heads(k), heads(v), mask, is_causal=is_causal, scale=scale)
+    b, h, s, d = o.shape
+    return o.transpose(0, 2, 1, 3).reshape(b, s, h * d)

@@ -7,7 +7,7 @@ from .graph import Graph
 from .ops import OpError, get_op, infer_types
 
 
-def _types_agree(a, b) -> bool:
+def types_agree(a, b) -> bool:
     return a.dtype == b.dtype and a.rank == b.rank and all(symbols.dims_equal(x, y) for x, y in zip(a.shape, b.shape))
 
 
@@ -44,7 +44,7 @@ def verify(g: Graph) -> None:
                 raise VerificationError(f"{where}: value %{o.name} defined twice (SSA)")
             if o.producer is not n:
                 raise VerificationError(f"{where}: output %{o.name} does not point back to its producer")
-            if not _types_agree(o.type, t):
+            if not types_agree(o.type, t):
                 raise VerificationError(f"{where}: output %{o.name} is {o.type} but inference gives {t}")
             names.add(o.name)
             defined.add(o)

@@ -10,6 +10,7 @@ from ..ir import Graph, Node, get_op
 from ..ir.interpret import run_node
 from ..ir import symbols
 from .manager import Pass, PassContext, PassResult, register_pass
+from .pattern import Bind, P, RewritePass, Rule
 
 FOLD_LIMIT = 1 << 24  # elements: folding must not blow a small constant up into a huge one (e.g. expand)
 
@@ -116,65 +117,35 @@ def _same_shape(a, b) -> bool:
     return len(a) == len(b) and all(symbols.dims_equal(x, y) for x, y in zip(a, b))
 
 
+def _is_noop(m, graph: Graph) -> bool:
+    node, x = m.node("root"), m["x"]
+    out = node.output
+    if out in graph.outputs and x in graph.inputs:  # keep a graph output distinct from its input
+        return False
+    if node.op == "permute":
+        return node.attrs["perm"] == list(range(len(node.attrs["perm"])))
+    if node.op == "cast":
+        return node.attrs["dtype"] == x.dtype
+    if node.op == "concat":
+        return True
+    same = out.type.dtype == x.type.dtype and _same_shape(out.shape, x.shape)
+    return same and (node.op != "slice" or node.attrs["step"] == 1)
+
+
+NOOP = Rule("remove_noop", P(("permute", "reshape", "expand", "slice", "squeeze", "unsqueeze", "cast", "concat"), "x",
+                             bind="root"), lambda m, b: m["x"], _is_noop)
+# permute(permute(y, p), q) = permute(y, p[q]); an identity result is then removed by NOOP
+COMPOSE_PERMUTES = Rule("compose_permutes", P("permute", P("permute", "y", perm=Bind("p")), perm=Bind("q")),
+                        lambda m, b: b.op("permute", m["y"], perm=[m["p"][i] for i in m["q"]]))
+# reshape(reshape(y)) = reshape(y): only the last shape matters
+MERGE_RESHAPES = Rule("merge_reshapes", P("reshape", P("reshape", "y"), shape=Bind("shape")),
+                      lambda m, b: b.op("reshape", m["y"], shape=m["shape"]))
+CANONICAL_RULES = [NOOP, COMPOSE_PERMUTES, MERGE_RESHAPES]
+
+
 @register_pass
-class Canonicalize(Pass):
+class Canonicalize(RewritePass):
     """Remove no-op reshapes/transposes/casts/expands/slices; cancel and merge transpose and reshape chains."""
 
     name = "canonicalize"
-
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        stats = {"noops_removed": 0, "chains_merged": 0}
-        changed = True
-        while changed:  # to a fixed point: one merge can expose a no-op
-            changed = False
-            for node in list(graph.nodes):
-                if self._drop_noop(graph, node):
-                    stats["noops_removed"] += 1
-                    changed = True
-                elif self._merge_chain(graph, node):
-                    stats["chains_merged"] += 1
-                    changed = True
-        from .manager import PASSES  # dce leaves no orphans from merged chains
-
-        PASSES["dce"]().run(graph, ctx)
-        return PassResult(any(stats.values()), stats)
-
-    @staticmethod
-    def _is_noop(node: Node) -> bool:
-        x = node.inputs[0] if node.inputs else None
-        if x is None or len(node.outputs) != 1:
-            return False
-        out = node.output
-        if node.op == "permute":
-            return node.attrs["perm"] == list(range(len(node.attrs["perm"])))
-        if node.op in ("reshape", "expand", "slice", "squeeze", "unsqueeze"):
-            return out.type.dtype == x.type.dtype and _same_shape(out.shape, x.shape) and (
-                node.op != "slice" or node.attrs["step"] == 1)
-        if node.op == "cast":
-            return node.attrs["dtype"] == x.dtype
-        if node.op == "concat":
-            return len(node.inputs) == 1
-        return False
-
-    def _drop_noop(self, graph: Graph, node: Node) -> bool:
-        if not self._is_noop(node) or node.output in graph.outputs and node.inputs[0] in graph.inputs:
-            return False
-        graph.replace_all_uses(node.output, node.inputs[0])
-        graph.remove_node(node)
-        return True
-
-    @staticmethod
-    def _merge_chain(graph: Graph, node: Node) -> bool:
-        x = node.inputs[0] if node.inputs else None
-        prev = x.producer if x is not None else None
-        if prev is None or prev.op != node.op or node.op not in ("permute", "reshape"):
-            return False
-        if node.op == "permute":  # permute(permute(y, p), q) = permute(y, p[q])
-            attrs = {"perm": [prev.attrs["perm"][i] for i in node.attrs["perm"]]}
-        else:  # reshape(reshape(y)) = reshape(y): only the last shape matters
-            attrs = dict(node.attrs)
-        new = graph.make_node(node.op, [prev.inputs[0]], attrs, name=node.output.name, source=node.source)
-        graph.nodes.insert(graph.nodes.index(node), new)
-        graph.replace_all_uses(node.output, new.output)
-        graph.remove_node(node)
-        return True
+    rules = CANONICAL_RULES

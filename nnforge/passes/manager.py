@@ -87,7 +87,7 @@ def resolve_pipeline(pipeline: str | Sequence[str | Pass]) -> list[Pass]:
 
 
 def _load_builtin_passes():
-    from . import cleanup  # noqa: F401  (registers on import)
+    from . import cleanup, fusion  # noqa: F401  (they register on import)
 
 
 def max_rel_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
