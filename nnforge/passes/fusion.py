@@ -104,12 +104,22 @@ SCALE_INTO_LINEAR = [
 ]
 
 
+def _shift_check(m, g):
+    return _consts(g, m, "w", "b", "c") and g.constant(m["c"]).size == g.constant(m["b"]).size == g.constant(m["c"]).shape[-1]
+
+
+SHIFT_INTO_LINEAR = Rule("fold_shift_into_linear", P("add", P("linear", "x", "w", "b"), "c", commutative=True),
+                         lambda m, b: b.op("linear", m["x"], m["w"], b.const(b.constant_of(m["b"]) + b.constant_of(m["c"]).reshape(-1), "bias")),
+                         _shift_check)
+
+
 @register_pass
 class FoldConstantChains(RewritePass):
     """Fold BatchNorm into the preceding conv; merge constant mul/add chains; fold scales into linear weights."""
 
     name = "fold_constant_chains"
-    rules = [FOLD_BN, DIV_TO_MUL, SUB_TO_ADD, _chain("mul", np.multiply), _chain("add", np.add), *SCALE_INTO_LINEAR]
+    rules = [FOLD_BN, DIV_TO_MUL, SUB_TO_ADD, _chain("mul", np.multiply), _chain("add", np.add), *SCALE_INTO_LINEAR,
+             SHIFT_INTO_LINEAR]
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,8 +267,9 @@ class MergeSiblingLinears(Pass):
                 part = graph.add_node("slice", [wide], {"axis": -1, "start": start, "end": start + wi.shape[0]},
                                       name=n.output.name, source=n.source, before=first).output
                 graph.replace_all_uses(n.output, part)
-                graph.remove_node(n)
                 start += wi.shape[0]
+            for n in nodes:
+                graph.remove_node(n)
             merged += len(nodes)
         graph.remove_unused_constants()
         return PassResult(bool(merged), {"linears_merged": merged})

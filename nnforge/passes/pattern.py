@@ -204,11 +204,17 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], max_rounds: int = 50) -> di
 
 def _remove_dead(graph: Graph, candidates: Sequence[Node]) -> None:
     """Remove matched nodes nothing reads any more (root first, then its now-orphaned inputs)."""
-    users = graph.users()
-    for node in candidates:
-        if node in graph.nodes and all(not users.get(o) and o not in graph.outputs for o in node.outputs):
-            graph.remove_node(node)
-            users = graph.users()
+    pending = list(candidates)
+    removed = True
+    while removed:  # a node shared inside the match dies only after all its matched users
+        removed = False
+        users = graph.users()
+        for node in list(pending):
+            if node in graph.nodes and all(not users.get(o) and o not in graph.outputs for o in node.outputs):
+                graph.remove_node(node)
+                pending.remove(node)
+                removed = True
+                users = graph.users()
 
 
 class RewritePass(Pass):
