@@ -57,6 +57,7 @@ def write_bundle(artifact, directory, extra: dict | None = None) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     files = list(artifact.save_files(d))
+    files += _edge_runtime(artifact.target.name, d)
     save_graph(artifact.graph, d)
     files += [GRAPH_FILE, WEIGHTS_FILE]
     inputs, outputs = io_spec(artifact.graph)
@@ -74,6 +75,17 @@ def write_bundle(artifact, directory, extra: dict | None = None) -> Path:
     manifest["hash"] = _manifest_hash(manifest)
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return d
+
+
+def _edge_runtime(target: str, directory: Path) -> list[str]:
+    """arm and wasm bundles carry their runner and runtime so they are self-contained on the device."""
+    from . import edge
+
+    if target == "arm":
+        return edge.write_arm_runtime(directory)
+    if target == "wasm":
+        return edge.write_wasm_runtime(directory)
+    return []
 
 
 def read_manifest(directory) -> dict:

@@ -1,0 +1,182 @@
+"""Edge runtimes: arm bundles run under qemu-aarch64, wasm bundles in Node with onnxruntime-web.
+
+Real runs, compared with eager torch. The toolchains come from scripts/install_toolchains.sh
+(`make test` runs it); without them these tests skip, except under CI where they fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import nnforge
+from nnforge import edge
+from nnforge.errors import NnforgeError
+
+ARM_TOOLS = (edge.ARM_CXX, edge.QEMU, "aarch64-sysroot", "aarch64-tvm-runtime")
+WASM_TOOLS = ("node", "onnxruntime-web")
+
+
+def need(*tools):
+    missing = [t for t in tools if edge.toolchain_status()[t] is None]
+    if missing:
+        msg = f"missing {', '.join(missing)}: run scripts/install_toolchains.sh"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+
+
+class Tiny(torch.nn.Module):
+    """int64 + float32 in; float32, bool and int64 out."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.a = torch.nn.Linear(8, 32)
+        self.b = torch.nn.Linear(32, 4)
+
+    def forward(self, ids, x):
+        y = self.b(torch.nn.functional.gelu(self.a(self.emb(ids) + x)))
+        return y, y > 0, y.argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def example():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    args = (torch.tensor([[1, 2, 3], [4, 5, 9]]), torch.randn(2, 3, 8))
+    with torch.no_grad():
+        ref = [t.numpy() for t in model(*args)]
+    return model, args, [a.numpy() for a in args], ref
+
+
+def check(outs, ref):
+    assert len(outs) == len(ref)
+    for got, want in zip(outs, ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def arm_bundle(example, tmp_path_factory):
+    need(*ARM_TOOLS)
+    model, args, _, _ = example
+    d = tmp_path_factory.mktemp("arm") / "bundle"
+    nnforge.compile(model, args, target="arm", progress=False).save(d)
+    if not (d / edge.ARM_RUNNER).is_file():  # bundle saving may already call it
+        written = edge.write_arm_runtime(d)
+        assert written == [edge.ARM_RUNNER, *edge.ARM_LIBS, "README.md"]
+    return d
+
+
+@pytest.fixture(scope="module")
+def wasm_bundle(example, tmp_path_factory):
+    need(*WASM_TOOLS)
+    model, args, _, _ = example
+    d = tmp_path_factory.mktemp("wasm") / "bundle"
+    nnforge.compile(model, args, target="wasm", progress=False).save(d)
+    if not (d / "wasm_runner.mjs").is_file():
+        written = edge.write_wasm_runtime(d)
+        assert written == ["nnforge-loader.mjs", "wasm_runner.mjs", "README.md", "package.json"]
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# arm
+# ---------------------------------------------------------------------------------------------
+
+def test_arm_bundle_runs_under_qemu(arm_bundle, example):
+    _, _, inputs, ref = example
+    check(edge.run_arm(arm_bundle, inputs), ref)
+
+
+def test_arm_bundle_is_self_contained_aarch64(arm_bundle):
+    for name in (edge.ARM_RUNNER, *edge.ARM_LIBS, "model.so"):
+        head = (arm_bundle / name).read_bytes()[:20]
+        assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183, f"{name} is not aarch64"
+    assert os.access(arm_bundle / edge.ARM_RUNNER, os.X_OK)
+    assert "nnforge-arm-runner" in (arm_bundle / "README.md").read_text()
+
+
+def test_arm_bundle_without_runtime_files_uses_the_cached_runner(arm_bundle, example, tmp_path):
+    _, _, inputs, ref = example
+    d = tmp_path / "bare"
+    shutil.copytree(arm_bundle, d)
+    for name in (edge.ARM_RUNNER, *edge.ARM_LIBS):
+        (d / name).unlink()
+    check(edge.run_arm(d, inputs), ref)
+
+
+def test_arm_runner_failure_quotes_its_stderr(arm_bundle, example, tmp_path):
+    _, _, inputs, _ = example
+    d = tmp_path / "no-manifest"
+    shutil.copytree(arm_bundle, d)
+    (d / "manifest.json").unlink()  # no Python-side input check: the runner itself must complain
+    with pytest.raises(NnforgeError, match=r"(?s)exit 1.*takes 2 input\(s\) \(ids, x\), got 1"):
+        edge.run_arm(d, inputs[:1])
+
+
+def test_arm_input_mismatch_is_caught_before_emulation(arm_bundle, example):
+    _, _, inputs, _ = example
+    with pytest.raises(NnforgeError, match="takes 2 input"):
+        edge.run_arm(arm_bundle, inputs[:1])
+    with pytest.raises(NnforgeError, match="'x' must be float32, got float64"):
+        edge.run_arm(arm_bundle, [inputs[0], inputs[1].astype(np.float64)])
+
+
+# ---------------------------------------------------------------------------------------------
+# wasm
+# ---------------------------------------------------------------------------------------------
+
+def test_wasm_bundle_runs_in_node(wasm_bundle, example):
+    _, _, inputs, ref = example
+    check(edge.run_wasm(wasm_bundle, inputs), ref)
+
+
+def test_wasm_bundle_files(wasm_bundle):
+    package = json.loads((wasm_bundle / "package.json").read_text())
+    root = json.loads((edge.REPO_ROOT / "package.json").read_text())
+    assert package["dependencies"]["onnxruntime-web"] == root["dependencies"]["onnxruntime-web"] == edge.ORT_WEB_VERSION
+    assert "loadBundle" in (wasm_bundle / "README.md").read_text()
+    assert "export async function loadModel" in (wasm_bundle / "nnforge-loader.mjs").read_text()
+
+
+def test_wasm_runner_failure_quotes_its_stderr(wasm_bundle, example, tmp_path):
+    _, _, inputs, _ = example
+    d = tmp_path / "broken"
+    shutil.copytree(wasm_bundle, d)
+    (d / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(NnforgeError, match=r"(?s)wasm runner.*failed.*exit 1.*nnforge wasm runner:"):
+        edge.run_wasm(d, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# missing tools
+# ---------------------------------------------------------------------------------------------
+
+def test_missing_tools_give_clear_errors(monkeypatch, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    status = edge.toolchain_status()
+    assert set(status) == set(edge.TOOLS)
+    assert status["qemu-aarch64"] is None and status["node"] is None
+    with pytest.raises(NnforgeError, match=r"qemu-aarch64 not found: run scripts/install_toolchains.sh or apt-get install qemu-user"):
+        edge.run_arm(tmp_path, [np.zeros(2, np.float32)])
+    with pytest.raises(NnforgeError, match=r"node not found: .*Node.js"):
+        edge.run_wasm(tmp_path, [np.zeros(2, np.float32)])
+    with pytest.raises(NnforgeError, match=r"aarch64-linux-gnu-g\+\+ not found"):
+        edge.require(edge.ARM_CXX)
+    monkeypatch.setenv("NNFORGE_AARCH64_DIR", str(empty))
+    with pytest.raises(NnforgeError, match=r"aarch64-tvm-runtime not found: run scripts/install_toolchains.sh"):
+        edge.write_arm_runtime(tmp_path / "b")
+    monkeypatch.setenv("NNFORGE_NODE_MODULES", str(empty))
+    with pytest.raises(NnforgeError, match=r"onnxruntime-web not found: .*npm install --ignore-scripts"):
+        edge.require("onnxruntime-web")
+    with pytest.raises(NnforgeError, match="unknown edge tool"):
+        edge.require("gcc-for-mars")
