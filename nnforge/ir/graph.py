@@ -129,7 +129,7 @@ class Graph:
         return v
 
     def add_constant(self, array, name: str = "c") -> Value:
-        array = np.ascontiguousarray(np.asarray(array))
+        array = np.asarray(array, order="C")  # not ascontiguousarray: it turns 0-d scalars into shape (1,)
         v = Value(self.fresh_name(name), TensorType.of(array))
         self.constants[v.name] = array
         self.const_values[v.name] = v

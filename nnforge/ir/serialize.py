@@ -52,7 +52,8 @@ def save_graph(g: Graph, directory: str | os.PathLike) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / GRAPH_FILE).write_text(json.dumps(graph_to_json(g), indent=1))
     # safetensors wants contiguous, writable arrays; empty dict is fine
-    save_file({k: np.ascontiguousarray(a) for k, a in g.constants.items()}, str(d / WEIGHTS_FILE))
+    # (np.asarray(order="C"), not ascontiguousarray: that turns 0-d scalars into shape (1,))
+    save_file({k: np.asarray(a, order="C") for k, a in g.constants.items()}, str(d / WEIGHTS_FILE))
 
 
 def _type(obj, where) -> TensorType:

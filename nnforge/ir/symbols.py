@@ -19,6 +19,7 @@ _BINOPS = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
+    ast.Div: operator.truediv,  # sympy prints floor(b/2) for b//2; must parse back
     ast.FloorDiv: lambda a, b: sympy.floor(a / b),
     ast.Mod: operator.mod,
 }
@@ -33,8 +34,8 @@ def _build(node: ast.AST):
         return _BINOPS[type(node.op)](_build(node.left), _build(node.right))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -_build(node.operand)
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("floor", "Max", "Min") and not node.keywords:
-        fn = {"floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min}[node.func.id]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("floor", "Max", "Min", "Mod") and not node.keywords:
+        fn = {"floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod}[node.func.id]  # sympy prints n % 2 as Mod(n, 2)
         return fn(*[_build(a) for a in node.args])
     raise ValueError(f"not a dimension expression: {ast.dump(node)}")
 
