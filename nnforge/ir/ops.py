@@ -760,3 +760,7 @@ def _attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
     o = _sdpa(heads(q), heads(k), heads(v), mask, is_causal=is_causal, scale=scale)
     b, h, s, d = o.shape
     return o.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+# ops that the low-bit/sparsity and token/layer passes create live in their own modules
+from . import ops_lowbit, ops_tokens  # noqa: E402,F401
