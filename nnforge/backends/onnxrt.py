@@ -1,0 +1,739 @@
+"""ONNX Runtime backend: IR -> ONNX (standard opset 20) -> onnxruntime.InferenceSession.
+
+``to_onnx`` lowers node by node through ``LOWERINGS`` (op name -> small function). Symbolic
+dims become ``dim_param`` on graph inputs/outputs; attributes that hold symbols ("batch",
+"seq*4") are computed at run time from the graph inputs' shapes (one Shape slice per symbol,
+cached, expressions built from the sympy tree with integer Add/Mul/Div/Mod).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import sympy
+from onnx import TensorProto, helper, numpy_helper
+
+from .. import errors
+from ..errors import NnforgeError, UnsupportedOpError
+from ..ir import Graph, Node, REGISTRY, Value, bind_symbols
+from ..ir import symbols
+from ..ir.ops import BIG
+from ..targets import Target, get_target
+from .base import Artifact, Backend, Unsupported, register_backend
+
+OPSET = 20  # Gelu (20) and LayerNormalization (17) are standard here; ORT >= 1.17 runs it
+IR_VERSION = 9  # the ONNX IR version that goes with opset 20
+MODEL_FILE = "model.onnx"
+INT64_MAX = np.iinfo(np.int64).max
+
+ONNX_DTYPES = {
+    "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+    "float64": TensorProto.DOUBLE, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
+    "int16": TensorProto.INT16, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# lowering context
+# ---------------------------------------------------------------------------------------
+
+class _Lowering:
+    """Collects ONNX nodes and initializers while the IR graph is lowered."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.used_names = {v.name for v in graph.all_values()}
+        self.counter = 0
+        self.const_cache: dict[tuple, str] = {}
+        self.sym_cache: dict[str, str] = {}
+        self.sym_source = self._symbol_sources(graph)
+
+    # -- names and constants ----------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        while True:
+            self.counter += 1
+            name = f"_{hint}_{self.counter}"
+            if name not in self.used_names:
+                self.used_names.add(name)
+                return name
+
+    def value(self, v: Value | None) -> str:
+        """ONNX name of an IR value; constants become initializers on first use."""
+        if v is None:
+            return ""
+        if self.graph.is_constant(v) and v.name not in self.inits:
+            self.inits[v.name] = _tensor(self.graph.constant(v), v.name)
+        return v.name
+
+    def const(self, array, dtype: str | None = None, hint: str = "c") -> str:
+        """A small constant initializer, shared between users with equal contents."""
+        arr = np.asarray(array, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self.const_cache:
+            name = self.fresh(hint)
+            self.inits[name] = _tensor(arr, name)
+            self.const_cache[key] = name
+        return self.const_cache[key]
+
+    def emit(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs) -> str:
+        out = out or self.fresh(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    # -- symbolic dims ----------------------------------------------------------------
+    @staticmethod
+    def _symbol_sources(graph: Graph) -> dict[str, tuple[str, int]]:
+        """For each symbol, the graph input and axis where it first appears as a plain dim."""
+        src: dict[str, tuple[str, int]] = {}
+        for v in graph.inputs:
+            for axis, d in enumerate(v.shape):
+                if isinstance(d, str) and d.isidentifier():
+                    src.setdefault(d, (v.name, axis))
+        return src
+
+    def symbol(self, name: str) -> str:
+        """int64 [1] tensor holding a symbol's value, read once from an input's shape."""
+        if name not in self.sym_cache:
+            if name not in self.sym_source:
+                raise NnforgeError(f"onnxrt: symbol {name!r} is not a plain dimension of any graph input, "
+                                   f"so its value cannot be read at run time")
+            inp, axis = self.sym_source[name]
+            self.sym_cache[name] = self.emit("Shape", [inp], out=self.fresh(f"sym_{name}"), start=axis, end=axis + 1)
+        return self.sym_cache[name]
+
+    def dim(self, d) -> str:
+        """int64 [1] tensor for one dimension (int, symbol or expression)."""
+        if isinstance(d, int):
+            return self.const([d], "int64", "dim")
+        return self._expr(symbols.to_sympy(d))
+
+    def dims(self, ds: Sequence) -> str:
+        """int64 [len(ds)] tensor for a shape that may hold symbols; static runs stay one constant."""
+        if all(isinstance(d, int) for d in ds):
+            return self.const(list(ds), "int64", "shape")
+        parts, run = [], []
+        for d in ds:
+            if isinstance(d, int):
+                run.append(d)
+                continue
+            if run:
+                parts.append(self.const(run, "int64", "shape"))
+                run = []
+            parts.append(self.dim(d))
+        if run:
+            parts.append(self.const(run, "int64", "shape"))
+        return parts[0] if len(parts) == 1 else self.emit("Concat", parts, axis=0)
+
+    def _expr(self, e: sympy.Expr) -> str:
+        """Walk a sympy dimension expression into integer ONNX ops (never eval)."""
+        if e.is_Integer:
+            return self.const([int(e)], "int64", "dim")
+        if e.is_Symbol:
+            return self.symbol(e.name)
+        if isinstance(e, sympy.Add):
+            return self._fold("Add", e.args)
+        if isinstance(e, sympy.Mul):
+            if any(a.is_Rational and not a.is_Integer for a in e.args) or any(
+                    isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args):
+                raise NnforgeError(f"onnxrt: dimension {e} is not an integer expression")
+            return self._fold("Mul", e.args)
+        if isinstance(e, sympy.floor):
+            num, den = sympy.fraction(sympy.together(e.args[0]))
+            return self.emit("Div", [self._expr(num), self._expr(den)])  # dims are positive: Div == floor
+        if isinstance(e, sympy.Mod):
+            return self.emit("Mod", [self._expr(e.args[0]), self._expr(e.args[1])], fmod=0)
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            return self._fold("Max" if isinstance(e, sympy.Max) else "Min", e.args)
+        if isinstance(e, sympy.Pow) and e.exp.is_Integer and e.exp > 0:
+            return self._fold("Mul", [e.base] * int(e.exp))
+        raise NnforgeError(f"onnxrt: cannot compute dimension expression {e} at run time")
+
+    def _fold(self, op: str, args) -> str:
+        out = self._expr(args[0])
+        for a in args[1:]:
+            out = self.emit(op, [out, self._expr(a)])
+        return out
+
+    def scalar_dim(self, d) -> str:
+        """int64 scalar (for Range)."""
+        if isinstance(d, int):
+            return self.const(d, "int64", "n")
+        return self.emit("Squeeze", [self.dim(d), self.const([0], "int64", "axes")])
+
+
+def _tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
+    arr = np.require(np.asarray(arr), requirements="C")  # (np.ascontiguousarray turns 0-d into 1-d)
+    if arr.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: store the raw 16-bit patterns
+        return helper.make_tensor(name, TensorProto.BFLOAT16, arr.shape, arr.view(np.uint16).tobytes(), raw=True)
+    return numpy_helper.from_array(arr, name)
+
+
+# ---------------------------------------------------------------------------------------
+# lowerings: fn(cx, node, ins) -> None; each writes the node's outputs by their IR names
+# ---------------------------------------------------------------------------------------
+
+Lower = Callable[[_Lowering, Node, list], None]
+LOWERINGS: dict[str, Lower] = {}
+
+
+def _simple(onnx_op: str, **fixed) -> Lower:
+    def lower(cx, n, ins):
+        cx.emit(onnx_op, ins, out=n.output.name, **fixed)
+
+    return lower
+
+
+# IR ops that are exactly one ONNX op with no attributes
+_SIMPLE = {
+    "add": "Add", "sub": "Sub", "mul": "Mul", "maximum": "Max", "minimum": "Min", "pow": "Pow",
+    "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual",
+    "logical_and": "And", "logical_or": "Or", "logical_not": "Not", "where": "Where",
+    "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "reciprocal": "Reciprocal", "tanh": "Tanh", "sigmoid": "Sigmoid",
+    "erf": "Erf", "sin": "Sin", "cos": "Cos", "floor": "Floor", "ceil": "Ceil", "neg": "Neg", "abs": "Abs",
+    "relu": "Relu", "matmul": "MatMul",
+}
+LOWERINGS.update({ir: _simple(ox) for ir, ox in _SIMPLE.items()})
+
+
+def _is_int(v: Value) -> bool:
+    return v.dtype in ("int64", "int32", "int16", "int8", "uint8")
+
+
+def _div(cx, n, ins):
+    a, b = n.inputs
+    if not _is_int(a):
+        cx.emit("Div", ins, out=n.output.name)
+        return
+    # IR integer division floors; ONNX Div truncates. floor(a/b) = (a - mod(a, b)) / b with Python-style Mod
+    rem = cx.emit("Mod", ins, fmod=0)
+    cx.emit("Div", [cx.emit("Sub", [ins[0], rem]), ins[1]], out=n.output.name)
+
+
+def _ne(cx, n, ins):
+    cx.emit("Not", [cx.emit("Equal", ins)], out=n.output.name)
+
+
+def _rsqrt(cx, n, ins):
+    cx.emit("Reciprocal", [cx.emit("Sqrt", ins)], out=n.output.name)
+
+
+def _silu(cx, n, ins):
+    cx.emit("Mul", [ins[0], cx.emit("Sigmoid", ins)], out=n.output.name)
+
+
+def _gelu(cx, n, ins):
+    cx.emit("Gelu", ins, out=n.output.name, approximate=n.attrs["approximate"])
+
+
+def _clamp(cx, n, ins):
+    dt = n.inputs[0].dtype
+    lo = "" if n.attrs["min"] is None else cx.const(n.attrs["min"], dt, "min")
+    hi = "" if n.attrs["max"] is None else cx.const(n.attrs["max"], dt, "max")
+    cx.emit("Clip", [ins[0], lo, hi], out=n.output.name)
+
+
+def _cast(cx, n, ins):
+    cx.emit("Cast", ins, out=n.output.name, to=ONNX_DTYPES[n.attrs["dtype"]])
+
+
+def _reduce(onnx_op: str) -> Lower:
+    def lower(cx, n, ins):
+        axes = n.attrs["axes"]
+        args = [ins[0]] + ([] if axes is None else [cx.const(list(axes), "int64", "axes")])
+        cx.emit(onnx_op, args, out=n.output.name, keepdims=int(n.attrs["keepdims"]))
+
+    return lower
+
+
+def _argmax(cx, n, ins):
+    cx.emit("ArgMax", ins, out=n.output.name, axis=n.attrs["axis"], keepdims=int(n.attrs["keepdims"]))
+
+
+def _softmax(onnx_op: str) -> Lower:
+    def lower(cx, n, ins):
+        cx.emit(onnx_op, ins, out=n.output.name, axis=n.attrs["axis"])
+
+    return lower
+
+
+def _layer_norm(cx, n, ins):
+    x = n.inputs[0]
+    naxes = n.attrs["naxes"]
+    norm_shape = list(x.shape[x.type.rank - naxes:])
+    scale = ins[1] if len(ins) > 1 and ins[1] else cx.const(np.ones(norm_shape, x.dtype), hint="ln_scale")
+    bias = [ins[2]] if len(ins) > 2 and ins[2] else []
+    cx.emit("LayerNormalization", [ins[0], scale] + bias, out=n.output.name, axis=-naxes, epsilon=float(n.attrs["eps"]))
+
+
+def _rms_norm(cx, n, ins):
+    # RMSNormalization is opset 23; spell it out: x / sqrt(mean(x^2) + eps) * w
+    x = n.inputs[0]
+    axes = cx.const(list(range(x.type.rank - n.attrs["naxes"], x.type.rank)), "int64", "axes")
+    ms = cx.emit("ReduceMean", [cx.emit("Mul", [ins[0], ins[0]]), axes], keepdims=1)
+    inv = cx.emit("Reciprocal", [cx.emit("Sqrt", [cx.emit("Add", [ms, cx.const(n.attrs["eps"], x.dtype, "eps")])])])
+    if len(ins) > 1 and ins[1]:
+        cx.emit("Mul", [cx.emit("Mul", [ins[0], inv]), ins[1]], out=n.output.name)
+    else:
+        cx.emit("Mul", [ins[0], inv], out=n.output.name)
+
+
+def _batch_norm(cx, n, ins):
+    x, mean = n.inputs[0], n.inputs[1]
+    c = mean.shape[0]
+    scale = ins[3] if len(ins) > 3 and ins[3] else cx.const(np.ones([c], x.dtype), hint="bn_scale")
+    bias = ins[4] if len(ins) > 4 and ins[4] else cx.const(np.zeros([c], x.dtype), hint="bn_bias")
+    cx.emit("BatchNormalization", [ins[0], scale, bias, ins[1], ins[2]], out=n.output.name, epsilon=float(n.attrs["eps"]))
+
+
+def _matmul_wt(cx, n, ins, out: str | None = None) -> str:
+    """x @ w.T + b, for linear and linear_act; writes ``out`` (a fresh name if None)."""
+    x, w = n.inputs[0], n.inputs[1]
+    has_bias = len(ins) > 2 and bool(ins[2])
+    if x.type.rank == 2:
+        return cx.emit("Gemm", ins[:3] if has_bias else ins[:2], out=out, transB=1)
+    if cx.graph.is_constant(w):  # pre-transposed weight, once per weight
+        key = ("wT", w.name)
+        if key not in cx.const_cache:
+            name = cx.fresh(f"{w.name}_T")
+            cx.inits[name] = _tensor(cx.graph.constant(w).T, name)
+            cx.const_cache[key] = name
+        wt = cx.const_cache[key]
+    else:
+        wt = cx.emit("Transpose", [ins[1]], perm=[1, 0])
+    if has_bias:
+        return cx.emit("Add", [cx.emit("MatMul", [ins[0], wt]), ins[2]], out=out)
+    return cx.emit("MatMul", [ins[0], wt], out=out)
+
+
+def _linear(cx, n, ins):
+    _matmul_wt(cx, n, ins, n.output.name)
+
+
+# linear_act's activations: name -> fn(cx, y, out)
+_ACTS = {
+    "none": lambda cx, y, out: cx.emit("Identity", [y], out=out),
+    "relu": lambda cx, y, out: cx.emit("Relu", [y], out=out),
+    "gelu": lambda cx, y, out: cx.emit("Gelu", [y], out=out, approximate="none"),
+    "gelu_tanh": lambda cx, y, out: cx.emit("Gelu", [y], out=out, approximate="tanh"),
+    "silu": lambda cx, y, out: cx.emit("Mul", [y, cx.emit("Sigmoid", [y])], out=out),
+}
+
+
+def _linear_act(cx, n, ins):
+    _ACTS[n.attrs["act"]](cx, _matmul_wt(cx, n, ins), n.output.name)
+
+
+def _pads(p) -> list[int]:
+    p = list(p) if len(p) == 2 else [p[0], p[0]]
+    return [p[0], p[1], p[0], p[1]]
+
+
+def _pair(v) -> list[int]:
+    return list(v) if len(v) == 2 else [v[0], v[0]]
+
+
+def _conv2d(cx, n, ins):
+    w = n.inputs[1]
+    a = n.attrs
+    cx.emit("Conv", [i for i in ins if i], out=n.output.name, kernel_shape=[w.shape[2], w.shape[3]],
+            strides=_pair(a["stride"]), pads=_pads(a["padding"]), dilations=_pair(a["dilation"]), group=a["groups"])
+
+
+def _pool_plan(n: Node):
+    """(pads, ceil_mode) for ONNX, or a reason string.
+
+    ONNX's ceil_mode keeps a last window that starts in the right padding; the IR (like torch)
+    drops it. Where they differ, floor mode with extra right padding gives the IR's windows; that
+    is exact for max and for averages that do not count padding. (ORT, like torch, leaves the
+    overhang past the padding out of an average's divisor, so agreeing cases keep ceil_mode.)
+    """
+    a = n.attrs
+    k, s, p = _pair(a["kernel"]), _pair(a["stride"]), _pair(a["padding"])
+    d = _pair(a.get("dilation", [1, 1]))
+    if not a["ceil_mode"]:
+        return _pads(p), 0
+    end, differs = list(p), False
+    for i, size in enumerate(n.inputs[0].shape[2:]):
+        if not isinstance(size, int):
+            return "ceil_mode with a symbolic spatial dim"
+        eff = d[i] * (k[i] - 1) + 1
+        onnx_out = -(-(size + 2 * p[i] - eff) // s[i]) + 1
+        out = onnx_out - 1 if (onnx_out - 1) * s[i] >= size + p[i] else onnx_out  # the IR drops it
+        differs |= out != onnx_out
+        end[i] += max(0, (out - 1) * s[i] + eff - (size + 2 * p[i]))  # floor mode then yields `out`
+    if not differs:
+        return _pads(p), 1
+    if n.op == "avg_pool2d" and a["count_include_pad"]:  # extra padding would count in the divisor
+        return "ceil_mode drops a window ONNX keeps, with count_include_pad"
+    return [p[0], p[1], end[0], end[1]], 0
+
+
+def _pool_check(n: Node) -> str | None:
+    plan = _pool_plan(n)
+    return plan if isinstance(plan, str) else None
+
+
+def _max_pool2d(cx, n, ins):
+    a = n.attrs
+    pads, ceil = _pool_plan(n)
+    cx.emit("MaxPool", ins, out=n.output.name, kernel_shape=_pair(a["kernel"]), strides=_pair(a["stride"]),
+            pads=pads, dilations=_pair(a["dilation"]), ceil_mode=ceil)
+
+
+def _avg_pool2d(cx, n, ins):
+    a = n.attrs
+    pads, ceil = _pool_plan(n)
+    cx.emit("AveragePool", ins, out=n.output.name, kernel_shape=_pair(a["kernel"]), strides=_pair(a["stride"]),
+            pads=pads, ceil_mode=ceil, count_include_pad=int(a["count_include_pad"]))
+
+
+def _adaptive_check(n: Node) -> str | None:
+    oh, ow = _pair(n.attrs["output_size"])
+    if (oh, ow) == (1, 1):
+        return None
+    h, w = n.inputs[0].shape[2:]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        return f"output {oh}x{ow} of a symbolic {h}x{w} input needs uneven windows ONNX has no op for"
+    if h % oh or w % ow:
+        return f"input {h}x{w} is not divisible by output {oh}x{ow} (uneven windows)"
+    return None
+
+
+def _adaptive_avg_pool2d(cx, n, ins):
+    oh, ow = _pair(n.attrs["output_size"])
+    if (oh, ow) == (1, 1):
+        cx.emit("GlobalAveragePool", ins, out=n.output.name)
+        return
+    h, w = n.inputs[0].shape[2:]
+    k = [h // oh, w // ow]
+    cx.emit("AveragePool", ins, out=n.output.name, kernel_shape=k, strides=k)
+
+
+def _sdpa_check(n: Node) -> str | None:
+    if n.attrs["scale"] is None and not isinstance(n.inputs[0].shape[-1], int):
+        return "default scale needs a static head dim"
+    return None
+
+
+def _attend(cx, q: str, k: str, v: str, mask: str, mask_bool: bool, *, rank: int, dtype: str, scale: float,
+            is_causal: bool, out: str | None = None) -> str:
+    """softmax(q @ k^T * scale [+ causal / mask]) @ v on [..., seq, dim] tensors."""
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    s = cx.emit("MatMul", [q, cx.emit("Transpose", [k], perm=perm)])
+    s = cx.emit("Mul", [s, cx.const(scale, dtype, "scale")])
+    neg_inf = cx.const(-np.inf, dtype, "neg_inf")
+    if is_causal:  # allowed where key index <= query index (top-left aligned, as torch)
+        shape = cx.emit("Shape", [s])
+        axes0 = cx.const([0], "int64", "axes")
+        lq = cx.emit("Squeeze", [cx.emit("Slice", [shape, cx.const([-2], "int64"), cx.const([-1], "int64")]), axes0])
+        lk = cx.emit("Squeeze", [cx.emit("Slice", [shape, cx.const([-1], "int64"), cx.const([INT64_MAX], "int64")]), axes0])
+        zero, one = cx.const(0, "int64"), cx.const(1, "int64")
+        rows = cx.emit("Unsqueeze", [cx.emit("Range", [zero, lq, one]), cx.const([1], "int64", "axes")])
+        cols = cx.emit("Range", [zero, lk, one])
+        s = cx.emit("Where", [cx.emit("LessOrEqual", [cols, rows]), s, neg_inf])
+    if mask:
+        s = cx.emit("Where", [mask, s, neg_inf]) if mask_bool else cx.emit("Add", [s, mask])
+    return cx.emit("MatMul", [cx.emit("Softmax", [s], axis=-1), v], out=out)
+
+
+def _sdpa(cx, n, ins):
+    q = n.inputs[0]
+    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask = ins[3] if len(ins) > 3 else ""
+    _attend(cx, ins[0], ins[1], ins[2], mask, bool(mask) and n.inputs[3].dtype == "bool", rank=q.type.rank,
+            dtype=q.dtype, scale=scale, is_causal=n.attrs["is_causal"], out=n.output.name)
+
+
+def _attention(cx, n, ins):
+    """[batch, seq, heads*dim] in and out: split heads with Reshape(0, 0, h, -1) + Transpose, attend, merge."""
+    q, h = n.inputs[0], n.attrs["num_heads"]
+    split = cx.const([0, 0, h, -1], "int64", "heads")
+    heads = [cx.emit("Transpose", [cx.emit("Reshape", [x, split])], perm=[0, 2, 1, 3]) for x in ins[:3]]
+    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1] // h)
+    mask = ins[3] if len(ins) > 3 else ""
+    o = _attend(cx, *heads, mask, bool(mask) and n.inputs[3].dtype == "bool", rank=4, dtype=q.dtype, scale=scale,
+                is_causal=n.attrs["is_causal"])
+    merged = cx.emit("Transpose", [o], perm=[0, 2, 1, 3])
+    cx.emit("Reshape", [merged, cx.const([0, 0, -1], "int64", "merge")], out=n.output.name)
+
+
+def _reshape(cx, n, ins):
+    # allowzero=1: an IR 0 means an empty axis, never "copy the input dim"
+    cx.emit("Reshape", [ins[0], cx.dims(n.attrs["shape"])], out=n.output.name, allowzero=1)
+
+
+def _permute(cx, n, ins):
+    cx.emit("Transpose", ins, out=n.output.name, perm=list(n.attrs["perm"]))
+
+
+def _expand(cx, n, ins):
+    # ONNX Expand broadcasts both ways, so 1 keeps the source dim where the IR says -1
+    shape = [1 if d == -1 else d for d in n.attrs["shape"]]
+    cx.emit("Expand", [ins[0], cx.dims(shape)], out=n.output.name)
+
+
+def _concat(cx, n, ins):
+    cx.emit("Concat", ins, out=n.output.name, axis=n.attrs["axis"])
+
+
+def _slice(cx, n, ins):
+    a = n.attrs
+    end = a["end"]
+    if isinstance(end, int):
+        ends = cx.const([INT64_MAX if end >= BIG // 2 else end], "int64", "end")
+    else:
+        ends = cx.dim(end)
+    cx.emit("Slice", [ins[0], cx.const([a["start"]], "int64", "start"), ends, cx.const([a["axis"]], "int64", "axes"),
+                      cx.const([a["step"]], "int64", "step")], out=n.output.name)
+
+
+def _gather(cx, n, ins):
+    cx.emit("Gather", ins, out=n.output.name, axis=n.attrs["axis"])
+
+
+def _squeeze(onnx_op: str) -> Lower:
+    def lower(cx, n, ins):
+        cx.emit(onnx_op, [ins[0], cx.const(list(n.attrs["axes"]), "int64", "axes")], out=n.output.name)
+
+    return lower
+
+
+def _full_like(cx, n, ins):
+    dt = n.attrs["dtype"] or n.inputs[0].dtype
+    cx.emit("Expand", [cx.const(n.attrs["value"], dt, "fill"), cx.emit("Shape", ins)], out=n.output.name)
+
+
+def _arange(cx, n, ins):
+    a = n.attrs
+    dt = a["dtype"]
+    # Range takes int32/int64/float/double; other dtypes count in int64 and cast
+    rdt = dt if dt in ("int32", "int64", "float32", "float64") else "int64"
+    start, step = cx.const(a["start"], rdt), cx.const(a["step"], rdt)
+    end = cx.scalar_dim(a["end"])
+    if rdt != "int64":
+        end = cx.emit("Cast", [end], to=ONNX_DTYPES[rdt])
+    if rdt == dt:
+        cx.emit("Range", [start, end, step], out=n.output.name)
+    else:
+        cx.emit("Cast", [cx.emit("Range", [start, end, step])], out=n.output.name, to=ONNX_DTYPES[dt])
+
+
+LOWERINGS.update({
+    "div": _div, "ne": _ne, "rsqrt": _rsqrt, "silu": _silu, "gelu": _gelu, "clamp": _clamp, "cast": _cast,
+    "reduce_sum": _reduce("ReduceSum"), "reduce_mean": _reduce("ReduceMean"), "reduce_max": _reduce("ReduceMax"),
+    "reduce_min": _reduce("ReduceMin"), "argmax": _argmax, "softmax": _softmax("Softmax"),
+    "log_softmax": _softmax("LogSoftmax"), "layer_norm": _layer_norm, "rms_norm": _rms_norm, "batch_norm": _batch_norm,
+    "linear": _linear, "linear_act": _linear_act, "conv2d": _conv2d, "max_pool2d": _max_pool2d, "avg_pool2d": _avg_pool2d,
+    "adaptive_avg_pool2d": _adaptive_avg_pool2d, "sdpa": _sdpa, "attention": _attention, "reshape": _reshape, "permute": _permute,
+    "expand": _expand, "concat": _concat, "slice": _slice, "gather": _gather, "squeeze": _squeeze("Squeeze"),
+    "unsqueeze": _squeeze("Unsqueeze"), "full_like": _full_like, "arange": _arange,
+})
+
+# Registry ops deliberately without a lowering (name -> why). Empty today; the test keeps it honest.
+EXPLICITLY_UNSUPPORTED: dict[str, str] = {}
+
+
+def _layer_norm_check(n: Node) -> str | None:
+    if (len(n.inputs) < 2 or n.inputs[1] is None) and not n.inputs[0].type.is_static:
+        return "layer_norm without a weight needs static normalized dims"
+    return None
+
+
+def _linear_act_check(n: Node) -> str | None:
+    return None if n.attrs["act"] in _ACTS else f"activation {n.attrs['act']!r} has no ONNX lowering"
+
+
+# Per-op checks for attribute or shape cases a lowering cannot take: fn(node) -> reason or None.
+CHECKS: dict[str, Callable[[Node], str | None]] = {
+    "adaptive_avg_pool2d": _adaptive_check, "sdpa": _sdpa_check, "layer_norm": _layer_norm_check,
+    "linear_act": _linear_act_check, "max_pool2d": _pool_check, "avg_pool2d": _pool_check,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# IR graph -> ONNX model
+# ---------------------------------------------------------------------------------------
+
+def _value_info(v: Value, name: str | None = None) -> onnx.ValueInfoProto:
+    shape = [d if isinstance(d, int) else str(d) for d in v.shape]
+    return helper.make_tensor_value_info(name or v.name, ONNX_DTYPES[v.dtype], shape)
+
+
+def unsupported_nodes(graph: Graph) -> list[Unsupported]:
+    out = []
+    sources = _Lowering._symbol_sources(graph)
+    for n in graph.nodes:
+        if n.op not in LOWERINGS:
+            reason = EXPLICITLY_UNSUPPORTED.get(n.op, "no ONNX lowering for this op")
+            out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else "", n.source, reason))
+            continue
+        reason = CHECKS[n.op](n) if n.op in CHECKS else None
+        if reason is None:
+            reason = _symbol_check(n, sources)
+        if reason:
+            out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else "", n.source, reason))
+    return out
+
+
+def _symbol_check(n: Node, sources: dict) -> str | None:
+    """Symbols in dims attributes must be readable from some graph input's shape."""
+    for key, (kind, _) in REGISTRY[n.op].attrs.items():
+        vals = n.attrs.get(key)
+        vals = [vals] if kind == "dim" else (vals or []) if kind == "dims" else []
+        for d in vals:
+            missing = symbols.symbols_in(d) - set(sources) if isinstance(d, str) else set()
+            if missing:
+                return f"attribute {key} uses symbol(s) {sorted(missing)} that no graph input has as a plain dim"
+    return None
+
+
+def to_onnx(graph: Graph) -> onnx.ModelProto:
+    """Lower an IR graph to an ONNX model (opset 20); raises UnsupportedOpError listing every node it cannot take."""
+    bad = unsupported_nodes(graph)
+    if bad:
+        raise UnsupportedOpError([(u.op, f"%{u.node}: {u.reason}" + (f" ({u.source})" if u.source else "")) for u in bad],
+                                 where="the ONNX Runtime backend")
+    cx = _Lowering(graph)
+    for n in graph.nodes:
+        LOWERINGS[n.op](cx, n, [cx.value(i) for i in n.inputs])
+    outputs = []
+    taken = {v.name for v in graph.inputs} | set(graph.constants)
+    for v in graph.outputs:
+        name = cx.value(v)
+        if name in taken:  # ONNX outputs must be produced by a node and be distinct
+            name = cx.emit("Identity", [name], out=cx.fresh(f"{v.name}_out"))
+        taken.add(name)
+        outputs.append(_value_info(v, name))
+    g = helper.make_graph(cx.nodes, graph.name or "graph", [_value_info(v) for v in graph.inputs], outputs,
+                          initializer=list(cx.inits.values()))
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                              producer_name="nnforge")
+    return model
+
+
+def check(model: onnx.ModelProto) -> None:
+    """onnx.checker with strict shape inference (models over 2 GB get the plain check)."""
+    try:
+        onnx.checker.check_model(model, full_check=model.ByteSize() < 2**31 - 2**20)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise NnforgeError(f"onnxrt: lowered model does not pass onnx.checker: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# sessions and artifacts
+# ---------------------------------------------------------------------------------------
+
+def _providers(target: Target) -> list[str]:
+    import onnxruntime as ort
+
+    if target.name == "cpu":
+        return ["CPUExecutionProvider"]
+    if target.name == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise NnforgeError("onnxrt: target 'cuda' needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers "
+                               f"{ort.get_available_providers()} (pip install onnxruntime-gpu, or use target 'cpu')")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise NnforgeError(f"onnxrt: cannot create a session for target {target.name!r} on this host")
+
+
+_OPT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+               "none": "ORT_DISABLE_ALL"}
+
+
+def make_session(model_bytes: bytes, target: Target, options: dict | None = None):
+    """The one place ORT sessions are created. options: opt_level (all|extended|basic|none), threads (int)."""
+    import onnxruntime as ort
+
+    options = options or {}
+    so = ort.SessionOptions()
+    level = options.get("opt_level", "all")
+    if level not in _OPT_LEVELS:
+        raise NnforgeError(f"onnxrt: opt_level {level!r} is not one of {sorted(_OPT_LEVELS)}")
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level])
+    if options.get("threads"):
+        so.intra_op_num_threads = int(options["threads"])
+    so.log_severity_level = 3  # errors only: ORT's warnings are about its own fusions
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=so, providers=_providers(target))
+    except NnforgeError:
+        raise
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise NnforgeError(f"onnxrt: ONNX Runtime could not load the model: {e}") from None
+
+
+class OnnxRuntimeArtifact(Artifact):
+    backend = "onnxrt"
+
+    def __init__(self, graph: Graph, target: Target, model_bytes: bytes, options: dict | None = None):
+        super().__init__(graph, target)
+        self.model_bytes = model_bytes
+        self.options = dict(options or {})
+        # wasm runs in onnxruntime-web (Node), not here; the artifact still carries the model
+        self.session = None if target.name == "wasm" else make_session(model_bytes, target, self.options)
+        self.output_names = [o.name for o in onnx.load_model_from_string(model_bytes).graph.output]
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return onnx.load_model_from_string(self.model_bytes)
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self.session is None:
+            raise NnforgeError(f"onnxrt: a {self.target.name!r} artifact does not run in this process; save it as a "
+                               "bundle and run its model.onnx with onnxruntime-web (nnforge.edge.run_wasm)")
+        arrays = [np.asarray(a) for a in inputs]
+        try:
+            bind_symbols(self.graph, arrays)  # a wrong count/dtype/shape gets the IR's clear message
+        except ValueError as e:
+            raise NnforgeError(f"onnxrt: bad input: {e}") from None
+        feed = {v.name: a for v, a in zip(self.graph.inputs, arrays)}
+        try:
+            return self.session.run(self.output_names, feed)
+        except Exception as e:
+            raise NnforgeError(f"onnxrt: ONNX Runtime failed while running {self.graph.name!r}: {e}") from None
+
+    def __call__(self, *inputs):
+        return self.run(list(inputs))
+
+    def save_files(self, directory: Path) -> list[str]:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MODEL_FILE).write_bytes(self.model_bytes)
+        return [MODEL_FILE]
+
+    @classmethod
+    def load_files(cls, directory: Path, graph: Graph, target: Target, manifest: dict) -> "OnnxRuntimeArtifact":
+        path = Path(directory) / MODEL_FILE
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise errors.BundleError(f"onnxrt: cannot read {path}: {e.strerror or e}") from None
+        return cls(graph, get_target(target), data, (manifest or {}).get("options"))
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxrt"
+    artifact_class = OnnxRuntimeArtifact
+
+    def supports(self, graph: Graph, target: Target) -> list[Unsupported]:
+        target = get_target(target)
+        if "onnxrt" not in target.backends:
+            return [Unsupported(n.op, n.outputs[0].name if n.outputs else "", n.source,
+                                f"onnxrt does not build for target {target.name!r}") for n in graph.nodes]
+        return unsupported_nodes(graph)
+
+    def build(self, graph: Graph, target: Target, options: dict | None = None) -> OnnxRuntimeArtifact:
+        target = get_target(target)
+        if "onnxrt" not in target.backends:
+            raise NnforgeError(f"onnxrt: cannot build for target {target.name!r}; it builds for "
+                               "cpu, cuda and wasm")
+        model = to_onnx(graph)
+        check(model)
+        return OnnxRuntimeArtifact(graph, target, model.SerializeToString(), options)
+
+
+register_backend(OnnxRuntimeBackend())
