@@ -4,6 +4,7 @@
     fast.save("out/"); again = nnforge.load("out/")
 """
 from .api import compile, export, import_model, load
+from .check import check
 from .compiled import CompiledModel
 from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
 from .ir import Graph, TensorType
@@ -11,6 +12,6 @@ from .passes.manager import PIPELINES, Pass, PassContext, PassManager, PassResul
 from .targets import TARGETS, Target, get_target
 
 __version__ = "0.1.0"
-__all__ = ["compile", "export", "load", "import_model", "CompiledModel", "Graph", "TensorType", "Pass", "PassContext",
+__all__ = ["compile", "check", "export", "load", "import_model", "CompiledModel", "Graph", "TensorType", "Pass", "PassContext",
            "PassManager", "PassResult", "register_pass", "PIPELINES", "Target", "TARGETS", "get_target", "NnforgeError",
            "UnsupportedOpError", "ModelLoadError", "BundleError", "VerificationError", "NumericsError"]

@@ -60,6 +60,15 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .check import check
+
+    inputs = [_load_npy(p) for p in args.input] or None
+    report = check(args.model, inputs, targets=args.target or ["cpu"], pipeline=args.pipeline)
+    print(report)
+    return 0 if report.ok else 1
+
+
 def _cmd_passes(args) -> int:
     from .passes.manager import PASSES, PIPELINES, resolve_pipeline
 
@@ -102,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=20)
     b.add_argument("--json", default="bench/results/bench.json")
     b.set_defaults(func=_cmd_bench)
+
+    k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")
+    k.add_argument("model", help="an .onnx file")
+    k.add_argument("--input", action="append", default=[], help=".npy file per model input (default: random)")
+    k.add_argument("--target", action="append", help="cpu, cuda, arm, wasm (repeatable; default cpu)")
+    k.add_argument("--pipeline", default="O2")
+    k.set_defaults(func=_cmd_check)
 
     ps = sub.add_parser("passes", help="list passes and pipelines")
     ps.set_defaults(func=_cmd_passes)
