@@ -63,10 +63,12 @@ def register_pass(cls):
     return cls
 
 
+_CLEANUP = ["dce", "canonicalize", "fold_constants", "cse", "dce"]
+_FUSION = ["fold_constant_chains", "recognize_norms", "fuse_linear_act", "fuse_attention", "cse", "canonicalize", "dce"]
 PIPELINES: dict[str, list[str]] = {
-    "O0": ["dce"],
-    "O1": ["dce", "canonicalize", "fold_constants", "cse", "canonicalize", "dce"],
-    "O2": ["dce", "canonicalize", "fold_constants", "cse", "canonicalize", "dce"],
+    "O0": _CLEANUP,  # cleanup only
+    "O1": _CLEANUP + _FUSION,  # + lossless fusion
+    "O2": _CLEANUP + _FUSION + ["merge_qkv", "cse", "dce"],  # + layout: sibling projections share one matmul
 }
 
 
