@@ -162,6 +162,24 @@ CASES = {
 }
 
 
+# token ops (nnforge/ir/ops_tokens.py): two outputs each for merge and prune (tokens, sizes)
+CASES.update({
+    "token_merge": [lambda b: b.g.add_node("token_merge", [b.x(2, 9, 4), b.x(2, 9, 3, name="m")], {"r": 3}).outputs,
+                    lambda b: b.g.add_node("token_merge", [b.x(2, 8, 4), b.x(2, 8, 4, name="m"),
+                                                           b.x(2, 8, value=np.array([[1, 2, 1, 1, 0, 1, 0, 0]] * 2, np.float32),
+                                                               name="s")],
+                                           {"r": 2, "protect_first": 1}).outputs],
+    "token_prune": [lambda b: b.g.add_node("token_prune", [b.x(2, 7, 4), b.x(2, 7, lo=0, hi=1, name="s")],
+                                           {"keep": 4, "protect_first": 1, "protect_last": 1}).outputs,
+                    lambda b: b.g.add_node("token_prune", [b.x(2, 7, 4), b.x(2, 7, lo=0, hi=1, name="s")],
+                                           {"keep": 3, "fuse_dropped": True}).outputs],
+    "attention_scores": [lambda b: b.op("attention_scores", b.x(2, 5, 8), b.x(2, 5, 8, name="k"), num_heads=2),
+                         lambda b: b.op("attention_scores", b.x(2, 5, 8), b.x(2, 5, 8, name="k"), num_heads=2,
+                                        is_causal=True, query="mean"),
+                         lambda b: b.op("attention_scores", b.x(2, 5, 8), b.x(2, 5, 8, name="k"),
+                                        b.x(2, 1, 1, 5, dtype="bool", name="mask"), num_heads=4, query="last")],
+})
+
 def _compare(got, want):
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -387,3 +405,29 @@ def test_zoo_family_from_torch_runs_on_onnxruntime(family):
         got = art.run([t.numpy() for t in inputs])[0]
         assert got.shape == want.shape
         assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive"])
+def test_attention_uses_ort_fused_kernel_on_cpu(mask_kind):
+    """On cpu the fused attention op lowers to com.microsoft MultiHeadAttention and still matches the interpreter."""
+    from nnforge.backends.onnxrt import OnnxRuntimeBackend
+    from nnforge.targets import get_target
+
+    rng = np.random.default_rng(5)
+    g = Graph("mha")
+    q = g.add_input("q", TensorType(("batch", "seq", 32)))
+    k = g.add_input("k", TensorType(("batch", "seq", 32)))
+    v = g.add_input("v", TensorType(("batch", "seq", 32)))
+    inputs = [rng.standard_normal((2, 6, 32)).astype(np.float32) for _ in range(3)]
+    args = [q, k, v]
+    if mask_kind in ("bool", "additive"):
+        m = g.add_input("m", TensorType(("batch", 1, 1, "seq"), "bool" if mask_kind == "bool" else "float32"))
+        args.append(m)
+        keep = rng.random((2, 1, 1, 6)) > 0.3
+        keep[..., 0] = True
+        inputs.append(keep if mask_kind == "bool" else np.where(keep, 0.0, -1e4).astype(np.float32))
+    g.outputs = [g.op("attention", *args, num_heads=4, is_causal=mask_kind == "causal")]
+    art = OnnxRuntimeBackend().build(g, get_target("cpu"))
+    ops = {n.op_type for n in onnx.load_from_string(art.model_bytes).graph.node}
+    assert "MultiHeadAttention" in ops and "Softmax" not in ops
+    np.testing.assert_allclose(art.run(inputs)[0], interpret(g, inputs)[0], rtol=1e-4, atol=1e-5)

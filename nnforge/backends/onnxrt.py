@@ -43,8 +43,10 @@ ONNX_DTYPES = {
 class _Lowering:
     """Collects ONNX nodes and initializers while the IR graph is lowered."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, contrib: bool = False):
         self.graph = graph
+        self.contrib = contrib  # may use ONNX Runtime's com.microsoft ops (not portable to other runtimes)
+        self.domains: set[str] = set()
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self.used_names = {v.name for v in graph.all_values()}
@@ -80,9 +82,11 @@ class _Lowering:
             self.const_cache[key] = name
         return self.const_cache[key]
 
-    def emit(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs) -> str:
+    def emit(self, op_type: str, inputs: Sequence[str], out: str | None = None, domain: str = "", **attrs) -> str:
         out = out or self.fresh(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, domain=domain or None, **attrs))
+        if domain:
+            self.domains.add(domain)
         return out
 
     # -- symbolic dims ----------------------------------------------------------------
@@ -449,8 +453,32 @@ def _sdpa(cx, n, ins):
             dtype=q.dtype, scale=scale, is_causal=n.attrs["is_causal"], out=n.output.name)
 
 
+def _attention_contrib(cx, n, ins):
+    """ONNX Runtime's fused MultiHeadAttention kernel; a mask becomes an additive [B|1, H|1, S, L] bias."""
+    q, h = n.inputs[0], n.attrs["num_heads"]
+    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1] // h)
+    args = list(ins[:3])
+    if len(ins) > 3 and ins[3]:
+        mask = n.inputs[3]
+        bias = ins[3]
+        if mask.dtype == "bool":
+            bias = cx.emit("Where", [bias, cx.const(0.0, q.dtype, "zero"), cx.const(-np.inf, q.dtype, "neg_inf")])
+        if mask.type.rank < 4:
+            bias = cx.emit("Unsqueeze", [bias, cx.const(list(range(4 - mask.type.rank)), "int64", "axes")])
+        seq = cx.emit("Shape", [ins[0]], start=1, end=2)
+        kv_seq = cx.emit("Shape", [ins[1]], start=1, end=2)
+        bias = cx.emit("Expand", [bias, cx.emit("Concat", [cx.const([1, 1], "int64", "ones"), seq, kv_seq], axis=0)])
+        args += ["", "", bias]  # (bias, key_padding_mask) unused
+    cx.emit("MultiHeadAttention", args, out=n.output.name, domain="com.microsoft", num_heads=h, scale=float(scale),
+            unidirectional=int(n.attrs["is_causal"]))
+
+
 def _attention(cx, n, ins):
     """[batch, seq, heads*dim] in and out: split heads with Reshape(0, 0, h, -1) + Transpose, attend, merge."""
+    # ORT's causal masking is only known to match torch's (top-left) when query and key lengths agree
+    same_length = symbols.dims_equal(n.inputs[0].shape[1], n.inputs[1].shape[1])
+    if cx.contrib and (same_length or not n.attrs["is_causal"]):
+        return _attention_contrib(cx, n, ins)
     q, h = n.inputs[0], n.attrs["num_heads"]
     split = cx.const([0, 0, h, -1], "int64", "heads")
     heads = [cx.emit("Transpose", [cx.emit("Reshape", [x, split])], perm=[0, 2, 1, 3]) for x in ins[:3]]
@@ -592,13 +620,17 @@ def _symbol_check(n: Node, sources: dict) -> str | None:
     return None
 
 
-def to_onnx(graph: Graph) -> onnx.ModelProto:
-    """Lower an IR graph to an ONNX model (opset 20); raises UnsupportedOpError listing every node it cannot take."""
+def to_onnx(graph: Graph, contrib: bool = False) -> onnx.ModelProto:
+    """Lower an IR graph to an ONNX model (opset 20); raises UnsupportedOpError listing every node it cannot take.
+
+    ``contrib`` lets fused ops use ONNX Runtime's com.microsoft kernels (e.g. MultiHeadAttention): faster on
+    ONNX Runtime's CPU and CUDA providers, but not standard ONNX, so off for portable files and wasm.
+    """
     bad = unsupported_nodes(graph)
     if bad:
         raise UnsupportedOpError([(u.op, f"%{u.node}: {u.reason}" + (f" ({u.source})" if u.source else "")) for u in bad],
                                  where="the ONNX Runtime backend")
-    cx = _Lowering(graph)
+    cx = _Lowering(graph, contrib)
     for n in graph.nodes:
         LOWERINGS[n.op](cx, n, [cx.value(i) for i in n.inputs])
     outputs = []
@@ -611,8 +643,8 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
         outputs.append(_value_info(v, name))
     g = helper.make_graph(cx.nodes, graph.name or "graph", [_value_info(v) for v in graph.inputs], outputs,
                           initializer=list(cx.inits.values()))
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
-                              producer_name="nnforge")
+    opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(cx.domains)]
+    model = helper.make_model(g, opset_imports=opsets, ir_version=IR_VERSION, producer_name="nnforge")
     return model
 
 
@@ -731,9 +763,12 @@ class OnnxRuntimeBackend(Backend):
         if "onnxrt" not in target.backends:
             raise NnforgeError(f"onnxrt: cannot build for target {target.name!r}; it builds for "
                                "cpu, cuda and wasm")
-        model = to_onnx(graph)
+        model = to_onnx(graph, contrib=target.name in ("cpu", "cuda"))
         check(model)
         return OnnxRuntimeArtifact(graph, target, model.SerializeToString(), options)
 
 
 register_backend(OnnxRuntimeBackend())
+
+# lowerings of the token ops live beside this file and register into LOWERINGS
+from . import onnxrt_tokens  # noqa: E402,F401
