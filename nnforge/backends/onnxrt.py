@@ -641,8 +641,10 @@ def to_onnx(graph: Graph, contrib: bool = False) -> onnx.ModelProto:
             name = cx.emit("Identity", [name], out=cx.fresh(f"{v.name}_out"))
         taken.add(name)
         outputs.append(_value_info(v, name))
+    # lowerings may replace a weight by a pre-transposed copy: ship only initializers something reads
+    read = {i for node in cx.nodes for i in node.input} | {o.name for o in outputs}
     g = helper.make_graph(cx.nodes, graph.name or "graph", [_value_info(v) for v in graph.inputs], outputs,
-                          initializer=list(cx.inits.values()))
+                          initializer=[t for name, t in cx.inits.items() if name in read])
     opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(cx.domains)]
     model = helper.make_model(g, opset_imports=opsets, ir_version=IR_VERSION, producer_name="nnforge")
     return model
