@@ -9,9 +9,12 @@ from .compiled import CompiledModel
 from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
 from .ir import Graph, TensorType
 from .passes.manager import PIPELINES, Pass, PassContext, PassManager, PassResult, register_pass
+from .passes.budget import Budget
+from .passes.layers import SkipLayers
+from .passes.tokens import TokenMerge, TokenPrune
 from .targets import TARGETS, Target, get_target
 
 __version__ = "0.1.0"
 __all__ = ["compile", "check", "export", "load", "import_model", "CompiledModel", "Graph", "TensorType", "Pass", "PassContext",
-           "PassManager", "PassResult", "register_pass", "PIPELINES", "Target", "TARGETS", "get_target", "NnforgeError",
+           "PassManager", "PassResult", "TokenMerge", "TokenPrune", "SkipLayers", "Budget", "register_pass", "PIPELINES", "Target", "TARGETS", "get_target", "NnforgeError",
            "UnsupportedOpError", "ModelLoadError", "BundleError", "VerificationError", "NumericsError"]

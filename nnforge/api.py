@@ -63,13 +63,42 @@ def sample_inputs(graph: Graph, size: int = 3, seed: int = 0) -> list[np.ndarray
     return out
 
 
+def _batches(calibration) -> list[list[np.ndarray]] | None:
+    """Calibration data as a list of input lists: each batch a tuple of tensors, or one tensor."""
+    if calibration is None:
+        return None
+    out = []
+    for batch in calibration:
+        items = batch if isinstance(batch, (tuple, list)) else (batch,)
+        out.append([to_numpy(x) for x in items])
+    return out
+
+
+def _lossy_configs(*groups) -> list:
+    """Flatten the lossy settings (a config, a list of configs, or None); each config names its pass."""
+    out = []
+    for g in groups:
+        for cfg in (g if isinstance(g, (list, tuple)) else [g] if g is not None else []):
+            if not hasattr(cfg, "pass_name"):
+                raise NnforgeError(f"{cfg!r} is not an nnforge lossy setting (TokenMerge, TokenPrune, SkipLayers, "
+                                   "Quantize, Sparsity)")
+            out.append(cfg)
+    return out
+
+
 def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipeline: str | Sequence = "O2",
             backend: str | None = None, dynamic_shapes=None, input_names=None, check: bool = True,
-            tolerance: float = 1e-4, options: dict | None = None, progress: bool | None = None) -> CompiledModel:
+            tolerance: float = 1e-4, options: dict | None = None, progress: bool | None = None,
+            tokens=None, layers=None, quantize=None, sparsity=None, budget=None, calibration=None,
+            heldout=None) -> CompiledModel:
     """Compile ``model`` for ``target``; returns a CompiledModel callable like the model.
 
     ``check`` runs the reference interpreter after every pass (naming the pass that broke
     numerics) and measures the compiled model's error against the original on the examples.
+    Lossy settings (``tokens``, ``layers``, ``quantize``, ``sparsity``) run after the lossless
+    pipeline with ``calibration`` batches; ``budget`` searches them for the fastest setting within
+    an accuracy budget, timed on the target backend and checked on ``heldout`` batches (by default
+    the second half of ``calibration``).
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
@@ -80,10 +109,20 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
         graph = import_model(model, example_inputs, dynamic_shapes, input_names)
         source = graph.copy()
         examples = [to_numpy(x) for x in example_inputs] if example_inputs is not None else sample_inputs(graph)
-        manager = PassManager(pipeline, check=check, tolerance=tolerance, progress=lambda p: say(f"pass {p}"))
-        graph = manager.run(graph, PassContext(sample_inputs=examples, target=tgt, backend=backend_name,
-                                               options=dict(options or {})))
+        batches = _batches(calibration)
+        lossy = _lossy_configs(layers, sparsity, tokens, quantize)  # the order they compose in
+        opts = dict(options or {})
+        opts.update({cfg.pass_name: cfg for cfg in lossy})
+        passes = ([pipeline] if isinstance(pipeline, str) else list(pipeline)) + (
+            [cfg.pass_name for cfg in lossy] + ["dce"] if lossy else [])
+        manager = PassManager(passes, check=check, tolerance=tolerance, progress=lambda p: say(f"pass {p}"))
+        ctx = PassContext(sample_inputs=examples, calibration=batches, target=tgt, backend=backend_name, options=opts)
+        graph = manager.run(graph, ctx)
         be = get_backend(backend_name)
+        notes = []
+        if budget is not None:
+            graph, note = _budget_search(graph, budget, batches, _batches(heldout), be, tgt, examples, progress)
+            notes.append(note)
         missing = be.supports(graph, tgt)
         if missing:
             raise UnsupportedOpError([(f"{u.op}: {u.reason}", u.source) for u in missing], where=f"backend {backend_name}")
@@ -96,8 +135,28 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
             got = artifact.run(examples)
             accuracy = {"max_rel_error": max_rel_error(reference, got),
                         "reference": "eager torch" if hasattr(model, "forward") else "interpreter"}
+    name = (pipeline if isinstance(pipeline, str) else "custom") + "".join(f"+{c.pass_name}" for c in lossy)
     return CompiledModel(artifact, records=manager.records, accuracy=accuracy, compile_seconds=time.perf_counter() - t0,
-                         source_graph=source, pipeline=pipeline if isinstance(pipeline, str) else "custom")
+                         source_graph=source, pipeline=name, notes=notes)
+
+
+def _budget_search(graph: Graph, budget, batches, heldout, be, tgt, examples, progress: bool):
+    """Pick the fastest lossy setting within ``budget``, timed with the target backend when it runs here."""
+    from .passes.budget import flop_time, search, wall_time
+
+    if not batches:
+        raise NnforgeError("budget: give calibration=batches (and optionally heldout=batches)")
+    if heldout is None:
+        if len(batches) < 2:
+            raise NnforgeError("budget: needs at least two calibration batches, or heldout= batches kept apart")
+        half = len(batches) // 2
+        batches, heldout = batches[:half], batches[half:]
+    if _runs_here(tgt):
+        time_fn = wall_time(lambda g: be.build(g, tgt, {}).run, examples)
+    else:  # cannot time a device we do not have: count FLOPs instead
+        time_fn = flop_time(examples)
+    result = search(graph, budget, batches, heldout, time_fn=time_fn, progress=progress)
+    return result.graph, result.report()
 
 
 def _runs_here(target) -> bool:
@@ -125,7 +184,7 @@ def load(directory, target: str | None = None) -> CompiledModel:
         with contextlib.suppress(TypeError):
             records.append(PassRecord(**r))
     return CompiledModel(artifact, records=records, accuracy=manifest.get("accuracy", {}),
-                         pipeline=manifest.get("pipeline", ""))
+                         pipeline=manifest.get("pipeline", ""), notes=manifest.get("notes", []))
 
 
 def export(model, example_inputs=None, target="arm", out: str | os.PathLike = "nnforge-bundle", **kwargs) -> Path:

@@ -146,3 +146,28 @@ def run_bench(families=None, size: str = "bench", json_path: str | None = None, 
         Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
         print(f"results written to {json_path}")
     return rows
+
+
+def run_pareto(path: str, size: str = "bench", batches: int = 4) -> None:
+    """Budget search on the ViT family (random weights, cosine vs the lossless model), timed on ONNX Runtime;
+    saves the speed-vs-quality plot of every candidate to ``path``."""
+    import torch
+
+    from . import zoo
+    from .api import import_model
+    from .backends.base import get_backend
+    from .passes.blocks import prepare
+    from .passes.budget import Budget, plot_pareto, search, wall_time
+    from .targets import get_target
+
+    zm = zoo.build("vit", size, batch=1)
+    gen = torch.Generator().manual_seed(1)
+    data = [[torch.randn(zm.inputs[0].shape, generator=gen).numpy()] for _ in range(batches)]
+    graph = prepare(import_model(zm.model, zm.inputs))
+    backend, target = get_backend("onnxrt"), get_target("cpu")
+    result = search(graph, Budget(metric="cosine", max_drop=0.02), data[: batches // 2], data[batches // 2:],
+                    time_fn=wall_time(lambda g: backend.build(g, target, {}).run, data[0]), progress=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plot_pareto(result, path)
+    print(result.report())
+    print(f"plot written to {path}")

@@ -15,6 +15,11 @@ def _cmd_show(args) -> int:
     from .ir.printer import format_graph, summary
 
     graph = import_model(args.model)
+    if args.blocks:
+        from .passes.blocks import find_blocks, format_blocks, prepare
+
+        print(format_blocks(find_blocks(prepare(graph))))
+        return 0
     print(format_graph(graph, constants=args.constants))
     print(summary(graph))
     return 0
@@ -56,6 +61,11 @@ def _cmd_run(args) -> int:
 def _cmd_bench(args) -> int:
     from .benchmark import run_bench
 
+    if args.pareto:
+        from .benchmark import run_pareto
+
+        run_pareto(args.pareto, size=args.size)
+        return 0
     run_bench(families=args.family or None, size=args.size, json_path=args.json, repeat=args.repeat)
     return 0
 
@@ -88,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print a model's IR")
     s.add_argument("model", help="an .onnx file")
     s.add_argument("--constants", action="store_true", help="list the constants too")
+    s.add_argument("--blocks", action="store_true", help="print the transformer blocks found (after lossless fusion)")
     s.set_defaults(func=_cmd_show)
 
     c = sub.add_parser("compile", help="compile an ONNX file into a bundle")
@@ -110,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", default="bench", choices=["tiny", "bench"])
     b.add_argument("--repeat", type=int, default=20)
     b.add_argument("--json", default="bench/results/bench.json")
+    b.add_argument("--pareto", nargs="?", const="bench/results/pareto.png", default=None, metavar="PNG",
+                   help="instead: search token merging/pruning/layer skipping on the ViT and plot speed vs quality")
     b.set_defaults(func=_cmd_bench)
 
     k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")

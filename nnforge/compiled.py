@@ -27,13 +27,15 @@ class CompiledModel:
     """
 
     def __init__(self, artifact: Artifact, *, records: Sequence[PassRecord] = (), accuracy: dict | None = None,
-                 compile_seconds: float | None = None, source_graph: Graph | None = None, pipeline: str = ""):
+                 compile_seconds: float | None = None, source_graph: Graph | None = None, pipeline: str = "",
+                 notes: Sequence[str] = ()):
         self.artifact = artifact
         self.records = list(records)
         self.accuracy = dict(accuracy or {})
         self.compile_seconds = compile_seconds
         self.source_graph = source_graph
         self.pipeline = pipeline
+        self.notes = list(notes)  # e.g. the budget search's choice
 
     @property
     def graph(self) -> Graph:
@@ -70,6 +72,7 @@ class CompiledModel:
             "pipeline": self.pipeline,
             "passes": [asdict(r) for r in self.records],
             "accuracy": self.accuracy,
+            "notes": self.notes,
         })
 
     def report(self) -> str:
@@ -89,6 +92,8 @@ class CompiledModel:
         if self.accuracy:
             parts = [f"{k}: {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in self.accuracy.items()]
             console.print("accuracy traded: " + ", ".join(parts))
+        for note in self.notes:
+            console.print(note)
         if self.compile_seconds is not None:
             console.print(f"compile time: {self.compile_seconds:.2f} s")
         return console.export_text()

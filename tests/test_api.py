@@ -131,3 +131,26 @@ def test_unknown_target_and_backend_are_named():
         nnforge.compile(zm.model, zm.inputs, target="tpu")
     with pytest.raises(nnforge.NnforgeError, match="backend 'onnxrt' cannot build for target 'arm'"):
         nnforge.compile(zm.model, zm.inputs, target="arm", backend="onnxrt")
+
+
+def test_lossy_settings_run_after_the_lossless_pipeline_and_report_their_error():
+    zm = zoo.build("vit", "tiny")
+    cal = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    fast = nnforge.compile(zm.model, zm.inputs, tokens=nnforge.TokenMerge(r=2), layers=nnforge.SkipLayers(n=1),
+                           calibration=cal, progress=False)
+    assert fast.pipeline == "O2+skip_layers+token_merge"
+    lossy = [r for r in fast.records if r.lossy]
+    assert [r.name for r in lossy] == ["skip_layers", "token_merge"] and lossy[0].max_error > 0
+    assert fast.accuracy["max_rel_error"] > 1e-4  # it traded accuracy, and says so
+    assert fast(zm.inputs[0]).shape == (2, 10)
+    with pytest.raises(nnforge.NnforgeError, match="not an nnforge lossy setting"):
+        nnforge.compile(zm.model, zm.inputs, tokens="fast please")
+
+
+def test_budget_picks_a_setting_within_budget_and_reports_it():
+    zm = zoo.build("vit", "tiny")
+    cal = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    fast = nnforge.compile(zm.model, zm.inputs, budget=nnforge.Budget(max_drop=0.05), calibration=cal, progress=False)
+    note = fast.notes[0]
+    assert "chosen:" in note and "held-out drop" in note and "within budget" in note
+    assert "budget: cosine drop <= 0.05" in fast.report()

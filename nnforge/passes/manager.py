@@ -73,14 +73,16 @@ PIPELINES: dict[str, list[str]] = {
 
 
 def resolve_pipeline(pipeline: str | Sequence[str | Pass]) -> list[Pass]:
+    """A pipeline name, or a list of pass names, pass instances and pipeline names (expanded in place)."""
     _load_builtin_passes()
-    names = PIPELINES.get(pipeline) if isinstance(pipeline, str) else list(pipeline)
-    if names is None:
+    if isinstance(pipeline, str) and pipeline not in PIPELINES:
         raise NnforgeError(f"unknown pipeline {pipeline!r}; named pipelines are {sorted(PIPELINES)}")
     out = []
-    for p in names:
+    for p in [pipeline] if isinstance(pipeline, str) else pipeline:
         if isinstance(p, Pass):
             out.append(p)
+        elif p in PIPELINES:
+            out += [PASSES[name]() for name in PIPELINES[p]]
         elif p in PASSES:
             out.append(PASSES[p]())
         else:
@@ -89,7 +91,7 @@ def resolve_pipeline(pipeline: str | Sequence[str | Pass]) -> list[Pass]:
 
 
 def _load_builtin_passes():
-    from . import cleanup, fusion  # noqa: F401  (they register on import)
+    from . import blocks, cleanup, fusion, layers, tokens  # noqa: F401  (they register on import)
 
 
 def max_rel_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
