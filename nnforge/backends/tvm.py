@@ -1,0 +1,373 @@
+"""The TVM backend: IR -> Relax (BlockBuilder) -> ``tvm.compile`` -> Relax VM.
+
+Targets:
+  cpu   llvm for this machine's CPU (``mcpu`` = the host CPU LLVM reports), run with the Relax VM
+  cuda  CUDA (sm_80 unless ``options["arch"]``) with dlight GPU schedules; builds without a GPU,
+        the CUDA source is kept and saved as ``model.cu`` beside the library
+  arm   aarch64 Linux with NEON, cross-compiled and linked with ``aarch64-linux-gnu-g++``;
+        running it (under qemu) is not implemented yet
+
+Weights are parameters of ``main`` (after the graph inputs), not constants in the library: the
+library stays small, and weight-only work (the ``linear`` weight transpose, batch-norm folding) is
+lifted into ``main_transform_params``, run once when the artifact is made or loaded. Pass
+``options={"embed_params": True}`` to bake them into the library instead.
+
+Build options (``options=`` of ``build``; unknown keys are refused):
+  progress      callable taking a stage string, or True for a rich status line on stderr
+  embed_params  bake the weights into the library (default False: weights stay parameters)
+  schedule      CPU schedules: "default" (nnforge's rules, tvm_schedule.py), "dlight" (TVM's dlight
+                CPU rules only) or "none" (naive loops); for comparisons
+  fast_math     vectorisable polynomial exp/erf/tanh on CPUs (default True; ~1e-7 relative error)
+  arch          CUDA architecture (default "sm_80")
+  mcpu          LLVM CPU for the cpu target (default: the host's, e.g. znver5)
+
+CPU threads: TVM's pool defaults to half the logical CPUs on x86 (it assumes hyper-threading), one
+thread on a 2-core machine; this module sets TVM_NUM_THREADS to every CPU the process may use unless
+it is already set. TVM reads it once, when its pool starts.
+
+The lowering table lives in ``tvm_lower.py``, the CPU schedule rules in ``tvm_schedule.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import NnforgeError, UnsupportedOpError
+from ..ir import Graph
+from ..ir.interpret import bind_symbols
+from ..targets import Target, get_target
+from .base import Artifact, Backend, Unsupported, register_backend
+
+if "TVM_NUM_THREADS" not in os.environ:
+    os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                        else os.cpu_count() or 1)
+
+import tvm  # noqa: E402  (absolute import: the apache-tvm package, not this module)
+from tvm import relax  # noqa: E402
+
+from . import tvm_lower, tvm_schedule  # noqa: E402
+
+OPTIONS = ("progress", "embed_params", "schedule", "fast_math", "arch", "mcpu")
+SCHEDULES = ("default", "dlight", "none")
+
+LIB_NAME = "model.so"
+CUDA_SOURCE_NAME = "model.cu"
+META_NAME = "tvm.json"
+ARM_CXX = "aarch64-linux-gnu-g++"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# targets and pipelines
+# ---------------------------------------------------------------------------------------------
+
+def num_threads() -> int:
+    """Threads the TVM CPU runtime uses."""
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Target":
+    """The TVM target for an nnforge target (dicts: TVM 0.27 rejects flag strings)."""
+    options = options or {}
+    if target.name == "cpu":
+        spec = {"kind": "llvm", "mcpu": options.get("mcpu") or tvm.target.codegen.llvm_get_system_cpu()}
+    elif target.name == "cuda":
+        spec = {"kind": "cuda", "arch": options.get("arch", "sm_80")}
+    elif target.name == "arm":
+        spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    else:
+        raise NnforgeError(f"the TVM backend cannot build for target {target.name!r}; it takes cpu, cuda, arm")
+    return tvm.target.Target(spec)
+
+
+def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True,
+                    stop_after_schedule: bool = False) -> list:
+    """The Relax pipeline as a plain list of passes (printable, editable).
+
+    llvm targets: fast math (vectorisable exp/erf/tanh), TVM's cpu_generic legalize + fusion, then
+    nnforge's default (untuned) CPU schedules, then TVM's lowering to the VM.
+    cuda: TVM's CUDA pipeline, which already applies the dlight GPU rules.
+    """
+    if target.kind.name == "llvm":
+        from tvm.relax.backend.cpu_generic import pipeline as stages
+
+        sched = tvm_schedule.schedule_passes(target, schedule)
+    else:
+        from tvm.relax.backend.cuda import pipeline as stages
+
+        sched = []  # the CUDA legalize stage already ends with dlight's GPU rules
+        fast_math = False  # GPUs have fast exp/erf/tanh instructions
+    passes = ([relax.transform.FastMathTransform()] if fast_math else []) + stages.library_dispatch_passes(target) \
+        + stages.legalize_passes(target) + sched
+    if stop_after_schedule:
+        return passes
+    return passes + stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
+
+
+def make_pipeline(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True) -> "tvm.transform.Pass":
+    passes = pipeline_passes(target, schedule, fast_math)
+
+    @tvm.transform.module_pass(opt_level=0, name="NnforgePipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+
+@contextmanager
+def _progress(option, what: str):
+    """Yields a ``stage(str)`` callable: the user's callback, a rich status line, or nothing."""
+    if callable(option):
+        yield option
+        return
+    if option:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        with console.status(f"[tvm] {what}") as status:
+            yield lambda stage: status.update(f"[tvm] {what}: {stage}")
+        return
+    yield lambda stage: None
+
+
+# ---------------------------------------------------------------------------------------------
+# the artifact
+# ---------------------------------------------------------------------------------------------
+
+class TVMArtifact(Artifact):
+    backend = "tvm"
+
+    def __init__(self, graph: Graph, target: Target, lib, meta: dict, cuda_source: str | None = None):
+        super().__init__(graph, target)
+        self.lib = lib  # relax VMExecutable (fresh build) or runtime.Module (loaded)
+        self.meta = meta
+        self.cuda_source = cuda_source
+        self._vm = None
+        self._params = None
+        self._dev = None
+
+    # -- running ---------------------------------------------------------------------------
+    def _device(self):
+        if self.target.name == "arm":
+            raise NnforgeError("running an arm (aarch64) TVM artifact on this host is not supported yet: "
+                               "save it and run it on an aarch64 device (or under qemu-aarch64)")
+        if self.target.name == "cuda":
+            dev = tvm.cuda(0)
+            if not dev.exist:
+                raise NnforgeError("this TVM artifact targets CUDA but no CUDA device is available here; "
+                                   "it can still be saved (model.so + model.cu) and run on a GPU machine")
+            return dev
+        return tvm.cpu(0)
+
+    def _ensure_vm(self):
+        if self._vm is not None:
+            return
+        self._dev = self._device()
+        vm = relax.VirtualMachine(self.lib, self._dev)
+        consts = []
+        for name in self.meta["params"]:
+            if name not in self.graph.constants:
+                raise NnforgeError(f"TVM artifact needs weight {name!r}, which its graph does not hold")
+            consts.append(tvm.runtime.tensor(np.ascontiguousarray(self.graph.constants[name]), self._dev))
+        if self.meta.get("transform_params"):
+            params = list(vm[self.meta["func"] + "_transform_params"](consts))
+        else:
+            params = consts
+        self._vm, self._params = vm, params
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        arrays = [np.asarray(a) for a in inputs]
+        try:
+            bind_symbols(self.graph, arrays)
+        except ValueError as e:
+            raise NnforgeError(f"TVM artifact ({self.target.name}): {e}") from None
+        self._ensure_vm()
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self._dev) for a in arrays]
+        try:
+            out = self._vm[self.meta["func"]](*args, *self._params)
+        except Exception as e:  # a shape check inside the VM (e.g. broadcasting two symbols that differ)
+            raise NnforgeError(f"TVM artifact ({self.target.name}) failed to run: {tvm_lower._first_line(e)}") from e
+        if len(self.graph.outputs) == 1:
+            return [out.numpy()]
+        return [o.numpy() for o in out]
+
+    __call__ = run
+
+    # -- files -----------------------------------------------------------------------------
+    def save_files(self, directory: Path) -> list[str]:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = [LIB_NAME, META_NAME]
+        lib_path = str(directory / LIB_NAME)
+        try:
+            if self.target.name == "arm":
+                self.lib.export_library(lib_path, cc=_arm_cxx())
+            else:
+                self.lib.export_library(lib_path)
+        except NnforgeError:
+            raise
+        except Exception as e:
+            raise NnforgeError(f"TVM could not write {lib_path}: {tvm_lower._first_line(e)}") from e
+        if self.cuda_source is not None:
+            (directory / CUDA_SOURCE_NAME).write_text(self.cuda_source)
+            names.append(CUDA_SOURCE_NAME)
+        (directory / META_NAME).write_text(json.dumps(self.meta, indent=1))
+        return names
+
+    @classmethod
+    def load_files(cls, directory: Path, graph: Graph, target: Target, manifest: dict) -> "TVMArtifact":
+        directory = Path(directory)
+        meta_path, lib_path = directory / META_NAME, directory / LIB_NAME
+        for p in (meta_path, lib_path):
+            if not p.is_file():
+                raise NnforgeError(f"TVM bundle {directory} lacks {p.name}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise NnforgeError(f"TVM bundle {directory}: {META_NAME} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            raise NnforgeError(f"TVM bundle {directory}: {META_NAME} has format {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT_VERSION}")
+        if meta.get("target") != target.name:
+            raise NnforgeError(f"TVM bundle {directory} was built for {meta.get('target')!r}, not {target.name!r}")
+        if meta.get("inputs") != [v.name for v in graph.inputs]:
+            raise NnforgeError(f"TVM bundle {directory}: library inputs {meta.get('inputs')} do not match the graph's "
+                               f"{[v.name for v in graph.inputs]}")
+        cuda_src = directory / CUDA_SOURCE_NAME
+        if target.name == "arm":
+            lib = None  # an aarch64 library cannot be loaded into this process
+        else:
+            try:
+                lib = tvm.runtime.load_module(str(lib_path))
+            except Exception as e:
+                raise NnforgeError(f"TVM could not load {lib_path}: {tvm_lower._first_line(e)}") from e
+        art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None)
+        art.lib_path = lib_path
+        return art
+
+
+def _arm_cxx() -> str:
+    import shutil
+
+    if shutil.which(ARM_CXX) is None:
+        raise NnforgeError(f"cross-compiling for arm needs {ARM_CXX}: install it with "
+                           "`apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu`")
+    return ARM_CXX
+
+
+def _cuda_source(lib) -> str | None:
+    def walk(m):
+        if m.kind == "cuda":
+            return m.inspect_source("cuda")
+        for i in m.imports:
+            s = walk(i)
+            if s is not None:
+                return s
+        return None
+
+    return walk(lib.mod if hasattr(lib, "mod") else lib)
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+# ---------------------------------------------------------------------------------------------
+
+class TVMBackend(Backend):
+    name = "tvm"
+    artifact_class = TVMArtifact
+
+    def supports(self, graph: Graph, target: Target | str = "cpu") -> list[Unsupported]:
+        target = get_target(target)
+        out = []
+        for node in graph.nodes:
+            reason = tvm_lower.node_problem(node, target.name)
+            if reason:
+                out.append(Unsupported(node.op, node.outputs[0].name if node.outputs else node.name, node.source, reason))
+        for v in list(graph.inputs) + list(graph.outputs):
+            if v.dtype in tvm_lower.UNSUPPORTED_DTYPES:
+                out.append(Unsupported("<io>", v.name, "", tvm_lower.UNSUPPORTED_DTYPES[v.dtype]))
+        return out
+
+    def lower(self, graph: Graph, options: dict | None = None) -> "tvm_lower.Lowered":
+        """The Relax module for ``graph`` before any pipeline ran (for inspection and tests)."""
+        return tvm_lower.lower_graph(graph, embed_params=bool((options or {}).get("embed_params")))
+
+    def kernels(self, graph: Graph, target: Target | str = "cpu", options: dict | None = None) -> "tvm.IRModule":
+        """The module after fusion and scheduling (TIR kernels + Relax main): to read or time kernels."""
+        options = _check_options(options)
+        ttarget = tvm_target(get_target(target), options)
+        lowered = self.lower(graph, options)
+        mod = relax.transform.LiftTransformParams()(lowered.mod) if lowered.param_names else lowered.mod
+        with ttarget:
+            return tvm.transform.Sequential(pipeline_passes(ttarget, options.get("schedule", "default"),
+                                                            options.get("fast_math", True), True))(mod)
+
+    def build(self, graph: Graph, target: Target | str = "cpu", options: dict | None = None) -> TVMArtifact:
+        target = get_target(target)
+        options = _check_options(options)
+        problems = self.supports(graph, target)
+        if problems:
+            raise UnsupportedOpError([(f"{p.op} (%{p.node}): {p.reason}", p.source) for p in problems],
+                                     where=f"the TVM backend for {target.name}")
+        ttarget = tvm_target(target, options)
+        with _progress(options.get("progress"), f"building {graph.name} for {target.name}") as stage:
+            t0 = time.perf_counter()
+            stage("lowering to Relax")
+            lowered = self.lower(graph, options)
+            mod = lowered.mod
+            transform = bool(lowered.param_names)
+            if transform:
+                stage("lifting weight transforms")
+                mod = relax.transform.LiftTransformParams()(mod)
+            stage("compiling (legalize, fuse, schedule, codegen)")
+            try:
+                ex = tvm.compile(mod, target=ttarget, relax_pipeline=make_pipeline(ttarget, options.get("schedule", "default"),
+                                                                                   options.get("fast_math", True)))
+            except Exception as e:
+                raise NnforgeError(f"TVM failed to build {graph.name!r} for {target.name}: {tvm_lower._first_line(e)}") from e
+            stage(f"done in {time.perf_counter() - t0:.1f}s")
+        meta = {
+            "format": FORMAT_VERSION,
+            "target": target.name,
+            "tvm_target": str(ttarget),
+            "tvm_version": tvm.__version__,
+            "func": "main",
+            "inputs": lowered.input_names,
+            "params": lowered.param_names,
+            "transform_params": transform,
+            "symbols": lowered.symbols,
+            "schedule": options.get("schedule", "default"),
+        }
+        cuda_src = _cuda_source(ex) if target.name == "cuda" else None
+        return TVMArtifact(graph, target, ex, meta, cuda_src)
+
+
+def _check_options(options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise NnforgeError(f"unknown TVM backend option(s) {unknown}; it takes {list(OPTIONS)}")
+    if options.get("schedule", "default") not in SCHEDULES:
+        raise NnforgeError(f"TVM backend option schedule={options['schedule']!r}; choose from {list(SCHEDULES)}")
+    return options
+
+
+BACKEND = register_backend(TVMBackend())
+
+
+def build(graph: Graph, target: Target | str = "cpu", options: dict | None = None) -> TVMArtifact:
+    return BACKEND.build(graph, target, options)
+
+
+def supports(graph: Graph, target: Target | str = "cpu") -> list[Unsupported]:
+    return BACKEND.supports(graph, target)

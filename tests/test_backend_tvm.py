@@ -1,0 +1,506 @@
+"""The TVM backend against the reference interpreter: every op, symbolic shapes, cuda/arm builds, bundles."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from nnforge.backends import tvm as tb  # noqa: E402
+from nnforge.backends import tvm_lower  # noqa: E402
+from nnforge.backends.base import get_backend  # noqa: E402
+from nnforge.errors import NnforgeError, UnsupportedOpError  # noqa: E402
+from nnforge.ir import REGISTRY, Graph, TensorType, interpret  # noqa: E402
+
+RNG = np.random.default_rng(0)
+
+
+class C:
+    """Marks an array as a graph constant (weight) rather than an input."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+
+
+def rand(*shape, dtype="float32", lo=None, hi=None):
+    if lo is not None:
+        return RNG.uniform(lo, hi, shape).astype(dtype)
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+def pos(*shape):
+    return rand(*shape, lo=0.2, hi=3.0)
+
+
+def ints(*shape, lo=-5, hi=6, dtype="int64"):
+    return RNG.integers(lo, hi, shape).astype(dtype)
+
+
+def bools(*shape):
+    return RNG.random(shape) > 0.5
+
+
+def one_op(op, items, **attrs):
+    """A graph with one ``op`` node; items are arrays (inputs), C(array) (constants) or None."""
+    g = Graph(op)
+    args, feeds = [], []
+    for i, it in enumerate(items):
+        if it is None:
+            args.append(None)
+        elif isinstance(it, C):
+            args.append(g.add_constant(it.array, f"c{i}"))
+        else:
+            args.append(g.add_input(f"x{i}", TensorType.of(it)))
+            feeds.append(it)
+    g.outputs = [g.op(op, *args, **attrs)]
+    return g, feeds
+
+
+def check(graph, feeds, rtol=1e-4, atol=1e-5, artifact=None):
+    art = artifact or tb.build(graph, "cpu")
+    got = art.run(feeds)
+    ref = interpret(graph, feeds)
+    assert len(got) == len(ref)
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape, (a.shape, r.shape)
+        assert a.dtype == r.dtype, (a.dtype, r.dtype)
+        if a.dtype.kind in "biu":
+            np.testing.assert_array_equal(a, r)
+        else:
+            np.testing.assert_allclose(a, r, rtol=rtol, atol=atol)
+    return art
+
+
+# (op, items, attrs): one case per line; every registry op must appear at least once
+CASES = [
+    *[(op, [rand(2, 3, 4), rand(3, 1)], {}) for op in ("add", "sub", "mul", "maximum", "minimum")],
+    ("add", [rand(2, 3), C(rand(3))], {}),
+    ("div", [rand(2, 3, 4), pos(4)], {}),
+    ("div", [ints(3, 4), np.array([[2, -3, 0, 1]] * 3, np.int64)], {}),
+    ("pow", [pos(3, 4), rand(3, 4)], {}),
+    *[(op, [rand(3, 4).round(), rand(4).round()], {}) for op in ("eq", "ne", "lt", "le", "gt", "ge")],
+    ("logical_and", [bools(3, 4), bools(3, 4)], {}),
+    ("logical_or", [bools(3, 4), bools(1, 4)], {}),
+    ("logical_not", [bools(5)], {}),
+    ("where", [bools(3, 4), rand(3, 4), rand(4)], {}),
+    *[(op, [rand(3, 5)], {}) for op in ("exp", "tanh", "sigmoid", "erf", "sin", "cos", "silu", "floor", "ceil",
+                                       "neg", "abs", "relu", "reciprocal")],
+    *[(op, [pos(3, 5)], {}) for op in ("log", "sqrt", "rsqrt")],
+    ("relu", [ints(7, dtype="int32")], {}),
+    ("abs", [ints(7)], {}),
+    ("gelu", [rand(4, 6)], {}),
+    ("gelu", [rand(4, 6)], {"approximate": "tanh"}),
+    ("clamp", [rand(4, 6)], {"min": -0.5, "max": 0.7}),
+    ("clamp", [rand(4, 6)], {"min": 0.0}),
+    ("clamp", [ints(9)], {"max": 2}),
+    ("cast", [rand(4, 3) * 4], {"dtype": "int32"}),
+    ("cast", [np.array([0.0, 0.5, -0.2, 2.0], np.float32)], {"dtype": "bool"}),
+    ("cast", [ints(5)], {"dtype": "float32"}),
+    ("cast", [bools(5)], {"dtype": "float32"}),
+    ("cast", [rand(5)], {"dtype": "float16"}),
+    ("reduce_sum", [rand(2, 3, 4)], {"axes": [1]}),
+    ("reduce_sum", [rand(2, 3, 4)], {}),
+    ("reduce_mean", [rand(2, 3, 4)], {"axes": [-1, 0], "keepdims": True}),
+    ("reduce_max", [rand(2, 3, 4)], {"axes": [2]}),
+    ("reduce_min", [rand(2, 3, 4)], {"axes": [0, 1]}),
+    ("argmax", [rand(3, 7)], {"axis": 1}),
+    ("argmax", [rand(3, 7, 2)], {"axis": 0, "keepdims": True}),
+    ("softmax", [rand(2, 5, 3)], {"axis": 1}),
+    ("log_softmax", [rand(2, 5)], {}),
+    ("layer_norm", [rand(2, 3, 8), C(rand(8)), C(rand(8))], {"eps": 1e-6}),
+    ("layer_norm", [rand(2, 3, 4)], {"naxes": 2}),
+    ("layer_norm", [rand(2, 8), None, C(rand(8))], {}),
+    ("rms_norm", [rand(2, 3, 8), C(rand(8))], {}),
+    ("rms_norm", [rand(2, 8)], {"eps": 1e-3}),
+    ("batch_norm", [rand(2, 3, 5, 4), C(rand(3)), C(pos(3)), C(rand(3)), C(rand(3))], {}),
+    ("batch_norm", [rand(2, 3, 5), C(rand(3)), C(pos(3))], {"eps": 1e-3}),
+    ("matmul", [rand(5, 4), rand(4, 6)], {}),
+    ("matmul", [rand(2, 1, 3, 4), rand(5, 4, 6)], {}),
+    ("matmul", [rand(4), rand(3, 4, 6)], {}),
+    ("matmul", [rand(3, 4), C(rand(4))], {}),
+    ("linear", [rand(2, 3, 16), C(rand(24, 16)), C(rand(24))], {}),
+    ("linear", [rand(5, 16), C(rand(8, 16))], {}),
+    ("conv2d", [rand(2, 3, 9, 8), C(rand(4, 3, 3, 3)), C(rand(4))], {"padding": [1, 1]}),
+    ("conv2d", [rand(1, 4, 11, 10), C(rand(6, 2, 3, 3))], {"stride": [2, 1], "padding": [2, 1], "dilation": [2, 2],
+                                                           "groups": 2}),
+    ("conv2d", [rand(1, 4, 6, 6), C(rand(4, 1, 3, 3))], {"groups": 4, "padding": [1, 1]}),
+    ("max_pool2d", [rand(2, 3, 9, 9)], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}),
+    ("max_pool2d", [rand(1, 2, 8, 7)], {"kernel": [3, 2], "stride": [2, 2], "ceil_mode": True}),
+    ("max_pool2d", [rand(1, 2, 9, 9)], {"kernel": [2, 2], "stride": [1, 1], "dilation": [2, 2]}),
+    ("avg_pool2d", [rand(2, 3, 9, 9)], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}),
+    ("avg_pool2d", [rand(2, 3, 9, 9)], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1],
+                                        "count_include_pad": False}),
+    ("avg_pool2d", [rand(1, 2, 8, 8)], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "ceil_mode": True}),
+    ("avg_pool2d", [rand(1, 2, 8, 7)], {"kernel": [2, 2], "stride": [2, 2], "ceil_mode": True}),
+    ("adaptive_avg_pool2d", [rand(2, 3, 7, 5)], {"output_size": [3, 2]}),
+    ("adaptive_avg_pool2d", [rand(2, 3, 4, 4)], {"output_size": [1]}),
+    ("sdpa", [rand(2, 2, 5, 8), rand(2, 2, 5, 8), rand(2, 2, 5, 8)], {}),
+    ("sdpa", [rand(2, 3, 4), rand(2, 6, 4), rand(2, 6, 5), bools(3, 6) | np.eye(3, 6, dtype=bool)], {}),
+    ("sdpa", [rand(1, 2, 4, 8), rand(1, 2, 4, 8), rand(1, 2, 4, 8), rand(1, 1, 4, 4)], {"scale": 0.3}),
+    ("sdpa", [rand(1, 2, 6, 8), rand(1, 2, 6, 8), rand(1, 2, 6, 8)], {"is_causal": True}),
+    ("sdpa", [rand(1, 4, 8), rand(1, 6, 8), rand(1, 6, 8)], {"is_causal": True}),
+    ("reshape", [rand(2, 3, 4)], {"shape": [4, -1]}),
+    ("permute", [rand(2, 3, 4)], {"perm": [2, 0, 1]}),
+    ("expand", [rand(3, 1)], {"shape": [2, -1, 4]}),
+    ("concat", [rand(2, 3), rand(2, 1), C(rand(2, 2))], {"axis": 1}),
+    ("slice", [rand(4, 9)], {"axis": 1, "start": 1, "end": 8, "step": 2}),
+    ("slice", [rand(4, 9)], {"axis": -1, "start": -3}),
+    ("slice", [rand(6, 2)], {"axis": 0, "start": 2, "end": -1}),
+    ("gather", [C(rand(10, 4)), ints(2, 3, lo=-10, hi=10)], {}),
+    ("gather", [rand(3, 5), np.array([4, 0], np.int32)], {"axis": 1}),
+    ("squeeze", [rand(3, 1, 4, 1)], {"axes": [1, -1]}),
+    ("unsqueeze", [rand(3, 4)], {"axes": [0, -1]}),
+    ("full_like", [rand(2, 3)], {"value": 1.5}),
+    ("full_like", [rand(2, 3)], {"value": -2, "dtype": "int64"}),
+    ("arange", [], {"start": 2, "end": 11, "step": 3}),
+    *[("linear_act", [rand(2, 3, 16), C(rand(24, 16)), C(rand(24))], {"act": a})
+      for a in ("none", "relu", "gelu", "gelu_tanh", "silu")],
+    ("linear_act", [rand(5, 16), C(rand(8, 16))], {"act": "gelu"}),
+    ("attention", [rand(2, 5, 8), rand(2, 6, 8), rand(2, 6, 12)], {"num_heads": 2}),
+    ("attention", [rand(2, 5, 8), rand(2, 5, 8), rand(2, 5, 8), rand(2, 1, 5, 5)], {"num_heads": 4, "scale": 0.5}),
+    ("attention", [rand(1, 6, 8), rand(1, 6, 8), rand(1, 6, 8), bools(6, 6) | np.eye(6, dtype=bool)],
+     {"num_heads": 2, "is_causal": True}),
+]
+
+
+def _case_id(case):
+    op, items, attrs = case
+    return op + ("-" + "-".join(f"{k}" for k in attrs) if attrs else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_op_matches_interpreter(case):
+    op, items, attrs = case
+    g, feeds = one_op(op, items, **attrs)
+    check(g, feeds)
+
+
+CORE_OPS = sorted(name for name, op in REGISTRY.items() if op.ref.__module__ == "nnforge.ir.ops")
+
+
+def test_every_core_op_has_a_lowering_and_a_case():
+    """Every op of nnforge/ir/ops.py lowers and is checked above. (The low-bit and token ops of
+    ops_lowbit/ops_tokens are reported by supports() until they get TVM lowerings.)"""
+    assert len(CORE_OPS) > 60
+    assert sorted(set(CORE_OPS) - set(tvm_lower.LOWERINGS)) == []
+    assert sorted(set(CORE_OPS) - {c[0] for c in CASES}) == []
+
+
+def _block_graph():
+    """A small transformer block over symbolic batch and seq, written with the IR by hand."""
+    d, heads = 16, 2
+    g = Graph("block")
+    ids = g.add_input("ids", TensorType(("batch", "seq"), "int64"))
+    emb = g.add_constant(rand(50, d), "emb")
+    pos = g.add_constant(rand(32, d), "pos")
+    pos3 = g.add_constant(rand(1, 32, d), "pos3")
+    x = g.op("add", g.op("gather", emb, ids), g.op("gather", pos, g.op("arange", end="seq")))
+    x = g.op("add", x, g.op("slice", pos3, axis=1, end="seq"))  # Relax alone sees min(seq, 32)
+    h = g.op("layer_norm", x, g.add_constant(rand(d), "ln_w"), g.add_constant(rand(d), "ln_b"))
+    qkv = g.op("linear", h, g.add_constant(rand(3 * d, d) * 0.3, "wqkv"), g.add_constant(rand(3 * d), "bqkv"))
+    qkv = g.op("permute", g.op("reshape", qkv, shape=["batch", "seq", 3, heads, d // heads]), perm=[2, 0, 3, 1, 4])
+    q, k, v = (g.op("squeeze", g.op("slice", qkv, axis=0, start=i, end=i + 1), axes=[0]) for i in range(3))
+    a = g.op("sdpa", q, k, v, is_causal=True)
+    a = g.op("reshape", g.op("permute", a, perm=[0, 2, 1, 3]), shape=["batch*seq", d])
+    a = g.op("linear", a, g.add_constant(rand(d, d) * 0.3, "wo"))
+    x = g.op("add", x, g.op("reshape", a, shape=["batch", "seq", d]))
+    f = g.op("gelu", g.op("linear", g.op("rms_norm", x), g.add_constant(rand(4 * d, d) * 0.3, "w1")), approximate="tanh")
+    x = g.op("add", x, g.op("linear", f, g.add_constant(rand(d, 4 * d) * 0.3, "w2")))
+    first = g.op("slice", x, axis=1, start=0, end="seq")  # symbolic end
+    g.outputs = [g.op("reduce_mean", first, axes=[1]), g.op("argmax", x, axis=-1)]
+    return g
+
+
+def test_symbolic_batch_and_seq_two_sizes():
+    g = _block_graph()
+    art = tb.build(g, "cpu")
+    assert art.meta["symbols"] and set(art.meta["symbols"]) >= {"batch", "seq"}
+    for b, s in ((1, 5), (3, 12)):
+        check(g, [RNG.integers(0, 50, (b, s)).astype(np.int64)], rtol=1e-4, atol=1e-4, artifact=art)
+
+
+def test_symbolic_expression_input_and_full_like_arange():
+    g = Graph("expr")
+    x = g.add_input("x", TensorType(("n", 4)))
+    y = g.add_input("y", TensorType(("2*n", 4)))
+    z = g.op("concat", x, x, axis=0)
+    g.outputs = [g.op("add", z, y), g.op("full_like", y, value=3.0, dtype="int32"), g.op("arange", end="2*n")]
+    art = tb.build(g, "cpu")
+    for n in (1, 4):
+        check(g, [rand(n, 4), rand(2 * n, 4)], artifact=art)
+
+
+def test_dim_expressions_become_tir_expressions():
+    dims = tvm_lower.DimMap()
+    env = {"batch": 3, "seq": 13}
+    for expr in ("batch*seq", "seq//2 + 1", "floor(seq/2)", "Max(seq, 16) - 1", "Mod(seq, 4)", "2*batch*seq + seq",
+                 "(seq + 3)//4"):
+        from nnforge.ir.symbols import evaluate
+
+        e = dims(expr)
+        got = _eval_dim(e, env) if not isinstance(e, int) else e
+        assert got == evaluate(expr, env), expr
+    assert set(dims.vars) == {"batch", "seq"}
+    with pytest.raises(NnforgeError, match="not an integer"):
+        dims("seq/2")
+
+
+def test_unrelated_symbols_broadcast_as_the_ir_says():
+    g = Graph("two_symbols")
+    x = g.add_input("x", TensorType(("n", 4)))
+    y = g.add_input("y", TensorType(("m", 4)))
+    g.outputs = [g.op("relu", g.op("add", x, y))]
+    art = tb.build(g, "cpu")
+    check(g, [rand(3, 4), rand(3, 4)], artifact=art)
+    with pytest.raises(NnforgeError, match="failed to run"):
+        art.run([rand(3, 4), rand(2, 4)])
+
+
+FAMILIES = ("mlp", "cnn", "vit", "bert", "gpt")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zoo_tiny_models_through_torch_frontend(family):
+    frontend = pytest.importorskip("nnforge.frontend.torch")
+    from nnforge import zoo
+
+    zm = zoo.build(family, "tiny")
+    g = frontend.import_torch(zm.model, zm.inputs, zm.dynamic_shapes)
+    feeds = [t.numpy() for t in zm.inputs]
+    art = check(g, feeds, rtol=1e-4, atol=1e-5)
+    import torch
+
+    with torch.no_grad():
+        eager = zm.model(*zm.inputs)
+    np.testing.assert_allclose(art.run(feeds)[0], eager.numpy(), rtol=1e-4, atol=1e-5)
+    if family in ("bert", "gpt"):  # another batch and sequence length through the same library
+        b, s = 3, 9
+        other = [f[:1].repeat(b, 0)[:, :s] if f.shape[1] >= s else f for f in feeds]
+        other = [np.ascontiguousarray(np.resize(f, (b, s))) for f in other]
+        check(g, other, rtol=1e-4, atol=1e-5, artifact=art)
+
+
+# ---- the default CPU schedules, kernel by kernel ----------------------------------------------------
+
+def _eval_dim(e, env):
+    """Value of a TIR shape expression (Var/IntImm/+,-,*,//,%) for concrete symbols."""
+    kind = type(e).__name__
+    if kind == "IntImm":
+        return int(e.value)
+    if kind == "Var":
+        return env[e.name]
+    ops = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
+           "FloorDiv": lambda a, b: a // b, "FloorMod": lambda a, b: a % b, "Max": max, "Min": min}
+    return ops[kind](_eval_dim(e.a, env), _eval_dim(e.b, env))
+
+
+CANARY = 8192  # elements of fence on each side: more than any partial tile can overrun
+
+
+def _run_kernel(prim, target, env, seed=0):
+    """Run one PrimFunc with every buffer fenced by sentinel elements; returns (buffers, fences_intact)."""
+    rng = np.random.default_rng(seed)
+    lib = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}), target=target)
+    fenced, views = [], []
+    for p in prim.params:
+        shape = [_eval_dim(d, env) for d in p.shape]
+        n, dt = int(np.prod(shape)), np.dtype(str(p.dtype))
+        raw = np.empty((n + 2 * CANARY) * dt.itemsize + 64, np.uint8)
+        off = (-raw.ctypes.data) % 64  # TVM wants 64-byte aligned data
+        buf = raw[off:off + (n + 2 * CANARY) * dt.itemsize].view(dt)
+        buf[:] = 77
+        view = buf[CANARY:CANARY + n].reshape(shape)
+        view[...] = rng.standard_normal(shape) if dt.kind == "f" else rng.integers(0, 3, shape)
+        fenced.append(buf)
+        views.append(view)
+    lib(*[tvm.runtime.from_dlpack(v) for v in views])
+    intact = all((b[:CANARY] == 77).all() and (b[-CANARY:] == 77).all() for b in fenced)
+    return [v.copy() for v in views], intact
+
+
+def _kernel_graphs():
+    def linear(k, n, act):
+        g = Graph(f"linear{n}")
+        x = g.add_input("x", TensorType(("m", k)))
+        g.outputs = [g.op("linear_act", x, g.add_constant(rand(n, k), "w"), g.add_constant(rand(n), "b"), act=act)]
+        return g
+
+    def attention(causal, masked):
+        g = Graph("attn")
+        q, k, v = (g.add_input(n, TensorType(("b", 2, "s", 16))) for n in "qkv")
+        mask = g.add_input("mask", TensorType(("b", 1, "s", "s"))) if masked else None
+        g.outputs = [g.op("sdpa", q, k, v, mask, is_causal=causal)]
+        return g
+
+    def batched():
+        g = Graph("bmm")
+        a, b = g.add_input("a", TensorType((2, 1, "s", 8))), g.add_input("b", TensorType((3, 8, "n")))
+        g.outputs = [g.op("relu", g.op("matmul", a, b))]
+        return g
+
+    def convs():
+        g = Graph("convs")
+        x = g.add_input("x", TensorType(("b", 3, 9, 9)))
+        y = g.op("relu", g.op("conv2d", x, g.add_constant(rand(8, 3, 3, 3), "w1"), g.add_constant(rand(8), "b1"),
+                              stride=[2, 2], padding=[1, 1]))
+        y = g.op("conv2d", y, g.add_constant(rand(8, 2, 3, 3), "w2"), groups=4, padding=[1, 1])
+        y = g.op("batch_norm", g.op("conv2d", y, g.add_constant(rand(6, 8, 1, 1), "w3")), g.add_constant(rand(6), "m"),
+                 g.add_constant(pos(6), "v"))
+        g.outputs = [g.op("max_pool2d", y, kernel=[2, 2], stride=[2, 2], ceil_mode=True)]
+        return g
+
+    def rows():
+        g = Graph("rows")
+        x = g.add_input("x", TensorType(("b", "s", 24)))
+        y = g.op("layer_norm", g.op("softmax", x, axis=-1), g.add_constant(rand(24), "g"), g.add_constant(rand(24), "b"))
+        g.outputs = [g.op("reduce_sum", g.op("permute", y, perm=[0, 2, 1]), axes=[2])]
+        return g
+
+    return [linear(48, 40, "gelu"), linear(24, 1001, "none"), attention(True, False), attention(False, True),
+            batched(), convs(), rows()]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_default_cpu_schedules_stay_in_bounds_and_match_unscheduled(index):
+    """Each scheduled kernel against the same kernel without schedules, on sizes that leave partial
+    tiles (odd batch and sequence), with sentinel fences around every buffer."""
+    g = _kernel_graphs()[index]
+    target = tb.tvm_target(tb.get_target("cpu"))
+    sched = tb.BACKEND.kernels(g, "cpu")
+    plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
+    env = {"m": 7, "b": 3, "s": 13, "n": 37}
+    kernels = [(gv.name_hint, f) for gv, f in sched.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels
+    for name, f in kernels:
+        assert f.attrs.get("tirx.is_scheduled"), f"{g.name}: kernel {name} got no schedule"
+        got, intact = _run_kernel(f, target, env)
+        want, _ = _run_kernel(plain[name], target, env)
+        assert intact, f"{g.name}: kernel {name} wrote outside its buffers"
+        np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5, err_msg=f"{g.name}: {name}")
+
+
+def test_bad_inputs_are_named():
+    g, feeds = one_op("relu", [rand(2, 3)])
+    art = tb.build(g, "cpu")
+    with pytest.raises(NnforgeError, match="x0"):
+        art.run([rand(2, 4)])
+    with pytest.raises(NnforgeError, match="dtype"):
+        art.run([ints(2, 3)])
+
+
+def test_supports_lists_nodes_without_lowering(monkeypatch):
+    g, feeds = one_op("erf", [rand(3)])
+    backend = get_backend("tvm")
+    assert backend.supports(g, "cpu") == []
+    monkeypatch.delitem(tvm_lower.LOWERINGS, "erf")
+    (u,) = backend.supports(g, "cpu")
+    assert u.op == "erf" and u.node == g.outputs[0].name and "lowering" in u.reason
+    with pytest.raises(UnsupportedOpError, match="erf"):
+        backend.build(g, "cpu")
+
+
+def test_save_load_round_trip(tmp_path):
+    g = _block_graph()
+    art = tb.build(g, "cpu")
+    feeds = [RNG.integers(0, 50, (2, 7)).astype(np.int64)]
+    before = art.run(feeds)
+    names = art.save_files(tmp_path)
+    assert set(names) == {"model.so", "tvm.json"}
+    # the library holds code, not weights: the weights come back from the graph
+    weights = sum(a.nbytes for a in g.constants.values())
+    assert weights > 0
+    loaded = tb.TVMArtifact.load_files(tmp_path, g, art.target, {})
+    for a, b in zip(before, loaded.run(feeds)):
+        np.testing.assert_array_equal(a, b)
+    (tmp_path / "tvm.json").write_text("{not json")
+    with pytest.raises(NnforgeError, match="tvm.json"):
+        tb.TVMArtifact.load_files(tmp_path, g, art.target, {})
+
+
+def test_progress_stages_and_unknown_options():
+    g, feeds = one_op("tanh", [rand(4)])
+    stages = []
+    check(g, feeds, artifact=tb.build(g, "cpu", {"progress": stages.append}))
+    assert stages[0] == "lowering to Relax" and stages[-1].startswith("done in")
+    with pytest.raises(NnforgeError, match="unknown TVM backend option"):
+        tb.build(g, "cpu", {"shedule": "none"})
+    with pytest.raises(NnforgeError, match="schedule="):
+        tb.build(g, "cpu", {"schedule": "fast"})
+
+
+def test_embedded_params_build_matches():
+    g, feeds = one_op("linear", [rand(3, 16), C(rand(8, 16)), C(rand(8))])
+    art = tb.build(g, "cpu", {"embed_params": True})
+    assert art.meta["params"] == []
+    check(g, feeds, artifact=art)
+
+
+def _small_mlp():
+    g = Graph("mlp")
+    x = g.add_input("x", TensorType(("batch", 32)))
+    h = g.op("gelu", g.op("linear", x, g.add_constant(rand(64, 32), "w1"), g.add_constant(rand(64), "b1")))
+    h = g.op("layer_norm", h, g.add_constant(rand(64), "g"), g.add_constant(rand(64), "b"))
+    g.outputs = [g.op("softmax", g.op("linear", h, g.add_constant(rand(10, 64), "w2")))]
+    return g
+
+
+def test_cuda_build_without_gpu_keeps_cuda_source(tmp_path):
+    g = _small_mlp()
+    art = tb.build(g, "cuda")
+    assert "__global__" in art.cuda_source
+    names = art.save_files(tmp_path)
+    assert "model.cu" in names and "__global__" in (tmp_path / "model.cu").read_text()
+    assert (tmp_path / "model.so").stat().st_size > 0
+    if not tvm.cuda(0).exist:
+        with pytest.raises(NnforgeError, match="no CUDA device"):
+            art.run([rand(2, 32)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tvm.cuda(0).exist, reason="no CUDA device on this machine")
+def test_cuda_runs_on_gpu():
+    g = _small_mlp()
+    check(g, [rand(3, 32)], rtol=1e-3, atol=1e-4, artifact=tb.build(g, "cuda"))
+    gb = _block_graph()
+    check(gb, [RNG.integers(0, 50, (2, 9)).astype(np.int64)], rtol=1e-3, atol=1e-3, artifact=tb.build(gb, "cuda"))
+
+
+def test_arm_cross_compile_is_aarch64_elf(tmp_path):
+    import shutil
+
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ is not installed")
+    g = _small_mlp()
+    art = tb.build(g, "arm")
+    art.save_files(tmp_path)
+    head = (tmp_path / "model.so").read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and head[4] == 2  # 64-bit
+    assert struct.unpack_from("<H", head, 18)[0] == 183  # EM_AARCH64
+    with pytest.raises(NnforgeError, match="arm"):
+        art.run([rand(2, 32)])
+
+
+def test_arm_library_runs_under_qemu():
+    """The cross-compiled library (NEON schedules, 4 lanes) against the interpreter, through
+    nnforge.edge's aarch64 runner under qemu-aarch64 (skipped where the toolchain is missing)."""
+    edge = pytest.importorskip("nnforge.edge")
+    try:
+        for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-sysroot", "aarch64-tvm-runtime"):
+            edge.require(tool)
+    except NnforgeError as e:
+        pytest.skip(str(e))
+    from safetensors.numpy import save_file
+
+    import tempfile
+
+    for g, feeds in ((_block_graph(), [RNG.integers(0, 50, (3, 13)).astype(np.int64)]),
+                     (_kernel_graphs()[5], [rand(3, 3, 9, 9)])):
+        art = tb.build(g, "arm")
+        with tempfile.TemporaryDirectory() as d:
+            art.save_files(d)
+            save_file({k: np.ascontiguousarray(g.constants[k]) for k in art.meta["params"]}, f"{d}/weights.safetensors")
+            got = edge.run_arm(d, feeds)
+        for a, r in zip(got, interpret(g, feeds)):
+            np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
