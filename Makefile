@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install toolchains clean
+.PHONY: demo test bench install toolchains clean fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: install
 
 test: install toolchains
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# a long differential-fuzzing campaign; failing graphs are saved (shrunk) under tests/fuzz/regressions/
+N ?= 10000
+fuzz: install
+	NNFORGE_FUZZ_N=$(N) $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz/test_fuzz.py -k "not regression"
 
 bench: install
 	$(BIN)/nnforge bench

@@ -11,6 +11,7 @@ import numpy as np
 
 from .backends.base import get_backend
 from .bundle import read_bundle
+from .cache import compile_key, enabled_by_default as cache_enabled, lookup as cache_lookup, store as cache_store
 from .compiled import CompiledModel, to_numpy
 from .errors import NnforgeError, UnsupportedOpError
 from .ir import Graph, interpret
@@ -31,8 +32,11 @@ def _status(enabled: bool):
         yield lambda msg: status.update(f"nnforge: {msg}")
 
 
-def import_model(model, example_inputs=None, dynamic_shapes=None, input_names=None) -> Graph:
-    """Any supported model (torch module, ONNX path/bytes/ModelProto, IR Graph) -> IR Graph."""
+def import_model(model, example_inputs=None, dynamic_shapes=None, input_names=None, opaque: bool = True) -> Graph:
+    """Any supported model (torch module, ONNX path/bytes/ModelProto, IR Graph) -> IR Graph.
+
+    ``opaque``: a torch module's ops that have no IR mapping are kept as ``torch_op`` nodes (run by
+    the torch executor) instead of failing the import."""
     if isinstance(model, Graph):
         return model.copy()
     if isinstance(model, (str, os.PathLike, bytes)) or type(model).__name__ == "ModelProto":
@@ -44,7 +48,8 @@ def import_model(model, example_inputs=None, dynamic_shapes=None, input_names=No
 
         if example_inputs is None:
             raise NnforgeError("compiling a torch module needs example_inputs (a tuple of tensors)")
-        return import_torch(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, input_names=input_names)
+        return import_torch(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, input_names=input_names,
+                            opaque=opaque)
     raise NnforgeError(f"cannot compile a {type(model).__name__}: give a torch.nn.Module, an ONNX file path or an IR Graph")
 
 
@@ -90,7 +95,7 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
             backend: str | None = None, dynamic_shapes=None, input_names=None, check: bool = True,
             tolerance: float = 1e-4, options: dict | None = None, progress: bool | None = None,
             tokens=None, layers=None, quantize=None, sparsity=None, budget=None, calibration=None,
-            heldout=None) -> CompiledModel:
+            heldout=None, fallback: bool = True, min_block_size: int = 3, cache: bool | None = None) -> CompiledModel:
     """Compile ``model`` for ``target``; returns a CompiledModel callable like the model.
 
     ``check`` runs the reference interpreter after every pass (naming the pass that broke
@@ -99,6 +104,12 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
     pipeline with ``calibration`` batches; ``budget`` searches them for the fastest setting within
     an accuracy budget, timed on the target backend and checked on ``heldout`` batches (by default
     the second half of ``calibration``).
+
+    ``fallback``: nodes the backend cannot take run on the torch executor, in partitions planned by
+    ``nnforge.partition`` (backend partitions under ``min_block_size`` nodes stay on torch); with
+    ``fallback=False`` such a model is refused with UnsupportedOpError instead. ``cache``: reuse a
+    bundle from the compile cache (``nnforge.cache``; None = on unless ``NNFORGE_CACHE=0``); not
+    used with lossy settings, a budget or calibration data.
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
@@ -106,7 +117,7 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
     progress = os.isatty(2) if progress is None else progress
     with _status(progress) as say:
         say("importing the model")
-        graph = import_model(model, example_inputs, dynamic_shapes, input_names)
+        graph = import_model(model, example_inputs, dynamic_shapes, input_names, opaque=fallback)
         source = graph.copy()
         examples = [to_numpy(x) for x in example_inputs] if example_inputs is not None else sample_inputs(graph)
         batches = _batches(calibration)
@@ -116,6 +127,14 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
         passes = ([pipeline] if isinstance(pipeline, str) else list(pipeline)) + (
             [cfg.pass_name for cfg in lossy] + ["dce"] if lossy else [])
         manager = PassManager(passes, check=check, tolerance=tolerance, progress=lambda p: say(f"pass {p}"))
+        key = None
+        if (cache_enabled() if cache is None else cache) and not lossy and budget is None and calibration is None:
+            key = compile_key(source, manager.passes, backend_name, tgt.name, options, fallback, min_block_size)
+            hit = cache_lookup(key)
+            if hit is not None:
+                hit.source_graph, hit.compile_seconds = source, time.perf_counter() - t0
+                hit.notes.append(f"loaded from the compile cache ({key[:12]})")
+                return hit
         ctx = PassContext(sample_inputs=examples, calibration=batches, target=tgt, backend=backend_name, options=opts)
         graph = manager.run(graph, ctx)
         be = get_backend(backend_name)
@@ -124,10 +143,15 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
             graph, note = _budget_search(graph, budget, batches, _batches(heldout), be, tgt, examples, progress)
             notes.append(note)
         missing = be.supports(graph, tgt)
-        if missing:
+        if missing and not fallback:
             raise UnsupportedOpError([(f"{u.op}: {u.reason}", u.source) for u in missing], where=f"backend {backend_name}")
         say(f"building with {backend_name} for {tgt.name}")
-        artifact = be.build(graph, tgt, dict(options or {}))
+        if missing:  # what the backend cannot take runs on the torch executor
+            from .partition import build_partitioned
+
+            artifact = build_partitioned(graph, tgt, backend_name, dict(options or {}), min_block_size)
+        else:
+            artifact = be.build(graph, tgt, dict(options or {}))
         accuracy = {}
         if check and _runs_here(tgt):
             say("checking the compiled model against the original")
@@ -136,8 +160,11 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
             accuracy = {"max_rel_error": max_rel_error(reference, got),
                         "reference": "eager torch" if hasattr(model, "forward") else "interpreter"}
     name = (pipeline if isinstance(pipeline, str) else "custom") + "".join(f"+{c.pass_name}" for c in lossy)
-    return CompiledModel(artifact, records=manager.records, accuracy=accuracy, compile_seconds=time.perf_counter() - t0,
-                         source_graph=source, pipeline=name, notes=notes)
+    compiled = CompiledModel(artifact, records=manager.records, accuracy=accuracy,
+                             compile_seconds=time.perf_counter() - t0, source_graph=source, pipeline=name, notes=notes)
+    if key is not None:
+        cache_store(key, compiled)
+    return compiled
 
 
 def _budget_search(graph: Graph, budget, batches, heldout, be, tgt, examples, progress: bool):

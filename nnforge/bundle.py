@@ -37,7 +37,8 @@ def _manifest_hash(manifest: dict) -> str:
 
 def versions(backend: str) -> dict:
     out = {"nnforge": metadata.version("nnforge"), "python": platform.python_version()}
-    for dist in {"onnxrt": ["onnxruntime", "onnx"], "tvm": ["apache-tvm"]}.get(backend, []):
+    dists = {"onnxrt": ["onnxruntime", "onnx"], "tvm": ["apache-tvm"], "torch": ["torch"]}
+    for dist in [d for b in backend.split("+") for d in dists.get(b, [])]:  # "onnxrt+torch": partitioned
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -70,6 +71,7 @@ def write_bundle(artifact, directory, extra: dict | None = None) -> Path:
         "outputs": outputs,
         "versions": versions(artifact.backend),
         "files": {name: _sha256(d / name) for name in sorted(set(files))},
+        **getattr(artifact, "manifest_fields", dict)(),  # e.g. the partition plan
         **(extra or {}),
     }
     manifest["hash"] = _manifest_hash(manifest)
@@ -136,6 +138,10 @@ def read_bundle(directory, expect_target: str | None = None):
         graph = load_graph(d)
     except ModelLoadError as e:
         raise BundleError(f"bundle IR: {e}") from None
+    if "partitions" in manifest:  # partitions of several backends, run in the recorded plan's order
+        from .partition import PartitionedArtifact
+
+        return PartitionedArtifact.load_files(d, graph, target, manifest), manifest
     try:
         backend = get_backend(str(manifest.get("backend")))
     except Exception as e:

@@ -1,4 +1,4 @@
-"""The ``nnforge`` command line: show, compile, run, bench, passes."""
+"""The ``nnforge`` command line: show, compile, run, bench, check, explain, cache, passes."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +29,7 @@ def _cmd_compile(args) -> int:
     from .api import compile as nf_compile
 
     compiled = nf_compile(args.model, target=args.target, pipeline=args.pipeline, backend=args.backend,
-                          check=not args.no_check)
+                          check=not args.no_check, fallback=not args.no_fallback)
     compiled.save(args.output)
     print(compiled.report())
     print(f"bundle written to {args.output}")
@@ -79,6 +79,24 @@ def _cmd_check(args) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_explain(args) -> int:
+    from .explain import explain
+
+    explain(args.model, target=args.target, backend=args.backend, pipeline=args.pipeline,
+            min_block_size=args.min_block_size)
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from . import cache
+
+    if args.action == "clear":
+        print(f"removed {cache.clear()} entr(ies) from {cache.cache_dir()}")
+    else:
+        print(cache.info())
+    return 0
+
+
 def _cmd_passes(args) -> int:
     from .passes.manager import PASSES, PIPELINES, resolve_pipeline
 
@@ -107,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default=None)
     c.add_argument("--pipeline", default="O2")
     c.add_argument("--no-check", action="store_true", help="skip the per-pass numerics check")
+    c.add_argument("--no-fallback", action="store_true", help="refuse ops the backend cannot take (no torch fallback)")
     c.add_argument("-o", "--output", required=True, help="bundle directory")
     c.set_defaults(func=_cmd_compile)
 
@@ -131,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--target", action="append", help="cpu, cuda, arm, wasm (repeatable; default cpu)")
     k.add_argument("--pipeline", default="O2")
     k.set_defaults(func=_cmd_check)
+
+    e = sub.add_parser("explain", help="dry run: which backend takes each op, the partition plan, what falls back")
+    e.add_argument("model", help="an .onnx file")
+    e.add_argument("--target", default="cpu")
+    e.add_argument("--backend", default=None)
+    e.add_argument("--pipeline", default="O2")
+    e.add_argument("--min-block-size", type=int, default=3, help="smaller backend partitions stay on torch")
+    e.set_defaults(func=_cmd_explain)
+
+    ca = sub.add_parser("cache", help="the compile cache: info (where, entries, size) or clear")
+    ca.add_argument("action", choices=["info", "clear"])
+    ca.set_defaults(func=_cmd_cache)
 
     ps = sub.add_parser("passes", help="list passes and pipelines")
     ps.set_defaults(func=_cmd_passes)

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backends.base import Artifact
+from .backends.base import Artifact, run_artifact
 from .bundle import write_bundle
 from .ir import Graph, bind_symbols
 from .passes.manager import PassRecord
@@ -21,9 +21,10 @@ def to_numpy(x) -> np.ndarray:
 class CompiledModel:
     """Call it like the model: torch tensors in, torch tensors out (numpy in, numpy out).
 
-    Thread-safety: calls may come from several threads at once; the backends' sessions/VMs are
-    created once and only read afterwards (ONNX Runtime's ``run`` is thread-safe; TVM VMs are
-    guarded by the artifact).
+    Thread-safety: calls may come from several threads at once and give the same results as serial
+    calls. ONNX Runtime sessions, the torch executor and partitioned models run concurrently; an
+    artifact that is not thread-safe (``Artifact.thread_safe`` False, e.g. TVM's Relax VM) is called
+    one thread at a time (``backends.base.run_artifact``).
     """
 
     def __init__(self, artifact: Artifact, *, records: Sequence[PassRecord] = (), accuracy: dict | None = None,
@@ -36,6 +37,8 @@ class CompiledModel:
         self.source_graph = source_graph
         self.pipeline = pipeline
         self.notes = list(notes)  # e.g. the budget search's choice
+        self.cache_key: str | None = None  # set when it went into or came out of the compile cache
+        self.from_cache = False
 
     @property
     def graph(self) -> Graph:
@@ -57,7 +60,7 @@ class CompiledModel:
         """numpy in, list of numpy out; checks names, ranks, dtypes and shapes first."""
         arrays = [to_numpy(x) for x in inputs]
         bind_symbols(self.graph, arrays)  # ValueError naming the input on a wrong rank/dtype/shape
-        return self.artifact.run(arrays)
+        return run_artifact(self.artifact, arrays)  # serialized for artifacts that are not thread-safe
 
     def __call__(self, *args):
         outs = self.run(args)

@@ -310,13 +310,13 @@ def _run_kernel(prim, target, env, seed=0):
         raw = np.empty((n + 2 * CANARY) * dt.itemsize + 64, np.uint8)
         off = (-raw.ctypes.data) % 64  # TVM wants 64-byte aligned data
         buf = raw[off:off + (n + 2 * CANARY) * dt.itemsize].view(dt)
-        buf[:] = 77
+        buf[:] = sentinel = np.array(77).astype(dt)
         view = buf[CANARY:CANARY + n].reshape(shape)
         view[...] = rng.standard_normal(shape) if dt.kind == "f" else rng.integers(0, 3, shape)
-        fenced.append(buf)
+        fenced.append((buf, sentinel))
         views.append(view)
     lib(*[tvm.runtime.from_dlpack(v) for v in views])
-    intact = all((b[:CANARY] == 77).all() and (b[-CANARY:] == 77).all() for b in fenced)
+    intact = all((b[:CANARY] == s).all() and (b[-CANARY:] == s).all() for b, s in fenced)
     return [v.copy() for v in views], intact
 
 

@@ -295,3 +295,42 @@ def test_external_data_through_a_symlink_is_refused(tmp_path):
 def test_external_data_without_a_path_is_refused(tmp_path):
     path = _save_external(tmp_path, "weights.bin")
     _load_error(onnx.load(path, load_external_data=False), "file path")
+
+
+# ---------------------------------------------------------------------------------------
+# more hostile files: cycles, newer opsets, inconsistent declarations, huge declared tensors
+# ---------------------------------------------------------------------------------------
+
+def test_cyclic_graphs_are_refused():
+    cycle = _model([helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])],
+                   [_vi("x", [2])], [_vi("b", [2])])
+    _load_error(cycle, "topologically sorted")
+    _load_error(_model([helper.make_node("Add", ["x", "a"], ["a"])], [_vi("x", [2])], [_vi("a", [2])]),
+                "topologically sorted")
+
+
+def test_newer_opset_and_inconsistent_declarations_are_refused():
+    _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=99), "opset 99")
+    _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [3])]),
+                "shape inference", "(2) vs (3)")
+    _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [-5])], [_vi("y", [-5])]),
+                "negative size -5")
+
+
+def test_huge_declared_tensors_are_refused_before_allocating():
+    """A few hundred bytes must not make the importer allocate gigabytes (or crash on MemoryError)."""
+    huge = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1 << 20, 1 << 20], raw_data=b"\0" * 16)
+    _load_error(_model([helper.make_node("Add", ["x", "w"], ["y"])], [_vi("x", [1])], [_vi("y", [1 << 20, 1 << 20])], [huge]),
+                "too small for the declared shape")
+    shape = numpy_helper.from_array(np.array([100000, 100000], np.int64), "s")
+    big = [_vi("y", [100000, 100000])]
+    _load_error(_model([helper.make_node("ConstantOfShape", ["s"], ["c"], name="fill"), helper.make_node("Add", ["x", "c"], ["y"])],
+                       [_vi("x", [1])], big, [shape]), "fill", "10,000,000,000 elements")
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    _load_error(_model([helper.make_node("Expand", ["one", "s"], ["c"], name="grow"), helper.make_node("Add", ["x", "c"], ["y"])],
+                       [_vi("x", [1])], big, [shape, one]), "grow", "elements")
+    ends = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("a", 0), ("b", 10**10), ("d", 1))]
+    _load_error(_model([helper.make_node("Range", ["a", "b", "d"], ["y"], name="count")], [_vi("x", [1])],
+                       [_vi("y", [10**10], TensorProto.INT64)], ends), "count", "elements")
+    _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [1 << 40, 1 << 40])], [_vi("y", [1 << 40, 1 << 40])]),
+                "declares", "elements")

@@ -5,6 +5,7 @@ come back from one. Bundles (manifest, hash) are handled once, in ``nnforge.bund
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,9 +28,14 @@ class Unsupported:
 
 
 class Artifact:
-    """A built model. Subclasses implement run/save_files/load_files."""
+    """A built model. Subclasses implement run/save_files/load_files.
+
+    ``thread_safe``: whether ``run`` may be called from several threads at once. Callers go through
+    ``run_artifact``, which serializes the calls of an artifact that does not say so.
+    """
 
     backend: str = ""
+    thread_safe: bool = False
 
     def __init__(self, graph: Graph, target: Target):
         self.graph = graph  # the IR it was built from: input/output names and types live here
@@ -42,9 +48,22 @@ class Artifact:
         """Write the backend's files into ``directory``; return their names (relative)."""
         raise NotImplementedError
 
+    def manifest_fields(self) -> dict:
+        """Extra manifest entries the artifact needs to come back (e.g. a partition plan); called after save_files."""
+        return {}
+
     @classmethod
     def load_files(cls, directory: Path, graph: Graph, target: Target, manifest: dict) -> "Artifact":
         raise NotImplementedError
+
+
+def run_artifact(artifact: Artifact, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``artifact.run(inputs)``, one call at a time unless the artifact is thread-safe."""
+    if getattr(artifact, "thread_safe", False):
+        return artifact.run(inputs)
+    lock = artifact.__dict__.setdefault("_run_lock", threading.Lock())  # setdefault: one lock even when racing
+    with lock:
+        return artifact.run(inputs)
 
 
 class Backend:

@@ -194,12 +194,12 @@ def _simple(onnx_op: str, **fixed) -> Lower:
 
 # IR ops that are exactly one ONNX op with no attributes
 _SIMPLE = {
-    "add": "Add", "sub": "Sub", "mul": "Mul", "maximum": "Max", "minimum": "Min", "pow": "Pow",
+    "add": "Add", "sub": "Sub", "mul": "Mul", "pow": "Pow",
     "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual",
     "logical_and": "And", "logical_or": "Or", "logical_not": "Not", "where": "Where",
     "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "reciprocal": "Reciprocal", "tanh": "Tanh", "sigmoid": "Sigmoid",
     "erf": "Erf", "sin": "Sin", "cos": "Cos", "floor": "Floor", "ceil": "Ceil", "neg": "Neg", "abs": "Abs",
-    "relu": "Relu", "matmul": "MatMul",
+    "matmul": "MatMul",
 }
 LOWERINGS.update({ir: _simple(ox) for ir, ox in _SIMPLE.items()})
 
@@ -216,6 +216,26 @@ def _div(cx, n, ins):
     # IR integer division floors; ONNX Div truncates. floor(a/b) = (a - mod(a, b)) / b with Python-style Mod
     rem = cx.emit("Mod", ins, fmod=0)
     cx.emit("Div", [cx.emit("Sub", [ins[0], rem]), ins[1]], out=n.output.name)
+
+
+def _minmax(onnx_op: str) -> Lower:
+    """Max/Min; ONNX Runtime has no int16 kernels for them, so int16 goes through int32 (exact)."""
+    def lower(cx, n, ins):
+        if n.output.dtype != "int16":
+            cx.emit(onnx_op, ins, out=n.output.name)
+            return
+        wide = [cx.emit("Cast", [i], to=TensorProto.INT32) for i in ins]
+        cx.emit("Cast", [cx.emit(onnx_op, wide)], out=n.output.name, to=TensorProto.INT16)
+
+    return lower
+
+
+def _relu(cx, n, ins):
+    # ONNX Runtime's Relu kernels are float/int8/int32 only: max(x, 0) for other integers
+    if _is_int(n.inputs[0]):
+        _minmax("Max")(cx, n, [ins[0], cx.const(0, n.inputs[0].dtype, "zero")])
+    else:
+        cx.emit("Relu", ins, out=n.output.name)
 
 
 def _ne(cx, n, ins):
@@ -236,9 +256,14 @@ def _gelu(cx, n, ins):
 
 def _clamp(cx, n, ins):
     dt = n.inputs[0].dtype
-    lo = "" if n.attrs["min"] is None else cx.const(n.attrs["min"], dt, "min")
-    hi = "" if n.attrs["max"] is None else cx.const(n.attrs["max"], dt, "max")
-    cx.emit("Clip", [ins[0], lo, hi], out=n.output.name)
+    lo = None if n.attrs["min"] is None else cx.const(n.attrs["min"], dt, "min")
+    hi = None if n.attrs["max"] is None else cx.const(n.attrs["max"], dt, "max")
+    if lo and hi:
+        cx.emit("Clip", [ins[0], lo, hi], out=n.output.name)
+    elif lo or hi:  # not Clip: its missing bound defaults to the dtype's finite limit, which clips +-Inf
+        _minmax("Max" if lo else "Min")(cx, n, [ins[0], lo or hi])
+    else:
+        cx.emit("Identity", ins[:1], out=n.output.name)
 
 
 def _cast(cx, n, ins):
@@ -249,13 +274,41 @@ def _reduce(onnx_op: str) -> Lower:
     def lower(cx, n, ins):
         axes = n.attrs["axes"]
         args = [ins[0]] + ([] if axes is None else [cx.const(list(axes), "int64", "axes")])
+        if onnx_op in ("ReduceMax", "ReduceMin") and _is_float(n.inputs[0]):
+            y = cx.emit(onnx_op, args, keepdims=int(n.attrs["keepdims"]))
+            hits = cx.emit("ReduceMax", [_nan_mask(cx, ins[0])] + args[1:], keepdims=int(n.attrs["keepdims"]))
+            _nan_where(cx, n, hits, y)
+            return
         cx.emit(onnx_op, args, out=n.output.name, keepdims=int(n.attrs["keepdims"]))
 
     return lower
 
 
+# ONNX Runtime's max/min kernels (ReduceMax, ArgMax, MaxPool) skip NaN; eager torch (and the IR) propagate it.
+# The lowerings below add a NaN mask computed the same way and put NaN back where a NaN was seen.
+def _is_float(v: Value) -> bool:
+    return v.dtype in ("float32", "float16", "bfloat16", "float64")
+
+
+def _nan_mask(cx, x: str) -> str:
+    return cx.emit("Cast", [cx.emit("IsNaN", [x])], to=TensorProto.FLOAT)
+
+
+def _nan_where(cx, n, hits: str, y: str) -> None:
+    """n's output: y, or NaN where ``hits`` (a float mask reduced like y) is positive."""
+    nan = cx.const(np.nan, n.output.dtype, "nan")
+    cx.emit("Where", [cx.emit("Greater", [hits, cx.const(0.0, "float32", "zero")]), nan, y], out=n.output.name)
+
+
 def _argmax(cx, n, ins):
-    cx.emit("ArgMax", ins, out=n.output.name, axis=n.attrs["axis"], keepdims=int(n.attrs["keepdims"]))
+    a = {"axis": n.attrs["axis"], "keepdims": int(n.attrs["keepdims"])}
+    if not _is_float(n.inputs[0]):
+        cx.emit("ArgMax", ins, out=n.output.name, **a)
+        return
+    mask = _nan_mask(cx, ins[0])  # torch: a NaN is the maximum, the first one wins
+    has_nan = cx.emit("ReduceMax", [mask, cx.const([n.attrs["axis"]], "int64", "axes")], keepdims=a["keepdims"])
+    cx.emit("Where", [cx.emit("Greater", [has_nan, cx.const(0.0, "float32", "zero")]), cx.emit("ArgMax", [mask], **a),
+                      cx.emit("ArgMax", ins, **a)], out=n.output.name)
 
 
 def _softmax(onnx_op: str) -> Lower:
@@ -385,8 +438,12 @@ def _pool_check(n: Node) -> str | None:
 def _max_pool2d(cx, n, ins):
     a = n.attrs
     pads, ceil = _pool_plan(n)
-    cx.emit("MaxPool", ins, out=n.output.name, kernel_shape=_pair(a["kernel"]), strides=_pair(a["stride"]),
-            pads=pads, dilations=_pair(a["dilation"]), ceil_mode=ceil)
+    pool = dict(kernel_shape=_pair(a["kernel"]), strides=_pair(a["stride"]), pads=pads, dilations=_pair(a["dilation"]),
+                ceil_mode=ceil)
+    if not _is_float(n.inputs[0]):
+        cx.emit("MaxPool", ins, out=n.output.name, **pool)
+        return
+    _nan_where(cx, n, cx.emit("MaxPool", [_nan_mask(cx, ins[0])], **pool), cx.emit("MaxPool", ins, **pool))
 
 
 def _avg_pool2d(cx, n, ins):
@@ -552,6 +609,7 @@ def _arange(cx, n, ins):
 
 
 LOWERINGS.update({
+    "maximum": _minmax("Max"), "minimum": _minmax("Min"), "relu": _relu,
     "div": _div, "ne": _ne, "rsqrt": _rsqrt, "silu": _silu, "gelu": _gelu, "clamp": _clamp, "cast": _cast,
     "reduce_sum": _reduce("ReduceSum"), "reduce_mean": _reduce("ReduceMean"), "reduce_max": _reduce("ReduceMax"),
     "reduce_min": _reduce("ReduceMin"), "argmax": _argmax, "softmax": _softmax("Softmax"),
@@ -562,8 +620,10 @@ LOWERINGS.update({
     "unsqueeze": _squeeze("Unsqueeze"), "full_like": _full_like, "arange": _arange,
 })
 
-# Registry ops deliberately without a lowering (name -> why). Empty today; the test keeps it honest.
-EXPLICITLY_UNSUPPORTED: dict[str, str] = {}
+# Registry ops deliberately without a lowering (name -> why); the test keeps it honest.
+EXPLICITLY_UNSUPPORTED: dict[str, str] = {
+    "torch_op": "an opaque torch op (no ONNX equivalent): it runs on the torch executor",
+}
 
 
 def _layer_norm_check(n: Node) -> str | None:
@@ -702,6 +762,7 @@ def make_session(model_bytes: bytes, target: Target, options: dict | None = None
 
 class OnnxRuntimeArtifact(Artifact):
     backend = "onnxrt"
+    thread_safe = True  # InferenceSession.run may be called concurrently
 
     def __init__(self, graph: Graph, target: Target, model_bytes: bytes, options: dict | None = None):
         super().__init__(graph, target)
@@ -774,3 +835,4 @@ register_backend(OnnxRuntimeBackend())
 
 # lowerings of the token ops live beside this file and register into LOWERINGS
 from . import onnxrt_tokens  # noqa: E402,F401
+from . import onnxrt_lowbit  # noqa: E402,F401  (low-bit and sparse ops)

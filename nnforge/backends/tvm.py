@@ -52,6 +52,7 @@ import tvm  # noqa: E402  (absolute import: the apache-tvm package, not this mod
 from tvm import relax  # noqa: E402
 
 from . import tvm_lower, tvm_schedule  # noqa: E402
+from . import tvm_lowbit  # noqa: E402,F401  (low-bit and sparse ops register into tvm_lower.LOWERINGS)
 
 OPTIONS = ("progress", "embed_params", "schedule", "fast_math", "arch", "mcpu")
 SCHEDULES = ("default", "dlight", "none")

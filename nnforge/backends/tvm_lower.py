@@ -166,11 +166,35 @@ def _ndim(x) -> int:
 
 # ---- elementwise ------------------------------------------------------------------------------
 
-_BINARY = {"add": R.add, "sub": R.subtract, "mul": R.multiply, "maximum": R.maximum, "minimum": R.minimum,
-           "eq": R.equal, "ne": R.not_equal, "lt": R.less, "le": R.less_equal, "gt": R.greater,
-           "ge": R.greater_equal}
+_BINARY = {"add": R.add, "sub": R.subtract, "mul": R.multiply, "eq": R.equal, "ne": R.not_equal, "lt": R.less,
+           "le": R.less_equal, "gt": R.greater, "ge": R.greater_equal}
 for _name, _fn in _BINARY.items():
     lowering(_name)(lambda c, a, b, _fn=_fn: _fn(a, b))
+
+
+# NaN: TVM's max/min become LLVM maxnum/minnum, which return the other operand for a NaN, while
+# numpy and torch propagate it. On floats these ops are written as compare + select instead (a NaN
+# fails every comparison, so it is kept); the cost is one more instruction per element.
+
+@lowering("maximum")
+def _maximum(c: Ctx, a, b):
+    if not _is_float(c.in_type(0).dtype):
+        return R.maximum(a, b)
+    return R.where(c.emit(R.isnan(b)), b, c.emit(R.where(c.emit(R.less(a, b)), b, a)))
+
+
+@lowering("minimum")
+def _minimum(c: Ctx, a, b):
+    if not _is_float(c.in_type(0).dtype):
+        return R.minimum(a, b)
+    return R.where(c.emit(R.isnan(b)), b, c.emit(R.where(c.emit(R.less(b, a)), b, a)))
+
+
+def relu(c: Ctx, x, dtype: str):
+    zero = c.const(0, dtype)
+    if not _is_float(dtype):
+        return R.maximum(x, zero)
+    return R.where(c.emit(R.less(x, zero)), zero, x)  # relu(NaN) = NaN
 
 
 @lowering("div")
@@ -229,7 +253,7 @@ def _reciprocal(c: Ctx, x):
 
 @lowering("relu")
 def _relu(c: Ctx, x):
-    return R.maximum(x, c.const(0, c.in_type(0).dtype))
+    return relu(c, x, c.in_type(0).dtype)
 
 
 def gelu_erf(c: Ctx, x, dtype: str):
@@ -256,10 +280,12 @@ def _gelu(c: Ctx, x):
 def _clamp(c: Ctx, x):
     dt = c.in_type(0).dtype
     lo, hi = c.attr("min"), c.attr("max")
-    if lo is not None:
-        x = c.emit(R.maximum(x, c.const(lo if _is_float(dt) else int(lo), dt)))
+    if lo is not None:  # compare + select keeps a NaN (see maximum)
+        lo = c.const(lo if _is_float(dt) else int(lo), dt)
+        x = c.emit(R.where(c.emit(R.less(x, lo)), lo, x))
     if hi is not None:
-        x = c.emit(R.minimum(x, c.const(hi if _is_float(dt) else int(hi), dt)))
+        hi = c.const(hi if _is_float(dt) else int(hi), dt)
+        x = c.emit(R.where(c.emit(R.greater(x, hi)), hi, x))
     return x
 
 
@@ -275,9 +301,25 @@ def _cast(c: Ctx, x):
 
 # ---- reductions and normalisations --------------------------------------------------------------
 
-_REDUCE = {"reduce_sum": R.sum, "reduce_mean": R.mean, "reduce_max": R.max, "reduce_min": R.min}
+_REDUCE = {"reduce_sum": R.sum, "reduce_mean": R.mean}
 for _name, _fn in _REDUCE.items():
     lowering(_name)(lambda c, x, _fn=_fn: _fn(x, c.attr("axes"), c.attr("keepdims")))
+
+
+def _nan_if_any(c: Ctx, x, y, reduce):
+    """``y`` (a max/min-style reduction of ``x``), NaN wherever the reduced window held a NaN."""
+    dt = c.in_type(0).dtype
+    if not _is_float(dt):
+        return y
+    flags = c.emit(reduce(c.emit(R.astype(c.emit(R.isnan(x)), dt))))
+    return R.where(c.emit(R.greater(flags, c.const(0, dt))), c.const(np.nan, dt), y)
+
+
+@lowering("reduce_max", "reduce_min")
+def _reduce_max_min(c: Ctx, x):
+    fn = R.max if c.node.op == "reduce_max" else R.min
+    y = c.emit(fn(x, c.attr("axes"), c.attr("keepdims")))
+    return _nan_if_any(c, x, y, lambda t: R.max(t, c.attr("axes"), c.attr("keepdims")))
 
 
 @lowering("argmax")
@@ -359,7 +401,7 @@ def _linear(c: Ctx, x, w, b=None):
 # activations of the fused ops (linear_act), by the IR's activation names
 ACTIVATIONS: dict[str, Callable] = {
     "none": lambda c, y: y,
-    "relu": lambda c, y: R.nn.relu(y),
+    "relu": lambda c, y: relu(c, y, c.out_type().dtype),
     "gelu": lambda c, y: gelu_erf(c, y, c.out_type().dtype),
     "gelu_tanh": lambda c, y: gelu_tanh(c, y, c.out_type().dtype),
     "silu": lambda c, y: R.nn.silu(y),
@@ -480,8 +522,10 @@ def _max_pool2d(c: Ctx, x):
     k, s, p, d = (_pair(c.attr(a)) for a in ("kernel", "stride", "padding", "dilation"))
     pads, _ = _pool_padding(c, k, s, p, d)
     if pads is None:  # symbolic spatial dims: trust TVM's ceil_mode
-        return R.nn.max_pool2d(x, k, s, p, d, ceil_mode=True)
-    return R.nn.max_pool2d(x, k, s, pads, d, ceil_mode=False)
+        pool = lambda t: R.nn.max_pool2d(t, k, s, p, d, ceil_mode=True)  # noqa: E731
+    else:
+        pool = lambda t: R.nn.max_pool2d(t, k, s, pads, d, ceil_mode=False)  # noqa: E731
+    return _nan_if_any(c, x, c.emit(pool(x)), pool)
 
 
 @lowering("avg_pool2d")

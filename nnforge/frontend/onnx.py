@@ -13,6 +13,7 @@ constants are folded with the IR's own reference implementations.
 from __future__ import annotations
 
 import keyword
+import math
 import os
 import re
 from pathlib import Path
@@ -35,6 +36,10 @@ from ..ir.ops import BIG, REGISTRY, OpError, broadcast_shapes
 __all__ = ["import_onnx", "CONVERTERS", "MIN_OPSET"]
 
 MIN_OPSET = 13  # Squeeze/Unsqueeze/ReduceSum/Split take axes as inputs from here on; older models: re-export
+# constants computed at import (ConstantOfShape, Range, folded ops) may not exceed this many elements:
+# a tiny file must not make the importer allocate gigabytes
+MAX_IMPORT_ELEMENTS = 1 << 26
+MAX_INPUT_ELEMENTS = 1 << 34  # a declared input larger than this is a broken or hostile file, not a model
 
 DTYPES = {
     TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
@@ -344,11 +349,18 @@ class _Importer:
                                  f"{sorted(DTYPES.values())}")
         if not tt.HasField("shape"):
             raise ModelLoadError(f"{self.where}: graph input {vi.name!r} has no shape (not even its rank)")
-        return TensorType(tuple(self._dim(d, vi.name, i) for i, d in enumerate(tt.shape.dim)), DTYPES[tt.elem_type])
+        t = TensorType(tuple(self._dim(d, vi.name, i) for i, d in enumerate(tt.shape.dim)), DTYPES[tt.elem_type])
+        known = math.prod(d for d in t.shape if isinstance(d, int))
+        if known > MAX_INPUT_ELEMENTS:
+            raise ModelLoadError(f"{self.where}: graph input {vi.name!r} declares {known:,} elements ({t}); "
+                                 f"nnforge refuses inputs over {MAX_INPUT_ELEMENTS:,} elements")
+        return t
 
-    @staticmethod
-    def _dim(d, name: str, axis: int):
+    def _dim(self, d, name: str, axis: int):
         if d.HasField("dim_value"):
+            if d.dim_value < 0:
+                raise ModelLoadError(f"{self.where}: graph input {name!r} declares a negative size {d.dim_value} "
+                                     f"at axis {axis}")
             return int(d.dim_value)
         if d.dim_param:
             try:
@@ -417,6 +429,7 @@ class _Importer:
         node = self.g.make_node(ir_op, inputs, attrs, name=self._hint(k),
                                 source=f"onnx node {self.node.name or '?'} ({self.node.op_type})")
         if self._foldable(node):
+            self.check_size(node.outputs[0].type.shape, f"the result of {ir_op}")
             arrays = [self.g.constant(i) if i is not None else None for i in inputs]
             return self.g.add_constant(run_node(node, arrays, {})[0], name=self._hint(k))
         self.g.nodes.append(node)
@@ -430,6 +443,17 @@ class _Importer:
             if (kind == "dim" and isinstance(v, str)) or (kind == "dims" and any(isinstance(d, str) for d in v)):
                 return False
         return True
+
+    def check_size(self, shape, what: str) -> None:
+        """Refuse an import-time constant of more than MAX_IMPORT_ELEMENTS (before allocating it)."""
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if n > MAX_IMPORT_ELEMENTS:
+            node = (self.node.name or "?") if self.node is not None else "?"
+            raise ModelLoadError(f"{self.where}: node {node} ({self.node.op_type if self.node else '?'}): {what} "
+                                 f"would be a constant of {n:,} elements (shape {list(shape)}); nnforge refuses "
+                                 f"import-time tensors over {MAX_IMPORT_ELEMENTS:,} elements")
 
     def constant(self, array, k: int = 0) -> Value:
         return self.g.add_constant(np.asarray(array), name=self._hint(k))
@@ -769,6 +793,9 @@ def _constant_of_shape(imp, n, args):
     value = numpy_helper.to_array(a["value"]).reshape(-1) if "value" in a else np.zeros(1, np.float32)
     dims = imp.dims(args[0], "ConstantOfShape's shape")
     if all(isinstance(d, int) for d in dims):
+        if any(d < 0 for d in dims):
+            raise _Unsupported(f"negative size in shape {dims}")
+        imp.check_size(dims, "ConstantOfShape")
         return imp.constant(np.full(dims, value[0], dtype=value.dtype))
     one = imp.constant(np.full([1] * len(dims), value[0], dtype=value.dtype))
     return imp.op("expand", one, shape=dims)
@@ -785,6 +812,9 @@ def _range(imp, n, args):
     start, limit, delta = (_scalar_dim(imp, a, f"Range's {w}") for a, w in zip(args, ("start", "limit", "delta")))
     dtype = args[0].dtype
     if not isinstance(limit, str):  # all known: a constant
+        if delta == 0:
+            raise _Unsupported("Range with step 0")
+        imp.check_size([max(0, math.ceil((limit - start) / delta))], "Range")
         return imp.constant(np.arange(start, limit, delta, dtype=dtype))
     if not all(isinstance(v, (int, float)) and float(v).is_integer() for v in (start, delta)):
         raise _Unsupported(f"a Range up to the symbolic {limit!r} needs integer start and step, got {start}, {delta}")
@@ -801,7 +831,13 @@ def _trilu(imp, n, args):
     return imp.op("where", keep, x, imp.constant(np.zeros((), x.dtype)))
 
 
+def _isnan(imp, n, args):  # NaN is the only value that differs from itself
+    x = imp.value(args[0])
+    return imp.op("ne", x, x)
+
+
 CONVERTERS.update({
+    "IsNaN": _isnan,
     "Identity": _identity, "Dropout": _dropout, "Pow": _pow, "Mod": _mod, "Gelu": _gelu, "Softmax": _softmax("softmax"),
     "LogSoftmax": _softmax("log_softmax"), "Cast": _cast, "CastLike": _cast_like, "Clip": _clip, "Gemm": _gemm,
     "Conv": _conv, "MaxPool": _max_pool, "AveragePool": _avg_pool, "GlobalAveragePool": _global_pool("reduce_mean"),

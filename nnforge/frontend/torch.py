@@ -905,8 +905,12 @@ def _user_input(g: Graph, syms: _SymbolNames, name: str, val):
     raise TorchImportError(f"input {name!r}: a {type(val).__name__} input is not supported (only tensors)")
 
 
-def _convert_nodes(g: Graph, ep, env: dict, syms: _SymbolNames) -> list[tuple[str, str]]:
-    """Convert every call node through ATEN_OPS; returns the (op, source) pairs that could not be."""
+def _convert_nodes(g: Graph, ep, env: dict, syms: _SymbolNames, opaque: bool = False) -> list[tuple[str, str]]:
+    """Convert every call node through ATEN_OPS; returns the (op, source) pairs that could not be.
+
+    With ``opaque``, an op that has no converter (or whose converter cannot take this call) is kept
+    as a ``torch_op`` node the torch executor runs, when its arguments and results allow it.
+    """
     cx = _Ctx(g, syms, {})
     unsupported: list[tuple[str, str]] = []
     for node in ep.graph.nodes:
@@ -917,19 +921,85 @@ def _convert_nodes(g: Graph, ep, env: dict, syms: _SymbolNames) -> list[tuple[st
         fn = ATEN_OPS.get(node.target)
         args, kwargs = _convert_args(env, node.args), _convert_args(env, dict(node.kwargs))
         env[node] = _Missing
-        if fn is None:
-            if (_op_name(node.target), cx.source) not in unsupported:
+        if _has_missing(args) or _has_missing(list(kwargs.values())):
+            if fn is None and (_op_name(node.target), cx.source) not in unsupported:
                 unsupported.append((_op_name(node.target), cx.source))
-        elif not (_has_missing(args) or _has_missing(list(kwargs.values()))):  # else a producer was unsupported
+            continue  # a producer was unsupported: only the producer is blamed
+        try:
+            if fn is None:
+                raise _Unsupported("")
+            env[node] = fn(cx, *args, **kwargs)
+            if isinstance(env[node], Value) and isinstance(cx.val, torch.Tensor):
+                _check_type(env[node], cx.val, syms, where)
+        except _Unsupported as e:
             try:
-                env[node] = fn(cx, *args, **kwargs)
-                if isinstance(env[node], Value) and isinstance(cx.val, torch.Tensor):
-                    _check_type(env[node], cx.val, syms, where)
-            except _Unsupported as e:
-                unsupported.append((f"{_op_name(node.target)} ({e})", cx.source))
-            except (OpError, ValueError, TypeError) as e:
-                raise TorchImportError(f"{where}: {e}") from e
+                if not opaque:
+                    raise
+                env[node] = _opaque(cx, args, kwargs)
+            except _Unsupported as why:
+                reason = "; ".join(str(x) for x in dict.fromkeys((e, why)) if str(x))
+                item = (_op_name(node.target) + (f" ({reason})" if reason else ""), cx.source)
+                if item not in unsupported:
+                    unsupported.append(item)
+        except (OpError, ValueError, TypeError) as e:
+            raise TorchImportError(f"{where}: {e}") from e
     return unsupported
+
+
+# ---------------------------------------------------------------------------------------
+# opaque ops: kept as torch_op nodes (see nnforge.ir.ops_fallback for the encoding)
+# ---------------------------------------------------------------------------------------
+
+_ENUM_MARKERS = {torch.layout: "$layout", torch.memory_format: "$memory_format"}
+
+
+def _encode(orig, conv, tensors: list[Value], cx: _Ctx):
+    """One call argument as plain JSON: tensors become {"$t": k} slots, SymInts {"$dim": ...}."""
+    if isinstance(conv, Value):
+        if conv not in tensors:
+            tensors.append(conv)
+        return {"$t": tensors.index(conv)}
+    if isinstance(orig, torch.fx.Node):  # a size computed from the inputs (sym_size and friends)
+        if isinstance(conv, (int, str)) and not isinstance(conv, bool):
+            return conv if isinstance(conv, int) else {"$dim": conv}
+        raise _Unsupported(f"argument {orig.name} of type {type(conv).__name__}")
+    if isinstance(orig, (list, tuple)):
+        return [_encode(o, c, tensors, cx) for o, c in zip(orig, conv)]
+    if orig is None or isinstance(orig, (bool, int, str)):
+        return orig
+    if isinstance(orig, float):
+        return orig if math.isfinite(orig) else {"$float": "nan" if math.isnan(orig) else ("inf" if orig > 0 else "-inf")}
+    if isinstance(orig, torch.dtype):
+        return {"$dtype": _dtype(orig)}
+    if isinstance(orig, torch.device):
+        return {"$device": str(orig)}
+    if type(orig) in _ENUM_MARKERS:
+        return {_ENUM_MARKERS[type(orig)]: str(orig).removeprefix("torch.")}
+    raise _Unsupported(f"argument of type {type(orig).__name__}")
+
+
+def _opaque(cx: _Ctx, args, kwargs):
+    """Keep the current node as a torch_op: its qualified name, JSON arguments and torch's output types."""
+    from ..ir.ops_fallback import TorchOpError, resolve
+
+    target = cx.node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        raise _Unsupported("not a torch operator")
+    name = str(target)
+    try:
+        resolve(name)  # a name that does not resolve back (or a mutating op) would not run later either
+    except TorchOpError as e:
+        raise _Unsupported(str(e)) from None
+    tensors: list[Value] = []
+    enc_args = [_encode(o, c, tensors, cx) for o, c in zip(cx.node.args, args)]
+    enc_kwargs = {k: _encode(cx.node.kwargs[k], v, tensors, cx) for k, v in kwargs.items()}
+    vals = cx.val if isinstance(cx.val, (tuple, list)) else [cx.val]
+    if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
+        raise _Unsupported("results that are not tensors")
+    out_types = [{"shape": list(cx.syms.shape(v)), "dtype": _dtype(v.dtype)} for v in vals]
+    node = cx.g.add_node("torch_op", tensors, {"target": name, "args": enc_args, "kwargs": enc_kwargs,
+                                               "out_types": out_types}, name=cx.node.name, source=cx.source)
+    return list(node.outputs) if isinstance(cx.val, (tuple, list)) else node.output
 
 
 def _set_outputs(g: Graph, ep, env: dict) -> None:
@@ -943,20 +1013,23 @@ def _set_outputs(g: Graph, ep, env: dict) -> None:
 
 
 def import_torch(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None,
-                 input_names: Sequence[str] | None = None) -> Graph:
+                 input_names: Sequence[str] | None = None, opaque: bool = True) -> Graph:
     """Export ``model`` with torch.export and convert it to an nnforge IR graph.
 
     ``dynamic_shapes`` is torch.export's spec; symbolic dims in the IR take the Dim names
     ("batch", "seq"). Graph inputs are named ``input_names`` or after forward()'s parameters.
     The model is exported in eval mode (its training flag is restored afterwards).
-    Raises UnsupportedOpError listing every ATen op that has no mapping, with the model
-    source line of each, and TorchImportError when export itself fails.
+    With ``opaque`` (the default) an op that has no mapping (a rare ATen op, a custom op) is kept
+    as a ``torch_op`` node that only the torch executor runs; ``compile`` then falls back to torch
+    for it. Raises UnsupportedOpError listing every ATen op that cannot be kept either (or, without
+    ``opaque``, every op that has no mapping), with the model source line of each, and
+    TorchImportError when export itself fails.
     """
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     ep = _export(model, example_inputs, dynamic_shapes)
     g, syms = Graph(type(model).__name__), _SymbolNames()
     env = _add_inputs(g, ep, syms, model, example_inputs, dynamic_shapes, input_names)
-    unsupported = _convert_nodes(g, ep, env, syms)
+    unsupported = _convert_nodes(g, ep, env, syms, opaque)
     if unsupported:
         raise UnsupportedOpError(unsupported, where=type(model).__name__)
     _set_outputs(g, ep, env)

@@ -47,8 +47,9 @@ class OpDef:
     ref: Callable[..., Any]
     attrs: dict[str, tuple[str, Any]] = field(default_factory=dict)  # name -> (kind, default)
     num_inputs: tuple[int, int] = (1, 1)  # (min, max); max -1 = variadic
-    kind: str = "compute"  # elementwise | reduce | shape | compute | fused
+    kind: str = "compute"  # elementwise | reduce | shape | compute | fused | opaque
     doc: str = ""
+    bind: Callable[[dict, dict], dict] | None = None  # extra symbol binding for attributes of kind "any"
 
     def check_attrs(self, attrs: dict) -> dict:
         unknown = set(attrs) - set(self.attrs)
@@ -77,7 +78,7 @@ class OpDef:
                 out[key] = [symbols.evaluate(d, env) for d in attrs[key]]
             elif kind == "dim":
                 out[key] = symbols.evaluate(attrs[key], env)
-        return out
+        return out if self.bind is None else self.bind(out, env)
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -470,12 +471,9 @@ def _avg_pool2d(x, kernel, stride, padding=(0, 0), ceil_mode=False, count_includ
     xp = _pool_pad(x, k, s, p, d, ceil_mode, 0.0)
     total = _windows(xp, k[0], k[1], s, d).sum(axis=(-2, -1))
     # the divisor counts padding only when asked, and never the ceil-mode overhang (as torch)
-    ones = np.ones((1, 1) + x.shape[2:], x.dtype)
+    ones = _pool_pad(np.ones((1, 1) + x.shape[2:], x.dtype), k, s, p, d, ceil_mode, 0.0)
     if count_include_pad:
-        ones = np.pad(ones, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1])), constant_values=1.0)
-        ones = _pool_pad(ones, k, s, [0, 0], d, ceil_mode, 0.0) if ceil_mode else ones
-    else:
-        ones = _pool_pad(ones, k, s, p, d, ceil_mode, 0.0)
+        ones[:, :, : x.shape[2] + 2 * p[0], : x.shape[3] + 2 * p[1]] = 1
     count = _windows(ones, k[0], k[1], s, d).sum(axis=(-2, -1))
     return (total / count).astype(x.dtype)
 
@@ -764,3 +762,4 @@ def _attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
 
 # ops that the low-bit/sparsity and token/layer passes create live in their own modules
 from . import ops_lowbit, ops_tokens  # noqa: E402,F401
+from . import ops_fallback  # noqa: E402,F401  (torch_op: ATen/custom ops only the torch executor runs)

@@ -20,6 +20,10 @@ def format_node(g: Graph, n: Node) -> str:
     outs = ", ".join(f"%{o.name}" for o in n.outputs)
     args = ", ".join(_ref(g, i) for i in n.inputs)
     attrs = ", ".join(f"{k}={_attr(v)}" for k, v in n.attrs.items())
+    if n.op == "torch_op":  # an opaque op prints as the torch call it stands for
+        from .ops_fallback import describe
+
+        attrs = describe(n.attrs)
     types = ", ".join(str(o.type) for o in n.outputs)
     return f"{outs} = {n.op}({args})" + (f" {{{attrs}}}" if attrs else "") + f" : {types}"
 

@@ -105,7 +105,7 @@ class ConstantFolding(Pass):
                 continue
             results = run_node(node, [graph.constant(i) if i is not None else None for i in node.inputs], {})
             for out, arr in zip(node.outputs, results):
-                const = graph.add_constant(np.ascontiguousarray(arr), name=out.name)
+                const = graph.add_constant(np.asarray(arr, order="C"), name=out.name)  # (ascontiguousarray makes 0-d 1-d)
                 graph.replace_all_uses(out, const)
             folded += 1
         graph.nodes = keep

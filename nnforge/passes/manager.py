@@ -91,7 +91,7 @@ def resolve_pipeline(pipeline: str | Sequence[str | Pass]) -> list[Pass]:
 
 
 def _load_builtin_passes():
-    from . import blocks, cleanup, fusion, layers, tokens  # noqa: F401  (they register on import)
+    from . import blocks, cleanup, fusion, layers, quantize, sparsity, tokens  # noqa: F401  (they register on import)
 
 
 def max_rel_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
@@ -103,7 +103,7 @@ def max_rel_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float
         if r.shape != g.shape:
             return float("inf")
         bad_r, bad_g = ~np.isfinite(r), ~np.isfinite(g)
-        if not np.array_equal(bad_r, bad_g) or not np.array_equal(r[bad_r], g[bad_g]):
+        if not np.array_equal(bad_r, bad_g) or not np.array_equal(r[bad_r], g[bad_g], equal_nan=True):
             return float("inf")
         if r.size == 0:
             continue

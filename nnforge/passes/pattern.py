@@ -137,7 +137,7 @@ class Builder:
         return self.graph.add_node(op, list(inputs), attrs, name=op, source=self.root.source, before=self.root).output
 
     def const(self, array, name: str = "c") -> Value:
-        return self.graph.add_constant(np.ascontiguousarray(array), name)
+        return self.graph.add_constant(np.asarray(array, order="C"), name)  # (ascontiguousarray makes 0-d 1-d)
 
     def constant_of(self, v: Value) -> np.ndarray | None:
         return self.graph.constant(v) if self.graph.is_constant(v) else None

@@ -1,0 +1,398 @@
+"""The torch executor: runs IR nodes with torch ops. Registered as backend ``"torch"``.
+
+It is the fallback for the parts of a graph another backend cannot take (see ``nnforge.partition``)
+and the only runner of ``torch_op`` nodes (ATen or custom ops the frontend kept opaque). Each op
+has a small lowering in ``LOWERINGS`` mirroring its numpy reference; an op without one runs its
+numpy reference (so every registry op runs here). It runs on this host: on the CPU, or on the GPU
+for target ``cuda`` when torch sees one. Nothing is compiled, so there are no files to save: the
+bundle's IR is all it needs.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import NnforgeError
+from ..ir import Graph, Node, bind_symbols, get_op
+from ..ir.interpret import run_node
+from ..ir.ops_fallback import TorchOpError, call as call_torch_op, resolve
+from ..ir.torch_dtypes import TORCH_DTYPES, from_torch, to_torch
+from ..targets import Target, get_target
+from .base import Artifact, Backend, Unsupported, register_backend
+
+Lower = Callable[..., "torch.Tensor | list[torch.Tensor]"]
+LOWERINGS: dict[str, Lower] = {}
+
+
+def _lower(*names: str):
+    def deco(fn):
+        for n in names:
+            LOWERINGS[n] = fn
+        return fn
+
+    return deco
+
+
+# -- elementwise --------------------------------------------------------------------------
+_BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "maximum": torch.maximum, "minimum": torch.minimum,
+           "pow": torch.pow, "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt,
+           "ge": torch.ge, "logical_and": torch.logical_and, "logical_or": torch.logical_or}
+_UNARY = {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": lambda x: 1.0 / torch.sqrt(x),
+          "reciprocal": torch.reciprocal, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf,
+          "sin": torch.sin, "cos": torch.cos, "silu": lambda x: x * torch.sigmoid(x), "floor": torch.floor,
+          "ceil": torch.ceil, "neg": torch.neg, "abs": torch.abs, "relu": torch.relu,
+          "logical_not": torch.logical_not}
+LOWERINGS.update({k: (lambda a, b, _f=f: _f(a, b)) for k, f in _BINARY.items()})
+LOWERINGS.update({k: (lambda x, _f=f: _f(x)) for k, f in _UNARY.items()})
+
+
+@_lower("div")
+def _div(a, b):
+    if a.dtype.is_floating_point:
+        return a / b
+    return torch.div(a, b, rounding_mode="floor")  # the IR floors on integers, like numpy
+
+
+@_lower("where")
+def _where(c, a, b):
+    return torch.where(c, a, b)
+
+
+@_lower("gelu")
+def _gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+@_lower("clamp")
+def _clamp(x, min=None, max=None):
+    return torch.clamp(x, min, max) if (min is not None or max is not None) else x
+
+
+@_lower("cast")
+def _cast(x, dtype):
+    return x.to(TORCH_DTYPES[dtype])
+
+
+# -- reductions and normalisation ------------------------------------------------------------
+def _axes(x, axes):
+    return list(range(x.dim())) if axes is None else [a % max(x.dim(), 1) for a in axes]
+
+
+def _reduce(fn):
+    def lower(x, axes=None, keepdims=False):
+        if x.dim() == 0:
+            return x
+        return fn(x, _axes(x, axes), keepdims)
+
+    return lower
+
+
+LOWERINGS.update({
+    "reduce_sum": _reduce(lambda x, ax, k: torch.sum(x, ax, keepdim=k, dtype=x.dtype)),
+    "reduce_mean": _reduce(lambda x, ax, k: torch.mean(x if x.is_floating_point() else x.double(), ax, keepdim=k)),
+    "reduce_max": _reduce(lambda x, ax, k: torch.amax(x, ax, keepdim=k)),
+    "reduce_min": _reduce(lambda x, ax, k: torch.amin(x, ax, keepdim=k)),
+})
+
+
+@_lower("argmax")
+def _argmax(x, axis, keepdims=False):
+    return torch.argmax(x, axis, keepdim=keepdims)
+
+
+@_lower("softmax")
+def _softmax(x, axis=-1):
+    return torch.softmax(x, axis)
+
+
+@_lower("log_softmax")
+def _log_softmax(x, axis=-1):
+    return torch.log_softmax(x, axis)
+
+
+@_lower("layer_norm")
+def _layer_norm(x, w=None, b=None, naxes=1, eps=1e-5):
+    axes = list(range(x.dim() - naxes, x.dim()))
+    mean = x.mean(axes, keepdim=True)
+    var = ((x - mean) ** 2).mean(axes, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    y = y * w if w is not None else y
+    return y + b if b is not None else y
+
+
+@_lower("rms_norm")
+def _rms_norm(x, w=None, naxes=1, eps=1e-6):
+    axes = list(range(x.dim() - naxes, x.dim()))
+    y = x / torch.sqrt((x * x).mean(axes, keepdim=True) + eps)
+    return y * w if w is not None else y
+
+
+@_lower("batch_norm")
+def _batch_norm(x, mean, var, w=None, b=None, eps=1e-5):
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
+    y = y * w.reshape(shape) if w is not None else y
+    return y + b.reshape(shape) if b is not None else y
+
+
+# -- linear algebra, convolution, pooling, attention ---------------------------------------------
+@_lower("matmul")
+def _matmul(a, b):
+    return torch.matmul(a, b)
+
+
+@_lower("linear")
+def _linear(x, w, b=None):
+    y = torch.matmul(x, w.T)
+    return y + b if b is not None else y
+
+
+_ACTS = {"none": lambda y: y, "relu": torch.relu, "gelu": lambda y: _gelu(y), "gelu_tanh": lambda y: _gelu(y, "tanh"),
+         "silu": lambda y: y * torch.sigmoid(y)}
+
+
+@_lower("linear_act")
+def _linear_act(x, w, b=None, act="none"):
+    return _ACTS[act](_linear(x, w, b))
+
+
+def _pair(v) -> list[int]:
+    return list(v) if len(v) == 2 else [v[0], v[0]]
+
+
+@_lower("conv2d")
+def _conv2d(x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    return F.conv2d(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups)
+
+
+@_lower("max_pool2d")
+def _max_pool2d(x, kernel, stride, padding=(0, 0), ceil_mode=False, dilation=(1, 1)):
+    return F.max_pool2d(x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), ceil_mode)
+
+
+@_lower("avg_pool2d")
+def _avg_pool2d(x, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True):
+    return F.avg_pool2d(x, _pair(kernel), _pair(stride), _pair(padding), ceil_mode, count_include_pad)
+
+
+@_lower("adaptive_avg_pool2d")
+def _adaptive_avg_pool2d(x, output_size):
+    return F.adaptive_avg_pool2d(x, _pair(output_size))
+
+
+@_lower("sdpa")
+def _sdpa(q, k, v, mask=None, is_causal=False, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * torch.tensor(scale, dtype=q.dtype)
+    if is_causal:
+        lq, lk = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(), -math.inf)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
+    return torch.matmul(torch.softmax(s, -1), v)
+
+
+@_lower("attention")
+def _attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
+    def heads(t):
+        b, s, e = t.shape
+        return t.reshape(b, s, num_heads, e // num_heads).transpose(1, 2)
+
+    o = _sdpa(heads(q), heads(k), heads(v), mask, is_causal=is_causal, scale=scale)
+    b, h, s, d = o.shape
+    return o.transpose(1, 2).reshape(b, s, h * d)
+
+
+# -- shapes and data movement -------------------------------------------------------------
+@_lower("reshape")
+def _reshape(x, shape):
+    return x.reshape(shape)
+
+
+@_lower("permute")
+def _permute(x, perm):
+    return x.permute(perm)
+
+
+@_lower("expand")
+def _expand(x, shape):
+    off = len(shape) - x.dim()
+    target = [x.shape[i - off] if d == -1 else d for i, d in enumerate(shape)]
+    return x.expand(target)
+
+
+@_lower("concat")
+def _concat(*xs, axis=0):
+    return torch.cat(xs, axis)
+
+
+@_lower("slice")
+def _slice(x, axis, start=0, end=2**62, step=1):
+    idx = [slice(None)] * x.dim()
+    idx[axis] = slice(start, min(end, 2**62), step)
+    return x[tuple(idx)]
+
+
+@_lower("gather")
+def _gather(data, idx, axis=0):
+    axis = axis % data.dim()
+    n = data.shape[axis]
+    flat = idx.reshape(-1).long()
+    if flat.numel() and (flat.min() < -n or flat.max() >= n):
+        raise IndexError(f"gather: index out of range for axis of size {n}")
+    out = torch.index_select(data, axis, flat % n if n else flat)  # numpy.take wraps negative indices
+    return out.reshape(data.shape[:axis] + idx.shape + data.shape[axis + 1:])
+
+
+@_lower("squeeze")
+def _squeeze(x, axes):
+    for a in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(a)
+    return x
+
+
+@_lower("unsqueeze")
+def _unsqueeze(x, axes):
+    r = x.dim() + len(axes)
+    for a in sorted(a % r for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+@_lower("full_like")
+def _full_like(x, value, dtype=None):
+    return torch.full(x.shape, value, dtype=TORCH_DTYPES[dtype] if dtype else x.dtype)
+
+
+@_lower("arange")
+def _arange(start=0, end=1, step=1, dtype="int64"):
+    return torch.arange(start, end, step, dtype=TORCH_DTYPES[dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# running a graph
+# ---------------------------------------------------------------------------------------
+
+def _device(target: Target) -> str:
+    return "cuda" if target.name == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def torch_constants(graph: Graph, device: str = "cpu") -> dict:
+    return {v: to_torch(graph.constants[name]).to(device) for name, v in graph.const_values.items()}
+
+
+def run_graph_torch(graph: Graph, inputs: Sequence[np.ndarray], device: str = "cpu",
+                    constants: dict | None = None) -> list[np.ndarray]:
+    """Run ``graph`` node by node with torch; numpy in, numpy out (values are freed after their last use).
+
+    ``constants`` (from ``torch_constants``) saves converting the weights on every call.
+    """
+    arrays = [np.asarray(a) for a in inputs]
+    env = bind_symbols(graph, arrays)
+    vals: dict = dict(constants) if constants is not None else torch_constants(graph, device)
+    vals.update((v, to_torch(a).to(device)) for v, a in zip(graph.inputs, arrays))
+    remaining: dict = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            if i is not None:
+                remaining[i] = remaining.get(i, 0) + 1
+    keep = set(graph.outputs)
+    with torch.no_grad():
+        for node in graph.nodes:
+            outs = run_node_torch(node, [vals[i] if i is not None else None for i in node.inputs], env, device)
+            vals.update(zip(node.outputs, outs))
+            for i in node.inputs:
+                if i is not None and i in remaining:
+                    remaining[i] -= 1
+                    if remaining[i] == 0 and i not in keep and not graph.is_constant(i):
+                        del vals[i]
+    return [from_torch(vals[o]) for o in graph.outputs]
+
+
+def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> list:
+    opdef = get_op(node.op)
+    attrs = opdef.bind_attrs(node.attrs, env)
+    while args and args[-1] is None:  # optional trailing inputs given as None: the lowerings default them
+        args = args[:-1]
+    if node.op == "torch_op":
+        res = call_torch_op(attrs["target"], attrs["args"], attrs["kwargs"], args, device)
+    elif node.op in LOWERINGS:
+        res = LOWERINGS[node.op](*args, **attrs)
+    else:  # no torch lowering: the numpy reference
+        outs = run_node(node, [from_torch(a) if a is not None else None for a in args], env)
+        res = [to_torch(o).to(device) for o in outs]
+    res = list(res) if isinstance(res, (list, tuple)) else [res]
+    return [r.to(TORCH_DTYPES[o.dtype]) if r.dtype != TORCH_DTYPES[o.dtype] else r for r, o in zip(res, node.outputs)]
+
+
+class TorchArtifact(Artifact):
+    """Runs the IR with torch on this host; stateless per call, so it is thread-safe."""
+
+    backend = "torch"
+    thread_safe = True  # no state is written per call; the weights' tensors are only read
+
+    def __init__(self, graph: Graph, target: Target):
+        super().__init__(graph, target)
+        for n in graph.nodes:  # resolve every opaque op now: a bad name fails at load, not mid-run
+            if n.op == "torch_op":
+                try:
+                    resolve(n.attrs["target"])
+                except TorchOpError as e:
+                    raise NnforgeError(f"torch executor: node %{n.outputs[0].name if n.outputs else n.name}: {e}") from None
+        self.device = _device(target)
+        self.constants = torch_constants(graph, self.device)  # converted once, only read afterwards
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        try:
+            return run_graph_torch(self.graph, inputs, self.device, self.constants)
+        except ValueError as e:
+            raise NnforgeError(f"torch executor: bad input: {e}") from None
+        except TorchOpError as e:
+            raise NnforgeError(f"torch executor: {e}") from None
+
+    __call__ = run
+
+    def save_files(self, directory: Path) -> list[str]:
+        return []  # the bundle's IR (graph.json + weights) is the whole model
+
+    @classmethod
+    def load_files(cls, directory: Path, graph: Graph, target: Target, manifest: dict) -> "TorchArtifact":
+        return cls(graph, get_target(target))
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    artifact_class = TorchArtifact
+
+    def supports(self, graph: Graph, target: Target | str = "cpu") -> list[Unsupported]:
+        target = get_target(target)
+        out = []
+        for n in graph.nodes:
+            reason = None
+            if target.name not in ("cpu", "cuda"):
+                reason = f"the torch executor runs on this host (cpu, cuda), not on {target.name!r}"
+            elif n.op == "torch_op":
+                try:
+                    resolve(n.attrs["target"])
+                except TorchOpError as e:
+                    reason = str(e)
+            if reason:
+                out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else n.name, n.source, reason))
+        return out
+
+    def build(self, graph: Graph, target: Target | str = "cpu", options: dict | None = None) -> TorchArtifact:
+        target = get_target(target)
+        bad = self.supports(graph, target)
+        if bad:
+            raise NnforgeError(f"torch executor: cannot run {bad[0]}")
+        return TorchArtifact(graph, target)
+
+
+register_backend(TorchBackend())
