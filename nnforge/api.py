@@ -187,7 +187,16 @@ def _budget_search(graph: Graph, budget, batches, heldout, be, tgt, examples, pr
 
 
 def _runs_here(target) -> bool:
-    return target.name == "cpu"
+    """cpu runs natively; arm (qemu) and wasm (Node) run emulated when their toolchains are installed."""
+    if target.name == "cpu":
+        return True
+    if target.name in ("arm", "wasm"):
+        from . import edge
+
+        needed = {"arm": ("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-tvm-runtime"), "wasm": ("node", "onnxruntime-web")}
+        status = edge.toolchain_status()
+        return all(status.get(t) for t in needed[target.name])
+    return False
 
 
 def _reference_outputs(model, example_inputs, source: Graph, examples) -> list[np.ndarray]:

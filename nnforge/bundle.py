@@ -146,4 +146,6 @@ def read_bundle(directory, expect_target: str | None = None):
         backend = get_backend(str(manifest.get("backend")))
     except Exception as e:
         raise BundleError(f"bundle backend: {e}") from None
-    return backend.artifact_class.load_files(d, graph, target, manifest), manifest
+    artifact = backend.artifact_class.load_files(d, graph, target, manifest)
+    artifact.bundle_dir = d
+    return artifact, manifest

@@ -180,3 +180,30 @@ def test_missing_tools_give_clear_errors(monkeypatch, tmp_path):
         edge.require("onnxruntime-web")
     with pytest.raises(NnforgeError, match="unknown edge tool"):
         edge.require("gcc-for-mars")
+
+
+@pytest.mark.parametrize("target", ["arm", "wasm"])
+def test_compiled_edge_model_runs_from_python_and_after_load(example, target, tmp_path):
+    """compile() checks an edge build by running it emulated; the model and its loaded bundle run from Python."""
+    need(*(ARM_TOOLS if target == "arm" else WASM_TOOLS))
+    model, args, arrays, ref = example
+    fast = nnforge.compile(model, args, target=target, progress=False)
+    assert fast.accuracy["max_rel_error"] <= 1e-4
+    check([o.numpy() for o in fast(*args)], ref)
+    fast.save(tmp_path / "b")
+    check(nnforge.load(tmp_path / "b").run(arrays), ref)
+
+
+def test_cli_runs_an_arm_bundle_under_qemu(arm_bundle, example, tmp_path, capsys):
+    from nnforge.cli import main
+
+    _, _, arrays, ref = example
+    ins = []
+    for k, a in enumerate(arrays):
+        ins += ["--input", str(tmp_path / f"in{k}.npy")]
+        np.save(tmp_path / f"in{k}.npy", a)
+    outs = []
+    for k in range(len(ref)):
+        outs += ["--output", str(tmp_path / f"out{k}.npy")]
+    assert main(["run", str(arm_bundle), *ins, *outs]) == 0
+    check([np.load(tmp_path / f"out{k}.npy") for k in range(len(ref))], ref)

@@ -48,6 +48,24 @@ class Artifact:
         """Write the backend's files into ``directory``; return their names (relative)."""
         raise NotImplementedError
 
+    bundle_dir: Path | None = None  # where this artifact's bundle lies (set by loading, or by run_emulated)
+
+    def run_emulated(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run an arm or wasm artifact from this host: its bundle under qemu-aarch64 or in Node.
+
+        An artifact that was not saved yet is written to a temporary bundle once."""
+        import tempfile
+
+        from .. import edge
+        from ..bundle import write_bundle
+
+        runners = {"arm": edge.run_arm, "wasm": edge.run_wasm}
+        if self.target.name not in runners:
+            raise NotImplementedError(f"no emulated runner for target {self.target.name!r}")
+        if self.bundle_dir is None:
+            self.bundle_dir = write_bundle(self, tempfile.mkdtemp(prefix=f"nnforge-{self.target.name}-"))
+        return runners[self.target.name](self.bundle_dir, [np.asarray(a) for a in inputs])
+
     def manifest_fields(self) -> dict:
         """Extra manifest entries the artifact needs to come back (e.g. a partition plan); called after save_files."""
         return {}
