@@ -103,7 +103,7 @@ def _cmd_passes(args) -> int:
     resolve_pipeline("O0")  # loads the built-in passes
     for name, cls in sorted(PASSES.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:18s} {'lossy' if cls.lossy else 'lossless':8s} {doc}")
+        print(f"{name:22s} {'lossy' if cls.lossy else 'lossless':8s} {doc}")
     for name, passes in PIPELINES.items():
         print(f"pipeline {name}: {' -> '.join(passes)}")
     return 0
