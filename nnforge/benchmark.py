@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -25,9 +25,41 @@ class BenchRow:
     max_rel_error: float | None
     compile_s: float | None
     note: str = ""
+    gflop: float | None = None  # the model's work per call
+    peak_fraction: float | None = None  # achieved GFLOP/s over the measured matmul peak
+
+
+def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """fp32 GFLOP/s of ONNX Runtime's MatMul on an n^3 product: the machine's practical peak."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "peak", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    ms = time_call(lambda: sess.run(None, {"x": a}), repeat, warmup=1)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def model_gflop(zm) -> float | None:
+    """Multiply-add FLOPs of one call, counted on the imported IR."""
+    try:
+        from .api import import_model
+        from .passes.budget import flops
+
+        return flops(import_model(zm.model, zm.inputs), [x.numpy() for x in zm.inputs]) / 1e9
+    except Exception:  # counting is best effort; the timings stand without it
+        return None
 
 
 def time_call(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if time.perf_counter() - t0 > 0.5:  # a slow runner (untuned TVM): a few samples say enough
+        warmup, repeat = 0, min(repeat, 3)
     for _ in range(warmup):
         fn()
     samples = []
@@ -78,21 +110,30 @@ def _runners(zm):
 
         return build
 
-    return [("eager", eager), ("torch.compile", compiled), ("onnxruntime", ort_direct),
-            ("nnforge-onnxrt", nnforge_backend("onnxrt"))]
+    def tvm_direct():
+        from .backends.tvm_direct import build_direct
+
+        return build_direct(model, inputs)
+
+    return [("eager", eager), ("torch.compile", compiled), ("onnxruntime", ort_direct), ("tvm direct", tvm_direct),
+            ("nnforge-onnxrt", nnforge_backend("onnxrt")), ("nnforge-tvm", nnforge_backend("tvm"))]
 
 
-def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=None) -> list[BenchRow]:
+def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=None, peak: float | None = None,
+                 runners: Sequence[str] | None = None) -> list[BenchRow]:
     import torch
 
     from . import zoo
 
     zm = zoo.build(family, size, batch=1)
+    gflop = model_gflop(zm)
     rows: list[BenchRow] = []
     ref = None
     eager_ms = None
     with torch.no_grad():
         for name, build in _runners(zm):
+            if runners and name not in runners and name != "eager":
+                continue
             if progress:
                 progress(f"{family}: {name}")
             t0 = time.perf_counter()
@@ -108,8 +149,9 @@ def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=No
 
             if ref is None:
                 ref, eager_ms = out, ms
+            frac = gflop / (ms * 1e-3) / peak if gflop and peak else None
             rows.append(BenchRow(family, name, ms, eager_ms / ms, max_rel_error(ref, out),
-                                 None if name == "eager" else compile_s))
+                                 None if name == "eager" else compile_s, gflop=gflop, peak_fraction=frac))
     return rows
 
 
@@ -118,11 +160,13 @@ def render(rows: list[BenchRow]) -> str:
     from rich.table import Table
 
     table = Table(title="nnforge bench (median ms; speedup = eager ms / runner ms)")
-    for col in ("family", "runner", "median ms", "speedup vs eager", "max rel error", "compile s", "note"):
+    for col in ("family", "runner", "median ms", "speedup vs eager", "GFLOP", "% of peak", "max rel error", "compile s", "note"):
         table.add_column(col, justify="left" if col in ("family", "runner", "note") else "right")
     for r in rows:
         table.add_row(r.family, r.runner, f"{r.median_ms:.2f}" if r.median_ms is not None else "-",
                       f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "-",
+                      f"{r.gflop:.2f}" if r.gflop else "-",
+                      f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
                       f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else "-",
                       f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note)
     console = Console(record=True, width=140, file=open("/dev/null", "w"))
@@ -130,17 +174,24 @@ def render(rows: list[BenchRow]) -> str:
     return console.export_text()
 
 
-def run_bench(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20) -> list[BenchRow]:
+def run_bench(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20,
+              runners: Sequence[str] | None = None, plot: str | None = None) -> list[BenchRow]:
     from rich.console import Console
 
     from . import zoo
 
     console = Console(stderr=True)
     rows: list[BenchRow] = []
-    with console.status("bench") as status:
+    with console.status("bench: measuring the matmul peak") as status:
+        peak = matmul_peak_gflops()
         for fam in families or zoo.FAMILIES:
-            rows += bench_family(fam, size, repeat, progress=lambda m: status.update(f"bench: {m}"))
+            rows += bench_family(fam, size, repeat, progress=lambda m: status.update(f"bench: {m}"), peak=peak,
+                                 runners=runners)
     print(render(rows))
+    print(f"matmul peak (ONNX Runtime, fp32 2048^3): {peak:.0f} GFLOP/s")
+    if plot:
+        plot_ratios(rows, plot)
+        print(f"plot written to {plot}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
@@ -171,3 +222,27 @@ def run_pareto(path: str, size: str = "bench", batches: int = 4) -> None:
     plot_pareto(result, path)
     print(result.report())
     print(f"plot written to {path}")
+
+
+def plot_ratios(rows: list[BenchRow], path: str) -> None:
+    """Bar chart of each runner's speed-up over eager, per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(r.family for r in rows))
+    runners = list(dict.fromkeys(r.runner for r in rows))
+    width = 0.8 / max(1, len(runners))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(families)), 4))
+    for k, runner in enumerate(runners):
+        vals = [next((r.speedup_vs_eager or 0 for r in rows if r.family == f and r.runner == runner), 0) for f in families]
+        ax.bar([i + k * width for i in range(len(families))], vals, width, label=runner)
+    ax.set_xticks([i + width * (len(runners) - 1) / 2 for i in range(len(families))], families)
+    ax.set_ylabel("speed-up over eager PyTorch")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)

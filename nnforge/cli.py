@@ -66,7 +66,8 @@ def _cmd_bench(args) -> int:
 
         run_pareto(args.pareto, size=args.size)
         return 0
-    run_bench(families=args.family or None, size=args.size, json_path=args.json, repeat=args.repeat)
+    run_bench(families=args.family or None, size=args.size, json_path=args.json, repeat=args.repeat,
+              runners=args.runner, plot=args.plot)
     return 0
 
 
@@ -140,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", default="bench", choices=["tiny", "bench"])
     b.add_argument("--repeat", type=int, default=20)
     b.add_argument("--json", default="bench/results/bench.json")
+    b.add_argument("--runner", action="append", help="only these runners (besides eager): torch.compile, onnxruntime, "
+                   "tvm direct, nnforge-onnxrt, nnforge-tvm")
+    b.add_argument("--plot", nargs="?", const="bench/results/bench.png", default=None, metavar="PNG",
+                   help="also save a bar chart of the speed-ups")
     b.add_argument("--pareto", nargs="?", const="bench/results/pareto.png", default=None, metavar="PNG",
                    help="instead: search token merging/pruning/layer skipping on the ViT and plot speed vs quality")
     b.set_defaults(func=_cmd_bench)

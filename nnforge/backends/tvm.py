@@ -4,8 +4,8 @@ Targets:
   cpu   llvm for this machine's CPU (``mcpu`` = the host CPU LLVM reports), run with the Relax VM
   cuda  CUDA (sm_80 unless ``options["arch"]``) with dlight GPU schedules; builds without a GPU,
         the CUDA source is kept and saved as ``model.cu`` beside the library
-  arm   aarch64 Linux with NEON, cross-compiled and linked with ``aarch64-linux-gnu-g++``;
-        running it (under qemu) is not implemented yet
+  arm   aarch64 Linux with NEON, cross-compiled and linked with ``aarch64-linux-gnu-g++``; ``run``
+        runs the saved bundle under qemu-aarch64 (``Artifact.run_emulated``, nnforge.edge)
 
 Weights are parameters of ``main`` (after the graph inputs), not constants in the library: the
 library stays small, and weight-only work (the ``linear`` weight transpose, batch-norm folding) is
@@ -91,21 +91,24 @@ def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast
                     stop_after_schedule: bool = False) -> list:
     """The Relax pipeline as a plain list of passes (printable, editable).
 
-    llvm targets: fast math (vectorisable exp/erf/tanh), TVM's cpu_generic legalize + fusion, then
-    nnforge's default (untuned) CPU schedules, then TVM's lowering to the VM.
-    cuda: TVM's CUDA pipeline, which already applies the dlight GPU rules.
+    llvm targets: fast math (vectorisable exp/erf/tanh), TVM's legalize + fusion, then nnforge's
+    default (untuned) CPU schedules, then TVM's lowering to the VM.
+    cuda: TVM's CUDA pipeline (legalize, fusion, dlight's GPU rules, CUDA-graph rewrite), with each
+    dlight rule guarded.
     """
-    if target.kind.name == "llvm":
-        from tvm.relax.backend.cpu_generic import pipeline as stages
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_stages
 
+    if target.kind.name == "llvm":
+        stages = cpu_stages
         sched = tvm_schedule.schedule_passes(target, schedule)
     else:
         from tvm.relax.backend.cuda import pipeline as stages
 
-        sched = []  # the CUDA legalize stage already ends with dlight's GPU rules
+        sched = tvm_schedule.gpu_schedule_passes(target)  # dlight's GPU rules, guarded
         fast_math = False  # GPUs have fast exp/erf/tanh instructions
+    # legalize + fusion (TVM's CUDA legalize stage is the same five passes followed by dlight)
     passes = ([relax.transform.FastMathTransform()] if fast_math else []) + stages.library_dispatch_passes(target) \
-        + stages.legalize_passes(target) + sched
+        + cpu_stages.legalize_passes(target) + sched
     if stop_after_schedule:
         return passes
     return passes + stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
@@ -155,14 +158,15 @@ class TVMArtifact(Artifact):
         self.meta = meta
         self.cuda_source = cuda_source
         self._vm = None
+        self._main = None
         self._params = None
         self._dev = None
 
     # -- running ---------------------------------------------------------------------------
     def _device(self):
         if self.target.name == "arm":
-            raise NnforgeError("running an arm (aarch64) TVM artifact on this host is not supported yet: "
-                               "save it and run it on an aarch64 device (or under qemu-aarch64)")
+            raise NnforgeError("an arm (aarch64) TVM library cannot be loaded into this process; "
+                               "run() runs its bundle under qemu-aarch64 instead")
         if self.target.name == "cuda":
             dev = tvm.cuda(0)
             if not dev.exist:
@@ -186,6 +190,7 @@ class TVMArtifact(Artifact):
         else:
             params = consts
         self._vm, self._params = vm, params
+        self._main = vm[self.meta["func"]]  # looking the function up costs ~50 us per call
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         arrays = [np.asarray(a) for a in inputs]
@@ -193,10 +198,12 @@ class TVMArtifact(Artifact):
             bind_symbols(self.graph, arrays)
         except ValueError as e:
             raise NnforgeError(f"TVM artifact ({self.target.name}): {e}") from None
+        if self.target.name == "arm":  # an aarch64 library: run its bundle under qemu-aarch64
+            return self.run_emulated(arrays)
         self._ensure_vm()
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self._dev) for a in arrays]
+        args = [self._to_device(a) for a in arrays]
         try:
-            out = self._vm[self.meta["func"]](*args, *self._params)
+            out = self._main(*args, *self._params)
         except Exception as e:  # a shape check inside the VM (e.g. broadcasting two symbols that differ)
             raise NnforgeError(f"TVM artifact ({self.target.name}) failed to run: {tvm_lower._first_line(e)}") from e
         if len(self.graph.outputs) == 1:
@@ -204,6 +211,14 @@ class TVMArtifact(Artifact):
         return [o.numpy() for o in out]
 
     __call__ = run
+
+    def _to_device(self, a: np.ndarray):
+        # on the CPU an aligned C-contiguous array is passed without a copy (DLPack); TVM's kernels
+        # assume 64-byte aligned data, so anything else is copied into a fresh tensor
+        if self.target.name == "cpu" and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0 \
+                and a.dtype != np.bool_ and a.size:
+            return tvm.runtime.from_dlpack(a)
+        return tvm.runtime.tensor(np.ascontiguousarray(a), self._dev)
 
     # -- files -----------------------------------------------------------------------------
     def save_files(self, directory: Path) -> list[str]:
@@ -253,7 +268,7 @@ class TVMArtifact(Artifact):
             except Exception as e:
                 raise NnforgeError(f"TVM could not load {lib_path}: {tvm_lower._first_line(e)}") from e
         art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None)
-        art.lib_path = lib_path
+        art.lib_path, art.bundle_dir = lib_path, directory
         return art
 
 

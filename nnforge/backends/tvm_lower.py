@@ -6,7 +6,17 @@ that ``LiftTransformParams`` can pre-compute weight-only work (transposes, batch
 at load time and the compiled library stays small. Small constants become ``relax.const``.
 
 Symbolic dims ("batch", "batch*seq", "floor(seq/2)") become ``tirx.Var``/PrimExpr by walking the
-sympy tree from ``nnforge.ir.symbols.to_sympy`` (never eval).
+sympy tree from ``nnforge.ir.symbols.to_sympy`` (never eval). After each node the Relax type is
+checked against the IR's (dtype, rank) and, where Relax cannot prove a symbolic dim the IR knows,
+pinned to it with a match_cast (checked at run time).
+
+Choices made for speed or exactness:
+- conv2d is im2col (one gather kernel, padding inlined) + a matmul written as one TE reduction into
+  NCHW, so it gets the CPU matmul schedule and its bias/batch-norm/activation fuse into it;
+- gelu, gelu_tanh are written with Relax erf/tanh so FastMathTransform can vectorise them;
+- maximum/minimum/relu/clamp and max-style reductions propagate NaN like numpy and torch (TVM's
+  max/min would drop it);
+- gather wraps negative indices like numpy (indices past the end are not checked).
 
 Used only by ``nnforge.backends.tvm``; all TVM API use stays in the backend's modules.
 """
