@@ -19,10 +19,12 @@ import math
 import operator
 import os
 import re
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import sympy
+
 import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
@@ -809,12 +811,15 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def _export(model, example_inputs, dynamic_shapes):
-    try:
-        with _eval_mode(model):
-            ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
-    except Exception as e:  # torch's own message is the useful part (guards, unsupported Python)
-        raise TorchImportError(f"torch.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
-    return ep.run_decompositions(_decomposition_table())
+    with warnings.catch_warnings():
+        # torch 2.13 warns about its own pytree internals on every export; nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        try:
+            with _eval_mode(model):
+                ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        except Exception as e:  # torch's own message is the useful part (guards, unsupported Python)
+            raise TorchImportError(f"torch.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+        return ep.run_decompositions(_decomposition_table())
 
 
 def _convert_args(env: dict, a):
