@@ -95,7 +95,8 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
             backend: str | None = None, dynamic_shapes=None, input_names=None, check: bool = True,
             tolerance: float = 1e-4, options: dict | None = None, progress: bool | None = None,
             tokens=None, layers=None, quantize=None, sparsity=None, budget=None, calibration=None,
-            heldout=None, fallback: bool = True, min_block_size: int = 3, cache: bool | None = None) -> CompiledModel:
+            heldout=None, fallback: bool = True, min_block_size: int = 3, cache: bool | None = None,
+            tune: int = 0) -> CompiledModel:
     """Compile ``model`` for ``target``; returns a CompiledModel callable like the model.
 
     ``check`` runs the reference interpreter after every pass (naming the pass that broke
@@ -109,12 +110,18 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
     ``nnforge.partition`` (backend partitions under ``min_block_size`` nodes stay on torch); with
     ``fallback=False`` such a model is refused with UnsupportedOpError instead. ``cache``: reuse a
     bundle from the compile cache (``nnforge.cache``; None = on unless ``NNFORGE_CACHE=0``); not
-    used with lossy settings, a budget or calibration data.
+    used with lossy settings, a budget or calibration data. ``tune``: MetaSchedule trials for the
+    TVM backend's cpu kernels (0: default schedules only), with a database reused across runs
+    (``nnforge.backends.tvm_tune``).
     """
     t0 = time.perf_counter()
     tgt = get_target(target)
     backend_name = resolve_backend(tgt, backend)
     progress = os.isatty(2) if progress is None else progress
+    if tune:
+        if backend_name != "tvm":
+            raise NnforgeError(f"tune={tune}: MetaSchedule tuning needs backend='tvm', not {backend_name!r}")
+        options = {**(options or {}), "tune": tune}
     with _status(progress) as say:
         say("importing the model")
         graph = import_model(model, example_inputs, dynamic_shapes, input_names, opaque=fallback)

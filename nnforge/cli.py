@@ -1,4 +1,4 @@
-"""The ``nnforge`` command line: show, compile, run, bench, check, explain, cache, passes."""
+"""The ``nnforge`` command line: show, compile, tune, run, bench, check, explain, cache, passes."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,18 @@ def _cmd_compile(args) -> int:
 
     compiled = nf_compile(args.model, target=args.target, pipeline=args.pipeline, backend=args.backend,
                           check=not args.no_check, fallback=not args.no_fallback)
+    compiled.save(args.output)
+    print(compiled.report())
+    print(f"bundle written to {args.output}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .api import compile as nf_compile
+
+    options = {"tune_db": args.db} if args.db else {}
+    compiled = nf_compile(args.model, target="cpu", backend="tvm", pipeline=args.pipeline, tune=args.trials,
+                          options=options, check=not args.no_check, cache=False)
     compiled.save(args.output)
     print(compiled.report())
     print(f"bundle written to {args.output}")
@@ -129,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fallback", action="store_true", help="refuse ops the backend cannot take (no torch fallback)")
     c.add_argument("-o", "--output", required=True, help="bundle directory")
     c.set_defaults(func=_cmd_compile)
+
+    t = sub.add_parser("tune", help="compile an ONNX file with TVM, tuning its cpu kernels with MetaSchedule")
+    t.add_argument("model")
+    t.add_argument("--trials", type=int, required=True, help="MetaSchedule trials in all (e.g. 64 per kernel)")
+    t.add_argument("--db", default=None, help="tuning database directory (default $NNFORGE_TUNE_DB or "
+                   "~/.cache/nnforge/tuning)")
+    t.add_argument("--pipeline", default="O2")
+    t.add_argument("--no-check", action="store_true", help="skip the per-pass numerics check")
+    t.add_argument("-o", "--output", required=True, help="bundle directory")
+    t.set_defaults(func=_cmd_tune)
 
     r = sub.add_parser("run", help="run a bundle on .npy inputs")
     r.add_argument("bundle")

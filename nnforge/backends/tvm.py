@@ -20,6 +20,8 @@ Build options (``options=`` of ``build``; unknown keys are refused):
   fast_math     vectorisable polynomial exp/erf/tanh on CPUs (default True; ~1e-7 relative error)
   arch          CUDA architecture (default "sm_80")
   mcpu          LLVM CPU for the cpu target (default: the host's, e.g. znver5)
+  tune          MetaSchedule trials for the cpu target's kernels (default 0: no tuning); see tvm_tune.py
+  tune_db       the tuning database directory (default $NNFORGE_TUNE_DB or ~/.cache/nnforge/tuning)
 
 CPU threads: TVM's pool defaults to half the logical CPUs on x86 (it assumes hyper-threading), one
 thread on a 2-core machine; this module sets TVM_NUM_THREADS to every CPU the process may use unless
@@ -29,8 +31,10 @@ The lowering table lives in ``tvm_lower.py``, the CPU schedule rules in ``tvm_sc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +58,7 @@ from tvm import relax  # noqa: E402
 from . import tvm_lower, tvm_schedule  # noqa: E402
 from . import tvm_lowbit  # noqa: E402,F401  (low-bit and sparse ops register into tvm_lower.LOWERINGS)
 
-OPTIONS = ("progress", "embed_params", "schedule", "fast_math", "arch", "mcpu")
+OPTIONS = ("progress", "embed_params", "schedule", "fast_math", "arch", "mcpu", "tune", "tune_db")
 SCHEDULES = ("default", "dlight", "none")
 
 LIB_NAME = "model.so"
@@ -62,6 +66,7 @@ CUDA_SOURCE_NAME = "model.cu"
 META_NAME = "tvm.json"
 ARM_CXX = "aarch64-linux-gnu-g++"
 FORMAT_VERSION = 1
+TUNING_FILES = ("tuning_workloads.json", "tuning_records.json")  # = tvm_tune's (imported only when tuning)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,13 +93,14 @@ def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Targe
 
 
 def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True,
-                    stop_after_schedule: bool = False) -> list:
+                    stop_after_schedule: bool = False, tuned: bool = False) -> list:
     """The Relax pipeline as a plain list of passes (printable, editable).
 
     llvm targets: fast math (vectorisable exp/erf/tanh), TVM's legalize + fusion, then nnforge's
     default (untuned) CPU schedules, then TVM's lowering to the VM.
     cuda: TVM's CUDA pipeline (legalize, fusion, dlight's GPU rules, CUDA-graph rewrite), with each
     dlight rule guarded.
+    ``tuned``: apply the current MetaSchedule database first (the default rules skip what it scheduled).
     """
     from tvm.relax.backend.cpu_generic import pipeline as cpu_stages
 
@@ -106,6 +112,9 @@ def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast
 
         sched = tvm_schedule.gpu_schedule_passes(target)  # dlight's GPU rules, guarded
         fast_math = False  # GPUs have fast exp/erf/tanh instructions
+    if tuned:
+        with target:  # the pass takes the target when it is made
+            sched = [relax.transform.MetaScheduleApplyDatabase()] + sched
     # legalize + fusion (TVM's CUDA legalize stage is the same five passes followed by dlight)
     passes = ([relax.transform.FastMathTransform()] if fast_math else []) + stages.library_dispatch_passes(target) \
         + cpu_stages.legalize_passes(target) + sched
@@ -114,8 +123,9 @@ def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast
     return passes + stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
 
 
-def make_pipeline(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True) -> "tvm.transform.Pass":
-    passes = pipeline_passes(target, schedule, fast_math)
+def make_pipeline(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True,
+                  tuned: bool = False) -> "tvm.transform.Pass":
+    passes = pipeline_passes(target, schedule, fast_math, tuned=tuned)
 
     @tvm.transform.module_pass(opt_level=0, name="NnforgePipeline")
     def _pipeline(mod, _ctx):
@@ -152,8 +162,10 @@ def _progress(option, what: str):
 class TVMArtifact(Artifact):
     backend = "tvm"
 
-    def __init__(self, graph: Graph, target: Target, lib, meta: dict, cuda_source: str | None = None):
+    def __init__(self, graph: Graph, target: Target, lib, meta: dict, cuda_source: str | None = None,
+                 tuning_files: dict | None = None):
         super().__init__(graph, target)
+        self.tuning_files = tuning_files or {}  # tuning database files (name -> JSON lines) shipped in the bundle
         self.lib = lib  # relax VMExecutable (fresh build) or runtime.Module (loaded)
         self.meta = meta
         self.cuda_source = cuda_source
@@ -239,6 +251,9 @@ class TVMArtifact(Artifact):
             (directory / CUDA_SOURCE_NAME).write_text(self.cuda_source)
             names.append(CUDA_SOURCE_NAME)
         (directory / META_NAME).write_text(json.dumps(self.meta, indent=1))
+        for name, text in self.tuning_files.items():
+            (directory / name).write_text(text)
+            names.append(name)
         return names
 
     @classmethod
@@ -267,7 +282,9 @@ class TVMArtifact(Artifact):
                 lib = tvm.runtime.load_module(str(lib_path))
             except Exception as e:
                 raise NnforgeError(f"TVM could not load {lib_path}: {tvm_lower._first_line(e)}") from e
-        art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None)
+        tuning = {n: (directory / n).read_text() for n in TUNING_FILES
+                  if (directory / n).is_file()}
+        art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None, tuning)
         art.lib_path, art.bundle_dir = lib_path, directory
         return art
 
@@ -336,6 +353,15 @@ class TVMBackend(Backend):
             raise UnsupportedOpError([(f"{p.op} (%{p.node}): {p.reason}", p.source) for p in problems],
                                      where=f"the TVM backend for {target.name}")
         ttarget = tvm_target(target, options)
+        trials = int(options.get("tune") or 0)
+        if trials and target.name != "cpu":
+            raise NnforgeError(f"tuning (tune={trials}) measures kernels on this machine: only target cpu, not {target.name!r}")
+        if trials:
+            from . import tvm_tune  # MetaSchedule: imported only when tuning
+
+            ttarget = tvm_tune.tune_target(ttarget)
+        schedule, fast_math = options.get("schedule", "default"), options.get("fast_math", True)
+        tuning, tuning_files, database = None, {}, None
         with _progress(options.get("progress"), f"building {graph.name} for {target.name}") as stage:
             t0 = time.perf_counter()
             stage("lowering to Relax")
@@ -345,10 +371,20 @@ class TVMBackend(Backend):
             if transform:
                 stage("lifting weight transforms")
                 mod = relax.transform.LiftTransformParams()(mod)
+            if trials:
+                stage("fusing kernels for tuning")
+                with ttarget:
+                    fused = tvm.transform.Sequential(pipeline_passes(ttarget, "none", fast_math, True))(mod)
+                database = tvm_tune.open_db(tvm_tune.db_dir(options.get("tune_db")))
+                tuning = tvm_tune.tune(fused, ttarget, trials, database, stage)
+                with tempfile.TemporaryDirectory(prefix="nnforge-tunedb-") as tmp:  # this model's best records
+                    tvm_tune.export_records(fused, ttarget, database, tmp)
+                    tuning_files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.suffix == ".json"}
             stage("compiling (legalize, fuse, schedule, codegen)")
             try:
-                ex = tvm.compile(mod, target=ttarget, relax_pipeline=make_pipeline(ttarget, options.get("schedule", "default"),
-                                                                                   options.get("fast_math", True)))
+                with database if database is not None else contextlib.nullcontext():
+                    ex = tvm.compile(mod, target=ttarget, relax_pipeline=make_pipeline(ttarget, schedule, fast_math,
+                                                                                       tuned=database is not None))
             except Exception as e:
                 raise NnforgeError(f"TVM failed to build {graph.name!r} for {target.name}: {tvm_lower._first_line(e)}") from e
             stage(f"done in {time.perf_counter() - t0:.1f}s")
@@ -362,10 +398,12 @@ class TVMBackend(Backend):
             "params": lowered.param_names,
             "transform_params": transform,
             "symbols": lowered.symbols,
-            "schedule": options.get("schedule", "default"),
+            "schedule": schedule,
         }
+        if tuning is not None:
+            meta["tuning"] = tuning  # trials run now, kernels tuned now, kernels whose records came from the database
         cuda_src = _cuda_source(ex) if target.name == "cuda" else None
-        return TVMArtifact(graph, target, ex, meta, cuda_src)
+        return TVMArtifact(graph, target, ex, meta, cuda_src, tuning_files)
 
 
 def _check_options(options: dict | None) -> dict:
@@ -375,6 +413,9 @@ def _check_options(options: dict | None) -> dict:
         raise NnforgeError(f"unknown TVM backend option(s) {unknown}; it takes {list(OPTIONS)}")
     if options.get("schedule", "default") not in SCHEDULES:
         raise NnforgeError(f"TVM backend option schedule={options['schedule']!r}; choose from {list(SCHEDULES)}")
+    tune = options.get("tune") or 0
+    if not isinstance(tune, int) or isinstance(tune, bool) or tune < 0:
+        raise NnforgeError(f"TVM backend option tune={tune!r}: give a number of trials (an int >= 0)")
     return options
 
 
