@@ -75,7 +75,7 @@ def _as_list(out) -> list[np.ndarray]:
     return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs]
 
 
-def _runners(zm):
+def _runners(zm, tune: int = 0):
     """(name, build) pairs; build() returns a zero-argument callable that runs the model once."""
     import torch
 
@@ -100,11 +100,12 @@ def _runners(zm):
         feed = {n: x.numpy() for n, x in zip(names, inputs)}
         return lambda: sess.run(None, feed)
 
-    def nnforge_backend(backend):
+    def nnforge_backend(backend, trials=0):
         def build():
             import nnforge
 
-            cm = nnforge.compile(model, inputs, target="cpu", backend=backend, check=False, progress=False)
+            cm = nnforge.compile(model, inputs, target="cpu", backend=backend, check=False, progress=False,
+                                 tune=trials, cache=False)
             arrays = [x.numpy() for x in inputs]
             return lambda: cm.run(arrays)
 
@@ -116,11 +117,12 @@ def _runners(zm):
         return build_direct(model, inputs)
 
     return [("eager", eager), ("torch.compile", compiled), ("onnxruntime", ort_direct), ("tvm direct", tvm_direct),
-            ("nnforge-onnxrt", nnforge_backend("onnxrt")), ("nnforge-tvm", nnforge_backend("tvm"))]
+            ("nnforge-onnxrt", nnforge_backend("onnxrt")), ("nnforge-tvm", nnforge_backend("tvm"))] + (
+        [(f"nnforge-tvm tuned {tune}", nnforge_backend("tvm", tune))] if tune else [])
 
 
 def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=None, peak: float | None = None,
-                 runners: Sequence[str] | None = None) -> list[BenchRow]:
+                 runners: Sequence[str] | None = None, tune: int = 0) -> list[BenchRow]:
     import torch
 
     from . import zoo
@@ -131,7 +133,7 @@ def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=No
     ref = None
     eager_ms = None
     with torch.no_grad():
-        for name, build in _runners(zm):
+        for name, build in _runners(zm, tune):
             if runners and name not in runners and name != "eager":
                 continue
             if progress:
@@ -175,7 +177,7 @@ def render(rows: list[BenchRow]) -> str:
 
 
 def run_bench(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20,
-              runners: Sequence[str] | None = None, plot: str | None = None) -> list[BenchRow]:
+              runners: Sequence[str] | None = None, plot: str | None = None, tune: int = 0) -> list[BenchRow]:
     from rich.console import Console
 
     from . import zoo
@@ -186,7 +188,7 @@ def run_bench(families=None, size: str = "bench", json_path: str | None = None, 
         peak = matmul_peak_gflops()
         for fam in families or zoo.FAMILIES:
             rows += bench_family(fam, size, repeat, progress=lambda m: status.update(f"bench: {m}"), peak=peak,
-                                 runners=runners)
+                                 runners=runners, tune=tune)
     print(render(rows))
     print(f"matmul peak (ONNX Runtime, fp32 2048^3): {peak:.0f} GFLOP/s")
     if plot:

@@ -79,7 +79,7 @@ def _cmd_bench(args) -> int:
         run_pareto(args.pareto, size=args.size)
         return 0
     run_bench(families=args.family or None, size=args.size, json_path=args.json, repeat=args.repeat,
-              runners=args.runner, plot=args.plot)
+              runners=args.runner, plot=args.plot, tune=args.tune)
     return 0
 
 
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default="bench/results/bench.json")
     b.add_argument("--runner", action="append", help="only these runners (besides eager): torch.compile, onnxruntime, "
                    "tvm direct, nnforge-onnxrt, nnforge-tvm")
+    b.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                   help="also run nnforge-tvm tuned with this many MetaSchedule trials per model")
     b.add_argument("--plot", nargs="?", const="bench/results/bench.png", default=None, metavar="PNG",
                    help="also save a bar chart of the speed-ups")
     b.add_argument("--pareto", nargs="?", const="bench/results/pareto.png", default=None, metavar="PNG",
