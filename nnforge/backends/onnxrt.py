@@ -443,7 +443,11 @@ def _max_pool2d(cx, n, ins):
     if not _is_float(n.inputs[0]):
         cx.emit("MaxPool", ins, out=n.output.name, **pool)
         return
-    _nan_where(cx, n, cx.emit("MaxPool", [_nan_mask(cx, ins[0])], **pool), cx.emit("MaxPool", ins, **pool))
+    # MaxPool also turns a window of only -Inf into the dtype's lowest finite value: keep -Inf there
+    ninf = cx.const(-np.inf, n.output.dtype, "ninf")
+    above = cx.emit("MaxPool", [cx.emit("Cast", [cx.emit("Greater", [ins[0], ninf])], to=TensorProto.FLOAT)], **pool)
+    y = cx.emit("Where", [cx.emit("Greater", [above, cx.const(0.0, "float32", "zero")]), cx.emit("MaxPool", ins, **pool), ninf])
+    _nan_where(cx, n, cx.emit("MaxPool", [_nan_mask(cx, ins[0])], **pool), y)
 
 
 def _avg_pool2d(cx, n, ins):
@@ -777,9 +781,8 @@ class OnnxRuntimeArtifact(Artifact):
         return onnx.load_model_from_string(self.model_bytes)
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if self.session is None:
-            raise NnforgeError(f"onnxrt: a {self.target.name!r} artifact does not run in this process; save it as a "
-                               "bundle and run its model.onnx with onnxruntime-web (nnforge.edge.run_wasm)")
+        if self.session is None:  # wasm: run the bundle's model.onnx with onnxruntime-web in Node
+            return self.run_emulated(inputs)
         arrays = [np.asarray(a) for a in inputs]
         try:
             bind_symbols(self.graph, arrays)  # a wrong count/dtype/shape gets the IR's clear message
