@@ -177,34 +177,23 @@ def _symbol_carriers(graph: Graph, sub_inputs: list[str], nodes: list[Node], out
 
 
 def _attr_symbols(n: Node) -> set[str]:
-    out: set[str] = set()
-
-    def walk(v):
-        if isinstance(v, str):
-            try:
-                out.update(symbols.symbols_in(v))
-            except ValueError:  # a plain string attribute ("tanh"), not a dim
-                pass
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-
+    """Symbols in a node's size attributes (dims, and the sizes a torch_op passes to its op)."""
     kinds = get_op(n.op).attrs
+    dims: list = []
     for key, v in n.attrs.items():
-        if kinds[key][0] in ("dim", "dims"):
-            walk(v)
+        if kinds[key][0] == "dim":
+            dims.append(v)
+        elif kinds[key][0] == "dims":
+            dims += list(v)
         elif n.op == "torch_op" and key in ("args", "kwargs"):
-            walk(_dims_only(v))
-    return out
+            dims += _torch_op_dims(v)
+    return {s for d in dims if isinstance(d, str) for s in symbols.symbols_in(d)}
 
 
-def _dims_only(tree):
+def _torch_op_dims(tree) -> list:
     if isinstance(tree, dict):
-        return tree["$dim"] if "$dim" in tree else [_dims_only(v) for v in tree.values()]
-    return [_dims_only(v) for v in tree] if isinstance(tree, list) else None
+        return [tree["$dim"]] if "$dim" in tree else [d for v in tree.values() for d in _torch_op_dims(v)]
+    return [d for v in tree for d in _torch_op_dims(v)] if isinstance(tree, list) else []
 
 
 def _io(graph: Graph, groups: list[tuple[bool, list[int]]]) -> list[tuple[list[str], list[str]]]:

@@ -1,7 +1,6 @@
 """Opaque torch ops, partitioning with torch fallback, partitioned bundles, the torch executor."""
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import shutil

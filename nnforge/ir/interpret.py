@@ -35,11 +35,27 @@ def bind_symbols(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:
             elif d.isidentifier():
                 if env.setdefault(d, int(n)) != n:
                     raise ValueError(f"input {v.name!r}: axis {axis} is {n} but symbol {d!r} is already {env[d]}")
+    _check_ranges(graph, env)
     for v, a in zip(graph.inputs, arrays):  # expressions ("seq+1") are checked once all symbols are bound
         for axis, (d, n) in enumerate(zip(v.type.shape, a.shape)):
             if isinstance(d, str) and not d.isidentifier() and symbols.evaluate(d, env) != n:
                 raise ValueError(f"input {v.name!r}: axis {axis} must be {d} = {symbols.evaluate(d, env)}, got {n}")
     return env
+
+
+def _check_ranges(graph: Graph, env: dict[str, int]) -> None:
+    """Symbols must stay in the range the model was exported for (torch.export's Dim min/max, in
+    ``meta["symbol_ranges"]``): outside it the graph's shapes (e.g. a slice assumed in bounds) do not hold."""
+    ranges = graph.meta.get("symbol_ranges")
+    if not isinstance(ranges, dict):
+        return
+    for name, value in env.items():
+        rng = ranges.get(name)
+        lo, hi = (rng[0], rng[1]) if isinstance(rng, (list, tuple)) and len(rng) == 2 else (None, None)
+        if (isinstance(lo, int) and value < lo) or (isinstance(hi, int) and value > hi):
+            where = next((f"input {v.name!r} axis {k}" for v in graph.inputs for k, d in enumerate(v.shape) if d == name), name)
+            raise ValueError(f"{where}: size {value} is outside the range [{lo}, {'inf' if hi is None else hi}] "
+                             f"of symbol {name!r} the model was exported for")
 
 
 def run_node(node, args: list, env: dict[str, int]) -> list[np.ndarray]:

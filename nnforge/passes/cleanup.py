@@ -8,6 +8,8 @@ import numpy as np
 
 from ..ir import Graph, Node, get_op
 from ..ir.interpret import run_node
+from ..ir.ops import infer_types
+from ..ir.verify import types_agree
 from ..ir import symbols
 from .manager import Pass, PassContext, PassResult, register_pass
 from .pattern import Bind, P, RewritePass, Rule
@@ -137,9 +139,17 @@ NOOP = Rule("remove_noop", P(("permute", "reshape", "expand", "slice", "squeeze"
 # permute(permute(y, p), q) = permute(y, p[q]); an identity result is then removed by NOOP
 COMPOSE_PERMUTES = Rule("compose_permutes", P("permute", P("permute", "y", perm=Bind("p")), perm=Bind("q")),
                         lambda m, b: b.op("permute", m["y"], perm=[m["p"][i] for i in m["q"]]))
+def _merged_reshape(m, b):
+    """reshape(y, shape); a -1 is spelled out when y's own size would infer another (still equal) type,
+    e.g. y: [n] reshaped to a static [1, 2] then to [-1] keeps [2], not [n]."""
+    shape, want = m["shape"], m.node("root").output.type
+    if -1 in shape and not types_agree(infer_types("reshape", [m["y"].type], {"shape": shape})[0], want):
+        shape = list(want.shape)
+    return b.op("reshape", m["y"], shape=shape)
+
+
 # reshape(reshape(y)) = reshape(y): only the last shape matters
-MERGE_RESHAPES = Rule("merge_reshapes", P("reshape", P("reshape", "y"), shape=Bind("shape")),
-                      lambda m, b: b.op("reshape", m["y"], shape=m["shape"]))
+MERGE_RESHAPES = Rule("merge_reshapes", P("reshape", P("reshape", "y"), shape=Bind("shape"), bind="root"), _merged_reshape)
 CANONICAL_RULES = [NOOP, COMPOSE_PERMUTES, MERGE_RESHAPES]
 
 

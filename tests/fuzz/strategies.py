@@ -481,7 +481,26 @@ def _arange(draw, b):
     return b.op("mul", r, _operand(b, r))
 
 
+def _torch_op(draw, b):
+    """An opaque ATen op (what the torch frontend keeps for ops it has no IR op for): backends fall back to torch."""
+    x = b.pick(_float)
+    if x is None:
+        return None
+    r = x.type.rank
+    dim = draw(st.integers(-r, r - 1))
+    t = {"shape": list(x.shape), "dtype": "float32"}
+    target, args, outs = draw(st.sampled_from([
+        ("aten.cumsum.default", [{"$t": 0}, dim], [t]),
+        ("aten.flip.default", [{"$t": 0}, [dim]], [t]),
+        ("aten.roll.default", [{"$t": 0}, [draw(st.integers(-3, 3))], [dim]], [t]),
+        ("aten.cummax.default", [{"$t": 0}, dim], [t, {**t, "dtype": "int64"}]),
+    ]))
+    node = b.g.add_node("torch_op", [x], {"target": target, "args": args, "kwargs": {}, "out_types": outs})
+    return node.outputs[0]
+
+
 BUILDERS: dict[str, Callable] = {
+    "torch_op": _torch_op,
     **{n: _binary(n) for n in ("add", "sub", "mul", "div", "maximum", "minimum", "pow")},
     **{n: _compare(n) for n in ("eq", "ne", "lt", "le", "gt", "ge")},
     **{n: _logical(n) for n in ("logical_and", "logical_or", "logical_not")},

@@ -4,7 +4,9 @@ executor, ONNX Runtime and TVM (static and symbolic shapes), and with NaN/Inf in
 The suite runs a bounded, derandomized number of graphs. ``make fuzz N=10000`` runs a long random
 campaign (``NNFORGE_FUZZ_N``) and saves every failing graph, shrunk by hypothesis, as JSON under
 ``tests/fuzz/regressions/``; ``test_regression`` replays those files in every run (a file with an
-``xfail`` reason documents a known, unfixed divergence and must keep failing until it is fixed).
+``xfail`` reason documents a known, unfixed divergence and must keep failing until it is fixed). A long
+run writes each graph to ``tests/fuzz/last_case.json`` before running it, so a graph that crashes the
+process (no shrinking possible then) is left there.
 """
 from __future__ import annotations
 
@@ -14,20 +16,27 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from fuzz.harness import REGRESSIONS, RUNNERS, case_from_json, case_to_json, check_case, save_regression, tvm_available
+from fuzz.harness import (REGRESSIONS, RUNNERS, case_from_json, case_to_json, check_case, fragile, save_regression,
+                          tvm_available)
 from fuzz.strategies import graphs
 
 LONG = int(os.environ.get("NNFORGE_FUZZ_N", "0") or 0)  # 0: the bounded suite run
+LAST_CASE = REGRESSIONS.parent / "last_case.json"  # the graph being run, in a long run (kept if the process dies)
 
 
 def _campaign(strategy, runners, examples: int):
     """Run ``examples`` graphs; in a long run, save the shrunk failing graphs as regression files."""
     failures: dict = {}
+    ran = [0, 0]  # graphs run, graphs skipped as fragile (a discontinuous op too close to its boundary)
 
     @settings(max_examples=LONG or examples, deadline=None, database=None, derandomize=not LONG, print_blob=False,
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def prop(case):
+        if LONG:  # a crash (segfault) takes the process down: the graph that did it is left here
+            LAST_CASE.write_text(json.dumps(case_to_json(case.graph, case.inputs, [])))
+        ran[0] += 1
+        ran[1] += fragile(case.graph, case.inputs)
         found = check_case(case.graph, case.inputs, runners)
         if found:
             # one file per set of failing runners: hypothesis replays its shrunk example last, which overwrites
@@ -37,6 +46,9 @@ def _campaign(strategy, runners, examples: int):
     try:
         prop()
     finally:
+        LAST_CASE.unlink(missing_ok=True)  # (not reached when the process crashes: the graph stays)
+        print(f"\nfuzz {', '.join(runners)}: {ran[0]} graphs run ({ran[1]} not compared: fragile), "
+              f"{len(failures)} failing runner set(s)")
         if LONG:
             for doc in failures.values():
                 print(f"saved {save_regression(doc)}")
