@@ -37,6 +37,36 @@ from tvm.target.codegen import llvm_get_vector_width
 from tvm.tirx.analysis import undefined_vars
 
 
+MAX_INLINED_CHARS = 40_000  # printed size of a block past which inlining stops (see _inline)
+COSTLY_CHARS = 1_000  # a value this long (exp/erf/tanh polynomials) is worth storing, not recomputing
+
+
+def _inline(sch, block, reverse: bool = False) -> bool:
+    """``compute_inline`` (or ``reverse_compute_inline``) ``block`` unless that fails or would blow up.
+
+    Inlining copies the producer's expression into every read of it. fast_exp reads its input about
+    12 times, a NaN-keeping clamp twice, so exp(clamp(exp(clamp(x)))) became a 400 kB expression
+    that TVM's StmtSimplify never finished (and a 15 kB one took it 15 s). Like XLA's fusion, a costly
+    value that its consumer reads more than once stays stored instead of being recomputed.
+    """
+    trial = sch.copy()
+    try:
+        grown = trial.get_producers(block) if reverse else trial.get_consumers(block)
+        before = sum(len(str(trial.get(b))) for b in grown)
+        stmt = trial.get(block).body
+        value = len(str(stmt.value)) if isinstance(stmt, tirx.BufferStore) else 0
+        (trial.reverse_compute_inline if reverse else trial.compute_inline)(block)
+    except Exception:  # noqa: BLE001  (not inlinable: the last block, or one read by several)
+        return False
+    after = [len(str(trial.get(b))) for b in grown]
+    if max(after, default=0) > MAX_INLINED_CHARS:
+        return False
+    if not reverse and value > COSTLY_CHARS and sum(after) - before > 1.5 * value:
+        return False
+    (sch.reverse_compute_inline if reverse else sch.compute_inline)(block)
+    return True
+
+
 def _is_cpu(target: Target) -> bool:
     return target.kind.name == "llvm"
 
@@ -221,18 +251,11 @@ class CPUMatmul(ScheduleRule):
     def _producers(sch, blocks, inline_ok: bool, lanes: int):
         """Inline a pure re-index; otherwise compute the copy once at the root, in parallel."""
         for b in blocks:
-            if inline_ok:
-                try:
-                    sch.compute_inline(b)
-                    continue
-                except Exception:  # noqa: BLE001
-                    pass
+            if inline_ok and _inline(sch, b):
+                continue
             # a padding block reads the re-index block: inline that one into it
             for p in sch.get_producers(b):
-                try:
-                    sch.compute_inline(p)
-                except Exception:  # noqa: BLE001
-                    pass
+                _inline(sch, p)
             if inline_ok is False:
                 _parallel_vectorize(sch, b, lanes)
                 return  # the rest was inlined into this one
@@ -286,10 +309,7 @@ def _inline_side_blocks(sch, main) -> None:
     for b in sch.get_child_blocks(root):
         if sch.get(b).name_hint in related or not _is_spatial(sch, b):
             continue
-        try:
-            sch.compute_inline(b)
-        except Exception:  # noqa: BLE001
-            pass
+        _inline(sch, b)
 
 
 def _inline_consumers(sch, block) -> None:
@@ -299,17 +319,9 @@ def _inline_consumers(sch, block) -> None:
         changed = False
         chain = _chain_consumers(sch, block)
         for c in chain:  # first fold elementwise steps into their own consumers (x * f(x) patterns)
-            try:
-                sch.compute_inline(c)
-                changed = True
-            except Exception:  # noqa: BLE001  (the last block, or one read by several)
-                continue
+            changed |= _inline(sch, c)
         for c in _chain_consumers(sch, block):
-            try:
-                sch.reverse_compute_inline(c)
-                changed = True
-            except Exception:  # noqa: BLE001
-                continue
+            changed |= _inline(sch, c, reverse=True)
 
 
 def _chain_consumers(sch, block) -> list:
@@ -373,10 +385,7 @@ class CPURowwise(ScheduleRule):
             return None
         for bi in infos[:-1]:
             if bi.is_injective() and all(_is_spatial(sch, c) for c in sch.get_consumers(bi.block_rv)):
-                try:
-                    sch.compute_inline(bi.block_rv)
-                except Exception:  # noqa: BLE001
-                    pass
+                _inline(sch, bi.block_rv)
         for bi in normalize_prim_func(sch):
             dk = bi.dom_kind()
             lead = len(dk) - len(dk.lstrip("S"))
@@ -420,10 +429,7 @@ class CPUElementwise(ScheduleRule):
         if not blocks or not all(_is_spatial(sch, b) for b in blocks):
             return None
         for b in blocks[:-1]:
-            try:
-                sch.compute_inline(b)
-            except Exception:  # noqa: BLE001
-                pass
+            _inline(sch, b)
         for b in sch.get_child_blocks(root):
             loops = sch.get_loops(b)
             if len(loops) < 2:

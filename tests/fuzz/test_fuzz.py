@@ -5,8 +5,8 @@ The suite runs a bounded, derandomized number of graphs. ``make fuzz N=10000`` r
 campaign (``NNFORGE_FUZZ_N``) and saves every failing graph, shrunk by hypothesis, as JSON under
 ``tests/fuzz/regressions/``; ``test_regression`` replays those files in every run (a file with an
 ``xfail`` reason documents a known, unfixed divergence and must keep failing until it is fixed). A long
-run writes each graph to ``tests/fuzz/last_case.json`` before running it, so a graph that crashes the
-process (no shrinking possible then) is left there.
+run writes each graph to ``tests/fuzz/last_case.json`` before running it, so a graph that crashes or
+hangs the process (no shrinking possible then) is left there.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def _campaign(strategy, runners, examples: int):
         if LONG:  # a crash (segfault) takes the process down: the graph that did it is left here
             LAST_CASE.write_text(json.dumps(case_to_json(case.graph, case.inputs, [])))
         ran[0] += 1
+        if LONG and ran[0] % 500 == 0:
+            print(f"  ... {ran[0]} graphs", flush=True)
         ran[1] += fragile(case.graph, case.inputs)
         found = check_case(case.graph, case.inputs, runners)
         if found:
