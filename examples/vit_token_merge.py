@@ -1,7 +1,8 @@
-"""Token merging (ToMe) on a ViT-S/16-shaped model: blocks found, tokens per block, speed-up on ONNX Runtime.
+"""Token merging (ToMe) on a ViT-S/16-shaped model: blocks found, tokens per block, speed-up on a backend.
 
     python examples/vit_token_merge.py            # ViT-S/16 at 224 (random weights), r=8 per block
     python examples/vit_token_merge.py --tiny     # the test-sized ViT, in seconds
+    python examples/vit_token_merge.py --backend tvm   # TVM instead of ONNX Runtime
 
 Both graphs are built by the same backend from the same fused IR; only token_merge differs.
 """
@@ -38,6 +39,7 @@ def main():
     ap.add_argument("--r", type=int, default=None, help="tokens merged per block (default 8, tiny: 3)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--backend", default="onnxrt", choices=["onnxrt", "tvm"])
     args = ap.parse_args()
     r = args.r if args.r is not None else (3 if args.tiny else 8)
 
@@ -50,7 +52,7 @@ def main():
     print(f"\nToMe r={r}: tokens after each block: {res.stats['tokens']}")
 
     x = [t.numpy() for t in zm.inputs]
-    backend, cpu = get_backend("onnxrt"), get_target("cpu")
+    backend, cpu = get_backend(args.backend), get_target("cpu")
     base_art, tome_art = backend.build(graph, cpu), backend.build(merged, cpu)
     base, tome = base_art.run(x)[0], tome_art.run(x)[0]
     cos = (base * tome).sum(-1) / np.linalg.norm(base, axis=-1) / np.linalg.norm(tome, axis=-1)
@@ -58,7 +60,7 @@ def main():
         np.testing.assert_allclose(tome, interpret(merged, x)[0], rtol=1e-4, atol=1e-5)
     t_base = median_seconds(base_art.run, x, args.repeat)
     t_tome = median_seconds(tome_art.run, x, args.repeat)
-    print(f"onnxrt cpu, batch {args.batch}: lossless {t_base * 1e3:.1f} ms, ToMe {t_tome * 1e3:.1f} ms "
+    print(f"{args.backend} cpu, batch {args.batch}: lossless {t_base * 1e3:.1f} ms, ToMe {t_tome * 1e3:.1f} ms "
           f"-> {t_base / t_tome:.2f}x faster; output cosine vs lossless: mean {cos.mean():.4f}, min {cos.min():.4f}")
 
 

@@ -32,6 +32,9 @@ def _status(enabled: bool):
         yield lambda msg: status.update(f"nnforge: {msg}")
 
 
+LATE_PASSES = ("sink_slices",)
+
+
 def import_model(model, example_inputs=None, dynamic_shapes=None, input_names=None, opaque: bool = True) -> Graph:
     """Any supported model (torch module, ONNX path/bytes/ModelProto, IR Graph) -> IR Graph.
 
@@ -134,6 +137,9 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
         passes = ([pipeline] if isinstance(pipeline, str) else list(pipeline)) + (
             [cfg.pass_name for cfg in lossy] + ["dce"] if lossy else [])
         manager = PassManager(passes, check=check, tolerance=tolerance, progress=lambda p: say(f"pass {p}"))
+        # passes that change block structure (sink_slices trims the last block) wait until lossy passes found the blocks
+        late = [p for p in manager.passes if p.name in LATE_PASSES] if lossy or budget is not None else []
+        manager.passes = [p for p in manager.passes if p not in late]
         key = None
         if (cache_enabled() if cache is None else cache) and not lossy and budget is None and calibration is None:
             key = compile_key(source, manager.passes, backend_name, tgt.name, options, fallback, min_block_size)
@@ -149,6 +155,10 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
         if budget is not None:
             graph, note = _budget_search(graph, budget, batches, _batches(heldout), be, tgt, examples, progress)
             notes.append(note)
+        if late:
+            tail = PassManager(late + ["cse", "dce"], check=check, tolerance=tolerance)
+            graph = tail.run(graph, ctx)
+            manager.records += tail.records
         missing = be.supports(graph, tgt)
         if missing and not fallback:
             raise UnsupportedOpError([(f"{u.op}: {u.reason}", u.source) for u in missing], where=f"backend {backend_name}")
@@ -189,7 +199,7 @@ def _budget_search(graph: Graph, budget, batches, heldout, be, tgt, examples, pr
         time_fn = wall_time(lambda g: be.build(g, tgt, {}).run, examples)
     else:  # cannot time a device we do not have: count FLOPs instead
         time_fn = flop_time(examples)
-    result = search(graph, budget, batches, heldout, time_fn=time_fn, progress=progress)
+    result = search(graph, budget, batches, heldout, time_fn=time_fn, progress=progress, backend=be.name)
     return result.graph, result.report()
 
 

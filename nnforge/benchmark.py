@@ -248,3 +248,216 @@ def plot_ratios(rows: list[BenchRow], path: str) -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+# ---- low-bit and sparse settings (nnforge bench --lowbit) ---------------------------------------
+
+LOWBIT_FAMILIES = ("bert", "gpt", "vit")
+LOWBIT_RUNNERS = ("nnforge-onnxrt", "onnxruntime")  # default; "nnforge-tvm" on request
+
+
+def lowbit_settings() -> dict:
+    """Row name -> nnforge.compile keyword arguments (as examples/lowbit_minilm.py measures them)."""
+    from .passes.quantize import Quantize
+    from .passes.sparsity import Sparsity
+
+    return {
+        "float": {},
+        "int8 weight-only": {"quantize": Quantize(weights="int8")},
+        "W8A8 dynamic": {"quantize": Quantize(weights="int8", activations="dynamic")},
+        "int4 GPTQ g128": {"quantize": Quantize(weights="int4", method="gptq", group_size=128)},
+        "2:4 Wanda": {"sparsity": Sparsity(method="wanda", pattern="2:4", storage="csr")},
+        "heads -25%": {"sparsity": Sparsity(heads=0.25, ratio=0.0)},
+    }
+
+
+@dataclass
+class LowbitRow:
+    family: str
+    setting: str
+    runner: str
+    median_ms: float | None
+    speedup_vs_float: float | None  # this runner's float row / this row
+    bundle_bytes: int | None  # the saved bundle (every file), or the .onnx file for ONNX Runtime's own rows
+    size_vs_float: float | None
+    cosine: float | None  # mean cosine of the outputs' last axis vs eager float
+    compile_s: float | None
+    note: str = ""
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file())
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
+    b = np.asarray(b, np.float64).reshape(-1, b.shape[-1])
+    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)))
+
+
+def distinct_layers(model, seed: int = 0) -> None:
+    """Re-draw every module's parameters with its own initialiser. ``nn.TransformerEncoder`` deep-copies one
+    layer, so the zoo BERT's layers hold identical weights, which the IR stores once: the float bundle
+    would look 6x smaller than a real model's, and per-layer quantization (GPTQ) would undo the sharing."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            reset = getattr(m, "_reset_parameters", None) or getattr(m, "reset_parameters", None)
+            if callable(reset) and not isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                reset()
+
+
+def calibration_batches(zm, n: int = 4, seed: int = 1) -> list[tuple]:
+    """``n`` batches shaped like the model's example inputs: random floats, random token ids below the
+    largest example id; 0/1 masks are kept."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        batch = []
+        for x in zm.inputs:
+            if x.dtype.is_floating_point:
+                batch.append(torch.randn(x.shape, generator=gen))
+            elif int(x.max()) <= 1:
+                batch.append(x.clone())
+            else:
+                batch.append(torch.randint(0, int(x.max()) + 1, x.shape, generator=gen, dtype=x.dtype))
+        out.append(tuple(batch))
+    return out
+
+
+def _ort_builds(zm) -> list[tuple]:
+    """(setting, run, bytes, compile s) for ONNX Runtime on the model exported by torch, float and after its
+    own ``quantize_dynamic`` (int8 weights, dynamic uint8 activations); bytes = the .onnx file."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        fdir, qdir = Path(d, "f"), Path(d, "q")
+        fdir.mkdir(), qdir.mkdir()
+        torch.onnx.export(zm.model, zm.inputs, str(fdir / "model.onnx"), dynamo=True, verbose=False)
+        t_float = time.perf_counter() - t0
+        quantize_dynamic(str(fdir / "model.onnx"), str(qdir / "model.onnx"), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        t_quant = time.perf_counter() - t0
+        for setting, path, secs in (("float", fdir, t_float), ("quantize_dynamic int8", qdir, t_quant)):
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sess = ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            feed = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), zm.inputs)}
+            out.append((setting, lambda sess=sess, feed=feed: sess.run(None, feed), _dir_bytes(path), secs))
+    return out
+
+
+def _nnforge_build(zm, backend: str, kwargs: dict, batches) -> tuple:
+    """(run, bundle bytes, compile s, note) for nnforge.compile with these low-bit/sparse settings."""
+    import nnforge
+
+    t0 = time.perf_counter()
+    cm = nnforge.compile(zm.model, zm.inputs, target="cpu", backend=backend, check=False, progress=False,
+                         cache=False, calibration=batches if kwargs else None, **kwargs)
+    secs = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        cm.save(d)
+        nbytes = _dir_bytes(Path(d))
+    idle = [r.name for r in cm.records if r.lossy and not r.changed]
+    arrays = [x.numpy() for x in zm.inputs]
+    return (lambda: cm.run(arrays)), nbytes, secs, f"{', '.join(idle)}: nothing changed" if idle else ""
+
+
+def bench_lowbit_family(family: str, size: str = "bench", repeat: int = 20, runners: Sequence[str] | None = None,
+                        progress=None, calibration: int = 4, settings: Sequence[str] | None = None,
+                        rounds: int = 3) -> list[LowbitRow]:
+    """Latency, bundle size and output cosine of the low-bit/sparse settings (``settings``: names from
+    ``lowbit_settings()``, default all) on one family, for nnforge's backends and for ONNX Runtime's own
+    ``quantize_dynamic``, in one process. Everything is built first, then timed in ``rounds`` interleaved
+    rounds (the best round's median counts), so that load from other processes hits every row alike."""
+    import torch
+
+    from . import zoo
+
+    zm = zoo.build(family, size, batch=1)
+    distinct_layers(zm.model)
+    batches = calibration_batches(zm, calibration)
+    with torch.no_grad():
+        ref = _as_list(zm.model(*zm.inputs))[0]
+    built = []  # (setting, runner, run or None, bytes, compile s, note)
+    for runner in runners or LOWBIT_RUNNERS:
+        if progress:
+            progress(f"{family}: building {runner}")
+        if runner == "onnxruntime":
+            try:
+                built += [(setting, runner, fn, nbytes, secs, "") for setting, fn, nbytes, secs in _ort_builds(zm)]
+            except Exception as e:  # noqa: BLE001  (reported, not fatal)
+                built.append(("quantize_dynamic int8", runner, None, None, None, f"failed: {type(e).__name__}: {str(e)[:100]}"))
+            continue
+        if not runner.startswith("nnforge-"):
+            raise ValueError(f"unknown low-bit runner {runner!r}; choose from nnforge-onnxrt, nnforge-tvm, onnxruntime")
+        for setting, kwargs in lowbit_settings().items():
+            if settings and setting not in settings and setting != "float":
+                continue
+            try:
+                built.append((setting, runner, *_nnforge_build(zm, runner[len("nnforge-"):], kwargs, batches)))
+            except Exception as e:  # noqa: BLE001  (a setting a backend cannot take is reported, not fatal)
+                built.append((setting, runner, None, None, None, f"failed: {type(e).__name__}: {str(e)[:100]}"))
+    outs = {id(b): _as_list(b[2]())[0] for b in built if b[2] is not None}
+    best: dict[int, float] = {}
+    for k in range(rounds):
+        if progress:
+            progress(f"{family}: timing, round {k + 1} of {rounds}")
+        for b in built:
+            if b[2] is not None:
+                best[id(b)] = min(best.get(id(b), float("inf")), time_call(b[2], max(1, repeat // rounds)))
+    rows = []
+    for b in built:
+        setting, runner, _, nbytes, secs, note = b
+        ms = best.get(id(b))
+        base = next((x for x in built if x[1] == runner and x[0] == "float" and id(x) in best), None)
+        rows.append(LowbitRow(family, setting, runner, ms, best[id(base)] / ms if base and ms else None, nbytes,
+                              nbytes / base[3] if base and nbytes else None,
+                              _mean_cosine(ref, outs[id(b)]) if id(b) in outs else None, secs, note))
+    return rows
+
+
+def render_lowbit(rows: list[LowbitRow]) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="nnforge bench --lowbit (median ms; speed-up and size vs the same runner's float row)")
+    for col in ("family", "setting", "runner", "median ms", "speed-up", "bundle MB", "size", "cosine", "compile s",
+                "note"):
+        table.add_column(col, justify="left" if col in ("family", "setting", "runner", "note") else "right")
+    for r in rows:
+        table.add_row(r.family, r.setting, r.runner, f"{r.median_ms:.2f}" if r.median_ms else "-",
+                      f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "-",
+                      f"{r.bundle_bytes / 1e6:.2f}" if r.bundle_bytes else "-",
+                      f"{r.size_vs_float:.2f}x" if r.size_vs_float else "-",
+                      f"{r.cosine:.4f}" if r.cosine is not None else "-",
+                      f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note)
+    console = Console(record=True, width=150, file=open("/dev/null", "w"))
+    console.print(table)
+    return console.export_text()
+
+
+def run_lowbit(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20,
+               runners: Sequence[str] | None = None) -> list[LowbitRow]:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    rows: list[LowbitRow] = []
+    with console.status("bench --lowbit") as status:
+        for fam in families or LOWBIT_FAMILIES:
+            rows += bench_lowbit_family(fam, size, repeat, runners, progress=lambda m: status.update(f"bench: {m}"))
+    print(render_lowbit(rows))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        print(f"results written to {json_path}")
+    return rows

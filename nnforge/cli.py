@@ -70,6 +70,9 @@ def _cmd_run(args) -> int:
     return 0
 
 
+DEFAULT_BENCH_JSON = "bench/results/bench.json"
+
+
 def _cmd_bench(args) -> int:
     from .benchmark import run_bench
 
@@ -77,6 +80,13 @@ def _cmd_bench(args) -> int:
         from .benchmark import run_pareto
 
         run_pareto(args.pareto, size=args.size)
+        return 0
+    if args.lowbit:
+        from .benchmark import run_lowbit
+
+        json_path = args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/lowbit.json"
+        run_lowbit(families=args.family or None, size=args.size, json_path=json_path, repeat=args.repeat,
+                   runners=args.runner)
         return 0
     run_bench(families=args.family or None, size=args.size, json_path=args.json, repeat=args.repeat,
               runners=args.runner, plot=args.plot, tune=args.tune)
@@ -162,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--family", action="append", help="mlp, cnn, vit, bert, gpt (repeatable; default all)")
     b.add_argument("--size", default="bench", choices=["tiny", "bench"])
     b.add_argument("--repeat", type=int, default=20)
-    b.add_argument("--json", default="bench/results/bench.json")
+    b.add_argument("--json", default=DEFAULT_BENCH_JSON)
     b.add_argument("--runner", action="append", help="only these runners (besides eager): torch.compile, onnxruntime, "
                    "tvm direct, nnforge-onnxrt, nnforge-tvm")
     b.add_argument("--tune", type=int, default=0, metavar="TRIALS",
@@ -171,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save a bar chart of the speed-ups")
     b.add_argument("--pareto", nargs="?", const="bench/results/pareto.png", default=None, metavar="PNG",
                    help="instead: search token merging/pruning/layer skipping on the ViT and plot speed vs quality")
+    b.add_argument("--lowbit", action="store_true",
+                   help="instead: float / int8 / W8A8 / int4 GPTQ / 2:4 / head pruning on bert, gpt, vit (latency, "
+                   "bundle size, cosine) beside ONNX Runtime's quantize_dynamic; runners nnforge-onnxrt, nnforge-tvm, "
+                   "onnxruntime (default: nnforge-onnxrt and onnxruntime); JSON to bench/results/lowbit.json")
     b.set_defaults(func=_cmd_bench)
 
     k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")

@@ -118,7 +118,9 @@ CASES = {
                    lambda b: b.op("max_pool2d", b.x(1, 2, 7, 7), kernel=[2, 2], stride=[2, 2], ceil_mode=True),
                    lambda b: b.op("max_pool2d", b.x(1, 2, 9, 9), kernel=[2, 2], stride=[1, 1], dilation=[2, 2]),
                    # ceil_mode where the last window would start in the padding: the IR drops it, ONNX keeps it
-                   lambda b: b.op("max_pool2d", b.x(1, 2, 5, 6), kernel=[3, 3], stride=[3, 3], padding=[1, 1], ceil_mode=True)],
+                   lambda b: b.op("max_pool2d", b.x(1, 2, 5, 6), kernel=[3, 3], stride=[3, 3], padding=[1, 1], ceil_mode=True),
+                   # after relu: MaxPool plus a convolution-only NaN probe (ORT keeps it in NCHWc)
+                   lambda b: b.op("max_pool2d", b.op("relu", b.x(1, 3, 9, 9)), kernel=[3, 3], stride=[2, 2], padding=[1, 1])],
     "avg_pool2d": [lambda b: b.op("avg_pool2d", b.x(2, 3, 8, 8), kernel=[2, 2], stride=[2, 2]),
                    lambda b: b.op("avg_pool2d", b.x(1, 2, 7, 7), kernel=[3, 3], stride=[2, 2], padding=[1, 1]),
                    lambda b: b.op("avg_pool2d", b.x(1, 2, 7, 7), kernel=[3, 3], stride=[2, 2], padding=[1, 1],
@@ -160,6 +162,15 @@ CASES = {
                lambda b: b.op("mul", b.op("arange", start=1, end=10, step=3, dtype="float32"), b.x(3)),
                lambda b: b.op("add", b.op("arange", end=4, dtype="int32"), b.x(4, dtype="int32", lo=0, hi=5))],
 }
+
+
+# elementwise_region (nnforge/ir/ops_region.py): each step through its own lowering
+CASES["elementwise_region"] = [
+    lambda b: b.op("elementwise_region", b.x(2, 3, 8), b.c(8), b.x(3, 1, name="y"),
+                   body=[["mul", [0, 1], {}], ["add", [3, 2], {}], ["relu", [4], {}], ["gelu", [5], {"approximate": "none"}]]),
+    lambda b: b.op("elementwise_region", b.x(4, 5, dtype="int64", lo=-9, hi=9), b.c(value=np.int64(2)),
+                   body=[["div", [0, 1], {}], ["cast", [2], {"dtype": "float32"}], ["exp", [3], {}]]),
+]
 
 
 # token ops (nnforge/ir/ops_tokens.py): two outputs each for merge and prune (tokens, sizes)
@@ -487,3 +498,41 @@ def test_pretransposed_weights_are_shipped_once():
     g.outputs = [g.op("linear", x, w)]
     model = to_onnx(g)
     assert len(model.graph.initializer) == 1  # the [in, out] copy only, not the original too
+
+
+@pytest.mark.parametrize("after_relu", [True, False])
+def test_max_pool_propagates_nan_and_inf_like_the_interpreter(after_relu):
+    """ORT's MaxPool skips NaN and turns an all -Inf window finite; both lowerings keep the IR's answer."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 10, 10)).astype(np.float32)
+    x[0, 0, 1, 1] = x[0, 1, 4, 7] = x[1, 2, 9, 9] = np.nan  # NaN at window edges, centres and the corner
+    x[0, 2, 2, 3] = x[1, 0, 6, 0] = np.inf
+    x[1, 1, 0:3, 0:3] = -np.inf  # an all -Inf window (relu turns it into zeros)
+    g = Graph("pool")
+    inp = g.add_input("x", TensorType.of(x))
+    src = g.op("relu", inp) if after_relu else inp
+    g.outputs = [g.op("max_pool2d", src, kernel=[3, 3], stride=[2, 2], padding=[1, 1])]
+    art = OnnxRuntimeBackend().build(g, CPU)
+    ops = [n.op_type for n in onnx.load_from_string(art.model_bytes).graph.node]
+    assert ("IsNaN" not in ops and ops.count("Conv") == 2) if after_relu else "IsNaN" in ops
+    got, want = art.run([x])[0], interpret(g, [x])[0]
+    assert np.isnan(want).sum() >= 3 and np.isinf(want).any()
+    np.testing.assert_array_equal(got, want)  # NaN positions and infinities included
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_attention_on_one_qkv_projection_lowers_to_ort_attention(shared):
+    """linear -> three slices -> attention becomes ORT's Attention (projection inside) unless a slice is read elsewhere."""
+    rng = np.random.default_rng(6)
+    g = Graph("qkv")
+    x = g.add_input("x", TensorType(("batch", "seq", 16)))
+    qkv = g.op("linear", x, g.add_constant(rng.standard_normal((48, 16)).astype(np.float32) * 0.3),
+               g.add_constant(rng.standard_normal(48).astype(np.float32)))
+    q, k, v = (g.op("slice", qkv, axis=-1, start=16 * i, end=16 * (i + 1)) for i in range(3))
+    g.outputs = [g.op("attention", q, k, v, num_heads=4)] + ([g.op("exp", k)] if shared else [])
+    art = OnnxRuntimeBackend().build(g, CPU)
+    ops = [n.op_type for n in onnx.load_from_string(art.model_bytes).graph.node]
+    assert ("MultiHeadAttention" in ops and "Attention" not in ops) if shared else ops == ["Attention"]
+    feed = [rng.standard_normal((2, 7, 16)).astype(np.float32)]
+    for got, want in zip(art.run(feed), interpret(g, feed)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

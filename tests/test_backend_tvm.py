@@ -1,6 +1,7 @@
 """The TVM backend against the reference interpreter: every op, symbolic shapes, cuda/arm builds, bundles."""
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -395,6 +396,101 @@ def test_default_cpu_schedules_stay_in_bounds_and_match_unscheduled(index):
         np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5, err_msg=f"{g.name}: {name}")
 
 
+def _static_kernels(g):
+    """(name, scheduled, unscheduled) for each matmul-like kernel of a graph with static shapes."""
+    sched = tb.BACKEND.kernels(g, "cpu")
+    plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
+    return [(gv.name_hint, f, plain[gv.name_hint]) for gv, f in sched.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and any(w in gv.name_hint for w in ("matmul", "conv2d_mm", "im2col"))]
+
+
+@pytest.mark.parametrize("m,k,n,act", [(1, 64, 256, "relu"), (1, 48, 1000, "gelu"), (1, 40, 37, "none"),
+                                       (1, 33, 1001, "none"), (1, 16, 24, "silu"), (3, 40, 128, "relu")])
+def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
+    """A one-row linear layer (GEMV) is register-blocked by CPUMatmul (dlight's trait detection
+    rejects a matmul without an I axis): parallel over J, vectorised, same numbers as no schedule,
+    nothing written outside its buffers; the weight is read in place (no per-call copy of it)."""
+    from nnforge.backends import tvm_schedule as ts
+
+    g = Graph("gemv")
+    x = g.add_input("x", TensorType((m, k)))
+    g.outputs = [g.op("linear_act", x, g.add_constant(rand(n, k), "w"), g.add_constant(rand(n), "b"), act=act)]
+    target = tb.tvm_target(tb.get_target("cpu"))
+    (name, f, plain), = _static_kernels(g)
+    with target:
+        assert ts.CPUMatmul().apply(plain, target, False) is not None, "CPUMatmul did not take the GEMV"
+    text = f.script()
+    assert "T.parallel" in text and "T.vectorized" in text
+    if n % 8 == 0:  # a whole-vector or 8-column tile divides J: the weight is never copied
+        assert "pad" not in text
+    got, intact = _run_kernel(f, target, {})
+    want, _ = _run_kernel(plain, target, {})
+    assert intact, f"{name} wrote outside its buffers"
+    np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_tile_widths_are_powers_of_two():
+    """Column tiles of 28, 40 or 49 made LLVM's MR-row micro-kernel 10-40x slower: J is tiled by a
+    power of two that divides it, or padded; a one-row matmul takes wide whole-vector tiles."""
+    from nnforge.backends.tvm_schedule import _pick_gemv_nr, _pick_nr
+
+    for n_j in (2048, 196, 49, 28, 10, 1000, 384, 12544, 3136, 784, 37, 1001, 24, 3, 1):
+        nr = _pick_nr(n_j, 16, 2)
+        assert nr & (nr - 1) == 0 and nr <= 32, (n_j, nr)
+    assert _pick_nr(196, 16, 2) == 32 and _pick_nr(784, 16, 2) == 16 and _pick_nr(10, 16, 2) == 16
+    assert _pick_gemv_nr(2048, 16) == 256 and _pick_gemv_nr(1000, 16) == 40 and _pick_gemv_nr(37, 16) is None
+    assert _pick_gemv_nr(2048, 16, 3) == 64 and _pick_gemv_nr(1000, 16, 2) is None  # few rows: 4 vectors at most
+
+
+@pytest.mark.parametrize("cin,hw,cout,k,stride", [(8, 14, 12, 3, 1), (6, 7, 10, 3, 1), (8, 14, 8, 1, 2),
+                                                  (3, 15, 8, 7, 2)])
+def test_conv_kernels_with_small_outputs_stay_in_bounds(cin, hw, cout, k, stride):
+    """Convolutions with 14x14, 7x7 and strided outputs (J = 196, 49, 64: padded column tiles) and
+    their im2col kernels (inner loop split by the output width) against the unscheduled kernels, fenced."""
+    g = Graph("conv")
+    x = g.add_input("x", TensorType((1, cin, hw, hw)))
+    y = g.op("conv2d", x, g.add_constant(rand(cout, cin, k, k), "w"), g.add_constant(rand(cout), "b"),
+             stride=[stride, stride], padding=[k // 2, k // 2])
+    g.outputs = [g.op("relu", y)]
+    target = tb.tvm_target(tb.get_target("cpu"))
+    kernels = _static_kernels(g)
+    assert any("conv2d_mm" in name for name, _, _ in kernels)
+    for name, f, plain in kernels:
+        assert f.attrs.get("tirx.is_scheduled")
+        if "im2col" in name:
+            o = (hw + 2 * (k // 2) - k) // stride + 1  # output width: the inner loop is split by it
+            split = rf"T\.axis\.spatial\(T\.int64\({o * o}\), \w+ \* T\.int64\({o}\) \+ \w+\)"
+            assert re.search(split, f.script()), name
+        got, intact = _run_kernel(f, target, {})
+        want, _ = _run_kernel(plain, target, {})
+        assert intact, f"{name} wrote outside its buffers"
+        np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_keeps_its_output_row_innermost(ceil_mode):
+    """Max pool 3x3 / 2 (ResNet's stem): the window loops are not fused with the output row into one
+    parallel loop (the row stays innermost for LLVM to vectorise); fenced, same as no schedule."""
+    g = Graph("pool")
+    x = g.add_input("x", TensorType((1, 4, 21, 21)))
+    g.outputs = [g.op("max_pool2d", g.op("relu", x), kernel=[3, 3], stride=[2, 2], padding=[1, 1], ceil_mode=ceil_mode)]
+    target = tb.tvm_target(tb.get_target("cpu"))
+    sched = tb.BACKEND.kernels(g, "cpu")
+    plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
+    pools = [(gv.name_hint, f) for gv, f in sched.functions_items() if "pool" in gv.name_hint]
+    assert pools
+    for name, f in pools:
+        text = f.script()
+        assert f.attrs.get("tirx.is_scheduled") and "T.parallel" in text
+        width = 11
+        row_inside = rf"for \w+, \w+, \w+ in T\.grid\(T\.int64\({width}\), T\.int64\(3\), T\.int64\(3\)\)"
+        assert re.search(row_inside, text), text
+        got, intact = _run_kernel(f, target, {})
+        want, _ = _run_kernel(plain[name], target, {})
+        assert intact, f"{name} wrote outside its buffers"
+        np.testing.assert_allclose(got[-1], want[-1], rtol=0, atol=0)
+
+
 def test_bad_inputs_are_named():
     g, feeds = one_op("relu", [rand(2, 3)])
     art = tb.build(g, "cpu")
@@ -508,3 +604,37 @@ def test_arm_artifact_runs_under_qemu():
     for g, feeds in ((_block_graph(), [RNG.integers(0, 50, (3, 13)).astype(np.int64)]),
                      (_kernel_graphs()[5], [rand(3, 3, 9, 9)])):
         check(g, feeds, rtol=1e-4, atol=1e-4, artifact=tb.build(g, "arm"))
+
+
+def test_elementwise_region_lowers_its_steps_and_fuses():
+    body = [["mul", [0, 1], {}], ["add", [2, 3], {}], ["gelu", [4], {"approximate": "tanh"}], ["clamp", [5], {"max": 1.0}]]
+    g, feeds = one_op("elementwise_region", [rand(2, 3, 8), C(rand(8)), rand(3, 1)], body=body)
+    check(g, feeds)
+    from tvm import relax
+
+    mod = tvm_lower.lower_graph(g).mod
+    for t in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+              relax.transform.FuseTIR()):
+        mod = t(mod)
+    assert len([gv for gv in mod.get_global_vars() if gv.name_hint != "main"]) == 1  # the four steps: one kernel
+
+
+@pytest.mark.parametrize("seq", [197, "s"])
+def test_matmul_epilogue_that_reads_some_rows_stays_in_bounds(seq):
+    """linear(x)[:, :1] + r[:, :1]: TVM's reverse_compute_inline would write the sliced epilogue for every
+    row the matmul computes, past the end of the one-row output (heap corruption on a quantized ViT)."""
+    g = Graph("rowslice")
+    x, r = g.add_input("x", TensorType((1, seq, 64))), g.add_input("r", TensorType((1, seq, 32)))
+    y = g.op("linear", x, g.add_constant(rand(32, 64), "w"), g.add_constant(rand(32), "b"))
+    g.outputs = [g.op("add", g.op("slice", y, axis=1, start=0, end=1), g.op("slice", r, axis=1, start=0, end=1))]
+    target = tb.tvm_target(tb.get_target("cpu"))
+    plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
+    kernels = [(gv.name_hint, f) for gv, f in tb.BACKEND.kernels(g, "cpu").functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
+    assert kernels
+    for name, f in kernels:
+        assert f.attrs.get("tirx.is_scheduled"), f"kernel {name} got no schedule"
+        got, intact = _run_kernel(f, target, {"s": 13})
+        want, _ = _run_kernel(plain[name], target, {"s": 13})
+        assert intact, f"kernel {name} wrote outside its buffers"
+        np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5)

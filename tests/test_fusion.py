@@ -232,8 +232,73 @@ def test_attention_with_another_head_layout_is_left_alone():
     assert "attention" not in ops(out) and "sdpa" in ops(out)
 
 
+def _rows_block(g, x, causal=False):
+    """A pre-norm transformer block on [batch, seq, 16] whose output rows are read one by one."""
+    c = lambda *s: g.add_constant(randn(*s) * 0.3)
+    h = g.op("layer_norm", x, c(16), c(16), naxes=1)
+    q, k, v = (g.op("linear", h, c(16, 16), c(16)) for _ in range(3))
+    x = g.op("add", x, g.op("attention", q, k, v, num_heads=4, is_causal=causal))
+    return g.op("add", x, g.op("linear", g.op("linear_act", g.op("layer_norm", x, naxes=1), c(32, 16), c(32), act="gelu"),
+                               c(16, 32)))
+
+
+def test_slices_sink_to_the_rows_that_are_read():
+    g = Graph()
+    x = g.add_input("x", TensorType(("batch", 9, 16)))
+    y = _rows_block(g, x)
+    g.outputs = [g.op("squeeze", g.op("slice", g.op("layer_norm", y, naxes=1), axis=1, start=0, end=1), axes=[1])]
+    out, stats = run(["sink_slices", "cse", "dce"], g, [randn(2, 9, 16)])
+    assert stats["slices_sunk"] >= 6
+    att = [n for n in out.nodes if n.op == "attention"][0]
+    assert att.inputs[0].shape[1] == 1 and att.inputs[1].shape[1] == 9  # one query row, every key
+    assert all(n.output.shape[1] == 1 for n in out.nodes if n.op in ("linear_act", "layer_norm") and n.inputs[0] is not x)
+
+
+def test_slices_stay_where_rows_are_not_independent():
+    g = Graph()
+    x = g.add_input("x", TensorType((2, 9, 16)))
+    y = _rows_block(g, x, causal=True)  # causal: a query row's output depends on its position
+    lin = g.op("linear", x, g.add_constant(randn(8, 16)))
+    e = g.op("exp", x)
+    g.outputs = [g.op("slice", y, axis=1, start=2, end=5),
+                 g.op("slice", lin, axis=2, start=0, end=4),  # the feature axis of a linear: every input column counts
+                 g.op("slice", e, axis=1, start=0, end=3), e]  # another user reads all rows
+    out, stats = run(["sink_slices"], g, [randn(2, 9, 16)])
+    att = [n for n in out.nodes if n.op == "attention"][0]
+    assert att.inputs[0].shape[1] == 9 and att.output.shape[1] == 9
+    assert any(n.op == "slice" and n.inputs[0] is lin and n.attrs["axis"] == 2 for n in out.nodes)
+    assert [n.output.shape[1] for n in out.nodes if n.op == "exp"] == [9]
+
+
+def test_elementwise_chains_become_one_region():
+    g = Graph()
+    x = g.add_input("x", TensorType(("batch", 8)))
+    b = g.add_constant(randn(8), "b")
+    mm = g.op("matmul", x, g.add_constant(randn(8, 8), "w"))
+    y = g.op("silu", g.op("mul", g.op("add", mm, b), b))  # add -> mul -> silu: one chain
+    g.outputs = [g.op("softmax", y, axis=-1)]
+    out, stats = run(["fuse_elementwise"], g, [randn(3, 8)])
+    assert ops(out) == ["matmul", "elementwise_region", "softmax"] and stats["regions"] == 1
+    region = out.nodes[1]
+    assert [step[0] for step in region.attrs["body"]] == ["add", "mul", "silu"]
+    assert region.inputs == [mm, b]
+
+
+def test_elementwise_chain_stops_where_a_value_is_read_twice_or_a_non_elementwise_op_sits():
+    g = Graph()
+    x = g.add_input("x", TensorType((2, 8)))
+    e = g.op("exp", x)
+    shared = g.op("neg", e)  # read by two ops: it ends its chain, the region ends at it
+    g.outputs = [g.op("tanh", g.op("sigmoid", shared)), g.op("abs", shared),
+                 g.op("relu", g.op("softmax", g.op("sqrt", g.op("abs", x)), axis=-1))]
+    out, stats = run(["fuse_elementwise"], g, [randn(2, 8)])
+    bodies = sorted([s[0] for s in n.attrs["body"]] for n in out.nodes if n.op == "elementwise_region")
+    assert bodies == [["abs", "sqrt"], ["exp", "neg"], ["sigmoid", "tanh"]]
+    assert {"softmax", "relu", "abs"} <= set(ops(out))
+
+
 FUSION_PIPELINE = ["dce", "canonicalize", "fold_constants", "fold_constant_chains", "recognize_norms", "fuse_linear_act",
-                   "fuse_attention", "merge_qkv", "cse", "canonicalize", "dce"]
+                   "fuse_attention", "merge_qkv", "sink_slices", "cse", "canonicalize", "dce"]
 EXPECTED = {"mlp": ["linear_act"], "cnn": [], "vit": ["attention", "linear_act"], "bert": ["linear_act", "sdpa"],
             "gpt": ["attention", "linear_act"]}
 
@@ -251,4 +316,6 @@ def test_fusion_on_all_families_is_lossless(family):
     assert set(EXPECTED[family]) <= present
     if family == "cnn":
         assert "batch_norm" not in present and stats["fold_batchnorm"] >= 1
+    if family == "vit":  # only the class token leaves the last block: its queries and MLP run on one row
+        assert stats["slices_sunk"] >= 1 and any(n.op == "attention" and n.output.shape[1] == 1 for n in out.nodes)
     assert len(out.nodes) < nodes_before

@@ -449,6 +449,35 @@ def test_tvm_runs_quantized_conv_and_embedding():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,options,code_dtype", [("quantize_int8", {}, "int8"),
+                                                     ("quantize_int4_rtn", {"group_size": 32}, "uint8")])
+def test_tvm_dequantizes_inside_the_matmul_and_keeps_weights_low_bit(name, options, code_dtype):
+    """No float copy of a quantized weight exists at run time: main takes the int8 codes (int4: packed
+    uint8 bytes), the dequantize is a block of the matmul kernel (computed per column panel) and nothing
+    is lifted into transform_params."""
+    pytest.importorskip("tvm")
+    from nnforge.backends import tvm as tb
+
+    inputs = [randn(2, 7, 128)]
+    out, _ = run([name], mlp3d(), [inputs], {"quantize": options})
+    art = tb.build(out, "cpu")
+    np.testing.assert_allclose(art.run(inputs)[0], interpret(out, inputs)[0], rtol=1e-4, atol=1e-4)
+    params = {str(p.dtype): [] for p in art._params}
+    for p in art._params:
+        params[str(p.dtype)].append(tuple(p.shape))
+    codes = [out.constants[n.inputs[1].name] for n in out.nodes if n.op == "qlinear"]
+    assert len(codes) == 2 and all(str(c.dtype) == code_dtype for c in codes)
+    assert {c.shape for c in codes} <= set(params[code_dtype])
+    float_weights = [(192, 128), (128, 192), (16, 192), (192, 16)]
+    assert not set(params.get("float32", [])) & set(float_weights)  # no float weight, in either layout
+    # the kernel of the first layer: the dequantize block runs inside the matmul's parallel loop over column
+    # panels (one top-level loop holds both), not as a loop of its own over the whole weight
+    kernels = tb.BACKEND.kernels(out, "cpu")
+    text = next(str(kernels[gv]) for gv in kernels.functions if gv.name_hint.startswith("fused_qmatmul"))
+    loops = text.split("\n    for ")[1:]
+    assert any('sblock("dequantize' in loop and 'sblock("qmatmul_update' in loop for loop in loops)
+
+
 # ---- through nnforge.compile -------------------------------------------------------------
 
 def test_compile_takes_quantize_settings_and_calibration(tmp_path):

@@ -85,7 +85,7 @@ def test_settings_are_validated_and_map_to_passes():
 
 # ---- structured ------------------------------------------------------------------------
 
-def attention_block(separate_qkv: bool, e=32, heads=4):
+def attention_block(separate_qkv: bool, e=32, heads=4, class_query=False):
     g = Graph("attn")
     x = g.add_input("x", TensorType(("batch", 5, e)))
     if separate_qkv:
@@ -94,14 +94,16 @@ def attention_block(separate_qkv: bool, e=32, heads=4):
     else:
         qkv = g.op("linear", x, g.add_constant(randn(3 * e, e) * 0.3, "qkv_weight"), g.add_constant(randn(3 * e), "qkv_bias"))
         q, k, v = (g.op("slice", qkv, axis=-1, start=i * e, end=(i + 1) * e) for i in range(3))
+        if class_query:  # as sink_slices leaves a last block read only at its class token
+            q = g.op("slice", g.op("slice", qkv, axis=1, start=0, end=1), axis=-1, start=0, end=e)
     att = g.op("attention", q, k, v, num_heads=heads)
     g.outputs = [g.op("linear", att, g.add_constant(randn(e, e) * 0.3, "out_weight"), g.add_constant(randn(e), "out_bias"))]
     return g
 
 
-@pytest.mark.parametrize("separate_qkv", [True, False])
-def test_head_pruning_shrinks_matrices_and_equals_zeroing_the_heads(separate_qkv):
-    g = attention_block(separate_qkv)
+@pytest.mark.parametrize("separate_qkv, class_query", [(True, False), (False, False), (False, True)])
+def test_head_pruning_shrinks_matrices_and_equals_zeroing_the_heads(separate_qkv, class_query):
+    g = attention_block(separate_qkv, class_query=class_query)
     x = randn(3, 5, 32)
     out, records = run(["prune_heads"], g, [x], {"sparsity": {"heads": 1}})
     att = next(n for n in out.nodes if n.op == "attention")
@@ -119,6 +121,27 @@ def test_head_pruning_shrinks_matrices_and_equals_zeroing_the_heads(separate_qkv
     # the weakest head went
     scores = records[0].stats["layers"][0]["scores"]
     assert dropped == int(np.argmin(scores))
+
+
+def test_head_pruning_cuts_a_per_head_mask_and_equals_zeroing_the_heads():
+    """A mask with a head axis (torch's MultiheadAttention export of a key padding mask) is cut to the kept
+    heads; the result is the original model with the dropped heads' outputs set to zero."""
+    e, heads = 32, 4
+    g = Graph("attn")
+    x = g.add_input("x", TensorType(("batch", 5, e)))
+    mask = g.add_input("mask", TensorType(("batch", heads, 5, 5)))
+    q, k, v = (g.op("linear", x, g.add_constant(randn(e, e) * 0.3, f"{n}_weight")) for n in "qkv")
+    att = g.op("attention", q, k, v, mask, num_heads=heads)
+    g.outputs = [g.op("linear", att, g.add_constant(randn(e, e) * 0.3, "out_weight"))]
+    inputs = [randn(3, 5, e), np.where(rng.random((3, heads, 5, 5)) < 0.3, -1e9, 0).astype(np.float32)]
+    out, records = run(["prune_heads"], g, inputs, {"sparsity": {"heads": 2}})
+    dropped = records[0].stats["layers"][0]["removed"]
+    assert len(dropped) == 2 and [n.attrs["num_heads"] for n in out.nodes if n.op == "attention"] == [2]
+    _, vals = interpret(g, inputs, keep_all=True)
+    o = vals[next(n for n in g.nodes if n.op == "attention").output].copy()
+    for h in dropped:
+        o[..., h * 8:(h + 1) * 8] = 0
+    np.testing.assert_allclose(interpret(out, inputs)[0], o @ g.constant(g.nodes[-1].inputs[1]).T, rtol=1e-4, atol=1e-5)
 
 
 def test_head_pruning_on_a_fused_zoo_vit_runs():

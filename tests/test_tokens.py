@@ -332,6 +332,77 @@ def test_reduced_graphs_run_on_onnxruntime(family, make):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+
+def _token_ops_graph(batch, seq):
+    """token_merge, token_prune (fused, both ends protected) and attention_scores on one input."""
+    g = Graph()
+    x = g.add_input("x", TensorType((batch, seq, 8)))
+    m = g.add_input("m", TensorType((batch, seq, 6)))
+    s = g.add_input("s", TensorType((batch, seq)))
+    sc = g.add_input("sc", TensorType((batch, seq)))
+    merged = g.add_node("token_merge", [x, m, s], {"r": 3, "protect_first": 1}).outputs
+    pruned = g.add_node("token_prune", [x, sc, s], {"keep": keep_count(seq, 0.5, 2), "protect_first": 1,
+                                                   "protect_last": 1, "fuse_dropped": True}).outputs
+    plain = g.add_node("token_prune", [x, sc], {"keep": keep_count(seq, 0.7, 1), "protect_first": 1}).outputs
+    scores = [g.op("attention_scores", x, x, num_heads=2, query=q, is_causal=i == 2)
+              for i, q in enumerate(("first", "last", "mean"))]
+    g.outputs = merged + pruned + plain + scores
+    verify(g)
+    return g
+
+
+def _token_inputs(batch: int, seq: int):
+    sizes = rng.integers(0, 4, (batch, seq)).astype(np.float32)  # zeros are padding: merged first
+    sizes[:, 0] = 1
+    return [randn(batch, seq, 8), randn(batch, seq, 6), sizes, rng.random((batch, seq)).astype(np.float32)]
+
+
+@pytest.mark.parametrize("batch,seq", [(3, 17), ("batch", 17), ("batch", "seq")])
+def test_token_ops_on_tvm_match_the_interpreter(batch, seq):
+    from nnforge.backends.base import get_backend
+    from nnforge.targets import get_target
+
+    g = _token_ops_graph(batch, seq)
+    art = get_backend("tvm").build(g, get_target("cpu"))
+    for n in ([17] if seq == 17 else [11, 16]):
+        x = _token_inputs(3, n)
+        got, want = art.run(x), interpret(g, x)
+        assert [a.shape for a in got] == [a.shape for a in want]
+        assert got[0].shape[1] == n - 3 and got[1].sum() == x[2].sum()  # r merged, sizes conserved
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+TVM_CASES = [BACKEND_CASES[i] for i in (1, 2, 4)]  # ViT prune+fuse, BERT merge with padding, GPT prefill prune
+
+
+@pytest.mark.parametrize("family,make", TVM_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(TVM_CASES)])
+def test_reduced_graphs_run_on_tvm(family, make):
+    from nnforge.backends.base import get_backend
+    from nnforge.targets import get_target
+
+    g, x = fused(family)
+    g, _ = run_pass(make(), g)
+    assert not get_backend("tvm").supports(g, "cpu")
+    art = get_backend("tvm").build(g, get_target("cpu"))
+    got, want = art.run(x)[0], interpret(g, x)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_token_merged_vit_compiles_on_tvm_without_fallback():
+    import nnforge
+
+    zm = zoo.build("vit", "tiny")
+    fast = nnforge.compile(zm.model, zm.inputs, backend="tvm", tokens=nnforge.TokenMerge(r=3), fallback=False,
+                           dynamic_shapes=zm.dynamic_shapes, cache=False)
+    assert fast.backend == "tvm" and sum(n.op == "token_merge" for n in fast.graph.nodes) == 2
+    x = [a.numpy() for a in zm.inputs]
+    np.testing.assert_allclose(fast(*x), interpret(fast.graph, x)[0], rtol=1e-4, atol=1e-5)
+    x4 = [randn(4, *x[0].shape[1:])]  # the batch stays symbolic
+    np.testing.assert_allclose(fast(*x4), interpret(fast.graph, x4)[0], rtol=1e-4, atol=1e-5)
+
+
 # ---- the real MiniLM-L6 sentence encoder ---------------------------------------------
 
 @functools.lru_cache(maxsize=1)

@@ -443,11 +443,36 @@ def _max_pool2d(cx, n, ins):
     if not _is_float(n.inputs[0]):
         cx.emit("MaxPool", ins, out=n.output.name, **pool)
         return
+    x = n.inputs[0]
+    if _never_neg_inf(x) and x.dtype == "float32" and ceil == 0 and isinstance(x.shape[1], int):
+        _max_pool2d_nan_probe(cx, n, ins, pool)
+        return
     # MaxPool also turns a window of only -Inf into the dtype's lowest finite value: keep -Inf there
     ninf = cx.const(-np.inf, n.output.dtype, "ninf")
     above = cx.emit("MaxPool", [cx.emit("Cast", [cx.emit("Greater", [ins[0], ninf])], to=TensorProto.FLOAT)], **pool)
     y = cx.emit("Where", [cx.emit("Greater", [above, cx.const(0.0, "float32", "zero")]), cx.emit("MaxPool", ins, **pool), ninf])
     _nan_where(cx, n, cx.emit("MaxPool", [_nan_mask(cx, ins[0])], **pool), y)
+
+
+def _never_neg_inf(v: Value) -> bool:
+    """True when v is a relu output (never -Inf; NaN stays NaN)."""
+    return v.producer is not None and v.producer.op == "relu"
+
+
+def _max_pool2d_nan_probe(cx, n, ins, pool):
+    """MaxPool plus a NaN probe made of convolutions only, so ONNX Runtime keeps it all in its NCHWc layout.
+
+    With no -Inf in the input, a window's sum is NaN exactly when the window holds a NaN; tanh maps
+    the sum to [-1, 1] or NaN and a zero 1x1 depthwise conv turns that into 0 or NaN, added to MaxPool
+    (which skips NaN). ORT fuses the tanh and the add into the convolutions.
+    """
+    c, k = n.inputs[0].shape[1], pool["kernel_shape"]
+    probe = cx.const(np.ones([c, 1] + k, np.float32), hint="nan_probe")
+    keep = cx.const(np.zeros([c, 1, 1, 1], np.float32), hint="nan_keep")
+    sums = cx.emit("Conv", [ins[0], probe], kernel_shape=k, strides=pool["strides"], pads=pool["pads"],
+                   dilations=pool["dilations"], group=c)
+    nan = cx.emit("Conv", [cx.emit("Tanh", [sums]), keep], kernel_shape=[1, 1], group=c)
+    cx.emit("Add", [nan, cx.emit("MaxPool", ins, **pool)], out=n.output.name)
 
 
 def _avg_pool2d(cx, n, ins):
@@ -551,6 +576,66 @@ def _attention(cx, n, ins):
     cx.emit("Reshape", [merged, cx.const([0, 0, -1], "int64", "merge")], out=n.output.name)
 
 
+def _packed_attention(graph: Graph) -> dict:
+    """attention(q, k, v) whose q, k, v are the three thirds of one linear with constant weights, read by nothing
+    else: {attention node: (linear node, its slice nodes)}, lowered as one ORT Attention (projection inside)."""
+    users = graph.users()
+    out = {}
+    for n in graph.nodes:
+        if n.op != "attention" or len(n.inputs) != 3 or n.attrs["is_causal"]:
+            continue
+        slices = [v.producer for v in n.inputs]
+        lin = slices[0].inputs[0].producer if slices[0] is not None and slices[0].op == "slice" else None
+        if lin is None or lin.op != "linear" or not all(graph.is_constant(v) for v in lin.inputs[1:] if v is not None):
+            continue
+        x, hidden = lin.inputs[0], n.inputs[0].shape[-1]
+        if x.type.rank != 3 or not isinstance(hidden, int) or lin.output.shape[-1] != 3 * hidden:
+            continue
+        parts = [(s.op, s.inputs[0], s.attrs["axis"] % 3, s.attrs["start"], s.attrs["end"], s.attrs["step"])
+                 for s in slices if s is not None]
+        if parts != [("slice", lin.output, 2, i * hidden, (i + 1) * hidden, 1) for i in range(3)]:
+            continue
+        if len(set(slices)) == 3 and set(users[lin.output]) == set(slices) and all(
+                users[s.output] == [n] for s in slices) and lin.output not in graph.outputs:
+            out[n] = (lin, slices)
+    return out
+
+
+def _attention_packed(cx, n, lin):
+    """ORT's Attention: the q/k/v projection (pre-packed weights) and attention in one kernel, no Split."""
+    g = cx.graph
+    w = g.constant(lin.inputs[1])
+    has_bias = len(lin.inputs) > 2 and lin.inputs[2] is not None
+    b = g.constant(lin.inputs[2]) if has_bias else np.zeros(w.shape[0], w.dtype)
+    h = n.attrs["num_heads"]
+    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(n.inputs[0].shape[-1] // h)
+    weights = cx.const(np.ascontiguousarray(w.T), hint="qkv_w")
+    cx.emit("Attention", [cx.value(lin.inputs[0]), weights, cx.const(b, hint="qkv_b")], out=n.output.name,
+            domain="com.microsoft", num_heads=h, scale=float(scale))
+
+
+def _contrib_fusions(graph: Graph) -> tuple[dict, set]:
+    """Groups of IR nodes that lower to one ONNX Runtime contrib kernel: ({node: lower(cx)}, nodes lowered by them)."""
+    fused, skip = {}, set()
+    for att, (lin, slices) in _packed_attention(graph).items():
+        fused[att] = lambda cx, att=att, lin=lin: _attention_packed(cx, att, lin)
+        skip.update([lin, *slices])
+    # (ORT's SkipLayerNormalization was tried for add + layer_norm: its CPU kernel is ~5x slower than the two ops)
+    return fused, skip
+
+
+def _elementwise_region(cx, n, ins):
+    """Each step through its own lowering; the intermediate values get fresh ONNX names."""
+    from ..ir.ops_region import region_nodes
+
+    names = list(ins)
+    steps = region_nodes(list(n.inputs), n.attrs["body"])
+    for k, (step, (_, args, _)) in enumerate(zip(steps, n.attrs["body"])):
+        step.output.name = n.output.name if k == len(steps) - 1 else cx.fresh(step.op)
+        LOWERINGS[step.op](cx, step, [names[a] for a in args])
+        names.append(step.output.name)
+
+
 def _reshape(cx, n, ins):
     # allowzero=1: an IR 0 means an empty axis, never "copy the input dim"
     cx.emit("Reshape", [ins[0], cx.dims(n.attrs["shape"])], out=n.output.name, allowzero=1)
@@ -620,6 +705,7 @@ LOWERINGS.update({
     "log_softmax": _softmax("LogSoftmax"), "layer_norm": _layer_norm, "rms_norm": _rms_norm, "batch_norm": _batch_norm,
     "linear": _linear, "linear_act": _linear_act, "conv2d": _conv2d, "max_pool2d": _max_pool2d, "avg_pool2d": _avg_pool2d,
     "adaptive_avg_pool2d": _adaptive_avg_pool2d, "sdpa": _sdpa, "attention": _attention, "reshape": _reshape, "permute": _permute,
+    "elementwise_region": _elementwise_region,
     "expand": _expand, "concat": _concat, "slice": _slice, "gather": _gather, "squeeze": _squeeze("Squeeze"),
     "unsqueeze": _squeeze("Unsqueeze"), "full_like": _full_like, "arange": _arange,
 })
@@ -695,8 +781,12 @@ def to_onnx(graph: Graph, contrib: bool = False) -> onnx.ModelProto:
         raise UnsupportedOpError([(u.op, f"%{u.node}: {u.reason}" + (f" ({u.source})" if u.source else "")) for u in bad],
                                  where="the ONNX Runtime backend")
     cx = _Lowering(graph, contrib)
+    fused, skip = _contrib_fusions(graph) if contrib else ({}, set())
     for n in graph.nodes:
-        LOWERINGS[n.op](cx, n, [cx.value(i) for i in n.inputs])
+        if n in fused:
+            fused[n](cx)
+        elif n not in skip:
+            LOWERINGS[n.op](cx, n, [cx.value(i) for i in n.inputs])
     outputs = []
     taken = {v.name for v in graph.inputs} | set(graph.constants)
     for v in graph.outputs:

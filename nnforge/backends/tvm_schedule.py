@@ -9,10 +9,13 @@ tuning and are tried in order on every fused kernel:
   arrive here as im2col + matmul) is normalised to ``C[S, I, J] += A[S, I, K] * B[S, K, J]``, padded
   to whole micro-tiles and tiled into a register-blocked micro-kernel: MR rows x NR columns (two
   vector registers) of accumulators held in registers across K, the epilogue applied per tile, tiles
-  spread over threads. About 220 GFLOP/s per core on AVX-512 for transformer-sized matmuls.
+  spread over threads. About 220 GFLOP/s per core on AVX-512 for transformer-sized matmuls. NR is a
+  power of two (other widths made LLVM's tile code 10-40x slower); a matmul with 1-4 rows (batch-1
+  linear layers: GEMV, memory bound) takes wide tiles so each row of the weight is read in long runs.
 - ``CPURowwise``: softmax, layer norm, pooling and other reductions: rows in parallel, row loops left
-  for LLVM to vectorise.
-- ``CPUElementwise``: injective kernels: outer loops in parallel, innermost left to LLVM.
+  for LLVM to vectorise (a pooling window's output row stays out of the parallel loop, innermost).
+- ``CPUElementwise``: injective kernels: outer loops in parallel, innermost left to LLVM (split by the
+  width of a fused reshape, as in im2col, so its index divisions become loops).
 - dlight's ``cpu.GEMV`` for what is left.
 
 A rule that fails, or whose result TVM's verifier rejects, does not apply (the kernel falls through
@@ -31,7 +34,9 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.analysis import verify_well_formed
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
-from tvm.s_tir.dlight.gpu.matmul import IterKind, detect_iter_traits, get_reduction_blocks, make_iter_fusion_index_map
+from tvm.s_tir.dlight.gpu.matmul import (IterKind, IterTrait, detect_iter_traits, get_reduction_blocks,
+                                          make_iter_fusion_index_map)
+from tvm.sym import Analyzer
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 from tvm.tirx.analysis import undefined_vars
@@ -63,7 +68,25 @@ def _inline(sch, block, reverse: bool = False) -> bool:
         return False
     if not reverse and value > COSTLY_CHARS and sum(after) - before > 1.5 * value:
         return False
+    if reverse and not all(_writes_in_bounds(trial.get(b)) for b in grown):
+        return False
     (sch.reverse_compute_inline if reverse else sch.compute_inline)(block)
+    return True
+
+
+def _writes_in_bounds(block) -> bool:
+    """Every buffer write of ``block`` at a plain block variable stays inside the buffer along that axis.
+
+    TVM's reverse_compute_inline takes an epilogue that reads only some rows of the matmul (``y[:, 0]``
+    after a linear) and writes it for every row the matmul computes: past the end of the output.
+    """
+    domains = {iv.var: iv.dom.extent for iv in block.iter_vars}
+    analyzer = Analyzer()
+    for w in block.writes:
+        for r, dim in zip(w.region, w.source.shape):
+            extent = domains.get(r.min)
+            if extent is not None and not analyzer.can_prove(extent <= dim):
+                return False
     return True
 
 
@@ -95,18 +118,39 @@ def _uses(expr, var) -> bool:
 
 
 def _pick_nr(n_j, lanes: int, nr_vectors: int) -> int:
-    """Columns per micro-kernel; for a static J one that divides J (so J needs no padding)."""
+    """Columns per micro-kernel: a power of two, for a static J one that divides J (no padding).
+
+    Other widths (28, 40, 48, 49 columns) made LLVM's code for the MR-row tile 10-40x slower
+    (measured on znver5: a 14x14 convolution with 28 columns ran at 8 GFLOP/s, padded to 32 at
+    180), so a J without a power-of-two divisor of at least 8 is padded instead."""
     want = lanes * nr_vectors
     if n_j is None:
         return want
-    if n_j <= want:
+    pow2 = n_j & -n_j  # the largest power of two dividing J
+    if n_j <= want and pow2 == n_j:
         return n_j
-    divisors = [d for d in range(want, 0, -1) if n_j % d == 0]
-    for unit in (lanes, 8, 4):  # prefer whole vectors, then half/quarter vectors
-        for d in divisors:
-            if d % unit == 0:
-                return d
-    return want  # no useful divisor (e.g. a prime J): pad J instead
+    if pow2 >= min(8, lanes):
+        return min(pow2, want)
+    return want if n_j > want else min(want, 1 << (n_j - 1).bit_length())  # pad J
+
+
+def _pick_gemv_nr(n_j, lanes: int, n_i: int = 1):
+    """Columns per tile for a matmul with 1-4 rows (GEMV-like, memory bound): wide whole-vector
+    tiles, so each row of B is read in long runs (narrow ones touched a new page per row: 2048^2
+    at 14 GB/s, at 256 columns 80), with the accumulators still in registers: 16 vectors for one
+    row, 4 for up to 4 rows. One row also takes a multiple of 8 up to 4 vectors (1000 columns: 40;
+    with more rows such widths are 10x slower). Never a width that needs J padding, which would
+    copy B, the weight, on every call."""
+    if n_j is None:
+        return None
+    most = GEMV_NR_VECTORS if n_i == 1 else 4
+    for d in range(min(n_j, lanes * most), 0, -1):
+        if n_j % d == 0 and d % lanes == 0:
+            return d
+    for d in range(min(n_j, 4 * lanes), 7, -1) if n_i == 1 else ():
+        if n_j % d == 0 and d % 8 == 0:
+            return d
+    return None
 
 
 def _vector_registers(target: Target) -> int:
@@ -139,6 +183,9 @@ def _divides(factor: int, extent) -> bool:
     from tvm.sym import Analyzer  # a symbolic extent may still be a known multiple (batch * 3136)
 
     return Analyzer().can_prove_equal(tirx.floormod(extent, factor), 0)
+
+
+GEMV_NR_VECTORS = 16  # one row of A (batch-1 linear): a wide J tile, so each row of B is read in long runs
 
 
 @dataclass
@@ -179,7 +226,7 @@ class CPUMatmul(ScheduleRule):
             return None
         main = red[0]
         stmt = sch.get(main)
-        traits = detect_iter_traits(stmt)
+        traits = _iter_traits(stmt)
         if traits is None:
             return None
         out_dtype = str(stmt.writes[0].source.dtype)
@@ -208,7 +255,8 @@ class CPUMatmul(ScheduleRule):
         cfg = self.config
         s, i, j, k = sch.get_loops(main)
         n_i, n_j = _int(sch.get(i).extent), _int(sch.get(j).extent)
-        nr = _pick_nr(n_j, lanes, cfg.nr_vectors)
+        nr = _pick_gemv_nr(n_j, lanes, n_i) if n_i is not None and n_i <= 4 else None
+        nr = nr or _pick_nr(n_j, lanes, cfg.nr_vectors)
         mr = _pick_mr(n_i, _vector_registers(target), nr // lanes if nr % lanes == 0 else cfg.nr_vectors, cfg.mr)
         ext_i, ext_j = sch.get(i).extent, sch.get(j).extent
         pad_i = not _divides(mr, ext_i)
@@ -225,6 +273,7 @@ class CPUMatmul(ScheduleRule):
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(s, jo, io, k, ii, ji)
+        _dequantize_per_panel(sch, b_blocks, jo, lanes)  # low-bit weights (tvm_lowbit): see the function
         acc = sch.cache_write(main, 0, "local")
         # Inline the output chain (re-index, epilogue) first, then move it under the row-tile loop:
         # in the other order TVM 0.27 loses bound checks. With padding, the chain is inlined into the
@@ -259,6 +308,56 @@ class CPUMatmul(ScheduleRule):
             if inline_ok is False:
                 _parallel_vectorize(sch, b, lanes)
                 return  # the rest was inlined into this one
+
+
+def _iter_traits(stmt):
+    """dlight's ``detect_iter_traits``, also for a matmul with no I axis (one row of A: a GEMV such
+    as a batch-1 linear layer), which dlight rejects; I then becomes a unit axis."""
+    traits = detect_iter_traits(stmt)
+    if traits is not None or len(stmt.reads) != 2 or len(stmt.writes) != 1:
+        return traits
+    regions = [stmt.reads[0].region, stmt.reads[1].region, stmt.writes[0].region]
+    if any(_int(r.extent) != 1 for reg in regions for r in reg):
+        return None
+    a, b, c = ({v for r in reg for v in undefined_vars(r.min)} for reg in regions)
+    kinds = {}
+    for iv in stmt.iter_vars:
+        v = iv.var
+        if _int(iv.dom.extent) == 1:
+            kind = IterKind.kIter_T
+        elif iv.iter_type == tirx.IterVar.DataPar and v in a and v in b and v in c:
+            kind = IterKind.kIter_S
+        elif iv.iter_type == tirx.IterVar.DataPar and v in b and v in c and v not in a:
+            kind = IterKind.kIter_J
+        elif iv.iter_type == tirx.IterVar.CommReduce and v in a and v in b and v not in c:
+            kind = IterKind.kIter_K
+        else:
+            return None
+        kinds[v] = IterTrait(kind, iv.dom.extent)
+    if {t.kind for t in kinds.values()} & {IterKind.kIter_J, IterKind.kIter_K} != {IterKind.kIter_J, IterKind.kIter_K}:
+        return None
+    pick = lambda axes: [kinds[iv.var] for iv in stmt.iter_vars if iv.var in axes]  # noqa: E731
+    return pick(a), pick(b), pick(c), [kinds[iv.var] for iv in stmt.iter_vars]
+
+
+def _dequantize_per_panel(sch, b_blocks, jo, lanes: int) -> None:
+    """Low-bit weights (tvm_lowbit._qmatmul): a packed B computed from integer codes (int8, or int4
+    nibbles in uint8; the dequantize is inlined into the pack) is computed per K x NR column panel under
+    ``jo`` instead of whole at the root. Each panel is dequantized once and read by every row tile, the
+    weights stay int8/uint8 in memory, and no full float copy of them is made per call. The panel's
+    loops come out as (row of W = column of the panel, k): swapped, so the vector loop writes whole panel
+    rows (measured ~2x less dequantize overhead than vector loads along k and scattered writes)."""
+    for b in b_blocks:
+        try:
+            reads = sch.get(b).reads
+        except Exception:  # noqa: BLE001  (inlined into the matmul: nothing is packed)
+            continue
+        if all(str(r.source.dtype).startswith("float") for r in reads):
+            continue
+        sch.compute_at(b, jo, preserve_unit_loops=True)
+        loops = sch.get_loops(b)
+        sch.reorder(loops[-1], loops[-2])
+        _vectorize_inner(sch, b, lanes)
 
 
 def _chain_producers(sch, block, read_index: int) -> list:
@@ -392,6 +491,8 @@ class CPURowwise(ScheduleRule):
             loops = sch.get_loops(bi.block_rv)
             if len(loops) != len(dk):
                 continue
+            if _is_window(sch, loops, dk, lead):
+                lead -= 1  # the output row stays out of the parallel loop
             lead = min(lead, len(loops) - 1)  # the innermost loop stays for LLVM to vectorise
             if lead <= 0:
                 continue
@@ -400,6 +501,16 @@ class CPURowwise(ScheduleRule):
                 continue
             sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
         return sch
+
+
+def _is_window(sch, loops, dk: str, lead: int) -> bool:
+    """A pooling-like block: a small constant window (e.g. max pool 3x3) reduced per output, with a
+    static output row of 8 or more. Its last output axis must stay out of the parallel loop: LLVM
+    unrolls the window and vectorises along the row (fused in, max pool ran 4x slower)."""
+    last = _int(sch.get(loops[lead - 1]).extent) if lead >= 1 else None
+    window = [_int(sch.get(lp).extent) for lp in loops[lead:]]
+    return dk == "S" * lead + "R" * len(window) and bool(window) and last is not None and last >= 8 \
+        and all(e is not None and e <= 16 for e in window)
 
 
 def _is_spatial(sch, block) -> bool:
@@ -438,7 +549,37 @@ class CPUElementwise(ScheduleRule):
             if all(e is not None for e in extents) and _prod(extents) < PARALLEL_MIN_ELEMENTS:
                 continue
             sch.parallel(sch.fuse(*loops[:-1]))
+        for b in sch.get_child_blocks(root):
+            _split_by_inner_divisor(sch, b)
         return sch
+
+
+def _split_by_inner_divisor(sch, block) -> None:
+    """Split the innermost loop by the largest constant its index is divided by (a fused reshape:
+    im2col written as [N, C*kh*kw, OH*OW] reads x[.., j // OW * s + .., j % OW * s + ..]), so the
+    division and remainder become loop variables instead of being computed per element."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extent = _int(sch.get(loops[-1]).extent)
+    stmt = sch.get(block)
+    if not extent or not stmt.iter_vars or _int(stmt.iter_vars[-1].dom.extent) != extent:
+        return
+    inner = stmt.iter_vars[-1].var  # the innermost loop is bound to the last block variable
+    found = set()
+    todo = [stmt.body] if isinstance(stmt.body, tirx.BufferStore) else []
+    while todo:  # walk the stored expression (this TVM has no Python post_order_visit for TIR)
+        e = todo.pop()
+        if isinstance(e, (tirx.FloorDiv, tirx.FloorMod)) and _int(e.b) and _uses(e.a, inner):
+            found.add(_int(e.b))
+        for field in ("a", "b", "value", "condition", "true_value", "false_value"):
+            if isinstance(getattr(e, field, None), tvm.ir.expr.Expr):
+                todo.append(getattr(e, field))
+        for field in ("args", "indices"):
+            todo.extend(x for x in (getattr(e, field, None) or []) if isinstance(x, tvm.ir.expr.Expr))
+    divisors = [c for c in found if 4 <= c < extent and extent % c == 0]  # (a shorter row would not vectorise)
+    if divisors:
+        sch.split(loops[-1], [None, max(divisors)])
 
 
 def _prod(xs) -> int:

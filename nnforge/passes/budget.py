@@ -1,8 +1,10 @@
 """Accuracy-budgeted search over the lossy passes: the fastest setting whose quality drop stays in budget.
 
 ``search(graph, Budget(metric="cosine", max_drop=0.01), calibration, heldout, time_fn)`` tries
-settings of token merging (r), token pruning (keep ratio) and layer skipping (blocks removed)
-jointly. For each it builds the graph, measures the quality drop against the lossless graph on the
+settings of token merging (r), token pruning (keep ratio), layer skipping (blocks removed) and
+quantization ("float", "int8" weight-only, "w8a8" int8 weights + dynamic int8 activations) jointly.
+A quantization the backend cannot build (``time_fn`` raises an NnforgeError) is left out. For each
+setting it builds the graph, measures the quality drop against the lossless graph on the
 calibration batches, and times it with ``time_fn(graph) -> seconds`` (the real target backend, as
 the caller wires it; ``flop_time`` is a deterministic stand-in). The fastest setting within the
 budget on calibration (with a safety margin) is then measured on the held-out batches, which it
@@ -30,6 +32,7 @@ from ..ir.interpret import bind_symbols
 from .blocks import find_blocks, require_blocks
 from .layers import SkipLayers, SkipLayersPass
 from .manager import PassContext
+from .quantize import Quantize, QuantizeFromSettings
 from .tokens import TokenMerge, TokenMergePass, TokenPrune, TokenPrunePass
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -43,7 +46,18 @@ class Budget:
     merge_r: Sequence[int] | None = None
     prune_keep: Sequence[float] | None = None
     skip: Sequence[int] | None = None
+    quantize: Sequence[str] | None = None  # of QUANT; None: DEFAULT_QUANT for the backend (else all)
     margin: float = 0.8  # calibration must show at most margin * max_drop
+
+
+QUANT = ("float", "int8", "w8a8")  # weakest first: w8a8 uses the int8 weights and quantizes activations too
+# the default quantization choices per backend: TVM has no int8 dot-product kernel yet (ViT-S, batch 4: int8
+# weight-only 1.00x, W8A8 0.92x of float), so it searches float only unless Budget.quantize asks
+DEFAULT_QUANT = {"tvm": ("float",)}
+
+
+def _quantize_config(name: str) -> Quantize:
+    return Quantize(weights="int8", activations="dynamic" if name == "w8a8" else None)
 
 
 @dataclass(frozen=True)
@@ -51,13 +65,14 @@ class Setting:
     merge_r: int = 0
     prune_keep: float = 1.0
     skip: int = 0
+    quant: str = "float"
 
     @property
     def lossless(self) -> bool:
-        return self.merge_r == 0 and self.prune_keep == 1.0 and self.skip == 0
+        return self.merge_r == 0 and self.prune_keep == 1.0 and self.skip == 0 and self.quant == "float"
 
     def passes(self):
-        """The lossy passes for this setting, in the order they compose: skip, prune, merge."""
+        """The lossy passes for this setting, in the order they compose: skip, prune, merge, quantize."""
         out = []
         if self.skip:
             out.append(SkipLayersPass(SkipLayers(n=self.skip)))
@@ -65,15 +80,22 @@ class Setting:
             out.append(TokenPrunePass(TokenPrune(keep=self.prune_keep)))
         if self.merge_r:
             out.append(TokenMergePass(TokenMerge(r=self.merge_r)))
+        if self.quant != "float":
+            out.append(QuantizeFromSettings())
         return out
+
+    def options(self) -> dict:
+        return {"quantize": _quantize_config(self.quant)} if self.quant != "float" else {}
 
     def dominates(self, other: "Setting") -> bool:
         """At least as strong in every knob (so at least as lossy, as far as the search assumes)."""
-        return self.merge_r >= other.merge_r and self.prune_keep <= other.prune_keep and self.skip >= other.skip
+        return (self.merge_r >= other.merge_r and self.prune_keep <= other.prune_keep and self.skip >= other.skip
+                and QUANT.index(self.quant) >= QUANT.index(other.quant))
 
     def __str__(self) -> str:
         parts = ([f"merge r={self.merge_r}"] if self.merge_r else []) + (
-            [f"prune keep={self.prune_keep:g}"] if self.prune_keep < 1 else []) + ([f"skip {self.skip}"] if self.skip else [])
+            [f"prune keep={self.prune_keep:g}"] if self.prune_keep < 1 else []) + (
+            [f"skip {self.skip}"] if self.skip else []) + ([self.quant] if self.quant != "float" else [])
         return ", ".join(parts) or "lossless"
 
 
@@ -181,6 +203,8 @@ COSTS = {
     "matmul": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[0])[-1],
     "attention": _attention_cost,
     "attention_scores": _attention_cost,
+    "qlinear": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[0])[-1],
+    "qconv2d": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[1])[1] * (2 if n.attrs["bits"] == 4 else 1),
     "conv2d": lambda n, shp: _numel(shp(n.output)) * _numel(shp(n.inputs[1])[1:]),
 }
 
@@ -225,8 +249,10 @@ def _tokens(graph: Graph, batch) -> int:
     return symbols.evaluate(info.tokens, env)
 
 
-def default_space(graph: Graph, budget: Budget, batch) -> tuple[list[int], list[float], list[int]]:
-    """Candidate knobs from the model: merging up to 3/4 of the tokens, keep ratios, up to half the blocks skipped."""
+def default_space(graph: Graph, budget: Budget, batch, backend: str | None = None
+                  ) -> tuple[list[int], list[float], list[int], list[str]]:
+    """Candidate knobs from the model: merging up to 3/4 of the tokens, keep ratios, up to half the blocks skipped,
+    the quantizations worth timing on ``backend``."""
     info = find_blocks(graph)
     n = len(info.blocks)
     decoder = info.kind == "decoder"
@@ -240,12 +266,16 @@ def default_space(graph: Graph, budget: Budget, batch) -> tuple[list[int], list[
         rs = sorted({0, *(max(1, round(top * f)) for f in (0.25, 0.5, 0.75, 1.0))})
     keeps = list(budget.prune_keep) if budget.prune_keep is not None else [1.0, 0.9, 0.7, 0.5]
     skips = list(budget.skip) if budget.skip is not None else list(range(0, max(1, n // 2) + 1))
-    return rs, keeps, skips
+    quants = list(budget.quantize) if budget.quantize is not None else list(DEFAULT_QUANT.get(backend, QUANT))
+    for q in quants:
+        if q not in QUANT:
+            raise NnforgeError(f"budget: quantize must list values of {QUANT}, got {q!r}")
+    return rs, keeps, skips, quants
 
 
 def build(graph: Graph, setting: Setting, calibration) -> Graph:
     g = graph.copy()
-    ctx = PassContext(calibration=calibration, sample_inputs=list(calibration[0]))
+    ctx = PassContext(calibration=calibration, sample_inputs=list(calibration[0]), options=setting.options())
     for p in setting.passes():
         res = p.run(g, ctx)
         g = res.graph if res.graph is not None else g
@@ -263,16 +293,18 @@ def _progress(enabled: bool, total: int):
 
 
 def search(graph: Graph, budget: Budget, calibration: Sequence[Sequence[np.ndarray]], heldout: Sequence[Sequence[np.ndarray]],
-           time_fn: Callable[[Graph], float] | None = None, run=interpret, progress: bool = False) -> BudgetResult:
-    """The fastest setting within ``budget``; see the module docstring."""
+           time_fn: Callable[[Graph], float] | None = None, run=interpret, progress: bool = False,
+           backend: str | None = None) -> BudgetResult:
+    """The fastest setting within ``budget``; see the module docstring. ``backend``: the one ``time_fn``
+    builds with (it picks the default quantization choices)."""
     if not calibration or not heldout:
         raise NnforgeError("budget: needs calibration batches and held-out batches (kept apart)")
     require_blocks(graph, "budget")
     metric = metric_fn(budget.metric)
     time_fn = time_fn or flop_time(list(calibration[0]))
-    rs, keeps, skips = default_space(graph, budget, calibration[0])
-    settings = sorted((Setting(r, k, s) for r, k, s in itertools.product(rs, keeps, skips)),
-                      key=lambda s: (s.merge_r + s.skip, -s.prune_keep))  # weak first: failures prune strong ones
+    rs, keeps, skips, quants = default_space(graph, budget, calibration[0], backend)
+    settings = sorted((Setting(r, k, s, q) for r, k, s, q in itertools.product(rs, keeps, skips, quants)),
+                      key=lambda s: (s.merge_r + s.skip, -s.prune_keep, QUANT.index(s.quant)))  # weak first
     cands = [Candidate(s) for s in settings]
     ref_cal, graphs = outputs(graph, calibration, run), {}
     failed: list[Setting] = []
@@ -296,7 +328,11 @@ def search(graph: Graph, budget: Budget, calibration: Sequence[Sequence[np.ndarr
             if c.drop > budget.margin * budget.max_drop:
                 failed.append(c.setting)
                 continue
-            c.seconds = time_fn(g)
+            try:
+                c.seconds = time_fn(g)
+            except NnforgeError as e:  # e.g. a quantized op this backend cannot build
+                c.error = str(e)
+                continue
             graphs[c.setting] = g
     finally:
         if bar:

@@ -196,7 +196,8 @@ def plain_linear(graph: Graph, node: Node | None) -> bool:
 
 def row_source(graph: Graph, users: dict, v: Value):
     """When ``v`` is exactly output channels [start, end) of a constant-weight linear (directly, or by a
-    last-axis slice of it, as merge_qkv and packed qkv produce) and only its one user reads it:
+    last-axis slice of it, as merge_qkv and packed qkv produce, maybe after row slices) and only its one
+    user reads it:
     (linear node, start, end). Else None."""
     p = v.producer
     if p is None or len(users.get(v, [])) != 1 or v in graph.outputs:
@@ -206,11 +207,17 @@ def row_source(graph: Graph, users: dict, v: Value):
     if p.op != "slice" or p.attrs["step"] != 1:
         return None
     src = p.inputs[0]
-    lin = src.producer
-    if not plain_linear(graph, lin) or src in graph.outputs or p.attrs["axis"] not in (-1, src.type.rank - 1):
+    if p.attrs["axis"] not in (-1, src.type.rank - 1) or not isinstance(p.attrs["end"], int):
         return None
-    if any(u.op != "slice" for u in users.get(src, [])) or not isinstance(p.attrs["end"], int):
-        return None
+    while True:  # through row slices (sink_slices keeps only the rows a block reads) to the linear
+        if src in graph.outputs or any(u.op != "slice" for u in users.get(src, [])):
+            return None
+        lin = src.producer
+        if plain_linear(graph, lin):
+            break
+        if lin is None or lin.op != "slice" or lin.attrs["axis"] in (-1, src.type.rank - 1):
+            return None
+        src = lin.inputs[0]
     n = src.shape[-1]
     start, end = p.attrs["start"], min(p.attrs["end"], n)
     return (lin, start, end) if 0 <= start < end else None

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ..ir import Graph, Node
+from ..ir import Graph, Node, get_op
 from .manager import Pass, PassContext, PassResult, register_pass
 from .cleanup import CANONICAL_RULES
 from .pattern import ANY, Bind, P, RewritePass, Rule
@@ -365,3 +365,140 @@ class FuseAttention(RewritePass):
 
     name = "fuse_attention"
     rules = [UNPACK_QKV, *_sdpa_rules(), *CANONICAL_RULES, ATTENTION]
+
+
+# ---------------------------------------------------------------------------------------
+# slices sink toward the inputs: rows nobody reads are never computed
+# ---------------------------------------------------------------------------------------
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _slice_key(n: Node) -> tuple:
+    a = n.attrs
+    return _axis(a["axis"], n.output.type.rank), a["start"], a["end"], a["step"]
+
+
+def _row_wise(p: Node, axis: int) -> bool:
+    """Whether row `axis` of p's output depends only on the same rows of p's inputs sliced along it."""
+    rank = p.output.type.rank
+    if p.op in ("linear", "linear_act"):
+        return axis < rank - 1
+    if p.op in ("layer_norm", "rms_norm"):
+        return axis < rank - p.attrs["naxes"]
+    if p.op == "attention":  # rows of the queries; keys and values stay whole
+        return axis == 1 and len(p.inputs) == 3 and not p.attrs["is_causal"]
+    if p.op == "slice":  # a slice on the last axis moves after one on another axis (one order, no ping-pong)
+        return _axis(p.attrs["axis"], rank) == rank - 1 and axis != rank - 1
+    return get_op(p.op).kind == "elementwise"
+
+
+@register_pass
+class SinkSlices(Pass):
+    """slice(f(x)) -> f(slice(x)) for row-wise f (linear, norms, elementwise, attention queries), when every user
+    of f reads the same slice: e.g. a ViT's last block runs its MLP and attention queries on the class token only."""
+
+    name = "sink_slices"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        moved, changed = 0, True
+        while changed:
+            changed = False
+            users = graph.users()
+            for s in list(graph.nodes):
+                p = s.inputs[0].producer if s.op == "slice" else None
+                if p is None or len(p.outputs) != 1 or p not in graph.nodes or s.inputs[0] in graph.outputs:
+                    continue
+                key = _slice_key(s)
+                group = users.get(s.inputs[0], [])
+                if not _row_wise(p, key[0]) or any(u.op != "slice" or _slice_key(u) != key for u in group):
+                    continue
+                self._push(graph, p, group, key)
+                moved, changed = moved + 1, True
+                break  # users changed: rescan
+        return PassResult(bool(moved), {"slices_sunk": moved})
+
+    @staticmethod
+    def _cut(graph: Graph, v, key, out_rank: int, before: Node):
+        """v sliced like the output along key's axis (v broadcasts to the output from the right)."""
+        axis, start, end, step = key
+        ax = axis - (out_rank - v.type.rank)
+        if ax < 0 or v.shape[ax] == 1:  # broadcast along the axis: every row reads all of v
+            return v
+        if graph.is_constant(v) and isinstance(end, int):
+            idx = [slice(None)] * v.type.rank
+            idx[ax] = slice(start, end, step)
+            return graph.add_constant(np.ascontiguousarray(graph.constant(v)[tuple(idx)]), v.name + "_rows")
+        return graph.add_node("slice", [v], {"axis": ax, "start": start, "end": end, "step": step},
+                              name=v.name + "_rows", before=before).output
+
+    def _push(self, graph: Graph, p: Node, group: list[Node], key) -> None:
+        rank = p.output.type.rank
+        if p.op in ("linear", "linear_act", "layer_norm", "rms_norm", "attention", "slice"):
+            ins = [self._cut(graph, p.inputs[0], key, rank, p)] + list(p.inputs[1:])
+        else:
+            ins = [i if i is None else self._cut(graph, i, key, rank, p) for i in p.inputs]
+        new = graph.add_node(p.op, ins, dict(p.attrs), name=p.output.name, source=p.source, before=p).output
+        for s in group:
+            graph.replace_all_uses(s.output, new)
+            graph.remove_node(s)
+        graph.remove_node(p)
+
+
+# ---------------------------------------------------------------------------------------
+# chains of elementwise ops -> one elementwise_region
+# ---------------------------------------------------------------------------------------
+
+def _chainable(n: Node) -> bool:
+    return len(n.outputs) == 1 and n.op != "elementwise_region" and get_op(n.op).kind == "elementwise"
+
+
+@register_pass
+class FuseElementwise(Pass):
+    """Maximal chains of elementwise ops, each value read only by the next op, become one elementwise_region
+    (not in the default pipelines: backends fuse such chains themselves; this makes the grouping explicit)."""
+
+    name = "fuse_elementwise"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        from ..ir.analysis import fusion_creates_cycle, to_networkx
+
+        users, outs = graph.users(), set(graph.outputs)
+        region: dict[Node, list[Node]] = {}
+        for n in graph.nodes:
+            if not _chainable(n):
+                continue
+            joins = [v.producer for v in n.inputs if v is not None and v.producer in region and v not in outs
+                     and len(users[v]) == 1]
+            region[n] = region[joins[0]] if joins else []
+            region[n].append(n)
+        groups = [g for g in {id(r): r for r in region.values()}.values() if len(g) >= 2]
+        dg = to_networkx(graph) if groups else None
+        made = 0
+        for group in groups:
+            if fusion_creates_cycle(graph, group, dg):  # cannot happen for single-use chains; checked anyway
+                continue
+            self._replace(graph, group)
+            made += 1
+        return PassResult(bool(made), {"regions": made, "ops_in_regions": sum(map(len, groups))})
+
+    @staticmethod
+    def _replace(graph: Graph, group: list[Node]) -> None:
+        inside = {n.output for n in group}
+        ext: list = []
+        for n in group:
+            for v in n.inputs:
+                if v not in inside and v not in ext:
+                    ext.append(v)
+        index = {v: i for i, v in enumerate(ext)}
+        body = []
+        for k, n in enumerate(group):
+            body.append([n.op, [index[v] for v in n.inputs], dict(n.attrs)])
+            index[n.output] = len(ext) + k
+        last = group[-1]
+        new = graph.add_node("elementwise_region", ext, {"body": body}, name=last.output.name, source=last.source,
+                             before=last).output
+        graph.replace_all_uses(last.output, new)
+        for n in group:
+            graph.remove_node(n)

@@ -69,7 +69,8 @@ _FUSION = ["fold_constant_chains", "recognize_norms", "fuse_linear_act", "fuse_a
 PIPELINES: dict[str, list[str]] = {
     "O0": _CLEANUP,  # cleanup only
     "O1": _CLEANUP + _FUSION,  # + lossless fusion
-    "O2": _CLEANUP + _FUSION + ["merge_qkv", "cse", "dce"],  # + layout: sibling projections share one matmul
+    # + layout: sibling projections share one matmul; rows nobody reads are not computed
+    "O2": _CLEANUP + _FUSION + ["merge_qkv", "sink_slices", "cse", "dce"],
 }
 
 

@@ -233,15 +233,25 @@ def drop_rows(graph: Graph, lin: Node, drop: np.ndarray) -> Node:
     if len(lin.inputs) > 2 and lin.inputs[2] is not None:
         inputs.append(graph.add_constant(np.delete(graph.constant(lin.inputs[2]), drop), f"{base_name(lin.inputs[2].name)}_pruned"))
     new = graph.add_node(lin.op, inputs, lin.attrs, name=lin.output.name, source=lin.source, before=lin)
-    slices = [u for u in users.get(lin.output, []) if u.op == "slice"]
-    if not slices:
+    if not any(u.op == "slice" for u in users.get(lin.output, [])):
         graph.replace_all_uses(lin.output, new.output)
-    for s in slices:  # shift each slice by the channels removed ahead of its ends
-        start, end = s.attrs["start"], min(s.attrs["end"], lin.output.shape[-1])
-        replace_node(graph, s, "slice", [new.output], {**s.attrs, "start": start - int(np.sum(drop < start)),
-                                                        "end": end - int(np.sum(drop < end))})
+    _reslice(graph, users, lin.output, new.output, drop)
     graph.remove_node(lin)
     return new
+
+
+def _reslice(graph: Graph, users: dict, old: Value, new: Value, drop: np.ndarray) -> None:
+    """Re-point the slices of ``old`` at ``new`` (which lacks channels ``drop``): a channel slice is shifted by
+    the channels removed ahead of its ends, a row slice is kept and its own slices re-pointed in turn."""
+    last = old.type.rank - 1
+    for s in [u for u in users.get(old, []) if u.op == "slice"]:
+        if s.attrs["axis"] in (-1, last):
+            start, end = s.attrs["start"], min(s.attrs["end"], old.shape[-1])
+            replace_node(graph, s, "slice", [new], {**s.attrs, "start": start - int(np.sum(drop < start)),
+                                                    "end": end - int(np.sum(drop < end))})
+        else:
+            rows = replace_node(graph, s, "slice", [new], s.attrs)
+            _reslice(graph, users, s.output, rows.output, drop)
 
 
 def _how_many(spec: float, total: int) -> int:
@@ -254,8 +264,8 @@ def _head_plan(graph: Graph, users: dict, att: Node):
     """(q/k/v row sources, output consumers) when this attention's heads can be removed, else a reason."""
     q, k, v = att.inputs[:3]
     mask = att.inputs[3] if len(att.inputs) > 3 else None
-    if mask is not None and mask.type.rank == 4 and mask.shape[1] != 1:
-        return "mask has a per-head axis"
+    if mask is not None and mask.type.rank == 4 and mask.shape[1] not in (1, att.attrs["num_heads"]):
+        return "mask has a head axis of another size"
     sources = [row_source(graph, users, t) for t in (q, k, v)]
     if any(s is None for s in sources):
         return "q/k/v are not channels of constant-weight linears"
@@ -271,6 +281,20 @@ def _head_plan(graph: Graph, users: dict, att: Node):
     return sources, consumers
 
 
+def _keep_heads(graph: Graph, att: Node, mask, keep: list):
+    """A per-head mask [batch, heads, q, k] cut to the kept heads: one slice per run of kept heads, concatenated."""
+    runs = []
+    for h in keep:
+        if runs and runs[-1][1] == h:
+            runs[-1][1] = h + 1
+        else:
+            runs.append([h, h + 1])
+    parts = [graph.add_node("slice", [mask], {"axis": 1, "start": a, "end": b}, source=att.source, before=att).output
+             for a, b in runs]
+    return parts[0] if len(parts) == 1 else graph.add_node("concat", parts, {"axis": 1}, source=att.source,
+                                                            before=att).output
+
+
 @register_pass
 class PruneHeads(Pass):
     """Remove attention heads: score_h = sum over output projections of ||o_h W_o[:, h]^T||^2 on calibration
@@ -278,12 +302,20 @@ class PruneHeads(Pass):
 
     name = "prune_heads"
     lossy = True
+    version = "2"  # fuses attention first where the graph has none
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         cfg = settings(ctx)
         if not cfg.heads:
             return PassResult(False, {"heads_removed": 0})
         atts = [n for n in graph.nodes if n.op == "attention"]
+        if not atts:  # O2 leaves nn.TransformerEncoderLayer's attention unfused: fuse it as the block analysis does
+            from .blocks import prepare
+
+            fused = prepare(graph)
+            if fused is not graph:  # the manager edits in place; keep the caller's object
+                graph.__dict__.update(fused.__dict__)
+            atts = [n for n in graph.nodes if n.op == "attention"]
         users = graph.users()
         plans = {id(a): _head_plan(graph, users, a) for a in atts}
         ok = [a for a in atts if not isinstance(plans[id(a)], str)]
@@ -322,7 +354,10 @@ class PruneHeads(Pass):
             per_linear.setdefault(id(lin), (lin, []))[1].extend(chans)
         for lin, chans in per_linear.values():
             drop_rows(graph, lin, np.array(sorted(chans)))
-        new = replace_node(graph, att, "attention", att.inputs, {**att.attrs, "num_heads": heads - len(drop)})
+        inputs = list(att.inputs)
+        if len(inputs) > 3 and inputs[3] is not None and inputs[3].type.rank == 4 and inputs[3].shape[1] != 1:
+            inputs[3] = _keep_heads(graph, att, inputs[3], [h for h in range(heads) if h not in set(drop)])
+        new = replace_node(graph, att, "attention", inputs, {**att.attrs, "num_heads": heads - len(drop)})
         cols = np.array([h * dv + i for h in drop for i in range(dv)])
         for layer in consumers:
             drop_columns(graph, layer, cols)
