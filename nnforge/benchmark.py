@@ -5,6 +5,7 @@ Benchmarks are not tests: nothing here asserts a time.
 """
 from __future__ import annotations
 
+import io
 import json
 import statistics
 import tempfile
@@ -157,23 +158,31 @@ def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=No
     return rows
 
 
-def render(rows: list[BenchRow]) -> str:
+def _table_text(title: str, columns: Sequence[str], left: Sequence[str], cells, width: int) -> str:
+    """A rich table rendered to plain text (for the terminal and the tests)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="nnforge bench (median ms; speedup = eager ms / runner ms)")
-    for col in ("family", "runner", "median ms", "speedup vs eager", "GFLOP", "% of peak", "max rel error", "compile s", "note"):
-        table.add_column(col, justify="left" if col in ("family", "runner", "note") else "right")
-    for r in rows:
-        table.add_row(r.family, r.runner, f"{r.median_ms:.2f}" if r.median_ms is not None else "-",
-                      f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "-",
-                      f"{r.gflop:.2f}" if r.gflop else "-",
-                      f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
-                      f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else "-",
-                      f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note)
-    console = Console(record=True, width=140, file=open("/dev/null", "w"))
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    for row in cells:
+        table.add_row(*row)
+    console = Console(record=True, width=width, file=io.StringIO())
     console.print(table)
     return console.export_text()
+
+
+def render(rows: list[BenchRow]) -> str:
+    cells = [(r.family, r.runner, f"{r.median_ms:.2f}" if r.median_ms is not None else "-",
+              f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "-",
+              f"{r.gflop:.2f}" if r.gflop else "-",
+              f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
+              f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else "-",
+              f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note) for r in rows]
+    return _table_text("nnforge bench (median ms; speedup = eager ms / runner ms)",
+                       ("family", "runner", "median ms", "speedup vs eager", "GFLOP", "% of peak", "max rel error",
+                        "compile s", "note"), ("family", "runner", "note"), cells, 140)
 
 
 def run_bench(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20,
@@ -427,23 +436,15 @@ def bench_lowbit_family(family: str, size: str = "bench", repeat: int = 20, runn
 
 
 def render_lowbit(rows: list[LowbitRow]) -> str:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="nnforge bench --lowbit (median ms; speed-up and size vs the same runner's float row)")
-    for col in ("family", "setting", "runner", "median ms", "speed-up", "bundle MB", "size", "cosine", "compile s",
-                "note"):
-        table.add_column(col, justify="left" if col in ("family", "setting", "runner", "note") else "right")
-    for r in rows:
-        table.add_row(r.family, r.setting, r.runner, f"{r.median_ms:.2f}" if r.median_ms else "-",
-                      f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "-",
-                      f"{r.bundle_bytes / 1e6:.2f}" if r.bundle_bytes else "-",
-                      f"{r.size_vs_float:.2f}x" if r.size_vs_float else "-",
-                      f"{r.cosine:.4f}" if r.cosine is not None else "-",
-                      f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note)
-    console = Console(record=True, width=150, file=open("/dev/null", "w"))
-    console.print(table)
-    return console.export_text()
+    cells = [(r.family, r.setting, r.runner, f"{r.median_ms:.2f}" if r.median_ms else "-",
+              f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "-",
+              f"{r.bundle_bytes / 1e6:.2f}" if r.bundle_bytes else "-",
+              f"{r.size_vs_float:.2f}x" if r.size_vs_float else "-",
+              f"{r.cosine:.4f}" if r.cosine is not None else "-",
+              f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note) for r in rows]
+    return _table_text("nnforge bench --lowbit (median ms; speed-up and size vs the same runner's float row)",
+                       ("family", "setting", "runner", "median ms", "speed-up", "bundle MB", "size", "cosine",
+                        "compile s", "note"), ("family", "setting", "runner", "note"), cells, 150)
 
 
 def run_lowbit(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20,

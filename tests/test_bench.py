@@ -1,5 +1,5 @@
-"""``nnforge bench --lowbit``: latency, bundle size and cosine of the low-bit / sparse settings beside ONNX
-Runtime's own quantize_dynamic. Benchmarks are not tests: nothing here asserts a time, only that every
+"""``nnforge bench``: the main table, and ``--lowbit``: latency, bundle size and cosine of the low-bit /
+sparse settings beside ONNX Runtime's own quantize_dynamic. Benchmarks are not tests: nothing here asserts a time, only that every
 row is measured and that the sizes and qualities are the real ones."""
 import json
 
@@ -47,3 +47,17 @@ def test_int4_bundle_is_at_most_three_tenths_of_float_at_bench_size():
     assert (float_row.setting, int4.setting) == ("float", "int4 GPTQ g128")
     assert int4.bundle_bytes <= 0.3 * float_row.bundle_bytes
     assert int4.cosine > 0.99
+
+
+def test_bench_cli_measures_each_runner_with_flops_and_error(tmp_path, capsys):
+    """The main table: every asked runner gets a row with a time, FLOPs, a fraction of the measured peak
+    and its error against eager."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--size", "tiny", "--family", "mlp", "--repeat", "2", "--runner", "onnxruntime",
+                     "--runner", "nnforge-onnxrt", "--json", str(out)]) == 0
+    assert "nnforge bench" in capsys.readouterr().out
+    rows = {r["runner"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"eager", "onnxruntime", "nnforge-onnxrt"}
+    for r in rows.values():
+        assert r["median_ms"] > 0 and r["gflop"] > 0 and 0 < r["peak_fraction"] < 1
+        assert r["max_rel_error"] < 1e-4
