@@ -134,6 +134,9 @@ def _pick_nr(n_j, lanes: int, nr_vectors: int) -> int:
     return want if n_j > want else min(want, 1 << (n_j - 1).bit_length())  # pad J
 
 
+GEMV_NR_VECTORS = 16  # one row of A (batch-1 linear): a wide J tile, so each row of B is read in long runs
+
+
 def _pick_gemv_nr(n_j, lanes: int, n_i: int = 1):
     """Columns per tile for a matmul with 1-4 rows (GEMV-like, memory bound): wide whole-vector
     tiles, so each row of B is read in long runs (narrow ones touched a new page per row: 2048^2
@@ -180,12 +183,8 @@ def _divides(factor: int, extent) -> bool:
     v = _int(extent)
     if v is not None:
         return v % factor == 0
-    from tvm.sym import Analyzer  # a symbolic extent may still be a known multiple (batch * 3136)
-
+    # a symbolic extent may still be a known multiple (batch * 3136)
     return Analyzer().can_prove_equal(tirx.floormod(extent, factor), 0)
-
-
-GEMV_NR_VECTORS = 16  # one row of A (batch-1 linear): a wide J tile, so each row of B is read in long runs
 
 
 @dataclass
