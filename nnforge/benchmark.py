@@ -274,6 +274,7 @@ def lowbit_settings() -> dict:
         "float": {},
         "int8 weight-only": {"quantize": Quantize(weights="int8")},
         "W8A8 dynamic": {"quantize": Quantize(weights="int8", activations="dynamic")},
+        "W8A8 per-tensor": {"quantize": Quantize(weights="int8", activations="dynamic_tensor")},
         "int4 GPTQ g128": {"quantize": Quantize(weights="int4", method="gptq", group_size=128)},
         "2:4 Wanda": {"sparsity": Sparsity(method="wanda", pattern="2:4", storage="csr")},
         "heads -25%": {"sparsity": Sparsity(heads=0.25, ratio=0.0)},
@@ -460,5 +461,69 @@ def run_lowbit(families=None, size: str = "bench", json_path: str | None = None,
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        print(f"results written to {json_path}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# nnforge bench --sparse: where the TVM CSR kernel beats the dense matmul
+# ---------------------------------------------------------------------------------------
+
+SPARSE_DENSITIES = (0.5, 0.3, 0.2, 0.15, 0.1, 0.05)
+
+
+def bench_sparse_kernel(rows: int = 128, k: int = 384, n: int = 1536, densities=SPARSE_DENSITIES, repeat: int = 20,
+                        rounds: int = 3, progress=None) -> list[dict]:
+    """One linear layer ``[rows, k] -> [rows, n]`` (the bench BERT's fc1 at seq 128) with random weights
+    at each density, on TVM: the dense matmul schedule vs the CSR kernel (tvm_sparse), timed in
+    interleaved rounds. ``used`` says which one nnforge picks (tvm_sparse.MAX_DENSITY)."""
+    from .backends import tvm as tvm_backend
+    from .backends import tvm_sparse
+    from .ir.graph import Graph, TensorType
+    from .ir.ops_lowbit import csr_from_dense
+
+    rng = np.random.default_rng(0)
+    x = [rng.standard_normal((1, rows, k)).astype(np.float32)]
+
+    def build(w, sparse: bool):
+        g = Graph("layer")
+        xv = g.add_input("x", TensorType((1, rows, k)))
+        g.outputs = [g.op("sparse_linear", xv, *[g.add_constant(a) for a in csr_from_dense(w)], in_features=k)
+                     if sparse else g.op("linear", xv, g.add_constant(w))]
+        art = tvm_backend.build(g, "cpu")
+        return lambda: art.run(x)
+
+    saved, built = tvm_sparse.MAX_DENSITY, {}
+    tvm_sparse.MAX_DENSITY = 1.0  # build the CSR kernel at every density
+    try:
+        for d in densities:
+            if progress:
+                progress(f"building density {d}")
+            w = np.where(rng.random((n, k)) < d, rng.standard_normal((n, k)), 0).astype(np.float32)
+            built[d, "dense"], built[d, "csr"] = build(w, False), build(w, True)
+    finally:
+        tvm_sparse.MAX_DENSITY = saved
+    best: dict = {}
+    for r in range(rounds):
+        if progress:
+            progress(f"timing, round {r + 1} of {rounds}")
+        for key, fn in built.items():
+            best[key] = min(best.get(key, float("inf")), time_call(fn, max(1, repeat // rounds)))
+    return [{"density": d, "dense_ms": best[d, "dense"], "csr_ms": best[d, "csr"],
+             "speedup": best[d, "dense"] / best[d, "csr"], "used": "csr" if d <= saved else "dense"} for d in densities]
+
+
+def run_sparse(json_path: str | None = None, repeat: int = 20) -> list[dict]:
+    from rich.console import Console
+
+    with Console(stderr=True).status("bench --sparse") as status:
+        rows = bench_sparse_kernel(repeat=repeat, progress=lambda m: status.update(f"bench --sparse: {m}"))
+    cells = [(f"{r['density']:.2f}", f"{r['dense_ms']:.3f}", f"{r['csr_ms']:.3f}", f"{r['speedup']:.2f}x", r["used"])
+             for r in rows]
+    print(_table_text("nnforge bench --sparse (TVM, one 128 x 384 -> 1536 linear, median ms)",
+                      ("density", "dense ms", "CSR ms", "CSR speed-up", "nnforge uses"), ("nnforge uses",), cells, 100))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(rows, indent=1))
         print(f"results written to {json_path}")
     return rows

@@ -81,6 +81,11 @@ def _cmd_bench(args) -> int:
 
         run_pareto(args.pareto, size=args.size)
         return 0
+    if args.sparse:
+        from .benchmark import run_sparse
+
+        run_sparse(args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/sparse.json", repeat=args.repeat)
+        return 0
     if args.lowbit:
         from .benchmark import run_lowbit
 
@@ -185,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: float / int8 / W8A8 / int4 GPTQ / 2:4 / head pruning on bert, gpt, vit (latency, "
                    "bundle size, cosine) beside ONNX Runtime's quantize_dynamic; runners nnforge-onnxrt, nnforge-tvm, "
                    "onnxruntime (default: nnforge-onnxrt and onnxruntime); JSON to bench/results/lowbit.json")
+    b.add_argument("--sparse", action="store_true",
+                   help="instead: the TVM CSR sparse kernel vs the dense matmul on one linear layer at densities "
+                   "0.5..0.05, and which one nnforge uses; JSON to bench/results/sparse.json")
     b.set_defaults(func=_cmd_bench)
 
     k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")

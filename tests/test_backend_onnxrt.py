@@ -191,6 +191,45 @@ CASES.update({
                                         b.x(2, 1, 1, 5, dtype="bool", name="mask"), num_heads=4, query="last")],
 })
 
+# low-bit and sparse ops (nnforge/ir/ops_lowbit.py; lowerings in backends/onnxrt_lowbit.py)
+def _qweight(b, n, k, bits, group, zeros=True):
+    """Random codes as the quantize passes store them: int8 [n, k] or packed uint8 [n, k/2], scales, zeros."""
+    from nnforge.ir.ops_lowbit import pack_int4
+
+    codes = b.rng.integers(-127, 128, (n, k)).astype(np.int8) if bits == 8 else pack_int4(b.rng.integers(0, 16, (n, k)))
+    scales = b.rng.uniform(0.01, 0.1, (n, k // group)).astype(np.float32)
+    z = b.c(value=b.rng.integers(0, 16, (n, k // group)).astype(np.uint8)) if bits == 4 and zeros else None
+    return b.c(value=codes), b.c(value=scales), z
+
+
+def _csr(b, n, k):
+    from nnforge.ir.ops_lowbit import csr_from_dense
+
+    w = np.where(b.rng.random((n, k)) < 0.3, b.rng.uniform(-1, 1, (n, k)), 0).astype(np.float32)
+    return [b.c(value=a) for a in csr_from_dense(w)]
+
+
+CASES.update({
+    "qlinear": [lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64, act="relu"),
+                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 4, 16), b.c(8), bits=4, group_size=16, act="gelu"),
+                lambda b: b.op("qlinear", b.x(5, 64), *_qweight(b, 8, 64, 4, 32, zeros=False), bits=4, group_size=32),
+                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64,
+                               act_quant="dynamic"),
+                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64,
+                               act="gelu", act_quant="dynamic_tensor"),
+                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), bits=8, group_size=64,
+                               act_quant="static", x_scale=0.02, x_zero_point=100)],
+    "qconv2d": [lambda b: b.op("qconv2d", b.x(1, 4, 6, 6), *_qweight(b, 8, 36, 4, 36), b.c(8), bits=4, group_size=36,
+                               kernel=[3, 3], padding=[1, 1]),
+                lambda b: b.op("qconv2d", b.x(1, 4, 6, 6), *_qweight(b, 8, 16, 8, 16), bits=8, group_size=16, kernel=[2, 2],
+                               stride=[2, 2])],
+    "qgather": [lambda b: b.op("qgather", *_qweight(b, 10, 16, 8, 16), b.x(2, 3, dtype="int64", lo=0, hi=10),
+                               bits=8, group_size=16),
+                lambda b: b.op("qgather", *_qweight(b, 10, 16, 4, 8), b.x(4, dtype="int64", lo=0, hi=10), bits=4, group_size=8)],
+    "sparse_linear": [lambda b: b.op("sparse_linear", b.x(2, 3, 24), *_csr(b, 6, 24), b.c(6), in_features=24, act="relu"),
+                      lambda b: b.op("sparse_linear", b.x(4, 24), *_csr(b, 6, 24), in_features=24)],
+})
+
 def _compare(got, want):
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -224,43 +263,6 @@ def test_op_matches_interpreter(op, k):
     _compare(art.run(b.feeds), interpret(b.g, b.feeds))
 
 
-
-# low-bit and sparse ops (nnforge/ir/ops_lowbit.py; lowerings in backends/onnxrt_lowbit.py)
-def _qweight(b, n, k, bits, group, zeros=True):
-    """Random codes as the quantize passes store them: int8 [n, k] or packed uint8 [n, k/2], scales, zeros."""
-    from nnforge.ir.ops_lowbit import pack_int4
-
-    codes = b.rng.integers(-127, 128, (n, k)).astype(np.int8) if bits == 8 else pack_int4(b.rng.integers(0, 16, (n, k)))
-    scales = b.rng.uniform(0.01, 0.1, (n, k // group)).astype(np.float32)
-    z = b.c(value=b.rng.integers(0, 16, (n, k // group)).astype(np.uint8)) if bits == 4 and zeros else None
-    return b.c(value=codes), b.c(value=scales), z
-
-
-def _csr(b, n, k):
-    from nnforge.ir.ops_lowbit import csr_from_dense
-
-    w = np.where(b.rng.random((n, k)) < 0.3, b.rng.uniform(-1, 1, (n, k)), 0).astype(np.float32)
-    return [b.c(value=a) for a in csr_from_dense(w)]
-
-
-CASES.update({
-    "qlinear": [lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64, act="relu"),
-                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 4, 16), b.c(8), bits=4, group_size=16, act="gelu"),
-                lambda b: b.op("qlinear", b.x(5, 64), *_qweight(b, 8, 64, 4, 32, zeros=False), bits=4, group_size=32),
-                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64,
-                               act_quant="dynamic"),
-                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), bits=8, group_size=64,
-                               act_quant="static", x_scale=0.02, x_zero_point=100)],
-    "qconv2d": [lambda b: b.op("qconv2d", b.x(1, 4, 6, 6), *_qweight(b, 8, 36, 4, 36), b.c(8), bits=4, group_size=36,
-                               kernel=[3, 3], padding=[1, 1]),
-                lambda b: b.op("qconv2d", b.x(1, 4, 6, 6), *_qweight(b, 8, 16, 8, 16), bits=8, group_size=16, kernel=[2, 2],
-                               stride=[2, 2])],
-    "qgather": [lambda b: b.op("qgather", *_qweight(b, 10, 16, 8, 16), b.x(2, 3, dtype="int64", lo=0, hi=10),
-                               bits=8, group_size=16),
-                lambda b: b.op("qgather", *_qweight(b, 10, 16, 4, 8), b.x(4, dtype="int64", lo=0, hi=10), bits=4, group_size=8)],
-    "sparse_linear": [lambda b: b.op("sparse_linear", b.x(2, 3, 24), *_csr(b, 6, 24), b.c(6), in_features=24, act="relu"),
-                      lambda b: b.op("sparse_linear", b.x(4, 24), *_csr(b, 6, 24), in_features=24)],
-})
 
 # lowerings the ONNX frontend cannot read back: asymmetric pads (ceil_mode pools) have no IR form
 _NO_ROUND_TRIP = {("max_pool2d", 3), ("avg_pool2d", 4)}

@@ -61,3 +61,15 @@ def test_bench_cli_measures_each_runner_with_flops_and_error(tmp_path, capsys):
     for r in rows.values():
         assert r["median_ms"] > 0 and r["gflop"] > 0 and 0 < r["peak_fraction"] < 1
         assert r["max_rel_error"] < 1e-4
+
+
+def test_bench_sparse_times_both_kernels_and_reports_the_choice():
+    pytest.importorskip("tvm")
+    from nnforge.backends import tvm_sparse
+    from nnforge.benchmark import bench_sparse_kernel
+
+    rows = bench_sparse_kernel(rows=8, k=32, n=32, densities=(0.5, 0.05), repeat=2, rounds=1)
+    assert [r["density"] for r in rows] == [0.5, 0.05]
+    assert all(r["dense_ms"] > 0 and r["csr_ms"] > 0 for r in rows)
+    assert [r["used"] for r in rows] == ["csr" if d <= tvm_sparse.MAX_DENSITY else "dense" for d in (0.5, 0.05)]
+    assert tvm_sparse.MAX_DENSITY < 0.5  # restored after the bench forced the kernel on

@@ -79,7 +79,7 @@ def test_default_space_and_pareto_plot(tmp_path):
     d, cal, held = _split()
     rs, keeps, skips, quants = default_space(d.graph, Budget(), cal[0])
     assert rs[0] == 0 and max(rs) * 4 <= 16 and keeps[0] == 1.0 and skips == [0, 1, 2]
-    assert quants == ["float", "int8", "w8a8"] and default_space(d.graph, Budget(), cal[0], "tvm")[3] == ["float"]
+    assert quants == ["float", "int8", "w8a8"] and default_space(d.graph, Budget(), cal[0], "tvm")[3] == ["float", "w8a8"]
     res = search(d.graph, Budget(max_drop=0.02, merge_r=[0, 3], prune_keep=[1.0], skip=[0, 1]), cal, held,
                  time_fn=flop_time(cal[0]), progress=True)
     path = tmp_path / "pareto.png"

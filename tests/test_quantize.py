@@ -7,7 +7,7 @@ from nnforge import PassContext, PassManager
 from nnforge.errors import NnforgeError
 from nnforge.backends import onnxrt
 from nnforge.ir import Graph, TensorType, interpret, load_graph, save_graph, verify
-from nnforge.ir.ops_lowbit import dequantize, int_matmul, pack_int4, quantize_per_token, unpack_int4
+from nnforge.ir.ops_lowbit import dequantize, int_matmul, pack_int4, quantize_per_tensor, quantize_per_token, unpack_int4
 from nnforge.passes import quantize as Q
 from nnforge.passes.quantize import Quantize
 
@@ -87,13 +87,18 @@ def test_qlinear_matches_its_definition():
                          None if qw.zeros is None else g.add_constant(qw.zeros), g.add_constant(b)]
     y4 = g.op("qlinear", xv, *consts(qw4), bits=4, group_size=16, act="relu")
     y8 = g.op("qlinear", xv, *consts(qw8), bits=8, group_size=32, act_quant="dynamic")
-    g.outputs = [y4, y8]
+    y8t = g.op("qlinear", xv, *consts(qw8), bits=8, group_size=32, act_quant="dynamic_tensor")
+    g.outputs = [y4, y8, y8t]
     verify(g)
-    got4, got8 = interpret(g, [x])
+    got4, got8, got8t = interpret(g, [x])
     np.testing.assert_allclose(got4, np.maximum(x @ qw4.dequantize().T + b, 0), rtol=1e-5, atol=1e-5)
     xq, xs = quantize_per_token(x)
     want8 = (xq.astype(np.int64) @ qw8.q.T.astype(np.int64)) * xs * qw8.scales[:, 0] + b
     np.testing.assert_allclose(got8, want8, rtol=1e-5, atol=1e-5)
+    xq, xs, zp = quantize_per_tensor(x)
+    assert xq.dtype == np.uint8 and xq.min() == 0 and xq.max() == 255  # x has both signs: the range is used
+    want8t = ((xq.astype(np.int64) - zp) @ qw8.q.T.astype(np.int64)) * xs * qw8.scales[:, 0] + b
+    np.testing.assert_allclose(got8t, want8t, rtol=1e-5, atol=1e-5)
 
 
 def test_qlinear_type_errors_name_the_problem():
@@ -299,6 +304,7 @@ def quantized_cosine(minilm, passes, options=None):
 @pytest.mark.parametrize("passes,options,bar", [
     (["quantize_int8"], {}, 0.99),
     (["quantize_w8a8"], {}, 0.99),
+    (["quantize_w8a8"], {"quantize": {"activations": "dynamic_tensor"}}, 0.99),
     (["smoothquant", "quantize_w8a8"], {"quantize": {"smooth": 0.5}}, 0.99),
 ])
 def test_minilm_int8_keeps_sentence_embeddings(minilm, passes, options, bar):
@@ -353,6 +359,7 @@ def ort_run(graph, inputs, contrib=True):
 @pytest.mark.parametrize("name,options,onnx_op", [
     ("quantize_int8", {}, "MatMulNBits"), ("quantize_int4_rtn", {"group_size": 32}, "MatMulNBits"),
     ("quantize_int4_gptq", {}, "MatMulNBits"), ("quantize_w8a8", {}, "MatMulInteger"),
+    ("quantize_w8a8", {"activations": "dynamic_tensor"}, "DynamicQuantizeMatMul"),
     ("quantize_w8a8_static", {"observer": "percentile"}, "MatMulInteger")])
 def test_onnxruntime_runs_quantized_linears_like_the_interpreter(name, options, onnx_op, contrib):
     g = Graph("mlp3d")
@@ -367,6 +374,8 @@ def test_onnxruntime_runs_quantized_linears_like_the_interpreter(name, options, 
     ops_used = {n.op_type for n in model.graph.node}
     if onnx_op == "MatMulInteger" or contrib:
         assert onnx_op in ops_used
+    elif onnx_op == "DynamicQuantizeMatMul":  # portable: the standard ops ONNX Runtime fuses into it
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops_used
     else:  # portable: standard ops only, weights still stored as codes
         assert ops_used.isdisjoint({"MatMulNBits", "MultiHeadAttention"}) and "MatMul" in ops_used
     float_bytes = sum(a.nbytes for a in g.constants.values())
@@ -422,7 +431,8 @@ def mlp3d():
 
 
 @pytest.mark.parametrize("name,options", [("quantize_int8", {}), ("quantize_int4_rtn", {"group_size": 32}),
-                                          ("quantize_w8a8", {}), ("quantize_w8a8_static", {})])
+                                          ("quantize_w8a8", {}), ("quantize_w8a8", {"activations": "dynamic_tensor"}),
+                                          ("quantize_w8a8_static", {})])
 def test_tvm_runs_quantized_linears_like_the_interpreter(name, options):
     pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
@@ -476,6 +486,33 @@ def test_tvm_dequantizes_inside_the_matmul_and_keeps_weights_low_bit(name, optio
     text = next(str(kernels[gv]) for gv in kernels.functions if gv.name_hint.startswith("fused_qmatmul"))
     loops = text.split("\n    for ")[1:]
     assert any('sblock("dequantize' in loop and 'sblock("qmatmul_update' in loop for loop in loops)
+
+
+@pytest.mark.parametrize("act", ["dynamic", "dynamic_tensor", "static"])
+def test_tvm_w8a8_runs_int8_dot_products_where_the_cpu_has_vnni(act, monkeypatch):
+    """On a VNNI CPU, W8A8 multiplies uint8 x int8 codes with vpdpbusd (tvm_vnni), bias and rescale in
+    the same kernel; rows are padded to the register tile, so any batch x sequence size works. Without
+    VNNI the same graph runs the float kernel on the codes: both equal the interpreter's integer matmul."""
+    pytest.importorskip("tvm")
+    from nnforge.backends import tvm as tb
+    from nnforge.backends import tvm_vnni
+    from nnforge.targets import get_target
+
+    if not tvm_vnni.available(tb.tvm_target(get_target("cpu"), {}), 16, 4):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    out, _ = run(["quantize_w8a8"], mlp3d(), [[randn(2, 7, 128)]], {"quantize": {"activations": act}})
+    kernels = tb.BACKEND.kernels(out, "cpu")
+    vnni = [gv for gv in kernels.functions if gv.name_hint.startswith("qmatmul_vnni")]
+    assert len(vnni) == 2 and all("vpdpbusd" in str(kernels[gv]) for gv in vnni)
+    fast = tb.build(out, "cpu")
+    monkeypatch.setattr(tvm_vnni, "available", lambda *a: False)
+    plain = tb.build(out, "cpu")
+    assert not [gv for gv in tb.BACKEND.kernels(out, "cpu").functions if gv.name_hint.startswith("qmatmul_vnni")]
+    for shape in [(1, 1, 128), (3, 5, 128)]:
+        x = [randn(*shape)]
+        want = interpret(out, x)[0]
+        for art in (fast, plain):
+            np.testing.assert_allclose(art.run(x)[0], want, rtol=1e-4, atol=1e-4)
 
 
 # ---- through nnforge.compile -------------------------------------------------------------

@@ -250,3 +250,25 @@ def test_sparse_linear_runs_on_tvm():
     assert [n.op for n in out.nodes] == ["sparse_linear", "sparse_linear"]
     x = [randn(5, 64)]
     np.testing.assert_allclose(tb.build(out, "cpu").run(x)[0], interpret(out, x)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ratio,kernel", [(0.95, True), (0.5, False)])
+def test_tvm_uses_the_csr_kernel_only_for_very_sparse_layers(ratio, kernel):
+    """At or below tvm_sparse.MAX_DENSITY of stored weights the CSR kernel runs (no dense weight exists at
+    run time); denser layers are densified at load. Both match the interpreter for any row count: the
+    kernel's 64-row tiles and its scalar tail."""
+    pytest.importorskip("tvm")
+    from nnforge.backends import tvm as tb
+
+    g = Graph("mlp3d")
+    x = g.add_input("x", TensorType(("batch", "seq", 128)))
+    h = g.op("linear_act", x, g.add_constant(randn(192, 128), "fc1_weight"), g.add_constant(randn(192)), act="gelu")
+    g.outputs = [g.op("linear", h, g.add_constant(randn(32, 192), "fc2_weight"))]
+    out, _ = run(["prune_magnitude", "compress_sparse"], g, [randn(2, 3, 128)], {"sparsity": {"ratio": ratio}})
+    assert [n.op for n in out.nodes] == ["sparse_linear", "sparse_linear"]
+    names = [gv.name_hint for gv in tb.BACKEND.kernels(out, "cpu").functions]
+    assert sum(n.startswith("csr_matmul") for n in names) == (2 if kernel else 0)
+    art = tb.build(out, "cpu")
+    for shape in [(1, 1, 128), (2, 33, 128), (1, 130, 128)]:  # 1 row, one tile and a tail, two tiles and a tail
+        xs = [randn(*shape)]
+        np.testing.assert_allclose(art.run(xs)[0], interpret(out, xs)[0], rtol=1e-4, atol=1e-4)

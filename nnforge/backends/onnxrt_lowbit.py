@@ -8,7 +8,7 @@
   stays small and the run is a plain MatMul.
 - ``qlinear`` W8A8: per-token int8 quantization written out (ReduceMax/Div/Round/Clip/Cast), then
   MatMulInteger (int32) and a float rescale; static activations use QuantizeLinear (uint8) and
-  MatMulInteger's zero point.
+  MatMulInteger's zero point; per-tensor dynamic ones are ONNX Runtime's DynamicQuantizeMatMul.
 - ``qconv2d`` / ``qgather``: dequantize the weight (conv) or the gathered rows (embedding), then Conv / nothing.
 - ``sparse_linear``: the CSR weight is scattered into a dense matrix from initializers (folded at
   session start), so the file keeps the compressed form.
@@ -36,9 +36,9 @@ def _block_size(k: int, group: int) -> int | None:
     return None
 
 
-def _finish(cx, n, y: str) -> None:
-    """Bias (if any) and the fused activation, writing the node's output."""
-    if len(n.inputs) > 4 and n.inputs[4] is not None:
+def _finish(cx, n, y: str, with_bias: bool = False) -> None:
+    """Bias (unless ``y`` has it already) and the fused activation, writing the node's output."""
+    if not with_bias and len(n.inputs) > 4 and n.inputs[4] is not None:
         y = cx.emit("Add", [y, cx.value(n.inputs[4])])
     _ACTS[n.attrs.get("act", "none")](cx, y, n.output.name)
 
@@ -139,6 +139,20 @@ def _dynamic(cx, n, ins) -> str:
     return cx.emit("Reshape", [y, shape])
 
 
+def _dynamic_tensor(cx, n, ins) -> str:
+    """One uint8 range per tensor at run time (ONNX DynamicQuantizeLinear), as ops_lowbit.quantize_per_tensor.
+    With contrib ops: ONNX Runtime's DynamicQuantizeMatMul, one kernel that quantizes, multiplies on its
+    u8 x s8 path, rescales and adds the bias. Elsewhere the standard ops it is fused from."""
+    wscale = cx.const(cx.graph.constant(n.inputs[2])[:, 0].astype(np.float32), "float32", "w_scale")
+    if cx.contrib:
+        bias = [cx.value(n.inputs[4])] if len(n.inputs) > 4 and n.inputs[4] is not None else []
+        return cx.emit("DynamicQuantizeMatMul", [ins[0], _weight_t_int8(cx, n), wscale, "", *bias],
+                       domain="com.microsoft")
+    xq, xs, xzp = cx.emit_multi("DynamicQuantizeLinear", [ins[0]], 3)
+    acc = cx.emit("Cast", [cx.emit("MatMulInteger", [xq, _weight_t_int8(cx, n), xzp])], to=1)
+    return cx.emit("Mul", [acc, cx.emit("Mul", [xs, wscale])])
+
+
 def _static(cx, n, ins) -> str:
     xs, zp = np.float32(n.attrs["x_scale"]), np.uint8(n.attrs["x_zero_point"])
     xq = cx.emit("QuantizeLinear", [ins[0], cx.const(xs, "float32", "x_scale"), cx.const(zp, "uint8", "x_zp")])
@@ -147,11 +161,12 @@ def _static(cx, n, ins) -> str:
     return cx.emit("Mul", [acc, cx.const(wscale, "float32", "xw_scale")])
 
 
-_ACT_QUANT = {"none": _weight_only, "dynamic": _dynamic, "static": _static}
+_ACT_QUANT = {"none": _weight_only, "dynamic": _dynamic, "dynamic_tensor": _dynamic_tensor, "static": _static}
 
 
 def _qlinear(cx, n, ins):
-    _finish(cx, n, _ACT_QUANT[n.attrs["act_quant"]](cx, n, ins))
+    fused_bias = cx.contrib and n.attrs["act_quant"] == "dynamic_tensor"
+    _finish(cx, n, _ACT_QUANT[n.attrs["act_quant"]](cx, n, ins), with_bias=fused_bias)
 
 
 def _qlinear_check(n) -> str | None:

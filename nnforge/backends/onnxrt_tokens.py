@@ -9,15 +9,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import helper
 
 from .onnxrt import INT64_MAX, LOWERINGS
-
-
-def _multi(cx, op_type: str, inputs, n_out: int, **attrs) -> list[str]:
-    outs = [cx.fresh(op_type.lower()) for _ in range(n_out)]
-    cx.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], **attrs))
-    return outs
 
 
 def _i64(cx, values) -> str:
@@ -48,7 +41,7 @@ def _over_hidden(cx, idx: str, x: str) -> str:
 
 
 def _sort_ascending(cx, idx: str, k: str) -> str:
-    return _multi(cx, "TopK", [idx, k], 2, axis=-1, largest=0, sorted=1)[0]
+    return cx.emit_multi("TopK", [idx, k], 2, axis=-1, largest=0, sorted=1)[0]
 
 
 def _sizes(cx, n, ins) -> str:
@@ -77,7 +70,7 @@ def _token_merge(cx, n, ins):
     sa, sb = _tokens(cx, sizes, 0, 2), _tokens(cx, sizes, 1, 2)
     empty = cx.emit("And", [cx.emit("Equal", [sa, cx.const(0.0, dt)]), cx.emit("Not", [protected])])
     best = cx.emit("Where", [empty, inf, best])  # padding merges first: it weighs nothing
-    order = _multi(cx, "TopK", [best, n_src], 2, axis=-1, largest=1, sorted=1)[1]
+    order = cx.emit_multi("TopK", [best, n_src], 2, axis=-1, largest=1, sorted=1)[1]
     src = _tokens(cx, order, 0, end=_i64(cx, [r]))
     keep = _sort_ascending(cx, _tokens(cx, order, r), cx.emit("Sub", [n_src, _i64(cx, [r])]))
     dst = cx.emit("GatherElements", [target, src], axis=1)
@@ -103,7 +96,7 @@ def _token_prune(cx, n, ins):
     pri = cx.emit("Where", [cx.emit("Less", [pos, cx.const(a["protect_first"], "int64")]), inf, scores])
     last = cx.emit("Squeeze", [cx.emit("Sub", [seq, _i64(cx, [a["protect_last"]])]), _i64(cx, [0])])
     pri = cx.emit("Where", [cx.emit("GreaterOrEqual", [pos, last]), inf, pri])
-    order = _multi(cx, "TopK", [pri, seq], 2, axis=-1, largest=1, sorted=1)[1]
+    order = cx.emit_multi("TopK", [pri, seq], 2, axis=-1, largest=1, sorted=1)[1]
     keep = cx.dim(a["keep"])
     kept_idx = _sort_ascending(cx, _tokens(cx, order, 0, end=keep), keep)
     xs = cx.emit("GatherElements", [x, _over_hidden(cx, kept_idx, x)], axis=1)

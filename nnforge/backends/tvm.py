@@ -333,15 +333,16 @@ class TVMBackend(Backend):
                 out.append(Unsupported("<io>", v.name, "", tvm_lower.UNSUPPORTED_DTYPES[v.dtype]))
         return out
 
-    def lower(self, graph: Graph, options: dict | None = None) -> "tvm_lower.Lowered":
+    def lower(self, graph: Graph, options: dict | None = None, target: "tvm.target.Target | None" = None
+              ) -> "tvm_lower.Lowered":
         """The Relax module for ``graph`` before any pipeline ran (for inspection and tests)."""
-        return tvm_lower.lower_graph(graph, embed_params=bool((options or {}).get("embed_params")))
+        return tvm_lower.lower_graph(graph, embed_params=bool((options or {}).get("embed_params")), target=target)
 
     def kernels(self, graph: Graph, target: Target | str = "cpu", options: dict | None = None) -> "tvm.IRModule":
         """The module after fusion and scheduling (TIR kernels + Relax main): to read or time kernels."""
         options = _check_options(options)
         ttarget = tvm_target(get_target(target), options)
-        lowered = self.lower(graph, options)
+        lowered = self.lower(graph, options, ttarget)
         mod = relax.transform.LiftTransformParams()(lowered.mod) if lowered.param_names else lowered.mod
         with ttarget:
             return tvm.transform.Sequential(pipeline_passes(ttarget, options.get("schedule", "default"),
@@ -367,7 +368,7 @@ class TVMBackend(Backend):
         with _progress(options.get("progress"), f"building {graph.name} for {target.name}") as stage:
             t0 = time.perf_counter()
             stage("lowering to Relax")
-            lowered = self.lower(graph, options)
+            lowered = self.lower(graph, options, ttarget)
             mod = lowered.mod
             transform = bool(lowered.param_names)
             if transform:

@@ -4,19 +4,24 @@ Weights stay in their stored form (int8 codes, or uint8 bytes holding two 4-bit 
 and in memory at run time. A weight-only ``qlinear`` is one TE kernel (``_qmatmul``): a dequantize block
 (unpack, subtract the zero point, multiply the group scale) feeding the matmul's reduction; bias and
 activation fuse after it as for a float linear, and the CPU matmul schedule dequantizes one K x NR panel
-of the weight per column tile (tvm_schedule._dequantize_per_panel). W8A8 runs the same kernel on the
-int8 codes (see _w8a8).
-``qconv2d``, ``qgather`` and ``sparse_linear`` still write the dequantize (densify) as Relax ops on the
-weights alone, which LiftTransformParams moves into ``transform_params``: run once at load, so their
-``main`` reads float weights.
+of the weight per column tile (tvm_schedule._dequantize_per_panel). W8A8 runs int8 dot products
+(tvm_vnni) where the CPU has VNNI, elsewhere the same kernel on the int8 codes (see _w8a8).
+``sparse_linear`` runs the CSR kernel (tvm_sparse) where few weights are stored. ``qconv2d``, ``qgather``
+and denser ``sparse_linear`` still write the dequantize (densify) as Relax ops on the weights alone,
+which LiftTransformParams moves into ``transform_params``: run once at load, so their ``main`` reads
+float weights.
 """
 from __future__ import annotations
+
+import functools
+import operator
 
 import numpy as np
 from tvm import te, tirx
 from tvm.relax import op as R
 
 from ..ir.ops_lowbit import DEFAULT_ZERO
+from . import tvm_sparse, tvm_vnni
 from .tvm_lower import ACTIVATIONS, CHECKS, Ctx, lowering
 
 
@@ -43,7 +48,7 @@ def _weight(c: Ctx, qw, scales, zeros, scales_at: int = 2):
 @lowering("qlinear")
 def _qlinear(c: Ctx, x, qw, scales, zeros=None, bias=None):
     if c.attr("act_quant") != "none":
-        y = _w8a8(c, x, qw, scales)
+        y, bias = _w8a8(c, x, qw, scales, bias)
     else:
         a = c.node.attrs
         y = c.bb.emit_te(_qmatmul, x, qw, scales, zeros, a["bits"], a["group_size"], primfunc_name_hint="qmatmul")
@@ -82,27 +87,48 @@ def _qmatmul(x, qw, scales, zeros, bits: int, group: int):
     return te.compute((*lead, rows), lambda *i: te.sum(x[(*i[:-1], r)] * w[i[-1], r], axis=r), name="qmatmul")
 
 
-def _w8a8(c: Ctx, x, qw, scales):
-    """Per-token int8 (dynamic) or calibrated uint8 (static) activations, integer matmul, float rescale.
-
-    The integer matmul runs as _qmatmul on the codes held as float32: products of two int8 codes and
-    their sums are exact in float32 while below 2^24 (K * 127 * 127 for the worst case, far above what
-    real activations reach), so this equals the int32 product, with the float matmul kernel and the
-    weights kept int8 in memory. (An int8 dot-product kernel, VNNI, is not written yet.)"""
-    if c.attr("act_quant") == "dynamic":
+def _activation_codes(c: Ctx, x):
+    """(codes as float32 in 0..255, zero point, scale) of the quantized activations: per-token int8
+    (dynamic; shifted by 128 into 0..255), per-tensor uint8 (dynamic_tensor: range at run time; static:
+    calibrated). The scale is [..., 1] per token or a scalar; the zero point a float32 scalar."""
+    mode = c.attr("act_quant")
+    if mode == "dynamic":  # as ops_lowbit.quantize_per_token
         amax = c.emit(R.max(R.abs(x), axis=[-1], keepdims=True))
-        scale = c.emit(R.where(R.greater(amax, c.const(0, "float32")), R.divide(amax, c.const(127, "float32")),
-                               c.const(1, "float32")))
-        xq = c.emit(R.clip(R.round(R.divide(x, scale)), -127, 127))
-        xs = scale
+        xs = c.emit(R.where(R.greater(amax, c.const(0, "float32")), R.divide(amax, c.const(127, "float32")),
+                            c.const(1, "float32")))
+        zp = c.const(128, "float32")
+        return c.emit(R.add(R.clip(R.round(R.divide(x, xs)), -127, 127), zp)), zp, xs
+    if mode == "dynamic_tensor":  # as ops_lowbit.quantize_per_tensor
+        zero = c.const(0, "float32")
+        lo, hi = c.emit(R.minimum(R.min(x), zero)), c.emit(R.maximum(R.max(x), zero))
+        xs = c.emit(R.where(R.greater(hi, lo), R.divide(R.subtract(hi, lo), c.const(255, "float32")),
+                            c.const(1, "float32")))
+        zp = c.emit(R.clip(R.round(R.divide(R.negative(lo), xs)), 0, 255))
     else:
-        s, zp = c.attr("x_scale"), c.attr("x_zero_point")
-        q = R.clip(R.add(R.round(R.divide(x, c.const(s, "float32"))), c.const(zp, "float32")), 0, 255)
-        xq = c.emit(R.subtract(q, c.const(zp, "float32")))
-        xs = c.const(np.float32(s), "float32")
-    acc = c.bb.emit_te(_qmatmul, xq, qw, None, None, 8, 1, primfunc_name_hint="qmatmul")
-    y = c.emit(R.multiply(acc, xs))
-    return c.emit(R.multiply(y, R.squeeze(scales, [1])))
+        xs, zp = c.const(np.float32(c.attr("x_scale")), "float32"), c.const(c.attr("x_zero_point"), "float32")
+    return c.emit(R.clip(R.add(R.round(R.divide(x, xs)), zp), 0, 255)), zp, xs
+
+
+def _w8a8(c: Ctx, x, qw, scales, bias):
+    """Quantized activations times int8 weights, rescaled to float; returns (y, bias not yet added).
+
+    With VNNI (tvm_vnni): uint8 codes into the int8 dot-product kernel, which adds the bias too.
+    Elsewhere the integer matmul runs as _qmatmul on the codes held as float32: products of two 8-bit
+    codes and their sums are exact in float32 while below 2^24 (K * 128 * 127 in the worst case, far
+    above what real activations reach), so this equals the int32 product, with the float matmul kernel
+    and the weights kept int8 in memory."""
+    codes, zp, xs = _activation_codes(c, x)
+    n, k = c.node.inputs[1].shape
+    w_scale = c.emit(R.squeeze(scales, [1]))
+    if tvm_vnni.available(c.target, n, k):
+        lead = c.dims.shape(c.node.inputs[0].shape[:-1])
+        a = c.emit(R.reshape(c.emit(R.astype(codes, "uint8")), [-1, k]))
+        per_token = c.attr("act_quant") == "dynamic"
+        y = tvm_vnni.qmatmul(c.bb, a, qw, n, k, c.emit(R.astype(zp, "int32")),
+                             c.emit(R.reshape(xs, [-1, 1])) if per_token else xs, w_scale, bias)
+        return c.emit(R.reshape(y, [*lead, n])), None
+    acc = c.bb.emit_te(_qmatmul, c.emit(R.subtract(codes, zp)), qw, None, None, 8, 1, primfunc_name_hint="qmatmul")
+    return c.emit(R.multiply(c.emit(R.multiply(acc, xs)), w_scale)), bias
 
 
 @lowering("qconv2d")
@@ -125,10 +151,19 @@ def _qgather(c: Ctx, qw, scales, zeros, idx):
 
 @lowering("sparse_linear")
 def _sparse_linear(c: Ctx, x, values, cols, row_ptr, bias=None):
-    """Dense weight scattered from CSR (weights only, so lifted out of main and run once at load);
-    the row of value i is the number of row starts at or before i (a cumulative sum of marks)."""
+    """The CSR kernel (tvm_sparse) where few weights are stored; otherwise a dense weight scattered from
+    CSR (weights only, so lifted out of main and run once at load): the row of value i is the number of
+    row starts at or before i (a cumulative sum of marks)."""
     rows, k = c.node.inputs[3].shape[0] - 1, c.attr("in_features")
     nnz = c.node.inputs[1].shape[0]
+    if tvm_sparse.worth_it(c.target, nnz, rows, k):
+        lead = c.dims.shape(c.node.inputs[0].shape[:-1])
+        m = functools.reduce(operator.mul, lead, tirx.IntImm("int64", 1))
+        x2d = c.emit(R.reshape(x, [m, k]))
+        y = c.emit(R.reshape(tvm_sparse.matmul(c.bb, x2d, m, values, cols, row_ptr, rows, k, nnz), [*lead, rows]))
+        if bias is not None:
+            y = c.emit(R.add(y, bias))
+        return ACTIVATIONS[c.attr("act")](c, y)
     starts = c.emit(R.astype(R.strided_slice(row_ptr, [0], [1], [rows]), "int64"))
     marks = c.emit(R.scatter_elements(R.zeros([nnz + 1], "int64"), starts, R.ones([rows - 1], "int64"), axis=0,
                                       reduction="add"))

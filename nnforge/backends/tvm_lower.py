@@ -131,6 +131,7 @@ class Ctx:
     bb: relax.BlockBuilder
     dims: DimMap
     node: Node | None = None
+    target: "tvm.target.Target | None" = None  # when known, lowerings may pick target-specific kernels
 
     def emit(self, expr):
         return self.bb.emit(expr)
@@ -695,11 +696,12 @@ def _is_param(graph: Graph, v: Value, embed: bool) -> bool:
     return int(np.prod(graph.constants[v.name].shape)) > INLINE_CONST_MAX_ELEMS
 
 
-def lower_graph(graph: Graph, *, embed_params: bool = False, func_name: str = "main") -> Lowered:
+def lower_graph(graph: Graph, *, embed_params: bool = False, func_name: str = "main",
+                target: "tvm.target.Target | None" = None) -> Lowered:
     """Build the Relax module for ``graph``. Raises LoweringError naming the node that failed."""
     bb = relax.BlockBuilder()
     dims = DimMap()
-    ctx = Ctx(bb, dims)
+    ctx = Ctx(bb, dims, target=target)
     inputs = [relax.Var(v.name, relax.TensorType(dims.shape(v.shape), v.dtype)) for v in graph.inputs]
 
     used = {i.name for n in graph.nodes for i in n.inputs if i is not None} | {o.name for o in graph.outputs}

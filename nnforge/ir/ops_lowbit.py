@@ -25,7 +25,7 @@ from .ops import ACTIVATIONS, REQUIRED, OpError, _conv2d, _conv_infer, register 
 
 BITS = {8: "int8", 4: "uint8"}  # bits -> qweight dtype
 DEFAULT_ZERO = {8: 0, 4: 8}
-ACT_QUANT = ("none", "dynamic", "static")
+ACT_QUANT = ("none", "dynamic", "dynamic_tensor", "static")
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,6 +80,15 @@ def quantize_static(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return np.clip(np.round(x / np.float32(scale)) + zero_point, 0, 255).astype(np.uint8)
 
 
+def quantize_per_tensor(x: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
+    """Asymmetric uint8 with one scale and zero point for the whole tensor, computed from its range
+    (ONNX DynamicQuantizeLinear; the range always includes 0, so 0 is exact)."""
+    lo, hi = min(float(np.min(x, initial=0.0)), 0.0), max(float(np.max(x, initial=0.0)), 0.0)
+    scale = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(255)) if hi > lo else np.float32(1)
+    zero_point = int(np.clip(np.round(np.float32(-lo) / scale), 0, 255))
+    return quantize_static(x, scale, zero_point), scale, zero_point
+
+
 def int_matmul(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     """Exact integer a @ b_t.T. Done in float64 BLAS: every product and partial sum of 8-bit values
     stays far below 2**53, so the result equals int32 accumulation."""
@@ -126,7 +135,9 @@ def _check_bias(bias: TensorType | None, n: int, op: str) -> None:
 
 _QLINEAR_ATTRS = {
     "bits": ("int", REQUIRED), "group_size": ("int", REQUIRED), "act": ("str", "none"),
-    "act_quant": ("str", "none"),  # none: weight-only | dynamic: int8 per token | static: calibrated uint8 per tensor
+    # none: weight-only | dynamic: int8 per token | dynamic_tensor: uint8 per tensor, range at run time
+    # | static: calibrated uint8 per tensor
+    "act_quant": ("str", "none"),
     "x_scale": ("float", 1.0), "x_zero_point": ("int", 0),  # static only
 }
 
@@ -157,7 +168,11 @@ def _w8a8(x, qweight, scales, act_quant, x_scale, x_zero_point):
         xq, xs = quantize_per_token(x)
         acc = int_matmul(xq.reshape(-1, xq.shape[-1]), qweight).reshape(x.shape[:-1] + (-1,))
         return acc * xs.astype(np.float64) * scales[:, 0].astype(np.float64)
-    xq = quantize_static(x, x_scale, x_zero_point).astype(np.int32) - x_zero_point
+    if act_quant == "dynamic_tensor":
+        xq, x_scale, x_zero_point = quantize_per_tensor(x)
+    else:
+        xq = quantize_static(x, x_scale, x_zero_point)
+    xq = xq.astype(np.int32) - x_zero_point
     acc = int_matmul(xq.reshape(-1, xq.shape[-1]), qweight).reshape(x.shape[:-1] + (-1,))
     return acc * np.float64(np.float32(x_scale)) * scales[:, 0].astype(np.float64)
 

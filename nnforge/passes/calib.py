@@ -246,7 +246,8 @@ def _did(rec: dict) -> str:
     if "bits" in rec:
         if rec["bits"] == 32:
             return "kept float"
-        act = {"dynamic": " + int8 act/token", "static": " + uint8 act (static)"}.get(rec.get("activations", "none"), "")
+        act = {"dynamic": " + int8 act/token", "dynamic_tensor": " + uint8 act/tensor",
+               "static": " + uint8 act (static)"}.get(rec.get("activations", "none"), "")
         group = f" g{rec['group_size']}" if rec["bits"] == 4 else ""
         return f"int{rec['bits']}{group} {rec.get('method', 'rtn')}{act}"
     if "sparsity" in rec:

@@ -64,7 +64,8 @@ def register_pass(cls):
 
 
 _CLEANUP = ["dce", "canonicalize", "fold_constants", "cse", "dce"]
-_FUSION = ["fold_constant_chains", "recognize_norms", "fuse_linear_act", "fuse_attention", "fold_constants", "cse",
+_FUSION = ["fold_constant_chains", "recognize_norms", "fuse_linear_act", "fuse_attention", "fuse_torch_mha",
+           "fold_constants", "cse",
            "canonicalize", "dce"]  # folding again: fusion leaves weight-only work behind
 PIPELINES: dict[str, list[str]] = {
     "O0": _CLEANUP,  # cleanup only

@@ -8,7 +8,8 @@ the settings, so a pipeline can name them directly:
     quantize_int8        int8 weights, per output channel, symmetric, round-to-nearest (or GPTQ)
     quantize_int4_rtn    int4 weights, group-wise with zero points, round-to-nearest
     quantize_int4_gptq   int4 weights, GPTQ (Hessian from calibration activations, error compensation)
-    quantize_w8a8        int8 weights + int8 activations (dynamic per token unless activations="static")
+    quantize_w8a8        int8 weights + int8 activations (dynamic per token unless activations says
+                         "dynamic_tensor" or "static")
     quantize_w8a8_static int8 weights + calibrated per-tensor uint8 activations (min/max or percentile)
     quantize_mixed       per-layer 8 / 4 bits / float from measured sensitivity, for a size or error target
     smoothquant          migrate activation outliers into the weights (lossless refactoring; run before W8A8)
@@ -44,7 +45,9 @@ class Quantize:
     weights      "int8" (per output channel, symmetric) | "int4" (group-wise, with zero points)
     method       "rtn" (round to nearest) | "gptq" (needs calibration)
     group_size   int4 group along the input features: 32 | 64 | 128 (smaller where a layer is narrower)
-    activations  None (weight-only) | "dynamic" (int8 per token at run time) | "static" (calibrated, per tensor)
+    activations  None (weight-only) | "dynamic" (int8 per token at run time) | "dynamic_tensor" (uint8, one
+                 range per tensor at run time: ONNX Runtime's fused DynamicQuantizeMatMul) | "static" (calibrated,
+                 per tensor)
     smooth       SmoothQuant strength alpha in [0, 1]; 0 = off (only used with activations)
     observer     static activation range: "minmax" | "percentile" (``percentile`` of the values)
     embeddings   embedding tables: "int8" | "int4" | None (keep float)
@@ -67,7 +70,7 @@ class Quantize:
     def __post_init__(self):
         _choice("weights", self.weights, WEIGHT_BITS)
         _choice("method", self.method, ("rtn", "gptq"))
-        _choice("activations", self.activations, (None, "dynamic", "static"))
+        _choice("activations", self.activations, (None, "dynamic", "dynamic_tensor", "static"))
         _choice("observer", self.observer, ("minmax", "percentile"))
         _choice("embeddings", self.embeddings, (None, "int8", "int4"))
         if self.group_size not in (16, 32, 64, 128, 256):
