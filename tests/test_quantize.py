@@ -457,6 +457,8 @@ def test_tvm_runs_quantized_conv_and_embedding():
     out, _ = run(["quantize_int4_rtn"], g, [inputs], {"quantize": {"embeddings": "int4", "group_size": 16}})
     for a, b in zip(tb.build(out, "cpu").run(inputs), interpret(out, inputs)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # the quantized convolution takes the float convolution's im2col + matmul kernels (the scheduled path)
+    assert any("conv2d_mm" in gv.name_hint for gv in tb.BACKEND.kernels(out, "cpu").functions)
 
 
 @pytest.mark.parametrize("name,options,code_dtype", [("quantize_int8", {}, "int8"),

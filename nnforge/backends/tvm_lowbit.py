@@ -22,7 +22,7 @@ from tvm.relax import op as R
 
 from ..ir.ops_lowbit import DEFAULT_ZERO
 from . import tvm_sparse, tvm_vnni
-from .tvm_lower import ACTIVATIONS, CHECKS, Ctx, lowering
+from .tvm_lower import ACTIVATIONS, CHECKS, Ctx, conv2d, lowering
 
 
 def _dequantize(c: Ctx, qw, scales, zeros, bits: int, group: int, rows, k: int):
@@ -133,14 +133,13 @@ def _w8a8(c: Ctx, x, qw, scales, bias):
 
 @lowering("qconv2d")
 def _qconv2d(c: Ctx, x, qw, scales, zeros=None, bias=None):
-    a = c.node.attrs
+    """The float weight, dequantized once at load (a convolution reads each weight for every output
+    pixel: dequantizing per call would cost more than it saves), into the float convolution's lowering."""
+    kh, kw = c.attr("kernel")
     w = _weight(c, qw, scales, zeros)
-    rows = c.node.inputs[2].shape[0]
-    w4 = c.emit(R.reshape(w, [rows, -1, *a["kernel"]]))
-    p = a["padding"]
-    y = c.emit(R.nn.conv2d(x, w4, strides=a["stride"], padding=[p[0], p[1], p[0], p[1]], dilation=a["dilation"],
-                           groups=a["groups"]))
-    return R.add(y, R.reshape(bias, [1, -1, 1, 1])) if bias is not None else y
+    rows, k = c.node.inputs[2].shape[0], c.node.inputs[2].shape[1] * c.attr("group_size")
+    shape = [rows, k // (kh * kw), kh, kw]
+    return conv2d(c, x, c.emit(R.reshape(w, shape)), bias, weight_shape=shape)
 
 
 @lowering("qgather")

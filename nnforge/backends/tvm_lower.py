@@ -433,19 +433,20 @@ def _pair(v):
 
 
 @lowering("conv2d")
-def _conv2d(c: Ctx, x, w, b=None):
+def conv2d(c: Ctx, x, w, b=None, weight_shape=None):
     """Convolution as im2col + matmul: [G, O/G, C/G*kh*kw] @ [N, G, C/G*kh*kw, OH*OW].
 
     TVM has no untuned schedule for direct convolution on CPUs (naive loops, ~10x slower than
     ONNX Runtime); as a matmul it gets the register-blocked matmul schedule (and dlight's GPU
     matmul rule on CUDA). The patches come from one gather kernel with the zero padding inlined;
-    a 1x1 stride-1 convolution reads its input as it is.
+    a 1x1 stride-1 convolution reads its input as it is. ``weight_shape``: [O, C/G, kh, kw] when the
+    node's weight input is not that tensor (qconv2d's codes).
     """
-    xt, wt, ot = c.in_type(0), c.in_type(1), c.out_type()
-    if not (isinstance(wt.shape[2], int) and isinstance(wt.shape[3], int) and isinstance(xt.shape[1], int)):
+    xt, ot = c.in_type(0), c.out_type()
+    o, cg, kh, kw = weight_shape or c.in_type(1).shape
+    if not (isinstance(kh, int) and isinstance(kw, int) and isinstance(xt.shape[1], int)):
         return _conv2d_direct(c, x, w, b)
     n, cin, h, wd = xt.shape
-    o, cg, kh, kw = wt.shape
     g = c.attr("groups")
     s, p, d = _pair(c.attr("stride")), _pair(c.attr("padding")), _pair(c.attr("dilation"))
     oh, ow = ot.shape[2], ot.shape[3]
