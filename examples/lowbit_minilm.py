@@ -36,6 +36,7 @@ SETTINGS = {  # name -> (passes, options)
     "float": ([], {}),
     "int8 (weights)": (["quantize_int8"], {}),
     "W8A8 (per token)": (["quantize_w8a8"], {}),
+    "W8A8 (per tensor)": (["quantize_w8a8"], {"quantize": {"activations": "dynamic_tensor"}}),
     "int4 GPTQ g128": (["quantize_int4_gptq"], {}),
     "int4 RTN g128": (["quantize_int4_rtn"], {}),
     "2:4 Wanda": (["prune_2_4", "compress_sparse"], {"sparsity": {"method": "wanda"}}),

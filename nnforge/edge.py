@@ -6,9 +6,10 @@ arm   A small C++ runner (``runtime/arm_runner.cc``), cross-compiled with aarch6
       ``write_arm_runtime`` puts the runner and both libraries into the bundle; ``run_arm`` runs it
       with ``qemu-aarch64 -L /usr/aarch64-linux-gnu``.
 wasm  ``runtime/nnforge-loader.mjs`` (for web pages and Node) runs ``model.onnx`` with onnxruntime-web's
-      wasm backend; ``runtime/wasm_runner.mjs`` is its Node command line. ``write_wasm_runtime`` puts
-      both, a README and a package.json into the bundle; ``run_wasm`` runs the bundle with ``node`` and
-      the repository's ``node_modules/onnxruntime-web``.
+      wasm backend; ``runtime/nnforge-tvm.mjs`` runs a TVM bundle's ``model.wasm`` (backends/tvm_wasm.py);
+      ``runtime/wasm_runner.mjs`` is the Node command line for both. ``write_wasm_runtime`` puts them, a
+      README and a package.json into the bundle; ``run_wasm`` runs the bundle with ``node`` (and the
+      repository's ``node_modules/onnxruntime-web`` for ONNX bundles).
 
 Both runners take .npy inputs and write ``out<i>.npy`` per output; the output count comes from the
 bundle's ``manifest.json``. Locations can be overridden with ``NNFORGE_AARCH64_DIR`` (the unpacked
@@ -39,7 +40,7 @@ ARM_SYSROOT = Path("/usr/aarch64-linux-gnu")
 ARM_RUNNER = "nnforge-arm-runner"
 ARM_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 ARM_FLAGS = ("-std=c++17", "-O2", "-s")
-WASM_FILES = ("nnforge-loader.mjs", "wasm_runner.mjs")
+WASM_FILES = ("nnforge-loader.mjs", "nnforge-tvm.mjs", "wasm_runner.mjs")
 ORT_WEB_VERSION = "1.30.0"  # keep equal to the root package.json
 INSTALL = "run scripts/install_toolchains.sh"
 
@@ -53,6 +54,7 @@ HINTS = {
     "node": "install Node.js 20 (apt-get install nodejs)",
     "onnxruntime-web": f"{INSTALL} or `npm install --ignore-scripts` in the repository root, "
                        "or set NNFORGE_NODE_MODULES",
+    "wasm-ld": f"{INSTALL} or apt-get install lld (it links TVM's wasm32 kernels)",
 }
 TOOLS = tuple(HINTS)
 
@@ -201,22 +203,27 @@ def write_wasm_runtime(bundle_dir) -> list[str]:
 
 
 def run_wasm(bundle_dir, inputs: Sequence[np.ndarray], timeout: float = 600) -> list[np.ndarray]:
-    """Run ``bundle_dir/model.onnx`` in Node with onnxruntime-web's wasm backend."""
+    """Run a wasm bundle in Node: ``model.onnx`` with onnxruntime-web's wasm backend, or a TVM bundle's
+    ``model.wasm`` with nnforge's own runtime (``runtime/nnforge-tvm.mjs``)."""
     d = Path(bundle_dir).resolve()
     node = require("node")
-    modules = Path(require("onnxruntime-web")).parent
     if not (d / "manifest.json").is_file():
         raise NnforgeError(f"wasm bundle {d} lacks manifest.json (the runner takes input/output specs from it)")
-    if not (d / "model.onnx").is_file():
-        raise NnforgeError(f"wasm bundle {d} lacks model.onnx")
+    tvm = json.loads((d / "manifest.json").read_text()).get("backend") == "tvm"
+    model = "model.wasm" if tvm else "model.onnx"
+    if not (d / model).is_file():
+        raise NnforgeError(f"wasm bundle {d} lacks {model}")
     runner = d / "wasm_runner.mjs"
-    if not (runner.is_file() and (d / "nnforge-loader.mjs").is_file()):
+    if not all((d / name).is_file() for name in WASM_FILES):
         runner = RUNTIME_DIR / "wasm_runner.mjs"
     _check_inputs(d, inputs)
+    env = dict(os.environ)
+    if not tvm:
+        env["NNFORGE_NODE_MODULES"] = str(Path(require("onnxruntime-web")).parent)
+    what = "wasm runner (node + nnforge-tvm.mjs)" if tvm else "wasm runner (node + onnxruntime-web)"
     with tempfile.TemporaryDirectory(prefix="nnforge-wasm-") as tmp:
         paths = _write_inputs(Path(tmp), inputs)
-        env = {**os.environ, "NNFORGE_NODE_MODULES": str(modules)}
-        _run([node, str(runner), str(d), tmp, *paths], "wasm runner (node + onnxruntime-web)", d, timeout, env)
+        _run([node, str(runner), str(d), tmp, *paths], what, d, timeout, env)
         return _read_outputs(Path(tmp), d)
 
 

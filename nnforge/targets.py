@@ -21,7 +21,8 @@ TARGETS: dict[str, Target] = {
     "cpu": Target("cpu", "onnxrt", ("onnxrt", "tvm"), "this machine's CPU (host LLVM / ONNX Runtime CPU provider)"),
     "cuda": Target("cuda", "tvm", ("tvm", "onnxrt"), "an NVIDIA GPU (TVM CUDA codegen / ONNX Runtime CUDA provider)"),
     "arm": Target("arm", "tvm", ("tvm",), "aarch64 Linux, cross-compiled; checked under qemu-aarch64"),
-    "wasm": Target("wasm", "onnxrt", ("onnxrt",), "WebAssembly via onnxruntime-web (browser or Node)"),
+    "wasm": Target("wasm", "onnxrt", ("onnxrt", "tvm"),
+                   "WebAssembly: onnxruntime-web, or TVM's kernels with nnforge's JS runtime (browser or Node)"),
 }
 ALIASES = {"gpu": "cuda", "aarch64": "arm", "arm64": "arm", "webassembly": "wasm", "host": "cpu", "llvm": "cpu"}
 

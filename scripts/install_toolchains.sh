@@ -3,7 +3,8 @@
 #   arm:  aarch64 cross compiler + qemu-user (apt), and the aarch64 TVM runtime libraries + headers
 #         from the aarch64 wheels of apache-tvm / apache-tvm-ffi, unpacked into .cache/aarch64/
 #         (nnforge/edge.py links the arm runner against them and copies them into arm bundles)
-#   wasm: onnxruntime-web from package.json into node_modules/ (npm, --ignore-scripts)
+#   wasm: onnxruntime-web from package.json into node_modules/ (npm, --ignore-scripts), and wasm-ld
+#         (apt: lld) to link TVM's wasm32 kernels
 # Needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ need_apt=()
 command -v aarch64-linux-gnu-g++ >/dev/null || need_apt+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
 command -v node >/dev/null || need_apt+=(nodejs npm)
+command -v wasm-ld >/dev/null || need_apt+=(lld)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}"
   $SUDO apt-get update -qq

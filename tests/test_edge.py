@@ -1,4 +1,5 @@
-"""Edge runtimes: arm bundles run under qemu-aarch64, wasm bundles in Node with onnxruntime-web.
+"""Edge runtimes: arm bundles run under qemu-aarch64, wasm bundles in Node (onnxruntime-web, or TVM's
+kernels in model.wasm with nnforge's own JS runtime).
 
 Real runs, compared with eager torch. The toolchains come from scripts/install_toolchains.sh
 (`make test` runs it); without them these tests skip, except under CI where they fail.
@@ -19,6 +20,7 @@ from nnforge.errors import NnforgeError
 
 ARM_TOOLS = (edge.ARM_CXX, edge.QEMU, "aarch64-sysroot", "aarch64-tvm-runtime")
 WASM_TOOLS = ("node", "onnxruntime-web")
+TVM_WASM_TOOLS = ("node", "wasm-ld")
 
 
 def need(*tools):
@@ -82,7 +84,7 @@ def wasm_bundle(example, tmp_path_factory):
     nnforge.compile(model, args, target="wasm", progress=False).save(d)
     if not (d / "wasm_runner.mjs").is_file():
         written = edge.write_wasm_runtime(d)
-        assert written == ["nnforge-loader.mjs", "wasm_runner.mjs", "README.md", "package.json"]
+        assert written == ["nnforge-loader.mjs", "nnforge-tvm.mjs", "wasm_runner.mjs", "README.md", "package.json"]
     return d
 
 
@@ -152,6 +154,99 @@ def test_wasm_runner_failure_quotes_its_stderr(wasm_bundle, example, tmp_path):
     shutil.copytree(wasm_bundle, d)
     (d / "model.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(NnforgeError, match=r"(?s)wasm runner.*failed.*exit 1.*nnforge wasm runner:"):
+        edge.run_wasm(d, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# wasm through TVM
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tvm_wasm_bundle(example, tmp_path_factory):
+    need(*TVM_WASM_TOOLS)
+    model, args, _, _ = example
+    d = tmp_path_factory.mktemp("tvm-wasm") / "bundle"
+    nnforge.compile(model, args, target="wasm", backend="tvm", progress=False).save(d)
+    return d
+
+
+def test_tvm_wasm_bundle_runs_in_node(tvm_wasm_bundle, example):
+    """int64 gather, float math, bool and int64 outputs: TVM's wasm32 kernels, run by nnforge-tvm.mjs."""
+    _, _, inputs, ref = example
+    check(edge.run_wasm(tvm_wasm_bundle, inputs), ref)
+    manifest = json.loads((tvm_wasm_bundle / "manifest.json").read_text())
+    assert manifest["backend"] == "tvm" and not (tvm_wasm_bundle / "model.onnx").exists()
+    assert (tvm_wasm_bundle / "model.wasm").read_bytes()[:4] == b"\0asm"
+    program = json.loads((tvm_wasm_bundle / "tvm_program.json").read_text())
+    assert program["steps"] and all("kernel" in s or "alias" in s for s in program["steps"])
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "vit", "bert", "gpt"])
+def test_tvm_wasm_runs_every_family_like_eager(family):
+    """compile() runs the wasm build in Node and compares it with eager torch on the example inputs."""
+    need(*TVM_WASM_TOOLS)
+    from nnforge import zoo
+
+    zm = zoo.build(family)
+    fast = nnforge.compile(zm.model, zm.inputs, target="wasm", backend="tvm", progress=False)
+    assert fast.accuracy["max_rel_error"] <= 1e-4
+
+
+def test_tvm_wasm_refuses_symbolic_sizes_by_name(example):
+    need(*TVM_WASM_TOOLS)
+    model, args, _, _ = example
+    batch = torch.export.Dim("batch", min=1, max=8)
+    with pytest.raises(NnforgeError, match=r"TVM wasm bundles need static shapes.*onnxrt backend"):
+        nnforge.compile(model, args, target="wasm", backend="tvm", progress=False,
+                        dynamic_shapes=({0: batch}, {0: batch}))
+
+
+LOAD_OVER_HTTP = """
+import { createServer } from "node:http";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+const [loader, dir] = process.argv.slice(2);
+const server = createServer((req, res) => {
+  try { res.end(readFileSync(join(dir, req.url.slice(1)))); } catch { res.statusCode = 404; res.end(); }
+}).listen(0, "127.0.0.1", async () => {
+  try {
+    const { loadBundle } = await import(loader);
+    const model = await loadBundle(`http://127.0.0.1:${server.address().port}/`);
+    const ids = new BigInt64Array([1n, 2n, 3n, 4n, 5n, 9n]);
+    const x = new Float32Array(48).fill(0.5);
+    const outs = await model.run([ids, x]);
+    console.log(JSON.stringify(outs.map((o) => ({ name: o.name, dims: o.dims, data: Array.from(o.data, Number) }))));
+  } finally { server.close(); }
+});
+"""
+
+
+def test_tvm_wasm_bundle_loads_over_http_like_a_web_page(tvm_wasm_bundle, example, tmp_path):
+    """The bundle's own nnforge-loader.mjs fetches manifest.json, sees backend "tvm" and runs model.wasm
+    through nnforge-tvm.mjs: what a web page does (here a local HTTP server and Node's fetch)."""
+    import subprocess
+
+    model, _, _, _ = example
+    script = tmp_path / "load.mjs"
+    script.write_text(LOAD_OVER_HTTP)
+    proc = subprocess.run([edge.require("node"), str(script), (tvm_wasm_bundle / "nnforge-loader.mjs").as_uri(),
+                           str(tvm_wasm_bundle)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    outs = json.loads(proc.stdout)
+    ids, x = torch.tensor([[1, 2, 3], [4, 5, 9]]), torch.full((2, 3, 8), 0.5)
+    with torch.no_grad():
+        want = model(ids, x)
+    assert [o["name"] for o in outs] == [o["name"] for o in json.loads((tvm_wasm_bundle / "manifest.json").read_text())["outputs"]]
+    np.testing.assert_allclose(np.array(outs[0]["data"]).reshape(outs[0]["dims"]), want[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.array(outs[2]["data"]).reshape(outs[2]["dims"]), want[2].numpy())
+
+
+def test_tvm_wasm_runner_reports_a_bad_module(tvm_wasm_bundle, example, tmp_path):
+    _, _, inputs, _ = example
+    d = tmp_path / "broken"
+    shutil.copytree(tvm_wasm_bundle, d)
+    (d / "model.wasm").write_bytes(b"\0asm broken")
+    with pytest.raises(NnforgeError, match=r"(?s)nnforge-tvm.*failed.*exit 1.*nnforge wasm runner:"):
         edge.run_wasm(d, inputs)
 
 

@@ -89,8 +89,10 @@ def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Targe
         spec = {"kind": "cuda", "arch": options.get("arch", "sm_80")}
     elif target.name == "arm":
         spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    elif target.name == "wasm":
+        from .tvm_wasm import WASM_TARGET as spec
     else:
-        raise NnforgeError(f"the TVM backend cannot build for target {target.name!r}; it takes cpu, cuda, arm")
+        raise NnforgeError(f"the TVM backend cannot build for target {target.name!r}; it takes cpu, cuda, arm, wasm")
     return tvm.target.Target(spec)
 
 
@@ -261,6 +263,10 @@ class TVMArtifact(Artifact):
     @classmethod
     def load_files(cls, directory: Path, graph: Graph, target: Target, manifest: dict) -> "TVMArtifact":
         directory = Path(directory)
+        if target.name == "wasm":
+            from .tvm_wasm import TVMWasmArtifact
+
+            return TVMWasmArtifact.load_files(directory, graph, target, manifest)
         meta_path, lib_path = directory / META_NAME, directory / LIB_NAME
         for p in (meta_path, lib_path):
             if not p.is_file():
@@ -363,6 +369,11 @@ class TVMBackend(Backend):
             from . import tvm_tune  # MetaSchedule: imported only when tuning
 
             ttarget = tvm_tune.tune_target(ttarget)
+        if target.name == "wasm":  # kernels in a wasm module, run by nnforge's JS runtime
+            from . import tvm_wasm
+
+            with _progress(options.get("progress"), f"building {graph.name} for wasm") as stage:
+                return tvm_wasm.build(graph, target, options, self.lower(graph, options, ttarget), stage)
         schedule, fast_math = options.get("schedule", "default"), options.get("fast_math", True)
         tuning, tuning_files, database = None, {}, None
         with _progress(options.get("progress"), f"building {graph.name} for {target.name}") as stage:

@@ -1,5 +1,6 @@
 // nnforge loader: runs an nnforge wasm bundle (model.onnx + manifest.json) with onnxruntime-web's
-// WebAssembly backend, in a web page or in Node. No dependencies besides onnxruntime-web.
+// WebAssembly backend, in a web page or in Node. No dependencies besides onnxruntime-web. A bundle
+// built with backend "tvm" (model.wasm) is handed to nnforge-tvm.mjs, which needs nothing else.
 //
 //   import * as ort from "onnxruntime-web";           // or a <script> tag / CDN build
 //   import { loadBundle } from "./nnforge-loader.mjs";
@@ -32,6 +33,10 @@ export async function loadBundle(baseUrl, options = {}) {
     return r;
   };
   const spec = await (await get("manifest.json")).json();
+  if (spec.backend === "tvm") {  // model.wasm with TVM's kernels: nnforge's own runtime, no onnxruntime-web
+    const { loadTvmBundle } = await import("./nnforge-tvm.mjs");
+    return loadTvmBundle(base, spec);
+  }
   const model = new Uint8Array(await (await get(spec.model || "model.onnx")).arrayBuffer());
   return loadModel(model, spec, options);
 }

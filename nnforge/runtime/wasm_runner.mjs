@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// nnforge wasm runner (Node): runs an nnforge wasm bundle with onnxruntime-web's wasm backend.
+// nnforge wasm runner (Node): runs an nnforge wasm bundle: model.onnx with onnxruntime-web's wasm
+// backend, or (manifest backend "tvm") model.wasm with nnforge-tvm.mjs.
 //
 //   node wasm_runner.mjs BUNDLE_DIR OUT_DIR in0.npy in1.npy ...
 //
@@ -13,6 +14,7 @@ import { createRequire } from "node:module";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { DTYPES, loadModel } from "./nnforge-loader.mjs";
+import { loadTvmModel } from "./nnforge-tvm.mjs";
 
 const NPY_DTYPES = {
   "<f4": "float32", "<f8": "float64", "<f2": "float16", "<i8": "int64", "<i4": "int32",
@@ -73,9 +75,16 @@ async function main(argv) {
   }
   const [bundle, outDir, ...inputs] = argv;
   const spec = JSON.parse(readFileSync(join(bundle, "manifest.json"), "utf8"));
-  const model = readFileSync(join(bundle, spec.model || "model.onnx"));
-  const ort = await importOrt();
-  const session = await loadModel(new Uint8Array(model.buffer, model.byteOffset, model.byteLength), spec, { ort, logLevel: "error" });
+  let session;
+  if (spec.backend === "tvm") {  // model.wasm: TVM's kernels, run by nnforge's own runtime
+    const read = (name) => new Uint8Array(readFileSync(join(bundle, name)));
+    const program = JSON.parse(readFileSync(join(bundle, "tvm_program.json"), "utf8"));
+    session = await loadTvmModel(read("model.wasm"), program, read("tvm_params.bin"), spec);
+  } else {
+    const model = readFileSync(join(bundle, spec.model || "model.onnx"));
+    const ort = await importOrt();
+    session = await loadModel(new Uint8Array(model.buffer, model.byteOffset, model.byteLength), spec, { ort, logLevel: "error" });
+  }
   const arrays = inputs.map((p, i) => {
     const a = readNpy(p);
     const want = spec.inputs[i]?.dtype;
