@@ -1,6 +1,6 @@
 """Accuracy-budgeted compression of a ViT trained on scikit-learn's digits, timed on ONNX Runtime.
 
-    python examples/budget_search.py [--max-drop 0.01] [--plot pareto.png]
+    python examples/budget_search.py [--max-drop 0.01] [--plot pareto.png] [--backend onnxrt|tvm]
 
 Trains a small ViT for a few seconds, then searches token merging, token pruning and layer skipping
 jointly for the fastest setting whose top-1 agreement with the lossless model drops by at most
@@ -49,6 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-drop", type=float, default=0.01)
     ap.add_argument("--plot", default="pareto.png")
+    ap.add_argument("--backend", default="onnxrt", choices=["onnxrt", "tvm"])
     args = ap.parse_args()
 
     model, x, y = train_digits_vit()
@@ -58,11 +59,12 @@ def main():
     calibration = [[x[i:i + 100]] for i in range(1300, 1600, 100)]
     heldout = [[x[i:i + 100]] for i in range(1600, len(x), 100)]
 
-    backend, cpu = get_backend("onnxrt"), get_target("cpu")
+    backend, cpu = get_backend(args.backend), get_target("cpu")
     timing = [x[:1000]]  # a large batch: compute, not per-op overhead, decides the time of so small a model
-    time_fn = wall_time(lambda g: backend.build(g, cpu, {"threads": 1}).run, timing, repeat=10)
+    options = {"threads": 1} if args.backend == "onnxrt" else {}
+    time_fn = wall_time(lambda g: backend.build(g, cpu, options).run, timing, repeat=10)
     result = search(graph, Budget(metric="top1", max_drop=args.max_drop), calibration, heldout, time_fn=time_fn,
-                    progress=True)
+                    progress=True, backend=args.backend)
     print(result.report())
     acc = [float((np.concatenate([interpret(g, b)[0] for b in heldout]).argmax(-1) == y[1600:]).mean())
            for g in (graph, result.graph)]

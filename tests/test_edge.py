@@ -148,12 +148,14 @@ def test_wasm_bundle_files(wasm_bundle):
     assert "export async function loadModel" in (wasm_bundle / "nnforge-loader.mjs").read_text()
 
 
-def test_wasm_runner_failure_quotes_its_stderr(wasm_bundle, example, tmp_path):
+@pytest.mark.parametrize("bundle,model,runtime", [("wasm_bundle", "model.onnx", "onnxruntime-web"),
+                                                   ("tvm_wasm_bundle", "model.wasm", "nnforge-tvm.mjs")])
+def test_wasm_runner_failure_quotes_its_stderr(bundle, model, runtime, example, tmp_path, request):
     _, _, inputs, _ = example
     d = tmp_path / "broken"
-    shutil.copytree(wasm_bundle, d)
-    (d / "model.onnx").write_bytes(b"not an onnx model")
-    with pytest.raises(NnforgeError, match=r"(?s)wasm runner.*failed.*exit 1.*nnforge wasm runner:"):
+    shutil.copytree(request.getfixturevalue(bundle), d)
+    (d / model).write_bytes(b"\0asm broken")
+    with pytest.raises(NnforgeError, match=rf"(?s)wasm runner \(node \+ {runtime}\) failed.*exit 1.*nnforge wasm runner:"):
         edge.run_wasm(d, inputs)
 
 
@@ -239,15 +241,6 @@ def test_tvm_wasm_bundle_loads_over_http_like_a_web_page(tvm_wasm_bundle, exampl
     assert [o["name"] for o in outs] == [o["name"] for o in json.loads((tvm_wasm_bundle / "manifest.json").read_text())["outputs"]]
     np.testing.assert_allclose(np.array(outs[0]["data"]).reshape(outs[0]["dims"]), want[0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.array(outs[2]["data"]).reshape(outs[2]["dims"]), want[2].numpy())
-
-
-def test_tvm_wasm_runner_reports_a_bad_module(tvm_wasm_bundle, example, tmp_path):
-    _, _, inputs, _ = example
-    d = tmp_path / "broken"
-    shutil.copytree(tvm_wasm_bundle, d)
-    (d / "model.wasm").write_bytes(b"\0asm broken")
-    with pytest.raises(NnforgeError, match=r"(?s)nnforge-tvm.*failed.*exit 1.*nnforge wasm runner:"):
-        edge.run_wasm(d, inputs)
 
 
 # ---------------------------------------------------------------------------------------------
