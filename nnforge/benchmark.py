@@ -46,12 +46,12 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
 
 
 def model_gflop(zm) -> float | None:
-    """Multiply-add FLOPs of one call, counted on the imported IR."""
+    """GFLOP of one call, counted on the imported IR: two per multiply-add, as the matmul peak counts them."""
     try:
         from .api import import_model
         from .passes.budget import flops
 
-        return flops(import_model(zm.model, zm.inputs), [x.numpy() for x in zm.inputs]) / 1e9
+        return 2 * flops(import_model(zm.model, zm.inputs), [x.numpy() for x in zm.inputs]) / 1e9
     except Exception:  # counting is best effort; the timings stand without it
         return None
 
@@ -76,8 +76,9 @@ def _as_list(out) -> list[np.ndarray]:
     return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs]
 
 
-def _runners(zm, tune: int = 0):
-    """(name, build) pairs; build() returns a zero-argument callable that runs the model once."""
+def _runners(zm, tune: int = 0, progress=None):
+    """(name, build) pairs; build() returns a zero-argument callable that runs the model once.
+    ``progress``: takes the tuned build's stages (trials done, kernels checked against the default schedule)."""
     import torch
 
     model, inputs = zm.model, zm.inputs
@@ -105,10 +106,15 @@ def _runners(zm, tune: int = 0):
         def build():
             import nnforge
 
+            say = {"progress": lambda m: progress(f"nnforge-tvm tuned {trials}: {m}")} if trials and progress else None
             cm = nnforge.compile(model, inputs, target="cpu", backend=backend, check=False, progress=False,
-                                 tune=trials, cache=False)
+                                 tune=trials, cache=False, options=say)
             arrays = [x.numpy() for x in inputs]
-            return lambda: cm.run(arrays)
+            fn = lambda: cm.run(arrays)  # noqa: E731
+            t = (getattr(cm.artifact, "meta", None) or {}).get("tuning")
+            if t:  # how many tuned kernels beat the default schedule (tvm_tune.vet) and were applied
+                fn.note = f"tuned kernels applied: {t.get('kept', 0)}/{t['kernels']}; trials run now: {t['trials']}"
+            return fn
 
         return build
 
@@ -123,18 +129,19 @@ def _runners(zm, tune: int = 0):
 
 
 def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=None, peak: float | None = None,
-                 runners: Sequence[str] | None = None, tune: int = 0) -> list[BenchRow]:
+                 runners: Sequence[str] | None = None, tune: int = 0, rounds: int = 3) -> list[BenchRow]:
+    """Every runner is built first, then timed in ``rounds`` interleaved rounds (each runner's best round
+    counts), so that load from other processes hits every runner alike."""
     import torch
 
     from . import zoo
+    from .passes.manager import max_rel_error
 
     zm = zoo.build(family, size, batch=1)
     gflop = model_gflop(zm)
-    rows: list[BenchRow] = []
-    ref = None
-    eager_ms = None
+    built = []  # (name, fn, output, compile s) or (name, None, None, failure note)
     with torch.no_grad():
-        for name, build in _runners(zm, tune):
+        for name, build in _runners(zm, tune, (lambda m: progress(f"{family}: {m}")) if progress else None):
             if runners and name not in runners and name != "eager":
                 continue
             if progress:
@@ -142,19 +149,28 @@ def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=No
             t0 = time.perf_counter()
             try:
                 fn = build()
-                out = _as_list(fn())
-                compile_s = time.perf_counter() - t0
-                ms = time_call(fn, repeat)
+                built.append((name, fn, _as_list(fn()), time.perf_counter() - t0))
             except Exception as e:  # a runner that cannot take the model is reported, not fatal
-                rows.append(BenchRow(family, name, None, None, None, None, f"failed: {type(e).__name__}: {str(e)[:120]}"))
-                continue
-            from .passes.manager import max_rel_error
-
-            if ref is None:
-                ref, eager_ms = out, ms
-            frac = gflop / (ms * 1e-3) / peak if gflop and peak else None
-            rows.append(BenchRow(family, name, ms, eager_ms / ms, max_rel_error(ref, out),
-                                 None if name == "eager" else compile_s, gflop=gflop, peak_fraction=frac))
+                built.append((name, None, None, f"failed: {type(e).__name__}: {str(e)[:120]}"))
+        best: dict[str, float] = {}
+        for k in range(rounds):
+            if progress:
+                progress(f"{family}: timing, round {k + 1} of {rounds}")
+            for name, fn, _, _ in built:
+                if fn is not None:
+                    best[name] = min(best.get(name, float("inf")), time_call(fn, max(1, repeat // rounds)))
+    rows: list[BenchRow] = []
+    first = next((b for b in built if b[1] is not None), None)  # eager, unless it failed
+    ref, eager_ms = (first[2], best[first[0]]) if first else (None, None)
+    for name, fn, out, extra in built:
+        if fn is None:
+            rows.append(BenchRow(family, name, None, None, None, None, extra))
+            continue
+        ms = best[name]
+        frac = gflop / (ms * 1e-3) / peak if gflop and peak else None
+        rows.append(BenchRow(family, name, ms, eager_ms / ms if eager_ms else None, max_rel_error(ref, out),
+                             None if name == "eager" else extra, getattr(fn, "note", ""), gflop=gflop,
+                             peak_fraction=frac))
     return rows
 
 

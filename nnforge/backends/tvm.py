@@ -389,11 +389,14 @@ class TVMBackend(Backend):
                 stage("fusing kernels for tuning")
                 with ttarget:
                     fused = tvm.transform.Sequential(pipeline_passes(ttarget, "none", fast_math, True))(mod)
-                database = tvm_tune.open_db(tvm_tune.db_dir(options.get("tune_db")))
-                tuning = tvm_tune.tune(fused, ttarget, trials, database, stage)
-                with tempfile.TemporaryDirectory(prefix="nnforge-tunedb-") as tmp:  # this model's best records
-                    tvm_tune.export_records(fused, ttarget, database, tmp)
+                db_dir = tvm_tune.db_dir(options.get("tune_db"))
+                full = tvm_tune.open_db(db_dir)
+                tuning = tvm_tune.tune(fused, ttarget, trials, full, stage)
+                tuning.update(tvm_tune.vet(fused, ttarget, full, db_dir, stage))  # tuned vs default schedule
+                with tempfile.TemporaryDirectory(prefix="nnforge-tunedb-") as tmp:  # this model's kept records
+                    tvm_tune.export_records(fused, ttarget, full, tmp, tvm_tune.load_verdicts(db_dir))
                     tuning_files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.suffix == ".json"}
+                    database = tvm_tune.open_db(tmp)  # applied: only records faster than the default schedule
             stage("compiling (legalize, fuse, schedule, codegen)")
             try:
                 with database if database is not None else contextlib.nullcontext():
@@ -415,7 +418,9 @@ class TVMBackend(Backend):
             "schedule": schedule,
         }
         if tuning is not None:
-            meta["tuning"] = tuning  # trials run now, kernels tuned now, kernels whose records came from the database
+            # trials run now, kernels tuned now, kernels whose records came from the database, records applied
+            # (kept) and left for the default schedule because they were not faster (dropped)
+            meta["tuning"] = tuning
         cuda_src = _cuda_source(ex) if target.name == "cuda" else None
         return TVMArtifact(graph, target, ex, meta, cuda_src, tuning_files)
 
