@@ -87,46 +87,44 @@ def _qmatmul(x, qw, scales, zeros, bits: int, group: int):
     return te.compute((*lead, rows), lambda *i: te.sum(x[(*i[:-1], r)] * w[i[-1], r], axis=r), name="qmatmul")
 
 
-def _activation_codes(c: Ctx, x):
-    """(codes as float32 in 0..255, zero point, scale) of the quantized activations: per-token int8
-    (dynamic; shifted by 128 into 0..255), per-tensor uint8 (dynamic_tensor: range at run time; static:
-    calibrated). The scale is [..., 1] per token or a scalar; the zero point a float32 scalar."""
+def _activation_range(c: Ctx, x):
+    """(scale, zero point, lowest code) of the quantized activations, codes = clip(round(x / scale) + zero
+    point, lowest, 255): per-token int8 (dynamic: symmetric, shifted by 128 into 1..255), per-tensor uint8
+    (dynamic_tensor: range at run time; static: calibrated). The scale is [..., 1] per token or a scalar,
+    the zero point a float32 scalar."""
     mode = c.attr("act_quant")
     if mode == "dynamic":  # as ops_lowbit.quantize_per_token
         amax = c.emit(R.max(R.abs(x), axis=[-1], keepdims=True))
         xs = c.emit(R.where(R.greater(amax, c.const(0, "float32")), R.divide(amax, c.const(127, "float32")),
                             c.const(1, "float32")))
-        zp = c.const(128, "float32")
-        return c.emit(R.add(R.clip(R.round(R.divide(x, xs)), -127, 127), zp)), zp, xs
+        return xs, c.const(128, "float32"), 1
     if mode == "dynamic_tensor":  # as ops_lowbit.quantize_per_tensor
         zero = c.const(0, "float32")
         lo, hi = c.emit(R.minimum(R.min(x), zero)), c.emit(R.maximum(R.max(x), zero))
         xs = c.emit(R.where(R.greater(hi, lo), R.divide(R.subtract(hi, lo), c.const(255, "float32")),
                             c.const(1, "float32")))
-        zp = c.emit(R.clip(R.round(R.divide(R.negative(lo), xs)), 0, 255))
-    else:
-        xs, zp = c.const(np.float32(c.attr("x_scale")), "float32"), c.const(c.attr("x_zero_point"), "float32")
-    return c.emit(R.clip(R.add(R.round(R.divide(x, xs)), zp), 0, 255)), zp, xs
+        return xs, c.emit(R.clip(R.round(R.divide(R.negative(lo), xs)), 0, 255)), 0
+    return c.const(np.float32(c.attr("x_scale")), "float32"), c.const(c.attr("x_zero_point"), "float32"), 0
 
 
 def _w8a8(c: Ctx, x, qw, scales, bias):
     """Quantized activations times int8 weights, rescaled to float; returns (y, bias not yet added).
 
-    With VNNI (tvm_vnni): uint8 codes into the int8 dot-product kernel, which adds the bias too.
+    With VNNI (tvm_vnni): the int8 dot-product kernel quantizes the activations itself and adds the bias.
     Elsewhere the integer matmul runs as _qmatmul on the codes held as float32: products of two 8-bit
     codes and their sums are exact in float32 while below 2^24 (K * 128 * 127 in the worst case, far
     above what real activations reach), so this equals the int32 product, with the float matmul kernel
     and the weights kept int8 in memory."""
-    codes, zp, xs = _activation_codes(c, x)
+    xs, zp, qmin = _activation_range(c, x)
     n, k = c.node.inputs[1].shape
     w_scale = c.emit(R.squeeze(scales, [1]))
     if tvm_vnni.available(c.target, n, k):
         lead = c.dims.shape(c.node.inputs[0].shape[:-1])
-        a = c.emit(R.reshape(c.emit(R.astype(codes, "uint8")), [-1, k]))
         per_token = c.attr("act_quant") == "dynamic"
-        y = tvm_vnni.qmatmul(c.bb, a, qw, n, k, c.emit(R.astype(zp, "int32")),
-                             c.emit(R.reshape(xs, [-1, 1])) if per_token else xs, w_scale, bias)
+        y = tvm_vnni.qmatmul(c.bb, c.emit(R.reshape(x, [-1, k])), qw, n, k,
+                             c.emit(R.reshape(xs, [-1, 1])) if per_token else xs, zp, qmin, w_scale, bias)
         return c.emit(R.reshape(y, [*lead, n])), None
+    codes = c.emit(R.clip(R.add(R.round(R.divide(x, xs)), zp), qmin, 255))
     acc = c.bb.emit_te(_qmatmul, c.emit(R.subtract(codes, zp)), qw, None, None, 8, 1, primfunc_name_hint="qmatmul")
     return c.emit(R.multiply(c.emit(R.multiply(acc, xs)), w_scale)), bias
 

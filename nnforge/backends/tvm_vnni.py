@@ -1,7 +1,8 @@
 """int8 dot products for W8A8 ``qlinear`` on x86 CPUs with AVX-512 VNNI (vpdpbusd), for the TVM backend.
 
 One kernel, scheduled when it is made (the default schedule rules skip scheduled kernels) and kept out
-of Relax fusion: uint8 activation codes ``a[M, K]`` times int8 weight codes packed
+of Relax fusion: float activations quantized to uint8 codes ``a[M, K]`` (once per call, in parallel,
+inside the kernel) times int8 weight codes packed
 ``[N/16, K/4, 16, 4]`` (16 output channels x 4 inputs: one vpdpbusd operand), int32 accumulators held
 in registers across K for a tile of MR rows x 16*NV columns, then in the same tile the float rescale
 
@@ -77,21 +78,29 @@ def _columns_per_tile(n: int) -> int:
     return 1
 
 
-def _kernel(a, w, colsum, zero_point, x_scale, w_scale, bias):
-    """TE stages: zero-padded rows, the int32 sum, the float rescale. ``x_scale`` [M, 1] or [] ."""
-    m, k = a.shape
+def _kernel(x, w, colsum, x_scale, zero_point, w_scale, bias, qmin: int):
+    """TE stages: the activation codes (rows padded with zeros), the int32 sum, the float rescale.
+    codes = clip(round(x / x_scale) + zero_point, qmin, 255); ``x_scale`` [M, 1] or [], ``zero_point`` []."""
+    m, k = x.shape
     n = w.shape[0] * LANES
     rows = tirx.floordiv(m + MR - 1, MR) * MR
-    padded = te.compute((rows, k), lambda i, r: tirx.if_then_else(i < m, a[i, r], tirx.const(0, "uint8")),
-                        name="a_pad")
+
+    def scale(i):
+        return x_scale[i, 0] if len(x_scale.shape) == 2 else x_scale[()]
+
+    def code(i, r):
+        q = tirx.round(x[tirx.min(i, m - 1), r] / scale(tirx.min(i, m - 1))) + zero_point[()]
+        return tirx.if_then_else(i < m, tirx.max(tirx.min(q, 255.0), float(qmin)).astype("uint8"),
+                                 tirx.const(0, "uint8"))
+
+    codes = te.compute((rows, k), code, name="a_pad")
     r = te.reduce_axis((0, k), name="k")
     acc = te.compute((rows, n), lambda i, j: te.sum(
-        padded[i, r].astype("int32") * w[j // LANES, r // DEPTH, j % LANES, r % DEPTH].astype("int32"), axis=r),
+        codes[i, r].astype("int32") * w[j // LANES, r // DEPTH, j % LANES, r % DEPTH].astype("int32"), axis=r),
         name="acc")
 
     def rescale(i, j):
-        xs = x_scale[i, 0] if len(x_scale.shape) == 2 else x_scale[()]
-        y = (acc[i, j] - zero_point[()] * colsum[j]).astype("float32") * xs * w_scale[j]
+        y = (acc[i, j] - zero_point[()].astype("int32") * colsum[j]).astype("float32") * scale(i) * w_scale[j]
         return y + bias[j] if bias is not None else y
 
     return te.compute((m, n), rescale, name="rescale")
@@ -125,12 +134,14 @@ def _schedule(func, n: int):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # 8: opaque, not fused
 
 
-def qmatmul(bb: relax.BlockBuilder, a, qweight, n: int, k: int, zero_point, x_scale, w_scale, bias=None):
-    """y [M, N] float32 from uint8 codes a [M, K] (zero point ``zero_point``, int32 [], scale ``x_scale``
-    [M, 1] or []), int8 weight codes [N, K] with per-channel ``w_scale`` [N]."""
+def qmatmul(bb: relax.BlockBuilder, x, qweight, n: int, k: int, x_scale, zero_point, qmin: int, w_scale, bias=None):
+    """y [M, N] float32 from x [M, K] float32 quantized in the kernel, codes = clip(round(x / x_scale) +
+    zero_point, qmin, 255) (``x_scale`` [M, 1] or [], ``zero_point`` [] float32), times int8 weight codes
+    [N, K] with per-channel ``w_scale`` [N]."""
     packed = bb.emit(R.permute_dims(bb.emit(R.reshape(qweight, [n // LANES, LANES, k // DEPTH, DEPTH])), [0, 2, 1, 3]))
     colsum = bb.emit(R.sum(bb.emit(R.astype(qweight, "int32")), axis=[1]))
-    y = bb.emit_te(_kernel, a, packed, colsum, zero_point, x_scale, w_scale, bias, primfunc_name_hint="qmatmul_vnni")
+    y = bb.emit_te(_kernel, x, packed, colsum, x_scale, zero_point, w_scale, bias, qmin,
+                   primfunc_name_hint="qmatmul_vnni")
     gv = y.op if isinstance(y, relax.Call) else bb.lookup_binding(y).args[0]
     bb.update_func(gv, _schedule(bb.get()[gv], n))
     return y
