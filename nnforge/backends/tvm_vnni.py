@@ -17,7 +17,6 @@ vpdpbusd operands as <64 x i8>); ``_intrin`` registers the same computation with
 """
 from __future__ import annotations
 
-import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.relax import op as R
 from tvm.s_tir import TensorIntrin
