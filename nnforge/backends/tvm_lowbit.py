@@ -99,8 +99,10 @@ def _activation_range(c: Ctx, x):
                             c.const(1, "float32")))
         return xs, c.const(128, "float32"), 1
     if mode == "dynamic_tensor":  # as ops_lowbit.quantize_per_tensor
+        # per row first (rows in parallel), then over the rows: one whole-tensor reduction runs on one core
         zero = c.const(0, "float32")
-        lo, hi = c.emit(R.minimum(R.min(x), zero)), c.emit(R.maximum(R.max(x), zero))
+        lo = c.emit(R.minimum(R.min(c.emit(R.min(x, axis=[-1]))), zero))
+        hi = c.emit(R.maximum(R.max(c.emit(R.max(x, axis=[-1]))), zero))
         xs = c.emit(R.where(R.greater(hi, lo), R.divide(R.subtract(hi, lo), c.const(255, "float32")),
                             c.const(1, "float32")))
         return xs, c.emit(R.clip(R.round(R.divide(R.negative(lo), xs)), 0, 255)), 0
