@@ -71,6 +71,18 @@ def time_call(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
     return statistics.median(samples) * 1e3
 
 
+def time_interleaved(fns: dict, repeat: int, rounds: int = 3, progress=None, label: str = "") -> dict:
+    """Median ms per callable in ``fns`` (key -> fn), timed in ``rounds`` interleaved rounds; each keeps
+    its best round, so that load from other processes hits every callable alike."""
+    best: dict = {}
+    for k in range(rounds):
+        if progress:
+            progress(f"{label}timing, round {k + 1} of {rounds}")
+        for key, fn in fns.items():
+            best[key] = min(best.get(key, float("inf")), time_call(fn, max(1, repeat // rounds)))
+    return best
+
+
 def _as_list(out) -> list[np.ndarray]:
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs]
@@ -152,13 +164,8 @@ def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=No
                 built.append((name, fn, _as_list(fn()), time.perf_counter() - t0))
             except Exception as e:  # a runner that cannot take the model is reported, not fatal
                 built.append((name, None, None, f"failed: {type(e).__name__}: {str(e)[:120]}"))
-        best: dict[str, float] = {}
-        for k in range(rounds):
-            if progress:
-                progress(f"{family}: timing, round {k + 1} of {rounds}")
-            for name, fn, _, _ in built:
-                if fn is not None:
-                    best[name] = min(best.get(name, float("inf")), time_call(fn, max(1, repeat // rounds)))
+        best = time_interleaved({name: fn for name, fn, _, _ in built if fn is not None}, repeat, rounds, progress,
+                                f"{family}: ")
     rows: list[BenchRow] = []
     first = next((b for b in built if b[1] is not None), None)  # eager, unless it failed
     ref, eager_ms = (first[2], best[first[0]]) if first else (None, None)
@@ -434,13 +441,7 @@ def bench_lowbit_family(family: str, size: str = "bench", repeat: int = 20, runn
             except Exception as e:  # noqa: BLE001  (a setting a backend cannot take is reported, not fatal)
                 built.append((setting, runner, None, None, None, f"failed: {type(e).__name__}: {str(e)[:100]}"))
     outs = {id(b): _as_list(b[2]())[0] for b in built if b[2] is not None}
-    best: dict[int, float] = {}
-    for k in range(rounds):
-        if progress:
-            progress(f"{family}: timing, round {k + 1} of {rounds}")
-        for b in built:
-            if b[2] is not None:
-                best[id(b)] = min(best.get(id(b), float("inf")), time_call(b[2], max(1, repeat // rounds)))
+    best = time_interleaved({id(b): b[2] for b in built if b[2] is not None}, repeat, rounds, progress, f"{family}: ")
     rows = []
     for b in built:
         setting, runner, _, nbytes, secs, note = b
@@ -519,12 +520,7 @@ def bench_sparse_kernel(rows: int = 128, k: int = 384, n: int = 1536, densities=
             built[d, "dense"], built[d, "csr"] = build(w, False), build(w, True)
     finally:
         tvm_sparse.MAX_DENSITY = saved
-    best: dict = {}
-    for r in range(rounds):
-        if progress:
-            progress(f"timing, round {r + 1} of {rounds}")
-        for key, fn in built.items():
-            best[key] = min(best.get(key, float("inf")), time_call(fn, max(1, repeat // rounds)))
+    best = time_interleaved(built, repeat, rounds, progress)
     return [{"density": d, "dense_ms": best[d, "dense"], "csr_ms": best[d, "csr"],
              "speedup": best[d, "dense"] / best[d, "csr"], "used": "csr" if d <= saved else "dense"} for d in densities]
 
