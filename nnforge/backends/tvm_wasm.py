@@ -152,7 +152,7 @@ def _link(kernels: dict, target, work: Path) -> bytes:
     return out.read_bytes()
 
 
-def _transformed_params(lowered, mod, graph: Graph, options: dict) -> list[np.ndarray]:
+def _transformed_params(lowered, mod, graph: Graph) -> list[np.ndarray]:
     """Run main_transform_params on the host CPU: the bundle ships the weights as main takes them."""
     from .tvm import make_pipeline, tvm_target
     from ..targets import get_target
@@ -173,7 +173,7 @@ def build(graph: Graph, target: Target, options: dict, lowered, stage) -> "TVMWa
     wt = wasm_target()
     mod = relax.transform.LiftTransformParams()(lowered.mod) if lowered.param_names else lowered.mod
     stage("weights: running the lifted transforms on the host")
-    params = _transformed_params(lowered, mod, graph, options)
+    params = _transformed_params(lowered, mod, graph)
     stage("fusing and scheduling for wasm32")
     with wt:
         sched = tvm.transform.Sequential(pipeline_passes(wt, options.get("schedule", "default"),
