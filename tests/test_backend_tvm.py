@@ -401,7 +401,7 @@ def _static_kernels(g):
     sched = tb.BACKEND.kernels(g, "cpu")
     plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
     return [(gv.name_hint, f, plain[gv.name_hint]) for gv, f in sched.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and any(w in gv.name_hint for w in ("matmul", "conv2d_mm", "im2col"))]
+            if isinstance(f, tvm.tirx.PrimFunc) and any(w in gv.name_hint for w in ("matmul", "conv2d_mm", "im2col", "winograd"))]
 
 
 @pytest.mark.parametrize("m,k,n,act", [(1, 64, 256, "relu"), (1, 48, 1000, "gelu"), (1, 40, 37, "none"),
@@ -445,8 +445,9 @@ def test_matmul_tile_widths_are_powers_of_two():
 @pytest.mark.parametrize("cin,hw,cout,k,stride", [(8, 14, 12, 3, 1), (6, 7, 10, 3, 1), (8, 14, 8, 1, 2),
                                                   (3, 15, 8, 7, 2)])
 def test_conv_kernels_with_small_outputs_stay_in_bounds(cin, hw, cout, k, stride):
-    """Convolutions with 14x14, 7x7 and strided outputs (J = 196, 49, 64: padded column tiles) and
-    their im2col kernels (inner loop split by the output width) against the unscheduled kernels, fenced."""
+    """Convolutions with 14x14, 7x7 and strided outputs against the unscheduled kernels, fenced: 3x3
+    stride 1 as Winograd (an odd 7x7 output: a half tile at the edge), the others as im2col (inner loop
+    split by the output width) + matmul (J = 64: padded column tiles)."""
     g = Graph("conv")
     x = g.add_input("x", TensorType((1, cin, hw, hw)))
     y = g.op("conv2d", x, g.add_constant(rand(cout, cin, k, k), "w"), g.add_constant(rand(cout), "b"),
@@ -454,7 +455,8 @@ def test_conv_kernels_with_small_outputs_stay_in_bounds(cin, hw, cout, k, stride
     g.outputs = [g.op("relu", y)]
     target = tb.tvm_target(tb.get_target("cpu"))
     kernels = _static_kernels(g)
-    assert any("conv2d_mm" in name for name, _, _ in kernels)
+    winograd = k == 3 and stride == 1
+    assert any(("winograd_output" if winograd else "conv2d_mm") in name for name, _, _ in kernels)
     for name, f, plain in kernels:
         assert f.attrs.get("tirx.is_scheduled")
         if "im2col" in name:

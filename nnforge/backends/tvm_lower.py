@@ -38,6 +38,7 @@ from ..ir import Graph
 from ..ir import symbols as S
 from ..ir.graph import Node, TensorType, Value
 from ..ir.ops import BIG
+from . import tvm_winograd
 
 FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
 INLINE_CONST_MAX_ELEMS = 64  # constants this small are inlined as relax.const (scalars, tiny masks)
@@ -451,6 +452,8 @@ def conv2d(c: Ctx, x, w, b=None, weight_shape=None):
     s, p, d = _pair(c.attr("stride")), _pair(c.attr("padding")), _pair(c.attr("dilation"))
     oh, ow = ot.shape[2], ot.shape[3]
     dims = c.dims
+    if weight_shape is None and tvm_winograd.applies(c.target, xt, (kh, kw), s, p, d, g):
+        return tvm_winograd.conv2d_3x3(c, x, w, b, p)
     if kh == kw == 1 and s == [1, 1] and not any(p):
         cols = x  # a 1x1 convolution reads the input as it is
     else:

@@ -16,6 +16,8 @@ tuning and are tried in order on every fused kernel:
   for LLVM to vectorise (a pooling window's output row stays out of the parallel loop, innermost).
 - ``CPUElementwise``: injective kernels: outer loops in parallel, innermost left to LLVM (split by the
   width of a fused reshape, as in im2col, so its index divisions become loops).
+- ``CPUWinogradOutput``: the output transform of a Winograd convolution (tvm_winograd) with its fused
+  epilogue: one 2x2 output tile per step, tiles along a row left to LLVM (interleaved stores).
 - dlight's ``cpu.GEMV`` for what is left.
 
 A rule that fails, or whose result TVM's verifier rejects, does not apply (the kernel falls through
@@ -40,6 +42,8 @@ from tvm.sym import Analyzer
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 from tvm.tirx.analysis import undefined_vars
+
+from .tvm_winograd import OUTPUT_BLOCK as WINOGRAD_OUTPUT
 
 
 MAX_INLINED_CHARS = 40_000  # printed size of a block past which inlining stops (see _inline)
@@ -553,6 +557,42 @@ class CPUElementwise(ScheduleRule):
         return sch
 
 
+class CPUWinogradOutput(ScheduleRule):
+    """tvm_winograd's output transform Y[n, o, y, x], read from M[16, O, tiles], and the elementwise
+    epilogue fused after it (bias, residual add, activation). Output rows and columns are split by
+    the 2x2 tile and the tile offsets unrolled, so which of the 16 planes each value reads is a
+    constant; the loop over the tiles of a row then reads M at unit stride and LLVM vectorises it
+    (written by row, as CPUElementwise would, every vector lane read a different plane)."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return _is_cpu(target)
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        return _checked(self._apply, func, target)
+
+    def _apply(self, func, target):
+        sch = s_tir.Schedule(func)
+        try:
+            block = sch.get_sblock(WINOGRAD_OUTPUT)
+        except Exception:  # noqa: BLE001  (no such block: not a Winograd output kernel)
+            return None
+        _inline_consumers(sch, block)
+        root = sch.get_sblock("root")
+        for b in sch.get_child_blocks(root):
+            if sch.get(b).name_hint != WINOGRAD_OUTPUT:  # what could not be inlined
+                _parallel_vectorize(sch, b, _vector_lanes(target, 32))
+        n, o, y, x = sch.get_loops(block)
+        yo, yi = sch.split(y, [None, 2])
+        xo, xi = sch.split(x, [None, 2])
+        sch.reorder(n, o, yo, yi, xo, xi)
+        sch.parallel(sch.fuse(n, o))
+        sch.unroll(yi)
+        sch.unroll(xi)
+        return sch
+
+
 def _split_by_inner_divisor(sch, block) -> None:
     """Split the innermost loop by the largest constant its index is divided by (a fused reshape:
     im2col written as [N, C*kh*kw, OH*OW] reads x[.., j // OW * s + .., j % OW * s + ..]), so the
@@ -623,4 +663,5 @@ def schedule_passes(target: Target, schedule: str = "default") -> list:
         return []
     if schedule == "dlight":
         return [dl.ApplyDefaultSchedule(Guarded(dl.cpu.GEMV()), Guarded(dl.cpu.Reduction()))]
-    return [dl.ApplyDefaultSchedule(CPUMatmul(), CPURowwise(), CPUElementwise(), Guarded(dl.cpu.GEMV()))]
+    return [dl.ApplyDefaultSchedule(CPUWinogradOutput(), CPUMatmul(), CPURowwise(), CPUElementwise(),
+                                    Guarded(dl.cpu.GEMV()))]
