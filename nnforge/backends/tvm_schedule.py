@@ -43,7 +43,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 from tvm.tirx.analysis import undefined_vars
 
-from .tvm_winograd import OUTPUT_BLOCK as WINOGRAD_OUTPUT
+from .tvm_winograd import OUTPUT_BLOCK as WINOGRAD_OUTPUT, TILES_BLOCK as WINOGRAD_TILES
 
 
 MAX_INLINED_CHARS = 40_000  # printed size of a block past which inlining stops (see _inline)
@@ -558,11 +558,12 @@ class CPUElementwise(ScheduleRule):
 
 
 class CPUWinogradOutput(ScheduleRule):
-    """tvm_winograd's output transform Y[n, o, y, x], read from M[16, O, tiles], and the elementwise
-    epilogue fused after it (bias, residual add, activation). Output rows and columns are split by
-    the 2x2 tile and the tile offsets unrolled, so which of the 16 planes each value reads is a
-    constant; the loop over the tiles of a row then reads M at unit stride and LLVM vectorises it
-    (written by row, as CPUElementwise would, every vector lane read a different plane)."""
+    """tvm_winograd's output transform, tiles Z[n, o, ty, i, j, tx] from M[16, O, tiles] and then
+    Y[n, o, y, x] = Z[.., y // 2, y % 2, x % 2, x // 2], with the elementwise epilogue fused after it
+    (bias, residual add, activation). Per (image, channel) in parallel and per row of tiles, Z is
+    computed into a small local buffer, the tile offsets i, j unrolled (so each of the 16 planes it
+    reads is a constant) and vectorised over tx; then the two output rows are written vectorised over
+    x, picking from Z. (Left to LLVM, the loop stayed scalar: 7 ns per output.)"""
 
     def is_target_available(self, target: Target) -> bool:
         return _is_cpu(target)
@@ -575,21 +576,25 @@ class CPUWinogradOutput(ScheduleRule):
     def _apply(self, func, target):
         sch = s_tir.Schedule(func)
         try:
-            block = sch.get_sblock(WINOGRAD_OUTPUT)
+            out, tiles = sch.get_sblock(WINOGRAD_OUTPUT), sch.get_sblock(WINOGRAD_TILES)
         except Exception:  # noqa: BLE001  (no such block: not a Winograd output kernel)
             return None
-        _inline_consumers(sch, block)
-        root = sch.get_sblock("root")
-        for b in sch.get_child_blocks(root):
-            if sch.get(b).name_hint != WINOGRAD_OUTPUT:  # what could not be inlined
-                _parallel_vectorize(sch, b, _vector_lanes(target, 32))
-        n, o, y, x = sch.get_loops(block)
+        _inline_consumers(sch, out)
+        lanes = _vector_lanes(target, 32)
+        for b in sch.get_child_blocks(sch.get_sblock("root")):
+            if sch.get(b).name_hint not in (WINOGRAD_OUTPUT, WINOGRAD_TILES):  # what could not be inlined
+                _parallel_vectorize(sch, b, lanes)
+        n, o, y, x = sch.get_loops(out)
         yo, yi = sch.split(y, [None, 2])
-        xo, xi = sch.split(x, [None, 2])
-        sch.reorder(n, o, yo, yi, xo, xi)
         sch.parallel(sch.fuse(n, o))
+        sch.compute_at(tiles, yo)
+        sch.set_scope(tiles, 0, "local")
+        i, j, tx = sch.get_loops(tiles)[-3:]
+        sch.unroll(i)
+        sch.unroll(j)
+        sch.vectorize(tx)
         sch.unroll(yi)
-        sch.unroll(xi)
+        sch.vectorize(x)
         return sch
 
 

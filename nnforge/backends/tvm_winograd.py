@@ -25,7 +25,8 @@ G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0
 FIRST, SECOND, SIGN = (0, 1, 2, 1), (2, 2, 1, 3), (-1.0, 1.0, -1.0, -1.0)
 
 
-OUTPUT_BLOCK = "winograd_output"  # tvm_schedule.CPUWinogradOutput schedules the kernel holding this block
+# tvm_schedule.CPUWinogradOutput schedules the kernel holding these blocks
+OUTPUT_BLOCK, TILES_BLOCK = "winograd_output", "winograd_tiles"
 
 
 def applies(target, xt, kernel: tuple, stride, padding, dilation, groups: int) -> bool:
@@ -96,13 +97,13 @@ def _schedule_input(func, th: int, tw: int):
 
 
 def _output_transform(m, n, oh: int, ow: int, th: int, tw: int):
-    """Y[n, o, y, x] = (A^T M A)[y % 2, x % 2] of tile (n, y // 2, x // 2).
+    """Y[n, o, y, x] = (A^T M A)[y % 2, x % 2] of tile (n, y // 2, x // 2), in two stages: the tiles
+    ``Z[n, o, ty, i, j, tx]`` (unit stride over tx), then Y, which picks Z[.., y % 2, x % 2, x // 2].
     Row i of A^T is M[i] + s (M[i+1] + M[i+2]) with s = 1 - 2i."""
     o = m.shape[1]
 
-    def y(nb, oc, yy, xx):
-        i, j = yy % 2, xx % 2
-        t = (nb * th + yy // 2) * tw + xx // 2
+    def z(nb, oc, ty, i, j, tx):
+        t = (nb * th + ty) * tw + tx
         si, sj = (1 - 2 * i).astype("float32"), (1 - 2 * j).astype("float32")
 
         def col(a):  # (M A)[a, j]
@@ -110,7 +111,9 @@ def _output_transform(m, n, oh: int, ow: int, th: int, tw: int):
 
         return col(i) + si * (col(i + 1) + col(i + 2))
 
-    return te.compute((n, o, oh, ow), y, name=OUTPUT_BLOCK)
+    tiles = te.compute((n, o, th, 2, 2, tw), z, name=TILES_BLOCK)
+    return te.compute((n, o, oh, ow), lambda nb, oc, y, x: tiles[nb, oc, y // 2, y % 2, x % 2, x // 2],
+                      name=OUTPUT_BLOCK)
 
 
 def conv2d_3x3(c, x, w, b, padding):
