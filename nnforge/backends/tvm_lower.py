@@ -12,7 +12,8 @@ pinned to it with a match_cast (checked at run time).
 
 Choices made for speed or exactness:
 - conv2d is im2col (one gather kernel, padding inlined) + a matmul written as one TE reduction into
-  NCHW, so it gets the CPU matmul schedule and its bias/batch-norm/activation fuse into it;
+  NCHW, so it gets the CPU matmul schedule and its bias/batch-norm/activation fuse into it; 3x3
+  stride-1 convolutions on CPU targets are Winograd F(2x2, 3x3) instead (tvm_winograd.py);
 - gelu, gelu_tanh are written with Relax erf/tanh so FastMathTransform can vectorise them;
 - maximum/minimum/relu/clamp and max-style reductions propagate NaN like numpy and torch (TVM's
   max/min would drop it);
