@@ -60,7 +60,9 @@ def _input_transform(x, pad: list, th: int, tw: int):
     def plane(nb, ch, r, par, k):
         yy, xx = r - pad[0], 2 * k + par - pad[1]
         inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
-        return tirx.if_then_else(inside, x[nb, ch, tirx.max(yy, 0), tirx.max(xx, 0)], tirx.const(0, x.dtype))
+        # clamped on both sides: vectorised, the load is made for every lane before the select
+        clamp = lambda i, size: tirx.min(tirx.max(i, 0), size - 1)  # noqa: E731
+        return tirx.if_then_else(inside, x[nb, ch, clamp(yy, h), clamp(xx, w)], tirx.const(0, x.dtype))
 
     planes = te.compute((n, c, 2 * th + 2, 2, tw + 1), plane, name="winograd_planes")
 
@@ -91,6 +93,7 @@ def _schedule_input(func, th: int, tw: int):
     sch.parallel(image)
     sch.compute_at(planes, image)
     sch.set_scope(planes, 0, "local")
+    sch.vectorize(sch.get_loops(planes)[-1])
     sch.unroll(e)
     sch.vectorize(tx)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # 8: opaque, not fused
