@@ -409,7 +409,8 @@ def _static_kernels(g):
 def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
     """A one-row linear layer (GEMV) is register-blocked by CPUMatmul (dlight's trait detection
     rejects a matmul without an I axis): parallel over J, vectorised, same numbers as no schedule,
-    nothing written outside its buffers; the weight is read in place (no per-call copy of it)."""
+    nothing written outside its buffers; the weight is never copied per call, and where a column tile
+    is narrower than the layer it is packed at load into panels that each thread streams."""
     from nnforge.backends import tvm_schedule as ts
 
     g = Graph("gemv")
@@ -423,6 +424,9 @@ def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
     assert "T.parallel" in text and "T.vectorized" in text
     if n % 8 == 0:  # a whole-vector or 8-column tile divides J: the weight is never copied
         assert "pad" not in text
+    nr = ts._pick_gemv_nr(n, ts._vector_lanes(target, 32), m)
+    if nr and nr < n:  # the weight was packed at load into panels [N/nr, K, nr], streamed front to back
+        assert f"T.Buffer((T.int64({n // nr}), T.int64({k}), T.int64({nr}))" in text, text
     got, intact = _run_kernel(f, target, {})
     want, _ = _run_kernel(plain, target, {})
     assert intact, f"{name} wrote outside its buffers"

@@ -408,8 +408,45 @@ def _matmul(c: Ctx, a, b):
 
 @lowering("linear")
 def _linear(c: Ctx, x, w, b=None):
-    y = c.emit(R.matmul(x, c.emit(R.permute_dims(w, [1, 0]))))
+    wt = c.emit(R.permute_dims(w, [1, 0]))
+    panel = _gemv_panel(c, x, w)
+    if panel:
+        y = _gemv_packed(c, x, wt, panel)
+    else:
+        y = c.emit(R.matmul(x, wt))
     return R.add(y, b) if b is not None else y
+
+
+def _gemv_panel(c: Ctx, x, w) -> int | None:
+    """Columns per weight panel when a linear layer has 1-4 static rows (batch 1: a matrix-vector
+    product, bound by reading the weight) on a CPU: the column tile the CPU matmul schedule takes."""
+    from .tvm_schedule import _pick_gemv_nr, _vector_lanes
+
+    xt, (n, k) = c.in_type(0), c.in_type(1).shape
+    rows = xt.shape[0] if len(xt.shape) == 2 else None
+    if c.target is None or c.target.kind.name != "llvm" or not isinstance(rows, int) or not 1 <= rows <= 4 \
+            or not (isinstance(n, int) and isinstance(k, int)) or xt.dtype != "float32":
+        return None
+    nr = _pick_gemv_nr(n, _vector_lanes(c.target, 32), rows)
+    return nr if nr and nr < n else None
+
+
+def _gemv_packed(c: Ctx, x, wt, nr: int):
+    """x [M, K] @ wt [K, N] with wt packed once, at load, as panels [N/nr, K, nr]: each thread then
+    streams its panels from memory front to back. (Read in place, a panel is nr columns of every row,
+    1 kB runs 8 kB apart for a 2048-wide layer, and the hardware prefetcher stops at each page;
+    ONNX Runtime packs its weights the same way.)"""
+    from tvm import te
+
+    k, n = c.in_type(1).shape[1], c.in_type(1).shape[0]
+    packed = c.emit(R.permute_dims(c.emit(R.reshape(wt, [k, n // nr, nr])), [1, 0, 2]))
+
+    def gemv(a, p):
+        r = te.reduce_axis((0, k), name="k")
+        return te.compute((a.shape[0], n), lambda i, j: te.sum(a[i, r] * p[j // nr, r, j % nr], axis=r),
+                          name="matmul")
+
+    return c.bb.emit_te(gemv, x, packed, primfunc_name_hint="matmul")
 
 
 # activations of the fused ops (linear_act), by the IR's activation names
