@@ -191,13 +191,29 @@ def _divides(factor: int, extent) -> bool:
     return Analyzer().can_prove_equal(tirx.floormod(extent, factor), 0)
 
 
+class CPURule(ScheduleRule):
+    """A rule for llvm targets whose ``_apply(func, target)`` returns a schedule or None; checked
+    (``_checked``): a rule that fails or whose result TVM's verifier rejects does not apply."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return _is_cpu(target)
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        return _checked(self._apply, func, target)
+
+    def _apply(self, func, target: Target):
+        raise NotImplementedError
+
+
 @dataclass
 class MatmulConfig:
     mr: int = 6  # rows per micro-kernel
     nr_vectors: int = 2  # vector registers per row (NR = nr_vectors * lanes)
 
 
-class CPUMatmul(ScheduleRule):
+class CPUMatmul(CPURule):
     """Register-blocked, packed, parallel schedule for matmul-like kernels on llvm targets.
 
     1. Normalise to C[S, I, J] += A[S, I, K] * B[S, K, J] (reindex + layout transforms).
@@ -212,14 +228,6 @@ class CPUMatmul(ScheduleRule):
 
     def __init__(self, config: MatmulConfig | None = None):
         self.config = config or MatmulConfig()
-
-    def is_target_available(self, target: Target) -> bool:
-        return _is_cpu(target)
-
-    def apply(self, func, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        return _checked(self._apply, func, target)
 
     def _apply(self, func, target: Target):  # noqa: C901
         sch = s_tir.Schedule(func)
@@ -461,7 +469,7 @@ def _parallel_vectorize(sch, block, lanes: int) -> None:
     _vectorize_inner(sch, block, lanes)
 
 
-class CPURowwise(ScheduleRule):
+class CPURowwise(CPURule):
     """Kernels with reductions that are not matmuls: softmax, layer/RMS norm, pooling, sums.
 
     Every block runs its leading spatial axes (the rows) in parallel; the loops inside a row are
@@ -471,14 +479,6 @@ class CPURowwise(ScheduleRule):
     (dlight's cpu.Reduction splits the row loops by the vector width instead, which with a symbolic
     row length leaves bound checks inside every vector: softmax became ~9x slower than no schedule.)
     """
-
-    def is_target_available(self, target: Target) -> bool:
-        return _is_cpu(target)
-
-    def apply(self, func, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        return _checked(self._apply, func, target)
 
     def _apply(self, func, target):
         sch = s_tir.Schedule(func)
@@ -523,18 +523,10 @@ def _is_spatial(sch, block) -> bool:
 PARALLEL_MIN_ELEMENTS = 1 << 14  # smaller static kernels stay single-threaded
 
 
-class CPUElementwise(ScheduleRule):
+class CPUElementwise(CPURule):
     """Injective kernels (elementwise chains, transposes, gathers, im2col): elementwise steps are
     inlined, then the outer loops run in parallel; the innermost loop is left to LLVM, which
     vectorises it where the access pattern allows."""
-
-    def is_target_available(self, target: Target) -> bool:
-        return _is_cpu(target)
-
-    def apply(self, func, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        return _checked(self._apply, func, target)
 
     def _apply(self, func, target):
         sch = s_tir.Schedule(func)
@@ -557,21 +549,13 @@ class CPUElementwise(ScheduleRule):
         return sch
 
 
-class CPUWinogradOutput(ScheduleRule):
+class CPUWinogradOutput(CPURule):
     """tvm_winograd's output transform, tiles Z[n, o, ty, i, j, tx] from M[16, O, tiles] and then
     Y[n, o, y, x] = Z[.., y // 2, y % 2, x % 2, x // 2], with the elementwise epilogue fused after it
     (bias, residual add, activation). Per (image, channel) in parallel and per row of tiles, Z is
     computed into a small local buffer, the tile offsets i, j unrolled (so each of the 16 planes it
     reads is a constant) and vectorised over tx; then the two output rows are written vectorised over
     x, picking from Z. (Left to LLVM, the loop stayed scalar: 7 ns per output.)"""
-
-    def is_target_available(self, target: Target) -> bool:
-        return _is_cpu(target)
-
-    def apply(self, func, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        return _checked(self._apply, func, target)
 
     def _apply(self, func, target):
         sch = s_tir.Schedule(func)
