@@ -90,28 +90,41 @@ class ViTAttention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
 
 
+def drop_path(x, p: float, training: bool):
+    """Stochastic depth (as in timm): in training, zero a residual branch for a random fraction ``p`` of the
+    samples and scale the rest by 1 / (1 - p); the identity in eval mode, so exported graphs do not see it."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
+
+
 class ViTBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio=4):
+    def __init__(self, dim, heads, mlp_ratio=4, drop_path=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = ViTAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.fc1 = nn.Linear(dim, dim * mlp_ratio)
         self.fc2 = nn.Linear(dim * mlp_ratio, dim)
+        self.drop_path = drop_path
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.fc2(F.gelu(self.fc1(self.norm2(x)))), self.drop_path, self.training)
 
 
 class ViT(nn.Module):
-    def __init__(self, img=224, patch=16, dim=384, depth=12, heads=6, classes=1000, in_ch=3):
+    """``drop_path``: stochastic depth rate of the last block, rising linearly from 0 at the first (training only)."""
+
+    def __init__(self, img=224, patch=16, dim=384, depth=12, heads=6, classes=1000, in_ch=3, drop_path=0.0):
         super().__init__()
         self.patch = nn.Conv2d(in_ch, dim, patch, patch)
         n = (img // patch) ** 2
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
-        self.blocks = nn.Sequential(*[ViTBlock(dim, heads) for _ in range(depth)])
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, drop_path=p) for p in rates])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, classes)
 

@@ -11,14 +11,13 @@ from nnforge.passes.budget import (Budget, Setting, build, cosine_quality, defau
                                    quality_drop, search, top1_quality)
 
 # a small search space keeps the suite quick; default_space is tested on its own
-SPACE = dict(merge_r=[0, 2, 3], prune_keep=[1.0, 0.7], skip=[0, 1], quantize=["float"])
+SPACE = dict(merge_r=[0, 4, 8], prune_keep=[1.0, 0.7], skip=[0, 1], quantize=["float"])
 
 
 def _split():
     d = digits_vit()
-    calibration = d.batches(d.x_test[:200])  # unseen in training, like the held-out batches, and apart from them
-    heldout = d.batches(d.x_test[200:])
-    return d, calibration, heldout
+    # 200 and 297 digits, both unseen in training and kept apart from each other
+    return d, d.calibration(), d.heldout()
 
 
 def _outputs(graph, batches):
@@ -29,7 +28,8 @@ def test_cosine_budget_is_honoured_on_held_out_data():
     d, cal, held = _split()
     budget = Budget(metric="cosine", max_drop=0.01, **SPACE)
     res = search(d.graph, budget, cal, held, time_fn=flop_time(cal[0]))
-    assert not res.setting.lossless and res.speedup > 1.2
+    # merging 8 tokens per block (65 -> 17) costs ~0.1% cosine for 1.67x fewer FLOPs; skip 1 and keep 0.7 cost ~0.9%
+    assert not res.setting.lossless and res.speedup > 1.5
     # re-measure independently on the held-out batches
     drop = quality_drop(cosine_quality, _outputs(res.graph, held), _outputs(d.graph, held))
     assert drop == pytest.approx(res.drop) and drop <= 0.01
@@ -40,7 +40,7 @@ def test_cosine_budget_is_honoured_on_held_out_data():
 
 def test_accuracy_budget_with_a_callable_metric():
     d, cal, held = _split()
-    labels = d.y_test[200:]
+    labels = d.y_heldout
 
     def acc(outputs, reference):  # quality on real labels (the held-out batches, concatenated in order)
         return accuracy(outputs, labels) if len(outputs) == len(labels) else top1_quality(outputs, reference)
@@ -78,10 +78,11 @@ def test_lossless_setting_and_flops_shrink():
 def test_default_space_and_pareto_plot(tmp_path):
     d, cal, held = _split()
     rs, keeps, skips, quants = default_space(d.graph, Budget(), cal[0])
-    assert rs[0] == 0 and max(rs) * 4 <= 16 and keeps[0] == 1.0 and skips == [0, 1, 2]
+    # 64 patch tokens (the class token is kept) over 6 blocks: merging at most 3/4 of them, skipping up to half the blocks
+    assert rs == [0, 2, 4, 6, 8] and max(rs) * 6 <= 64 * 3 // 4 and keeps[0] == 1.0 and skips == [0, 1, 2, 3]
     assert quants == ["float", "int8", "w8a8"] and default_space(d.graph, Budget(), cal[0], "tvm")[3] == ["float", "w8a8"]
-    res = search(d.graph, Budget(max_drop=0.02, merge_r=[0, 3], prune_keep=[1.0], skip=[0, 1]), cal, held,
-                 time_fn=flop_time(cal[0]), progress=True)
+    space = dict(merge_r=[0, 4], prune_keep=[1.0], skip=[0, 1], quantize=["float"])
+    res = search(d.graph, Budget(max_drop=0.02, **space), cal, held, time_fn=flop_time(cal[0]), progress=True)
     path = tmp_path / "pareto.png"
     plot_pareto(res, path)
     assert path.stat().st_size > 1000
@@ -105,7 +106,7 @@ def test_quantization_is_searched_on_onnxruntime_and_the_budget_holds():
     d, cal, held = _split()
     ort = get_backend("onnxrt")
     res = search(d.graph, Budget(metric="cosine", max_drop=0.01, **QUANT_SPACE), cal, held,
-                 time_fn=wall_time(lambda g: ort.build(g, "cpu").run, cal[0], repeat=3))
+                 time_fn=wall_time(lambda g: ort.build(g, "cpu", {"threads": 1}).run, cal[0], repeat=3))
     timed = {c.setting.quant for c in res.candidates if c.seconds is not None}
     assert {"int8", "w8a8"} & timed  # quantized graphs were built and timed by the backend
     drop = quality_drop(cosine_quality, _outputs(res.graph, held), _outputs(d.graph, held))

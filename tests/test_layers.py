@@ -39,14 +39,14 @@ def test_block_influence_and_skipping_the_least_influential():
     batches = d.batches(d.x_train[:200])
     info = find_blocks(g)
     influence = block_influence(g, info, batches)
-    assert len(influence) == 4 and all(0.0 <= x <= 2.0 for x in influence)
+    assert len(influence) == 6 and all(0.0 <= x <= 2.0 for x in influence)
     res = SkipLayersPass(SkipLayers(n=1)).run(g, PassContext(calibration=batches))
     verify(g)
     assert res.stats["skipped"] == [int(np.argmin(influence))]
-    assert g.op_counts()["attention"] == 3 and len(find_blocks(g).blocks) == 3
+    assert g.op_counts()["attention"] == 5 and len(find_blocks(g).blocks) == 5
     base = accuracy(np.concatenate([interpret(d.graph, b)[0] for b in d.batches(d.x_test)]), d.y_test)
     got = accuracy(np.concatenate([interpret(g, b)[0] for b in d.batches(d.x_test)]), d.y_test)
-    assert base - got <= 0.1
+    assert base - got <= 0.02  # trained with stochastic depth: the least influential block costs 0.2 points
 
 
 def test_no_skip_is_exact_and_explicit_consecutive_skips_chain():
@@ -60,7 +60,7 @@ def test_no_skip_is_exact_and_explicit_consecutive_skips_chain():
     g = d.graph.copy()
     SkipLayersPass(SkipLayers(blocks=[1, 2])).run(g, PassContext())
     verify(g)
-    assert g.op_counts()["attention"] == 2
+    assert g.op_counts()["attention"] == 4
     assert interpret(g, d.batches(d.x_test[:10])[0])[0].shape == (10, 10)
 
 

@@ -297,14 +297,16 @@ def test_quality_on_the_digits_vit():
         return accuracy(np.concatenate([interpret(graph, b)[0] for b in batches]), d.y_test)
 
     base = acc(d.graph)
-    assert base > 0.85
+    assert base > 0.96  # 97.4% of the 497 unseen digits
     drops = {}
     for name, p in [("r=1", TokenMergePass(TokenMerge(r=1))), ("r=3", TokenMergePass(TokenMerge(r=3))),
+                    ("r=8", TokenMergePass(TokenMerge(r=8))),
                     ("keep=0.7", TokenPrunePass(TokenPrune(keep=0.7))), ("keep=0.5", TokenPrunePass(TokenPrune(keep=0.5)))]:
         g, _ = run_pass(p, d.graph.copy())
         drops[name] = base - acc(g)
-    assert drops["r=1"] <= 0.02 and drops["keep=0.7"] <= 0.03, drops
-    assert max(drops.values()) <= 0.1, drops
+    # measured: r=1 and r=3 0, r=8 (65 -> 17 tokens) 0.2, keep=0.7 1.0 and keep=0.5 0.6 points
+    assert drops["r=1"] <= 0.005 and drops["r=3"] <= 0.01 and drops["r=8"] <= 0.02, drops
+    assert max(drops.values()) <= 0.03, drops
 
 
 # ---- backends -----------------------------------------------------------------------
