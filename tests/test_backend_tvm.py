@@ -648,3 +648,16 @@ def test_matmul_epilogue_that_reads_some_rows_stays_in_bounds(seq):
         want, _ = _run_kernel(plain[name], target, {"s": 13})
         assert intact, f"kernel {name} wrote outside its buffers"
         np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin,h,w,cout,pad", [(3, 5, 7, 4, 0), (5, 9, 6, 3, 1), (2, 3, 3, 2, 0), (4, 1, 1, 3, 1)])
+def test_winograd_convolution_matches_the_interpreter(cin, h, w, cout, pad):
+    """3x3 stride-1 convolutions (Winograd on the cpu target) at odd, non-square and tiny sizes, with
+    and without padding, batch 2: same numbers as the reference interpreter."""
+    g = Graph("conv")
+    x = g.add_input("x", TensorType((2, cin, h, w)))
+    g.outputs = [g.op("conv2d", x, g.add_constant(rand(cout, cin, 3, 3), "w"), g.add_constant(rand(cout), "b"),
+                      stride=[1, 1], padding=[pad, pad])]
+    assert any("winograd" in gv.name_hint for gv, _ in tb.BACKEND.kernels(g, "cpu").functions_items())
+    xs = rand(2, cin, h, w)
+    np.testing.assert_allclose(tb.build(g, "cpu").run([xs])[0], interpret(g, [xs])[0], rtol=1e-5, atol=1e-5)
