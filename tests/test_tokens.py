@@ -277,6 +277,29 @@ def test_prune_then_merge_compose():
     assert out.shape == (2, 32) and np.isfinite(out).all()
 
 
+@pytest.mark.parametrize("merge_first", [True, False])
+def test_merge_and_prune_compose_on_a_vit_in_either_order(merge_first):
+    """The second pass reduces the stream the first one left (its op goes after the first's in a block,
+    and the first's next op downstream takes the new sizes): shapes chain, both backends agree."""
+    from nnforge.backends.base import get_backend
+    from nnforge.targets import get_target
+
+    g, x = fused("vit")
+    passes = [TokenMergePass(TokenMerge(r=2)), TokenPrunePass(TokenPrune(keep=0.7, layers=[0]))]
+    for p in passes if merge_first else passes[::-1]:
+        g, _ = run_pass(p, g)
+    att = [n for n in g.nodes if n.op == "attention"]
+    merged_only, _ = run_pass(TokenMergePass(TokenMerge(r=2)), fused("vit")[0])
+    att_merged = [n for n in merged_only.nodes if n.op == "attention"]
+    # block 1's attention sees the merged stream pruned once more (kept 70% of block 0's output)
+    assert att[1].inputs[0].shape[1] < att_merged[1].inputs[0].shape[1]
+    verify(g)
+    out = interpret(g, x)[0]
+    for backend in ("onnxrt", "tvm"):
+        got = get_backend(backend).build(g, get_target("cpu"), {}).run(x)[0]
+        np.testing.assert_allclose(got, out, rtol=1e-4, atol=1e-4, err_msg=backend)
+
+
 def test_prune_options_are_checked():
     g, _ = fused("bert")
     with pytest.raises(NnforgeError, match="needs a class token"):

@@ -253,11 +253,16 @@ def reduce_tokens(graph: Graph, info: BlockInfo, who: str, prop_attn: bool, inse
         for op in b.token_ops:  # an earlier pass's reduction: carry its sizes on
             state.sizes = op.outputs[1]
             state.ops.append(op)
-        anchor = first_user(graph, b.mid)
+        stream = _stream(b)
+        anchor = first_user(graph, stream)
         node = insert(b, state, anchor)
         if node is None:
             continue
-        replace_uses_after(graph, b.mid, node.outputs[0], node)
+        replace_uses_after(graph, stream, node.outputs[0], node)
+        # the next token op already on the stream (an earlier pass's, further down) now takes these sizes
+        later = next((op for c in info.blocks if c.index > b.index for op in c.token_ops), None)
+        if later is not None:
+            later.inputs = later.inputs[:2] + [node.outputs[1]]
         state.sizes = node.outputs[1]
         state.ops.append(node)
         state.new_ops.append(node)
@@ -290,8 +295,13 @@ def align(graph: Graph, v: Value, b: Block, before: Node) -> Value:
     return v
 
 
+def _stream(b: Block) -> Value:
+    """The block's mid stream after the token ops already there (an earlier pass's): a new op reduces that."""
+    return b.token_ops[-1].outputs[0] if b.token_ops else b.mid
+
+
 def _tokens_at(b: Block):
-    return b.mid.shape[1]
+    return _stream(b).shape[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,7 +337,7 @@ class TokenMergePass(Pass):
                 return None
             metric = align(graph, keys_metric(graph, b.attention, anchor), b, anchor)
             sizes = state.initial_sizes(graph, anchor, b.mid.dtype)
-            args = [b.mid, metric] + ([sizes] if sizes is not None else [])
+            args = [_stream(b), metric] + ([sizes] if sizes is not None else [])
             return graph.add_node("token_merge", args, {"r": r, "protect_first": info.class_tokens}, name="merged",
                                   before=anchor)
 
@@ -384,7 +394,7 @@ class TokenPrunePass(Pass):
                                     name="received", before=anchor).output
             scores = align(graph, scores, b, anchor)
             sizes = state.initial_sizes(graph, anchor, b.mid.dtype)
-            args = [b.mid, scores] + ([sizes] if sizes is not None else [])
+            args = [_stream(b), scores] + ([sizes] if sizes is not None else [])
             return graph.add_node("token_prune", args, {"keep": keep, "protect_first": first, "protect_last": last,
                                                         "fuse_dropped": cfg.fuse_dropped}, name="pruned", before=anchor)
 
