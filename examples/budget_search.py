@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from nnforge.backends.base import get_backend
+from nnforge.benchmark import time_interleaved
 from nnforge.digits import accuracy, digits_vit
 from nnforge.ir import interpret
 from nnforge.passes.budget import Budget, plot_pareto, search, wall_time
@@ -62,11 +63,10 @@ def main():
                     progress=True, backend=args.backend)
     print(result.report())
     if not result.setting.lossless:  # the search timed each candidate once; time the two again, interleaved
-        runs = [backend.build(g, cpu, options).run for g in (d.graph, result.graph)]
-        rounds = [[wall_time(lambda _: run, timing, repeat=10)(None) for run in runs] for _ in range(3)]
-        best = [min(r[k] for r in rounds) * 1e3 for k in (0, 1)]
-        print("re-timed, 3 interleaved rounds: speed-up " + ", ".join(f"{a / b:.2f}x" for a, b in rounds)
-              + f" (best rounds: lossless {best[0]:.1f} ms, chosen {best[1]:.1f} ms)")
+        runs = {name: backend.build(g, cpu, options).run for name, g in (("lossless", d.graph), ("chosen", result.graph))}
+        best = time_interleaved({name: (lambda run=run: run(timing)) for name, run in runs.items()}, repeat=30)
+        print(f"re-timed, 3 interleaved rounds: speed-up {best['lossless'] / best['chosen']:.2f}x "
+              f"(best rounds: lossless {best['lossless']:.1f} ms, chosen {best['chosen']:.1f} ms)")
     acc = [accuracy(np.concatenate([interpret(g, b)[0] for b in heldout]), d.y_heldout) for g in (d.graph, result.graph)]
     print(f"held-out digits accuracy: lossless {acc[0]:.1%}, chosen {acc[1]:.1%}")
     plot_pareto(result, args.plot)

@@ -41,6 +41,7 @@ from ..ir import symbols as S
 from ..ir.graph import Node, TensorType, Value
 from ..ir.ops import BIG
 from . import tvm_winograd
+from .tvm_schedule import _pick_gemv_nr, _vector_lanes
 
 FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
 INLINE_CONST_MAX_ELEMS = 64  # constants this small are inlined as relax.const (scalars, tiny masks)
@@ -409,7 +410,7 @@ def _matmul(c: Ctx, a, b):
 @lowering("linear")
 def _linear(c: Ctx, x, w, b=None):
     wt = c.emit(R.permute_dims(w, [1, 0]))
-    panel = _gemv_panel(c, x, w)
+    panel = _gemv_panel(c)
     if panel:
         y = _gemv_packed(c, x, wt, panel)
     else:
@@ -417,11 +418,9 @@ def _linear(c: Ctx, x, w, b=None):
     return R.add(y, b) if b is not None else y
 
 
-def _gemv_panel(c: Ctx, x, w) -> int | None:
+def _gemv_panel(c: Ctx) -> int | None:
     """Columns per weight panel when a linear layer has 1-4 static rows (batch 1: a matrix-vector
     product, bound by reading the weight) on a CPU: the column tile the CPU matmul schedule takes."""
-    from .tvm_schedule import _pick_gemv_nr, _vector_lanes
-
     xt, (n, k) = c.in_type(0), c.in_type(1).shape
     rows = xt.shape[0] if len(xt.shape) == 2 else None
     if c.target is None or c.target.kind.name != "llvm" or not isinstance(rows, int) or not 1 <= rows <= 4 \
