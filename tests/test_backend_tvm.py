@@ -396,6 +396,31 @@ def test_default_cpu_schedules_stay_in_bounds_and_match_unscheduled(index):
         np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5, err_msg=f"{g.name}: {name}")
 
 
+@pytest.mark.parametrize("length", [3, 16, 49, 64, 70, 197])
+def test_softmax_and_layer_norm_compute_row_by_row(length):
+    """Softmax and layer norm run one parallel loop over the rows, each block computing its row under
+    it (no intermediate as large as the input), with the elementwise steps vectorised at row lengths
+    that are not whole vectors; same numbers as no schedule, nothing written outside the buffers."""
+    g = Graph("rows")
+    x = g.add_input("x", TensorType(("b", 2, length)))
+    y = g.op("softmax", x, axis=-1)
+    g.outputs = [g.op("layer_norm", g.op("add", y, x), g.add_constant(rand(length), "g"), g.add_constant(rand(length), "b"))]
+    target = tb.tvm_target(tb.get_target("cpu"))
+    sched = tb.BACKEND.kernels(g, "cpu")
+    plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
+    kernels = [(gv.name_hint, f) for gv, f in sched.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and ("softmax" in gv.name_hint or "layer_norm" in gv.name_hint)]
+    assert len(kernels) == 2, [n for n, _ in kernels]
+    for name, f in kernels:
+        text = f.script()
+        assert text.count("T.parallel") == 1, f"{name}: the row loop is not shared\n{text}"
+        assert "T.vectorized" in text, f"{name}: rows not vectorised"
+        got, intact = _run_kernel(f, target, {"b": 3})
+        want, _ = _run_kernel(plain[name], target, {"b": 3})
+        assert intact, f"{name} wrote outside its buffers"
+        np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def _static_kernels(g):
     """(name, scheduled, unscheduled) for each matmul-like kernel of a graph with static shapes."""
     sched = tb.BACKEND.kernels(g, "cpu")

@@ -472,10 +472,12 @@ def _parallel_vectorize(sch, block, lanes: int) -> None:
 class CPURowwise(CPURule):
     """Kernels with reductions that are not matmuls: softmax, layer/RMS norm, pooling, sums.
 
-    Every block runs its leading spatial axes (the rows) in parallel; the loops inside a row are
-    left plain so LLVM vectorises them. Elementwise steps that feed other elementwise steps are
-    folded into them; values a reduction reads stay stored (a reduction over a recomputed value
-    does not vectorise without reassociation, and would recompute exp/erf per element scalar).
+    Elementwise steps that feed other elementwise steps are folded into them; values a reduction
+    reads stay stored (a reduction over a recomputed value does not vectorise without reassociation,
+    and would recompute exp/erf per element scalar). When every block works along the same innermost
+    row (softmax, layer norm) one parallel loop runs over the rows and each block computes its row
+    under it (``_fuse_rows``); otherwise every block runs its leading spatial axes in parallel. Static
+    elementwise rows are vectorised explicitly (``_vectorize_row``), the reductions left to LLVM.
     (dlight's cpu.Reduction splits the row loops by the vector width instead, which with a symbolic
     row length leaves bound checks inside every vector: softmax became ~9x slower than no schedule.)
     """
@@ -488,6 +490,13 @@ class CPURowwise(CPURule):
         for bi in infos[:-1]:
             if bi.is_injective() and all(_is_spatial(sch, c) for c in sch.get_consumers(bi.block_rv)):
                 _inline(sch, bi.block_rv)
+        fused = _fuse_rows(sch.copy(), target)
+        if fused is not None:
+            return fused
+        self._per_block(sch, target)
+        return sch
+
+    def _per_block(self, sch, target):
         for bi in normalize_prim_func(sch):
             dk = bi.dom_kind()
             lead = len(dk) - len(dk.lstrip("S"))
@@ -503,7 +512,59 @@ class CPURowwise(CPURule):
             if all(e is not None for e in extents) and _prod(extents) < 4:
                 continue
             sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
-        return sch
+            if bi.is_injective():
+                _vectorize_row(sch, bi.block_rv, _vector_lanes(target, 32))
+
+
+def _fuse_rows(sch, target):
+    """Softmax-like kernels (every block reduces or maps along the same innermost row): one parallel
+    loop over the rows, under which each block computes its own row, so the intermediates (softmax's
+    exp) are row-sized local buffers instead of tensors as large as the input, written and read back
+    through memory (the digits ViT after merging, batch 256: 1.35x -> 1.48x). None: not such a kernel."""
+    infos = normalize_prim_func(sch)
+    if not infos or len(infos) < 2 or not infos[-1].is_injective():
+        return None
+    last = infos[-1]
+    rows = len(last.dom_kind()) - 1
+    if rows < 1 or any(len(bi.dom_kind()) not in (rows, rows + 1) or not bi.dom_kind()[:rows] == "S" * rows
+                       for bi in infos):
+        return None
+    loops = sch.get_loops(last.block_rv)
+    if len(loops) != rows + 1:
+        return None
+    try:
+        row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+        for bi in reversed(infos[:-1]):
+            sch.compute_at(bi.block_rv, row, preserve_unit_loops=True)
+    except Exception:  # noqa: BLE001  (not a row-wise pattern after all)
+        return None
+    sch.parallel(row)
+    lanes = _vector_lanes(target, 32)
+    for bi in infos:
+        if bi.is_injective():
+            _vectorize_row(sch, bi.block_rv, lanes)
+    return sch
+
+
+def _vectorize_row(sch, block, lanes: int) -> None:
+    """Vectorise a spatial block's static innermost loop explicitly, four vectors at a time (as LLVM's
+    own vectoriser interleaves them). Left to LLVM, rows shorter than its 4 vectors stayed scalar:
+    softmax over 49 keys took 3.3 ns an element, over 64 keys 0.74. A row that is not a multiple of
+    the chunk is partitioned into whole chunks and one shorter vector for the tail."""
+    loops = sch.get_loops(block)
+    e = _int(sch.get(loops[-1]).extent) if loops else None
+    if e is None or e < 2:
+        return
+    chunk = 4 * lanes if e >= 4 * lanes else lanes
+    whole = e - e % chunk
+    if whole in (0, e):
+        body = loops[-1]
+    else:
+        body, tail = sch.loop_partition(loops[-1], [whole, None])
+        sch.vectorize(tail)
+    if whole > chunk:
+        _, body = sch.split(body, [None, chunk])
+    sch.vectorize(body)
 
 
 def _is_window(sch, loops, dk: str, lead: int) -> bool:
