@@ -421,6 +421,22 @@ def test_softmax_and_layer_norm_compute_row_by_row(length):
         np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("op,shape,axes,keepdims", [("reduce_mean", ("b", 5, 4, 16), [2], False),
+                                                  ("reduce_sum", ("b", 3, 2, 7), [1, -2], True),
+                                                  ("reduce_mean", (3, 4, 5), [0], True),
+                                                  ("reduce_sum", (3, 8, 5), [1], False)])
+def test_sums_over_a_few_outer_elements_are_elementwise(op, shape, axes, keepdims):
+    """A sum or mean over at most 8 elements of outer axes (ToMe's keys averaged over heads) is written
+    out term by term: one elementwise kernel, no reduction loop, same numbers as the interpreter."""
+    g = Graph("few")
+    x = g.add_input("x", TensorType(shape))
+    g.outputs = [g.op("relu", g.op(op, x, axes=axes, keepdims=keepdims))]
+    kernels = [f for _, f in tb.BACKEND.kernels(g, "cpu").functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and "T.axis.reduce" not in kernels[0].script()
+    a = rand(*[2 if d == "b" else d for d in shape])
+    np.testing.assert_allclose(tb.build(g, "cpu").run([a])[0], interpret(g, [a])[0], rtol=1e-6, atol=1e-6)
+
+
 def _static_kernels(g):
     """(name, scheduled, unscheduled) for each matmul-like kernel of a graph with static shapes."""
     sched = tb.BACKEND.kernels(g, "cpu")

@@ -24,6 +24,7 @@ Used only by ``nnforge.backends.tvm``; all TVM API use stays in the backend's mo
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -316,9 +317,36 @@ def _cast(c: Ctx, x):
 
 # ---- reductions and normalisations --------------------------------------------------------------
 
-_REDUCE = {"reduce_sum": R.sum, "reduce_mean": R.mean}
-for _name, _fn in _REDUCE.items():
-    lowering(_name)(lambda c, x, _fn=_fn: _fn(x, c.attr("axes"), c.attr("keepdims")))
+@lowering("reduce_sum", "reduce_mean")
+def _reduce_sum_mean(c: Ctx, x):
+    shape, axes, keep = c.in_type(0).shape, c.attr("axes"), c.attr("keepdims")
+    if axes and len(shape) - 1 not in [a % len(shape) for a in axes] and _is_float(c.in_type(0).dtype):
+        axes = sorted(a % len(shape) for a in axes)
+        if all(isinstance(shape[a], int) for a in axes) and math.prod(shape[a] for a in axes) <= 8:
+            return c.bb.emit_te(_sum_few, x, axes, keep, c.node.op == "reduce_mean", primfunc_name_hint=c.node.op)
+    return (R.sum if c.node.op == "reduce_sum" else R.mean)(x, axes, keep)
+
+
+def _sum_few(x, axes: list, keepdims: bool, mean: bool):
+    """A sum (or mean) over a few elements of outer axes (ToMe's keys averaged over heads: [b, n, 4, d]
+    over the 4), written out term by term: an elementwise kernel, vectorised along the innermost axis
+    and fused with its neighbours. (A reduction kernel reads those few elements with a stride per output.)"""
+    from tvm import te
+
+    terms = list(itertools.product(*[range(int(x.shape[a])) for a in axes]))
+    out_shape = [1 if a in axes else d for a, d in enumerate(x.shape) if keepdims or a not in axes]
+
+    def value(*idx):
+        idx = list(idx)
+        rest = [idx[a] for a in range(len(x.shape)) if a not in axes] if keepdims else idx
+        total = None
+        for term in terms:
+            at, it = dict(zip(axes, term)), iter(rest)
+            full = [at[a] if a in at else next(it) for a in range(len(x.shape))]
+            total = x[tuple(full)] if total is None else total + x[tuple(full)]
+        return total / tirx.const(len(terms), x.dtype) if mean else total
+
+    return te.compute(out_shape, value, name="reduce")
 
 
 def _nan_if_any(c: Ctx, x, y, reduce):

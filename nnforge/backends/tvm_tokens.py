@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tvm import tirx
+from tvm import relax, s_tir, tirx
 from tvm.relax import op as R
 
 from .tvm_lower import Ctx, lowering
+from .tvm_schedule import _vector_lanes, _vectorize_row
 
 
 def _tokens(c: Ctx, t, start: int, stop, step: int = 1):
@@ -68,19 +69,65 @@ def _token_merge(c: Ctx, x, metric, sizes=None):
     src = _tokens(c, order, 0, r)
     keep = c.emit(R.sort(_tokens(c, order, r, n_src), axis=-1))
     dst = c.emit(R.gather_elements(target, src, axis=1))
-    xs = c.emit(R.multiply(x, c.emit(R.expand_dims(sizes, -1))))
-    moved = c.emit(R.gather_elements(_tokens(c, xs, 0, seq, 2), _over_hidden(c, src, batch, r, hidden), axis=1))
-    total = c.emit(R.scatter_elements(_tokens(c, xs, 1, seq, 2), _over_hidden(c, dst, batch, r, hidden), moved,
-                                      axis=1, reduction="add"))
-    weight = c.emit(R.scatter_elements(sb, dst, c.emit(R.gather_elements(sa, src, axis=1)), axis=1, reduction="add"))
-    w3 = c.emit(R.expand_dims(weight, -1))
-    mean = c.emit(R.divide(total, c.emit(R.maximum(w3, c.const(1e-30, dt)))))
-    merged = c.emit(R.where(c.emit(R.greater(w3, c.const(0.0, dt))), mean, _tokens(c, x, 1, seq, 2)))
-    unmerged = n_src - r
-    kept = c.emit(R.gather_elements(_tokens(c, x, 0, seq, 2), _over_hidden(c, keep, batch, unmerged, hidden), axis=1))
-    out = c.emit(R.concat([kept, merged], axis=1))
-    out_sizes = c.emit(R.concat([c.emit(R.gather_elements(sa, keep, axis=1)), weight], axis=1))
+    out = c.bb.emit_te(_merged_tokens, x, sizes, keep, src, dst, primfunc_name_hint="token_merge")
+    if c.target is not None and c.target.kind.name == "llvm":
+        gv = out.op if isinstance(out, relax.Call) else c.bb.lookup_binding(out).args[0]
+        c.bb.update_func(gv, _schedule_merged_tokens(c.bb.get()[gv], c.target))
+    out_sizes = c.bb.emit_te(_merged_sizes, sizes, keep, src, dst, primfunc_name_hint="token_merge_sizes")
     return [out, out_sizes]
+
+
+def _merge_into(s, src, dst, b, j, value=None):
+    """Destination j's size-weighted total and size: its own, plus every merged source that chose it
+    (r static: written out term by term, in the order of the reference's np.add.at)."""
+    own = 2 * j + 1
+    total, weight = (value(own) * s[b, own] if value else None), s[b, own]
+    for i in range(int(src.shape[1])):
+        hit, at = dst[b, i] == j, 2 * src[b, i]
+        if value:
+            total = total + tirx.Select(hit, value(at) * s[b, at], tirx.const(0, s.dtype))
+        weight = weight + tirx.Select(hit, s[b, at], tirx.const(0, s.dtype))
+    return total, weight
+
+
+def _merged_tokens(x, s, keep, src, dst):
+    """[batch, seq - r, hidden]: the kept sources in order, then each destination's size-weighted mean
+    with the sources merged into it. One elementwise kernel over the output (vectorised along hidden):
+    the gather / scatter-add / divide / concat chain it replaces made seven passes over the tokens."""
+    from tvm import te
+
+    n_keep = keep.shape[1]
+
+    def token(b, t, h):
+        j = tirx.max(t - n_keep, 0)
+        total, weight = _merge_into(s, src, dst, b, j, lambda i: x[b, i, h])
+        merged = tirx.Select(weight > 0, total / tirx.max(weight, tirx.const(1e-30, x.dtype)), x[b, 2 * j + 1, h])
+        return tirx.if_then_else(t < n_keep, x[b, 2 * keep[b, tirx.min(t, n_keep - 1)], h], merged)
+
+    return te.compute((x.shape[0], x.shape[1] - src.shape[1], x.shape[2]), token, name="token_merge")
+
+
+def _schedule_merged_tokens(func, target):
+    """Per output token in parallel, vectorised along hidden (left to LLVM, the loop stayed scalar:
+    1.8 ms a block on the digits ViT at batch 256)."""
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("token_merge")
+    b, t, _ = sch.get_loops(block)
+    sch.parallel(sch.fuse(b, t))
+    _vectorize_row(sch, block, _vector_lanes(target, 32))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _merged_sizes(s, keep, src, dst):
+    from tvm import te
+
+    n_keep = keep.shape[1]
+
+    def size(b, t):
+        _, weight = _merge_into(s, src, dst, b, tirx.max(t - n_keep, 0))
+        return tirx.if_then_else(t < n_keep, s[b, 2 * keep[b, tirx.min(t, n_keep - 1)]], weight)
+
+    return te.compute((s.shape[0], s.shape[1] - src.shape[1]), size, name="token_merge_sizes")
 
 
 @lowering("token_prune")
