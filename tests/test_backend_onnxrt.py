@@ -467,9 +467,11 @@ def test_zoo_family_from_torch_runs_on_onnxruntime(family):
         assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive"])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive", "per_key_shared"])
 def test_attention_uses_ort_fused_kernel_on_cpu(mask_kind):
-    """On cpu the fused attention op lowers to com.microsoft MultiHeadAttention and still matches the interpreter."""
+    """On cpu the fused attention op lowers to com.microsoft MultiHeadAttention and still matches the interpreter.
+    A float bias per key (ToMe's log token sizes; "additive" -1e4 padding) rides in one more head dim of q and k
+    instead of a bias expanded over the queries."""
     from nnforge.backends.onnxrt import OnnxRuntimeBackend
     from nnforge.targets import get_target
 
@@ -486,10 +488,16 @@ def test_attention_uses_ort_fused_kernel_on_cpu(mask_kind):
         keep = rng.random((2, 1, 1, 6)) > 0.3
         keep[..., 0] = True
         inputs.append(keep if mask_kind == "bool" else np.where(keep, 0.0, -1e4).astype(np.float32))
+    if mask_kind == "per_key_shared":  # one row of log sizes for the whole batch
+        args.append(g.add_input("m", TensorType((1, 1, 1, "seq"))))
+        inputs.append(np.log(rng.integers(1, 6, (1, 1, 1, 6))).astype(np.float32))
     g.outputs = [g.op("attention", *args, num_heads=4, is_causal=mask_kind == "causal")]
     art = OnnxRuntimeBackend().build(g, get_target("cpu"))
-    ops = {n.op_type for n in onnx.load_from_string(art.model_bytes).graph.node}
+    nodes = onnx.load_from_string(art.model_bytes).graph.node
+    ops = {n.op_type for n in nodes}
     assert "MultiHeadAttention" in ops and "Softmax" not in ops
+    mha, = [n for n in nodes if n.op_type == "MultiHeadAttention"]
+    assert (len(mha.input) == 3) == (mask_kind != "bool"), list(mha.input)  # only the bool mask is a bias
     np.testing.assert_allclose(art.run(inputs)[0], interpret(g, inputs)[0], rtol=1e-4, atol=1e-5)
 
 
@@ -538,3 +546,19 @@ def test_attention_on_one_qkv_projection_lowers_to_ort_attention(shared):
     feed = [rng.standard_normal((2, 7, 16)).astype(np.float32)]
     for got, want in zip(art.run(feed), interpret(g, feed)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op,shape,axes,keepdims", [("reduce_mean", ("b", 5, 4, 16), [2], False),
+                                                  ("reduce_sum", ("b", 3, 2, 7), [1, -2], True),
+                                                  ("reduce_mean", (3, 4, 5), [0], True)])
+def test_sums_over_a_few_outer_elements_are_a_matmul(op, shape, axes, keepdims):
+    """A sum or mean over at most 8 elements of outer axes (ToMe's keys averaged over heads) is a MatMul
+    with a constant matrix, not ONNX Runtime's slow middle-axis reduction; same numbers as the interpreter."""
+    g = Graph("few")
+    x = g.add_input("x", TensorType(shape))
+    g.outputs = [g.op(op, x, axes=axes, keepdims=keepdims)]
+    ops = {n.op_type for n in to_onnx(g).graph.node}
+    assert "MatMul" in ops and not ops & {"ReduceMean", "ReduceSum"}, ops
+    a = np.random.default_rng(1).standard_normal([2 if d == "b" else d for d in shape]).astype(np.float32)
+    got = get_backend("onnxrt").build(g, get_target("cpu")).run([a])[0]
+    np.testing.assert_allclose(got, interpret(g, [a])[0], rtol=1e-5, atol=1e-6)

@@ -1,17 +1,17 @@
 """Relax lowerings of the token ops (nnforge/ir/ops_tokens.py), registered into tvm_lower.LOWERINGS.
 
-They follow the ONNX Runtime lowerings (onnxrt_tokens.py) op for op: sorting is ``argsort`` /
-``sort`` (stable on CPU, so ties go to the lower index as in the references' stable argsort),
-gathering and scattering along the token axis are ``gather_elements`` /
-``scatter_elements(reduction="add")`` with the index broadcast over the hidden axis. Sequence
-lengths may be symbolic (``seq - r``); r, protect_first and protect_last are static.
+Sorting is ``argsort`` / ``sort`` (stable on CPU, so ties go to the lower index as in the references'
+stable argsort); gathering along the token axis is ``gather_elements`` with the index broadcast over
+the hidden axis. The merged tokens are one kernel of their own (``_merged_tokens``): every output token
+reads its rows of the input directly. Sequence lengths may be symbolic (``seq - r``); r,
+protect_first and protect_last are static.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from tvm import relax, s_tir, tirx
+from tvm import relax, s_tir, te, tirx
 from tvm.relax import op as R
 
 from .tvm_lower import Ctx, lowering
@@ -46,7 +46,7 @@ def _sizes(c: Ctx, sizes):
 @lowering("token_merge")
 def _token_merge(c: Ctx, x, metric, sizes=None):
     dt, r, p = c.in_type(0).dtype, c.attr("r"), c.attr("protect_first")
-    batch, seq, hidden = c.dims.shape(c.in_type(0).shape)
+    seq = c.dims(c.in_type(0).shape[1])
     n_src, n_dst = _half(seq + 1), _half(seq)  # sources are the even tokens, destinations the odd ones
     sizes = _sizes(c, sizes)
     norm = c.emit(R.sqrt(c.emit(R.sum(c.emit(R.multiply(metric, metric)), axis=[-1], keepdims=True))))
@@ -62,7 +62,7 @@ def _token_merge(c: Ctx, x, metric, sizes=None):
         scores = c.emit(R.where(c.emit(R.less(dst_pos, c.const(p, "int64"))), neg_inf, scores))
     best = c.emit(R.max(scores, axis=[-1]))
     target = c.emit(R.astype(c.emit(R.argmax(scores, axis=-1)), "int64"))
-    sa, sb = _tokens(c, sizes, 0, seq, 2), _tokens(c, sizes, 1, seq, 2)
+    sa = _tokens(c, sizes, 0, seq, 2)
     empty = c.emit(R.logical_and(c.emit(R.equal(sa, c.const(0.0, dt))), c.emit(R.logical_not(protected))))
     best = c.emit(R.where(empty, c.const(np.inf, dt), best))  # padding merges first: it weighs nothing
     order = c.emit(R.argsort(best, axis=-1, descending=True, dtype="int64"))
@@ -94,8 +94,6 @@ def _merged_tokens(x, s, keep, src, dst):
     """[batch, seq - r, hidden]: the kept sources in order, then each destination's size-weighted mean
     with the sources merged into it. One elementwise kernel over the output (vectorised along hidden):
     the gather / scatter-add / divide / concat chain it replaces made seven passes over the tokens."""
-    from tvm import te
-
     n_keep = keep.shape[1]
 
     def token(b, t, h):
@@ -119,8 +117,6 @@ def _schedule_merged_tokens(func, target):
 
 
 def _merged_sizes(s, keep, src, dst):
-    from tvm import te
-
     n_keep = keep.shape[1]
 
     def size(b, t):
