@@ -517,6 +517,23 @@ def test_tvm_w8a8_runs_int8_dot_products_where_the_cpu_has_vnni(act, monkeypatch
             np.testing.assert_allclose(art.run(x)[0], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("seq", [44, 46, 65])
+def test_tvm_w8a8_builds_at_any_static_sequence_with_a_symbolic_batch(seq):
+    """Rows batch * 46 (a pruned ViT's token count) once failed to schedule on VNNI: TVM could not show that
+    the accumulator's padded rows cover the output's. The kernel then computes the padded rows and slices."""
+    pytest.importorskip("tvm")
+    from nnforge.backends import tvm as tb
+
+    g = Graph("seq")
+    x = g.add_input("x", TensorType(("batch", seq, 64)))
+    g.outputs = [g.op("linear", x, g.add_constant(randn(32, 64) * 0.2, "w"), g.add_constant(randn(32), "b"))]
+    out, _ = run(["quantize_w8a8"], g, [[randn(2, seq, 64)]])
+    art = tb.build(out, "cpu")
+    for batch in (1, 3):
+        x = [randn(batch, seq, 64)]
+        np.testing.assert_allclose(art.run(x)[0], interpret(out, x)[0], rtol=1e-4, atol=1e-4)
+
+
 # ---- through nnforge.compile -------------------------------------------------------------
 
 def test_compile_takes_quantize_settings_and_calibration(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from tvm import relax, s_tir, te, tirx
 from tvm.relax import op as R
 from tvm.s_tir import TensorIntrin
+from tvm.s_tir.schedule import ScheduleError
 from tvm.target.codegen import target_has_features
 
 MR = 4  # rows per register tile
@@ -77,18 +78,19 @@ def _columns_per_tile(n: int) -> int:
     return 1
 
 
-def _kernel(x, w, colsum, x_scale, zero_point, w_scale, bias, qmin: int):
+def _kernel(x, w, colsum, x_scale, zero_point, w_scale, bias, qmin: int, padded_output: bool = False):
     """TE stages: the activation codes (rows padded with zeros), the int32 sum, the float rescale.
-    codes = clip(round(x / x_scale) + zero_point, qmin, 255); ``x_scale`` [M, 1] or [], ``zero_point`` []."""
+    codes = clip(round(x / x_scale) + zero_point, qmin, 255); ``x_scale`` [M, 1] or [], ``zero_point`` [].
+    ``padded_output``: the output has the padded row count too (the caller slices it)."""
     m, k = x.shape
     n = w.shape[0] * LANES
     rows = tirx.floordiv(m + MR - 1, MR) * MR
 
     def scale(i):
-        return x_scale[i, 0] if len(x_scale.shape) == 2 else x_scale[()]
+        return x_scale[tirx.min(i, m - 1), 0] if len(x_scale.shape) == 2 else x_scale[()]
 
     def code(i, r):
-        q = tirx.round(x[tirx.min(i, m - 1), r] / scale(tirx.min(i, m - 1))) + zero_point[()]
+        q = tirx.round(x[tirx.min(i, m - 1), r] / scale(i)) + zero_point[()]
         return tirx.if_then_else(i < m, tirx.max(tirx.min(q, 255.0), float(qmin)).astype("uint8"),
                                  tirx.const(0, "uint8"))
 
@@ -102,7 +104,7 @@ def _kernel(x, w, colsum, x_scale, zero_point, w_scale, bias, qmin: int):
         y = (acc[i, j] - zero_point[()].astype("int32") * colsum[j]).astype("float32") * scale(i) * w_scale[j]
         return y + bias[j] if bias is not None else y
 
-    return te.compute((m, n), rescale, name="rescale")
+    return te.compute((rows if padded_output else m, n), rescale, name="rescale")
 
 
 def _schedule(func, n: int):
@@ -139,8 +141,16 @@ def qmatmul(bb: relax.BlockBuilder, x, qweight, n: int, k: int, x_scale, zero_po
     [N, K] with per-channel ``w_scale`` [N]."""
     packed = bb.emit(R.permute_dims(bb.emit(R.reshape(qweight, [n // LANES, LANES, k // DEPTH, DEPTH])), [0, 2, 1, 3]))
     colsum = bb.emit(R.sum(bb.emit(R.astype(qweight, "int32")), axis=[1]))
-    y = bb.emit_te(_kernel, x, packed, colsum, x_scale, zero_point, w_scale, bias, qmin,
-                   primfunc_name_hint="qmatmul_vnni")
-    gv = y.op if isinstance(y, relax.Call) else bb.lookup_binding(y).args[0]
-    bb.update_func(gv, _schedule(bb.get()[gv], n))
-    return y
+    for padded in (False, True):
+        call = bb.call_te(_kernel, x, packed, colsum, x_scale, zero_point, w_scale, bias, qmin, padded,
+                          primfunc_name_hint="qmatmul_vnni")
+        try:
+            bb.update_func(call.args[0], _schedule(bb.get()[call.args[0]], n))
+            break
+        except ScheduleError:
+            # with some symbolic row counts (batch * 46, not batch * 44 or batch * 65) TVM cannot show that
+            # the padded accumulator rows cover the output's: compute the padded rows, slice them off after
+            if padded:
+                raise
+    y = bb.emit(call)
+    return bb.emit(R.strided_slice(y, [0], [0], [x.ty.shape[0]])) if padded else y
