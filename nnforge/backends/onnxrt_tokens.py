@@ -1,8 +1,9 @@
 """ONNX lowerings of the token ops (nnforge/ir/ops_tokens.py), registered into onnxrt.LOWERINGS.
 
-Sorting is TopK (ties go to the lower index, as the references' stable argsort), gathering and
-scattering along the token axis are GatherElements / ScatterElements(reduction="add") with the
-index broadcast over the hidden axis.
+Sorting is TopK (ties go to the lower index, as the references' stable argsort). Merging picks whole
+token rows with GatherND (batch_dims=1) and adds the moved rows into their destinations with one
+batched MatMul of small coefficient matrices; pruning gathers with GatherElements, the index broadcast
+over the hidden axis.
 """
 from __future__ import annotations
 
