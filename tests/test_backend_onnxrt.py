@@ -562,3 +562,15 @@ def test_sums_over_a_few_outer_elements_are_a_matmul(op, shape, axes, keepdims):
     a = np.random.default_rng(1).standard_normal([2 if d == "b" else d for d in shape]).astype(np.float32)
     got = get_backend("onnxrt").build(g, get_target("cpu")).run([a])[0]
     np.testing.assert_allclose(got, interpret(g, [a])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_per_key_bias_rides_in_a_head_dim_on_cpu_only():
+    """The extra head dim (17 here) would take CUDA's attention off its fused kernels (multiples of 8): for
+    cuda the per-key bias stays a bias input of MultiHeadAttention."""
+    g = Graph("mha")
+    q, k, v = (g.add_input(n, TensorType(("batch", "seq", 64))) for n in "qkv")
+    m = g.add_input("m", TensorType(("batch", 1, 1, "seq")))
+    g.outputs = [g.op("attention", q, k, v, m, num_heads=4)]
+    for device, inputs in (("cpu", 3), ("cuda", 6)):
+        mha, = [n for n in to_onnx(g, contrib=True, device=device).graph.node if n.op_type == "MultiHeadAttention"]
+        assert len(mha.input) == inputs, (device, list(mha.input))

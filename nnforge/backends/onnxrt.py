@@ -43,9 +43,10 @@ ONNX_DTYPES = {
 class _Lowering:
     """Collects ONNX nodes and initializers while the IR graph is lowered."""
 
-    def __init__(self, graph: Graph, contrib: bool = False):
+    def __init__(self, graph: Graph, contrib: bool = False, device: str = "cpu"):
         self.graph = graph
         self.contrib = contrib  # may use ONNX Runtime's com.microsoft ops (not portable to other runtimes)
+        self.device = device  # the execution provider's device, where kernels' speed differs
         self.domains: set[str] = set()
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
@@ -575,7 +576,7 @@ def _attention_contrib(cx, n, ins):
     q, h = n.inputs[0], n.attrs["num_heads"]
     scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1] // h)
     args = list(ins[:3])
-    if len(ins) > 3 and ins[3] and _per_key_bias(n.inputs[3]):
+    if len(ins) > 3 and ins[3] and cx.device == "cpu" and _per_key_bias(n.inputs[3]):
         args[:2] = _keys_carry_bias(cx, ins[0], ins[1], ins[3], h, scale, q.dtype)
     elif len(ins) > 3 and ins[3]:
         mask = n.inputs[3]
@@ -599,8 +600,9 @@ def _per_key_bias(mask: Value) -> bool:
 
 def _keys_carry_bias(cx, q: str, k: str, bias: str, heads: int, scale: float, dtype: str) -> list[str]:
     """q' = [q_h, 1] and k' = [k_h, bias / scale] per head, so that scale * q'.k' = scale * q.k + bias. A
-    [batch, 1, 1, keys] bias handed to MultiHeadAttention must be expanded over the queries, and the kernel
-    adding it took 40% longer (8.0 against 5.7 ms at 57 tokens, batch 256); one more head dim costs ~2%."""
+    [batch, 1, 1, keys] bias handed to MultiHeadAttention must be expanded over the queries, and the CPU
+    kernel adding it took 40% longer (8.0 against 5.7 ms at 57 tokens, batch 256); one more head dim costs
+    ~2%. CPU only: CUDA's fused attention kernels want head sizes that are multiples of 8."""
     split = cx.const([0, 0, heads, -1], "int64", "heads")
     qh, kh = (cx.emit("Reshape", [t, split]) for t in (q, k))
     one = cx.emit("Concat", [cx.emit("Shape", [q], start=0, end=2), cx.const([heads, 1], "int64", "shape")], axis=0)
@@ -823,17 +825,18 @@ def _symbol_check(n: Node, sources: dict) -> str | None:
     return None
 
 
-def to_onnx(graph: Graph, contrib: bool = False) -> onnx.ModelProto:
+def to_onnx(graph: Graph, contrib: bool = False, device: str = "cpu") -> onnx.ModelProto:
     """Lower an IR graph to an ONNX model (opset 20); raises UnsupportedOpError listing every node it cannot take.
 
     ``contrib`` lets fused ops use ONNX Runtime's com.microsoft kernels (e.g. MultiHeadAttention): faster on
     ONNX Runtime's CPU and CUDA providers, but not standard ONNX, so off for portable files and wasm.
+    ``device`` ("cpu" or "cuda"): the provider the model is for, where a lowering's speed depends on it.
     """
     bad = unsupported_nodes(graph)
     if bad:
         raise UnsupportedOpError([(u.op, f"%{u.node}: {u.reason}" + (f" ({u.source})" if u.source else "")) for u in bad],
                                  where="the ONNX Runtime backend")
-    cx = _Lowering(graph, contrib)
+    cx = _Lowering(graph, contrib, device)
     fused, skip = _contrib_fusions(graph) if contrib else ({}, set())
     for n in graph.nodes:
         if n in fused:
@@ -976,7 +979,7 @@ class OnnxRuntimeBackend(Backend):
         if "onnxrt" not in target.backends:
             raise NnforgeError(f"onnxrt: cannot build for target {target.name!r}; it builds for "
                                "cpu, cuda and wasm")
-        model = to_onnx(graph, contrib=target.name in ("cpu", "cuda"))
+        model = to_onnx(graph, contrib=target.name in ("cpu", "cuda"), device=target.name)
         check(model)
         return OnnxRuntimeArtifact(graph, target, model.SerializeToString(), options)
 
