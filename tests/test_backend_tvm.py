@@ -421,6 +421,19 @@ def test_softmax_and_layer_norm_compute_row_by_row(length):
         np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_a_reduction_over_another_axis_is_not_redone_per_row():
+    """x - mean(x, axis=1) is one kernel whose reduction is over another axis than the output rows: computed
+    under the row loop it would be redone for every row, so it keeps its own parallel loop."""
+    g = Graph("centre")
+    x = g.add_input("x", TensorType(("b", 16, 24)))
+    g.outputs = [g.op("sub", x, g.op("reduce_mean", x, axes=[1], keepdims=True))]
+    (name, f), = [(gv.name_hint, f) for gv, f in tb.BACKEND.kernels(g, "cpu").functions_items()
+                  if isinstance(f, tvm.tirx.PrimFunc)]
+    assert f.script().count("T.parallel") == 2, f.script()
+    a = rand(3, 16, 24)
+    np.testing.assert_allclose(tb.build(g, "cpu").run([a])[0], interpret(g, [a])[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("op,shape,axes,keepdims", [("reduce_mean", ("b", 5, 4, 16), [2], False),
                                                   ("reduce_sum", ("b", 3, 2, 7), [1, -2], True),
                                                   ("reduce_mean", (3, 4, 5), [0], True),

@@ -538,6 +538,9 @@ def _fuse_rows(sch, target):
             sch.compute_at(bi.block_rv, row, preserve_unit_loops=True)
     except Exception:  # noqa: BLE001  (not a row-wise pattern after all)
         return None
+    for bi in infos[:-1]:  # each producer computes just this row (a mean over another axis would be redone per row)
+        if any(_int(sch.get(lp).extent) != 1 for lp in sch.get_loops(bi.block_rv)[1:1 + rows]):
+            return None
     sch.parallel(row)
     lanes = _vector_lanes(target, 32)
     for bi in infos:
