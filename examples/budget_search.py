@@ -14,9 +14,9 @@ backend and timed the same way: median of 10 runs on a batch of ``--batch`` trai
 the default: on this busy 2-core machine a search with TVM's two-thread pool reported merge r=8 at
 2.35x and skip 2 at 0.94x, which interleaved timing put at 1.09x and 1.62x.
 
-Measured on this machine (README, "Token merging, ..."): TVM chooses merge r=8 + skip 1 + W8A8, 1.57x and
-1.67x in two searches, 1.64x re-timed in both; ONNX Runtime merge r=8 + skip 1, 1.38x and 1.44x (1.40x and 1.42x re-timed). Both have a
-held-out top-1 drop of 0.67% (accuracy 97.6% before and after).
+Measured on this machine (README, "Token merging, ..."): TVM chooses merge r=8 + skip 1 + W8A8, 1.57x
+and 1.67x in two searches, 1.64x re-timed in both; ONNX Runtime merge r=8 + skip 1, 1.38x and 1.44x
+(1.40x and 1.42x re-timed). Both have a held-out top-1 drop of 0.67% (accuracy 97.6% before and after).
 """
 from __future__ import annotations
 
