@@ -5,6 +5,7 @@ come back from one. Bundles (manifest, hash) are handled once, in ``nnforge.bund
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,22 @@ from typing import Sequence
 
 import numpy as np
 
-from ..ir import Graph
+from ..ir import Graph, Node
 from ..targets import Target
+
+
+def few_outer_axes(node: Node, most: int = 8) -> list[int] | None:
+    """The sorted axes of a float reduce_sum / reduce_mean over at most ``most`` elements of static axes
+    that are not the innermost (ToMe's keys averaged over heads: [b, n, 4, 16] over the 4), else None.
+    A reduction kernel reads those few elements with a stride per output; both backends write the sum
+    out term by term instead."""
+    x, axes = node.inputs[0], node.attrs["axes"]
+    if not axes or x.dtype not in ("float32", "float16", "bfloat16", "float64"):
+        return None
+    axes = sorted(a % x.type.rank for a in axes)
+    if axes[-1] == x.type.rank - 1 or not all(isinstance(x.shape[a], int) for a in axes):
+        return None
+    return axes if math.prod(x.shape[a] for a in axes) <= most else None
 
 
 @dataclass

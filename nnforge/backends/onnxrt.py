@@ -22,7 +22,7 @@ from ..ir import Graph, Node, REGISTRY, Value, bind_symbols
 from ..ir import symbols
 from ..ir.ops import BIG
 from ..targets import Target, get_target
-from .base import Artifact, Backend, Unsupported, register_backend
+from .base import Artifact, Backend, Unsupported, few_outer_axes, register_backend
 
 OPSET = 20  # Gelu (20) and LayerNormalization (17) are standard here; ORT >= 1.17 runs it
 IR_VERSION = 9  # the ONNX IR version that goes with opset 20
@@ -298,16 +298,10 @@ def _sum_of_slices(cx, n, ins, mean: bool) -> bool:
     [b, n, 4, 16] over the 4) as Split + Sum: ONNX Runtime's ReduceMean over a middle axis took 1.1 ms at
     that size and batch 256, Split + Sum 0.46. (A MatMul with a 0/1 matrix took 0.17 but turns one inf
     into NaN across the row.)"""
-    shape, axes = n.inputs[0].shape, n.attrs["axes"]
-    if axes is None or not _is_float(n.inputs[0]):
+    axes = few_outer_axes(n)
+    if axes is None or axes != list(range(axes[0], axes[-1] + 1)):  # Split takes consecutive axes
         return False
-    axes = sorted(a % len(shape) for a in axes)
-    first, last = axes[0], axes[-1]
-    if axes != list(range(first, last + 1)) or last == len(shape) - 1 or not all(isinstance(shape[a], int) for a in axes):
-        return False
-    count = math.prod(shape[first:last + 1])
-    if count > 8:
-        return False
+    first, count = axes[0], math.prod(n.inputs[0].shape[a] for a in axes)
     grouped = cx.emit("Reshape", [ins[0], cx.const([0] * first + [count, -1], "int64", "shape")])
     parts = cx.emit_multi("Split", [grouped, cx.const([1] * count, "int64", "split")], count, axis=first)
     total = cx.emit("Sum", parts)
@@ -606,11 +600,14 @@ def _keys_carry_bias(cx, q: str, k: str, bias: str, heads: int, scale: float, dt
     ~2%. CPU only: CUDA's fused attention kernels want head sizes that are multiples of 8."""
     split = cx.const([0, 0, heads, -1], "int64", "heads")
     qh, kh = (cx.emit("Reshape", [t, split]) for t in (q, k))
-    one = cx.emit("Concat", [cx.emit("Shape", [q], start=0, end=2), cx.const([heads, 1], "int64", "shape")], axis=0)
-    ones = cx.emit("Expand", [cx.const(np.ones((1, 1, 1, 1)), dtype, "one"), one])
+
+    def column(t: str, values: str) -> str:  # values broadcast to [batch, seq of t, heads, 1]
+        shape = cx.emit("Concat", [cx.emit("Shape", [t], start=0, end=2), cx.const([heads, 1], "int64", "shape")], axis=0)
+        return cx.emit("Expand", [values, shape])
+
+    ones = column(q, cx.const(np.ones((1, 1, 1, 1)), dtype, "one"))
     per_key = cx.emit("Transpose", [cx.emit("Mul", [bias, cx.const(1.0 / scale, dtype, "inv_scale")])], perm=[0, 3, 1, 2])
-    key_col = cx.emit("Expand", [per_key, cx.emit("Concat", [cx.emit("Shape", [k], start=0, end=2),
-                                                             cx.const([heads, 1], "int64", "shape")], axis=0)])
+    key_col = column(k, per_key)
     flat = cx.const([0, 0, -1], "int64", "merge")
     return [cx.emit("Reshape", [cx.emit("Concat", [t, extra], axis=3), flat]) for t, extra in ((qh, ones), (kh, key_col))]
 

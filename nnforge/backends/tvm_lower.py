@@ -42,6 +42,7 @@ from ..ir import symbols as S
 from ..ir.graph import Node, TensorType, Value
 from ..ir.ops import BIG
 from . import tvm_winograd
+from .base import few_outer_axes
 from .tvm_schedule import _pick_gemv_nr, _vector_lanes
 
 FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -319,12 +320,10 @@ def _cast(c: Ctx, x):
 
 @lowering("reduce_sum", "reduce_mean")
 def _reduce_sum_mean(c: Ctx, x):
-    shape, axes, keep = c.in_type(0).shape, c.attr("axes"), c.attr("keepdims")
-    if axes and len(shape) - 1 not in [a % len(shape) for a in axes] and _is_float(c.in_type(0).dtype):
-        axes = sorted(a % len(shape) for a in axes)
-        if all(isinstance(shape[a], int) for a in axes) and math.prod(shape[a] for a in axes) <= 8:
-            return c.bb.emit_te(_sum_few, x, axes, keep, c.node.op == "reduce_mean", primfunc_name_hint=c.node.op)
-    return (R.sum if c.node.op == "reduce_sum" else R.mean)(x, axes, keep)
+    few = few_outer_axes(c.node)
+    if few is not None:
+        return c.bb.emit_te(_sum_few, x, few, c.attr("keepdims"), c.node.op == "reduce_mean", primfunc_name_hint=c.node.op)
+    return (R.sum if c.node.op == "reduce_sum" else R.mean)(x, c.attr("axes"), c.attr("keepdims"))
 
 
 def _sum_few(x, axes: list, keepdims: bool, mean: bool):

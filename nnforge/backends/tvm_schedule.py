@@ -497,6 +497,7 @@ class CPURowwise(CPURule):
         return sch
 
     def _per_block(self, sch, target):
+        lanes = _vector_lanes(target, 32)
         for bi in normalize_prim_func(sch):
             dk = bi.dom_kind()
             lead = len(dk) - len(dk.lstrip("S"))
@@ -513,7 +514,7 @@ class CPURowwise(CPURule):
                 continue
             sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
             if bi.is_injective():
-                _vectorize_row(sch, bi.block_rv, _vector_lanes(target, 32))
+                _vectorize_row(sch, bi.block_rv, lanes)
 
 
 def _fuse_rows(sch, target):
