@@ -3,7 +3,7 @@
     python examples/budget_search.py [--max-drop 0.01] [--plot pareto.png] [--backend onnxrt|tvm]
                                      [--batch 256] [--threads 1]
 
-Trains ``nnforge.digits``' ViT (the digits upsampled to 16x16, patch 2: 64 patch tokens + a class token,
+Trains ``nnforge.models.digits``' ViT (the digits upsampled to 16x16, patch 2: 64 patch tokens + a class token,
 dim 64, 6 blocks, stochastic depth 0.2; ~18 s on one thread), then searches token merging, token
 pruning, layer skipping and quantization jointly for the fastest setting whose top-1 agreement with
 the lossless model drops by at most ``--max-drop`` on 200 calibration digits, checks it on 297
@@ -26,8 +26,8 @@ import os
 import numpy as np
 
 from nnforge.backends.base import get_backend
-from nnforge.benchmark import time_interleaved
-from nnforge.digits import accuracy, digits_vit
+from nnforge.bench.harness import time_interleaved
+from nnforge.models.digits import accuracy, digits_vit
 from nnforge.ir import interpret
 from nnforge.passes.budget import Budget, plot_pareto, search, wall_time
 from nnforge.targets import get_target

@@ -8,8 +8,8 @@ import time
 import torch
 
 import nnforge
-from nnforge import zoo
-from nnforge.benchmark import time_call
+from nnforge.models import zoo
+from nnforge.bench.harness import time_call
 from nnforge.ir.printer import summary
 
 

@@ -12,7 +12,7 @@ import argparse
 
 import numpy as np
 
-from nnforge import zoo
+from nnforge.models import zoo
 from nnforge.frontend.torch import import_torch
 from nnforge.passes.blocks import prepare
 from nnforge.speculative import compare, self_speculative

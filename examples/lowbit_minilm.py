@@ -21,7 +21,7 @@ from nnforge.backends import onnxrt
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import interpret
 from nnforge.passes import quantize, sparsity  # noqa: F401  (registers the passes)
-from nnforge.pretrained import minilm
+from nnforge.models.pretrained import minilm
 from nnforge.targets import get_target
 
 SENTENCES = ["A man is eating food.", "A woman is playing the violin.", "The new movie is awesome.",

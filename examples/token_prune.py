@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 
-from nnforge import zoo
+from nnforge.models import zoo
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import interpret
 from nnforge.passes.blocks import prepare

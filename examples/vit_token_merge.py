@@ -15,9 +15,9 @@ import os
 
 import numpy as np
 
-from nnforge import zoo
+from nnforge.models import zoo
 from nnforge.backends.base import get_backend
-from nnforge.benchmark import time_interleaved
+from nnforge.bench.harness import time_interleaved
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import interpret
 from nnforge.passes.blocks import find_blocks, format_blocks, prepare

@@ -208,7 +208,7 @@ def _runs_here(target) -> bool:
     if target.name == "cpu":
         return True
     if target.name in ("arm", "wasm"):
-        from . import edge
+        from .runtime import edge
 
         needed = {"arm": ("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-tvm-runtime"), "wasm": ("node", "onnxruntime-web")}
         status = edge.toolchain_status()

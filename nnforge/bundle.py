@@ -81,7 +81,7 @@ def write_bundle(artifact, directory, extra: dict | None = None) -> Path:
 
 def _edge_runtime(target: str, directory: Path) -> list[str]:
     """arm and wasm bundles carry their runner and runtime so they are self-contained on the device."""
-    from . import edge
+    from .runtime import edge
 
     if target == "arm":
         return edge.write_arm_runtime(directory)

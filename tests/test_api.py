@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import nnforge
-from nnforge import BundleError, zoo
+from nnforge import BundleError
+from nnforge.models import zoo
 
 
 def rel_err(a, b):

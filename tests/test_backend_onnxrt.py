@@ -406,7 +406,7 @@ def test_graph_output_that_is_an_input_or_repeated():
 
 
 def test_wasm_builds_standard_onnx_and_runs_in_node(tmp_path):
-    from nnforge import edge
+    from nnforge.runtime import edge
 
     g, feeds = _mlp()
     art = OnnxRuntimeBackend().build(g, get_target("wasm"))
@@ -454,7 +454,7 @@ def _resized_inputs(zm) -> tuple:
 def test_zoo_family_from_torch_runs_on_onnxruntime(family):
     torch = pytest.importorskip("torch")
     frontend = pytest.importorskip("nnforge.frontend.torch")
-    from nnforge import zoo
+    from nnforge.models import zoo
 
     zm = zoo.build(family, "tiny")
     g = frontend.import_torch(zm.model, zm.inputs, zm.dynamic_shapes)

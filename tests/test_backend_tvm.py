@@ -279,7 +279,7 @@ FAMILIES = ("mlp", "cnn", "vit", "bert", "gpt")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zoo_tiny_models_through_torch_frontend(family):
     frontend = pytest.importorskip("nnforge.frontend.torch")
-    from nnforge import zoo
+    from nnforge.models import zoo
 
     zm = zoo.build(family, "tiny")
     g = frontend.import_torch(zm.model, zm.inputs, zm.dynamic_shapes)
@@ -658,8 +658,8 @@ def test_arm_cross_compile_is_aarch64_elf(tmp_path):
 
 def test_arm_artifact_runs_under_qemu():
     """The cross-compiled library (NEON schedules: 4 lanes, 32 registers) against the interpreter;
-    ``run`` goes through the bundle and nnforge.edge's aarch64 runner under qemu-aarch64."""
-    edge = pytest.importorskip("nnforge.edge")
+    ``run`` goes through the bundle and nnforge.runtime.edge's aarch64 runner under qemu-aarch64."""
+    edge = pytest.importorskip("nnforge.runtime.edge")
     try:
         for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-sysroot", "aarch64-tvm-runtime"):
             edge.require(tool)

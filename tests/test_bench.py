@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nnforge import cli
-from nnforge.benchmark import bench_lowbit_family, lowbit_settings
+from nnforge.bench.harness import bench_lowbit_family, lowbit_settings
 
 pytest.importorskip("onnxruntime")
 
@@ -66,7 +66,7 @@ def test_bench_cli_measures_each_runner_with_flops_and_error(tmp_path, capsys):
 def test_bench_sparse_times_both_kernels_and_reports_the_choice():
     pytest.importorskip("tvm")
     from nnforge.backends import tvm_sparse
-    from nnforge.benchmark import bench_sparse_kernel
+    from nnforge.bench.harness import bench_sparse_kernel
 
     rows = bench_sparse_kernel(rows=8, k=32, n=32, densities=(0.5, 0.05), repeat=2, rounds=1)
     assert [r["density"] for r in rows] == [0.5, 0.05]

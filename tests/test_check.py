@@ -2,7 +2,7 @@
 import pytest
 
 import nnforge
-from nnforge import zoo
+from nnforge.models import zoo
 
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)

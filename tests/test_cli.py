@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnforge import zoo
+from nnforge.models import zoo
 from nnforge.cli import main
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nnforge
-from nnforge import edge
+from nnforge.runtime import edge
 from nnforge.errors import NnforgeError
 
 ARM_TOOLS = (edge.ARM_CXX, edge.QEMU, "aarch64-sysroot", "aarch64-tvm-runtime")
@@ -187,7 +187,7 @@ def test_tvm_wasm_bundle_runs_in_node(tvm_wasm_bundle, example):
 def test_tvm_wasm_runs_every_family_like_eager(family):
     """compile() runs the wasm build in Node and compares it with eager torch on the example inputs."""
     need(*TVM_WASM_TOOLS)
-    from nnforge import zoo
+    from nnforge.models import zoo
 
     zm = zoo.build(family)
     fast = nnforge.compile(zm.model, zm.inputs, target="wasm", backend="tvm", progress=False)

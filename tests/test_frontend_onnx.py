@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from nnforge import zoo
+from nnforge.models import zoo
 from nnforge.backends.onnxrt import OnnxRuntimeBackend
 from nnforge.errors import ModelLoadError, UnsupportedOpError
 from nnforge.frontend.onnx import import_onnx

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnforge import zoo
+from nnforge.models import zoo
 from nnforge.errors import NnforgeError, UnsupportedOpError
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import interpret, verify

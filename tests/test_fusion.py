@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from nnforge import PassContext, PassManager, zoo
+from nnforge import PassContext, PassManager
+from nnforge.models import zoo
 from nnforge.ir import Graph, TensorType, interpret, verify
 from nnforge.passes.pattern import ANY, Bind, P, Rule, apply_rules, match
 

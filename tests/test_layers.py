@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from digits_vit import accuracy, digits_vit
-from nnforge import zoo
+from nnforge.models import zoo
 from nnforge.errors import NnforgeError
 from nnforge.ir import interpret, verify
 from nnforge.passes.blocks import find_blocks, prepare

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nnforge
-from nnforge import BundleError, UnsupportedOpError, zoo
+from nnforge import BundleError, UnsupportedOpError
+from nnforge.models import zoo
 from nnforge.backends.torch_exec import run_graph_torch
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import Graph, TensorType, interpret, verify

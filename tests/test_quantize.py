@@ -540,7 +540,7 @@ def test_compile_takes_quantize_settings_and_calibration(tmp_path):
     import torch
 
     import nnforge
-    from nnforge import zoo
+    from nnforge.models import zoo
 
     zm = zoo.build("mlp")
     batches = [(torch.randn(8, 32),) for _ in range(2)]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import nnforge
-from nnforge import cache, zoo
+from nnforge import cache
+from nnforge.models import zoo
 from nnforge.cli import main as cli
 from nnforge.passes.manager import PASSES, resolve_pipeline
 

@@ -3,7 +3,8 @@ shrinks matrices exactly as zeroing the removed units would, and CSR storage."""
 import numpy as np
 import pytest
 
-from nnforge import PassContext, PassManager, zoo
+from nnforge import PassContext, PassManager
+from nnforge.models import zoo
 from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, TensorType, interpret, load_graph, save_graph, verify
 from nnforge.passes import sparsity as S

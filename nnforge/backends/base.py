@@ -71,7 +71,7 @@ class Artifact:
         An artifact that was not saved yet is written to a temporary bundle once."""
         import tempfile
 
-        from .. import edge
+        from ..runtime import edge
         from ..bundle import write_bundle
 
         runners = {"arm": edge.run_arm, "wasm": edge.run_wasm}

@@ -5,7 +5,7 @@ Targets:
   cuda  CUDA (sm_80 unless ``options["arch"]``) with dlight GPU schedules; builds without a GPU,
         the CUDA source is kept and saved as ``model.cu`` beside the library
   arm   aarch64 Linux with NEON, cross-compiled and linked with ``aarch64-linux-gnu-g++``; ``run``
-        runs the saved bundle under qemu-aarch64 (``Artifact.run_emulated``, nnforge.edge)
+        runs the saved bundle under qemu-aarch64 (``Artifact.run_emulated``, nnforge.runtime.edge)
 
 Weights are parameters of ``main`` (after the graph inputs), not constants in the library: the
 library stays small, and weight-only work (the ``linear`` weight transpose, batch-norm folding) is

@@ -44,7 +44,7 @@ def wasm_target() -> "tvm.target.Target":
 
 
 def _wasm_ld() -> str:
-    from ..edge import require
+    from ..runtime.edge import require
 
     return require("wasm-ld")
 

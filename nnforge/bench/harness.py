@@ -48,8 +48,8 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5) -> float:
 def model_gflop(zm) -> float | None:
     """GFLOP of one call, counted on the imported IR: two per multiply-add, as the matmul peak counts them."""
     try:
-        from .api import import_model
-        from .passes.budget import flops
+        from ..api import import_model
+        from ..passes.budget import flops
 
         return 2 * flops(import_model(zm.model, zm.inputs), [x.numpy() for x in zm.inputs]) / 1e9
     except Exception:  # counting is best effort; the timings stand without it
@@ -131,7 +131,7 @@ def _runners(zm, tune: int = 0, progress=None):
         return build
 
     def tvm_direct():
-        from .backends.tvm_direct import build_direct
+        from ..backends.tvm_direct import build_direct
 
         return build_direct(model, inputs)
 
@@ -146,8 +146,8 @@ def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=No
     counts), so that load from other processes hits every runner alike."""
     import torch
 
-    from . import zoo
-    from .passes.manager import max_rel_error
+    from ..models import zoo
+    from ..passes.manager import max_rel_error
 
     zm = zoo.build(family, size, batch=1)
     gflop = model_gflop(zm)
@@ -212,7 +212,7 @@ def run_bench(families=None, size: str = "bench", json_path: str | None = None, 
               runners: Sequence[str] | None = None, plot: str | None = None, tune: int = 0) -> list[BenchRow]:
     from rich.console import Console
 
-    from . import zoo
+    from ..models import zoo
 
     console = Console(stderr=True)
     rows: list[BenchRow] = []
@@ -238,12 +238,12 @@ def run_pareto(path: str, size: str = "bench", batches: int = 4) -> None:
     saves the speed-vs-quality plot of every candidate to ``path``."""
     import torch
 
-    from . import zoo
-    from .api import import_model
-    from .backends.base import get_backend
-    from .passes.blocks import prepare
-    from .passes.budget import Budget, plot_pareto, search, wall_time
-    from .targets import get_target
+    from ..models import zoo
+    from ..api import import_model
+    from ..backends.base import get_backend
+    from ..passes.blocks import prepare
+    from ..passes.budget import Budget, plot_pareto, search, wall_time
+    from ..targets import get_target
 
     zm = zoo.build("vit", size, batch=1)
     gen = torch.Generator().manual_seed(1)
@@ -290,8 +290,8 @@ LOWBIT_RUNNERS = ("nnforge-onnxrt", "onnxruntime")  # default; "nnforge-tvm" on 
 
 def lowbit_settings() -> dict:
     """Row name -> nnforge.compile keyword arguments (as examples/lowbit_minilm.py measures them)."""
-    from .passes.quantize import Quantize
-    from .passes.sparsity import Sparsity
+    from ..passes.quantize import Quantize
+    from ..passes.sparsity import Sparsity
 
     return {
         "float": {},
@@ -414,7 +414,7 @@ def bench_lowbit_family(family: str, size: str = "bench", repeat: int = 20, runn
     rounds (the best round's median counts), so that load from other processes hits every row alike."""
     import torch
 
-    from . import zoo
+    from ..models import zoo
 
     zm = zoo.build(family, size, batch=1)
     distinct_layers(zm.model)
@@ -494,10 +494,10 @@ def bench_sparse_kernel(rows: int = 128, k: int = 384, n: int = 1536, densities=
     """One linear layer ``[rows, k] -> [rows, n]`` (the bench BERT's fc1 at seq 128) with random weights
     at each density, on TVM: the dense matmul schedule vs the CSR kernel (tvm_sparse), timed in
     interleaved rounds. ``used`` says which one nnforge picks (tvm_sparse.MAX_DENSITY)."""
-    from .backends import tvm as tvm_backend
-    from .backends import tvm_sparse
-    from .ir.graph import Graph, TensorType
-    from .ir.ops_lowbit import csr_from_dense
+    from ..backends import tvm as tvm_backend
+    from ..backends import tvm_sparse
+    from ..ir.graph import Graph, TensorType
+    from ..ir.ops_lowbit import csr_from_dense
 
     rng = np.random.default_rng(0)
     x = [rng.standard_normal((1, rows, k)).astype(np.float32)]

@@ -29,10 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import NnforgeError
+from ..errors import NnforgeError
 
-RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
-REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, for an editable install
+RUNTIME_DIR = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
 
 ARM_CXX = "aarch64-linux-gnu-g++"
 QEMU = "qemu-aarch64"

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 
 class _Layer(nn.Module):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ir import Graph
+from ..ir import Graph
 from .zoo import ViT
 
 IMG, PATCH = 16, 2
@@ -127,8 +127,8 @@ def train_digits_vit(x_train: np.ndarray, y_train: np.ndarray, *, dim: int = 64,
 
 def digits_vit(**train_options) -> DigitsViT:
     """Load the data, train the ViT and import it (batch dimension symbolic, up to 1024)."""
-    from .frontend.torch import import_torch
-    from .passes.blocks import prepare
+    from ..frontend.torch import import_torch
+    from ..passes.blocks import prepare
 
     x_train, y_train, x_test, y_test = load_data()
     model = train_digits_vit(x_train, y_train, **train_options)
