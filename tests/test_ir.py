@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from nnforge.errors import ModelLoadError, VerificationError
 from nnforge.ir import Graph, TensorType, Value, interpret, load_graph, save_graph, verify
 from nnforge.ir import analysis, symbols
-from nnforge.ir.ops import REGISTRY, OpError, infer_types
+from nnforge.ir.registry import REGISTRY, OpError, infer_types
 from nnforge.ir.printer import format_graph
 
 rng = np.random.default_rng(0)

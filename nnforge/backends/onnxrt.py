@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import errors
 from ..errors import NnforgeError, UnsupportedOpError
 from ..ir import Graph, Node, REGISTRY, Value, bind_symbols
+from ..ir.registry import call_impl
 from ..ir import symbols
 from ..ir.ops import BIG
 from ..targets import Target, get_target
@@ -55,6 +56,8 @@ class _Lowering:
         self.const_cache: dict[tuple, str] = {}
         self.sym_cache: dict[str, str] = {}
         self.sym_source = self._symbol_sources(graph)
+        self.node: Node | None = None  # the node being lowered
+        self.alias: dict[str, str] = {}  # IR value name -> ONNX name, where a lowering returned an existing value
 
     # -- names and constants ----------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -69,6 +72,8 @@ class _Lowering:
         """ONNX name of an IR value; constants become initializers on first use."""
         if v is None:
             return ""
+        if v.name in self.alias:
+            return self.alias[v.name]
         if self.graph.is_constant(v) and v.name not in self.inits:
             self.inits[v.name] = _tensor(self.graph.constant(v), v.name)
         return v.name
@@ -95,6 +100,34 @@ class _Lowering:
         outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], **attrs))
         return outs
+
+    def lower(self, node: Node, ins: list[str]) -> None:
+        """Lower ``node`` through its registry implementation ``fn(cx, *ins, **attrs) -> name(s)``; the names it
+        returns become the node's outputs (renamed to the IR names where the lowering made them)."""
+        start, outer = len(self.nodes), self.node
+        self.node = node
+        try:
+            outs = call_impl("onnxrt", self, node, ins)
+        finally:
+            self.node = outer
+        if len(outs) != len(node.outputs):
+            raise NnforgeError(f"onnxrt: lowering of {node.op} gave {len(outs)} outputs, the op has {len(node.outputs)}")
+        for v, name in zip(node.outputs, outs):
+            self._bind(v.name, name, start)
+
+    def _bind(self, want: str, have: str, start: int) -> None:
+        made = {o for nd in self.nodes[start:] for o in nd.output}
+        cached = set(self.sym_cache.values()) | set(self.const_cache.values())
+        if have == want:
+            return
+        if have not in made or have in cached:  # an existing value (an input, a shared constant): alias it
+            self.alias[want] = have
+            return
+        for nd in self.nodes[start:]:
+            nd.output[:] = [want if o == have else o for o in nd.output]
+            nd.input[:] = [want if i == have else i for i in nd.input]
+            if nd.name == have:
+                nd.name = want
 
     # -- symbolic dims ----------------------------------------------------------------
     @staticmethod
@@ -343,35 +376,6 @@ def _softmax(onnx_op: str) -> Lower:
         cx.emit(onnx_op, ins, out=n.output.name, axis=n.attrs["axis"])
 
     return lower
-
-
-def _layer_norm(cx, n, ins):
-    x = n.inputs[0]
-    naxes = n.attrs["naxes"]
-    norm_shape = list(x.shape[x.type.rank - naxes:])
-    scale = ins[1] if len(ins) > 1 and ins[1] else cx.const(np.ones(norm_shape, x.dtype), hint="ln_scale")
-    bias = [ins[2]] if len(ins) > 2 and ins[2] else []
-    cx.emit("LayerNormalization", [ins[0], scale] + bias, out=n.output.name, axis=-naxes, epsilon=float(n.attrs["eps"]))
-
-
-def _rms_norm(cx, n, ins):
-    # RMSNormalization is opset 23; spell it out: x / sqrt(mean(x^2) + eps) * w
-    x = n.inputs[0]
-    axes = cx.const(list(range(x.type.rank - n.attrs["naxes"], x.type.rank)), "int64", "axes")
-    ms = cx.emit("ReduceMean", [cx.emit("Mul", [ins[0], ins[0]]), axes], keepdims=1)
-    inv = cx.emit("Reciprocal", [cx.emit("Sqrt", [cx.emit("Add", [ms, cx.const(n.attrs["eps"], x.dtype, "eps")])])])
-    if len(ins) > 1 and ins[1]:
-        cx.emit("Mul", [cx.emit("Mul", [ins[0], inv]), ins[1]], out=n.output.name)
-    else:
-        cx.emit("Mul", [ins[0], inv], out=n.output.name)
-
-
-def _batch_norm(cx, n, ins):
-    x, mean = n.inputs[0], n.inputs[1]
-    c = mean.shape[0]
-    scale = ins[3] if len(ins) > 3 and ins[3] else cx.const(np.ones([c], x.dtype), hint="bn_scale")
-    bias = ins[4] if len(ins) > 4 and ins[4] else cx.const(np.zeros([c], x.dtype), hint="bn_bias")
-    cx.emit("BatchNormalization", [ins[0], scale, bias, ins[1], ins[2]], out=n.output.name, epsilon=float(n.attrs["eps"]))
 
 
 def _matmul_wt(cx, n, ins, out: str | None = None) -> str:
@@ -685,8 +689,8 @@ def _elementwise_region(cx, n, ins):
     steps = region_nodes(list(n.inputs), n.attrs["body"])
     for k, (step, (_, args, _)) in enumerate(zip(steps, n.attrs["body"])):
         step.output.name = n.output.name if k == len(steps) - 1 else cx.fresh(step.op)
-        LOWERINGS[step.op](cx, step, [names[a] for a in args])
-        names.append(step.output.name)
+        _lower_node(cx, step, [names[a] for a in args])
+        names.append(cx.value(step.output))
 
 
 def _reshape(cx, n, ins):
@@ -755,7 +759,7 @@ LOWERINGS.update({
     "div": _div, "ne": _ne, "rsqrt": _rsqrt, "silu": _silu, "gelu": _gelu, "clamp": _clamp, "cast": _cast,
     "reduce_sum": _reduce("ReduceSum"), "reduce_mean": _reduce("ReduceMean"), "reduce_max": _reduce("ReduceMax"),
     "reduce_min": _reduce("ReduceMin"), "argmax": _argmax, "softmax": _softmax("Softmax"),
-    "log_softmax": _softmax("LogSoftmax"), "layer_norm": _layer_norm, "rms_norm": _rms_norm, "batch_norm": _batch_norm,
+    "log_softmax": _softmax("LogSoftmax"),
     "linear": _linear, "linear_act": _linear_act, "conv2d": _conv2d, "max_pool2d": _max_pool2d, "avg_pool2d": _avg_pool2d,
     "adaptive_avg_pool2d": _adaptive_avg_pool2d, "sdpa": _sdpa, "attention": _attention, "reshape": _reshape, "permute": _permute,
     "elementwise_region": _elementwise_region,
@@ -769,19 +773,13 @@ EXPLICITLY_UNSUPPORTED: dict[str, str] = {
 }
 
 
-def _layer_norm_check(n: Node) -> str | None:
-    if (len(n.inputs) < 2 or n.inputs[1] is None) and not n.inputs[0].type.is_static:
-        return "layer_norm without a weight needs static normalized dims"
-    return None
-
-
 def _linear_act_check(n: Node) -> str | None:
     return None if n.attrs["act"] in _ACTS else f"activation {n.attrs['act']!r} has no ONNX lowering"
 
 
 # Per-op checks for attribute or shape cases a lowering cannot take: fn(node) -> reason or None.
 CHECKS: dict[str, Callable[[Node], str | None]] = {
-    "adaptive_avg_pool2d": _adaptive_check, "sdpa": _sdpa_check, "layer_norm": _layer_norm_check,
+    "adaptive_avg_pool2d": _adaptive_check, "sdpa": _sdpa_check,
     "linear_act": _linear_act_check, "max_pool2d": _pool_check, "avg_pool2d": _pool_check,
 }
 
@@ -795,17 +793,23 @@ def _value_info(v: Value, name: str | None = None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name or v.name, ONNX_DTYPES[v.dtype], shape)
 
 
-def unsupported_nodes(graph: Graph) -> list[Unsupported]:
+def _lower_node(cx: _Lowering, n: Node, ins: list[str]) -> None:
+    if "onnxrt" in REGISTRY[n.op].impls:
+        cx.lower(n, ins)
+    else:  # (legacy table, while ops move to nnforge/ops)
+        LOWERINGS[n.op](cx, n, ins)
+
+
+def unsupported_nodes(graph: Graph, device: str = "cpu") -> list[Unsupported]:
     out = []
     sources = _Lowering._symbol_sources(graph)
     for n in graph.nodes:
-        if n.op not in LOWERINGS:
-            reason = EXPLICITLY_UNSUPPORTED.get(n.op, "no ONNX lowering for this op")
-            out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else "", n.source, reason))
-            continue
-        reason = CHECKS[n.op](n) if n.op in CHECKS else None
-        if reason is None:
-            reason = _symbol_check(n, sources)
+        opdef = REGISTRY[n.op]
+        if "onnxrt" in opdef.impls or n.op not in LOWERINGS:
+            reason = opdef.problem("onnxrt", n, device) if n.op not in EXPLICITLY_UNSUPPORTED else EXPLICITLY_UNSUPPORTED[n.op]
+        else:  # (legacy table, while ops move to nnforge/ops)
+            reason = CHECKS[n.op](n) if n.op in CHECKS else None
+        reason = reason or _symbol_check(n, sources)
         if reason:
             out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else "", n.source, reason))
     return out
@@ -840,7 +844,7 @@ def to_onnx(graph: Graph, contrib: bool = False, device: str = "cpu") -> onnx.Mo
         if n in fused:
             fused[n](cx)
         elif n not in skip:
-            LOWERINGS[n.op](cx, n, [cx.value(i) for i in n.inputs])
+            _lower_node(cx, n, [cx.value(i) for i in n.inputs])
     outputs = []
     taken = {v.name for v in graph.inputs} | set(graph.constants)
     for v in graph.outputs:

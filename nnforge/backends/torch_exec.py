@@ -10,6 +10,7 @@ bundle's IR is all it needs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,11 +20,20 @@ import torch.nn.functional as F
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, bind_symbols, get_op
+from ..ir.registry import call_impl
 from ..ir.interpret import run_node
 from ..ir.ops_fallback import TorchOpError, call as call_torch_op, resolve
 from ..ir.torch_dtypes import TORCH_DTYPES, from_torch, to_torch
 from ..targets import Target, get_target
 from .base import Artifact, Backend, Unsupported, register_backend
+
+@dataclass
+class TorchCx:
+    """What a torch implementation may use besides its inputs: the node and the device it runs on."""
+
+    node: Node
+    device: str = "cpu"
+
 
 Lower = Callable[..., "torch.Tensor | list[torch.Tensor]"]
 LOWERINGS: dict[str, Lower] = {}
@@ -115,31 +125,6 @@ def _softmax(x, axis=-1):
 @_lower("log_softmax")
 def _log_softmax(x, axis=-1):
     return torch.log_softmax(x, axis)
-
-
-@_lower("layer_norm")
-def _layer_norm(x, w=None, b=None, naxes=1, eps=1e-5):
-    axes = list(range(x.dim() - naxes, x.dim()))
-    mean = x.mean(axes, keepdim=True)
-    var = ((x - mean) ** 2).mean(axes, keepdim=True)
-    y = (x - mean) / torch.sqrt(var + eps)
-    y = y * w if w is not None else y
-    return y + b if b is not None else y
-
-
-@_lower("rms_norm")
-def _rms_norm(x, w=None, naxes=1, eps=1e-6):
-    axes = list(range(x.dim() - naxes, x.dim()))
-    y = x / torch.sqrt((x * x).mean(axes, keepdim=True) + eps)
-    return y * w if w is not None else y
-
-
-@_lower("batch_norm")
-def _batch_norm(x, mean, var, w=None, b=None, eps=1e-5):
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
-    y = y * w.reshape(shape) if w is not None else y
-    return y + b.reshape(shape) if b is not None else y
 
 
 # -- linear algebra, convolution, pooling, attention ---------------------------------------------
@@ -323,7 +308,9 @@ def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> li
         args = args[:-1]
     if node.op == "torch_op":
         res = call_torch_op(attrs["target"], attrs["args"], attrs["kwargs"], args, device)
-    elif node.op in LOWERINGS:
+    elif "torch" in opdef.impls:
+        res = call_impl("torch", TorchCx(node, device), node, args, attrs)
+    elif node.op in LOWERINGS:  # (legacy table, while ops move to nnforge/ops)
         res = LOWERINGS[node.op](*args, **attrs)
     else:  # no torch lowering: the numpy reference
         outs = run_node(node, [from_torch(a) if a is not None else None for a in args], env)

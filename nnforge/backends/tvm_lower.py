@@ -41,6 +41,7 @@ from ..ir import Graph
 from ..ir import symbols as S
 from ..ir.graph import Node, TensorType, Value
 from ..ir.ops import BIG
+from ..ir.registry import call_impl, get_op
 from . import tvm_winograd
 from .base import few_outer_axes
 from .tvm_schedule import _pick_gemv_nr, _vector_lanes
@@ -377,54 +378,6 @@ def _softmax(c: Ctx, x):
 @lowering("log_softmax")
 def _log_softmax(c: Ctx, x):
     return R.nn.log_softmax(x, c.attr("axis"))
-
-
-def _norm_axes(c: Ctx):
-    rank, naxes = c.in_type(0).rank, c.attr("naxes")
-    return list(range(rank - naxes, rank))
-
-
-@lowering("layer_norm")
-def _layer_norm(c: Ctx, x, w=None, b=None):
-    axes, dt = _norm_axes(c), c.in_type(0).dtype
-    nshape = [c.in_type(0).shape[a] for a in axes]
-    eps = c.attr("eps")
-    if all(isinstance(d, int) for d in nshape):
-        gamma = w if w is not None else c.const(np.ones(nshape), dt)
-        beta = b if b is not None else c.const(np.zeros(nshape), dt)
-        return R.nn.layer_norm(x, gamma, beta, axes, eps)
-    mean = c.emit(R.mean(x, axes, keepdims=True))
-    d = c.emit(R.subtract(x, mean))
-    var = c.emit(R.mean(c.emit(R.multiply(d, d)), axes, keepdims=True))
-    y = c.emit(R.multiply(d, c.emit(R.rsqrt(c.emit(R.add(var, c.const(eps, dt)))))))
-    if w is not None:
-        y = c.emit(R.multiply(y, w))
-    return R.add(y, b) if b is not None else y
-
-
-@lowering("rms_norm")
-def _rms_norm(c: Ctx, x, w=None):
-    axes, dt = _norm_axes(c), c.in_type(0).dtype
-    eps = c.attr("eps")
-    ms = c.emit(R.mean(c.emit(R.multiply(x, x)), axes, keepdims=True))
-    y = c.emit(R.multiply(x, c.emit(R.rsqrt(c.emit(R.add(ms, c.const(eps, dt)))))))
-    return R.multiply(y, w) if w is not None else y
-
-
-@lowering("batch_norm")
-def _batch_norm(c: Ctx, x, mean, var, w=None, b=None):
-    """Inference batch norm as x * scale + shift: scale/shift depend on weights only, so they are lifted."""
-    dt, rank = c.in_type(0).dtype, c.in_type(0).rank
-    scale = c.emit(R.rsqrt(c.emit(R.add(var, c.const(c.attr("eps"), dt)))))
-    if w is not None:
-        scale = c.emit(R.multiply(scale, w))
-    shift = c.emit(R.negative(c.emit(R.multiply(mean, scale))))
-    if b is not None:
-        shift = c.emit(R.add(shift, b))
-    bshape = [1, -1] + [1] * (rank - 2)
-    scale = c.emit(R.reshape(scale, bshape))
-    shift = c.emit(R.reshape(shift, bshape))
-    return R.add(c.emit(R.multiply(x, scale)), shift)
 
 
 # ---- linear algebra ----------------------------------------------------------------------------
@@ -767,13 +720,35 @@ def _arange(c: Ctx):
 
 def node_problem(node: Node, target_name: str) -> str | None:
     """Why ``node`` cannot be lowered for ``target_name``, or None."""
-    if node.op not in LOWERINGS:
-        return "no TVM lowering for this op"
+    opdef = get_op(node.op)
+    if node.op not in LOWERINGS and "tvm" not in opdef.impls:
+        return opdef.problem("tvm", node, target_name)
     for v in list(node.inputs) + list(node.outputs):
         if v is not None and v.dtype in UNSUPPORTED_DTYPES:
             return UNSUPPORTED_DTYPES[v.dtype]
-    check = CHECKS.get(node.op)
+    if "tvm" in opdef.impls:
+        return opdef.problem("tvm", node, target_name)
+    check = CHECKS.get(node.op)  # (legacy table, while ops move to nnforge/ops)
     return check(node, target_name) if check else None
+
+
+def lower_node(c: Ctx, node: Node, args: list) -> list:
+    """``node``'s lowering on Relax values ``args`` (the registry's ``fn(cx, *inputs, **attrs)``); its outputs."""
+    outer, c.node = c.node, node
+    try:
+        if node.op in BROADCASTING:
+            args = _align_broadcast(c.bb, c.dims, node, args)
+        if "tvm" in get_op(node.op).impls:
+            return call_impl("tvm", c, node, args)
+        fn = LOWERINGS.get(node.op)  # (legacy table, while ops move to nnforge/ops)
+        if fn is None:
+            raise LoweringError("no TVM lowering for this op")
+        while args and args[-1] is None:
+            args = args[:-1]
+        outs = fn(c, *args)
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]  # multi-output ops: a list
+    finally:
+        c.node = outer
 
 
 @dataclass
@@ -813,18 +788,9 @@ def lower_graph(graph: Graph, *, embed_params: bool = False, func_name: str = "m
     with bb.function(func_name, inputs + params, attrs={"num_input": len(inputs)}):
         with bb.dataflow():
             for node in graph.nodes:
-                fn = LOWERINGS.get(node.op)
-                if fn is None:
-                    raise LoweringError(_describe(node) + ": no TVM lowering for this op")
-                ctx.node = node
                 args = [env[i] if i is not None else None for i in node.inputs]
-                while args and args[-1] is None:
-                    args.pop()
                 try:
-                    if node.op in BROADCASTING:
-                        args = _align_broadcast(bb, dims, node, args)
-                    outs = fn(ctx, *args)
-                    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]  # multi-output ops: a list
+                    outs = lower_node(ctx, node, args)
                     if len(outs) != len(node.outputs):
                         raise LoweringError(f"lowering gave {len(outs)} outputs, the op has {len(node.outputs)}")
                     outs = [bb.emit(o) if not isinstance(o, relax.Var) else o for o in outs]

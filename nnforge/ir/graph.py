@@ -138,7 +138,7 @@ class Graph:
     def make_node(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None,
                   name: str = "", source: str = "", out_types: Sequence[TensorType] | None = None) -> Node:
         """Create a node (not inserted); output types come from the op registry unless given."""
-        from .ops import get_op, infer_types  # local: ops imports graph
+        from .registry import get_op, infer_types  # local: registry imports graph
 
         attrs = get_op(op).check_attrs(attrs or {})
         if out_types is None:

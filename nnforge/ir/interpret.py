@@ -10,7 +10,7 @@ import numpy as np
 
 from . import symbols
 from .graph import Graph, TensorType
-from .ops import get_op
+from .registry import get_op
 
 
 def bind_symbols(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:

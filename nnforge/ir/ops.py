@@ -7,107 +7,26 @@ they favour obviousness over speed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import special
 
 from . import symbols
-from .graph import DTYPES, TensorType
+from .graph import TensorType
+from .registry import REGISTRY, REQUIRED, OpDef, OpError, defop, get_op, infer_types  # noqa: F401
 from .symbols import Dim
 
-REQUIRED = object()
 BIG = 2**62  # "to the end" for slice ends
-
-# Attribute kinds: how to validate a value, and whether the interpreter must bind symbols in it.
-_ATTR_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "bool": lambda v: isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-    "ints": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-    "dims": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v),
-    "dim": lambda v: isinstance(v, (int, str)) and not isinstance(v, bool),
-    "dtype": lambda v: v in DTYPES,
-    "optional_ints": lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v)),
-    "optional_float": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "any": lambda v: True,
-}
-
-
-class OpError(ValueError):
-    """Bad attributes or input types for an op (names the op)."""
-
-
-@dataclass
-class OpDef:
-    name: str
-    infer: Callable[[list, dict], list[TensorType]]
-    ref: Callable[..., Any]
-    attrs: dict[str, tuple[str, Any]] = field(default_factory=dict)  # name -> (kind, default)
-    num_inputs: tuple[int, int] = (1, 1)  # (min, max); max -1 = variadic
-    kind: str = "compute"  # elementwise | reduce | shape | compute | fused | opaque
-    doc: str = ""
-    bind: Callable[[dict, dict], dict] | None = None  # extra symbol binding for attributes of kind "any"
-
-    def check_attrs(self, attrs: dict) -> dict:
-        unknown = set(attrs) - set(self.attrs)
-        if unknown:
-            raise OpError(f"{self.name}: unknown attribute(s) {sorted(unknown)}")
-        out = {}
-        for key, (kind, default) in self.attrs.items():
-            if key in attrs:
-                val = attrs[key]
-                if isinstance(val, tuple):
-                    val = list(val)
-                if not _ATTR_CHECKS[kind](val):
-                    raise OpError(f"{self.name}: attribute {key}={val!r} is not of kind {kind}")
-                out[key] = val
-            elif default is REQUIRED:
-                raise OpError(f"{self.name}: missing attribute {key!r}")
-            else:
-                out[key] = default
-        return out
-
-    def bind_attrs(self, attrs: dict, env: dict[str, int]) -> dict:
-        """Replace symbolic dims in 'dims'/'dim' attributes by their values (for execution)."""
-        out = dict(attrs)
-        for key, (kind, _) in self.attrs.items():
-            if kind == "dims":
-                out[key] = [symbols.evaluate(d, env) for d in attrs[key]]
-            elif kind == "dim":
-                out[key] = symbols.evaluate(attrs[key], env)
-        return out if self.bind is None else self.bind(out, env)
-
-
-REGISTRY: dict[str, OpDef] = {}
 
 
 def register(name: str, infer, attrs=None, num_inputs=(1, 1), kind="compute", doc=""):
+    """(legacy form of ``registry.defop``, while ops move to nnforge/ops: a decorator that returns the reference)"""
     def deco(ref):
-        REGISTRY[name] = OpDef(name, infer, ref, dict(attrs or {}), num_inputs, kind, doc or (ref.__doc__ or "").strip())
+        defop(name, infer, attrs, num_inputs, kind, doc, ref=ref)
         return ref
 
     return deco
-
-
-def get_op(name: str) -> OpDef:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise OpError(f"unknown op {name!r}") from None
-
-
-def infer_types(op: str, in_types: Sequence[TensorType | None], attrs: dict) -> list[TensorType]:
-    opdef = get_op(op)
-    lo, hi = opdef.num_inputs
-    if len(in_types) < lo or (hi >= 0 and len(in_types) > hi):
-        raise OpError(f"{op}: expects {lo}..{hi if hi >= 0 else 'n'} inputs, got {len(in_types)}")
-    try:
-        return opdef.infer(list(in_types), opdef.check_attrs(attrs))
-    except OpError as e:  # make every message start with the op's name
-        raise e if str(e).startswith(op + ":") else OpError(f"{op}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,51 +209,6 @@ def _softmax(x, axis=-1):
 def _log_softmax(x, axis=-1):
     m = x - np.max(x, axis=axis, keepdims=True)
     return m - np.log(np.sum(np.exp(m), axis=axis, keepdims=True))
-
-
-def _norm_infer(ts, attrs):
-    _float_only(ts[0], "norm")
-    return [ts[0]]
-
-
-@register("layer_norm", _norm_infer, attrs={"naxes": ("int", 1), "eps": ("float", 1e-5)}, num_inputs=(1, 3))
-def _layer_norm(x, w=None, b=None, naxes=1, eps=1e-5):
-    """Normalise over the last ``naxes`` axes, then scale by w and shift by b."""
-    axes = tuple(range(x.ndim - naxes, x.ndim))
-    mean = x.mean(axis=axes, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
-    y = (x - mean) / np.sqrt(var + eps)
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y
-
-
-@register("rms_norm", _norm_infer, attrs={"naxes": ("int", 1), "eps": ("float", 1e-6)}, num_inputs=(1, 2))
-def _rms_norm(x, w=None, naxes=1, eps=1e-6):
-    axes = tuple(range(x.ndim - naxes, x.ndim))
-    y = x / np.sqrt((x * x).mean(axis=axes, keepdims=True) + eps)
-    return y * w if w is not None else y
-
-
-def _bn_infer(ts, attrs):
-    x = ts[0]
-    if x.rank < 2:
-        raise OpError("batch_norm: input must have a channel axis (rank >= 2)")
-    return [x]
-
-
-@register("batch_norm", _bn_infer, attrs={"eps": ("float", 1e-5)}, num_inputs=(3, 5))
-def _batch_norm(x, mean, var, w=None, b=None, eps=1e-5):
-    """Inference batch norm over axis 1 with running statistics."""
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
-    if w is not None:
-        y = y * w.reshape(shape)
-    if b is not None:
-        y = y + b.reshape(shape)
-    return y
 
 
 # ---------------------------------------------------------------------------------------

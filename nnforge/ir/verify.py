@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import VerificationError
 from . import symbols
 from .graph import Graph
-from .ops import OpError, get_op, infer_types
+from .registry import OpError, get_op, infer_types
 
 
 def types_agree(a, b) -> bool:

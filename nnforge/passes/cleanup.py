@@ -8,7 +8,7 @@ import numpy as np
 
 from ..ir import Graph, Node, get_op
 from ..ir.interpret import run_node
-from ..ir.ops import infer_types
+from ..ir.registry import infer_types
 from ..ir.verify import types_agree
 from ..ir import symbols
 from .manager import Pass, PassContext, PassResult, register_pass

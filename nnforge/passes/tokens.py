@@ -23,7 +23,7 @@ import sympy
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, Value, symbols, verify
-from ..ir.ops import OpError, infer_types
+from ..ir.registry import OpError, infer_types
 from .blocks import TOKEN_OPS, Block, BlockInfo, require_blocks
 from .manager import Pass, PassContext, PassResult, register_pass
 

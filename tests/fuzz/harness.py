@@ -46,7 +46,7 @@ def symbolize(g: Graph) -> Graph | None:
     code (sizes read at run time, symbolic kernels). None when the graph does not type-check that way.
     """
     from nnforge.ir import OpError, verify
-    from nnforge.ir.ops import infer_types
+    from nnforge.ir.registry import infer_types
 
     h = g.copy()
     if not h.inputs or not h.inputs[0].shape or h.inputs[0].shape[0] == 1:
