@@ -15,9 +15,10 @@ from scipy import special
 from . import symbols
 from .graph import TensorType
 from .registry import REGISTRY, REQUIRED, OpDef, OpError, defop, get_op, infer_types  # noqa: F401
+from .shapes import BIG, broadcast_shapes, conv_out as _conv_out, float_only as _float_only  # noqa: F401
+from .shapes import norm_axis as _norm_axis, pair as _pair, same_dtype as _same_dtype  # noqa: F401
 from .symbols import Dim
 
-BIG = 2**62  # "to the end" for slice ends
 
 
 def register(name: str, infer, attrs=None, num_inputs=(1, 1), kind="compute", doc=""):
@@ -32,40 +33,6 @@ def register(name: str, infer, attrs=None, num_inputs=(1, 1), kind="compute", do
 # ---------------------------------------------------------------------------------------
 # shape helpers
 # ---------------------------------------------------------------------------------------
-
-def _norm_axis(axis: int, rank: int, op: str) -> int:
-    if not -rank <= axis < max(rank, 1):
-        raise OpError(f"{op}: axis {axis} out of range for rank {rank}")
-    return axis % rank if rank else 0
-
-
-def broadcast_shapes(a: Sequence[Dim], b: Sequence[Dim], op: str = "broadcast") -> tuple[Dim, ...]:
-    out = []
-    for i in range(max(len(a), len(b))):
-        x = a[len(a) - 1 - i] if i < len(a) else 1
-        y = b[len(b) - 1 - i] if i < len(b) else 1
-        if x == 1:
-            out.append(y)
-        elif y == 1 or symbols.dims_equal(x, y):
-            out.append(x)
-        elif isinstance(x, int) and isinstance(y, int):
-            raise OpError(f"{op}: shapes {tuple(a)} and {tuple(b)} do not broadcast")
-        else:
-            out.append(x if isinstance(y, int) else y)  # symbolic vs other: trust the symbol
-    return tuple(reversed(out))
-
-
-def _same_dtype(types, op):
-    dts = {t.dtype for t in types if t is not None}
-    if len(dts) > 1:
-        raise OpError(f"{op}: input dtypes differ {sorted(dts)}")
-    return dts.pop()
-
-
-def _float_only(t: TensorType, op: str):
-    if t.dtype not in ("float32", "float16", "bfloat16", "float64"):
-        raise OpError(f"{op}: needs a float input, got {t.dtype}")
-
 
 # ---------------------------------------------------------------------------------------
 # elementwise
@@ -249,26 +216,6 @@ def _linear_infer(ts, attrs):
 def _linear(x, w, b=None):
     y = np.matmul(x, w.T)
     return y + b if b is not None else y
-
-
-def _pair(v):
-    return list(v) if len(v) == 2 else [v[0], v[0]]
-
-
-def _conv_out(size: Dim, k: int, s: int, p: int, d: int, ceil_mode=False) -> Dim:
-    eff = d * (k - 1) + 1
-    if isinstance(size, int):
-        num = size + 2 * p - eff
-        out = (-(-num // s) if ceil_mode else num // s) + 1
-        if ceil_mode and (out - 1) * s >= size + p:  # last window must start inside the input
-            out -= 1
-        if out <= 0:
-            raise OpError(f"window of {eff} does not fit input of size {size} (padding {p})")
-        return out
-    expr = symbols.to_sympy(size) + 2 * p - eff
-    import sympy
-
-    return symbols.from_sympy((sympy.ceiling(expr / s) if ceil_mode else sympy.floor(expr / s)) + 1)
 
 
 def _conv_infer(ts, attrs):

@@ -1,10 +1,9 @@
-"""What the op families share: lazily imported backend modules, and shape/dtype helpers for shape rules."""
+"""What the op families share: lazily imported backend modules, and the IR's shape helpers for shape rules."""
 from __future__ import annotations
 
 import importlib
 
-from ..ir.ops import _float_only as float_only, _norm_axis as norm_axis, _same_dtype as same_dtype  # noqa: F401
-from ..ir.ops import broadcast_shapes  # noqa: F401
+from ..ir.shapes import BIG, broadcast_shapes, conv_out, float_only, norm_axis, pair, same_dtype  # noqa: F401
 
 
 class LazyModule:
@@ -22,4 +21,5 @@ class LazyModule:
 
 
 torch = LazyModule("torch")
+F = LazyModule("torch.nn.functional")
 R = LazyModule("tvm.relax.op")  # Relax operators, for TVM lowerings
