@@ -124,7 +124,7 @@ def read_manifest(directory) -> dict:
 
 def read_bundle(directory, expect_target: str | None = None):
     """Load a bundle into an Artifact of its backend."""
-    from .backends.base import get_backend
+    from .backends.base import artifact_class
 
     d = Path(directory)
     manifest = read_manifest(d)
@@ -143,9 +143,9 @@ def read_bundle(directory, expect_target: str | None = None):
 
         return PartitionedArtifact.load_files(d, graph, target, manifest), manifest
     try:
-        backend = get_backend(str(manifest.get("backend")))
+        cls = artifact_class(str(manifest.get("backend")))
     except Exception as e:
         raise BundleError(f"bundle backend: {e}") from None
-    artifact = backend.artifact_class.load_files(d, graph, target, manifest)
+    artifact = cls.load_files(d, graph, target, manifest)
     artifact.bundle_dir = d
     return artifact, manifest

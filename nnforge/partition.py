@@ -21,7 +21,7 @@ from typing import Sequence
 import networkx as nx
 import numpy as np
 
-from .backends.base import Artifact, Unsupported, get_backend, run_artifact
+from .backends.base import Artifact, Unsupported, artifact_class, get_backend, run_artifact
 from .errors import BundleError, NnforgeError, UnsupportedOpError
 from .ir import Graph, Node, Value, bind_symbols, get_op
 from .ir import symbols
@@ -340,7 +340,7 @@ class PartitionedArtifact(Artifact):
         for k, p in enumerate(plan.partitions):
             sub = subgraph(graph, p, f"{graph.name}_p{k}")
             try:
-                art_cls = get_backend(p.backend).artifact_class
+                art_cls = artifact_class(p.backend)
             except NnforgeError as e:
                 raise BundleError(f"partition p{k}: {e}") from None
             if p.fallback:
