@@ -91,6 +91,7 @@ def compile_key(graph: Graph, passes: list, backend: str, target: str, options: 
         "backend": backend_fingerprint(backend),
         "fallback": [fallback, min_block_size, {f: _file_hash(_PACKAGE / f) for f in fallback_code}],
         "ir": {f.name: _file_hash(f) for f in sorted((_PACKAGE / "ir").glob("*.py"))},
+        "ops": {f.name: _file_hash(f) for f in sorted((_PACKAGE / "ops").glob("*.py"))},  # references and lowerings
         "bundle": _file_hash(_PACKAGE / "bundle.py"),
         "target": target,
         "options": json.dumps(options or {}, sort_keys=True, default=repr),

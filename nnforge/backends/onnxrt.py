@@ -23,7 +23,9 @@ from ..ir.registry import call_impl
 from ..ir import symbols
 from ..ir.ops import BIG
 from ..targets import Target, get_target
-from .base import Artifact, Backend, Unsupported, few_outer_axes, register_backend
+from ..ops.elementwise import ACTIVATIONS, is_float
+from ..ops.reduce import onnx_nan_mask as _nan_mask, onnx_nan_where
+from .base import Artifact, Backend, Unsupported, register_backend
 
 OPSET = 20  # Gelu (20) and LayerNormalization (17) are standard here; ORT >= 1.17 runs it
 IR_VERSION = 9  # the ONNX IR version that goes with opset 20
@@ -101,9 +103,10 @@ class _Lowering:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], **attrs))
         return outs
 
-    def lower(self, node: Node, ins: list[str]) -> None:
+    def lower(self, node: Node, ins: list[str]) -> list[str]:
         """Lower ``node`` through its registry implementation ``fn(cx, *ins, **attrs) -> name(s)``; the names it
-        returns become the node's outputs (renamed to the IR names where the lowering made them)."""
+        returns become the node's outputs (renamed to the IR names where the lowering made them). Returns the
+        ONNX names of the node's outputs."""
         start, outer = len(self.nodes), self.node
         self.node = node
         try:
@@ -114,6 +117,7 @@ class _Lowering:
             raise NnforgeError(f"onnxrt: lowering of {node.op} gave {len(outs)} outputs, the op has {len(node.outputs)}")
         for v, name in zip(node.outputs, outs):
             self._bind(v.name, name, start)
+        return [self.value(v) for v in node.outputs]
 
     def _bind(self, want: str, have: str, start: int) -> None:
         made = {o for nd in self.nodes[start:] for o in nd.output}
@@ -233,149 +237,18 @@ def _simple(onnx_op: str, **fixed) -> Lower:
 
 
 # IR ops that are exactly one ONNX op with no attributes
-_SIMPLE = {
-    "add": "Add", "sub": "Sub", "mul": "Mul", "pow": "Pow",
-    "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual",
-    "logical_and": "And", "logical_or": "Or", "logical_not": "Not", "where": "Where",
-    "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "reciprocal": "Reciprocal", "tanh": "Tanh", "sigmoid": "Sigmoid",
-    "erf": "Erf", "sin": "Sin", "cos": "Cos", "floor": "Floor", "ceil": "Ceil", "neg": "Neg", "abs": "Abs",
-    "matmul": "MatMul",
-}
+_SIMPLE = {"matmul": "MatMul"}
 LOWERINGS.update({ir: _simple(ox) for ir, ox in _SIMPLE.items()})
 
 
-def _is_int(v: Value) -> bool:
-    return v.dtype in ("int64", "int32", "int16", "int8", "uint8")
-
-
-def _div(cx, n, ins):
-    a, b = n.inputs
-    if not _is_int(a):
-        cx.emit("Div", ins, out=n.output.name)
-        return
-    # IR integer division floors; ONNX Div truncates. floor(a/b) = (a - mod(a, b)) / b with Python-style Mod
-    rem = cx.emit("Mod", ins, fmod=0)
-    cx.emit("Div", [cx.emit("Sub", [ins[0], rem]), ins[1]], out=n.output.name)
-
-
-def _minmax(onnx_op: str) -> Lower:
-    """Max/Min; ONNX Runtime has no int16 kernels for them, so int16 goes through int32 (exact)."""
-    def lower(cx, n, ins):
-        if n.output.dtype != "int16":
-            cx.emit(onnx_op, ins, out=n.output.name)
-            return
-        wide = [cx.emit("Cast", [i], to=TensorProto.INT32) for i in ins]
-        cx.emit("Cast", [cx.emit(onnx_op, wide)], out=n.output.name, to=TensorProto.INT16)
-
-    return lower
-
-
-def _relu(cx, n, ins):
-    # ONNX Runtime's Relu kernels are float/int8/int32 only: max(x, 0) for other integers
-    if _is_int(n.inputs[0]):
-        _minmax("Max")(cx, n, [ins[0], cx.const(0, n.inputs[0].dtype, "zero")])
-    else:
-        cx.emit("Relu", ins, out=n.output.name)
-
-
-def _ne(cx, n, ins):
-    cx.emit("Not", [cx.emit("Equal", ins)], out=n.output.name)
-
-
-def _rsqrt(cx, n, ins):
-    cx.emit("Reciprocal", [cx.emit("Sqrt", ins)], out=n.output.name)
-
-
-def _silu(cx, n, ins):
-    cx.emit("Mul", [ins[0], cx.emit("Sigmoid", ins)], out=n.output.name)
-
-
-def _gelu(cx, n, ins):
-    cx.emit("Gelu", ins, out=n.output.name, approximate=n.attrs["approximate"])
-
-
-def _clamp(cx, n, ins):
-    dt = n.inputs[0].dtype
-    lo = None if n.attrs["min"] is None else cx.const(n.attrs["min"], dt, "min")
-    hi = None if n.attrs["max"] is None else cx.const(n.attrs["max"], dt, "max")
-    if lo and hi:
-        cx.emit("Clip", [ins[0], lo, hi], out=n.output.name)
-    elif lo or hi:  # not Clip: its missing bound defaults to the dtype's finite limit, which clips +-Inf
-        _minmax("Max" if lo else "Min")(cx, n, [ins[0], lo or hi])
-    else:
-        cx.emit("Identity", ins[:1], out=n.output.name)
-
-
-def _cast(cx, n, ins):
-    cx.emit("Cast", ins, out=n.output.name, to=ONNX_DTYPES[n.attrs["dtype"]])
-
-
-def _reduce(onnx_op: str) -> Lower:
-    def lower(cx, n, ins):
-        axes = n.attrs["axes"]
-        args = [ins[0]] + ([] if axes is None else [cx.const(list(axes), "int64", "axes")])
-        if onnx_op in ("ReduceMax", "ReduceMin") and _is_float(n.inputs[0]):
-            y = cx.emit(onnx_op, args, keepdims=int(n.attrs["keepdims"]))
-            hits = cx.emit("ReduceMax", [_nan_mask(cx, ins[0])] + args[1:], keepdims=int(n.attrs["keepdims"]))
-            _nan_where(cx, n, hits, y)
-            return
-        if onnx_op in ("ReduceSum", "ReduceMean") and _sum_of_slices(cx, n, ins, onnx_op == "ReduceMean"):
-            return
-        cx.emit(onnx_op, args, out=n.output.name, keepdims=int(n.attrs["keepdims"]))
-
-    return lower
-
-
-def _sum_of_slices(cx, n, ins, mean: bool) -> bool:
-    """A sum or mean over a few (<= 8) elements of consecutive outer axes (ToMe's keys averaged over heads:
-    [b, n, 4, 16] over the 4) as Split + Sum: ONNX Runtime's ReduceMean over a middle axis took 1.1 ms at
-    that size and batch 256, Split + Sum 0.46. (A MatMul with a 0/1 matrix took 0.17 but turns one inf
-    into NaN across the row.)"""
-    axes = few_outer_axes(n)
-    if axes is None or axes != list(range(axes[0], axes[-1] + 1)):  # Split takes consecutive axes
-        return False
-    first, count = axes[0], math.prod(n.inputs[0].shape[a] for a in axes)
-    grouped = cx.emit("Reshape", [ins[0], cx.const([0] * first + [count, -1], "int64", "shape")])
-    parts = cx.emit_multi("Split", [grouped, cx.const([1] * count, "int64", "split")], count, axis=first)
-    total = cx.emit("Sum", parts)
-    if mean:
-        total = cx.emit("Div", [total, cx.const(float(count), n.inputs[0].dtype, "count")])
-    cx.emit("Reshape", [total, cx.dims(n.output.shape)], out=n.output.name, allowzero=1)
-    return True
-
-
-# ONNX Runtime's max/min kernels (ReduceMax, ArgMax, MaxPool) skip NaN; eager torch (and the IR) propagate it.
-# The lowerings below add a NaN mask computed the same way and put NaN back where a NaN was seen.
-def _is_float(v: Value) -> bool:
-    return v.dtype in ("float32", "float16", "bfloat16", "float64")
-
-
-def _nan_mask(cx, x: str) -> str:
-    return cx.emit("Cast", [cx.emit("IsNaN", [x])], to=TensorProto.FLOAT)
-
-
+# ONNX Runtime's max/min kernels skip NaN: the NaN mask helpers of nnforge/ops/reduce.py put it back
+# (legacy forms for max_pool2d, until the pooling ops move)
 def _nan_where(cx, n, hits: str, y: str) -> None:
-    """n's output: y, or NaN where ``hits`` (a float mask reduced like y) is positive."""
-    nan = cx.const(np.nan, n.output.dtype, "nan")
-    cx.emit("Where", [cx.emit("Greater", [hits, cx.const(0.0, "float32", "zero")]), nan, y], out=n.output.name)
+    onnx_nan_where(cx, hits, y, n.output.dtype, out=n.output.name)
 
 
-def _argmax(cx, n, ins):
-    a = {"axis": n.attrs["axis"], "keepdims": int(n.attrs["keepdims"])}
-    if not _is_float(n.inputs[0]):
-        cx.emit("ArgMax", ins, out=n.output.name, **a)
-        return
-    mask = _nan_mask(cx, ins[0])  # torch: a NaN is the maximum, the first one wins
-    has_nan = cx.emit("ReduceMax", [mask, cx.const([n.attrs["axis"]], "int64", "axes")], keepdims=a["keepdims"])
-    cx.emit("Where", [cx.emit("Greater", [has_nan, cx.const(0.0, "float32", "zero")]), cx.emit("ArgMax", [mask], **a),
-                      cx.emit("ArgMax", ins, **a)], out=n.output.name)
-
-
-def _softmax(onnx_op: str) -> Lower:
-    def lower(cx, n, ins):
-        cx.emit(onnx_op, ins, out=n.output.name, axis=n.attrs["axis"])
-
-    return lower
+def _is_float(v: Value) -> bool:
+    return is_float(v.dtype)
 
 
 def _matmul_wt(cx, n, ins, out: str | None = None) -> str:
@@ -402,14 +275,7 @@ def _linear(cx, n, ins):
     _matmul_wt(cx, n, ins, n.output.name)
 
 
-# linear_act's activations: name -> fn(cx, y, out)
-_ACTS = {
-    "none": lambda cx, y, out: cx.emit("Identity", [y], out=out),
-    "relu": lambda cx, y, out: cx.emit("Relu", [y], out=out),
-    "gelu": lambda cx, y, out: cx.emit("Gelu", [y], out=out, approximate="none"),
-    "gelu_tanh": lambda cx, y, out: cx.emit("Gelu", [y], out=out, approximate="tanh"),
-    "silu": lambda cx, y, out: cx.emit("Mul", [y, cx.emit("Sigmoid", [y])], out=out),
-}
+_ACTS = {name: act.onnx for name, act in ACTIVATIONS.items()}  # fn(cx, y, out) (legacy view, until linear_act moves)
 
 
 def _linear_act(cx, n, ins):
@@ -681,18 +547,6 @@ def _contrib_fusions(graph: Graph) -> tuple[dict, set]:
     return fused, skip
 
 
-def _elementwise_region(cx, n, ins):
-    """Each step through its own lowering; the intermediate values get fresh ONNX names."""
-    from ..ir.ops_region import region_nodes
-
-    names = list(ins)
-    steps = region_nodes(list(n.inputs), n.attrs["body"])
-    for k, (step, (_, args, _)) in enumerate(zip(steps, n.attrs["body"])):
-        step.output.name = n.output.name if k == len(steps) - 1 else cx.fresh(step.op)
-        _lower_node(cx, step, [names[a] for a in args])
-        names.append(cx.value(step.output))
-
-
 def _reshape(cx, n, ins):
     # allowzero=1: an IR 0 means an empty axis, never "copy the input dim"
     cx.emit("Reshape", [ins[0], cx.dims(n.attrs["shape"])], out=n.output.name, allowzero=1)
@@ -755,14 +609,8 @@ def _arange(cx, n, ins):
 
 
 LOWERINGS.update({
-    "maximum": _minmax("Max"), "minimum": _minmax("Min"), "relu": _relu,
-    "div": _div, "ne": _ne, "rsqrt": _rsqrt, "silu": _silu, "gelu": _gelu, "clamp": _clamp, "cast": _cast,
-    "reduce_sum": _reduce("ReduceSum"), "reduce_mean": _reduce("ReduceMean"), "reduce_max": _reduce("ReduceMax"),
-    "reduce_min": _reduce("ReduceMin"), "argmax": _argmax, "softmax": _softmax("Softmax"),
-    "log_softmax": _softmax("LogSoftmax"),
     "linear": _linear, "linear_act": _linear_act, "conv2d": _conv2d, "max_pool2d": _max_pool2d, "avg_pool2d": _avg_pool2d,
     "adaptive_avg_pool2d": _adaptive_avg_pool2d, "sdpa": _sdpa, "attention": _attention, "reshape": _reshape, "permute": _permute,
-    "elementwise_region": _elementwise_region,
     "expand": _expand, "concat": _concat, "slice": _slice, "gather": _gather, "squeeze": _squeeze("Squeeze"),
     "unsqueeze": _squeeze("Unsqueeze"), "full_like": _full_like, "arange": _arange,
 })

@@ -10,7 +10,7 @@ bundle's IR is all it needs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,15 +24,22 @@ from ..ir.registry import call_impl
 from ..ir.interpret import run_node
 from ..ir.ops_fallback import TorchOpError, call as call_torch_op, resolve
 from ..ir.torch_dtypes import TORCH_DTYPES, from_torch, to_torch
+from ..ops.elementwise import ACTIVATIONS
 from ..targets import Target, get_target
 from .base import Artifact, Backend, Unsupported, register_backend
 
 @dataclass
 class TorchCx:
-    """What a torch implementation may use besides its inputs: the node and the device it runs on."""
+    """What a torch implementation may use besides its inputs: the node, the device it runs on, the
+    values of the graph's symbols in this run."""
 
     node: Node
     device: str = "cpu"
+    env: dict = field(default_factory=dict)
+
+    def lower(self, node: Node, args: list) -> list:
+        """Run ``node`` (a step of a composite op) on torch values ``args``; its outputs."""
+        return run_node_torch(node, list(args), self.env, self.device)
 
 
 Lower = Callable[..., "torch.Tensor | list[torch.Tensor]"]
@@ -48,85 +55,6 @@ def _lower(*names: str):
     return deco
 
 
-# -- elementwise --------------------------------------------------------------------------
-_BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "maximum": torch.maximum, "minimum": torch.minimum,
-           "pow": torch.pow, "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt,
-           "ge": torch.ge, "logical_and": torch.logical_and, "logical_or": torch.logical_or}
-_UNARY = {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": lambda x: 1.0 / torch.sqrt(x),
-          "reciprocal": torch.reciprocal, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf,
-          "sin": torch.sin, "cos": torch.cos, "silu": lambda x: x * torch.sigmoid(x), "floor": torch.floor,
-          "ceil": torch.ceil, "neg": torch.neg, "abs": torch.abs, "relu": torch.relu,
-          "logical_not": torch.logical_not}
-LOWERINGS.update({k: (lambda a, b, _f=f: _f(a, b)) for k, f in _BINARY.items()})
-LOWERINGS.update({k: (lambda x, _f=f: _f(x)) for k, f in _UNARY.items()})
-
-
-@_lower("div")
-def _div(a, b):
-    if a.dtype.is_floating_point:
-        return a / b
-    return torch.div(a, b, rounding_mode="floor")  # the IR floors on integers, like numpy
-
-
-@_lower("where")
-def _where(c, a, b):
-    return torch.where(c, a, b)
-
-
-@_lower("gelu")
-def _gelu(x, approximate="none"):
-    if approximate == "tanh":
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-@_lower("clamp")
-def _clamp(x, min=None, max=None):
-    return torch.clamp(x, min, max) if (min is not None or max is not None) else x
-
-
-@_lower("cast")
-def _cast(x, dtype):
-    return x.to(TORCH_DTYPES[dtype])
-
-
-# -- reductions and normalisation ------------------------------------------------------------
-def _axes(x, axes):
-    return list(range(x.dim())) if axes is None else [a % max(x.dim(), 1) for a in axes]
-
-
-def _reduce(fn):
-    def lower(x, axes=None, keepdims=False):
-        if x.dim() == 0:
-            return x
-        return fn(x, _axes(x, axes), keepdims)
-
-    return lower
-
-
-LOWERINGS.update({
-    "reduce_sum": _reduce(lambda x, ax, k: torch.sum(x, ax, keepdim=k, dtype=x.dtype)),
-    "reduce_mean": _reduce(lambda x, ax, k: torch.mean(x if x.is_floating_point() else x.double(), ax, keepdim=k)),
-    "reduce_max": _reduce(lambda x, ax, k: torch.amax(x, ax, keepdim=k)),
-    "reduce_min": _reduce(lambda x, ax, k: torch.amin(x, ax, keepdim=k)),
-})
-
-
-@_lower("argmax")
-def _argmax(x, axis, keepdims=False):
-    return torch.argmax(x, axis, keepdim=keepdims)
-
-
-@_lower("softmax")
-def _softmax(x, axis=-1):
-    return torch.softmax(x, axis)
-
-
-@_lower("log_softmax")
-def _log_softmax(x, axis=-1):
-    return torch.log_softmax(x, axis)
-
-
 # -- linear algebra, convolution, pooling, attention ---------------------------------------------
 @_lower("matmul")
 def _matmul(a, b):
@@ -139,8 +67,7 @@ def _linear(x, w, b=None):
     return y + b if b is not None else y
 
 
-_ACTS = {"none": lambda y: y, "relu": torch.relu, "gelu": lambda y: _gelu(y), "gelu_tanh": lambda y: _gelu(y, "tanh"),
-         "silu": lambda y: y * torch.sigmoid(y)}
+_ACTS = {name: act.torch for name, act in ACTIVATIONS.items()}  # (legacy view, until linear_act moves)
 
 
 @_lower("linear_act")
@@ -309,7 +236,7 @@ def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> li
     if node.op == "torch_op":
         res = call_torch_op(attrs["target"], attrs["args"], attrs["kwargs"], args, device)
     elif "torch" in opdef.impls:
-        res = call_impl("torch", TorchCx(node, device), node, args, attrs)
+        res = call_impl("torch", TorchCx(node, device, env), node, args, attrs)
     elif node.op in LOWERINGS:  # (legacy table, while ops move to nnforge/ops)
         res = LOWERINGS[node.op](*args, **attrs)
     else:  # no torch lowering: the numpy reference

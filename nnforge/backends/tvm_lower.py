@@ -14,9 +14,8 @@ Choices made for speed or exactness:
 - conv2d is im2col (one gather kernel, padding inlined) + a matmul written as one TE reduction into
   NCHW, so it gets the CPU matmul schedule and its bias/batch-norm/activation fuse into it; 3x3
   stride-1 convolutions on CPU targets are Winograd F(2x2, 3x3) instead (tvm_winograd.py);
-- gelu, gelu_tanh are written with Relax erf/tanh so FastMathTransform can vectorise them;
-- maximum/minimum/relu/clamp and max-style reductions propagate NaN like numpy and torch (TVM's
-  max/min would drop it);
+- max pooling propagates NaN like numpy and torch (TVM's max would drop it), as the elementwise ops and
+  reductions in nnforge/ops do;
 - gather wraps negative indices like numpy (indices past the end are not checked).
 
 Used only by ``nnforge.backends.tvm``; all TVM API use stays in the backend's modules.
@@ -24,7 +23,6 @@ Used only by ``nnforge.backends.tvm``; all TVM API use stays in the backend's mo
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,7 +42,8 @@ from ..ir.ops import BIG
 from ..ir.registry import call_impl, get_op
 from . import tvm_winograd
 from .tvm_artifact import first_line
-from .base import few_outer_axes
+from ..ops.elementwise import ACTIVATIONS as _ACTIVATION_TABLE
+from ..ops.reduce import tvm_nan_if_any as _nan_if_any
 from .tvm_schedule import _pick_gemv_nr, _vector_lanes
 
 FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -159,6 +158,10 @@ class Ctx:
     def attr(self, key):
         return self.node.attrs[key]
 
+    def lower(self, node: Node, args: list) -> list:
+        """Lower ``node`` (a step of a composite op) on Relax values ``args``; its outputs."""
+        return lower_node(self, node, args)
+
 
 Lowering = Callable[..., "relax.Expr"]
 LOWERINGS: dict[str, Lowering] = {}
@@ -181,204 +184,6 @@ def _is_float(dtype: str) -> bool:
 
 def _ndim(x) -> int:
     return x.ty.ndim
-
-
-# ---- elementwise ------------------------------------------------------------------------------
-
-_BINARY = {"add": R.add, "sub": R.subtract, "mul": R.multiply, "eq": R.equal, "ne": R.not_equal, "lt": R.less,
-           "le": R.less_equal, "gt": R.greater, "ge": R.greater_equal}
-for _name, _fn in _BINARY.items():
-    lowering(_name)(lambda c, a, b, _fn=_fn: _fn(a, b))
-
-
-# NaN: TVM's max/min become LLVM maxnum/minnum, which return the other operand for a NaN, while
-# numpy and torch propagate it. On floats these ops are written as compare + select instead (a NaN
-# fails every comparison, so it is kept); the cost is one more instruction per element.
-
-@lowering("maximum")
-def _maximum(c: Ctx, a, b):
-    if not _is_float(c.in_type(0).dtype):
-        return R.maximum(a, b)
-    return R.where(c.emit(R.isnan(b)), b, c.emit(R.where(c.emit(R.less(a, b)), b, a)))
-
-
-@lowering("minimum")
-def _minimum(c: Ctx, a, b):
-    if not _is_float(c.in_type(0).dtype):
-        return R.minimum(a, b)
-    return R.where(c.emit(R.isnan(b)), b, c.emit(R.where(c.emit(R.less(b, a)), b, a)))
-
-
-def relu(c: Ctx, x, dtype: str):
-    zero = c.const(0, dtype)
-    if not _is_float(dtype):
-        return R.maximum(x, zero)
-    return R.where(c.emit(R.less(x, zero)), zero, x)  # relu(NaN) = NaN
-
-
-@lowering("div")
-def _div(c: Ctx, a, b):
-    dt = c.in_type(0).dtype
-    if _is_float(dt):
-        return R.divide(a, b)
-    # numpy gives 0 for integer division by zero; the CPU would trap (SIGFPE), so guard it
-    zero, one = c.const(0, dt), c.const(1, dt)
-    bz = c.emit(R.equal(b, zero))
-    safe = c.emit(R.where(bz, c.emit(R.broadcast_to(one, c.dims.shape(c.in_type(1).shape))), b))
-    return R.where(bz, zero, R.floor_divide(a, safe))
-
-
-@lowering("pow")
-def _pow(c: Ctx, a, b):
-    dt = c.in_type(0).dtype
-    if _is_float(dt):
-        return R.power(a, b)
-    f = c.emit(R.power(R.astype(a, "float64"), R.astype(b, "float64")))
-    return R.astype(f, dt)
-
-
-@lowering("logical_and", "logical_or")
-def _logical(c: Ctx, a, b):
-    a, b = _to_bool(c, a, 0), _to_bool(c, b, 1)
-    return (R.logical_and if c.node.op == "logical_and" else R.logical_or)(a, b)
-
-
-def _to_bool(c: Ctx, x, i):
-    dt = c.in_type(i).dtype
-    return x if dt == "bool" else c.emit(R.not_equal(x, c.const(0, dt)))
-
-
-@lowering("logical_not")
-def _logical_not(c: Ctx, x):
-    return R.logical_not(_to_bool(c, x, 0))
-
-
-@lowering("where")
-def _where(c: Ctx, cond, a, b):
-    return R.where(cond, a, b)
-
-
-_UNARY = {"exp": R.exp, "log": R.log, "sqrt": R.sqrt, "rsqrt": R.rsqrt, "tanh": R.tanh, "sigmoid": R.sigmoid,
-          "erf": R.erf, "sin": R.sin, "cos": R.cos, "silu": R.nn.silu, "floor": R.floor, "ceil": R.ceil,
-          "neg": R.negative, "abs": R.abs}
-for _name, _fn in _UNARY.items():
-    lowering(_name)(lambda c, x, _fn=_fn: _fn(x))
-
-
-@lowering("reciprocal")
-def _reciprocal(c: Ctx, x):
-    return R.divide(c.const(1, c.in_type(0).dtype), x)
-
-
-@lowering("relu")
-def _relu(c: Ctx, x):
-    return relu(c, x, c.in_type(0).dtype)
-
-
-def gelu_erf(c: Ctx, x, dtype: str):
-    """0.5 x (1 + erf(x / sqrt 2)) from Relax primitives, so FastMathTransform can reach the erf."""
-    e = c.emit(R.erf(c.emit(R.multiply(x, c.const(1.0 / math.sqrt(2.0), dtype)))))
-    return R.multiply(x, c.emit(R.add(c.const(0.5, dtype), c.emit(R.multiply(e, c.const(0.5, dtype))))))
-
-
-def gelu_tanh(c: Ctx, x, dtype: str):
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) from Relax primitives."""
-    x3 = c.emit(R.multiply(c.emit(R.multiply(x, x)), x))
-    inner = c.emit(R.add(x, c.emit(R.multiply(x3, c.const(0.044715, dtype)))))
-    t = c.emit(R.tanh(c.emit(R.multiply(inner, c.const(math.sqrt(2.0 / math.pi), dtype)))))
-    return R.multiply(c.emit(R.multiply(x, c.const(0.5, dtype))), c.emit(R.add(t, c.const(1.0, dtype))))
-
-
-@lowering("gelu")
-def _gelu(c: Ctx, x):
-    dt = c.in_type(0).dtype
-    return gelu_tanh(c, x, dt) if c.attr("approximate") == "tanh" else gelu_erf(c, x, dt)
-
-
-@lowering("clamp")
-def _clamp(c: Ctx, x):
-    dt = c.in_type(0).dtype
-    lo, hi = c.attr("min"), c.attr("max")
-    if lo is not None:  # compare + select keeps a NaN (see maximum)
-        lo = c.const(lo if _is_float(dt) else int(lo), dt)
-        x = c.emit(R.where(c.emit(R.less(x, lo)), lo, x))
-    if hi is not None:
-        hi = c.const(hi if _is_float(dt) else int(hi), dt)
-        x = c.emit(R.where(c.emit(R.greater(x, hi)), hi, x))
-    return x
-
-
-@lowering("cast")
-def _cast(c: Ctx, x):
-    src, dst = c.in_type(0).dtype, c.attr("dtype")
-    if src == dst:
-        return x
-    if dst == "bool":  # numpy: nonzero -> True (a plain float->i1 conversion would truncate 0.5 to False)
-        return R.not_equal(x, c.const(0, src))
-    return R.astype(x, dst)
-
-
-# ---- reductions and normalisations --------------------------------------------------------------
-
-@lowering("reduce_sum", "reduce_mean")
-def _reduce_sum_mean(c: Ctx, x):
-    few = few_outer_axes(c.node)
-    if few is not None:
-        return c.bb.emit_te(_sum_few, x, few, c.attr("keepdims"), c.node.op == "reduce_mean", primfunc_name_hint=c.node.op)
-    return (R.sum if c.node.op == "reduce_sum" else R.mean)(x, c.attr("axes"), c.attr("keepdims"))
-
-
-def _sum_few(x, axes: list, keepdims: bool, mean: bool):
-    """A sum (or mean) over a few elements of outer axes (ToMe's keys averaged over heads: [b, n, 4, d]
-    over the 4), written out term by term: an elementwise kernel, vectorised along the innermost axis
-    and fused with its neighbours. (A reduction kernel reads those few elements with a stride per output.)"""
-    from tvm import te
-
-    terms = list(itertools.product(*[range(int(x.shape[a])) for a in axes]))
-    out_shape = [1 if a in axes else d for a, d in enumerate(x.shape) if keepdims or a not in axes]
-
-    def value(*idx):
-        idx = list(idx)
-        rest = [idx[a] for a in range(len(x.shape)) if a not in axes] if keepdims else idx
-        total = None
-        for term in terms:
-            at, it = dict(zip(axes, term)), iter(rest)
-            full = [at[a] if a in at else next(it) for a in range(len(x.shape))]
-            total = x[tuple(full)] if total is None else total + x[tuple(full)]
-        return total / tirx.const(len(terms), x.dtype) if mean else total
-
-    return te.compute(out_shape, value, name="reduce")
-
-
-def _nan_if_any(c: Ctx, x, y, reduce):
-    """``y`` (a max/min-style reduction of ``x``), NaN wherever the reduced window held a NaN."""
-    dt = c.in_type(0).dtype
-    if not _is_float(dt):
-        return y
-    flags = c.emit(reduce(c.emit(R.astype(c.emit(R.isnan(x)), dt))))
-    return R.where(c.emit(R.greater(flags, c.const(0, dt))), c.const(np.nan, dt), y)
-
-
-@lowering("reduce_max", "reduce_min")
-def _reduce_max_min(c: Ctx, x):
-    fn = R.max if c.node.op == "reduce_max" else R.min
-    y = c.emit(fn(x, c.attr("axes"), c.attr("keepdims")))
-    return _nan_if_any(c, x, y, lambda t: R.max(t, c.attr("axes"), c.attr("keepdims")))
-
-
-@lowering("argmax")
-def _argmax(c: Ctx, x):
-    return R.argmax(x, c.attr("axis"), c.attr("keepdims"))
-
-
-@lowering("softmax")
-def _softmax(c: Ctx, x):
-    return R.nn.softmax(x, c.attr("axis"))
-
-
-@lowering("log_softmax")
-def _log_softmax(c: Ctx, x):
-    return R.nn.log_softmax(x, c.attr("axis"))
 
 
 # ---- linear algebra ----------------------------------------------------------------------------
@@ -429,14 +234,8 @@ def _gemv_packed(c: Ctx, x, wt, nr: int):
     return c.bb.emit_te(gemv, x, packed, primfunc_name_hint="matmul")
 
 
-# activations of the fused ops (linear_act), by the IR's activation names
-ACTIVATIONS: dict[str, Callable] = {
-    "none": lambda c, y: y,
-    "relu": lambda c, y: relu(c, y, c.out_type().dtype),
-    "gelu": lambda c, y: gelu_erf(c, y, c.out_type().dtype),
-    "gelu_tanh": lambda c, y: gelu_tanh(c, y, c.out_type().dtype),
-    "silu": lambda c, y: R.nn.silu(y),
-}
+# activations of the fused ops: fn(c, y) (legacy view of nnforge.ops.elementwise.ACTIVATIONS, until linear_act moves)
+ACTIVATIONS: dict[str, Callable] = {name: act.tvm for name, act in _ACTIVATION_TABLE.items()}
 
 
 @lowering("linear_act")
@@ -737,7 +536,7 @@ def lower_node(c: Ctx, node: Node, args: list) -> list:
     """``node``'s lowering on Relax values ``args`` (the registry's ``fn(cx, *inputs, **attrs)``); its outputs."""
     outer, c.node = c.node, node
     try:
-        if node.op in BROADCASTING:
+        if broadcasts(node.op):
             args = _align_broadcast(c.bb, c.dims, node, args)
         if "tvm" in get_op(node.op).impls:
             return call_impl("tvm", c, node, args)
@@ -838,9 +637,10 @@ def _cast_shape(bb, var, shape, dtype, hint):
     return bb.match_cast(var, relax.TensorType(shape, dtype))
 
 
-# elementwise ops whose inputs broadcast to the output
-BROADCASTING = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
-                "logical_and", "logical_or", "where"}
+def broadcasts(op: str) -> bool:
+    """Whether ``op``'s inputs broadcast to its output: an elementwise op with more than one input."""
+    opdef = get_op(op)
+    return opdef.kind == "elementwise" and opdef.num_inputs[1] != 1
 
 
 def _align_broadcast(bb, dims: DimMap, node: Node, args: list) -> list:

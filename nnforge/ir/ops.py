@@ -10,7 +10,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import special
 
 from . import symbols
 from .graph import TensorType
@@ -18,6 +17,8 @@ from .registry import REGISTRY, REQUIRED, OpDef, OpError, defop, get_op, infer_t
 from .shapes import BIG, broadcast_shapes, conv_out as _conv_out, float_only as _float_only  # noqa: F401
 from .shapes import norm_axis as _norm_axis, pair as _pair, same_dtype as _same_dtype  # noqa: F401
 from .symbols import Dim
+from ..ops import reduce as _reduce_family
+from ..ops.elementwise import ACTIVATIONS  # noqa: F401  (calling one applies its numpy reference)
 
 
 
@@ -30,152 +31,9 @@ def register(name: str, infer, attrs=None, num_inputs=(1, 1), kind="compute", do
     return deco
 
 
-# ---------------------------------------------------------------------------------------
-# shape helpers
-# ---------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------
-# elementwise
-# ---------------------------------------------------------------------------------------
-
-def _binary_infer(result_dtype=None):
-    def infer(ts, attrs, _op=[None]):
-        a, b = ts
-        dt = _same_dtype(ts, "binary op")
-        return [TensorType(broadcast_shapes(a.shape, b.shape), result_dtype or dt)]
-
-    return infer
-
-
-_BINARY = {
-    "add": np.add, "sub": np.subtract, "mul": np.multiply, "maximum": np.maximum, "minimum": np.minimum,
-}
-for _name, _fn in _BINARY.items():
-    register(_name, _binary_infer(), num_inputs=(2, 2), kind="elementwise")(lambda a, b, _fn=_fn: _fn(a, b))
-
-
-@register("div", _binary_infer(), num_inputs=(2, 2), kind="elementwise")
-def _div(a, b):
-    """True division for floats, floor division for integers."""
-    if np.issubdtype(a.dtype, np.integer):
-        return np.floor_divide(a, b)
-    return np.divide(a, b)
-
-
-@register("pow", _binary_infer(), num_inputs=(2, 2), kind="elementwise")
-def _pow(a, b):
-    return np.power(a, b)
-
-
-_COMPARE = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
-            "logical_and": np.logical_and, "logical_or": np.logical_or}
-for _name, _fn in _COMPARE.items():
-    register(_name, _binary_infer("bool"), num_inputs=(2, 2), kind="elementwise")(lambda a, b, _fn=_fn: _fn(a, b))
-
-
-def _where_infer(ts, attrs):
-    c, a, b = ts
-    if c.dtype != "bool":
-        raise OpError(f"where: condition must be bool, got {c.dtype}")
-    dt = _same_dtype([a, b], "where")
-    return [TensorType(broadcast_shapes(broadcast_shapes(c.shape, a.shape), b.shape), dt)]
-
-
-@register("where", _where_infer, num_inputs=(3, 3), kind="elementwise")
-def _where(c, a, b):
-    return np.where(c, a, b)
-
-
-def _unary_infer(float_only=True):
-    def infer(ts, attrs):
-        if float_only:
-            _float_only(ts[0], "unary op")
-        return [ts[0]]
-
-    return infer
-
-
-def _sigmoid(x):
-    return special.expit(x)
-
-
-_UNARY_FLOAT = {
-    "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x), "reciprocal": np.reciprocal,
-    "tanh": np.tanh, "sigmoid": _sigmoid, "erf": special.erf, "sin": np.sin, "cos": np.cos,
-    "silu": lambda x: x * _sigmoid(x), "floor": np.floor, "ceil": np.ceil,
-}
-for _name, _fn in _UNARY_FLOAT.items():
-    register(_name, _unary_infer(), kind="elementwise")(lambda x, _fn=_fn: _fn(x))
-
-for _name, _fn in {"neg": np.negative, "abs": np.abs, "relu": lambda x: np.maximum(x, 0).astype(x.dtype)}.items():
-    register(_name, _unary_infer(False), kind="elementwise")(lambda x, _fn=_fn: _fn(x))
-
-
-@register("logical_not", lambda ts, a: [TensorType(ts[0].shape, "bool")], kind="elementwise")
-def _logical_not(x):
-    return np.logical_not(x)
-
-
-@register("gelu", _unary_infer(), attrs={"approximate": ("str", "none")}, kind="elementwise")
-def _gelu(x, approximate="none"):
-    if approximate == "tanh":
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    return 0.5 * x * (1.0 + special.erf(x / math.sqrt(2.0)))
-
-
-@register("clamp", _unary_infer(False), attrs={"min": ("optional_float", None), "max": ("optional_float", None)}, kind="elementwise")
-def _clamp(x, min=None, max=None):
-    return np.clip(x, min, max)
-
-
-@register("cast", lambda ts, a: [TensorType(ts[0].shape, a["dtype"])], attrs={"dtype": ("dtype", REQUIRED)}, kind="elementwise")
-def _cast(x, dtype):
-    return x.astype(dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# reductions and normalisations
-# ---------------------------------------------------------------------------------------
-
-def _reduce_infer(ts, attrs, dtype=None):
-    t = ts[0]
-    axes = attrs["axes"]
-    axes = list(range(t.rank)) if axes is None else [_norm_axis(a, t.rank, "reduce") for a in axes]
-    if attrs["keepdims"]:
-        shape = tuple(1 if i in axes else d for i, d in enumerate(t.shape))
-    else:
-        shape = tuple(d for i, d in enumerate(t.shape) if i not in axes)
-    return [TensorType(shape, dtype or t.dtype)]
-
-
-_REDUCE_ATTRS = {"axes": ("optional_ints", None), "keepdims": ("bool", False)}
-for _name, _fn in {"reduce_sum": np.sum, "reduce_mean": np.mean, "reduce_max": np.max, "reduce_min": np.min}.items():
-    register(_name, _reduce_infer, attrs=_REDUCE_ATTRS, kind="reduce")(
-        lambda x, axes=None, keepdims=False, _fn=_fn: _fn(x, axis=None if axes is None else tuple(axes), keepdims=keepdims))
-
-
-@register("argmax", lambda ts, a: _reduce_infer(ts, {"axes": [a["axis"]], "keepdims": a["keepdims"]}, "int64"),
-          attrs={"axis": ("int", REQUIRED), "keepdims": ("bool", False)}, kind="reduce")
-def _argmax(x, axis, keepdims=False):
-    return np.argmax(x, axis=axis, keepdims=keepdims)
-
-
-def _softmax_infer(ts, attrs):
-    _float_only(ts[0], "softmax")
-    _norm_axis(attrs["axis"], ts[0].rank, "softmax")
-    return [ts[0]]
-
-
-@register("softmax", _softmax_infer, attrs={"axis": ("int", -1)})
-def _softmax(x, axis=-1):
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
-@register("log_softmax", _softmax_infer, attrs={"axis": ("int", -1)})
-def _log_softmax(x, axis=-1):
-    m = x - np.max(x, axis=axis, keepdims=True)
-    return m - np.log(np.sum(np.exp(m), axis=axis, keepdims=True))
+# elementwise ops and reductions live in nnforge/ops (elementwise.py, reduce.py); the ops still here use
+# their softmax reference and the one activation table
+_softmax = _reduce_family.softmax.ref
 
 
 # ---------------------------------------------------------------------------------------
@@ -532,15 +390,6 @@ def _arange(start=0, end=1, step=1, dtype="int64"):
 # fused ops that passes create
 # ---------------------------------------------------------------------------------------
 
-ACTIVATIONS = {
-    "none": lambda y: y,
-    "relu": lambda y: np.maximum(y, 0),
-    "gelu": lambda y: _gelu(y, "none"),
-    "gelu_tanh": lambda y: _gelu(y, "tanh"),
-    "silu": lambda y: y * _sigmoid(y),
-}
-
-
 def _linear_act_infer(ts, attrs):
     if attrs["act"] not in ACTIVATIONS:
         raise OpError(f"unknown activation {attrs['act']!r}; choose from {sorted(ACTIVATIONS)}")
@@ -583,5 +432,4 @@ def _attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
 
 # ops that the low-bit/sparsity and token/layer passes create live in their own modules
 from . import ops_lowbit, ops_tokens  # noqa: E402,F401
-from . import ops_region  # noqa: E402,F401  (elementwise_region)
 from . import ops_fallback  # noqa: E402,F401  (torch_op: ATen/custom ops only the torch executor runs)
