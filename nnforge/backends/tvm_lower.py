@@ -42,11 +42,10 @@ from ..ir.ops import BIG
 from ..ir.registry import call_impl, get_op
 from . import tvm_winograd
 from .tvm_artifact import first_line
-from ..ops.elementwise import ACTIVATIONS as _ACTIVATION_TABLE
+from ..ops.elementwise import ACTIVATIONS as _ACTIVATION_TABLE, is_float as _is_float
 from ..ops.reduce import tvm_nan_if_any as _nan_if_any
 from .tvm_schedule import _pick_gemv_nr, _vector_lanes
 
-FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
 INLINE_CONST_MAX_ELEMS = 64  # constants this small are inlined as relax.const (scalars, tiny masks)
 UNSUPPORTED_DTYPES = {"bfloat16": "bfloat16 tensors cannot cross the numpy boundary of the TVM backend yet"}
 
@@ -176,10 +175,6 @@ def lowering(*names: str):
         return fn
 
     return deco
-
-
-def _is_float(dtype: str) -> bool:
-    return dtype in FLOAT_DTYPES
 
 
 def _ndim(x) -> int:
