@@ -26,8 +26,10 @@ fi
 export PYTHONPATH="$SITE:$PWD"
 nvidia-smi -L
 python3 -c "import tvm, torch, onnxruntime as ort; print('tvm', tvm.__version__, 'runtime only' if tvm.base._RUNTIME_ONLY else 'with compiler', '| tvm sees cuda:', tvm.cuda(0).exist, '| torch', torch.__version__, '| ort', ort.get_available_providers())"
-echo "== 1. prebuilt CUDA bundles (tiny) on the TVM runtime"
-python3 -m nnforge.bench.cuda run .gpu/bundles-tiny --repeat 30 --json "$OUT/cuda_tiny.json" 2>&1 | tee "$OUT/tiny.log"
+if [ -z "${SKIP_TINY:-}" ]; then
+  echo "== 1. prebuilt CUDA bundles (tiny) on the TVM runtime"
+  python3 -m nnforge.bench.cuda run .gpu/bundles-tiny --repeat 30 --json "$OUT/cuda_tiny.json" 2>&1 | tee "$OUT/tiny.log"
+fi
 echo "== 2. CUDA tests"
 NNFORGE_CUDA_BUNDLES=.gpu/bundles-tiny python3 -m pytest -q -p no:cacheprovider -rs tests/test_tvm_runtime.py \
   tests/test_backend_tvm.py -k "cuda or runtime" 2>&1 | tee "$OUT/tests.log" | tail -25
