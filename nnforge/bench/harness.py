@@ -290,7 +290,7 @@ LOWBIT_RUNNERS = ("nnforge-onnxrt", "onnxruntime")  # default; "nnforge-tvm" on 
 
 def lowbit_settings() -> dict:
     """Row name -> nnforge.compile keyword arguments (as examples/lowbit_minilm.py measures them)."""
-    from ..passes.quantize import Quantize
+    from ..passes.lowbit import Quantize
     from ..passes.sparsity import Sparsity
 
     return {
