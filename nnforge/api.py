@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from .ir import Graph, interpret
 from .partition import DEFAULT_MIN_BLOCK_SIZE, BuildSettings
 from .passes.manager import (Pass, PassContext, PassManager, PassOptions, PassRecord, check_order, max_rel_error,
                              resolve_pipeline, split_after)
+
+if TYPE_CHECKING:
+    from .passes.budget import Budget, BudgetResult
 
 
 @contextlib.contextmanager
@@ -111,7 +114,7 @@ class LossySettings:
     layers: Any = None
     quantize: Any = None
     sparsity: Any = None
-    budget: Any = None
+    budget: Budget | None = None
     calibration: Sequence | None = None
     heldout: Sequence | None = None
 
@@ -208,9 +211,10 @@ def optimize(imported: Imported, passes: PassPlan, lossy: LossySettings, setting
     return Optimized(graph, records, notes)
 
 
-def budget_step(graph: Graph, lossy: LossySettings, settings: BuildSettings, examples, progress: bool = False):
-    """The fastest lossy setting within ``lossy.budget`` (a BudgetResult), each candidate built by the same
-    plan-and-build step as the final model and timed when the target runs here."""
+def budget_step(graph: Graph, lossy: LossySettings, settings: BuildSettings, examples,
+                progress: bool = False) -> BudgetResult:
+    """The fastest lossy setting within ``lossy.budget``, each candidate built by the same plan-and-build
+    step as the final model and timed when the target runs here."""
     from .passes.budget import flop_time, search, wall_time
 
     batches, heldout = _batches(lossy.calibration), _batches(lossy.heldout)

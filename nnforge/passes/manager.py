@@ -8,10 +8,10 @@ properties it reads or breaks (``requires`` / ``invalidates``, e.g. "blocks": th
 block structure); a pipeline that contradicts them is refused when the PassManager is built.
 
 The manager runs a pipeline (a list of pass names, instances, settings objects or pipeline
-names), records per pass its wall time and node counts, and in check mode verifies the IR and compares the reference
-interpreter's outputs before and after each pass: the first lossless pass that moves the
-outputs beyond tolerance is named in a NumericsError. ``NNFORGE_DUMP_IR=dir`` writes the IR
-after each pass.
+names), records per pass its wall time and node counts, and in check mode verifies the IR and
+compares the reference interpreter's outputs before and after each pass: the first lossless pass
+that moves the outputs beyond tolerance is named in a NumericsError. ``NNFORGE_DUMP_IR=dir``
+writes the IR after each pass.
 """
 from __future__ import annotations
 
@@ -80,8 +80,7 @@ class PassOptions:
     pass_name: str = ""
 
     def make_pass(self) -> Pass:
-        _load_builtin_passes()
-        return PASSES[self.pass_name](self)
+        return make_pass(self.pass_name, self)
 
 
 PASSES: dict[str, Callable[..., Pass]] = {}
