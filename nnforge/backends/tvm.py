@@ -215,6 +215,7 @@ class TVMBackend(Backend):
         if trials:
             from . import tvm_tune  # MetaSchedule: imported only when tuning
 
+            tvm_tune.require_packages()
             ttarget = tvm_tune.tune_target(ttarget)
         if target.name == "wasm":  # kernels in a wasm module, run by nnforge's JS runtime
             from . import tvm_wasm
