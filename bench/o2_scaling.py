@@ -9,10 +9,14 @@ then the ratio of the largest to the smallest graph in nodes and in time.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # time this checkout's nnforge, not an installed one
 
 import nnforge
 from nnforge.models.zoo import ViT

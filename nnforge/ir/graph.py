@@ -332,6 +332,11 @@ class Graph:
         self._sync()
         return a._order < b._order
 
+    def order_key(self, node: Node) -> int:
+        """A number that grows along the node order, to sort nodes by (valid until the next edit)."""
+        self._sync()
+        return node._order
+
     def users(self) -> dict[Value, list[Node]]:
         """Every used value -> its users in node order, a node once per input slot (a full scan: in a loop,
         use ``users_of``)."""
