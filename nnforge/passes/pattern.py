@@ -18,8 +18,9 @@ or are tested (a callable: ``axis=lambda a: a in (-1, 3)``); ``P(..., where=fn(n
 ``b`` (``b.op(...)``, ``b.const(array)``). Match results ``m`` are dicts of the bound values,
 attributes and nodes (``m.node("name")``).
 
-Matching is greedy per node: a commutative node keeps the first input order that fits, and only
-``OneOf`` alternatives are backtracked into (each one is offered to the rule's check in turn).
+Matching is greedy per node: a commutative node keeps the first input order that fits. A pattern with
+``OneOf`` acts as the list of patterns it stands for, written out one by one: each alternative's match
+is offered to the rule's check in turn.
 
 The driver indexes rules by their root op and works through a worklist: after a rewrite only the new
 nodes and those near the change go back on it. It refuses a rewrite when an interior matched node
@@ -30,6 +31,8 @@ give the same answers to code.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import sys
 import warnings
@@ -40,6 +43,7 @@ import numpy as np
 
 from ..errors import VerificationError
 from ..ir import Graph, Node, Value
+from ..ir.analysis import fusion_cycle_local
 from ..ir.verify import types_agree
 from .manager import Pass, PassContext, PassResult
 
@@ -96,16 +100,19 @@ class Opt:
 
     def __init__(self, pattern):
         self.pattern = _as_pattern(pattern)
+        self._alternatives = None
 
     def __repr__(self) -> str:
         return f"Opt({self.pattern!r})"
 
 
 class OneOf:
-    """Alternatives for one input (or a whole pattern), tried in order."""
+    """Alternatives for one input (or a whole pattern), tried in order, as if the rule were written once per
+    alternative."""
 
     def __init__(self, *alternatives):
         self.alternatives = tuple(_as_pattern(a) for a in alternatives)
+        self._alternatives = None
 
     def __repr__(self) -> str:
         return f"OneOf({', '.join(map(repr, self.alternatives))})"
@@ -131,6 +138,12 @@ class P:
         self.commutative = commutative
         self.where = where
         self.attrs = attrs
+        self._alternatives = None
+
+    def with_inputs(self, inputs) -> "P":
+        p = copy.copy(self)
+        p.inputs, p._alternatives = tuple(inputs), None
+        return p
 
     def accepts_input_count(self, n: int) -> bool:
         if not self.inputs and not self.prefix:
@@ -191,9 +204,25 @@ def _fn_name(fn) -> str:
     return "lambda" if name == "<lambda>" else f"{name}()"
 
 
+def alternatives(p) -> list:
+    """The OneOf-free patterns ``p`` stands for, in the order they are tried (as if written out one by one)."""
+    if not isinstance(p, (P, OneOf, Opt)):
+        return [p]
+    if p._alternatives is None:  # worked out once per pattern object
+        if isinstance(p, OneOf):
+            p._alternatives = [e for a in p.alternatives for e in alternatives(a)]
+        elif isinstance(p, Opt):
+            p._alternatives = [Opt(e) for e in alternatives(p.pattern)]
+        else:
+            combos = list(itertools.product(*[alternatives(i) for i in p.inputs]))
+            p._alternatives = [p] if len(combos) == 1 else [p.with_inputs(c) for c in combos]
+    return p._alternatives
+
+
 class Matcher:
-    """Finds matches of a pattern at a value; with ``explain``, remembers why the attempt that got
-    furthest failed (the first sub-pattern that did not fit on that path)."""
+    """Matches OneOf-free patterns at a value, greedily: each node takes the first input order that fits,
+    as it always has. With ``explain``, remembers why the attempt that got furthest failed (the first
+    sub-pattern that did not fit on that path)."""
 
     def __init__(self, graph: Graph | None, explain: bool = False):
         self.graph = graph
@@ -201,7 +230,11 @@ class Matcher:
         self.failure: tuple[tuple[int, int], str] | None = None
 
     def matches(self, pattern, value: Value, m: Match | None = None) -> Iterator[Match]:
-        return self._one(_as_pattern(pattern), value, m if m is not None else Match(), ())
+        """One match per alternative of ``pattern`` that fits, in order."""
+        for alt in alternatives(_as_pattern(pattern)):
+            got = self._one(alt, value, m if m is not None else Match(), ())
+            if got is not None:
+                yield got
 
     def why(self) -> str:
         return self.failure[1] if self.failure else "no match"
@@ -212,65 +245,62 @@ class Matcher:
             where = " > ".join(path)
             self.failure = (progress, f"{where}: {text}" if where else text)
 
-    def _one(self, pat, val, m: Match, path: tuple) -> Iterator[Match]:
+    def _one(self, pat, val, m: Match, path: tuple) -> Match | None:
         if isinstance(pat, Opt):
             if val is _ABSENT:
-                yield m
-                return
+                return m
             pat = pat.pattern
-        if isinstance(pat, OneOf):
-            for alt in pat.alternatives:
-                yield from self._one(alt, val, m, path)
-        elif val is _ABSENT:
+        if val is _ABSENT:
             if self.explain:
                 self._fail(m, path, "the node has no such input")
-        elif pat is None:
-            if val is None:
-                yield m
-            elif self.explain:
+            return None
+        if pat is None:
+            if val is not None and self.explain:
                 self._fail(m, path, f"{_name(val)} is present, pattern wants no input")
-        elif isinstance(pat, V):
-            yield from self._leaf(pat, val, m, path)
-        elif isinstance(pat, P):
+            return m if val is None else None
+        if isinstance(pat, V):
+            return self._leaf(pat, val, m, path)
+        if isinstance(pat, P):
             if val is None:
                 if self.explain:
                     self._fail(m, path, f"input is None, pattern wants {'|'.join(pat.ops)}")
-                return
-            yield from self._node(pat, val, m, path)
-        else:
-            raise TypeError(f"bad pattern input {pat!r}")
+                return None
+            return self._node(pat, val, m, path)
+        raise TypeError(f"bad pattern input {pat!r}")
 
-    def _leaf(self, pat: V, val, m: Match, path: tuple) -> Iterator[Match]:
+    def _leaf(self, pat: V, val, m: Match, path: tuple) -> Match | None:
         if pat.name is not None and pat.name in m and m[pat.name] is not val:
             if self.explain:
                 self._fail(m, path, f"binding conflict: {pat.name} is already {_name(m[pat.name])}, here {_name(val)}")
-            return
+            return None
         failed = pat.failed_test(val, self.graph)
         if failed is not None:
             if self.explain:
                 self._fail(m, path, f"predicate false: {failed}")
-            return
+            return None
         if pat.name is not None:
             m = m.copy()
             m[pat.name] = val
-        yield m
+        return m
 
-    def _node(self, pat: P, value: Value, m: Match, path: tuple) -> Iterator[Match]:
+    def _node(self, pat: P, value: Value, m: Match, path: tuple) -> Match | None:
         node = value.producer
         if node is None or node.op not in pat.ops:
             if self.explain:
-                what = f"made by {node.op}" if node else "a constant" if self.graph and self.graph.is_constant(value) else "a graph input"
+                what = (f"made by {node.op}" if node else
+                        "a constant" if self.graph and self.graph.is_constant(value) else "a graph input")
                 self._fail(m, path, f"op differs: {_name(value)} is {what}, pattern wants {'|'.join(pat.ops)}")
-            return
+            return None
         if len(node.outputs) != 1:
             if self.explain:
                 self._fail(m, path, f"{node.op} {_name(value)} has {len(node.outputs)} outputs, pattern wants one")
-            return
+            return None
         if not pat.accepts_input_count(len(node.inputs)):
             if self.explain:
-                want = f"{pat.min_inputs}{'+' if pat.prefix else f'..{len(pat.inputs)}' if pat.min_inputs < len(pat.inputs) else ''}"
-                self._fail(m, path, f"{node.op} {_name(value)} has {len(node.inputs)} inputs, pattern wants {want}")
-            return
+                most = "+" if pat.prefix else f"..{len(pat.inputs)}" if pat.min_inputs < len(pat.inputs) else ""
+                self._fail(m, path, f"{node.op} {_name(value)} has {len(node.inputs)} inputs, pattern wants "
+                                    f"{pat.min_inputs}{most}")
+            return None
         m = m.copy()
         for key, want in pat.attrs.items():
             have = node.attrs.get(key)
@@ -279,21 +309,22 @@ class Matcher:
                     if self.explain:
                         self._fail(m, path, f"attribute mismatch: {node.op}.{key}={have!r} but {want.name} is "
                                             f"already {m[want.name]!r}")
-                    return
+                    return None
                 m[want.name] = have
             elif callable(want):
                 if not want(have):
                     if self.explain:
-                        self._fail(m, path, f"attribute mismatch: {key}={_fn_name(want)} is false for {node.op}.{key}={have!r}")
-                    return
+                        self._fail(m, path, f"attribute mismatch: {key}={_fn_name(want)} is false for "
+                                            f"{node.op}.{key}={have!r}")
+                    return None
             elif have != want:
                 if self.explain:
                     self._fail(m, path, f"attribute mismatch: {node.op}.{key}={have!r}, pattern wants {want!r}")
-                return
+                return None
         if pat.where is not None and not pat.where(node):
             if self.explain:
                 self._fail(m, path, f"predicate false: where={_fn_name(pat.where)} is false for {node.op} {_name(value)}")
-            return
+            return None
         if pat.bind:
             m[pat.bind] = node.output
             m.named_nodes[pat.bind] = node
@@ -301,21 +332,15 @@ class Matcher:
         orders = [list(node.inputs)]
         if pat.commutative and len(node.inputs) == 2:
             orders.append(orders[0][::-1])
-        for inputs in orders:
-            found = False
-            for got in self._inputs(pat.inputs, inputs, m, path, node.op, 0):
-                found = True
-                yield got
-            if found:  # greedy: the swapped order is only for when this one does not fit
-                return
-
-    def _inputs(self, pats: Sequence, values: Sequence, m: Match, path: tuple, op: str, k: int) -> Iterator[Match]:
-        if k == len(pats):
-            yield m
-            return
-        val = values[k] if k < len(values) else _ABSENT
-        for got in self._one(pats[k], val, m, path + (f"{op}[{k}]",)):
-            yield from self._inputs(pats, values, got, path, op, k + 1)
+        for inputs in orders:  # greedy: the swapped order only when this one does not fit
+            got = m
+            for k, sub in enumerate(pat.inputs):
+                got = self._one(sub, inputs[k] if k < len(inputs) else _ABSENT, got, path + (f"{node.op}[{k}]",))
+                if got is None:
+                    break
+            if got is not None:
+                return got
+        return None
 
 
 def match(pattern, value: Value, m: Match | None = None, graph: Graph | None = None) -> Match | None:
@@ -408,22 +433,12 @@ def _shared_interior(m: Match, graph: Graph, allow_shared: Sequence[str]) -> str
 
 
 def _cycle_through(m: Match, graph: Graph) -> str | None:
-    """Would the matched nodes, made one node, be their own ancestor? That needs a path that leaves the match
-    and comes back; every matched node comes before the root, so the search stays among nodes before it."""
-    root, inside = m.nodes[0], set(m.nodes)
-    if len(inside) == 1:
+    """Would the matched nodes, made one node, be their own ancestor? (a search among the nodes before the root)"""
+    exit_ = fusion_cycle_local(graph, m.nodes)
+    if exit_ is None:
         return None
-    todo = [u for n in m.nodes[1:] for u in graph.users_of(n.output) if u not in inside]
-    seen: set[Node] = set()
-    while todo:
-        u = todo.pop()
-        if u in inside:
-            return "would create a cycle: a path leaves the match and comes back into it"
-        if u in seen or not graph.precedes(u, root):
-            continue
-        seen.add(u)
-        todo.extend(w for o in u.outputs for w in graph.users_of(o))
-    return None
+    return (f"would create a cycle: {exit_.op} %{exit_.outputs[0].name if exit_.outputs else '?'} reads the match "
+            f"and feeds it")
 
 
 def _remove_dead(graph: Graph, candidates: Sequence[Node]) -> list[Node]:
