@@ -124,6 +124,8 @@ class Node:
 
     @inputs.setter
     def inputs(self, inputs: Sequence[Value | None]) -> None:
+        if self.graph is not None:
+            self.graph._sync()  # an in-place edit of graph.nodes may have taken this node out
         if self.graph is None:
             self._inputs = ReadOnlyList(inputs)
             return
@@ -386,14 +388,12 @@ class Graph:
         self._drop_node_list()
 
     def _link_uses(self, node: Node) -> None:
-        self._sync()
         for v in node._inputs:
             if v is not None:
                 users = self._uses.setdefault(v, {})
                 users[node] = users.get(node, 0) + 1
 
     def _unlink_uses(self, node: Node) -> None:
-        self._sync()
         for v in node._inputs:
             if v is not None:
                 users = self._uses[v]

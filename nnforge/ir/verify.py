@@ -61,11 +61,13 @@ def _describe(n) -> str:
 
 
 def _verify_links(g: Graph) -> None:
-    """The linked list and order keys give graph.nodes' order; each use-list holds exactly the nodes reading its value."""
+    """The node links and order keys give graph.nodes' order; each use-list holds exactly the nodes reading
+    its value."""
     prev = g._end
     for idx, n in enumerate(g.nodes):
         if n.graph is not g or n._prev is not prev or prev._next is not n:
-            raise VerificationError(f"node #{idx} ({_describe(n)}) is not linked into the graph where graph.nodes has it")
+            raise VerificationError(f"node #{idx} ({_describe(n)}) is not linked into the graph where "
+                                    f"graph.nodes has it")
         if n._order <= prev._order:
             raise VerificationError(f"node #{idx} ({_describe(n)}) has an order key not above its predecessor's")
         prev = n

@@ -301,8 +301,8 @@ def _sdpa_build(m, b):
 _SCORES = OneOf(P("mul", P("matmul", "q", "kt"), "s", commutative=True),
                 P("matmul", P("mul", "q", "s", commutative=True), "kt"),
                 P("matmul", "q", "kt"))
-SDPA = Rule("sdpa", P("matmul", P("softmax", OneOf(_SCORES, P("add", _SCORES, "mask", commutative=True)), axis=Bind("axis")),
-                      "v"), _sdpa_build, _sdpa_check)
+_MASKED = OneOf(_SCORES, P("add", _SCORES, "mask", commutative=True))
+SDPA = Rule("sdpa", P("matmul", P("softmax", _MASKED, axis=Bind("axis")), "v"), _sdpa_build, _sdpa_check)
 
 
 def _heads(name):

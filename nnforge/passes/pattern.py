@@ -323,7 +323,8 @@ class Matcher:
                 return None
         if pat.where is not None and not pat.where(node):
             if self.explain:
-                self._fail(m, path, f"predicate false: where={_fn_name(pat.where)} is false for {node.op} {_name(value)}")
+                self._fail(m, path, f"predicate false: where={_fn_name(pat.where)} is false for "
+                                    f"{node.op} {_name(value)}")
             return None
         if pat.bind:
             m[pat.bind] = node.output
@@ -536,7 +537,8 @@ def _rewrite_at(graph: Graph, rule: Rule, root: Node, debug: set[str]) -> list[N
                 refusals.append("build returned None")
             continue
         if not types_agree(new.type, root.output.type):
-            raise VerificationError(f"rule {rule.name} made {new.type} where %{root.output.name} was {root.output.type}")
+            raise VerificationError(f"rule {rule.name} made {new.type} where %{root.output.name} was "
+                                    f"{root.output.type}")
         readers = graph.users_of(root.output)
         graph.replace_all_uses(root.output, new)
         removed = _remove_dead(graph, m.nodes)
