@@ -36,7 +36,9 @@ def _manifest_hash(manifest: dict) -> str:
 
 
 def versions(backend: str) -> dict:
-    out = {"nnforge": metadata.version("nnforge"), "python": platform.python_version()}
+    from . import __version__  # not metadata: nnforge may run from a checkout on PYTHONPATH, never installed
+
+    out = {"nnforge": __version__, "python": platform.python_version()}
     dists = {"onnxrt": ["onnxruntime", "onnx"], "tvm": ["apache-tvm"], "torch": ["torch"]}
     for dist in [d for b in backend.split("+") for d in dists.get(b, [])]:  # "onnxrt+torch": partitioned
         try:

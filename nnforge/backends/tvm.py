@@ -2,7 +2,7 @@
 
 Targets:
   cpu   llvm for this machine's CPU (``mcpu`` = the host CPU LLVM reports), run with the Relax VM
-  cuda  CUDA (sm_80 unless ``options["arch"]``) with dlight GPU schedules; builds without a GPU,
+  cuda  CUDA (this machine's GPU arch, else sm_80, unless ``options["arch"]``) with dlight GPU schedules; builds without a GPU,
         the CUDA source is kept and saved as ``model.cu`` beside the library
   arm   aarch64 Linux with NEON, cross-compiled and linked with ``aarch64-linux-gnu-g++``; ``run``
         runs the saved bundle under qemu-aarch64 (``Artifact.run_emulated``, nnforge.runtime.edge)
@@ -18,7 +18,7 @@ Build options (``options=`` of ``build``; unknown keys are refused):
   schedule      CPU schedules: "default" (nnforge's rules, tvm_schedule.py), "dlight" (TVM's dlight
                 CPU rules only) or "none" (naive loops); for comparisons
   fast_math     vectorisable polynomial exp/erf/tanh on CPUs (default True; ~1e-7 relative error)
-  arch          CUDA architecture (default "sm_80")
+  arch          CUDA architecture (default: this machine's GPU, else "sm_80")
   mcpu          LLVM CPU for the cpu target (default: the host's, e.g. znver5)
   tune          MetaSchedule trials for the cpu target's kernels (default 0: no tuning); see tvm_tune.py
   tune_db       the tuning database directory (default $NNFORGE_TUNE_DB or ~/.cache/nnforge/tuning)
@@ -73,7 +73,7 @@ def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Targe
     if target.name == "cpu":
         spec = {"kind": "llvm", "mcpu": options.get("mcpu") or tvm.target.codegen.llvm_get_system_cpu()}
     elif target.name == "cuda":
-        spec = {"kind": "cuda", "arch": options.get("arch", "sm_80")}
+        spec = {"kind": "cuda", "arch": options.get("arch") or _cuda_arch()}
     elif target.name == "arm":
         spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     elif target.name == "wasm":
@@ -81,6 +81,12 @@ def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Targe
     else:
         raise NnforgeError(f"the TVM backend cannot build for target {target.name!r}; it takes cpu, cuda, arm, wasm")
     return tvm.target.Target(spec)
+
+
+def _cuda_arch() -> str:
+    """This machine's GPU architecture when it has one (a cubin for another arch would not load), else sm_80."""
+    dev = tvm.cuda(0)
+    return "sm_" + dev.compute_version.replace(".", "") if dev.exist else "sm_80"
 
 
 def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True,
@@ -208,6 +214,7 @@ class TVMBackend(Backend):
         if trials:
             from . import tvm_tune  # MetaSchedule: imported only when tuning
 
+            tvm_tune.require_packages()
             ttarget = tvm_tune.tune_target(ttarget)
         if target.name == "wasm":  # kernels in a wasm module, run by nnforge's JS runtime
             from . import tvm_wasm
