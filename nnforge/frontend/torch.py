@@ -33,7 +33,8 @@ from torch.utils import _pytree as pytree
 from ..errors import NnforgeError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value
 from ..ir import symbols
-from ..ir.ops import BIG, OpError
+from ..ir.registry import OpError
+from ..ops.shape import BIG
 
 aten = torch.ops.aten
 
