@@ -83,7 +83,7 @@ def backend_fingerprint(backend: str) -> dict:
 def compile_key(graph: Graph, passes: list, backend: str, target: str, options: dict | None,
                 fallback: bool, min_block_size: int) -> str:
     """The cache key of compiling ``graph`` (the imported, not yet optimised graph) this way."""
-    fallback_code = ["partition.py", "backends/torch_exec.py", "ir/ops_fallback.py"] if fallback else []
+    fallback_code = ["partition.py", "backends/torch_exec.py", "ops/fallback.py"] if fallback else []
     recipe = {
         "key_version": KEY_VERSION,
         "graph": graph_digest(graph),

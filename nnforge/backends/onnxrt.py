@@ -704,9 +704,7 @@ LOWERINGS.update({
 })
 
 # Registry ops deliberately without a lowering (name -> why); the test keeps it honest.
-EXPLICITLY_UNSUPPORTED: dict[str, str] = {
-    "torch_op": "an opaque torch op (no ONNX equivalent): it runs on the torch executor",
-}
+EXPLICITLY_UNSUPPORTED: dict[str, str] = {}
 
 
 def _linear_act_check(n: Node) -> str | None:

@@ -22,8 +22,8 @@ from ..errors import NnforgeError
 from ..ir import Graph, Node, bind_symbols, get_op
 from ..ir.registry import call_impl
 from ..ir.interpret import run_node
-from ..ir.ops_fallback import TorchOpError, call as call_torch_op, resolve
 from ..ir.torch_dtypes import TORCH_DTYPES, from_torch, to_torch
+from ..ops.fallback import TorchOpError
 from ..targets import Target, get_target
 from .base import Artifact, Backend, Unsupported, register_backend
 
@@ -240,9 +240,7 @@ def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> li
     attrs = opdef.bind_attrs(node.attrs, env)
     while args and args[-1] is None:  # optional trailing inputs given as None: the lowerings default them
         args = args[:-1]
-    if node.op == "torch_op":
-        res = call_torch_op(attrs["target"], attrs["args"], attrs["kwargs"], args, device)
-    elif "torch" in opdef.impls:
+    if "torch" in opdef.impls:
         res = call_impl("torch", TorchCx(node, device), node, args, attrs)
     elif node.op in LOWERINGS:  # (legacy table, while ops move to nnforge/ops)
         res = LOWERINGS[node.op](*args, **attrs)
@@ -261,12 +259,11 @@ class TorchArtifact(Artifact):
 
     def __init__(self, graph: Graph, target: Target):
         super().__init__(graph, target)
-        for n in graph.nodes:  # resolve every opaque op now: a bad name fails at load, not mid-run
-            if n.op == "torch_op":
-                try:
-                    resolve(n.attrs["target"])
-                except TorchOpError as e:
-                    raise NnforgeError(f"torch executor: node %{n.outputs[0].name if n.outputs else n.name}: {e}") from None
+        for n in graph.nodes:  # check every node now (an opaque op's name resolves): a bad one fails at load, not mid-run
+            check = get_op(n.op).checks.get("torch")
+            reason = check(n, target.name) if check else None
+            if reason:
+                raise NnforgeError(f"torch executor: node %{n.outputs[0].name if n.outputs else n.name}: {reason}")
         self.device = _device(target)
         self.constants = torch_constants(graph, self.device)  # converted once, only read afterwards
 
@@ -299,11 +296,8 @@ class TorchBackend(Backend):
             reason = None
             if target.name not in ("cpu", "cuda"):
                 reason = f"the torch executor runs on this host (cpu, cuda), not on {target.name!r}"
-            elif n.op == "torch_op":
-                try:
-                    resolve(n.attrs["target"])
-                except TorchOpError as e:
-                    reason = str(e)
+            elif "torch" in get_op(n.op).impls:
+                reason = get_op(n.op).problem("torch", n, target.name)
             if reason:
                 out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else n.name, n.source, reason))
         return out
