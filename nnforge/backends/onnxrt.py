@@ -921,7 +921,3 @@ class OnnxRuntimeBackend(Backend):
 
 
 register_backend(OnnxRuntimeBackend())
-
-# lowerings of the token ops live beside this file and register into LOWERINGS
-from . import onnxrt_tokens  # noqa: E402,F401
-from . import onnxrt_lowbit  # noqa: E402,F401  (low-bit and sparse ops)

@@ -34,6 +34,14 @@ class TorchCx:
     node: Node
     device: str = "cpu"
 
+    def reference(self, *inputs, **attrs) -> list:
+        """The node's numpy reference on torch tensors (an op may run it as its torch implementation)."""
+        args = [from_torch(a) if a is not None else None for a in inputs]
+        with np.errstate(all="ignore"):  # NaN/Inf propagate like eager instead of warning
+            res = get_op(self.node.op).ref(*args, **attrs)
+        res = list(res) if isinstance(res, (tuple, list)) else [res]
+        return [to_torch(np.asarray(r).astype(o.dtype, copy=False)).to(self.device) for r, o in zip(res, self.node.outputs)]
+
 
 Lower = Callable[..., "torch.Tensor | list[torch.Tensor]"]
 LOWERINGS: dict[str, Lower] = {}

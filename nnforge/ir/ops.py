@@ -402,5 +402,4 @@ def _attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
 
 
 # ops that the low-bit/sparsity and token/layer passes create live in their own modules
-from . import ops_lowbit, ops_tokens  # noqa: E402,F401
 from . import ops_region  # noqa: E402,F401  (elementwise_region)

@@ -5,6 +5,7 @@ Imported by ``nnforge.ir.registry.load_ops`` on the registry's first use; every 
 """
 from ..ir import ops as _legacy  # noqa: F401  (ops not yet moved into a family module)
 from . import fallback  # noqa: F401
+from . import lowbit  # noqa: F401
 from . import norm  # noqa: F401
 from . import shape  # noqa: F401
-from . import shape  # noqa: F401
+from . import tokens  # noqa: F401

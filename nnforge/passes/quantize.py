@@ -30,7 +30,7 @@ import scipy.linalg
 
 from ..errors import NnforgeError
 from ..ir import Graph, Value, get_op, interpret
-from ..ir.ops_lowbit import dequantize, pack_int4
+from ..ops.lowbit import dequantize, pack_int4
 from .calib import (Layer, base_name, calibration_batches, collect, constant_bytes, find_layers, layer_error, relative_error,
                     replace_node, row_source, rows)
 from .manager import Pass, PassContext, PassResult, register_pass
