@@ -54,11 +54,33 @@ from ..ir.graph import TensorType
 from ..ir.registry import REQUIRED, OpError, defop, implement
 from .common import LazyModule, R
 
-# (not moved yet: the activation tables and conv2d live where they are until the elementwise and linalg
-# families move; switch these lines to the family modules then)
-from ..ir.ops import ACTIVATIONS, _conv2d, _conv_infer  # noqa: E402
-onnxrt = LazyModule("nnforge.backends.onnxrt")  # _ACTS: the ONNX activations of the fused ops
-tvm_lower = LazyModule("nnforge.backends.tvm_lower")  # ACTIVATIONS (TVM), conv2d's lowering
+# -- not moved yet: the activations and conv2d live where they are until the elementwise and linalg families
+# -- move; then this block switches to their modules (and nothing below it changes)
+from ..ir.ops import ACTIVATIONS, _conv2d as _conv2d_ref, _conv_infer  # noqa: E402
+_onnxrt = LazyModule("nnforge.backends.onnxrt")  # _ACTS: the ONNX activations of the fused ops
+_tvm_lower = LazyModule("nnforge.backends.tvm_lower")  # ACTIVATIONS (TVM), conv2d's lowering
+
+
+def _has_act(backend: str, act: str) -> bool:
+    """Whether ``backend`` ("onnxrt" or "tvm") has a lowering of activation ``act``."""
+    return act in (_onnxrt._ACTS if backend == "onnxrt" else _tvm_lower.ACTIVATIONS)
+
+
+def _onnx_act(cx, act: str, y: str) -> str:
+    """ONNX value name of activation ``act`` applied to ``y``."""
+    return _onnxrt._ACTS[act](cx, y, None)
+
+
+def _tvm_act(c, act: str, y):
+    """Relax activation ``act`` applied to ``y``."""
+    return _tvm_lower.ACTIVATIONS[act](c, y)
+
+
+def _tvm_conv2d(c, x, w, b, weight_shape):
+    """conv2d's TVM lowering on weight ``w`` of shape ``weight_shape``, with the node's conv attributes."""
+    return _tvm_lower.conv2d(c, x, w, b, weight_shape=weight_shape)
+# -- (end of the not-moved block)
+
 
 tvm_sparse = LazyModule("nnforge.backends.tvm_sparse")  # the CSR kernel
 tvm_vnni = LazyModule("nnforge.backends.tvm_vnni")  # int8 dot products
@@ -258,7 +280,7 @@ def qconv2d(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=0, ker
             padding=(0, 0), dilation=(1, 1), groups=1):
     w = dequantize(qweight, scales, zeros, bits, group_size)
     w = w.reshape(w.shape[0], -1, kernel[0], kernel[1])
-    return _conv2d(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _conv2d_ref(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,7 +382,7 @@ def _finish(cx, n, y: str, with_bias: bool = False) -> str:
     """Bias (unless ``y`` has it already) and the fused activation: the node's output."""
     if not with_bias and len(n.inputs) > 4 and n.inputs[4] is not None:
         y = cx.emit("Add", [y, cx.value(n.inputs[4])])
-    return onnxrt._ACTS[n.attrs.get("act", "none")](cx, y, None)
+    return _onnx_act(cx, n.attrs.get("act", "none"), y)
 
 
 def _arrays(cx, n):
@@ -371,7 +393,7 @@ def _arrays(cx, n):
 
 
 def _onnx_act_check(node, target: str) -> str | None:
-    if node.attrs["act"] not in onnxrt._ACTS:
+    if not _has_act("onnxrt", node.attrs["act"]):
         return f"activation {node.attrs['act']!r} has no ONNX lowering"
     return None
 
@@ -556,7 +578,7 @@ def _(cx, *ins, in_features=0, act="none"):
     y = cx.emit("MatMul", [ins[0], cx.emit("Transpose", [dense], perm=[1, 0])])
     if len(ins) > 4 and ins[4]:
         y = cx.emit("Add", [y, ins[4]])
-    return onnxrt._ACTS[act](cx, y, None)
+    return _onnx_act(cx, act, y)
 
 
 # ---------------------------------------------------------------------------------------
@@ -584,7 +606,7 @@ def _weight(c, qw, scales, zeros, scales_at: int = 2):
 
 
 def _tvm_act_check(node, target: str) -> str | None:
-    return (None if node.attrs.get("act") in tvm_lower.ACTIVATIONS
+    return (None if _has_act("tvm", node.attrs.get("act"))
             else f"activation {node.attrs.get('act')!r} has no TVM lowering")
 
 
@@ -597,7 +619,7 @@ def _(c, x, qw, scales, zeros=None, bias=None, **attrs):
         y = c.bb.emit_te(_qmatmul, x, qw, scales, zeros, a["bits"], a["group_size"], primfunc_name_hint="qmatmul")
     if bias is not None:
         y = c.emit(R.add(y, bias))
-    return tvm_lower.ACTIVATIONS[c.attr("act")](c, y)
+    return _tvm_act(c, c.attr("act"), y)
 
 
 def _qmatmul(x, qw, scales, zeros, bits: int, group: int):
@@ -684,7 +706,7 @@ def _(c, x, qw, scales, zeros=None, bias=None, **attrs):
     w = _weight(c, qw, scales, zeros)
     rows, k = c.node.inputs[2].shape[0], c.node.inputs[2].shape[1] * c.attr("group_size")
     shape = [rows, k // (kh * kw), kh, kw]
-    return tvm_lower.conv2d(c, x, c.emit(R.reshape(w, shape)), bias, weight_shape=shape)
+    return _tvm_conv2d(c, x, c.emit(R.reshape(w, shape)), bias, shape)
 
 
 @qgather.tvm
@@ -709,7 +731,7 @@ def _(c, x, values, cols, row_ptr, bias=None, **attrs):
         y = c.emit(R.reshape(tvm_sparse.matmul(c.bb, x2d, m, values, cols, row_ptr, rows, k, nnz), [*lead, rows]))
         if bias is not None:
             y = c.emit(R.add(y, bias))
-        return tvm_lower.ACTIVATIONS[c.attr("act")](c, y)
+        return _tvm_act(c, c.attr("act"), y)
     starts = c.emit(R.astype(R.strided_slice(row_ptr, [0], [1], [rows]), "int64"))
     marks = c.emit(R.scatter_elements(R.zeros([nnz + 1], "int64"), starts, R.ones([rows - 1], "int64"), axis=0,
                                       reduction="add"))
@@ -719,4 +741,4 @@ def _(c, x, values, cols, row_ptr, bias=None, **attrs):
     y = c.emit(R.matmul(x, c.emit(R.permute_dims(dense, [1, 0]))))
     if bias is not None:
         y = c.emit(R.add(y, bias))
-    return tvm_lower.ACTIVATIONS[c.attr("act")](c, y)
+    return _tvm_act(c, c.attr("act"), y)
