@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, bind_symbols, get_op
-from ..ir.registry import call_impl
+from ..ir.registry import REGISTRY, call_impl
 from ..ir.interpret import run_node
 from ..ir.torch_dtypes import TORCH_DTYPES, from_torch, to_torch
 from ..ops.fallback import TorchOpError
@@ -259,6 +259,12 @@ def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> li
     return [r.to(TORCH_DTYPES[o.dtype]) if r.dtype != TORCH_DTYPES[o.dtype] else r for r, o in zip(res, node.outputs)]
 
 
+def _torch_check(n: Node):
+    """The op's support check on the torch executor, if it has one (torch_op: its name must resolve)."""
+    opdef = REGISTRY.get(n.op)
+    return opdef.checks.get("torch") if opdef is not None else None
+
+
 class TorchArtifact(Artifact):
     """Runs the IR with torch on this host; stateless per call, so it is thread-safe."""
 
@@ -268,7 +274,7 @@ class TorchArtifact(Artifact):
     def __init__(self, graph: Graph, target: Target):
         super().__init__(graph, target)
         for n in graph.nodes:  # check every node now (an opaque op's name resolves): a bad one fails at load, not mid-run
-            check = get_op(n.op).checks.get("torch")
+            check = _torch_check(n)
             reason = check(n, target.name) if check else None
             if reason:
                 raise NnforgeError(f"torch executor: node %{n.outputs[0].name if n.outputs else n.name}: {reason}")
@@ -304,8 +310,9 @@ class TorchBackend(Backend):
             reason = None
             if target.name not in ("cpu", "cuda"):
                 reason = f"the torch executor runs on this host (cpu, cuda), not on {target.name!r}"
-            elif "torch" in get_op(n.op).impls:
-                reason = get_op(n.op).problem("torch", n, target.name)
+            else:
+                check = _torch_check(n)
+                reason = check(n, target.name) if check else None
             if reason:
                 out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else n.name, n.source, reason))
         return out
