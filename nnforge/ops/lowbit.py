@@ -82,8 +82,8 @@ def _tvm_conv2d(c, x, w, b, weight_shape):
 # -- (end of the not-moved block)
 
 
-tvm_sparse = LazyModule("nnforge.backends.tvm_sparse")  # the CSR kernel
-tvm_vnni = LazyModule("nnforge.backends.tvm_vnni")  # int8 dot products
+_tvm_sparse = LazyModule("nnforge.backends.tvm_sparse")  # the CSR kernel
+_tvm_vnni = LazyModule("nnforge.backends.tvm_vnni")  # int8 dot products
 
 BITS = {8: "int8", 4: "uint8"}  # bits -> qweight dtype
 DEFAULT_ZERO = {8: 0, 4: 8}
@@ -687,10 +687,10 @@ def _tvm_w8a8(c, x, qw, scales, bias):
     xs, zp, qmin = _activation_range(c, x)
     n, k = c.node.inputs[1].shape
     w_scale = c.emit(R.squeeze(scales, [1]))
-    if tvm_vnni.available(c.target, n, k):
+    if _tvm_vnni.available(c.target, n, k):
         lead = c.dims.shape(c.node.inputs[0].shape[:-1])
         per_token = c.attr("act_quant") == "dynamic"
-        y = tvm_vnni.qmatmul(c.bb, c.emit(R.reshape(x, [-1, k])), qw, n, k,
+        y = _tvm_vnni.qmatmul(c.bb, c.emit(R.reshape(x, [-1, k])), qw, n, k,
                              c.emit(R.reshape(xs, [-1, 1])) if per_token else xs, zp, qmin, w_scale, bias)
         return c.emit(R.reshape(y, [*lead, n])), None
     codes = c.emit(R.clip(R.add(R.round(R.divide(x, xs)), zp), qmin, 255))
@@ -724,11 +724,11 @@ def _(c, x, values, cols, row_ptr, bias=None, **attrs):
 
     rows, k = c.node.inputs[3].shape[0] - 1, c.attr("in_features")
     nnz = c.node.inputs[1].shape[0]
-    if tvm_sparse.worth_it(c.target, nnz, rows, k):
+    if _tvm_sparse.worth_it(c.target, nnz, rows, k):
         lead = c.dims.shape(c.node.inputs[0].shape[:-1])
         m = functools.reduce(operator.mul, lead, tirx.IntImm("int64", 1))
         x2d = c.emit(R.reshape(x, [m, k]))
-        y = c.emit(R.reshape(tvm_sparse.matmul(c.bb, x2d, m, values, cols, row_ptr, rows, k, nnz), [*lead, rows]))
+        y = c.emit(R.reshape(_tvm_sparse.matmul(c.bb, x2d, m, values, cols, row_ptr, rows, k, nnz), [*lead, rows]))
         if bias is not None:
             y = c.emit(R.add(y, bias))
         return _tvm_act(c, c.attr("act"), y)

@@ -15,8 +15,8 @@ from ..ir.registry import REQUIRED, OpError, defop, implement
 from ..ir.symbols import Dim
 from .common import BIG, LazyModule, R, norm_axis, same_dtype, torch
 
-onnxrt = LazyModule("nnforge.backends.onnxrt")  # the ONNX backend's constants (INT64_MAX, ONNX_DTYPES)
-torch_dtypes = LazyModule("nnforge.ir.torch_dtypes")  # (imports torch)
+_onnxrt = LazyModule("nnforge.backends.onnxrt")  # the ONNX backend's constants (INT64_MAX, ONNX_DTYPES)
+_torch_dtypes = LazyModule("nnforge.ir.torch_dtypes")  # (imports torch)
 
 
 # -- reshape -------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def _(cx, x, axis, start=0, end=2**62, step=1):
 @slice_.onnxrt
 def _(cx, x, axis, start=0, end=BIG, step=1):
     if isinstance(end, int):
-        ends = cx.const([onnxrt.INT64_MAX if end >= BIG // 2 else end], "int64", "end")
+        ends = cx.const([_onnxrt.INT64_MAX if end >= BIG // 2 else end], "int64", "end")
     else:
         ends = cx.dim(end)
     return cx.emit("Slice", [x, cx.const([start], "int64", "start"), ends, cx.const([axis], "int64", "axes"),
@@ -355,7 +355,7 @@ def full_like(x, value, dtype=None):
 
 @full_like.torch
 def _(cx, x, value, dtype=None):
-    return torch.full(x.shape, value, dtype=torch_dtypes.TORCH_DTYPES[dtype] if dtype else x.dtype)
+    return torch.full(x.shape, value, dtype=_torch_dtypes.TORCH_DTYPES[dtype] if dtype else x.dtype)
 
 
 @full_like.onnxrt
@@ -390,7 +390,7 @@ def arange(start=0, end=1, step=1, dtype="int64"):
 
 @arange.torch
 def _(cx, start=0, end=1, step=1, dtype="int64"):
-    return torch.arange(start, end, step, dtype=torch_dtypes.TORCH_DTYPES[dtype])
+    return torch.arange(start, end, step, dtype=_torch_dtypes.TORCH_DTYPES[dtype])
 
 
 @arange.onnxrt
@@ -401,10 +401,10 @@ def _(cx, start=0, end=1, step=1, dtype="int64"):
     start, step = cx.const(start, rdt), cx.const(step, rdt)
     end = cx.scalar_dim(end)
     if rdt != "int64":
-        end = cx.emit("Cast", [end], to=onnxrt.ONNX_DTYPES[rdt])
+        end = cx.emit("Cast", [end], to=_onnxrt.ONNX_DTYPES[rdt])
     if rdt == dt:
         return cx.emit("Range", [start, end, step])
-    return cx.emit("Cast", [cx.emit("Range", [start, end, step])], to=onnxrt.ONNX_DTYPES[dt])
+    return cx.emit("Cast", [cx.emit("Range", [start, end, step])], to=_onnxrt.ONNX_DTYPES[dt])
 
 
 @arange.tvm

@@ -32,8 +32,8 @@ from .common import LazyModule, R, float_only
 # and elementwise families move; switch this line to the family modules then)
 from ..ir.ops import _sdpa_infer, _softmax  # noqa: E402
 
-onnxrt = LazyModule("nnforge.backends.onnxrt")  # INT64_MAX, ONNX_DTYPES
-tvm_tokens = LazyModule("nnforge.backends.tvm_tokens")  # the merged-tokens kernel
+_onnxrt = LazyModule("nnforge.backends.onnxrt")  # INT64_MAX, ONNX_DTYPES
+_tvm_tokens = LazyModule("nnforge.backends.tvm_tokens")  # the merged-tokens kernel
 
 
 def _tokens_infer(op: str, x: TensorType, sizes: TensorType | None):
@@ -224,7 +224,7 @@ def _onnx_i64(cx, values) -> str:
 
 def _onnx_tokens(cx, t: str, start: int, step: int = 1, end=None) -> str:
     """t[:, start:end:step] along the token axis."""
-    ends = _onnx_i64(cx, [onnxrt.INT64_MAX]) if end is None else end
+    ends = _onnx_i64(cx, [_onnxrt.INT64_MAX]) if end is None else end
     return cx.emit("Slice", [t, _onnx_i64(cx, [start]), ends, _onnx_i64(cx, [1]), _onnx_i64(cx, [step])])
 
 
@@ -288,7 +288,7 @@ def _(cx, *ins, r=0, protect_first=0):
     n_dst = _onnx_len(cx, sb)
     chosen = cx.emit("Cast", [cx.emit("Equal", [cx.emit("Unsqueeze", [dst, _onnx_i64(cx, [1])]),
                                                 cx.emit("Unsqueeze", [_onnx_positions(cx, n_dst), _onnx_i64(cx, [1])])])],
-                     to=onnxrt.ONNX_DTYPES[dt])  # [batch, n_dst, r]: source i merged into destination j
+                     to=_onnxrt.ONNX_DTYPES[dt])  # [batch, n_dst, r]: source i merged into destination j
     contrib = cx.emit("Mul", [chosen, cx.emit("Unsqueeze", [cx.emit("GatherElements", [sa, src], axis=1),
                                                             _onnx_i64(cx, [1])])])
     weight = cx.emit("Add", [sb, cx.emit("ReduceSum", [contrib, _onnx_i64(cx, [2])], keepdims=0)])
@@ -331,7 +331,7 @@ def _(cx, *ins, **a):
     ss = cx.emit("GatherElements", [sizes, kept_idx], axis=1)
     if not a["fuse_dropped"]:
         return [cx.emit("Identity", [xs]), cx.emit("Identity", [ss])]
-    dropped = cx.emit("Slice", [order, keep, _onnx_i64(cx, [onnxrt.INT64_MAX]), _onnx_i64(cx, [1])])
+    dropped = cx.emit("Slice", [order, keep, _onnx_i64(cx, [_onnxrt.INT64_MAX]), _onnx_i64(cx, [1])])
     d_sizes = cx.emit("GatherElements", [sizes, dropped], axis=1)
     w = cx.emit("Mul", [cx.emit("GatherElements", [scores, dropped], axis=1), d_sizes])
     one_axis = _onnx_i64(cx, [1])
@@ -348,7 +348,7 @@ def _(cx, *ins, **a):
     outs = []
     for src, extra in ((xs, fused), (ss, fused_size)):
         head = _onnx_tokens(cx, src, 0, end=at)
-        tail = cx.emit("Slice", [src, at, _onnx_i64(cx, [onnxrt.INT64_MAX]), _onnx_i64(cx, [1])])
+        tail = cx.emit("Slice", [src, at, _onnx_i64(cx, [_onnxrt.INT64_MAX]), _onnx_i64(cx, [1])])
         outs.append(cx.emit("Concat", [head, extra, tail], axis=1))
     return outs
 
@@ -433,11 +433,11 @@ def _(c, x, metric, sizes=None, r=0, protect_first=0):
     src = _tvm_tokens(c, order, 0, r)
     keep = c.emit(R.sort(_tvm_tokens(c, order, r, n_src), axis=-1))
     dst = c.emit(R.gather_elements(target, src, axis=1))
-    out = c.bb.emit_te(tvm_tokens.merged_tokens, x, sizes, keep, src, dst, primfunc_name_hint="token_merge")
+    out = c.bb.emit_te(_tvm_tokens.merged_tokens, x, sizes, keep, src, dst, primfunc_name_hint="token_merge")
     if c.target is not None and c.target.kind.name == "llvm":
         gv = out.op if isinstance(out, relax.Call) else c.bb.lookup_binding(out).args[0]
-        c.bb.update_func(gv, tvm_tokens.schedule_merged_tokens(c.bb.get()[gv], c.target))
-    out_sizes = c.bb.emit_te(tvm_tokens.merged_sizes, sizes, keep, src, dst, primfunc_name_hint="token_merge_sizes")
+        c.bb.update_func(gv, _tvm_tokens.schedule_merged_tokens(c.bb.get()[gv], c.target))
+    out_sizes = c.bb.emit_te(_tvm_tokens.merged_sizes, sizes, keep, src, dst, primfunc_name_hint="token_merge_sizes")
     return [out, out_sizes]
 
 
