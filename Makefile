@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch is pinned first so no requirement can pull a multi-GB CUDA build
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,tune]"
 	touch $(STAMP)
 
 install: $(STAMP)

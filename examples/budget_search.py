@@ -25,12 +25,11 @@ import os
 
 import numpy as np
 
-from nnforge.backends.base import get_backend
+from nnforge import partition
 from nnforge.bench.harness import time_interleaved
 from nnforge.models.digits import accuracy, digits_vit
 from nnforge.ir import interpret
 from nnforge.passes.budget import Budget, plot_pareto, search, wall_time
-from nnforge.targets import get_target
 
 
 def main():
@@ -53,16 +52,16 @@ def main():
     # both unseen in training (the model is over-confident on its training images); kept apart from each other
     calibration, heldout = d.calibration(), d.heldout()
 
-    backend, cpu = get_backend(args.backend), get_target("cpu")
     # 256 images x 65 tokens: compute, not per-op overhead, decides the time (as in a served batch)
     timing = [d.x_train[:args.batch]]
     options = {"threads": args.threads} if args.backend == "onnxrt" else {}
-    time_fn = wall_time(lambda g: backend.build(g, cpu, options).run, timing, repeat=10)
+    settings = partition.BuildSettings.resolve("cpu", args.backend, options)  # as nnforge.compile builds
+    time_fn = wall_time(lambda g: partition.build(g, settings).run, timing, repeat=10)
     result = search(d.graph, Budget(metric="top1", max_drop=args.max_drop), calibration, heldout, time_fn=time_fn,
                     progress=True, backend=args.backend)
     print(result.report())
     if not result.setting.lossless:  # the search timed each candidate once; time the two again, interleaved
-        runs = {name: backend.build(g, cpu, options).run for name, g in (("lossless", d.graph), ("chosen", result.graph))}
+        runs = {name: partition.build(g, settings).run for name, g in (("lossless", d.graph), ("chosen", result.graph))}
         best = time_interleaved({name: (lambda run=run: run(timing)) for name, run in runs.items()}, repeat=30)
         print(f"re-timed, 3 interleaved rounds: speed-up {best['lossless'] / best['chosen']:.2f}x "
               f"(best rounds: lossless {best['lossless']:.1f} ms, chosen {best['chosen']:.1f} ms)")

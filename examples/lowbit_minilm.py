@@ -20,7 +20,9 @@ from nnforge import PassContext, PassManager
 from nnforge.backends import onnxrt
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import interpret
-from nnforge.passes import quantize, sparsity  # noqa: F401  (registers the passes)
+from nnforge.passes.lowbit import Quantize
+from nnforge.passes.manager import make_pass
+from nnforge.passes.sparsity import Sparsity
 from nnforge.models.pretrained import minilm
 from nnforge.targets import get_target
 
@@ -32,15 +34,15 @@ CALIBRATION = ["A chef is slicing vegetables in a busy kitchen.", "Rain is expec
                "The bridge was painted bright red last summer.", "My laptop battery drains very quickly.",
                "Interest rates were raised by the central bank.", "An old man is reading a newspaper on a bench.",
                "They planted tomatoes and beans in the garden.", "The orchestra rehearsed for the evening concert."]
-SETTINGS = {  # name -> (passes, options)
-    "float": ([], {}),
-    "int8 (weights)": (["quantize_int8"], {}),
-    "W8A8 (per token)": (["quantize_w8a8"], {}),
-    "W8A8 (per tensor)": (["quantize_w8a8"], {"quantize": {"activations": "dynamic_tensor"}}),
-    "int4 GPTQ g128": (["quantize_int4_gptq"], {}),
-    "int4 RTN g128": (["quantize_int4_rtn"], {}),
-    "2:4 Wanda": (["prune_2_4", "compress_sparse"], {"sparsity": {"method": "wanda"}}),
-    "2 of 12 heads off": (["prune_heads"], {"sparsity": {"heads": 2}}),
+SETTINGS = {  # name -> (passes, the settings each of them takes; None: their defaults)
+    "float": ([], None),
+    "int8 (weights)": (["quantize_int8"], None),
+    "W8A8 (per token)": (["quantize_w8a8"], None),
+    "W8A8 (per tensor)": (["quantize_w8a8"], Quantize(activations="dynamic_tensor")),
+    "int4 GPTQ g128": (["quantize_int4_gptq"], None),
+    "int4 RTN g128": (["quantize_int4_rtn"], None),
+    "2:4 Wanda": (["prune_2_4", "compress_sparse"], Sparsity(method="wanda")),
+    "2 of 12 heads off": (["prune_heads"], Sparsity(heads=2)),
 }
 
 
@@ -81,9 +83,9 @@ def main():
     print(f"MiniLM-L6, batch {args.batch} x seq {args.seq}, {args.threads} thread(s), ONNX Runtime CPU")
     print(f"{'setting':20s} {'ms':>8s} {'MB':>7s} {'size':>6s} {'cosine':>8s}")
     float_model = None
-    for name, (passes, options) in SETTINGS.items():
-        g = PassManager(passes).run(graph.copy(), PassContext(sample_inputs=ev, calibration=[cal], options=options)) \
-            if passes else graph
+    for name, (passes, settings) in SETTINGS.items():
+        pm = PassManager([make_pass(p, settings) for p in passes])
+        g = pm.run(graph.copy(), PassContext(sample_inputs=ev, calibration=[cal])) if passes else graph
         data = onnxrt.to_onnx(g, contrib=True).SerializeToString()
         float_model = float_model or data
         sess = onnxrt.make_session(data, cpu, opts)

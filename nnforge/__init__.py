@@ -3,21 +3,22 @@
     fast = nnforge.compile(model, (x,), target="cpu")   # callable like the model
     fast.save("out/"); again = nnforge.load("out/")
 """
-from .api import compile, export, import_model, load
+from .api import LossySettings, compile, export, import_model, load
 from .check import check
 from .compiled import CompiledModel
 from .explain import explain
 from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
 from .ir import Graph, TensorType
 from .passes.manager import PIPELINES, Pass, PassContext, PassManager, PassResult, register_pass
+from .partition import BuildSettings
 from .passes.budget import Budget
 from .passes.layers import SkipLayers
-from .passes.quantize import Quantize
+from .passes.lowbit import Quantize
 from .passes.sparsity import Sparsity
 from .passes.tokens import TokenMerge, TokenPrune
 from .targets import TARGETS, Target, get_target
 
 __version__ = "0.1.0"
 __all__ = ["compile", "check", "explain", "export", "load", "import_model", "CompiledModel", "Graph", "TensorType", "Pass", "PassContext",
-           "PassManager", "PassResult", "TokenMerge", "TokenPrune", "SkipLayers", "Budget", "Quantize", "Sparsity", "register_pass", "PIPELINES", "Target", "TARGETS", "get_target", "NnforgeError",
+           "PassManager", "PassResult", "TokenMerge", "TokenPrune", "SkipLayers", "Budget", "Quantize", "Sparsity", "LossySettings", "BuildSettings", "register_pass", "PIPELINES", "Target", "TARGETS", "get_target", "NnforgeError",
            "UnsupportedOpError", "ModelLoadError", "BundleError", "VerificationError", "NumericsError"]

@@ -36,7 +36,9 @@ def _manifest_hash(manifest: dict) -> str:
 
 
 def versions(backend: str) -> dict:
-    out = {"nnforge": metadata.version("nnforge"), "python": platform.python_version()}
+    from . import __version__  # not metadata: nnforge may run from a checkout on PYTHONPATH, never installed
+
+    out = {"nnforge": __version__, "python": platform.python_version()}
     dists = {"onnxrt": ["onnxruntime", "onnx"], "tvm": ["apache-tvm"], "torch": ["torch"]}
     for dist in [d for b in backend.split("+") for d in dists.get(b, [])]:  # "onnxrt+torch": partitioned
         try:
@@ -124,7 +126,7 @@ def read_manifest(directory) -> dict:
 
 def read_bundle(directory, expect_target: str | None = None):
     """Load a bundle into an Artifact of its backend."""
-    from .backends.base import get_backend
+    from .backends.base import artifact_class
 
     d = Path(directory)
     manifest = read_manifest(d)
@@ -143,9 +145,9 @@ def read_bundle(directory, expect_target: str | None = None):
 
         return PartitionedArtifact.load_files(d, graph, target, manifest), manifest
     try:
-        backend = get_backend(str(manifest.get("backend")))
+        cls = artifact_class(str(manifest.get("backend")))
     except Exception as e:
         raise BundleError(f"bundle backend: {e}") from None
-    artifact = backend.artifact_class.load_files(d, graph, target, manifest)
+    artifact = cls.load_files(d, graph, target, manifest)
     artifact.bundle_dir = d
     return artifact, manifest

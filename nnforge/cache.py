@@ -1,20 +1,22 @@
 """The compile cache: compiled bundles stored under a content-addressed key.
 
 The key is a sha256 over everything that decides the compiled result: the imported graph (its
-JSON and a digest of every constant), each pass of the pipeline (name, declared ``version`` and a
-hash of the source file that defines it, so editing a pass invalidates its entries), the backend
-(name, its packages' versions and a hash of its source files), the target and the build options,
-and the fallback settings. An entry is an ordinary bundle (see ``nnforge.bundle``), so a hit is
+JSON and a digest of every constant), each pass of the pipeline (name, declared ``version``, its
+typed options and a hash of the source file that defines it, so editing a pass invalidates its
+entries), and the ``BuildSettings`` the plan-and-build step builds with: the backend (name, its
+packages' versions and a hash of its source files), the target, the build options and the
+fallback settings. An entry is an ordinary bundle (see ``nnforge.bundle``), so a hit is
 loaded with the same checks as ``nnforge.load`` (hashes, no unpickling); a damaged entry is
 dropped and compiled again.
 
 Where: ``$NNFORGE_CACHE_DIR``, else ``~/.cache/nnforge``. ``NNFORGE_CACHE=0`` turns the default
 off (``compile(cache=True)`` still uses it). ``nnforge cache info`` / ``nnforge cache clear``.
-Compiles with lossy settings, a budget or calibration data are not cached (their result depends
-on data the key does not cover).
+Compiles with lossy settings or passes, a budget or calibration data are not cached (their result
+depends on data the key does not cover).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +25,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,7 +33,10 @@ from .errors import NnforgeError
 from .ir import Graph
 from .ir.serialize import graph_to_json
 
-KEY_VERSION = "1"  # bump when the key's recipe changes
+if TYPE_CHECKING:
+    from .partition import BuildSettings
+
+KEY_VERSION = "2"  # bump when the key's recipe changes
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -64,10 +70,14 @@ def graph_digest(graph: Graph) -> str:
 
 
 def pass_fingerprint(p) -> dict:
-    """A pass's name, declared version and the hash of the file its class lives in."""
+    """A pass's name, declared version, typed options and the hash of the file its class lives in."""
     module = sys.modules.get(type(p).__module__)
     path = getattr(module, "__file__", None)
+    options = getattr(p, "options", None)
+    if dataclasses.is_dataclass(options):
+        options = dataclasses.asdict(options)
     return {"name": p.name, "version": str(getattr(p, "version", "")),
+            "options": json.dumps(options, sort_keys=True, default=repr),
             "source": _file_hash(Path(path)) if path else type(p).__qualname__}
 
 
@@ -80,20 +90,20 @@ def backend_fingerprint(backend: str) -> dict:
     return {"name": backend, "versions": versions(backend), "files": {f.name: _file_hash(f) for f in files}}
 
 
-def compile_key(graph: Graph, passes: list, backend: str, target: str, options: dict | None,
-                fallback: bool, min_block_size: int) -> str:
-    """The cache key of compiling ``graph`` (the imported, not yet optimised graph) this way."""
-    fallback_code = ["partition.py", "backends/torch_exec.py", "ops/fallback.py"] if fallback else []
+def compile_key(graph: Graph, passes: list, settings: "BuildSettings") -> str:
+    """The cache key of compiling ``graph`` (the imported, not yet optimised graph) with ``passes`` and
+    building it with ``settings`` (the plan-and-build step's ``partition.BuildSettings``)."""
+    fallback_code = ["partition.py", "backends/torch_exec.py", "ops/fallback.py"] if settings.fallback else []
     recipe = {
         "key_version": KEY_VERSION,
         "graph": graph_digest(graph),
         "passes": [pass_fingerprint(p) for p in passes],
-        "backend": backend_fingerprint(backend),
-        "fallback": [fallback, min_block_size, {f: _file_hash(_PACKAGE / f) for f in fallback_code}],
+        "backend": backend_fingerprint(settings.backend),
+        "fallback": [settings.fallback, settings.min_block_size, {f: _file_hash(_PACKAGE / f) for f in fallback_code}],
         "ir": {f.name: _file_hash(f) for f in sorted((_PACKAGE / "ir").glob("*.py"))},
         "bundle": _file_hash(_PACKAGE / "bundle.py"),
-        "target": target,
-        "options": json.dumps(options or {}, sort_keys=True, default=repr),
+        "target": settings.target.name,
+        "options": json.dumps(settings.options, sort_keys=True, default=repr),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 

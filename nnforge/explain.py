@@ -2,8 +2,8 @@
 
 ``nnforge.explain(model, inputs, target="cpu")`` imports the model, runs the lossless pipeline
 (no checks, nothing is built), asks every backend of the target (and the torch executor) which
-nodes it takes, plans the partitions ``compile`` would make, and prints it all with the model's
-source lines. ``nnforge explain model.onnx --target cpu`` does the same from the shell.
+nodes it takes, plans the partitions ``compile`` would make (``partition.plan_for``, the planning
+half of the plan-and-build step), and prints it all with the model's source lines. ``nnforge explain model.onnx --target cpu`` does the same from the shell.
 """
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from typing import Sequence
 
 from .backends.base import get_backend
 from .ir import Graph
-from .partition import DEFAULT_MIN_BLOCK_SIZE, FALLBACK, PartitionPlan, plan_partitions
-from .targets import get_target, resolve_backend
+from .partition import DEFAULT_MIN_BLOCK_SIZE, FALLBACK, BuildSettings, PartitionPlan, plan_for
 
 _SOURCE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+)")
 
@@ -101,13 +100,13 @@ def explain(model, example_inputs=None, target="cpu", *, backend: str | None = N
     from .api import import_model
     from .passes.manager import PassManager
 
-    tgt = get_target(target)
-    chosen = resolve_backend(tgt, backend)
+    settings = BuildSettings.resolve(target, backend, min_block_size=min_block_size)
+    tgt, chosen = settings.target, settings.backend
     graph = import_model(model, example_inputs, dynamic_shapes, input_names, opaque=True)
     graph = PassManager(pipeline).run(graph)
     names = list(dict.fromkeys(list(tgt.backends) + [FALLBACK]))
     verdicts = _verdicts(graph, tgt, names)
-    plan = plan_partitions(graph, chosen, tgt, min_block_size) if verdicts[chosen] else None
+    plan = plan_for(graph, settings) if verdicts[chosen] else None  # None: the backend takes every node
     where = {}
     if plan is not None:
         where = {k: f"p{j} {p.backend}" for j, p in enumerate(plan.partitions) for k in p.nodes}

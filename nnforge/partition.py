@@ -8,6 +8,10 @@ min_block_size): a tiny island costs more in copies than it saves. Each partitio
 subgraph built by its backend; ``PartitionedArtifact`` runs them in order, passing values by
 name. The plan is plain JSON and goes into the bundle manifest, so a loaded bundle runs the
 same plan; the sub-artifacts' files are stored with a ``p<k>_`` prefix.
+
+``build(graph, BuildSettings.resolve(target, backend, ...))`` is the one plan-and-build step every
+caller goes through (compile, the budget search timing its candidates, export; ``explain`` shows
+``plan_for``'s plan): the backend takes the whole graph when it can, else the planned partitions.
 """
 from __future__ import annotations
 
@@ -21,11 +25,11 @@ from typing import Sequence
 import networkx as nx
 import numpy as np
 
-from .backends.base import Artifact, Unsupported, get_backend, run_artifact
+from .backends.base import Artifact, Unsupported, artifact_class, get_backend, run_artifact
 from .errors import BundleError, NnforgeError, UnsupportedOpError
 from .ir import Graph, Node, Value, bind_symbols, get_op
 from .ir import symbols
-from .targets import Target, get_target
+from .targets import Target, get_target, resolve_backend
 
 FALLBACK = "torch"
 FALLBACK_TARGETS = ("cpu", "cuda")  # the torch executor runs on this host, not on an edge device
@@ -101,6 +105,54 @@ def _validate(plan: PartitionPlan, graph: Graph) -> None:
         seen += p.nodes
     if sorted(seen) != list(range(len(graph.nodes))):
         raise BundleError("partition plan does not cover every node exactly once")
+
+
+# ---------------------------------------------------------------------------------------
+# the plan-and-build step
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class BuildSettings:
+    """Where and how a graph is built: what the plan-and-build step and the compile cache key read."""
+
+    target: Target
+    backend: str
+    options: dict = field(default_factory=dict)  # the backend's build options
+    fallback: bool = True  # nodes the backend cannot take run on the torch executor (else refused)
+    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE
+
+    @classmethod
+    def resolve(cls, target: Target | str = "cpu", backend: str | None = None, options: dict | None = None, *,
+                tune: int = 0, fallback: bool = True, min_block_size: int = DEFAULT_MIN_BLOCK_SIZE) -> "BuildSettings":
+        """Names and aliases -> settings, refusing a backend the target does not take. ``tune``: MetaSchedule
+        trials, a TVM build option."""
+        tgt = get_target(target)
+        name = resolve_backend(tgt, backend)
+        options = dict(options or {})
+        if tune:
+            if name != "tvm":
+                raise NnforgeError(f"tune={tune}: MetaSchedule tuning needs backend='tvm', not {name!r}")
+            options["tune"] = tune
+        return cls(tgt, name, options, fallback, min_block_size)
+
+
+def plan_for(graph: Graph, settings: BuildSettings) -> "PartitionPlan | None":
+    """None when the backend takes the whole graph; else which nodes run on it and which on torch.
+    UnsupportedOpError naming the nodes when some need torch and ``settings.fallback`` is off."""
+    missing = get_backend(settings.backend).supports(graph, settings.target)
+    if not missing:
+        return None
+    if not settings.fallback:
+        raise UnsupportedOpError([(f"{u.op}: {u.reason}", u.source) for u in missing], where=f"backend {settings.backend}")
+    return plan_partitions(graph, settings.backend, settings.target, settings.min_block_size)
+
+
+def build(graph: Graph, settings: BuildSettings) -> Artifact:
+    """Plan, then build: the whole graph with the backend, or each planned partition with its own."""
+    plan = plan_for(graph, settings)
+    if plan is None:
+        return get_backend(settings.backend).build(graph, settings.target, dict(settings.options))
+    return build_partitioned(graph, settings.target, settings.backend, settings.options, settings.min_block_size, plan)
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,9 +329,11 @@ def subgraph(graph: Graph, part: Partition, name: str | None = None) -> Graph:
 # ---------------------------------------------------------------------------------------
 
 def build_partitioned(graph: Graph, target: Target | str, backend: str, options: dict | None = None,
-                      min_block_size: int = DEFAULT_MIN_BLOCK_SIZE) -> "PartitionedArtifact":
+                      min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, plan: PartitionPlan | None = None
+                      ) -> "PartitionedArtifact":
+    """Build each partition of ``plan`` (planned here when not given) with its backend."""
     tgt = get_target(target)
-    plan = plan_partitions(graph, backend, tgt, min_block_size)
+    plan = plan or plan_partitions(graph, backend, tgt, min_block_size)
     if tgt.name not in FALLBACK_TARGETS:
         bad = [(f"{graph.nodes[k].op} (%{graph.nodes[k].outputs[0].name}): {plan.reasons.get(k, '')}",
                 graph.nodes[k].source) for k in plan.fallback_nodes]
@@ -340,7 +394,7 @@ class PartitionedArtifact(Artifact):
         for k, p in enumerate(plan.partitions):
             sub = subgraph(graph, p, f"{graph.name}_p{k}")
             try:
-                art_cls = get_backend(p.backend).artifact_class
+                art_cls = artifact_class(p.backend)
             except NnforgeError as e:
                 raise BundleError(f"partition p{k}: {e}") from None
             if p.fallback:

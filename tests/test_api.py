@@ -142,10 +142,26 @@ def test_lossy_settings_run_after_the_lossless_pipeline_and_report_their_error()
     assert fast.pipeline == "O2+skip_layers+token_merge"
     lossy = [r for r in fast.records if r.lossy]
     assert [r.name for r in lossy] == ["skip_layers", "token_merge"] and lossy[0].max_error > 0
+    assert lossy[1].stats["r"] == [2]  # the typed settings reached the pass (one block left after skipping one)
+    names = [r.name for r in fast.records]  # sink_slices trims a block: it runs after the passes that find blocks
+    assert names.index("sink_slices") > names.index("token_merge")
     assert fast.accuracy["max_rel_error"] > 1e-4  # it traded accuracy, and says so
     assert fast(zm.inputs[0]).shape == (2, 10)
     with pytest.raises(nnforge.NnforgeError, match="not an nnforge lossy setting"):
         nnforge.compile(zm.model, zm.inputs, tokens="fast please")
+
+
+def test_lossy_settings_group_the_keywords():
+    zm = zoo.build("vit", "tiny")
+    cal = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    grouped = nnforge.LossySettings(tokens=nnforge.TokenMerge(r=2), calibration=cal)
+    fast = nnforge.compile(zm.model, zm.inputs, lossy=grouped, progress=False)
+    same = nnforge.compile(zm.model, zm.inputs, tokens=nnforge.TokenMerge(r=2), calibration=cal, progress=False)
+    assert fast.pipeline == same.pipeline == "O2+token_merge"
+    assert [r.name for r in fast.records] == [r.name for r in same.records]
+    np.testing.assert_array_equal(fast(zm.inputs[0]).numpy(), same(zm.inputs[0]).numpy())
+    with pytest.raises(nnforge.NnforgeError, match="not both"):
+        nnforge.compile(zm.model, zm.inputs, lossy=grouped, quantize=nnforge.Quantize())
 
 
 def test_budget_picks_a_setting_within_budget_and_reports_it():

@@ -70,8 +70,8 @@ def test_skip_options_are_checked():
         SkipLayersPass(SkipLayers(n=2)).run(g, PassContext(calibration=calibration()))
     with pytest.raises(NnforgeError, match="needs calibration"):
         SkipLayersPass(SkipLayers(n=1)).run(g, PassContext())
-    # through ctx.options, as a pipeline would configure it
-    res = SkipLayersPass().run(g, PassContext(calibration=calibration(), options={"skip_layers": {"n": 1}}))
+    # the settings build their pass, as a pipeline would configure it
+    res = SkipLayers(n=1).make_pass().run(g, PassContext(calibration=calibration()))
     assert len(res.stats["skipped"]) == 1 and len(res.stats["influence"]) == 2
 
 

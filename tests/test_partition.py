@@ -284,6 +284,44 @@ def test_tvm_partitions_with_torch_fallback(tmp_path):
     _close(again(x).numpy(), [t.numpy() for t in _eager(model, x)], tol=1e-4)
 
 
+class ViTWithRareHead(torch.nn.Module):
+    """The tiny ViT with a custom op on its logits: the op becomes a torch_op node no backend takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = zoo.build("vit", "tiny").model
+
+    def forward(self, x):
+        return torch.ops.nnforge_test.twice_plus(self.vit(x), 0.5)
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_budget_search_builds_its_candidates_through_the_partition_plan(backend, monkeypatch):
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    from nnforge import partition
+
+    built = []
+    real_build = partition.build
+
+    def counting_build(graph, settings):
+        built.append(real_build(graph, settings))
+        return built[-1]
+
+    monkeypatch.setattr(partition, "build", counting_build)
+    model = ViTWithRareHead().eval()
+    x = torch.randn(2, 3, 32, 32)
+    cal = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    budget = nnforge.Budget(max_drop=0.05, merge_r=[0, 2], prune_keep=[1.0], skip=[0], quantize=["float"])
+    fast = nnforge.compile(model, (x,), backend=backend, budget=budget, calibration=cal, progress=False)
+    assert fast.backend == f"{backend}+torch"
+    assert "chosen:" in fast.notes[0] and "within budget" in fast.notes[0]
+    # both candidates were timed on builds with the torch partition, then the chosen graph was built the same way
+    assert len(built) >= 2 and all(a.backend == f"{backend}+torch" for a in built)
+    assert [p.backend for p in fast.artifact.plan.partitions][-1] == "torch"
+    assert fast(x).shape == (2, 10) and fast.accuracy["max_rel_error"] < 0.5
+
+
 # ---------------------------------------------------------------------------------------
 # the torch executor matches the interpreter on the model families
 # ---------------------------------------------------------------------------------------

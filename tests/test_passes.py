@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import nnforge
 from nnforge import NnforgeError, NumericsError, Pass, PassContext, PassManager, PassResult
 from nnforge.ir import Graph, TensorType, interpret, verify
 
@@ -143,3 +144,46 @@ def test_unknown_pipeline_and_pass_are_named():
         PassManager("O9")
     with pytest.raises(NnforgeError, match="no_such_pass"):
         PassManager(["dce", "no_such_pass"])
+
+
+def test_a_pipeline_against_the_declared_order_is_refused_naming_both_passes():
+    # sink_slices trims the last transformer block, which token merging must still find
+    with pytest.raises(NnforgeError, match=r"'token_merge' \(#3\) must run before 'sink_slices' \(#2\).*blocks"):
+        PassManager(["dce", "sink_slices", "token_merge"])
+    with pytest.raises(NnforgeError, match=r"'prune_magnitude' \(#2\) must run before 'compress_sparse' \(#1\)"):
+        PassManager(["compress_sparse", "prune_magnitude"])
+    with pytest.raises(NnforgeError, match=r"'smoothquant' \(#2\) must run before 'quantize_w8a8' \(#1\)"):
+        PassManager(["quantize_w8a8", "smoothquant"])
+    assert [p.name for p in PassManager(["token_merge", "sink_slices"]).passes] == ["token_merge", "sink_slices"]
+
+
+def test_split_after_moves_only_what_must_follow():
+    from nnforge.passes.manager import resolve_pipeline, split_after
+
+    before, after = split_after(resolve_pipeline("O2"), resolve_pipeline(["token_merge"]))
+    assert [p.name for p in after] == ["sink_slices"]
+    assert [p.name for p in before] == [n for n in nnforge.PIPELINES["O2"] if n != "sink_slices"]
+    assert split_after(resolve_pipeline("O2"), resolve_pipeline(["quantize_int8"]))[1] == []
+
+
+def test_typed_options_reach_the_pass():
+    from nnforge.passes.manager import make_pass
+    from nnforge.passes.tokens import TokenMergePass
+
+    seen = []
+
+    class Spy(TokenMergePass):
+        def run(self, graph, ctx):
+            seen.append(self.options)
+            return PassResult(False)
+
+    PassManager([Spy(nnforge.TokenMerge(r=3, schedule="decreasing"))]).run(_softmax_graph())
+    assert seen == [nnforge.TokenMerge(r=3, schedule="decreasing")]
+    assert make_pass("token_merge").options == nnforge.TokenMerge()  # by name: the defaults
+    made = nnforge.Quantize(weights="int4", group_size=32).make_pass()  # settings build their pass
+    assert made.name == "quantize" and made.options.group_size == 32
+    assert [p.options for p in PassManager([nnforge.SkipLayers(n=1)]).passes] == [nnforge.SkipLayers(n=1)]
+    with pytest.raises(NnforgeError, match="takes TokenMerge options, got TokenPrune"):
+        TokenMergePass(nnforge.TokenPrune())
+    with pytest.raises(NnforgeError, match="'dce' takes no options"):
+        make_pass("dce", nnforge.TokenMerge())

@@ -8,8 +8,9 @@ from nnforge.errors import NnforgeError
 from nnforge.backends import onnxrt
 from nnforge.ir import Graph, TensorType, interpret, load_graph, save_graph, verify
 from nnforge.ops.lowbit import dequantize, int_matmul, pack_int4, quantize_per_tensor, quantize_per_token, unpack_int4
-from nnforge.passes import quantize as Q
-from nnforge.passes.quantize import Quantize
+from nnforge.passes.lowbit import Quantize
+from nnforge.passes.lowbit import gptq as G, rtn as R
+from nnforge.passes.manager import make_pass
 
 rng = np.random.default_rng(5)
 
@@ -27,10 +28,10 @@ def mlp(k=64, hidden=96, out=8):
     return g
 
 
-def run(passes, g, calibration, options=None, sample=None):
-    pm = PassManager(passes, check=True)
-    out = pm.run(g.copy(), PassContext(sample_inputs=sample or calibration[0], calibration=calibration,
-                                       options=options or {}))
+def run(passes, g, calibration, settings=None, sample=None):
+    """Run the named passes, each with ``settings`` (a Quantize; None: the passes' defaults)."""
+    pm = PassManager([make_pass(p, settings) for p in passes], check=True)
+    out = pm.run(g.copy(), PassContext(sample_inputs=sample or calibration[0], calibration=calibration))
     verify(out)
     return out, pm.records
 
@@ -53,7 +54,7 @@ def test_int4_packing_puts_even_elements_in_the_low_nibble():
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 64)])
 def test_rtn_round_trip(bits, group):
     w = randn(16, 64)
-    qw = Q.rtn(w, bits, group if bits == 4 else 64)
+    qw = R.rtn(w, bits, group if bits == 4 else 64)
     assert qw.scales.shape == (16, 64 // qw.group_size) and qw.scales.dtype == np.float32
     assert qw.q.min() >= (-127 if bits == 8 else 0) and qw.q.max() <= (127 if bits == 8 else 15)
     deq = qw.dequantize()
@@ -81,8 +82,8 @@ def test_qlinear_matches_its_definition():
     x, w, b = randn(2, 5, 32), randn(12, 32), randn(12)
     g = Graph()
     xv = g.add_input("x", TensorType((2, 5, 32)))
-    qw4 = Q.rtn(w, 4, 16)
-    qw8 = Q.rtn(w, 8, 32)
+    qw4 = R.rtn(w, 4, 16)
+    qw8 = R.rtn(w, 8, 32)
     consts = lambda qw: [g.add_constant(qw.stored()), g.add_constant(qw.scales),  # noqa: E731
                          None if qw.zeros is None else g.add_constant(qw.zeros), g.add_constant(b)]
     y4 = g.op("qlinear", xv, *consts(qw4), bits=4, group_size=16, act="relu")
@@ -123,7 +124,8 @@ def test_settings_are_validated_and_map_to_passes():
     assert Quantize(weights="int4", method="gptq").passes() == ["quantize_int4_gptq"]
     assert Quantize(mixed={"size": 0.3}).passes() == ["quantize_mixed"]
     assert Quantize.pass_name == "quantize"
-    assert Quantize(weights="int4", method="gptq").options()["quantize"]["method"] == "gptq"
+    made = Quantize(weights="int4", method="gptq").make_pass()  # the settings build their pass, which carries them
+    assert made.name == "quantize" and made.options.method == "gptq"
 
 
 # ---- GPTQ ------------------------------------------------------------------------------
@@ -142,10 +144,10 @@ def test_gptq_error_is_below_rtn_on_correlated_inputs(bits, group):
     def err(qw):
         return np.linalg.norm(x @ qw.dequantize().T - ref) / np.linalg.norm(ref)
 
-    e_rtn, e_gptq = err(Q.rtn(w, bits, group)), err(Q.gptq(w, hess, bits, group))
+    e_rtn, e_gptq = err(R.rtn(w, bits, group)), err(G.gptq(w, hess, bits, group))
     assert e_gptq < 0.6 * e_rtn, (e_gptq, e_rtn)
     # static groups keep the plain layout: dequantize from the stored bytes gives the same weights
-    qw = Q.gptq(w, hess, bits, group)
+    qw = G.gptq(w, hess, bits, group)
     np.testing.assert_array_equal(dequantize(qw.stored(), qw.scales, qw.zeros, bits, qw.group_size), qw.dequantize())
 
 
@@ -157,7 +159,7 @@ def test_gptq_error_is_below_rtn_on_correlated_inputs(bits, group):
 def test_quantize_passes_rewrite_linears_and_report_per_layer(name, bits, act):
     g = mlp()
     cal = [[randn(32, 64)], [randn(32, 64)]]
-    out, records = run([name], g, cal, {"quantize": {"group_size": 32}})
+    out, records = run([name], g, cal, Quantize(group_size=32))
     assert ops(out) == ["qlinear", "qlinear"]
     assert all(n.attrs["bits"] == bits and n.attrs["act_quant"] == act for n in out.nodes)
     assert out.nodes[0].attrs["act"] == "gelu"
@@ -170,7 +172,7 @@ def test_quantize_passes_rewrite_linears_and_report_per_layer(name, bits, act):
 
 def test_int4_weights_are_stored_packed_in_saved_graphs(tmp_path):
     g = mlp(k=128, hidden=128)
-    out, _ = run(["quantize_int4_rtn"], g, [[randn(16, 128)]], {"quantize": {"group_size": 64}})
+    out, _ = run(["quantize_int4_rtn"], g, [[randn(16, 128)]], Quantize(group_size=64))
     save_graph(out, tmp_path)
     back = load_graph(tmp_path)
     q = back.constants[back.nodes[0].inputs[1].name]
@@ -199,7 +201,7 @@ def test_conv_and_embedding_weights_are_quantized_too():
     assert ops(out) == ["qconv2d", "qgather"]
     assert {l["name"] for l in records[0].stats["layers"]} == {"conv_weight", "tok_embedding"}
     assert records[0].max_error < 0.02
-    out, _ = run(["quantize_int8"], g, [inputs], {"quantize": {"embeddings": None}})
+    out, _ = run(["quantize_int8"], g, [inputs], Quantize(embeddings=None))
     assert ops(out) == ["qconv2d", "gather"]
 
 
@@ -207,8 +209,8 @@ def test_static_percentile_observer_ignores_a_rare_outlier():
     x = randn(4096, 8)
     x[0, 0] = 400.0
     cfg_mm, cfg_pct = Quantize(activations="static"), Quantize(activations="static", observer="percentile", percentile=99.9)
-    s_mm, _ = Q.static_params([x], cfg_mm)
-    s_pct, z_pct = Q.static_params([x], cfg_pct)
+    s_mm, _ = R.static_params([x], cfg_mm)
+    s_pct, z_pct = R.static_params([x], cfg_pct)
     assert s_pct < s_mm / 20 and 0 < z_pct < 255
 
 
@@ -228,7 +230,7 @@ def pre_ln_block(k=32, outlier=30.0):
 def test_smoothquant_folds_scales_without_adding_ops_and_helps_w8a8():
     g = pre_ln_block()
     cal = [[randn(8, 6, 32)]]
-    smoothed, records = run(["smoothquant"], g, cal, {"quantize": {"smooth": 0.5}})
+    smoothed, records = run(["smoothquant"], g, cal, Quantize(smooth=0.5))
     assert ops(smoothed) == ops(g)  # folded into the LayerNorm and the two linears
     group = records[0].stats["groups"][0]
     assert records[0].stats["smoothed"] == 1 and set(group["layers"]) == {"a_weight", "b_weight"}
@@ -237,7 +239,7 @@ def test_smoothquant_folds_scales_without_adding_ops_and_helps_w8a8():
     x = [randn(8, 6, 32)]
     ref = interpret(g, x)[0]
     plain, _ = run(["quantize_w8a8"], g, cal)
-    smooth, _ = run(["smoothquant", "quantize_w8a8"], g, cal, {"quantize": {"smooth": 0.5}})
+    smooth, _ = run(["smoothquant", "quantize_w8a8"], g, cal, Quantize(smooth=0.5))
     err = lambda q: np.linalg.norm(interpret(q, x)[0] - ref) / np.linalg.norm(ref)  # noqa: E731
     assert err(smooth) < 0.7 * err(plain)
 
@@ -258,7 +260,7 @@ def test_mixed_precision_meets_its_target(target):
         h = g.op("linear_act", h, g.add_constant(randn(64, 64) * scale, f"l{i}_weight"), act="relu")
     g.outputs = [h]
     cal = [[randn(64, 64)]]
-    out, records = run(["quantize_mixed"], g, cal, {"quantize": {"mixed": target, "group_size": 32}})
+    out, records = run(["quantize_mixed"], g, cal, Quantize(mixed=target, group_size=32))
     stats = records[0].stats
     bits = {l["name"]: l["bits"] for l in stats["layers"]}
     assert set(bits) == {"l0_weight", "l1_weight", "l2_weight"}
@@ -280,32 +282,32 @@ def minilm():
     return graph, ev, cal, interpret(graph, ev)[0]
 
 
-_QUANTIZED = {}  # (passes, options) -> (graph, records): the ONNX Runtime test reuses what the quality tests made
+_QUANTIZED = {}  # (passes, settings) -> (graph, records): the ONNX Runtime test reuses what the quality tests made
 
 
-def quantized_minilm(minilm, passes, options=None):
-    key = (tuple(passes), repr(options))
+def quantized_minilm(minilm, passes, settings=None):
+    key = (tuple(passes), repr(settings))
     if key not in _QUANTIZED:
         graph, ev, cal, _ = minilm
-        pm = PassManager(passes)
-        _QUANTIZED[key] = pm.run(graph.copy(), PassContext(sample_inputs=ev, calibration=[cal], options=options or {})), pm.records
+        pm = PassManager([make_pass(p, settings) for p in passes])
+        _QUANTIZED[key] = pm.run(graph.copy(), PassContext(sample_inputs=ev, calibration=[cal])), pm.records
     return _QUANTIZED[key]
 
 
-def quantized_cosine(minilm, passes, options=None):
+def quantized_cosine(minilm, passes, settings=None):
     import realmodels
 
     graph, ev, cal, ref = minilm
-    out, records = quantized_minilm(minilm, passes, options)
+    out, records = quantized_minilm(minilm, passes, settings)
     size = sum(a.nbytes for a in out.constants.values()) / sum(a.nbytes for a in graph.constants.values())
     return realmodels.mean_cosine(ref, interpret(out, ev)[0]), size, records
 
 
 @pytest.mark.parametrize("passes,options,bar", [
-    (["quantize_int8"], {}, 0.99),
-    (["quantize_w8a8"], {}, 0.99),
-    (["quantize_w8a8"], {"quantize": {"activations": "dynamic_tensor"}}, 0.99),
-    (["smoothquant", "quantize_w8a8"], {"quantize": {"smooth": 0.5}}, 0.99),
+    (["quantize_int8"], None, 0.99),
+    (["quantize_w8a8"], None, 0.99),
+    (["quantize_w8a8"], Quantize(activations="dynamic_tensor"), 0.99),
+    (["smoothquant", "quantize_w8a8"], Quantize(smooth=0.5), 0.99),
 ])
 def test_minilm_int8_keeps_sentence_embeddings(minilm, passes, options, bar):
     cos, size, records = quantized_cosine(minilm, passes, options)
@@ -368,7 +370,7 @@ def test_onnxruntime_runs_quantized_linears_like_the_interpreter(name, options, 
              act="gelu")
     g.outputs = [g.op("linear", h, g.add_constant(randn(16, 192) * 0.2, "fc2_weight"))]
     inputs = [randn(2, 7, 128)]
-    out, _ = run([name], g, [inputs], {"quantize": options})
+    out, _ = run([name], g, [inputs], Quantize(**options))
     got, model = ort_run(out, inputs, contrib)
     np.testing.assert_allclose(got[0], interpret(out, inputs)[0], rtol=1e-4, atol=1e-4)
     ops_used = {n.op_type for n in model.graph.node}
@@ -391,7 +393,7 @@ def test_onnxruntime_runs_quantized_conv_and_embedding(embeddings):
                       padding=[1, 1], stride=[2, 2]),
                  g.op("gather", g.add_constant(randn(50, 64), "tok_embedding"), ids)]
     inputs = [randn(2, 4, 8, 8), rng.integers(0, 50, (2, 5)).astype(np.int64)]
-    out, _ = run(["quantize_int8"], g, [inputs], {"quantize": {"embeddings": embeddings, "group_size": 16}})
+    out, _ = run(["quantize_int8"], g, [inputs], Quantize(embeddings=embeddings, group_size=16))
     assert ops(out) == ["qconv2d", "qgather"]
     got, _ = ort_run(out, inputs)
     for a, b in zip(got, interpret(out, inputs)):
@@ -438,7 +440,7 @@ def test_tvm_runs_quantized_linears_like_the_interpreter(name, options):
     from nnforge.backends import tvm as tb
 
     inputs = [randn(2, 7, 128)]
-    out, _ = run([name], mlp3d(), [inputs], {"quantize": options})
+    out, _ = run([name], mlp3d(), [inputs], Quantize(**options))
     art = tb.build(out, "cpu")
     np.testing.assert_allclose(art.run(inputs)[0], interpret(out, inputs)[0], rtol=1e-4, atol=1e-4)
 
@@ -454,7 +456,7 @@ def test_tvm_runs_quantized_conv_and_embedding():
                       padding=[1, 1], stride=[2, 2]),
                  g.op("gather", g.add_constant(randn(50, 64), "tok_embedding"), ids)]
     inputs = [randn(2, 4, 8, 8), rng.integers(0, 50, (2, 5)).astype(np.int64)]
-    out, _ = run(["quantize_int4_rtn"], g, [inputs], {"quantize": {"embeddings": "int4", "group_size": 16}})
+    out, _ = run(["quantize_int4_rtn"], g, [inputs], Quantize(embeddings="int4", group_size=16))
     for a, b in zip(tb.build(out, "cpu").run(inputs), interpret(out, inputs)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # the quantized convolution takes the float convolution's im2col + matmul kernels (the scheduled path)
@@ -471,7 +473,7 @@ def test_tvm_dequantizes_inside_the_matmul_and_keeps_weights_low_bit(name, optio
     from nnforge.backends import tvm as tb
 
     inputs = [randn(2, 7, 128)]
-    out, _ = run([name], mlp3d(), [inputs], {"quantize": options})
+    out, _ = run([name], mlp3d(), [inputs], Quantize(**options))
     art = tb.build(out, "cpu")
     np.testing.assert_allclose(art.run(inputs)[0], interpret(out, inputs)[0], rtol=1e-4, atol=1e-4)
     params = {str(p.dtype): [] for p in art._params}
@@ -502,7 +504,7 @@ def test_tvm_w8a8_runs_int8_dot_products_where_the_cpu_has_vnni(act, monkeypatch
 
     if not tvm_vnni.available(tb.tvm_target(get_target("cpu"), {}), 16, 4):
         pytest.skip("this CPU has no AVX-512 VNNI")
-    out, _ = run(["quantize_w8a8"], mlp3d(), [[randn(2, 7, 128)]], {"quantize": {"activations": act}})
+    out, _ = run(["quantize_w8a8"], mlp3d(), [[randn(2, 7, 128)]], Quantize(activations=act))
     kernels = tb.BACKEND.kernels(out, "cpu")
     vnni = [gv for gv in kernels.functions if gv.name_hint.startswith("qmatmul_vnni")]
     assert len(vnni) == 2 and all("vpdpbusd" in str(kernels[gv]) for gv in vnni)

@@ -15,6 +15,9 @@ import nnforge
 from nnforge import cache
 from nnforge.models import zoo
 from nnforge.cli import main as cli
+from nnforge.partition import BuildSettings
+from nnforge.passes.lowbit import Quantize
+from nnforge.passes.lowbit.passes import QuantizeInt8
 from nnforge.passes.manager import PASSES, resolve_pipeline
 
 
@@ -49,17 +52,25 @@ def test_the_key_covers_weights_target_backend_pipeline_and_options(cache_dir):
     model, xs = _mlp()
     g = nnforge.import_model(model, xs)
     passes = resolve_pipeline("O2")
-    base = cache.compile_key(g, passes, "onnxrt", "cpu", None, True, 3)
-    assert base == cache.compile_key(g.copy(), resolve_pipeline("O2"), "onnxrt", "cpu", None, True, 3)
+
+    def build(backend="onnxrt", target="cpu", options=None, fallback=True, min_block_size=3):
+        return BuildSettings.resolve(target, backend, options, fallback=fallback, min_block_size=min_block_size)
+
+    base = cache.compile_key(g, passes, build())
+    assert base == cache.compile_key(g.copy(), resolve_pipeline("O2"), build())
     other = g.copy()
     name = next(iter(other.constants))
     other.constants[name] = other.constants[name] + 1  # one changed weight
-    assert cache.compile_key(other, passes, "onnxrt", "cpu", None, True, 3) != base
-    assert cache.compile_key(g, passes, "tvm", "cpu", None, True, 3) != base
-    assert cache.compile_key(g, passes, "onnxrt", "cuda", None, True, 3) != base
-    assert cache.compile_key(g, resolve_pipeline("O1"), "onnxrt", "cpu", None, True, 3) != base
-    assert cache.compile_key(g, passes, "onnxrt", "cpu", {"opt_level": "basic"}, True, 3) != base
-    assert cache.compile_key(g, passes, "onnxrt", "cpu", None, True, 5) != base
+    assert cache.compile_key(other, passes, build()) != base
+    assert cache.compile_key(g, passes, build("tvm")) != base
+    assert cache.compile_key(g, passes, build("onnxrt", "cuda")) != base
+    assert cache.compile_key(g, resolve_pipeline("O1"), build()) != base
+    assert cache.compile_key(g, passes, build(options={"opt_level": "basic"})) != base
+    assert cache.compile_key(g, passes, build(min_block_size=5)) != base
+    # a pass's typed options are part of its fingerprint
+    int8 = cache.compile_key(g, passes + [QuantizeInt8(Quantize(group_size=128))], build())
+    assert int8 == cache.compile_key(g, passes + [QuantizeInt8(Quantize())], build())
+    assert int8 != cache.compile_key(g, passes + [QuantizeInt8(Quantize(exclude=("fc",)))], build())
 
 
 def test_changing_a_pass_invalidates(cache_dir, monkeypatch):

@@ -8,6 +8,7 @@ from nnforge.models import zoo
 from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, TensorType, interpret, load_graph, save_graph, verify
 from nnforge.passes import sparsity as S
+from nnforge.passes.manager import make_pass
 from nnforge.passes.sparsity import Sparsity
 
 rng = np.random.default_rng(9)
@@ -17,9 +18,10 @@ def randn(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def run(passes, g, inputs, options=None):
-    pm = PassManager(passes, check=True)
-    out = pm.run(g.copy(), PassContext(sample_inputs=inputs, calibration=[inputs], options=options or {}))
+def run(passes, g, inputs, settings=None):
+    """Run the named passes, each with ``settings`` (a Sparsity; None: the passes' defaults)."""
+    pm = PassManager([make_pass(p, settings) for p in passes], check=True)
+    out = pm.run(g.copy(), PassContext(sample_inputs=inputs, calibration=[inputs]))
     verify(out)
     return out, pm.records
 
@@ -106,7 +108,7 @@ def attention_block(separate_qkv: bool, e=32, heads=4, class_query=False):
 def test_head_pruning_shrinks_matrices_and_equals_zeroing_the_heads(separate_qkv, class_query):
     g = attention_block(separate_qkv, class_query=class_query)
     x = randn(3, 5, 32)
-    out, records = run(["prune_heads"], g, [x], {"sparsity": {"heads": 1}})
+    out, records = run(["prune_heads"], g, [x], Sparsity(heads=1))
     att = next(n for n in out.nodes if n.op == "attention")
     assert att.attrs["num_heads"] == 3
     shapes = [w.shape for w in weights(out)]
@@ -135,7 +137,7 @@ def test_head_pruning_cuts_a_per_head_mask_and_equals_zeroing_the_heads():
     att = g.op("attention", q, k, v, mask, num_heads=heads)
     g.outputs = [g.op("linear", att, g.add_constant(randn(e, e) * 0.3, "out_weight"))]
     inputs = [randn(3, 5, e), np.where(rng.random((3, heads, 5, 5)) < 0.3, -1e9, 0).astype(np.float32)]
-    out, records = run(["prune_heads"], g, inputs, {"sparsity": {"heads": 2}})
+    out, records = run(["prune_heads"], g, inputs, Sparsity(heads=2))
     dropped = records[0].stats["layers"][0]["removed"]
     assert len(dropped) == 2 and [n.attrs["num_heads"] for n in out.nodes if n.op == "attention"] == [2]
     _, vals = interpret(g, inputs, keep_all=True)
@@ -152,7 +154,7 @@ def test_head_pruning_on_a_fused_zoo_vit_runs():
     zm = zoo.build("vit")
     g = realmodels.fuse(import_torch(zm.model, zm.inputs, dynamic_shapes=zm.dynamic_shapes))
     x = [zm.inputs[0].numpy()]
-    out, records = run(["prune_heads"], g, x, {"sparsity": {"heads": 0.5}})
+    out, records = run(["prune_heads"], g, x, Sparsity(heads=0.5))
     assert [n.attrs["num_heads"] for n in out.nodes if n.op == "attention"] == [2, 2]
     assert records[0].stats["heads_removed"] == 4
     assert records[0].stats["bytes_after"] < records[0].stats["bytes_before"]
@@ -162,7 +164,7 @@ def test_head_pruning_on_a_fused_zoo_vit_runs():
 def test_ffn_pruning_equals_zeroing_the_neurons():
     g = mlp()
     x = randn(64, 64)
-    out, records = run(["prune_ffn"], g, [x], {"sparsity": {"ffn": 0.25}})
+    out, records = run(["prune_ffn"], g, [x], Sparsity(ffn=0.25))
     assert [w.shape for w in weights(out, "linear_act") + weights(out)] == [(96, 64), (16, 96)]
     layer = records[0].stats["layers"][0]
     assert layer["name"] == "fc1_weight" and layer["neurons_removed"] == 32
@@ -182,7 +184,7 @@ def test_digits_vit_survives_removing_one_head_per_layer():
 
     graph, images, labels, cal = realmodels.digits()
     base = realmodels.top1(graph, images, labels)
-    out = PassManager(["prune_heads"]).run(graph.copy(), PassContext(calibration=[[cal]], options={"sparsity": {"heads": 1}}))
+    out = PassManager([S.PruneHeads(Sparsity(heads=1))]).run(graph.copy(), PassContext(calibration=[[cal]]))
     assert {n.attrs["num_heads"] for n in out.nodes if n.op == "attention"} == {3}
     assert realmodels.top1(out, images, labels) >= base - 0.1
 
@@ -192,7 +194,7 @@ def test_digits_vit_survives_removing_one_head_per_layer():
 def test_compress_sparse_stores_csr_and_keeps_numerics(tmp_path):
     g = mlp(k=256, hidden=256)
     x = randn(16, 256)
-    out, records = run(["prune_magnitude", "compress_sparse"], g, [x], {"sparsity": {"ratio": 0.75}})
+    out, records = run(["prune_magnitude", "compress_sparse"], g, [x], Sparsity(ratio=0.75))
     assert [n.op for n in out.nodes] == ["sparse_linear", "sparse_linear"]
     assert out.nodes[0].attrs["act"] == "relu"
     stats = records[1].stats
@@ -217,7 +219,7 @@ def test_sparse_linear_runs_on_onnxruntime_from_compressed_weights():
     h = g.op("linear_act", x, g.add_constant(randn(192, 128), "fc1_weight"), g.add_constant(randn(192)), act="gelu")
     g.outputs = [g.op("linear", h, g.add_constant(randn(16, 192), "fc2_weight"))]
     inputs = [randn(2, 3, 128)]
-    out, _ = run(["prune_wanda", "compress_sparse"], g, inputs, {"sparsity": {"ratio": 0.75}})
+    out, _ = run(["prune_wanda", "compress_sparse"], g, inputs, Sparsity(ratio=0.75))
     model = onnxrt.to_onnx(out, contrib=True)
     onnxrt.check(model)
     sess = onnxrt.make_session(model.SerializeToString(), get_target("cpu"))
@@ -247,7 +249,7 @@ def test_sparse_linear_runs_on_tvm():
     pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
-    out, _ = run(["prune_magnitude", "compress_sparse"], mlp(k=64, hidden=96), [randn(8, 64)], {"sparsity": {"ratio": 0.75}})
+    out, _ = run(["prune_magnitude", "compress_sparse"], mlp(k=64, hidden=96), [randn(8, 64)], Sparsity(ratio=0.75))
     assert [n.op for n in out.nodes] == ["sparse_linear", "sparse_linear"]
     x = [randn(5, 64)]
     np.testing.assert_allclose(tb.build(out, "cpu").run(x)[0], interpret(out, x)[0], rtol=1e-4, atol=1e-4)
@@ -265,7 +267,7 @@ def test_tvm_uses_the_csr_kernel_only_for_very_sparse_layers(ratio, kernel):
     x = g.add_input("x", TensorType(("batch", "seq", 128)))
     h = g.op("linear_act", x, g.add_constant(randn(192, 128), "fc1_weight"), g.add_constant(randn(192)), act="gelu")
     g.outputs = [g.op("linear", h, g.add_constant(randn(32, 192), "fc2_weight"))]
-    out, _ = run(["prune_magnitude", "compress_sparse"], g, [randn(2, 3, 128)], {"sparsity": {"ratio": ratio}})
+    out, _ = run(["prune_magnitude", "compress_sparse"], g, [randn(2, 3, 128)], Sparsity(ratio=ratio))
     assert [n.op for n in out.nodes] == ["sparse_linear", "sparse_linear"]
     names = [gv.name_hint for gv in tb.BACKEND.kernels(out, "cpu").functions]
     assert sum(n.startswith("csr_matmul") for n in names) == (2 if kernel else 0)

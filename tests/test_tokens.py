@@ -205,8 +205,8 @@ def test_decreasing_schedule_and_r_zero_is_exact():
 
 def test_tome_options_through_the_pass_manager():
     g, x = fused("vit")
-    pm = PassManager(["token_merge"], check=True)
-    out = pm.run(g, PassContext(sample_inputs=x, options={"token_merge": {"r": 2}}))
+    pm = PassManager([TokenMerge(r=2)], check=True)  # settings in a pipeline build their pass
+    out = pm.run(g, PassContext(sample_inputs=x))
     assert out.op_counts()["token_merge"] == 2 and pm.records[0].lossy and pm.records[0].max_error < 0.5
 
 

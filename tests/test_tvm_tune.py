@@ -114,3 +114,9 @@ def test_tune_is_refused_where_it_cannot_run():
         nnforge.compile(linear_graph(), [X], backend="onnxrt", tune=4, cache=False)
     with pytest.raises(NnforgeError, match="tune"):
         tb.build(linear_graph(), "cpu", {"tune": -1})
+
+
+def test_missing_tune_packages_are_named_with_the_extra_that_installs_them(monkeypatch):
+    monkeypatch.setitem(tvm_tune.TUNE_PACKAGES, "nnforge_no_such_module", "no-such-package")
+    with pytest.raises(NnforgeError, match=r"needs no-such-package, .*pip install nnforge\[tune\]"):
+        tb.build(linear_graph(), "cpu", {"tune": 1})

@@ -120,6 +120,23 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
+# where each backend's artifact class lives: loading a bundle imports only that (for TVM, the runtime alone)
+_ARTIFACTS = {"onnxrt": ("onnxrt", "OnnxRuntimeArtifact"), "tvm": ("tvm_artifact", "TVMArtifact"),
+              "torch": ("torch_exec", "TorchArtifact")}
+
+
+def artifact_class(name: str) -> type:
+    """The class that loads and runs ``name``'s saved artifacts, without importing the backend's compiler."""
+    import importlib
+
+    from ..errors import NnforgeError
+
+    if name not in _ARTIFACTS:
+        raise NnforgeError(f"unknown backend {name!r}; choose from {', '.join(_ARTIFACTS)}")
+    module, cls = _ARTIFACTS[name]
+    return getattr(importlib.import_module(f"nnforge.backends.{module}"), cls)
+
+
 def get_backend(name: str) -> Backend:
     from ..errors import NnforgeError
 

@@ -2,7 +2,7 @@
 
 Targets:
   cpu   llvm for this machine's CPU (``mcpu`` = the host CPU LLVM reports), run with the Relax VM
-  cuda  CUDA (sm_80 unless ``options["arch"]``) with dlight GPU schedules; builds without a GPU,
+  cuda  CUDA (this machine's GPU arch, else sm_80, unless ``options["arch"]``) with dlight GPU schedules; builds without a GPU,
         the CUDA source is kept and saved as ``model.cu`` beside the library
   arm   aarch64 Linux with NEON, cross-compiled and linked with ``aarch64-linux-gnu-g++``; ``run``
         runs the saved bundle under qemu-aarch64 (``Artifact.run_emulated``, nnforge.runtime.edge)
@@ -18,7 +18,7 @@ Build options (``options=`` of ``build``; unknown keys are refused):
   schedule      CPU schedules: "default" (nnforge's rules, tvm_schedule.py), "dlight" (TVM's dlight
                 CPU rules only) or "none" (naive loops); for comparisons
   fast_math     vectorisable polynomial exp/erf/tanh on CPUs (default True; ~1e-7 relative error)
-  arch          CUDA architecture (default "sm_80")
+  arch          CUDA architecture (default: this machine's GPU, else "sm_80")
   mcpu          LLVM CPU for the cpu target (default: the host's, e.g. znver5)
   tune          MetaSchedule trials for the cpu target's kernels (default 0: no tuning); see tvm_tune.py
   tune_db       the tuning database directory (default $NNFORGE_TUNE_DB or ~/.cache/nnforge/tuning)
@@ -48,9 +48,8 @@ from ..ir.interpret import bind_symbols
 from ..targets import Target, get_target
 from .base import Artifact, Backend, Unsupported, register_backend
 
-if "TVM_NUM_THREADS" not in os.environ:
-    os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                        else os.cpu_count() or 1)
+from .tvm_artifact import CUDA_SOURCE_NAME, FORMAT_VERSION, LIB_NAME, META_NAME, TUNING_FILES, TVMArtifact  # noqa: F401
+from .tvm_artifact import first_line, num_threads  # noqa: F401  (sets TVM_NUM_THREADS before TVM loads)
 
 import tvm  # noqa: E402  (absolute import: the apache-tvm package, not this module)
 from tvm import relax  # noqa: E402
@@ -61,22 +60,11 @@ from . import tvm_region  # noqa: E402,F401  (elementwise_region)
 OPTIONS = ("progress", "embed_params", "schedule", "fast_math", "arch", "mcpu", "tune", "tune_db")
 SCHEDULES = ("default", "dlight", "none")
 
-LIB_NAME = "model.so"
-CUDA_SOURCE_NAME = "model.cu"
-META_NAME = "tvm.json"
-ARM_CXX = "aarch64-linux-gnu-g++"
-FORMAT_VERSION = 1
-TUNING_FILES = ("tuning_workloads.json", "tuning_records.json")  # = tvm_tune's (imported only when tuning)
 
 
 # ---------------------------------------------------------------------------------------------
 # targets and pipelines
 # ---------------------------------------------------------------------------------------------
-
-def num_threads() -> int:
-    """Threads the TVM CPU runtime uses."""
-    return int(tvm.get_global_func("runtime.NumThreads")())
-
 
 def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Target":
     """The TVM target for an nnforge target (dicts: TVM 0.27 rejects flag strings)."""
@@ -84,7 +72,7 @@ def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Targe
     if target.name == "cpu":
         spec = {"kind": "llvm", "mcpu": options.get("mcpu") or tvm.target.codegen.llvm_get_system_cpu()}
     elif target.name == "cuda":
-        spec = {"kind": "cuda", "arch": options.get("arch", "sm_80")}
+        spec = {"kind": "cuda", "arch": options.get("arch") or _cuda_arch()}
     elif target.name == "arm":
         spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     elif target.name == "wasm":
@@ -92,6 +80,12 @@ def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Targe
     else:
         raise NnforgeError(f"the TVM backend cannot build for target {target.name!r}; it takes cpu, cuda, arm, wasm")
     return tvm.target.Target(spec)
+
+
+def _cuda_arch() -> str:
+    """This machine's GPU architecture when it has one (a cubin for another arch would not load), else sm_80."""
+    dev = tvm.cuda(0)
+    return "sm_" + dev.compute_version.replace(".", "") if dev.exist else "sm_80"
 
 
 def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True,
@@ -157,153 +151,6 @@ def _progress(option, what: str):
     yield lambda stage: None
 
 
-# ---------------------------------------------------------------------------------------------
-# the artifact
-# ---------------------------------------------------------------------------------------------
-
-class TVMArtifact(Artifact):
-    backend = "tvm"
-
-    def __init__(self, graph: Graph, target: Target, lib, meta: dict, cuda_source: str | None = None,
-                 tuning_files: dict | None = None):
-        super().__init__(graph, target)
-        self.tuning_files = tuning_files or {}  # tuning database files (name -> JSON lines) shipped in the bundle
-        self.lib = lib  # relax VMExecutable (fresh build) or runtime.Module (loaded)
-        self.meta = meta
-        self.cuda_source = cuda_source
-        self._vm = None
-        self._main = None
-        self._params = None
-        self._dev = None
-
-    # -- running ---------------------------------------------------------------------------
-    def _device(self):
-        if self.target.name == "arm":
-            raise NnforgeError("an arm (aarch64) TVM library cannot be loaded into this process; "
-                               "run() runs its bundle under qemu-aarch64 instead")
-        if self.target.name == "cuda":
-            dev = tvm.cuda(0)
-            if not dev.exist:
-                raise NnforgeError("this TVM artifact targets CUDA but no CUDA device is available here; "
-                                   "it can still be saved (model.so + model.cu) and run on a GPU machine")
-            return dev
-        return tvm.cpu(0)
-
-    def _ensure_vm(self):
-        if self._vm is not None:
-            return
-        self._dev = self._device()
-        vm = relax.VirtualMachine(self.lib, self._dev)
-        consts = []
-        for name in self.meta["params"]:
-            if name not in self.graph.constants:
-                raise NnforgeError(f"TVM artifact needs weight {name!r}, which its graph does not hold")
-            consts.append(tvm.runtime.tensor(np.ascontiguousarray(self.graph.constants[name]), self._dev))
-        if self.meta.get("transform_params"):
-            params = list(vm[self.meta["func"] + "_transform_params"](consts))
-        else:
-            params = consts
-        self._vm, self._params = vm, params
-        self._main = vm[self.meta["func"]]  # looking the function up costs ~50 us per call
-
-    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        arrays = [np.asarray(a) for a in inputs]
-        try:
-            bind_symbols(self.graph, arrays)
-        except ValueError as e:
-            raise NnforgeError(f"TVM artifact ({self.target.name}): {e}") from None
-        if self.target.name == "arm":  # an aarch64 library: run its bundle under qemu-aarch64
-            return self.run_emulated(arrays)
-        self._ensure_vm()
-        args = [self._to_device(a) for a in arrays]
-        try:
-            out = self._main(*args, *self._params)
-        except Exception as e:  # a shape check inside the VM (e.g. broadcasting two symbols that differ)
-            raise NnforgeError(f"TVM artifact ({self.target.name}) failed to run: {tvm_lower._first_line(e)}") from e
-        if len(self.graph.outputs) == 1:
-            return [out.numpy()]
-        return [o.numpy() for o in out]
-
-    __call__ = run
-
-    def _to_device(self, a: np.ndarray):
-        # on the CPU an aligned C-contiguous array is passed without a copy (DLPack); TVM's kernels
-        # assume 64-byte aligned data, so anything else is copied into a fresh tensor
-        if self.target.name == "cpu" and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0 \
-                and a.dtype != np.bool_ and a.size:
-            return tvm.runtime.from_dlpack(a)
-        return tvm.runtime.tensor(np.ascontiguousarray(a), self._dev)
-
-    # -- files -----------------------------------------------------------------------------
-    def save_files(self, directory: Path) -> list[str]:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        names = [LIB_NAME, META_NAME]
-        lib_path = str(directory / LIB_NAME)
-        try:
-            if self.target.name == "arm":
-                self.lib.export_library(lib_path, cc=_arm_cxx())
-            else:
-                self.lib.export_library(lib_path)
-        except NnforgeError:
-            raise
-        except Exception as e:
-            raise NnforgeError(f"TVM could not write {lib_path}: {tvm_lower._first_line(e)}") from e
-        if self.cuda_source is not None:
-            (directory / CUDA_SOURCE_NAME).write_text(self.cuda_source)
-            names.append(CUDA_SOURCE_NAME)
-        (directory / META_NAME).write_text(json.dumps(self.meta, indent=1))
-        for name, text in self.tuning_files.items():
-            (directory / name).write_text(text)
-            names.append(name)
-        return names
-
-    @classmethod
-    def load_files(cls, directory: Path, graph: Graph, target: Target, manifest: dict) -> "TVMArtifact":
-        directory = Path(directory)
-        if target.name == "wasm":
-            from .tvm_wasm import TVMWasmArtifact
-
-            return TVMWasmArtifact.load_files(directory, graph, target, manifest)
-        meta_path, lib_path = directory / META_NAME, directory / LIB_NAME
-        for p in (meta_path, lib_path):
-            if not p.is_file():
-                raise NnforgeError(f"TVM bundle {directory} lacks {p.name}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise NnforgeError(f"TVM bundle {directory}: {META_NAME} is not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-            raise NnforgeError(f"TVM bundle {directory}: {META_NAME} has format {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT_VERSION}")
-        if meta.get("target") != target.name:
-            raise NnforgeError(f"TVM bundle {directory} was built for {meta.get('target')!r}, not {target.name!r}")
-        if meta.get("inputs") != [v.name for v in graph.inputs]:
-            raise NnforgeError(f"TVM bundle {directory}: library inputs {meta.get('inputs')} do not match the graph's "
-                               f"{[v.name for v in graph.inputs]}")
-        cuda_src = directory / CUDA_SOURCE_NAME
-        if target.name == "arm":
-            lib = None  # an aarch64 library cannot be loaded into this process
-        else:
-            try:
-                lib = tvm.runtime.load_module(str(lib_path))
-            except Exception as e:
-                raise NnforgeError(f"TVM could not load {lib_path}: {tvm_lower._first_line(e)}") from e
-        tuning = {n: (directory / n).read_text() for n in TUNING_FILES
-                  if (directory / n).is_file()}
-        art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None, tuning)
-        art.lib_path, art.bundle_dir = lib_path, directory
-        return art
-
-
-def _arm_cxx() -> str:
-    import shutil
-
-    if shutil.which(ARM_CXX) is None:
-        raise NnforgeError(f"cross-compiling for arm needs {ARM_CXX}: install it with "
-                           "`apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu`")
-    return ARM_CXX
-
-
 def _cuda_source(lib) -> str | None:
     def walk(m):
         if m.kind == "cuda":
@@ -366,6 +213,7 @@ class TVMBackend(Backend):
         if trials:
             from . import tvm_tune  # MetaSchedule: imported only when tuning
 
+            tvm_tune.require_packages()
             ttarget = tvm_tune.tune_target(ttarget)
         if target.name == "wasm":  # kernels in a wasm module, run by nnforge's JS runtime
             from . import tvm_wasm
@@ -401,7 +249,7 @@ class TVMBackend(Backend):
                     ex = tvm.compile(mod, target=ttarget, relax_pipeline=make_pipeline(ttarget, schedule, fast_math,
                                                                                        tuned=database is not None))
             except Exception as e:
-                raise NnforgeError(f"TVM failed to build {graph.name!r} for {target.name}: {tvm_lower._first_line(e)}") from e
+                raise NnforgeError(f"TVM failed to build {graph.name!r} for {target.name}: {first_line(e)}") from e
             stage(f"done in {time.perf_counter() - t0:.1f}s")
         meta = {
             "format": FORMAT_VERSION,

@@ -41,6 +41,7 @@ from ..ir import symbols as S
 from ..ir.graph import Node, TensorType, Value
 from ..ir.registry import call_impl, get_op
 from . import tvm_winograd
+from .tvm_artifact import first_line
 from .base import few_outer_axes
 from .tvm_schedule import _pick_gemv_nr, _vector_lanes
 
@@ -736,7 +737,7 @@ def lower_graph(graph: Graph, *, embed_params: bool = False, func_name: str = "m
                 except LoweringError as e:
                     raise LoweringError(f"{_describe(node)}: {e}") from None
                 except Exception as e:  # a TVM error deep inside an op constructor: name the node
-                    raise LoweringError(f"{_describe(node)}: TVM rejected the lowering: {_first_line(e)}") from e
+                    raise LoweringError(f"{_describe(node)}: TVM rejected the lowering: {first_line(e)}") from e
             outs = [env[o] for o in graph.outputs]
             result = outs[0] if len(outs) == 1 else relax.Tuple(outs)
             gv = bb.emit_output(result)
@@ -802,15 +803,3 @@ def _describe(node: Node) -> str:
     ins = ", ".join(f"{i.name}:{i.type}" if i is not None else "None" for i in node.inputs)
     return f"{node.op} (%{node.outputs[0].name} from {ins}){' at ' + node.source if node.source else ''}"
 
-
-def _first_line(e: Exception) -> str:
-    """The message of a (TVM) exception without its C++/Python traceback, kept short."""
-    lines = [ln.rstrip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    # TVM puts the traceback first and "xxxError: message" (plus an offending call) last
-    for k in range(len(lines) - 1, -1, -1):
-        head = lines[k].lstrip()
-        if ("Error:" in head.split(" ")[0] or head.startswith("Check failed")) and not head.startswith("File "):
-            return " ".join(ln.strip() for ln in lines[k:k + 4])[:600]
-    return " ".join(ln.strip() for ln in lines[-3:])[:600]

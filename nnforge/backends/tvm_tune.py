@@ -14,9 +14,13 @@ The decisions are kept in ``tuning_verdicts.json`` (plain JSON) beside the datab
 
 Candidates are built in this process: MetaSchedule's LocalBuilder starts worker processes that
 each import TVM, which on a loaded 2-core machine exceeds its 30 s build timeout.
+
+MetaSchedule's runner and cost model need packages nnforge installs only with the ``tune`` extra
+(``pip install nnforge[tune]``); ``require_packages`` says so before any work starts.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -30,6 +34,18 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from ..errors import NnforgeError
+
+# import name -> pip name: the runner's worker pool (cloudpickle, psutil, tornado), the cost model (xgboost)
+TUNE_PACKAGES = {"cloudpickle": "cloudpickle", "psutil": "psutil", "tornado": "tornado", "xgboost": "xgboost-cpu"}
+
+
+def require_packages() -> None:
+    """NnforgeError naming the missing packages and the extra that installs them."""
+    missing = [pip for name, pip in TUNE_PACKAGES.items() if importlib.util.find_spec(name) is None]
+    if missing:
+        raise NnforgeError(f"MetaSchedule tuning needs {', '.join(missing)}, which are not installed: "
+                           "pip install nnforge[tune]")
+
 
 WORKLOAD_FILE = "tuning_workloads.json"  # flat names: bundles refuse files in subfolders
 RECORD_FILE = "tuning_records.json"

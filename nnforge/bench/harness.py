@@ -239,19 +239,18 @@ def run_pareto(path: str, size: str = "bench", batches: int = 4) -> None:
     import torch
 
     from ..models import zoo
+    from .. import partition
     from ..api import import_model
-    from ..backends.base import get_backend
     from ..passes.blocks import prepare
     from ..passes.budget import Budget, plot_pareto, search, wall_time
-    from ..targets import get_target
 
     zm = zoo.build("vit", size, batch=1)
     gen = torch.Generator().manual_seed(1)
     data = [[torch.randn(zm.inputs[0].shape, generator=gen).numpy()] for _ in range(batches)]
     graph = prepare(import_model(zm.model, zm.inputs))
-    backend, target = get_backend("onnxrt"), get_target("cpu")
+    settings = partition.BuildSettings.resolve("cpu", "onnxrt")
     result = search(graph, Budget(metric="cosine", max_drop=0.02), data[: batches // 2], data[batches // 2:],
-                    time_fn=wall_time(lambda g: backend.build(g, target, {}).run, data[0]), progress=True)
+                    time_fn=wall_time(lambda g: partition.build(g, settings).run, data[0]), progress=True)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     plot_pareto(result, path)
     print(result.report())
@@ -290,7 +289,7 @@ LOWBIT_RUNNERS = ("nnforge-onnxrt", "onnxruntime")  # default; "nnforge-tvm" on 
 
 def lowbit_settings() -> dict:
     """Row name -> nnforge.compile keyword arguments (as examples/lowbit_minilm.py measures them)."""
-    from ..passes.quantize import Quantize
+    from ..passes.lowbit import Quantize
     from ..passes.sparsity import Sparsity
 
     return {

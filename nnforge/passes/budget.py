@@ -31,8 +31,9 @@ from ..ir import Graph, interpret, symbols
 from ..ir.interpret import bind_symbols
 from .blocks import find_blocks, require_blocks
 from .layers import SkipLayers, SkipLayersPass
-from .manager import PassContext
-from .quantize import Quantize, QuantizeFromSettings
+from .lowbit import Quantize
+from .lowbit.passes import QuantizeFromSettings
+from .manager import Pass, PassContext
 from .tokens import TokenMerge, TokenMergePass, TokenPrune, TokenPrunePass
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -82,11 +83,8 @@ class Setting:
         if self.merge_r:
             out.append(TokenMergePass(TokenMerge(r=self.merge_r)))
         if self.quant != "float":
-            out.append(QuantizeFromSettings())
+            out.append(QuantizeFromSettings(_quantize_config(self.quant)))
         return out
-
-    def options(self) -> dict:
-        return {"quantize": _quantize_config(self.quant)} if self.quant != "float" else {}
 
     def dominates(self, other: "Setting") -> bool:
         """At least as strong in every knob (so at least as lossy, as far as the search assumes)."""
@@ -98,6 +96,11 @@ class Setting:
             [f"prune keep={self.prune_keep:g}"] if self.prune_keep < 1 else []) + (
             [f"skip {self.skip}"] if self.skip else []) + ([self.quant] if self.quant != "float" else [])
         return ", ".join(parts) or "lossless"
+
+
+def search_passes() -> list[Pass]:
+    """One of each pass the search may run: what a pipeline around the search is ordered by."""
+    return Setting(merge_r=1, prune_keep=0.5, skip=1, quant="int8").passes()
 
 
 @dataclass
@@ -276,7 +279,7 @@ def default_space(graph: Graph, budget: Budget, batch, backend: str | None = Non
 
 def build(graph: Graph, setting: Setting, calibration) -> Graph:
     g = graph.copy()
-    ctx = PassContext(calibration=calibration, sample_inputs=list(calibration[0]), options=setting.options())
+    ctx = PassContext(calibration=calibration, sample_inputs=list(calibration[0]))
     for p in setting.passes():
         res = p.run(g, ctx)
         g = res.graph if res.graph is not None else g

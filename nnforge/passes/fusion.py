@@ -400,6 +400,7 @@ class SinkSlices(Pass):
     of f reads the same slice: e.g. a ViT's last block runs its MLP and attention queries on the class token only."""
 
     name = "sink_slices"
+    invalidates = ("blocks",)  # it trims the last block to the rows read after it: block analysis misses it
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         moved, changed = 0, True

@@ -4,8 +4,8 @@ A block's influence on calibration data is ``1 - cos(input, output)`` of its res
 averaged over tokens and batches. ``skip_layers`` removes the ``n`` least influential blocks
 by wiring each one's input straight to its output's users (DCE drops the rest).
 
-Configure with ``ctx.options["skip_layers"] = SkipLayers(n=2)`` (or a dict), or give the config to
-``SkipLayersPass(SkipLayers(...))``. ``blocks=[...]`` skips those blocks without calibration.
+Configure by giving the settings to the pass: ``SkipLayersPass(SkipLayers(n=2))``. ``blocks=[...]``
+skips those blocks without calibration.
 """
 from __future__ import annotations
 
@@ -18,12 +18,11 @@ from ..errors import NnforgeError
 from ..ir import Graph, interpret, verify
 from .blocks import BlockInfo, require_blocks
 from .cleanup import DeadCodeElimination
-from .manager import Pass, PassContext, PassResult, register_pass
-from .tokens import config_from
+from .manager import Pass, PassContext, PassOptions, PassResult, register_pass
 
 
 @dataclass
-class SkipLayers:
+class SkipLayers(PassOptions):
     n: int = 2
     blocks: list[int] | None = None  # skip exactly these (no calibration needed)
 
@@ -71,12 +70,11 @@ class SkipLayersPass(Pass):
 
     name = "skip_layers"
     lossy = True
-
-    def __init__(self, config: SkipLayers | None = None):
-        self.config = config
+    Options = SkipLayers
+    requires = ("blocks",)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        cfg = config_from(ctx, self.config, SkipLayers)
+        cfg = self.options
         if not cfg.n and not cfg.blocks:
             return PassResult(False, {"skipped": []})
         info = require_blocks(graph, self.name)

@@ -1,11 +1,17 @@
 """Passes and the pass manager.
 
 A pass is a small class with a ``name``, a ``lossy`` flag and ``run(graph, ctx) -> PassResult``.
-The manager runs a pipeline (a list of pass names or instances), records per pass its wall
-time and node counts, and in check mode verifies the IR and compares the reference
-interpreter's outputs before and after each pass: the first lossless pass that moves the
-outputs beyond tolerance is named in a NumericsError. ``NNFORGE_DUMP_IR=dir`` writes the IR
-after each pass.
+A pass with settings declares their type (``Options``, a dataclass) and carries an instance:
+``TokenMergePass(TokenMerge(r=8))``; by name it runs with the defaults. A pass states what it
+must run after or before (``runs_after`` / ``runs_before``: pass names) and which graph
+properties it reads or breaks (``requires`` / ``invalidates``, e.g. "blocks": the transformer
+block structure); a pipeline that contradicts them is refused when the PassManager is built.
+
+The manager runs a pipeline (a list of pass names, instances, settings objects or pipeline
+names), records per pass its wall time and node counts, and in check mode verifies the IR and
+compares the reference interpreter's outputs before and after each pass: the first lossless pass
+that moves the outputs beyond tolerance is named in a NumericsError. ``NNFORGE_DUMP_IR=dir``
+writes the IR after each pass.
 """
 from __future__ import annotations
 
@@ -30,7 +36,6 @@ class PassContext:
     calibration: list[list[np.ndarray]] | None = None
     target: Any = None
     backend: str | None = None
-    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -44,15 +49,41 @@ class Pass:
     name: str = ""
     lossy: bool = False
     version: str = "1"  # bump when behaviour changes (compile caches key on it)
+    Options: type | None = None  # the settings dataclass the pass takes, if any
+    options: Any = None  # an instance of Options (the defaults when none was given)
+    runs_after: tuple[str, ...] = ()  # passes that must come earlier when both are in a pipeline
+    runs_before: tuple[str, ...] = ()  # passes that must come later
+    requires: tuple[str, ...] = ()  # graph properties the pass reads, e.g. "blocks"
+    invalidates: tuple[str, ...] = ()  # graph properties it breaks for later passes
+
+    def __init__(self, options=None):
+        if self.Options is None:
+            if options is not None:
+                raise NnforgeError(f"pass {self.name!r} takes no options, got {options!r}")
+        elif options is None:
+            options = self.Options()
+        elif not isinstance(options, self.Options):
+            raise NnforgeError(f"pass {self.name!r} takes {self.Options.__name__} options, got {type(options).__name__}")
+        self.options = options
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"<pass {self.name}>"
+        return f"<pass {self.name}" + (f" {self.options}>" if self.options is not None else ">")
 
 
-PASSES: dict[str, Callable[[], Pass]] = {}
+class PassOptions:
+    """Mixin for a pass's settings dataclass: ``pass_name`` names the pass it configures, which
+    ``make_pass()`` builds (``nnforge.compile`` and pipelines accept the settings object itself)."""
+
+    pass_name: str = ""
+
+    def make_pass(self) -> Pass:
+        return make_pass(self.pass_name, self)
+
+
+PASSES: dict[str, Callable[..., Pass]] = {}
 
 
 def register_pass(cls):
@@ -75,8 +106,17 @@ PIPELINES: dict[str, list[str]] = {
 }
 
 
-def resolve_pipeline(pipeline: str | Sequence[str | Pass]) -> list[Pass]:
-    """A pipeline name, or a list of pass names, pass instances and pipeline names (expanded in place)."""
+def make_pass(name: str, options=None) -> Pass:
+    """The registered pass ``name`` with its settings (None: the pass's defaults)."""
+    _load_builtin_passes()
+    if name not in PASSES:
+        raise NnforgeError(f"unknown pass {name!r}; registered passes are {sorted(PASSES)}")
+    return PASSES[name](options)
+
+
+def resolve_pipeline(pipeline: str | Sequence[str | Pass | PassOptions]) -> list[Pass]:
+    """A pipeline name, or a list of pass names, pass instances, settings objects (which build their
+    pass) and pipeline names (expanded in place)."""
     _load_builtin_passes()
     if isinstance(pipeline, str) and pipeline not in PIPELINES:
         raise NnforgeError(f"unknown pipeline {pipeline!r}; named pipelines are {sorted(PIPELINES)}")
@@ -84,6 +124,8 @@ def resolve_pipeline(pipeline: str | Sequence[str | Pass]) -> list[Pass]:
     for p in [pipeline] if isinstance(pipeline, str) else pipeline:
         if isinstance(p, Pass):
             out.append(p)
+        elif isinstance(p, PassOptions):
+            out.append(p.make_pass())
         elif p in PIPELINES:
             out += [PASSES[name]() for name in PIPELINES[p]]
         elif p in PASSES:
@@ -94,7 +136,38 @@ def resolve_pipeline(pipeline: str | Sequence[str | Pass]) -> list[Pass]:
 
 
 def _load_builtin_passes():
-    from . import blocks, cleanup, fusion, layers, quantize, sparsity, tokens  # noqa: F401  (they register on import)
+    from . import blocks, cleanup, fusion, layers, lowbit, sparsity, tokens  # noqa: F401  (they register on import)
+
+
+def order_problem(early: Pass, late: Pass) -> str | None:
+    """Why ``late`` may not run after ``early`` (it must come first), or None when the order is fine."""
+    if late.name in early.runs_after:
+        return f"{early.name!r} runs after {late.name!r}"
+    if early.name in late.runs_before:
+        return f"{late.name!r} runs before {early.name!r}"
+    broken = set(early.invalidates) & set(late.requires)
+    if broken:
+        return f"{early.name!r} breaks the {', '.join(sorted(broken))} that {late.name!r} reads"
+    return None
+
+
+def check_order(passes: Sequence[Pass]) -> None:
+    """Refuse a pipeline that contradicts its passes' declared ordering, naming both passes."""
+    for i, early in enumerate(passes):
+        for j in range(i + 1, len(passes)):
+            why = order_problem(early, passes[j])
+            if why:
+                raise NnforgeError(f"pipeline order: pass {passes[j].name!r} (#{j + 1}) must run before "
+                                   f"{early.name!r} (#{i + 1}): {why}")
+
+
+def split_after(passes: Sequence[Pass], then: Sequence[Pass]) -> tuple[list[Pass], list[Pass]]:
+    """``passes`` split into those that may run before ``then`` and those that must wait until after it
+    (by the passes' declared ordering, and after any pass that itself waits), both in their order."""
+    before, after = [], []
+    for p in passes:
+        (after if any(order_problem(p, q) for q in [*then, *after]) else before).append(p)
+    return before, after
 
 
 def max_rel_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
@@ -132,6 +205,7 @@ class PassManager:
                  dump_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None):
         self.pipeline_name = pipeline if isinstance(pipeline, str) else "custom"
         self.passes = resolve_pipeline(pipeline)
+        check_order(self.passes)
         self.check = check
         self.tolerance = tolerance
         self.dump_dir = Path(dump_dir or os.environ.get("NNFORGE_DUMP_IR", "")) if (dump_dir or os.environ.get("NNFORGE_DUMP_IR")) else None

@@ -1,6 +1,7 @@
 """Sparsity passes: unstructured and N:M weight pruning, structured head/FFN pruning, CSR storage.
 
-Settings come from ``nnforge.Sparsity`` (below), passed as ``ctx.options["sparsity"]``:
+Each pass takes its settings as an ``nnforge.Sparsity`` (below): ``PruneWanda(Sparsity(ratio=0.6))``;
+by name in a pipeline it runs with the defaults.
 
     prune_magnitude   zero the weights with the smallest |W| (per output row; pattern from the settings)
     prune_wanda       zero the smallest |W| * ||X_j|| (Wanda: X_j = input feature j over calibration tokens)
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 from ..errors import NnforgeError
@@ -27,11 +26,11 @@ from ..ir import Graph, Node, Value
 from ..ops.lowbit import csr_from_dense
 from .calib import (LAYER_OPS, Layer, base_name, channel_rows, collect, constant_bytes, find_layers, layer_error, plain_linear,
                     replace_node, row_source, rows)
-from .manager import Pass, PassContext, PassResult, register_pass
+from .manager import Pass, PassContext, PassOptions, PassResult, register_pass
 
 
 @dataclass
-class Sparsity:
+class Sparsity(PassOptions):
     """What to prune. ``nnforge.compile(..., sparsity=Sparsity(...), calibration=batches)``.
 
     method    "magnitude" (|W|) | "wanda" (|W| * ||X||, needs calibration)
@@ -64,7 +63,7 @@ class Sparsity:
             raise NnforgeError(f"Sparsity.storage must be 'dense' or 'csr', got {self.storage!r}")
         self.exclude = tuple(self.exclude)
 
-    pass_name = "sparsity"  # nnforge.compile runs this pass with ctx.options["sparsity"] = self
+    pass_name = "sparsity"  # the pass that carries out all of these settings
 
     def passes(self) -> list[str]:
         """The single-purpose pass names that carry out these settings, in order (the "sparsity" pass
@@ -73,9 +72,6 @@ class Sparsity:
         if self.ratio or self.pattern != "unstructured":
             out.append(f"prune_{self.method}")
         return out + (["compress_sparse"] if self.storage == "csr" else [])
-
-    def options(self) -> dict:
-        return {"sparsity": dataclasses.asdict(self)}
 
 
 def n_m(pattern: str) -> tuple[int, int] | None:
@@ -89,12 +85,6 @@ def n_m(pattern: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise NnforgeError(f"Sparsity.pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
     return n, m
-
-
-def settings(ctx: PassContext, adjust: Callable[[Sparsity], Sparsity] | None = None) -> Sparsity:
-    raw = ctx.options.get("sparsity") or {}
-    cfg = raw if isinstance(raw, Sparsity) else Sparsity(**dict(raw))
-    return adjust(cfg) if adjust else cfg
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,10 +155,11 @@ def prune(graph: Graph, ctx: PassContext, cfg: Sparsity) -> PassResult:
 
 class _PrunePass(Pass):
     lossy = True
-    adjust: Callable[[Sparsity], Sparsity] | None = None
+    Options = Sparsity
+    fixed: dict = {}  # the settings this pass is about, over those it was given
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        return prune(graph, ctx, settings(ctx, type(self).adjust))
+        return prune(graph, ctx, dataclasses.replace(self.options, **self.fixed))
 
 
 @register_pass
@@ -176,7 +167,7 @@ class PruneMagnitude(_PrunePass):
     """Zero the smallest-magnitude weights of each output row (unstructured or N:M from the settings)."""
 
     name = "prune_magnitude"
-    adjust = staticmethod(lambda cfg: dataclasses.replace(cfg, method="magnitude"))
+    fixed = {"method": "magnitude"}
 
 
 @register_pass
@@ -184,7 +175,7 @@ class PruneWanda(_PrunePass):
     """Zero the weights with the smallest |W| * ||X_j|| per output row (Wanda), X from calibration."""
 
     name = "prune_wanda"
-    adjust = staticmethod(lambda cfg: dataclasses.replace(cfg, method="wanda"))
+    fixed = {"method": "wanda"}
 
 
 @register_pass
@@ -192,7 +183,7 @@ class Prune24(_PrunePass):
     """2:4 semi-structured sparsity (two non-zeros in every four inputs), scored by the settings' method."""
 
     name = "prune_2_4"
-    adjust = staticmethod(lambda cfg: dataclasses.replace(cfg, pattern="2:4"))
+    fixed = {"pattern": "2:4"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,9 +294,10 @@ class PruneHeads(Pass):
     name = "prune_heads"
     lossy = True
     version = "2"  # fuses attention first where the graph has none
+    Options = Sparsity
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        cfg = settings(ctx)
+        cfg = self.options
         if not cfg.heads:
             return PassResult(False, {"heads_removed": 0})
         atts = [n for n in graph.nodes if n.op == "attention"]
@@ -372,9 +364,10 @@ class PruneFFN(Pass):
 
     name = "prune_ffn"
     lossy = True
+    Options = Sparsity
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        cfg = settings(ctx)
+        cfg = self.options
         if not cfg.ffn:
             return PassResult(False, {"neurons_removed": 0})
         users = graph.users()
@@ -415,11 +408,14 @@ class CompressSparse(Pass):
 
     name = "compress_sparse"
     lossy = False  # same numbers, other storage
+    Options = Sparsity
+    # pruning reads dense weights: compressing first would leave nothing to prune or to compress
+    runs_after = ("prune_magnitude", "prune_wanda", "prune_2_4", "prune_heads", "prune_ffn")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         before = constant_bytes(graph)
         stats = []
-        for layer in find_layers(graph, ("linear",), settings(ctx).exclude):
+        for layer in find_layers(graph, ("linear",), self.options.exclude):
             values, cols, row_ptr = csr_from_dense(layer.weight)
             csr_bytes = values.nbytes + cols.nbytes + row_ptr.nbytes
             if csr_bytes >= layer.weight.nbytes:
@@ -437,16 +433,17 @@ class CompressSparse(Pass):
 
 @register_pass
 class SparsityFromSettings(Pass):
-    """Everything ctx.options["sparsity"] (a nnforge.Sparsity) asks for: heads, FFN neurons, weight pruning,
-    then CSR storage, each step on the result of the one before."""
+    """Everything its nnforge.Sparsity asks for: heads, FFN neurons, weight pruning, then CSR storage,
+    each step on the result of the one before."""
 
     name = "sparsity"
     lossy = True
+    Options = Sparsity
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         changed, stats, layers = False, {}, []
-        for name in settings(ctx).passes():
-            res = STEPS[name]().run(graph, ctx)
+        for name in self.options.passes():
+            res = STEPS[name](self.options).run(graph, ctx)
             changed |= res.changed
             layers += [{**rec, "step": name} for rec in res.stats.get("layers", [])]
             stats[name] = {k: v for k, v in res.stats.items() if k != "layers"}

@@ -9,8 +9,8 @@ each one stands for) and rewire what depends on the token count:
 * a padding mask read after a reduction (BERT's masked mean pooling) is recomputed from the
   sizes, so the mean stays a mean over the original tokens.
 
-Configure with ``ctx.options["token_merge"] = TokenMerge(r=8)`` (or a dict), or pass the config
-to the pass: ``TokenMergePass(TokenMerge(r=8))``. r=0 / keep=1.0 leave the graph untouched.
+Configure by giving the settings to the pass: ``TokenMergePass(TokenMerge(r=8))`` (or
+``TokenMerge(r=8).make_pass()``). r=0 / keep=1.0 leave the graph untouched.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ..errors import NnforgeError
 from ..ir import Graph, Node, Value, symbols, verify
 from ..ir.registry import OpError, infer_types
 from .blocks import TOKEN_OPS, Block, BlockInfo, require_blocks
-from .manager import Pass, PassContext, PassResult, register_pass
+from .manager import Pass, PassContext, PassOptions, PassResult, register_pass
 
 # ---------------------------------------------------------------------------------------
 # configuration
@@ -35,7 +35,7 @@ SCHEDULES = ("constant", "decreasing")
 
 
 @dataclass
-class TokenMerge:
+class TokenMerge(PassOptions):
     """ToMe: merge ``r`` tokens in every block (``decreasing``: 2r at the first block down to 0)."""
 
     r: int | list[int] = 8
@@ -60,7 +60,7 @@ SCORES = {"cls": "first", "mean": "mean", "last": "last"}  # TokenPrune.score ->
 
 
 @dataclass
-class TokenPrune:
+class TokenPrune(PassOptions):
     """Keep the fraction ``keep`` of the (unprotected) tokens at each of ``layers``, by the attention they receive.
 
     score: "cls" (from the class token, EViT), "mean" (averaged over queries) or "last" (the last
@@ -81,18 +81,6 @@ class TokenPrune:
         if bad:
             raise NnforgeError(f"token_prune: layers {bad} out of range for {n} blocks")
         return sorted(set(layers))
-
-
-def config_from(ctx: PassContext, own, cls):
-    """The pass's own config, else ctx.options[name] (a config object or a dict of its fields), else defaults."""
-    got = own if own is not None else ctx.options.get(cls.pass_name)
-    if got is None:
-        return cls()
-    if isinstance(got, dict):
-        return cls(**got)
-    if not isinstance(got, cls):
-        raise NnforgeError(f"{cls.pass_name}: option must be a {cls.__name__} or a dict, got {type(got).__name__}")
-    return got
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,12 +302,11 @@ class TokenMergePass(Pass):
 
     name = "token_merge"
     lossy = True
-
-    def __init__(self, config: TokenMerge | None = None):
-        self.config = config
+    Options = TokenMerge
+    requires = ("blocks",)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        cfg = config_from(ctx, self.config, TokenMerge)
+        cfg = self.options
         info = require_blocks(graph, self.name)
         rs = cfg.per_block(len(info.blocks))
         if not any(rs):
@@ -360,12 +347,11 @@ class TokenPrunePass(Pass):
 
     name = "token_prune"
     lossy = True
-
-    def __init__(self, config: TokenPrune | None = None):
-        self.config = config
+    Options = TokenPrune
+    requires = ("blocks",)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        cfg = config_from(ctx, self.config, TokenPrune)
+        cfg = self.options
         if not 0.0 < cfg.keep <= 1.0:
             raise NnforgeError(f"token_prune: keep must be in (0, 1], got {cfg.keep}")
         if cfg.keep == 1.0:
