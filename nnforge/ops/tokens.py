@@ -33,7 +33,7 @@ from .common import LazyModule, R, float_only
 from ..ir.ops import _sdpa_infer, _softmax  # noqa: E402
 
 _onnxrt = LazyModule("nnforge.backends.onnxrt")  # INT64_MAX, ONNX_DTYPES
-_tvm_tokens = LazyModule("nnforge.backends.tvm_tokens")  # the merged-tokens kernel
+_tvm_kernels = LazyModule("nnforge.backends.tvm_tokens")  # the merged-tokens kernel
 
 
 def _tokens_infer(op: str, x: TensorType, sizes: TensorType | None):
@@ -433,11 +433,11 @@ def _(c, x, metric, sizes=None, r=0, protect_first=0):
     src = _tvm_tokens(c, order, 0, r)
     keep = c.emit(R.sort(_tvm_tokens(c, order, r, n_src), axis=-1))
     dst = c.emit(R.gather_elements(target, src, axis=1))
-    out = c.bb.emit_te(_tvm_tokens.merged_tokens, x, sizes, keep, src, dst, primfunc_name_hint="token_merge")
+    out = c.bb.emit_te(_tvm_kernels.merged_tokens, x, sizes, keep, src, dst, primfunc_name_hint="token_merge")
     if c.target is not None and c.target.kind.name == "llvm":
         gv = out.op if isinstance(out, relax.Call) else c.bb.lookup_binding(out).args[0]
-        c.bb.update_func(gv, _tvm_tokens.schedule_merged_tokens(c.bb.get()[gv], c.target))
-    out_sizes = c.bb.emit_te(_tvm_tokens.merged_sizes, sizes, keep, src, dst, primfunc_name_hint="token_merge_sizes")
+        c.bb.update_func(gv, _tvm_kernels.schedule_merged_tokens(c.bb.get()[gv], c.target))
+    out_sizes = c.bb.emit_te(_tvm_kernels.merged_sizes, sizes, keep, src, dst, primfunc_name_hint="token_merge_sizes")
     return [out, out_sizes]
 
 
