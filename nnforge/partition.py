@@ -318,8 +318,8 @@ def subgraph(graph: Graph, part: Partition, name: str | None = None) -> Graph:
     g.inputs = [mapped(values[n]) for n in part.inputs]
     for k in part.nodes:
         n = graph.nodes[k]
-        g.nodes.append(Node(n.op, [mapped(i) if i is not None else None for i in n.inputs],
-                            [mapped(o) for o in n.outputs], dict(n.attrs), n.name, n.source))
+        g.insert_node(Node(n.op, [mapped(i) if i is not None else None for i in n.inputs],
+                           [mapped(o) for o in n.outputs], dict(n.attrs), n.name, n.source))
     g.outputs = [mapped(values[n]) for n in part.outputs]
     return g
 

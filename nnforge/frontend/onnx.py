@@ -433,7 +433,7 @@ class _Importer:
             self.check_size(node.outputs[0].type.shape, f"the result of {ir_op}")
             arrays = [self.g.constant(i) if i is not None else None for i in inputs]
             return self.g.add_constant(run_node(node, arrays, {})[0], name=self._hint(k))
-        self.g.nodes.append(node)
+        self.g.insert_node(node)
         return node.output
 
     def _foldable(self, node) -> bool:

@@ -50,6 +50,28 @@ def fusion_creates_cycle(g: Graph, group: Iterable[Node], dg: nx.DiGraph | None 
     return not nx.is_directed_acyclic_graph(contracted)
 
 
+def fusion_cycle_local(g: Graph, group: Iterable[Node]) -> Node | None:
+    """``fusion_creates_cycle`` on the graph's use-lists, without building a networkx view: the outside node
+    through which a path leaves the group and comes back, or None. In node order such a path ends before
+    the group's last node, so only the nodes up to it are searched."""
+    group = list(dict.fromkeys(group))
+    inside = set(group)
+    if len(inside) < 2:
+        return None
+    last = max(group, key=g.order_key)
+    todo = [(u, u) for n in group for o in n.outputs for u in g.users_of(o) if u not in inside]
+    seen: set[Node] = set()
+    while todo:
+        u, exit_ = todo.pop()
+        if u in inside:
+            return exit_
+        if u in seen or not g.precedes(u, last):
+            continue
+        seen.add(u)
+        todo.extend((w, exit_) for o in u.outputs for w in g.users_of(o))
+    return None
+
+
 def immediate_dominators(g: Graph) -> dict[Node, Node]:
     """Dominator tree of the dataflow graph rooted at a virtual entry feeding every source node."""
     dg = to_networkx(g)

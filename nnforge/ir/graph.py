@@ -3,6 +3,14 @@
 A graph is plain data. Nodes are kept in topological order; values are referenced by
 object identity and carry unique names. Constants (weights) are Values whose array lives
 in ``graph.constants``.
+
+Edits are cheap: nodes sit in a linked list (O(1) insert-before and removal, with order keys
+that compare positions in O(1)), and the graph keeps use-lists (``graph.users_of(v)``), which
+the edit API keeps right: ``add_node``/``insert_node``, ``remove_node``, ``replace_all_uses``,
+``node.inputs = [...]`` and ``node.set_input(i, v)``. ``node.inputs`` is a read-only list, so an
+edit that would bypass the use-lists fails instead of going stale. ``graph.nodes`` is a list built on
+demand; editing it in place (the old style) still works: the graph rebuilds itself from the edited
+list at its next query or edit, in O(n).
 """
 from __future__ import annotations
 
@@ -78,18 +86,66 @@ class Value:
         return f"%{self.name}:{self.type}"
 
 
+class ReadOnlyList(list):
+    """A list to read as usual; editing it in place raises, so edits go through the API that keeps use-lists."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("read-only list: set node.inputs = [...] or call node.set_input(i, v), and add or remove "
+                        "nodes with graph.add_node / insert_node / remove_node, so the graph's use-lists stay right")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self):
+        return ReadOnlyList, (list(self),)
+
+
 class Node:
-    __slots__ = ("op", "inputs", "outputs", "attrs", "name", "source")
+    # graph, _prev, _next, _order: the node's place in its graph's linked list (None/0 when not in a graph)
+    __slots__ = ("op", "_inputs", "_outputs", "attrs", "name", "source", "graph", "_prev", "_next", "_order")
 
     def __init__(self, op: str, inputs: Sequence[Value | None], outputs: Sequence[Value],
                  attrs: dict[str, Any] | None = None, name: str = "", source: str = ""):
+        self.graph: Graph | None = None
+        self._prev = self._next = None
+        self._order = 0
         self.op = op
-        self.inputs = list(inputs)
-        self.outputs = list(outputs)
+        self._inputs = ReadOnlyList(inputs)
+        self.outputs = outputs
         self.attrs = dict(attrs or {})
         self.name = name
         self.source = source  # model source line, for error messages
-        for o in self.outputs:
+
+    @property
+    def inputs(self) -> ReadOnlyList:
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, inputs: Sequence[Value | None]) -> None:
+        if self.graph is not None:
+            self.graph._sync()  # an in-place edit of graph.nodes may have taken this node out
+        if self.graph is None:
+            self._inputs = ReadOnlyList(inputs)
+            return
+        self.graph._unlink_uses(self)
+        self._inputs = ReadOnlyList(inputs)
+        self.graph._link_uses(self)
+
+    def set_input(self, index: int, value: Value | None) -> None:
+        inputs = list(self._inputs)
+        inputs[index] = value
+        self.inputs = inputs
+
+    @property
+    def outputs(self) -> ReadOnlyList:
+        return self._outputs
+
+    @outputs.setter
+    def outputs(self, outputs: Sequence[Value]) -> None:
+        self._outputs = ReadOnlyList(outputs)
+        for o in self._outputs:
             o.producer = self
 
     @property
@@ -101,12 +157,55 @@ class Node:
         return f"Node({self.op}, {[i.name if i else None for i in self.inputs]} -> {[o.name for o in self.outputs]})"
 
 
+class _ListEnd:
+    """The linked list's sentinel: before the first node and after the last."""
+
+    __slots__ = ("_prev", "_next", "_order")
+
+    def __init__(self):
+        self._prev = self._next = self
+        self._order = 0
+
+
+ORDER_GAP = 1 << 32  # room between neighbours' order keys: many inserts at one spot before a renumbering
+
+
+class NodeList(list):
+    """``graph.nodes``: a list in node order. Edited in place, it marks itself so that the graph adopts it
+    at its next query or edit (several edits, such as a swap, may pass through invalid states first)."""
+
+    __slots__ = ("graph", "edited")
+
+    def __init__(self, nodes, graph: "Graph"):
+        super().__init__(nodes)
+        self.graph, self.edited = graph, False
+
+    def __reduce__(self):
+        return list, (list(self),)
+
+
+def _node_list_edit(name: str):
+    def edit(self, *args, **kwargs):
+        if self.graph is None:
+            raise TypeError("this node list is stale (the graph changed since it was read): read graph.nodes again")
+        self.edited = True
+        return getattr(list, name)(self, *args, **kwargs)
+    return edit
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
+              "clear", "sort", "reverse"):
+    setattr(NodeList, _name, _node_list_edit(_name))
+
+
 class Graph:
     def __init__(self, name: str = "graph"):
         self.name = name
         self.inputs: list[Value] = []
         self.outputs: list[Value] = []
-        self.nodes: list[Node] = []
+        self._end = _ListEnd()
+        self._node_list: NodeList | None = None  # graph.nodes, materialised on demand, dropped on edits
+        self._uses: dict[Value, dict[Node, int]] = {}  # value -> {node reading it: how many of its inputs do}
         self.constants: dict[str, np.ndarray] = {}
         self.const_values: dict[str, Value] = {}
         self.meta: dict[str, Any] = {}  # free-form (frontend info, symbol bindings)
@@ -148,11 +247,28 @@ class Graph:
 
     def add_node(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None, name: str = "",
                  source: str = "", out_types=None, before: Node | None = None) -> Node:
-        node = self.make_node(op, inputs, attrs, name, source, out_types)
-        if before is None:
-            self.nodes.append(node)
+        return self.insert_node(self.make_node(op, inputs, attrs, name, source, out_types), before)
+
+    def insert_node(self, node: Node, before: Node | None = None) -> Node:
+        """Put a made node into the graph, at the end or just before ``before``."""
+        self._sync()
+        if node.graph is not None:
+            raise ValueError(f"{node!r} is already in a graph")
+        nxt = self._end if before is None else before
+        if before is not None and before.graph is not self:
+            raise ValueError(f"{before!r} is not in this graph")
+        prv = nxt._prev
+        node._prev, node._next = prv, nxt
+        prv._next = nxt._prev = node
+        node.graph = self
+        if nxt is self._end:
+            node._order = prv._order + ORDER_GAP
+        elif nxt._order - prv._order > 1:
+            node._order = (prv._order + nxt._order) // 2
         else:
-            self.nodes.insert(self.nodes.index(before), node)
+            self._renumber()
+        self._link_uses(node)
+        self._drop_node_list()
         return node
 
     def op(self, op: str, *inputs: Value | None, name: str = "", **attrs) -> Value:
@@ -166,7 +282,66 @@ class Graph:
     def constant(self, v: Value) -> np.ndarray:
         return self.constants[v.name]
 
+    @property
+    def nodes(self) -> NodeList:
+        """The nodes in order, as a list (built on demand, kept until the next edit)."""
+        if self._node_list is None:
+            out, n = [], self._end._next
+            while n is not self._end:
+                out.append(n)
+                n = n._next
+            self._node_list = NodeList(out, self)
+        return self._node_list
+
+    @nodes.setter
+    def nodes(self, nodes: Iterable[Node]) -> None:
+        """Replace the node list wholesale (passes that rebuild the order, e.g. DCE, toposort): O(n)."""
+        nodes = list(nodes)
+        n = self._end._next
+        while n is not self._end:
+            n.graph, n._prev, n._next, n = None, None, None, n._next
+        self._end = _ListEnd()
+        self._uses = {}
+        self._drop_node_list()
+        for n in nodes:
+            self.insert_node(n)
+
+    def _sync(self) -> None:
+        """Adopt graph.nodes if it was edited in place since it was read."""
+        if self._node_list is not None and self._node_list.edited:
+            self.nodes = list(self._node_list)
+
+    def _drop_node_list(self) -> None:
+        if self._node_list is not None:
+            self._node_list.graph = None  # editing the old list now raises instead of being lost
+            self._node_list = None
+
+    def contains(self, node: Node) -> bool:
+        self._sync()
+        return node.graph is self
+
+    def users_of(self, v: Value) -> list[Node]:
+        """The nodes that read ``v`` (each once), from the use-lists."""
+        self._sync()
+        return list(self._uses.get(v, ()))
+
+    def has_users(self, v: Value) -> bool:
+        self._sync()
+        return v in self._uses
+
+    def precedes(self, a: Node, b: Node) -> bool:
+        """Whether node ``a`` comes before node ``b`` (both in this graph)."""
+        self._sync()
+        return a._order < b._order
+
+    def order_key(self, node: Node) -> int:
+        """A number that grows along the node order, to sort nodes by (valid until the next edit)."""
+        self._sync()
+        return node._order
+
     def users(self) -> dict[Value, list[Node]]:
+        """Every used value -> its users in node order, a node once per input slot (a full scan: in a loop,
+        use ``users_of``)."""
         out: dict[Value, list[Node]] = {}
         for n in self.nodes:
             for i in n.inputs:
@@ -197,15 +372,48 @@ class Graph:
 
     # -- editing --------------------------------------------------------------------------
     def replace_all_uses(self, old: Value, new: Value) -> None:
-        for n in self.nodes:
-            n.inputs = [new if i is old else i for i in n.inputs]
+        self._sync()
+        if old is not new:
+            for n in self.users_of(old):
+                n.inputs = [new if i is old else i for i in n.inputs]
         self.outputs = [new if o is old else o for o in self.outputs]
 
     def remove_node(self, node: Node) -> None:
-        self.nodes.remove(node)
+        self._sync()
+        if node.graph is not self:
+            raise ValueError(f"{node!r} is not in this graph")
+        self._unlink_uses(node)
+        node._prev._next, node._next._prev = node._next, node._prev
+        node.graph, node._prev, node._next = None, None, None
+        self._drop_node_list()
+
+    def _link_uses(self, node: Node) -> None:
+        for v in node._inputs:
+            if v is not None:
+                users = self._uses.setdefault(v, {})
+                users[node] = users.get(node, 0) + 1
+
+    def _unlink_uses(self, node: Node) -> None:
+        for v in node._inputs:
+            if v is not None:
+                users = self._uses[v]
+                users[node] -= 1
+                if not users[node]:
+                    del users[node]
+                    if not users:
+                        del self._uses[v]
+
+    def _renumber(self) -> None:
+        """Spread the order keys out again (when an insert found no room between two neighbours)."""
+        n, k = self._end._next, 0
+        while n is not self._end:
+            k += ORDER_GAP
+            n._order = k
+            n = n._next
 
     def remove_unused_constants(self) -> int:
-        used = {i.name for n in self.nodes for i in n.inputs if i is not None} | {o.name for o in self.outputs}
+        self._sync()
+        used = {v.name for v in self._uses} | {o.name for o in self.outputs}
         dead = [k for k in self.constants if k not in used]
         for k in dead:
             del self.constants[k]
@@ -236,8 +444,8 @@ class Graph:
             g.const_values[name] = cp(v)
             g.constants[name] = self.constants[name]
         for n in self.nodes:
-            g.nodes.append(Node(n.op, [cp(i) if i is not None else None for i in n.inputs],
-                                [cp(o) for o in n.outputs], dict(n.attrs), n.name, n.source))
+            g.insert_node(Node(n.op, [cp(i) if i is not None else None for i in n.inputs],
+                               [cp(o) for o in n.outputs], dict(n.attrs), n.name, n.source))
         g.outputs = [cp(v) for v in self.outputs]
         return g
 

@@ -106,7 +106,7 @@ def graph_from_json(doc: dict, constants: dict[str, np.ndarray]) -> Graph:
         outs = [Value(str(o.get("name")), _type(o, f"node #{k} output")) for o in obj.get("outputs", [])]
         attrs = {a: (list(v) if isinstance(v, list) else v) for a, v in obj.get("attrs", {}).items()}
         Node(obj["op"], ins, outs, attrs, name=outs[0].name if outs else "", source=str(obj.get("source", "")))
-        g.nodes.append(outs[0].producer if outs else Node(obj["op"], ins, [], attrs))
+        g.insert_node(outs[0].producer if outs else Node(obj["op"], ins, [], attrs))
         for o in outs:
             define(o)
     for name in doc.get("outputs", []):

@@ -11,7 +11,7 @@ import numpy as np
 from ..ir import Graph, Node, get_op
 from .manager import Pass, PassContext, PassResult, register_pass
 from .cleanup import CANONICAL_RULES
-from .pattern import ANY, Bind, P, RewritePass, Rule
+from .pattern import ANY, Bind, OneOf, Opt, P, RewritePass, Rule
 
 
 def _consts(g: Graph, m, *names) -> bool:
@@ -96,12 +96,8 @@ def _scale_into_linear(m, b):
     return b.op("linear", *args)
 
 
-SCALE_INTO_LINEAR = [
-    Rule("fold_scale_into_linear", P("mul", P("linear", "x", "w", "b"), "c", commutative=True), _scale_into_linear,
-         _scale_into_linear_check),
-    Rule("fold_scale_into_linear", P("mul", P("linear", "x", "w"), "c", commutative=True), _scale_into_linear,
-         _scale_into_linear_check),
-]
+SCALE_INTO_LINEAR = Rule("fold_scale_into_linear", P("mul", P("linear", "x", "w", Opt("b")), "c", commutative=True),
+                         _scale_into_linear, _scale_into_linear_check)
 
 
 def _shift_check(m, g):
@@ -118,7 +114,7 @@ class FoldConstantChains(RewritePass):
     """Fold BatchNorm into the preceding conv; merge constant mul/add chains; fold scales into linear weights."""
 
     name = "fold_constant_chains"
-    rules = [FOLD_BN, DIV_TO_MUL, SUB_TO_ADD, _chain("mul", np.multiply), _chain("add", np.add), *SCALE_INTO_LINEAR,
+    rules = [FOLD_BN, DIV_TO_MUL, SUB_TO_ADD, _chain("mul", np.multiply), _chain("add", np.add), SCALE_INTO_LINEAR,
              SHIFT_INTO_LINEAR]
 
 
@@ -150,9 +146,9 @@ _ACTIVATION_OPS = {"relu": ("relu", {}), "gelu": ("gelu", {"approximate": "none"
 
 
 def _act_rules():
-    return [Rule(f"linear_{act}", P(op, lin, **attrs),
+    return [Rule(f"linear_{act}", P(op, P("linear", "x", "w", Opt("b")), **attrs),
                  lambda m, b, act=act: b.op("linear_act", *[m[k] for k in ("x", "w", "b") if k in m], act=act))
-            for act, (op, attrs) in _ACTIVATION_OPS.items() for lin in (P("linear", "x", "w", "b"), P("linear", "x", "w"))]
+            for act, (op, attrs) in _ACTIVATION_OPS.items()]
 
 
 @register_pass
@@ -217,12 +213,10 @@ def _gelu_check(m, g):
 
 
 _ERF = P("add", P("erf", P("mul", "x", "inv_sqrt2", commutative=True)), "one", commutative=True)
-GELU = [
-    Rule("gelu", P("mul", P("mul", "x", "half", commutative=True), _ERF, commutative=True),
-         lambda m, b: b.op("gelu", m["x"], approximate="none"), _gelu_check),
-    Rule("gelu", P("mul", P("mul", "x", _ERF, commutative=True), "half", commutative=True),
-         lambda m, b: b.op("gelu", m["x"], approximate="none"), _gelu_check),
-]
+# x * 0.5 * (1 + erf(x / sqrt(2))), the half applied first or last
+GELU = Rule("gelu", OneOf(P("mul", P("mul", "x", "half", commutative=True), _ERF, commutative=True),
+                          P("mul", P("mul", "x", _ERF, commutative=True), "half", commutative=True)),
+            lambda m, b: b.op("gelu", m["x"], approximate="none"), _gelu_check)
 SILU = Rule("silu", P("mul", "x", P("sigmoid", "x"), commutative=True), lambda m, b: b.op("silu", m["x"]))
 
 
@@ -232,7 +226,7 @@ class RecognizeElementwise(RewritePass):
 
     name = "recognize_norms"
     rules = [DIV_TO_MUL, LAYER_NORM, LAYER_NORM_RSQRT, RMS_NORM, *_norm_affine("layer_norm"), *_norm_affine("rms_norm"),
-             *GELU, SILU]
+             GELU, SILU]
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,12 +297,12 @@ def _sdpa_build(m, b):
     return b.op("sdpa", *args, scale=scale)
 
 
-def _sdpa_rules():
-    scores = [P("mul", P("matmul", "q", "kt"), "s", commutative=True),
-              P("matmul", P("mul", "q", "s", commutative=True), "kt"),
-              P("matmul", "q", "kt")]
-    scores += [P("add", s, "mask", commutative=True) for s in scores]
-    return [Rule("sdpa", P("matmul", P("softmax", s, axis=Bind("axis")), "v"), _sdpa_build, _sdpa_check) for s in scores]
+# q k^T scaled after or before the matmul (or not at all), then maybe masked
+_SCORES = OneOf(P("mul", P("matmul", "q", "kt"), "s", commutative=True),
+                P("matmul", P("mul", "q", "s", commutative=True), "kt"),
+                P("matmul", "q", "kt"))
+_MASKED = OneOf(_SCORES, P("add", _SCORES, "mask", commutative=True))
+SDPA = Rule("sdpa", P("matmul", P("softmax", _MASKED, axis=Bind("axis")), "v"), _sdpa_build, _sdpa_check)
 
 
 def _heads(name):
@@ -364,7 +358,7 @@ class FuseAttention(RewritePass):
     """softmax(q k^T * scale + mask) v -> sdpa; head split/merge around it -> one attention op on [B, S, H*D]."""
 
     name = "fuse_attention"
-    rules = [UNPACK_QKV, *_sdpa_rules(), *CANONICAL_RULES, ATTENTION]
+    rules = [UNPACK_QKV, SDPA, *CANONICAL_RULES, ATTENTION]
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,21 +397,24 @@ class SinkSlices(Pass):
     invalidates = ("blocks",)  # it trims the last block to the rows read after it: block analysis misses it
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        moved, changed = 0, True
-        while changed:
-            changed = False
-            users = graph.users()
-            for s in list(graph.nodes):
-                p = s.inputs[0].producer if s.op == "slice" else None
-                if p is None or len(p.outputs) != 1 or p not in graph.nodes or s.inputs[0] in graph.outputs:
+        moved = 0
+        pending = [n for n in graph.nodes if n.op == "slice"]
+        while pending:  # rounds in node order; a move puts the slices around it on the next round
+            batch = sorted({s for s in pending if graph.contains(s)}, key=graph.order_key)
+            pending = []
+            for s in batch:
+                p = s.inputs[0].producer if graph.contains(s) else None
+                if p is None or len(p.outputs) != 1 or not graph.contains(p) or s.inputs[0] in graph.outputs:
                     continue
                 key = _slice_key(s)
-                group = users.get(s.inputs[0], [])
+                group = graph.users_of(s.inputs[0])
                 if not _row_wise(p, key[0]) or any(u.op != "slice" or _slice_key(u) != key for u in group):
                     continue
-                self._push(graph, p, group, key)
-                moved, changed = moved + 1, True
-                break  # users changed: rescan
+                new = self._push(graph, p, group, key)
+                moved += 1
+                # slices whose input lost p as a reader, and slices of the moved op, may move now
+                near = [v for v in p.inputs if v is not None] + [new]
+                pending += [u for v in near for u in graph.users_of(v) if u.op == "slice"]
         return PassResult(bool(moved), {"slices_sunk": moved})
 
     @staticmethod
@@ -434,7 +431,7 @@ class SinkSlices(Pass):
         return graph.add_node("slice", [v], {"axis": ax, "start": start, "end": end, "step": step},
                               name=v.name + "_rows", before=before).output
 
-    def _push(self, graph: Graph, p: Node, group: list[Node], key) -> None:
+    def _push(self, graph: Graph, p: Node, group: list[Node], key):
         rank = p.output.type.rank
         if p.op in ("linear", "linear_act", "layer_norm", "rms_norm", "attention", "slice"):
             ins = [self._cut(graph, p.inputs[0], key, rank, p)] + list(p.inputs[1:])
@@ -445,6 +442,7 @@ class SinkSlices(Pass):
             graph.replace_all_uses(s.output, new)
             graph.remove_node(s)
         graph.remove_node(p)
+        return new
 
 
 # ---------------------------------------------------------------------------------------
@@ -463,7 +461,7 @@ class FuseElementwise(Pass):
     name = "fuse_elementwise"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from ..ir.analysis import fusion_creates_cycle, to_networkx
+        from ..ir.analysis import fusion_cycle_local
 
         users, outs = graph.users(), set(graph.outputs)
         region: dict[Node, list[Node]] = {}
@@ -475,10 +473,9 @@ class FuseElementwise(Pass):
             region[n] = region[joins[0]] if joins else []
             region[n].append(n)
         groups = [g for g in {id(r): r for r in region.values()}.values() if len(g) >= 2]
-        dg = to_networkx(graph) if groups else None
         made = 0
         for group in groups:
-            if fusion_creates_cycle(graph, group, dg):  # cannot happen for single-use chains; checked anyway
+            if fusion_cycle_local(graph, group) is not None:  # cannot happen for single-use chains; checked anyway
                 continue
             self._replace(graph, group)
             made += 1

@@ -126,7 +126,7 @@ def _set_weight(graph: Graph, layer: Layer, w2d: np.ndarray) -> None:
     """Put a new [N, K] weight into the layer's node (in place: shapes do not change)."""
     old = graph.constant(layer.node.inputs[1])
     arr = w2d.T if layer.node.op == "matmul" else w2d.reshape(old.shape)
-    layer.node.inputs[1] = graph.add_constant(np.ascontiguousarray(arr, old.dtype), f"{layer.name}_sparse")
+    layer.node.set_input(1, graph.add_constant(np.ascontiguousarray(arr, old.dtype), f"{layer.name}_sparse"))
 
 
 def prune(graph: Graph, ctx: PassContext, cfg: Sparsity) -> PassResult:
@@ -212,8 +212,8 @@ def drop_columns(graph: Graph, layer: Layer, cols: np.ndarray) -> None:
     """Remove input features ``cols`` of a consumer (in place: its output type does not change)."""
     w = _current(graph, layer)
     new = np.delete(w, cols, axis=1)
-    layer.node.inputs[1] = graph.add_constant(np.ascontiguousarray(new.T if layer.node.op == "matmul" else new),
-                                              f"{layer.name}_pruned")
+    layer.node.set_input(1, graph.add_constant(np.ascontiguousarray(new.T if layer.node.op == "matmul" else new),
+                                               f"{layer.name}_pruned"))
 
 
 def drop_rows(graph: Graph, lin: Node, drop: np.ndarray) -> Node:

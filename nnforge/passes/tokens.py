@@ -105,9 +105,9 @@ def first_user(graph: Graph, v: Value) -> Node:
 
 def replace_uses_after(graph: Graph, old: Value, new: Value, after: Node) -> None:
     """Uses of ``old`` by nodes after ``after`` (and graph outputs) now read ``new``."""
-    start = graph.nodes.index(after) + 1
-    for n in graph.nodes[start:]:
-        n.inputs = [new if i is old else i for i in n.inputs]
+    for n in graph.users_of(old):
+        if graph.precedes(after, n):
+            n.inputs = [new if i is old else i for i in n.inputs]
     graph.outputs = [new if o is old else o for o in graph.outputs]
 
 

@@ -18,7 +18,7 @@ def _fold_into_layer_norm(graph: Graph, node, s: np.ndarray) -> bool:
     wa = graph.constant(w) if w is not None else np.ones(len(s), dt)
     # new constants, edited into the node in place: constants may be shared (CSE merges equal ones)
     name = base_name(w.name) if w is not None else "ln_weight"
-    node.inputs[1:] = [graph.add_constant((wa / s).astype(dt), f"{name}_smooth")] + (
+    node.inputs = node.inputs[:1] + [graph.add_constant((wa / s).astype(dt), f"{name}_smooth")] + (
         [graph.add_constant((graph.constant(b) / s).astype(dt), f"{base_name(b.name)}_smooth")] if b is not None else [])
     return True
 
@@ -30,10 +30,10 @@ def _fold_into_linear(graph: Graph, node, s: np.ndarray) -> bool:
     if not all(v is None or graph.is_constant(v) for v in node.inputs[1:]):
         return False
     w = graph.constant(node.inputs[1])
-    node.inputs[1] = graph.add_constant((w / s[:, None]).astype(w.dtype), f"{base_name(node.inputs[1].name)}_smooth")
+    node.set_input(1, graph.add_constant((w / s[:, None]).astype(w.dtype), f"{base_name(node.inputs[1].name)}_smooth"))
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        node.inputs[2] = graph.add_constant((graph.constant(node.inputs[2]) / s).astype(w.dtype),
-                                            f"{base_name(node.inputs[2].name)}_smooth")
+        node.set_input(2, graph.add_constant((graph.constant(node.inputs[2]) / s).astype(w.dtype),
+                                             f"{base_name(node.inputs[2].name)}_smooth"))
     return True
 
 
@@ -47,11 +47,11 @@ def _fold_into_attention(graph: Graph, node, s: np.ndarray) -> bool:
     lin, start, end = src
     w = graph.constant(lin.inputs[1]).copy()
     w[start:end] /= s[:, None]
-    lin.inputs[1] = graph.add_constant(w, f"{base_name(lin.inputs[1].name)}_smooth")
+    lin.set_input(1, graph.add_constant(w, f"{base_name(lin.inputs[1].name)}_smooth"))
     if len(lin.inputs) > 2 and lin.inputs[2] is not None:
         b = graph.constant(lin.inputs[2]).copy()
         b[start:end] /= s
-        lin.inputs[2] = graph.add_constant(b, f"{base_name(lin.inputs[2].name)}_smooth")
+        lin.set_input(2, graph.add_constant(b, f"{base_name(lin.inputs[2].name)}_smooth"))
     return True
 
 
@@ -64,7 +64,7 @@ def _scale_consumer(graph: Graph, node, s: np.ndarray) -> None:
     layer may already have had its rows divided as the producer of another smoothed input)."""
     w = graph.constant(node.inputs[1])
     scaled = w * (s[None, :] if node.op != "matmul" else s[:, None])  # matmul weights are [K, N]
-    node.inputs[1] = graph.add_constant(scaled.astype(w.dtype), f"{base_name(node.inputs[1].name)}_smooth")
+    node.set_input(1, graph.add_constant(scaled.astype(w.dtype), f"{base_name(node.inputs[1].name)}_smooth"))
 
 
 def _current_weight(graph: Graph, layer: Layer) -> np.ndarray:
