@@ -101,6 +101,7 @@ def compile_key(graph: Graph, passes: list, settings: "BuildSettings") -> str:
         "backend": backend_fingerprint(settings.backend),
         "fallback": [settings.fallback, settings.min_block_size, {f: _file_hash(_PACKAGE / f) for f in fallback_code}],
         "ir": {f.name: _file_hash(f) for f in sorted((_PACKAGE / "ir").glob("*.py"))},
+        "ops": {f.name: _file_hash(f) for f in sorted((_PACKAGE / "ops").glob("*.py"))},  # the ops' lowerings
         "bundle": _file_hash(_PACKAGE / "bundle.py"),
         "target": settings.target.name,
         "options": json.dumps(settings.options, sort_keys=True, default=repr),
