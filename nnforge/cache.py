@@ -93,7 +93,7 @@ def backend_fingerprint(backend: str) -> dict:
 def compile_key(graph: Graph, passes: list, settings: "BuildSettings") -> str:
     """The cache key of compiling ``graph`` (the imported, not yet optimised graph) with ``passes`` and
     building it with ``settings`` (the plan-and-build step's ``partition.BuildSettings``)."""
-    fallback_code = ["partition.py", "backends/torch_exec.py", "ir/ops_fallback.py"] if settings.fallback else []
+    fallback_code = ["partition.py", "backends/torch_exec.py", "ops/fallback.py"] if settings.fallback else []
     recipe = {
         "key_version": KEY_VERSION,
         "graph": graph_digest(graph),
@@ -101,7 +101,7 @@ def compile_key(graph: Graph, passes: list, settings: "BuildSettings") -> str:
         "backend": backend_fingerprint(settings.backend),
         "fallback": [settings.fallback, settings.min_block_size, {f: _file_hash(_PACKAGE / f) for f in fallback_code}],
         "ir": {f.name: _file_hash(f) for f in sorted((_PACKAGE / "ir").glob("*.py"))},
-        "ops": {f.name: _file_hash(f) for f in sorted((_PACKAGE / "ops").glob("*.py"))},  # references and lowerings
+        "ops": {f.name: _file_hash(f) for f in sorted((_PACKAGE / "ops").glob("*.py"))},  # the ops' lowerings
         "bundle": _file_hash(_PACKAGE / "bundle.py"),
         "target": settings.target.name,
         "options": json.dumps(settings.options, sort_keys=True, default=repr),

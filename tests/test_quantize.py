@@ -7,7 +7,7 @@ from nnforge import PassContext, PassManager
 from nnforge.errors import NnforgeError
 from nnforge.backends import onnxrt
 from nnforge.ir import Graph, TensorType, interpret, load_graph, save_graph, verify
-from nnforge.ir.ops_lowbit import dequantize, int_matmul, pack_int4, quantize_per_tensor, quantize_per_token, unpack_int4
+from nnforge.ops.lowbit import dequantize, int_matmul, pack_int4, quantize_per_tensor, quantize_per_token, unpack_int4
 from nnforge.passes.lowbit import Quantize
 from nnforge.passes.lowbit import gptq as G, rtn as R
 from nnforge.passes.manager import make_pass

@@ -21,7 +21,6 @@ from ..errors import NnforgeError, UnsupportedOpError
 from ..ir import Graph, Node, REGISTRY, Value, bind_symbols
 from ..ir.registry import call_impl
 from ..ir import symbols
-from ..ir.ops import BIG
 from ..targets import Target, get_target
 from ..ops.elementwise import ACTIVATIONS, is_float
 from ..ops.reduce import onnx_nan_mask as _nan_mask, onnx_nan_where
@@ -547,78 +546,13 @@ def _contrib_fusions(graph: Graph) -> tuple[dict, set]:
     return fused, skip
 
 
-def _reshape(cx, n, ins):
-    # allowzero=1: an IR 0 means an empty axis, never "copy the input dim"
-    cx.emit("Reshape", [ins[0], cx.dims(n.attrs["shape"])], out=n.output.name, allowzero=1)
-
-
-def _permute(cx, n, ins):
-    cx.emit("Transpose", ins, out=n.output.name, perm=list(n.attrs["perm"]))
-
-
-def _expand(cx, n, ins):
-    # ONNX Expand broadcasts both ways, so 1 keeps the source dim where the IR says -1
-    shape = [1 if d == -1 else d for d in n.attrs["shape"]]
-    cx.emit("Expand", [ins[0], cx.dims(shape)], out=n.output.name)
-
-
-def _concat(cx, n, ins):
-    cx.emit("Concat", ins, out=n.output.name, axis=n.attrs["axis"])
-
-
-def _slice(cx, n, ins):
-    a = n.attrs
-    end = a["end"]
-    if isinstance(end, int):
-        ends = cx.const([INT64_MAX if end >= BIG // 2 else end], "int64", "end")
-    else:
-        ends = cx.dim(end)
-    cx.emit("Slice", [ins[0], cx.const([a["start"]], "int64", "start"), ends, cx.const([a["axis"]], "int64", "axes"),
-                      cx.const([a["step"]], "int64", "step")], out=n.output.name)
-
-
-def _gather(cx, n, ins):
-    cx.emit("Gather", ins, out=n.output.name, axis=n.attrs["axis"])
-
-
-def _squeeze(onnx_op: str) -> Lower:
-    def lower(cx, n, ins):
-        cx.emit(onnx_op, [ins[0], cx.const(list(n.attrs["axes"]), "int64", "axes")], out=n.output.name)
-
-    return lower
-
-
-def _full_like(cx, n, ins):
-    dt = n.attrs["dtype"] or n.inputs[0].dtype
-    cx.emit("Expand", [cx.const(n.attrs["value"], dt, "fill"), cx.emit("Shape", ins)], out=n.output.name)
-
-
-def _arange(cx, n, ins):
-    a = n.attrs
-    dt = a["dtype"]
-    # Range takes int32/int64/float/double; other dtypes count in int64 and cast
-    rdt = dt if dt in ("int32", "int64", "float32", "float64") else "int64"
-    start, step = cx.const(a["start"], rdt), cx.const(a["step"], rdt)
-    end = cx.scalar_dim(a["end"])
-    if rdt != "int64":
-        end = cx.emit("Cast", [end], to=ONNX_DTYPES[rdt])
-    if rdt == dt:
-        cx.emit("Range", [start, end, step], out=n.output.name)
-    else:
-        cx.emit("Cast", [cx.emit("Range", [start, end, step])], out=n.output.name, to=ONNX_DTYPES[dt])
-
-
 LOWERINGS.update({
     "linear": _linear, "linear_act": _linear_act, "conv2d": _conv2d, "max_pool2d": _max_pool2d, "avg_pool2d": _avg_pool2d,
-    "adaptive_avg_pool2d": _adaptive_avg_pool2d, "sdpa": _sdpa, "attention": _attention, "reshape": _reshape, "permute": _permute,
-    "expand": _expand, "concat": _concat, "slice": _slice, "gather": _gather, "squeeze": _squeeze("Squeeze"),
-    "unsqueeze": _squeeze("Unsqueeze"), "full_like": _full_like, "arange": _arange,
+    "adaptive_avg_pool2d": _adaptive_avg_pool2d, "sdpa": _sdpa, "attention": _attention,
 })
 
 # Registry ops deliberately without a lowering (name -> why); the test keeps it honest.
-EXPLICITLY_UNSUPPORTED: dict[str, str] = {
-    "torch_op": "an opaque torch op (no ONNX equivalent): it runs on the torch executor",
-}
+EXPLICITLY_UNSUPPORTED: dict[str, str] = {}
 
 
 def _linear_act_check(n: Node) -> str | None:
@@ -835,7 +769,3 @@ class OnnxRuntimeBackend(Backend):
 
 
 register_backend(OnnxRuntimeBackend())
-
-# lowerings of the token ops live beside this file and register into LOWERINGS
-from . import onnxrt_tokens  # noqa: E402,F401
-from . import onnxrt_lowbit  # noqa: E402,F401  (low-bit and sparse ops)

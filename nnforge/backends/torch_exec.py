@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, bind_symbols, get_op
-from ..ir.registry import call_impl
+from ..ir.registry import REGISTRY, call_impl
 from ..ir.interpret import run_node
-from ..ir.ops_fallback import TorchOpError, call as call_torch_op, resolve
 from ..ir.torch_dtypes import TORCH_DTYPES, from_torch, to_torch
+from ..ops.fallback import TorchOpError
 from ..ops.elementwise import ACTIVATIONS
 from ..targets import Target, get_target
 from .base import Artifact, Backend, Unsupported, register_backend
@@ -40,6 +40,14 @@ class TorchCx:
     def lower(self, node: Node, args: list) -> list:
         """Run ``node`` (a step of a composite op) on torch values ``args``; its outputs."""
         return run_node_torch(node, list(args), self.env, self.device)
+
+    def reference(self, *inputs, **attrs) -> list:
+        """The node's numpy reference on torch tensors (an op may run it as its torch implementation)."""
+        args = [from_torch(a) if a is not None else None for a in inputs]
+        with np.errstate(all="ignore"):  # NaN/Inf propagate like eager instead of warning
+            res = get_op(self.node.op).ref(*args, **attrs)
+        res = list(res) if isinstance(res, (tuple, list)) else [res]
+        return [to_torch(np.asarray(r).astype(o.dtype, copy=False)).to(self.device) for r, o in zip(res, self.node.outputs)]
 
 
 Lower = Callable[..., "torch.Tensor | list[torch.Tensor]"]
@@ -122,72 +130,6 @@ def _attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
     return o.transpose(1, 2).reshape(b, s, h * d)
 
 
-# -- shapes and data movement -------------------------------------------------------------
-@_lower("reshape")
-def _reshape(x, shape):
-    return x.reshape(shape)
-
-
-@_lower("permute")
-def _permute(x, perm):
-    return x.permute(perm)
-
-
-@_lower("expand")
-def _expand(x, shape):
-    off = len(shape) - x.dim()
-    target = [x.shape[i - off] if d == -1 else d for i, d in enumerate(shape)]
-    return x.expand(target)
-
-
-@_lower("concat")
-def _concat(*xs, axis=0):
-    return torch.cat(xs, axis)
-
-
-@_lower("slice")
-def _slice(x, axis, start=0, end=2**62, step=1):
-    idx = [slice(None)] * x.dim()
-    idx[axis] = slice(start, min(end, 2**62), step)
-    return x[tuple(idx)]
-
-
-@_lower("gather")
-def _gather(data, idx, axis=0):
-    axis = axis % data.dim()
-    n = data.shape[axis]
-    flat = idx.reshape(-1).long()
-    if flat.numel() and (flat.min() < -n or flat.max() >= n):
-        raise IndexError(f"gather: index out of range for axis of size {n}")
-    out = torch.index_select(data, axis, flat % n if n else flat)  # numpy.take wraps negative indices
-    return out.reshape(data.shape[:axis] + idx.shape + data.shape[axis + 1:])
-
-
-@_lower("squeeze")
-def _squeeze(x, axes):
-    for a in sorted((a % x.dim() for a in axes), reverse=True):
-        x = x.squeeze(a)
-    return x
-
-
-@_lower("unsqueeze")
-def _unsqueeze(x, axes):
-    r = x.dim() + len(axes)
-    for a in sorted(a % r for a in axes):
-        x = x.unsqueeze(a)
-    return x
-
-
-@_lower("full_like")
-def _full_like(x, value, dtype=None):
-    return torch.full(x.shape, value, dtype=TORCH_DTYPES[dtype] if dtype else x.dtype)
-
-
-@_lower("arange")
-def _arange(start=0, end=1, step=1, dtype="int64"):
-    return torch.arange(start, end, step, dtype=TORCH_DTYPES[dtype])
-
-
 # ---------------------------------------------------------------------------------------
 # running a graph
 # ---------------------------------------------------------------------------------------
@@ -233,9 +175,7 @@ def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> li
     attrs = opdef.bind_attrs(node.attrs, env)
     while args and args[-1] is None:  # optional trailing inputs given as None: the lowerings default them
         args = args[:-1]
-    if node.op == "torch_op":
-        res = call_torch_op(attrs["target"], attrs["args"], attrs["kwargs"], args, device)
-    elif "torch" in opdef.impls:
+    if "torch" in opdef.impls:
         res = call_impl("torch", TorchCx(node, device, env), node, args, attrs)
     elif node.op in LOWERINGS:  # (legacy table, while ops move to nnforge/ops)
         res = LOWERINGS[node.op](*args, **attrs)
@@ -246,6 +186,12 @@ def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> li
     return [r.to(TORCH_DTYPES[o.dtype]) if r.dtype != TORCH_DTYPES[o.dtype] else r for r, o in zip(res, node.outputs)]
 
 
+def _torch_check(n: Node):
+    """The op's support check on the torch executor, if it has one (torch_op: its name must resolve)."""
+    opdef = REGISTRY.get(n.op)
+    return opdef.checks.get("torch") if opdef is not None else None
+
+
 class TorchArtifact(Artifact):
     """Runs the IR with torch on this host; stateless per call, so it is thread-safe."""
 
@@ -254,12 +200,11 @@ class TorchArtifact(Artifact):
 
     def __init__(self, graph: Graph, target: Target):
         super().__init__(graph, target)
-        for n in graph.nodes:  # resolve every opaque op now: a bad name fails at load, not mid-run
-            if n.op == "torch_op":
-                try:
-                    resolve(n.attrs["target"])
-                except TorchOpError as e:
-                    raise NnforgeError(f"torch executor: node %{n.outputs[0].name if n.outputs else n.name}: {e}") from None
+        for n in graph.nodes:  # check every node now (an opaque op's name resolves): a bad one fails at load, not mid-run
+            check = _torch_check(n)
+            reason = check(n, target.name) if check else None
+            if reason:
+                raise NnforgeError(f"torch executor: node %{n.outputs[0].name if n.outputs else n.name}: {reason}")
         self.device = _device(target)
         self.constants = torch_constants(graph, self.device)  # converted once, only read afterwards
 
@@ -292,11 +237,9 @@ class TorchBackend(Backend):
             reason = None
             if target.name not in ("cpu", "cuda"):
                 reason = f"the torch executor runs on this host (cpu, cuda), not on {target.name!r}"
-            elif n.op == "torch_op":
-                try:
-                    resolve(n.attrs["target"])
-                except TorchOpError as e:
-                    reason = str(e)
+            else:
+                check = _torch_check(n)
+                reason = check(n, target.name) if check else None
             if reason:
                 out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else n.name, n.source, reason))
         return out

@@ -15,8 +15,7 @@ Choices made for speed or exactness:
   NCHW, so it gets the CPU matmul schedule and its bias/batch-norm/activation fuse into it; 3x3
   stride-1 convolutions on CPU targets are Winograd F(2x2, 3x3) instead (tvm_winograd.py);
 - max pooling propagates NaN like numpy and torch (TVM's max would drop it), as the elementwise ops and
-  reductions in nnforge/ops do;
-- gather wraps negative indices like numpy (indices past the end are not checked).
+  reductions in nnforge/ops do.
 
 Used only by ``nnforge.backends.tvm``; all TVM API use stays in the backend's modules.
 """
@@ -38,7 +37,6 @@ from ..errors import NnforgeError
 from ..ir import Graph
 from ..ir import symbols as S
 from ..ir.graph import Node, TensorType, Value
-from ..ir.ops import BIG
 from ..ir.registry import call_impl, get_op
 from . import tvm_winograd
 from .tvm_artifact import first_line
@@ -446,67 +444,6 @@ def _attention(c: Ctx, q, k, v, mask=None):
                        is_causal=c.attr("is_causal"), mask_dtype=c.in_type(3).dtype if mask is not None else None))
     o = c.emit(R.permute_dims(o, [0, 2, 1, 3]))
     return R.reshape(o, c.out_shape())
-
-
-# ---- shape and data movement ------------------------------------------------------------------------
-
-@lowering("reshape", "squeeze", "unsqueeze")
-def _reshape(c: Ctx, x):
-    return R.reshape(x, c.out_shape())
-
-
-@lowering("permute")
-def _permute(c: Ctx, x):
-    return R.permute_dims(x, c.attr("perm"))
-
-
-@lowering("expand")
-def _expand(c: Ctx, x):
-    return R.broadcast_to(x, c.out_shape())
-
-
-@lowering("concat")
-def _concat(c: Ctx, *xs):
-    return R.concat(list(xs), c.attr("axis"))
-
-
-@lowering("slice")
-def _slice(c: Ctx, x):
-    """Bounds are resolved here exactly as the IR's shape inference does, so Relax may assume them in
-    bounds and derives the same (symbolic) length the IR has."""
-    xt = c.in_type(0)
-    ax = c.attr("axis") % xt.rank
-    start, end, step = c.attr("start"), c.attr("end"), c.attr("step")
-    dim = xt.shape[ax]
-    if isinstance(dim, int) and isinstance(end, int):
-        b, e, _ = slice(start, end, step).indices(dim)
-        begin, stop = b, max(e, b)
-    else:
-        d = c.dims(dim)
-        begin = d + start if start < 0 else start
-        if isinstance(end, str):
-            stop = c.dims(end)
-        elif end >= BIG // 2:
-            stop = d
-        else:
-            stop = d + end if end < 0 else end
-    return R.strided_slice(x, [ax], [begin], [stop], [step], assume_inbound=True)
-
-
-@lowering("gather")
-def _gather(c: Ctx, data, idx):
-    return R.take(data, idx, c.attr("axis"), mode="wrap")
-
-
-@lowering("full_like")
-def _full_like(c: Ctx, x):
-    dt = c.out_type().dtype
-    return R.full(c.out_shape(), c.const(c.attr("value"), dt), dt)
-
-
-@lowering("arange")
-def _arange(c: Ctx):
-    return R.arange(c.attr("start"), c.dims(c.attr("end")), c.attr("step"), c.attr("dtype"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,7 +284,7 @@ class CPUMatmul(CPURule):
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         sch.reorder(s, jo, io, k, ii, ji)
-        _dequantize_per_panel(sch, b_blocks, jo, lanes)  # low-bit weights (tvm_lowbit): see the function
+        _dequantize_per_panel(sch, b_blocks, jo, lanes)  # low-bit weights (ops/lowbit.py): see the function
         acc = sch.cache_write(main, 0, "local")
         # Inline the output chain (re-index, epilogue) first, then move it under the row-tile loop:
         # in the other order TVM 0.27 loses bound checks. With padding, the chain is inlined into the
@@ -352,7 +352,7 @@ def _iter_traits(stmt):
 
 
 def _dequantize_per_panel(sch, b_blocks, jo, lanes: int) -> None:
-    """Low-bit weights (tvm_lowbit._qmatmul): a packed B computed from integer codes (int8, or int4
+    """Low-bit weights (ops/lowbit.py, _qmatmul): a packed B computed from integer codes (int8, or int4
     nibbles in uint8; the dequantize is inlined into the pack) is computed per K x NR column panel under
     ``jo`` instead of whole at the root. Each panel is dequantized once and read by every row tile, the
     weights stay int8/uint8 in memory, and no full float copy of them is made per call. The panel's

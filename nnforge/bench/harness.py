@@ -496,7 +496,7 @@ def bench_sparse_kernel(rows: int = 128, k: int = 384, n: int = 1536, densities=
     from ..backends import tvm as tvm_backend
     from ..backends import tvm_sparse
     from ..ir.graph import Graph, TensorType
-    from ..ir.ops_lowbit import csr_from_dense
+    from ..ops.lowbit import csr_from_dense
 
     rng = np.random.default_rng(0)
     x = [rng.standard_normal((1, rows, k)).astype(np.float32)]

@@ -33,7 +33,8 @@ from torch.utils import _pytree as pytree
 from ..errors import NnforgeError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value
 from ..ir import symbols
-from ..ir.ops import BIG, OpError
+from ..ir.registry import OpError
+from ..ops.shape import BIG
 
 aten = torch.ops.aten
 
@@ -952,7 +953,7 @@ def _convert_nodes(g: Graph, ep, env: dict, syms: _SymbolNames, opaque: bool = F
 
 
 # ---------------------------------------------------------------------------------------
-# opaque ops: kept as torch_op nodes (see nnforge.ir.ops_fallback for the encoding)
+# opaque ops: kept as torch_op nodes (see nnforge.ops.fallback for the encoding)
 # ---------------------------------------------------------------------------------------
 
 _ENUM_MARKERS = {torch.layout: "$layout", torch.memory_format: "$memory_format"}
@@ -985,7 +986,7 @@ def _encode(orig, conv, tensors: list[Value], cx: _Ctx):
 
 def _opaque(cx: _Ctx, args, kwargs):
     """Keep the current node as a torch_op: its qualified name, JSON arguments and torch's output types."""
-    from ..ir.ops_fallback import TorchOpError, resolve
+    from ..ops.fallback import TorchOpError, resolve
 
     target = cx.node.target
     if not isinstance(target, torch._ops.OpOverload):

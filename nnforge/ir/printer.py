@@ -21,7 +21,7 @@ def format_node(g: Graph, n: Node) -> str:
     args = ", ".join(_ref(g, i) for i in n.inputs)
     attrs = ", ".join(f"{k}={_attr(v)}" for k, v in n.attrs.items())
     if n.op == "torch_op":  # an opaque op prints as the torch call it stands for
-        from .ops_fallback import describe
+        from ..ops.fallback import describe
 
         attrs = describe(n.attrs)
     types = ", ".join(str(o.type) for o in n.outputs)

@@ -22,7 +22,10 @@ from scipy import special
 
 from ..ir.graph import TensorType
 from ..ir.registry import REQUIRED, OpError, defop, implement
-from .common import R, broadcast_shapes, float_only, same_dtype, torch
+from .common import LazyModule, R, broadcast_shapes, float_only, same_dtype, torch
+
+_onnxrt = LazyModule("nnforge.backends.onnxrt")  # ONNX_DTYPES
+_torch_dtypes = LazyModule("nnforge.ir.torch_dtypes")  # (imports torch)
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
@@ -38,9 +41,7 @@ def is_int(dtype: str) -> bool:
 
 def onnx_dtype(dtype: str) -> int:
     """The ONNX TensorProto element type of an IR dtype (``Cast``'s ``to``)."""
-    from ..backends.onnxrt import ONNX_DTYPES
-
-    return ONNX_DTYPES[dtype]
+    return _onnxrt.ONNX_DTYPES[dtype]
 
 
 def _relax(name: str):
@@ -461,9 +462,7 @@ def cast(x, dtype):
 
 @cast.torch
 def _(cx, x, dtype):
-    from ..ir.torch_dtypes import TORCH_DTYPES
-
-    return x.to(TORCH_DTYPES[dtype])
+    return x.to(_torch_dtypes.TORCH_DTYPES[dtype])
 
 
 @cast.onnxrt

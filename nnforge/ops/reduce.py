@@ -17,14 +17,10 @@ import numpy as np
 
 from ..ir.graph import TensorType
 from ..ir.registry import REQUIRED, defop, implement
-from .common import R, float_only, norm_axis, torch
+from .common import LazyModule, R, float_only, norm_axis, torch
 from .elementwise import is_float, onnx_dtype
 
-
-def _few_outer_axes(node):
-    from ..backends.base import few_outer_axes
-
-    return few_outer_axes(node)
+_base = LazyModule("nnforge.backends.base")  # few_outer_axes, shared by the ONNX and TVM lowerings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,7 +108,7 @@ def _onnx_sum_of_slices(cx, x: str, mean: bool) -> str | None:
     that size and batch 256, Split + Sum 0.46. (A MatMul with a 0/1 matrix took 0.17 but turns one inf
     into NaN across the row.) None where it does not apply."""
     n = cx.node
-    axes = _few_outer_axes(n)
+    axes = _base.few_outer_axes(n)
     if axes is None or axes != list(range(axes[0], axes[-1] + 1)):  # Split takes consecutive axes
         return None
     first, count = axes[0], math.prod(n.inputs[0].shape[a] for a in axes)
@@ -128,7 +124,7 @@ def _onnx_sum_of_slices(cx, x: str, mean: bool) -> str | None:
 
 @implement("tvm", "reduce_sum", "reduce_mean")
 def _(c, x, axes=None, keepdims=False):
-    few = _few_outer_axes(c.node)
+    few = _base.few_outer_axes(c.node)
     if few is not None:
         return c.bb.emit_te(_sum_few, x, few, keepdims, c.node.op == "reduce_mean", primfunc_name_hint=c.node.op)
     return (R.sum if c.node.op == "reduce_sum" else R.mean)(x, axes, keepdims)

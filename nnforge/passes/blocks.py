@@ -99,7 +99,7 @@ def prepare(graph: Graph, ctx: PassContext | None = None) -> Graph:
 
 NORMS = ("layer_norm", "rms_norm")
 ATTENTION_OPS = ("attention",)
-TOKEN_OPS = ("token_merge", "token_prune")  # ops that shorten the stream (ops_tokens.py)
+TOKEN_OPS = ("token_merge", "token_prune")  # ops that shorten the stream (ops/tokens.py)
 # ops that act on each token alone: a block's residual branches may only be made of these and attention
 TOKENWISE = {"linear", "linear_act", "layer_norm", "rms_norm", "add", "mul", "sub", "div", "gelu", "relu", "silu", "tanh",
              "sigmoid", "slice", "clamp", "cast", "exp", "neg"}

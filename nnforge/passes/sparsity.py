@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, Value
-from ..ir.ops_lowbit import csr_from_dense
+from ..ops.lowbit import csr_from_dense
 from .calib import (LAYER_OPS, Layer, base_name, channel_rows, collect, constant_bytes, find_layers, layer_error, plain_linear,
                     replace_node, row_source, rows)
 from .manager import Pass, PassContext, PassOptions, PassResult, register_pass

@@ -15,7 +15,7 @@ fixes what it is about and takes the rest from the settings:
     smoothquant          migrate activation outliers into the weights (lossless refactoring; run before W8A8)
 
 Layers: linear/linear_act/matmul-by-constant -> ``qlinear``; conv2d -> ``qconv2d`` (weight-only,
-round-to-nearest); embedding gathers -> ``qgather`` (``embeddings`` setting). See ir/ops_lowbit.py
+round-to-nearest); embedding gathers -> ``qgather`` (``embeddings`` setting). See ops/lowbit.py
 for the storage layout. Every pass reports per layer the relative output error it caused on the
 calibration data in ``PassResult.stats["layers"]`` and the constant bytes before/after.
 

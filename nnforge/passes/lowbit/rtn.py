@@ -2,7 +2,7 @@
 the group size a layer gets, and static activation ranges.
 
 A quantized [N, K] weight is a ``QWeight``: integer codes, float32 scales [N, G] and (int4) uint8
-zero points [N, G]; see ir/ops_lowbit.py for how it is stored in the graph.
+zero points [N, G]; see ops/lowbit.py for how it is stored in the graph.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...ir.ops_lowbit import dequantize, pack_int4
+from ...ops.lowbit import dequantize, pack_int4
 
 @dataclass
 class QWeight:

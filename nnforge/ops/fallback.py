@@ -21,9 +21,9 @@ import math
 import re
 from typing import Any
 
-from . import symbols
-from .graph import DTYPES, TensorType
-from .ops import REQUIRED, OpError, REGISTRY, register
+from ..ir import symbols
+from ..ir.graph import DTYPES, TensorType
+from ..ir.registry import REQUIRED, OpError, defop
 
 _NAME = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*\.[A-Za-z_]\w*$")
 _FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
@@ -118,7 +118,7 @@ def decode(tree, tensors: list, device: str = "cpu"):
     """A JSON argument template back into torch call arguments."""
     import torch
 
-    from .torch_dtypes import TORCH_DTYPES
+    from ..ir.torch_dtypes import TORCH_DTYPES
 
     if isinstance(tree, list):
         return [decode(v, tensors, device) for v in tree]
@@ -167,11 +167,11 @@ def call(target: str, args, kwargs, tensors: list, device: str = "cpu") -> list:
         raise TorchOpError(f"torch_op {target} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-@register("torch_op", _infer, num_inputs=(0, -1), kind="opaque",
-          attrs={"target": ("str", REQUIRED), "args": ("any", []), "kwargs": ("any", {}), "out_types": ("any", REQUIRED)},
-          doc="an ATen or custom torch op kept as is (run by torch); see nnforge.ir.ops_fallback")
-def _torch_op(*xs, target, args, kwargs, out_types):
-    from .torch_dtypes import from_torch, to_torch
+@defop("torch_op", _infer, num_inputs=(0, -1), kind="opaque",
+       attrs={"target": ("str", REQUIRED), "args": ("any", []), "kwargs": ("any", {}), "out_types": ("any", REQUIRED)},
+       doc="an ATen or custom torch op kept as is (run by torch); see nnforge.ops.fallback")
+def torch_op(*xs, target, args, kwargs, out_types):
+    from ..ir.torch_dtypes import from_torch, to_torch
 
     outs = call(target, args, kwargs, [to_torch(x) for x in xs])
     if len(outs) != len(out_types):
@@ -179,7 +179,25 @@ def _torch_op(*xs, target, args, kwargs, out_types):
     return [from_torch(t) for t in outs]
 
 
-REGISTRY["torch_op"].bind = _bind
+torch_op.bind = _bind
+
+
+def _resolvable(node, target: str) -> str | None:
+    """Checked when the torch executor takes the graph: a bad name fails at load, not mid-run."""
+    try:
+        resolve(node.attrs["target"])
+    except TorchOpError as e:
+        return str(e)
+    return None
+
+
+@torch_op.torch(check=_resolvable)
+def _(cx, *xs, target, args, kwargs, out_types):
+    return call(target, args, kwargs, list(xs), cx.device)
+
+
+torch_op.not_on("onnxrt", "an opaque torch op (no ONNX equivalent): it runs on the torch executor")
+torch_op.not_on("tvm", "no TVM lowering for this op")
 
 
 def describe(attrs: dict) -> str:
