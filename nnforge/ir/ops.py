@@ -6,6 +6,7 @@ they favour obviousness over speed.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Sequence
 
@@ -16,8 +17,6 @@ from .graph import TensorType
 from .registry import REGISTRY, REQUIRED, OpDef, OpError, defop, get_op, infer_types  # noqa: F401
 from .shapes import broadcast_shapes, conv_out as _conv_out, float_only as _float_only  # noqa: F401
 from .shapes import norm_axis as _norm_axis, pair as _pair, same_dtype as _same_dtype  # noqa: F401
-from ..ops import reduce as _reduce_family
-from ..ops.elementwise import ACTIVATIONS  # noqa: F401  (calling one applies its numpy reference)
 
 
 
@@ -31,8 +30,21 @@ def register(name: str, infer, attrs=None, num_inputs=(1, 1), kind="compute", do
 
 
 # elementwise ops and reductions live in nnforge/ops (elementwise.py, reduce.py); the ops still here use
-# their softmax reference and the one activation table
-_softmax = _reduce_family.softmax.ref
+# their softmax reference and the one activation table, reached on first use (nnforge.ops imports this module)
+
+def _family(name: str):
+    return importlib.import_module(f"nnforge.ops.{name}")
+
+
+def _softmax(x, axis=-1):
+    return _family("reduce").softmax_ref(x, axis)
+
+
+def __getattr__(name: str):
+    """``ACTIVATIONS`` (legacy name): the one activation table, in nnforge/ops/elementwise.py."""
+    if name == "ACTIVATIONS":
+        return _family("elementwise").ACTIVATIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,15 +223,16 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None):
 # ---------------------------------------------------------------------------------------
 
 def _linear_act_infer(ts, attrs):
-    if attrs["act"] not in ACTIVATIONS:
-        raise OpError(f"unknown activation {attrs['act']!r}; choose from {sorted(ACTIVATIONS)}")
+    acts = _family("elementwise").ACTIVATIONS
+    if attrs["act"] not in acts:
+        raise OpError(f"unknown activation {attrs['act']!r}; choose from {sorted(acts)}")
     return _linear_infer(ts, attrs)
 
 
 @register("linear_act", _linear_act_infer, num_inputs=(2, 3), attrs={"act": ("str", "none")}, kind="fused",
           doc="act(x @ w.T + b): a linear layer with its bias and activation fused")
 def _linear_act(x, w, b=None, act="none"):
-    return ACTIVATIONS[act](_linear(x, w, b))
+    return _family("elementwise").ACTIVATIONS[act](_linear(x, w, b))
 
 
 def _attention_infer(ts, attrs):
