@@ -325,11 +325,10 @@ def test_minilm_int4_gptq_beats_rtn(minilm):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("sklearn")
+def digits(digits_vit):
     import realmodels
 
-    graph, images, labels, cal = realmodels.digits()
+    graph, images, labels, cal = realmodels.digits(digits_vit)
     return graph, images, labels, cal, realmodels.top1(graph, images, labels)
 
 

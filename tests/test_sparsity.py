@@ -176,11 +176,10 @@ def test_ffn_pruning_equals_zeroing_the_neurons():
     np.testing.assert_allclose(interpret(out, [x])[0], h @ w2.T + b2, rtol=1e-4, atol=1e-4)
 
 
-def test_digits_vit_survives_removing_one_head_per_layer():
-    pytest.importorskip("sklearn")
+def test_digits_vit_survives_removing_one_head_per_layer(digits_vit):
     import realmodels
 
-    graph, images, labels, cal = realmodels.digits()
+    graph, images, labels, cal = realmodels.digits(digits_vit)
     base = realmodels.top1(graph, images, labels)
     out = PassManager(["prune_heads"]).run(graph.copy(), PassContext(calibration=[[cal]], options={"sparsity": {"heads": 1}}))
     assert {n.attrs["num_heads"] for n in out.nodes if n.op == "attention"} == {3}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from digits_vit import accuracy, digits_vit
+from digits_vit import accuracy
 from nnforge.models import zoo
 from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, OpError, TensorType, interpret, verify
@@ -312,8 +312,8 @@ def test_prune_options_are_checked():
 
 # ---- quality on real data -----------------------------------------------------------
 
-def test_quality_on_the_digits_vit():
-    d = digits_vit()
+def test_quality_on_the_digits_vit(digits_vit):
+    d = digits_vit
     batches = d.batches(d.x_test)
 
     def acc(graph):
