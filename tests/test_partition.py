@@ -274,7 +274,6 @@ def test_a_bundle_cannot_name_arbitrary_code(rare_compiled, tmp_path, target):
 
 
 def test_tvm_partitions_with_torch_fallback(tmp_path):
-    pytest.importorskip("tvm")
     model = Rare().eval()
     fast = nnforge.compile(model, (torch.randn(4, 8),), backend="tvm", progress=False)
     assert fast.backend == "tvm+torch"
