@@ -296,8 +296,6 @@ class ViTWithRareHead(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
 def test_budget_search_builds_its_candidates_through_the_partition_plan(backend, monkeypatch):
-    if backend == "tvm":
-        pytest.importorskip("tvm")
     from nnforge import partition
 
     built = []
