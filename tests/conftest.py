@@ -1,9 +1,24 @@
-"""Suite-wide settings: the compile cache stays out of the user's ~/.cache and is off by default.
+"""Suite-wide settings and fixtures: the compile cache stays out of the user's ~/.cache and is off by default;
+the digits ViT is trained once per session (``digits_vit``).
 
 Tests that exercise the cache turn it on explicitly with their own NNFORGE_CACHE_DIR (monkeypatch).
 """
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault("NNFORGE_CACHE", "0")
 os.environ.setdefault("NNFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="nnforge-test-cache-"))
+
+
+@pytest.fixture(scope="session")
+def digits_vit(tmp_path_factory):
+    """The ViT trained on the digits (tests/digits_vit.py): trained once per session, by whichever xdist worker
+    needs it first; the others load its weights from the session's shared temporary directory."""
+    import digits_vit as dv
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's basetemp is <session basetemp>/popen-gwN
+        shared = shared.parent
+    return dv.trained_once(shared / "digits-vit")

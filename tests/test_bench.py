@@ -8,8 +8,6 @@ import pytest
 from nnforge import cli
 from nnforge.bench.harness import bench_lowbit_family, lowbit_settings
 
-pytest.importorskip("onnxruntime")
-
 
 def test_bench_lowbit_cli_measures_every_setting_on_tiny_models(tmp_path, capsys):
     out = tmp_path / "lowbit.json"
@@ -64,7 +62,6 @@ def test_bench_cli_measures_each_runner_with_flops_and_error(tmp_path, capsys):
 
 
 def test_bench_sparse_times_both_kernels_and_reports_the_choice():
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm_sparse
     from nnforge.bench.harness import bench_sparse_kernel
 

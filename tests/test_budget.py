@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from digits_vit import accuracy, digits_vit
+from digits_vit import accuracy
 from nnforge.errors import NnforgeError
 from nnforge.ir import interpret
 from nnforge.passes.budget import (Budget, Setting, build, cosine_quality, default_space, flops, flop_time, plot_pareto,
@@ -14,8 +14,9 @@ from nnforge.passes.budget import (Budget, Setting, build, cosine_quality, defau
 SPACE = dict(merge_r=[0, 4, 8], prune_keep=[1.0, 0.7], skip=[0, 1], quantize=["float"])
 
 
-def _split():
-    d = digits_vit()
+@pytest.fixture
+def split(digits_vit):
+    d = digits_vit
     # 200 and 297 digits, both unseen in training and kept apart from each other
     return d, d.calibration(), d.heldout()
 
@@ -24,8 +25,8 @@ def _outputs(graph, batches):
     return [interpret(graph, b)[0] for b in batches]
 
 
-def test_cosine_budget_is_honoured_on_held_out_data():
-    d, cal, held = _split()
+def test_cosine_budget_is_honoured_on_held_out_data(split):
+    d, cal, held = split
     budget = Budget(metric="cosine", max_drop=0.01, **SPACE)
     res = search(d.graph, budget, cal, held, time_fn=flop_time(cal[0]))
     # merging 8 tokens per block (65 -> 17) costs ~0.1% cosine for 1.67x fewer FLOPs; skip 1 and keep 0.7 cost ~0.9%
@@ -38,8 +39,8 @@ def test_cosine_budget_is_honoured_on_held_out_data():
     assert measured and all(c.heldout_drop is None or c.seconds is not None for c in res.candidates)
 
 
-def test_accuracy_budget_with_a_callable_metric():
-    d, cal, held = _split()
+def test_accuracy_budget_with_a_callable_metric(split):
+    d, cal, held = split
     labels = d.y_heldout
 
     def acc(outputs, reference):  # quality on real labels (the held-out batches, concatenated in order)
@@ -51,16 +52,16 @@ def test_accuracy_budget_with_a_callable_metric():
     assert base - got <= 0.01 and res.speedup >= 1.0
 
 
-def test_a_zero_budget_keeps_quality_exactly():
-    d, cal, held = _split()
+def test_a_zero_budget_keeps_quality_exactly(split):
+    d, cal, held = split
     res = search(d.graph, Budget(metric="top1", max_drop=0.0, **SPACE), cal, held, time_fn=flop_time(cal[0]))
     assert res.drop <= 0.0
     ref = np.concatenate(_outputs(d.graph, held)).argmax(-1)
     assert (np.concatenate(_outputs(res.graph, held)).argmax(-1) == ref).all()
 
 
-def test_lossless_setting_and_flops_shrink():
-    d, cal, _ = _split()
+def test_lossless_setting_and_flops_shrink(split):
+    d, cal, _ = split
     assert Setting().lossless and Setting().passes() == []
     same = build(d.graph, Setting(), cal)
     np.testing.assert_array_equal(interpret(same, cal[0])[0], interpret(d.graph, cal[0])[0])
@@ -75,8 +76,8 @@ def test_lossless_setting_and_flops_shrink():
     assert flops(quantized, cal[0]) == base  # the same multiply-adds, in int8
 
 
-def test_default_space_and_pareto_plot(tmp_path):
-    d, cal, held = _split()
+def test_default_space_and_pareto_plot(split, tmp_path):
+    d, cal, held = split
     rs, keeps, skips, quants = default_space(d.graph, Budget(), cal[0])
     # 64 patch tokens (the class token is kept) over 6 blocks: merging at most 3/4 of them, skipping up to half the blocks
     assert rs == [0, 2, 4, 6, 8] and max(rs) * 6 <= 64 * 3 // 4 and keeps[0] == 1.0 and skips == [0, 1, 2, 3]
@@ -88,8 +89,8 @@ def test_default_space_and_pareto_plot(tmp_path):
     assert path.stat().st_size > 1000
 
 
-def test_budget_needs_both_data_sets():
-    d, cal, _ = _split()
+def test_budget_needs_both_data_sets(split):
+    d, cal, _ = split
     with pytest.raises(NnforgeError, match="held-out"):
         search(d.graph, Budget(), cal, [])
     with pytest.raises(NnforgeError, match="metric must be"):
@@ -99,11 +100,11 @@ def test_budget_needs_both_data_sets():
 QUANT_SPACE = dict(merge_r=[0, 2], prune_keep=[1.0], skip=[0], quantize=["float", "int8", "w8a8"])
 
 
-def test_quantization_is_searched_on_onnxruntime_and_the_budget_holds():
+def test_quantization_is_searched_on_onnxruntime_and_the_budget_holds(split):
     from nnforge.backends.base import get_backend
     from nnforge.passes.budget import wall_time
 
-    d, cal, held = _split()
+    d, cal, held = split
     ort = get_backend("onnxrt")
     res = search(d.graph, Budget(metric="cosine", max_drop=0.01, **QUANT_SPACE), cal, held,
                  time_fn=wall_time(lambda g: ort.build(g, "cpu", {"threads": 1}).run, cal[0], repeat=3))
@@ -114,8 +115,8 @@ def test_quantization_is_searched_on_onnxruntime_and_the_budget_holds():
     assert str(res.setting) in res.report()
 
 
-def test_a_faster_quantization_is_chosen_and_an_unavailable_one_left_out():
-    d, cal, held = _split()
+def test_a_faster_quantization_is_chosen_and_an_unavailable_one_left_out(split):
+    d, cal, held = split
     flop = flop_time(cal[0])
 
     def time_fn(g):  # a backend whose int8 matmuls run twice as fast and that cannot build w8a8

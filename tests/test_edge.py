@@ -2,7 +2,7 @@
 kernels in model.wasm with nnforge's own JS runtime).
 
 Real runs, compared with eager torch. The toolchains come from scripts/install_toolchains.sh
-(`make test` runs it); without them these tests skip, except under CI where they fail.
+(`make test` runs it); without them these tests fail (skip with NNFORGE_ALLOW_MISSING_TOOLCHAINS=1: tests/toolchains.py).
 """
 from __future__ import annotations
 
@@ -17,17 +17,11 @@ import torch
 import nnforge
 from nnforge.runtime import edge
 from nnforge.errors import NnforgeError
+from toolchains import need
 
 ARM_TOOLS = (edge.ARM_CXX, edge.QEMU, "aarch64-sysroot", "aarch64-tvm-runtime")
 WASM_TOOLS = ("node", "onnxruntime-web")
 TVM_WASM_TOOLS = ("node", "wasm-ld")
-
-
-def need(*tools):
-    missing = [t for t in tools if edge.toolchain_status()[t] is None]
-    if missing:
-        msg = f"missing {', '.join(missing)}: run scripts/install_toolchains.sh"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
 
 
 class Tiny(torch.nn.Module):
@@ -268,6 +262,16 @@ def test_missing_tools_give_clear_errors(monkeypatch, tmp_path):
         edge.require("onnxruntime-web")
     with pytest.raises(NnforgeError, match="unknown edge tool"):
         edge.require("gcc-for-mars")
+
+
+def test_a_missing_toolchain_fails_the_tests_that_need_it_unless_allowed(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no node here
+    monkeypatch.delenv("NNFORGE_ALLOW_MISSING_TOOLCHAINS", raising=False)
+    with pytest.raises(pytest.fail.Exception, match=r"missing node\b.*: run scripts/install_toolchains.sh"):
+        need("node", "onnxruntime-web")
+    monkeypatch.setenv("NNFORGE_ALLOW_MISSING_TOOLCHAINS", "1")
+    with pytest.raises(pytest.skip.Exception, match="missing node"):
+        need("node")
 
 
 @pytest.mark.parametrize("target", ["arm", "wasm"])

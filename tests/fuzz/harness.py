@@ -1,7 +1,7 @@
 """Run one fuzz case through every runner and compare each with the reference interpreter.
 
 Runners: the interpreter after the O0/O1/O2 pipelines, the torch executor, ONNX Runtime (on the
-unoptimised and the O2 graph) and TVM when it is installed. A backend that does not take some node
+unoptimised and the O2 graph) and TVM. A backend that does not take some node
 goes through ``nnforge.compile``'s partitioning, so partition plans are fuzzed too. A runner that
 raises is a mismatch as well (except an UnsupportedOpError: a documented refusal).
 """
@@ -103,14 +103,6 @@ def _torch(g: Graph, xs):
     from nnforge.backends.torch_exec import run_graph_torch
 
     return run_graph_torch(g, xs)
-
-
-def tvm_available() -> bool:
-    try:
-        import nnforge.backends.tvm  # noqa: F401
-        return True
-    except Exception:
-        return False
 
 
 RUNNERS = {

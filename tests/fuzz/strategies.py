@@ -5,7 +5,8 @@ small builder in ``BUILDERS`` (op name -> fn(draw, b) -> Value | None): it picks
 right kind from the values built so far (or makes constants of a shape that broadcasts against
 them), draws attributes, and keeps values in a well-conditioned range where the op needs it
 (log of |x| + 0.5, exp of a clamped value). A builder returns None when nothing in the pool fits.
-Arrays come from drawn seeds so that hypothesis shrinks them to seed 0 along with the graph.
+Array elements are drawn one by one (``hypothesis.extra.numpy.arrays``), so a failing case shrinks to
+small, readable values along with the graph; floats lie on a grid of STEP (see ``_elements``).
 
 Every graph verifies; the harness runs it through the interpreter, the pipelines and the backends.
 """
@@ -16,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from nnforge.ir import Graph, OpError, TensorType, Value, verify
 from nnforge.ir.ops import ACTIVATIONS
@@ -23,19 +25,24 @@ from nnforge.ir.ops import ACTIVATIONS
 MAX_RANK = 4
 MAX_DIM = 5
 MAX_NUMEL = 240
+STEP = 2.0**-11  # float array elements are multiples of STEP (see _elements)
 
 
-def _rng(draw) -> np.random.Generator:
-    return np.random.default_rng(draw(st.integers(0, 2**16)))
+def _elements(dtype: str, lo, hi) -> st.SearchStrategy:
+    """Array elements in [lo, hi]. A float is k * STEP for a drawn integer k: exact in float32, two bytes of
+    hypothesis's 8 KiB per example (a drawn float takes eight, which would cut the arrays short), shrinking
+    towards 0 (or the bound nearest it); and two different ones lie further apart than the harness's MARGIN,
+    so the inputs alone never put a discontinuous op (floor, a comparison) within rounding of its boundary."""
+    if dtype == "bool":
+        return st.booleans()
+    if dtype.startswith("int"):
+        return st.integers(int(lo), int(hi))
+    return st.integers(int(np.ceil(lo / STEP)), int(np.floor(hi / STEP))).map(lambda k: k * STEP)
 
 
 def _array(draw, shape, dtype: str, lo=-2.0, hi=2.0) -> np.ndarray:
-    rng = _rng(draw)
-    if dtype == "bool":
-        return np.asarray(rng.random(shape) > 0.5)
-    if dtype.startswith("int"):
-        return np.asarray(rng.integers(int(lo), int(hi) + 1, shape).astype(dtype))
-    return np.asarray(rng.uniform(lo, hi, shape).astype(dtype))
+    # every element drawn on its own (no fill value), so each one shrinks
+    return np.asarray(draw(arrays(dtype, shape, elements=_elements(dtype, lo, hi), fill=st.nothing())))
 
 
 @st.composite
@@ -545,6 +552,8 @@ def graphs(draw, max_ops: int = 10, ops: tuple[str, ...] | None = None, nonfinit
     The outputs are the values nothing else reads (the last four of them), so every node counts.
     ``nonfinite`` puts NaN/Inf into the float inputs: every runner must propagate them like the reference.
     """
+    # the number of ops first: drawn after the inputs' elements, hypothesis chose 1 half again as often
+    want, tries = draw(st.integers(1, max_ops)), 0
     g = Graph("fuzz")
     b = Builder(g, draw)
     for k in range(draw(st.integers(1, 2))):
@@ -554,7 +563,6 @@ def graphs(draw, max_ops: int = 10, ops: tuple[str, ...] | None = None, nonfinit
         arr = _array(draw, shape, dtype, -3 if dtype == "int64" else -2.0, 3 if dtype == "int64" else 2.0)
         b.feeds.append(_nonfinite(draw, arr) if nonfinite and dtype == "float32" else arr)
     names = sorted(ops or BUILDERS)
-    want, tries = draw(st.integers(1, max_ops)), 0
     while want > 0 and tries < 3 * max_ops:
         tries += 1
         before = len(g.nodes)

@@ -16,8 +16,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from fuzz.harness import (REGRESSIONS, RUNNERS, case_from_json, case_to_json, check_case, fragile, save_regression,
-                          tvm_available)
+from fuzz.harness import REGRESSIONS, RUNNERS, case_from_json, case_to_json, check_case, fragile, save_regression
 from fuzz.strategies import graphs
 
 LONG = int(os.environ.get("NNFORGE_FUZZ_N", "0") or 0)  # 0: the bounded suite run
@@ -67,7 +66,6 @@ def test_fuzz_nan_and_inf_propagate_like_the_reference():
     _campaign(graphs(nonfinite=True), HOST[:-1], 150)
 
 
-@pytest.mark.skipif(not tvm_available(), reason="TVM is not installed")
 def test_fuzz_tvm():
     _campaign(graphs(max_ops=6), ("tvm:O2", "tvm:sym"), max(40, LONG // 10) if LONG else 40)
 
@@ -85,8 +83,6 @@ def _regression_params():
 def test_regression(path):
     doc = json.loads(path.read_text())
     runners = [r for r in doc["runners"] if r in RUNNERS]
-    if any(r.startswith("tvm") for r in runners) and not tvm_available():
-        pytest.skip("TVM is not installed")
     graph, inputs = case_from_json(doc)
     found = check_case(graph, inputs, runners or list(HOST))
     assert not found, "\n".join(map(str, found))
