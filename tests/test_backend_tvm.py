@@ -485,7 +485,7 @@ def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
     assert "T.parallel" in text and "T.vectorized" in text
     if n % 8 == 0:  # a whole-vector or 8-column tile divides J: the weight is never copied
         assert "pad" not in text
-    nr = ts._pick_gemv_nr(n, ts._vector_lanes(target, 32), m)
+    nr = ts.pick_gemv_nr(n, ts.vector_lanes(target, 32), m)
     if nr and nr < n:  # the weight was packed at load into panels [N/nr, K, nr], streamed front to back
         assert f"T.Buffer((T.int64({n // nr}), T.int64({k}), T.int64({nr}))" in text, text
     got, intact = _run_kernel(f, target, {})
@@ -497,14 +497,14 @@ def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
 def test_matmul_tile_widths_are_powers_of_two():
     """Column tiles of 28, 40 or 49 made LLVM's MR-row micro-kernel 10-40x slower: J is tiled by a
     power of two that divides it, or padded; a one-row matmul takes wide whole-vector tiles."""
-    from nnforge.backends.tvm_schedule import _pick_gemv_nr, _pick_nr
+    from nnforge.backends.tvm_schedule import pick_gemv_nr, _pick_nr
 
     for n_j in (2048, 196, 49, 28, 10, 1000, 384, 12544, 3136, 784, 37, 1001, 24, 3, 1):
         nr = _pick_nr(n_j, 16, 2)
         assert nr & (nr - 1) == 0 and nr <= 32, (n_j, nr)
     assert _pick_nr(196, 16, 2) == 32 and _pick_nr(784, 16, 2) == 16 and _pick_nr(10, 16, 2) == 16
-    assert _pick_gemv_nr(2048, 16) == 256 and _pick_gemv_nr(1000, 16) == 40 and _pick_gemv_nr(37, 16) is None
-    assert _pick_gemv_nr(2048, 16, 3) == 64 and _pick_gemv_nr(1000, 16, 2) is None  # few rows: 4 vectors at most
+    assert pick_gemv_nr(2048, 16) == 256 and pick_gemv_nr(1000, 16) == 40 and pick_gemv_nr(37, 16) is None
+    assert pick_gemv_nr(2048, 16, 3) == 64 and pick_gemv_nr(1000, 16, 2) is None  # few rows: 4 vectors at most
 
 
 @pytest.mark.parametrize("cin,hw,cout,k,stride", [(8, 14, 12, 3, 1), (6, 7, 10, 3, 1), (8, 14, 8, 1, 2),

@@ -42,7 +42,7 @@ from . import tvm_winograd
 from .tvm_artifact import first_line
 from ..ops.elementwise import ACTIVATIONS as _ACTIVATION_TABLE, is_float as _is_float
 from ..ops.reduce import tvm_nan_if_any as _nan_if_any
-from .tvm_schedule import _pick_gemv_nr, _vector_lanes
+from .tvm_schedule import pick_gemv_nr, vector_lanes
 
 INLINE_CONST_MAX_ELEMS = 64  # constants this small are inlined as relax.const (scalars, tiny masks)
 UNSUPPORTED_DTYPES = {"bfloat16": "bfloat16 tensors cannot cross the numpy boundary of the TVM backend yet"}
@@ -205,7 +205,7 @@ def _gemv_panel(c: Ctx) -> int | None:
     if c.target is None or c.target.kind.name != "llvm" or not isinstance(rows, int) or not 1 <= rows <= 4 \
             or not (isinstance(n, int) and isinstance(k, int)) or xt.dtype != "float32":
         return None
-    nr = _pick_gemv_nr(n, _vector_lanes(c.target, 32), rows)
+    nr = pick_gemv_nr(n, vector_lanes(c.target, 32), rows)
     return nr if nr and nr < n else None
 
 

@@ -102,7 +102,7 @@ def _int(x):
     return int(x.value) if isinstance(x, tirx.IntImm) else (x if isinstance(x, int) else None)
 
 
-def _vector_lanes(target: Target, dtype_bits: int) -> int:
+def vector_lanes(target: Target, dtype_bits: int) -> int:
     bits = llvm_get_vector_width(target)
     bits = bits if bits and bits > 0 else 128
     return max(bits // dtype_bits, 1)
@@ -141,7 +141,7 @@ def _pick_nr(n_j, lanes: int, nr_vectors: int) -> int:
 GEMV_NR_VECTORS = 16  # one row of A (batch-1 linear): a wide J tile, so each row of B is read in long runs
 
 
-def _pick_gemv_nr(n_j, lanes: int, n_i: int = 1):
+def pick_gemv_nr(n_j, lanes: int, n_i: int = 1):
     """Columns per tile for a matmul with 1-4 rows (GEMV-like, memory bound): wide whole-vector
     tiles, so each row of B is read in long runs (narrow ones touched a new page per row: 2048^2
     at 14 GB/s, at 256 columns 80), with the accumulators still in registers: 16 vectors for one
@@ -262,11 +262,11 @@ class CPUMatmul(CPURule):
         # their users, so that the epilogue has no producer left outside the tile loops
         _inline_side_blocks(sch, main)
 
-        lanes = _vector_lanes(target, tvm.runtime.DataType(out_dtype).bits)
+        lanes = vector_lanes(target, tvm.runtime.DataType(out_dtype).bits)
         cfg = self.config
         s, i, j, k = sch.get_loops(main)
         n_i, n_j = _int(sch.get(i).extent), _int(sch.get(j).extent)
-        nr = _pick_gemv_nr(n_j, lanes, n_i) if n_i is not None and n_i <= 4 else None
+        nr = pick_gemv_nr(n_j, lanes, n_i) if n_i is not None and n_i <= 4 else None
         nr = nr or _pick_nr(n_j, lanes, cfg.nr_vectors)
         mr = _pick_mr(n_i, _vector_registers(target), nr // lanes if nr % lanes == 0 else cfg.nr_vectors, cfg.mr)
         ext_i, ext_j = sch.get(i).extent, sch.get(j).extent
@@ -497,7 +497,7 @@ class CPURowwise(CPURule):
         return sch
 
     def _per_block(self, sch, target):
-        lanes = _vector_lanes(target, 32)
+        lanes = vector_lanes(target, 32)
         for bi in normalize_prim_func(sch):
             dk = bi.dom_kind()
             lead = len(dk) - len(dk.lstrip("S"))
@@ -543,7 +543,7 @@ def _fuse_rows(sch, target):
         if any(_int(sch.get(lp).extent) != 1 for lp in sch.get_loops(bi.block_rv)[1:1 + rows]):
             return None
     sch.parallel(row)
-    lanes = _vector_lanes(target, 32)
+    lanes = vector_lanes(target, 32)
     for bi in infos:
         if bi.is_injective():
             _vectorize_row(sch, bi.block_rv, lanes)
@@ -629,7 +629,7 @@ class CPUWinogradOutput(CPURule):
         except Exception:  # noqa: BLE001  (no such block: not a Winograd output kernel)
             return None
         _inline_consumers(sch, out)
-        lanes = _vector_lanes(target, 32)
+        lanes = vector_lanes(target, 32)
         for b in sch.get_child_blocks(sch.get_sblock("root")):
             if sch.get(b).name_hint not in (WINOGRAD_OUTPUT, WINOGRAD_TILES):  # what could not be inlined
                 _parallel_vectorize(sch, b, lanes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from .tvm_schedule import _vector_lanes, _vectorize_row
+from .tvm_schedule import vector_lanes, _vectorize_row
 
 
 def _merge_into(s, src, dst, b, j, value=None):
@@ -44,7 +44,7 @@ def schedule_merged_tokens(func, target):
     block = sch.get_sblock("token_merge")
     b, t, _ = sch.get_loops(block)
     sch.parallel(sch.fuse(b, t))
-    _vectorize_row(sch, block, _vector_lanes(target, 32))
+    _vectorize_row(sch, block, vector_lanes(target, 32))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
