@@ -22,8 +22,6 @@ from ..ir import Graph, Node, REGISTRY, Value, bind_symbols
 from ..ir.registry import call_impl
 from ..ir import symbols
 from ..targets import Target, get_target
-from ..ops.elementwise import ACTIVATIONS, is_float
-from ..ops.reduce import onnx_nan_mask as _nan_mask, onnx_nan_where
 from .base import Artifact, Backend, Unsupported, register_backend
 
 OPSET = 20  # Gelu (20) and LayerNormalization (17) are standard here; ORT >= 1.17 runs it
@@ -82,10 +80,13 @@ class _Lowering:
     def const(self, array, dtype: str | None = None, hint: str = "c") -> str:
         """A small constant initializer, shared between users with equal contents."""
         arr = np.asarray(array, dtype=dtype)
-        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        return self.cached_const((arr.dtype.str, arr.shape, arr.tobytes()), lambda: arr, hint)
+
+    def cached_const(self, key: tuple, make: Callable[[], np.ndarray], hint: str = "c") -> str:
+        """The initializer ``make()`` (e.g. a weight pre-transposed), made once per ``key``."""
         if key not in self.const_cache:
             name = self.fresh(hint)
-            self.inits[name] = _tensor(arr, name)
+            self.inits[name] = _tensor(make(), name)
             self.const_cache[key] = name
         return self.const_cache[key]
 
@@ -225,278 +226,7 @@ def _tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
 # ---------------------------------------------------------------------------------------
 
 Lower = Callable[[_Lowering, Node, list], None]
-LOWERINGS: dict[str, Lower] = {}
-
-
-def _simple(onnx_op: str, **fixed) -> Lower:
-    def lower(cx, n, ins):
-        cx.emit(onnx_op, ins, out=n.output.name, **fixed)
-
-    return lower
-
-
-# IR ops that are exactly one ONNX op with no attributes
-_SIMPLE = {"matmul": "MatMul"}
-LOWERINGS.update({ir: _simple(ox) for ir, ox in _SIMPLE.items()})
-
-
-# ONNX Runtime's max/min kernels skip NaN: the NaN mask helpers of nnforge/ops/reduce.py put it back
-# (legacy forms for max_pool2d, until the pooling ops move)
-def _nan_where(cx, n, hits: str, y: str) -> None:
-    onnx_nan_where(cx, hits, y, n.output.dtype, out=n.output.name)
-
-
-def _is_float(v: Value) -> bool:
-    return is_float(v.dtype)
-
-
-def _matmul_wt(cx, n, ins, out: str | None = None) -> str:
-    """x @ w.T + b, for linear and linear_act; writes ``out`` (a fresh name if None)."""
-    x, w = n.inputs[0], n.inputs[1]
-    has_bias = len(ins) > 2 and bool(ins[2])
-    if x.type.rank == 2:
-        return cx.emit("Gemm", ins[:3] if has_bias else ins[:2], out=out, transB=1)
-    if cx.graph.is_constant(w):  # pre-transposed weight, once per weight
-        key = ("wT", w.name)
-        if key not in cx.const_cache:
-            name = cx.fresh(f"{w.name}_T")
-            cx.inits[name] = _tensor(cx.graph.constant(w).T, name)
-            cx.const_cache[key] = name
-        wt = cx.const_cache[key]
-    else:
-        wt = cx.emit("Transpose", [ins[1]], perm=[1, 0])
-    if has_bias:
-        return cx.emit("Add", [cx.emit("MatMul", [ins[0], wt]), ins[2]], out=out)
-    return cx.emit("MatMul", [ins[0], wt], out=out)
-
-
-def _linear(cx, n, ins):
-    _matmul_wt(cx, n, ins, n.output.name)
-
-
-_ACTS = {name: act.onnx for name, act in ACTIVATIONS.items()}  # fn(cx, y, out) (legacy view, until linear_act moves)
-
-
-def _linear_act(cx, n, ins):
-    _ACTS[n.attrs["act"]](cx, _matmul_wt(cx, n, ins), n.output.name)
-
-
-def _pads(p) -> list[int]:
-    p = list(p) if len(p) == 2 else [p[0], p[0]]
-    return [p[0], p[1], p[0], p[1]]
-
-
-def _pair(v) -> list[int]:
-    return list(v) if len(v) == 2 else [v[0], v[0]]
-
-
-def _conv2d(cx, n, ins):
-    w = n.inputs[1]
-    a = n.attrs
-    cx.emit("Conv", [i for i in ins if i], out=n.output.name, kernel_shape=[w.shape[2], w.shape[3]],
-            strides=_pair(a["stride"]), pads=_pads(a["padding"]), dilations=_pair(a["dilation"]), group=a["groups"])
-
-
-def _pool_plan(n: Node):
-    """(pads, ceil_mode) for ONNX, or a reason string.
-
-    ONNX's ceil_mode keeps a last window that starts in the right padding; the IR (like torch)
-    drops it. Where they differ, floor mode with extra right padding gives the IR's windows; that
-    is exact for max and for averages that do not count padding. (ORT, like torch, leaves the
-    overhang past the padding out of an average's divisor, so agreeing cases keep ceil_mode.)
-    """
-    a = n.attrs
-    k, s, p = _pair(a["kernel"]), _pair(a["stride"]), _pair(a["padding"])
-    d = _pair(a.get("dilation", [1, 1]))
-    if not a["ceil_mode"]:
-        return _pads(p), 0
-    end, differs = list(p), False
-    for i, size in enumerate(n.inputs[0].shape[2:]):
-        if not isinstance(size, int):
-            return "ceil_mode with a symbolic spatial dim"
-        eff = d[i] * (k[i] - 1) + 1
-        onnx_out = -(-(size + 2 * p[i] - eff) // s[i]) + 1
-        out = onnx_out - 1 if (onnx_out - 1) * s[i] >= size + p[i] else onnx_out  # the IR drops it
-        differs |= out != onnx_out
-        end[i] += max(0, (out - 1) * s[i] + eff - (size + 2 * p[i]))  # floor mode then yields `out`
-    if not differs:
-        return _pads(p), 1
-    if n.op == "avg_pool2d" and a["count_include_pad"]:  # extra padding would count in the divisor
-        return "ceil_mode drops a window ONNX keeps, with count_include_pad"
-    return [p[0], p[1], end[0], end[1]], 0
-
-
-def _pool_check(n: Node) -> str | None:
-    plan = _pool_plan(n)
-    return plan if isinstance(plan, str) else None
-
-
-def _max_pool2d(cx, n, ins):
-    a = n.attrs
-    pads, ceil = _pool_plan(n)
-    pool = dict(kernel_shape=_pair(a["kernel"]), strides=_pair(a["stride"]), pads=pads, dilations=_pair(a["dilation"]),
-                ceil_mode=ceil)
-    if not _is_float(n.inputs[0]):
-        cx.emit("MaxPool", ins, out=n.output.name, **pool)
-        return
-    x = n.inputs[0]
-    if _never_neg_inf(x) and x.dtype == "float32" and ceil == 0 and isinstance(x.shape[1], int):
-        _max_pool2d_nan_probe(cx, n, ins, pool)
-        return
-    # MaxPool also turns a window of only -Inf into the dtype's lowest finite value: keep -Inf there
-    ninf = cx.const(-np.inf, n.output.dtype, "ninf")
-    above = cx.emit("MaxPool", [cx.emit("Cast", [cx.emit("Greater", [ins[0], ninf])], to=TensorProto.FLOAT)], **pool)
-    y = cx.emit("Where", [cx.emit("Greater", [above, cx.const(0.0, "float32", "zero")]), cx.emit("MaxPool", ins, **pool), ninf])
-    _nan_where(cx, n, cx.emit("MaxPool", [_nan_mask(cx, ins[0])], **pool), y)
-
-
-def _never_neg_inf(v: Value) -> bool:
-    """True when v is a relu output (never -Inf; NaN stays NaN)."""
-    return v.producer is not None and v.producer.op == "relu"
-
-
-def _max_pool2d_nan_probe(cx, n, ins, pool):
-    """MaxPool plus a NaN probe made of convolutions only, so ONNX Runtime keeps it all in its NCHWc layout.
-
-    With no -Inf in the input, a window's sum is NaN exactly when the window holds a NaN; tanh maps
-    the sum to [-1, 1] or NaN and a zero 1x1 depthwise conv turns that into 0 or NaN, added to MaxPool
-    (which skips NaN). ORT fuses the tanh and the add into the convolutions.
-    """
-    c, k = n.inputs[0].shape[1], pool["kernel_shape"]
-    probe = cx.const(np.ones([c, 1] + k, np.float32), hint="nan_probe")
-    keep = cx.const(np.zeros([c, 1, 1, 1], np.float32), hint="nan_keep")
-    sums = cx.emit("Conv", [ins[0], probe], kernel_shape=k, strides=pool["strides"], pads=pool["pads"],
-                   dilations=pool["dilations"], group=c)
-    nan = cx.emit("Conv", [cx.emit("Tanh", [sums]), keep], kernel_shape=[1, 1], group=c)
-    cx.emit("Add", [nan, cx.emit("MaxPool", ins, **pool)], out=n.output.name)
-
-
-def _avg_pool2d(cx, n, ins):
-    a = n.attrs
-    pads, ceil = _pool_plan(n)
-    cx.emit("AveragePool", ins, out=n.output.name, kernel_shape=_pair(a["kernel"]), strides=_pair(a["stride"]),
-            pads=pads, ceil_mode=ceil, count_include_pad=int(a["count_include_pad"]))
-
-
-def _adaptive_check(n: Node) -> str | None:
-    oh, ow = _pair(n.attrs["output_size"])
-    if (oh, ow) == (1, 1):
-        return None
-    h, w = n.inputs[0].shape[2:]
-    if not (isinstance(h, int) and isinstance(w, int)):
-        return f"output {oh}x{ow} of a symbolic {h}x{w} input needs uneven windows ONNX has no op for"
-    if h % oh or w % ow:
-        return f"input {h}x{w} is not divisible by output {oh}x{ow} (uneven windows)"
-    return None
-
-
-def _adaptive_avg_pool2d(cx, n, ins):
-    oh, ow = _pair(n.attrs["output_size"])
-    if (oh, ow) == (1, 1):
-        cx.emit("GlobalAveragePool", ins, out=n.output.name)
-        return
-    h, w = n.inputs[0].shape[2:]
-    k = [h // oh, w // ow]
-    cx.emit("AveragePool", ins, out=n.output.name, kernel_shape=k, strides=k)
-
-
-def _sdpa_check(n: Node) -> str | None:
-    if n.attrs["scale"] is None and not isinstance(n.inputs[0].shape[-1], int):
-        return "default scale needs a static head dim"
-    return None
-
-
-def _attend(cx, q: str, k: str, v: str, mask: str, mask_bool: bool, *, rank: int, dtype: str, scale: float,
-            is_causal: bool, out: str | None = None) -> str:
-    """softmax(q @ k^T * scale [+ causal / mask]) @ v on [..., seq, dim] tensors."""
-    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
-    s = cx.emit("MatMul", [q, cx.emit("Transpose", [k], perm=perm)])
-    s = cx.emit("Mul", [s, cx.const(scale, dtype, "scale")])
-    neg_inf = cx.const(-np.inf, dtype, "neg_inf")
-    if is_causal:  # allowed where key index <= query index (top-left aligned, as torch)
-        shape = cx.emit("Shape", [s])
-        axes0 = cx.const([0], "int64", "axes")
-        lq = cx.emit("Squeeze", [cx.emit("Slice", [shape, cx.const([-2], "int64"), cx.const([-1], "int64")]), axes0])
-        lk = cx.emit("Squeeze", [cx.emit("Slice", [shape, cx.const([-1], "int64"), cx.const([INT64_MAX], "int64")]), axes0])
-        zero, one = cx.const(0, "int64"), cx.const(1, "int64")
-        rows = cx.emit("Unsqueeze", [cx.emit("Range", [zero, lq, one]), cx.const([1], "int64", "axes")])
-        cols = cx.emit("Range", [zero, lk, one])
-        s = cx.emit("Where", [cx.emit("LessOrEqual", [cols, rows]), s, neg_inf])
-    if mask:
-        s = cx.emit("Where", [mask, s, neg_inf]) if mask_bool else cx.emit("Add", [s, mask])
-    return cx.emit("MatMul", [cx.emit("Softmax", [s], axis=-1), v], out=out)
-
-
-def _sdpa(cx, n, ins):
-    q = n.inputs[0]
-    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-    mask = ins[3] if len(ins) > 3 else ""
-    _attend(cx, ins[0], ins[1], ins[2], mask, bool(mask) and n.inputs[3].dtype == "bool", rank=q.type.rank,
-            dtype=q.dtype, scale=scale, is_causal=n.attrs["is_causal"], out=n.output.name)
-
-
-def _attention_contrib(cx, n, ins):
-    """ONNX Runtime's fused MultiHeadAttention kernel; a mask becomes an additive [B|1, H|1, S, L] bias."""
-    q, h = n.inputs[0], n.attrs["num_heads"]
-    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1] // h)
-    args = list(ins[:3])
-    if len(ins) > 3 and ins[3] and cx.device == "cpu" and _per_key_bias(n.inputs[3]):
-        args[:2] = _keys_carry_bias(cx, ins[0], ins[1], ins[3], h, scale, q.dtype)
-    elif len(ins) > 3 and ins[3]:
-        mask = n.inputs[3]
-        bias = ins[3]
-        if mask.dtype == "bool":
-            bias = cx.emit("Where", [bias, cx.const(0.0, q.dtype, "zero"), cx.const(-np.inf, q.dtype, "neg_inf")])
-        if mask.type.rank < 4:
-            bias = cx.emit("Unsqueeze", [bias, cx.const(list(range(4 - mask.type.rank)), "int64", "axes")])
-        seq = cx.emit("Shape", [ins[0]], start=1, end=2)
-        kv_seq = cx.emit("Shape", [ins[1]], start=1, end=2)
-        bias = cx.emit("Expand", [bias, cx.emit("Concat", [cx.const([1, 1], "int64", "ones"), seq, kv_seq], axis=0)])
-        args += ["", "", bias]  # (bias, key_padding_mask) unused
-    cx.emit("MultiHeadAttention", args, out=n.output.name, domain="com.microsoft", num_heads=h, scale=float(scale),
-            unidirectional=int(n.attrs["is_causal"]))
-
-
-def _per_key_bias(mask: Value) -> bool:
-    """An additive float mask [batch|1, 1, 1, keys]: one bias per key (ToMe's log token sizes)."""
-    return mask.dtype != "bool" and mask.type.rank == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
-
-
-def _keys_carry_bias(cx, q: str, k: str, bias: str, heads: int, scale: float, dtype: str) -> list[str]:
-    """q' = [q_h, 1] and k' = [k_h, bias / scale] per head, so that scale * q'.k' = scale * q.k + bias. A
-    [batch, 1, 1, keys] bias handed to MultiHeadAttention must be expanded over the queries, and the CPU
-    kernel adding it took 40% longer (8.0 against 5.7 ms at 57 tokens, batch 256); one more head dim costs
-    ~2%. CPU only: CUDA's fused attention kernels want head sizes that are multiples of 8."""
-    split = cx.const([0, 0, heads, -1], "int64", "heads")
-    qh, kh = (cx.emit("Reshape", [t, split]) for t in (q, k))
-
-    def column(t: str, values: str) -> str:  # values broadcast to [batch, seq of t, heads, 1]
-        shape = cx.emit("Concat", [cx.emit("Shape", [t], start=0, end=2), cx.const([heads, 1], "int64", "shape")], axis=0)
-        return cx.emit("Expand", [values, shape])
-
-    ones = column(q, cx.const(np.ones((1, 1, 1, 1)), dtype, "one"))
-    per_key = cx.emit("Transpose", [cx.emit("Mul", [bias, cx.const(1.0 / scale, dtype, "inv_scale")])], perm=[0, 3, 1, 2])
-    key_col = column(k, per_key)
-    flat = cx.const([0, 0, -1], "int64", "merge")
-    return [cx.emit("Reshape", [cx.emit("Concat", [t, extra], axis=3), flat]) for t, extra in ((qh, ones), (kh, key_col))]
-
-
-def _attention(cx, n, ins):
-    """[batch, seq, heads*dim] in and out: split heads with Reshape(0, 0, h, -1) + Transpose, attend, merge."""
-    # ORT's causal masking is only known to match torch's (top-left) when query and key lengths agree
-    same_length = symbols.dims_equal(n.inputs[0].shape[1], n.inputs[1].shape[1])
-    if cx.contrib and (same_length or not n.attrs["is_causal"]):
-        return _attention_contrib(cx, n, ins)
-    q, h = n.inputs[0], n.attrs["num_heads"]
-    split = cx.const([0, 0, h, -1], "int64", "heads")
-    heads = [cx.emit("Transpose", [cx.emit("Reshape", [x, split])], perm=[0, 2, 1, 3]) for x in ins[:3]]
-    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(q.shape[-1] // h)
-    mask = ins[3] if len(ins) > 3 else ""
-    o = _attend(cx, *heads, mask, bool(mask) and n.inputs[3].dtype == "bool", rank=4, dtype=q.dtype, scale=scale,
-                is_causal=n.attrs["is_causal"])
-    merged = cx.emit("Transpose", [o], perm=[0, 2, 1, 3])
-    cx.emit("Reshape", [merged, cx.const([0, 0, -1], "int64", "merge")], out=n.output.name)
-
+LOWERINGS: dict[str, Lower] = {}  # (empty: every op lowers through its family module in nnforge/ops)
 
 def _packed_attention(graph: Graph) -> dict:
     """attention(q, k, v) whose q, k, v are the three thirds of one linear with constant weights, read by nothing
@@ -546,24 +276,13 @@ def _contrib_fusions(graph: Graph) -> tuple[dict, set]:
     return fused, skip
 
 
-LOWERINGS.update({
-    "linear": _linear, "linear_act": _linear_act, "conv2d": _conv2d, "max_pool2d": _max_pool2d, "avg_pool2d": _avg_pool2d,
-    "adaptive_avg_pool2d": _adaptive_avg_pool2d, "sdpa": _sdpa, "attention": _attention,
-})
-
 # Registry ops deliberately without a lowering (name -> why); the test keeps it honest.
 EXPLICITLY_UNSUPPORTED: dict[str, str] = {}
 
 
-def _linear_act_check(n: Node) -> str | None:
-    return None if n.attrs["act"] in _ACTS else f"activation {n.attrs['act']!r} has no ONNX lowering"
-
-
 # Per-op checks for attribute or shape cases a lowering cannot take: fn(node) -> reason or None.
-CHECKS: dict[str, Callable[[Node], str | None]] = {
-    "adaptive_avg_pool2d": _adaptive_check, "sdpa": _sdpa_check,
-    "linear_act": _linear_act_check, "max_pool2d": _pool_check, "avg_pool2d": _pool_check,
-}
+# (legacy table: the ops' checks are in the registry)
+CHECKS: dict[str, Callable[[Node], str | None]] = {}
 
 
 # ---------------------------------------------------------------------------------------

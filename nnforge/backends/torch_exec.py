@@ -9,14 +9,12 @@ bundle's IR is all it needs.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, bind_symbols, get_op
@@ -24,7 +22,6 @@ from ..ir.registry import REGISTRY, call_impl
 from ..ir.interpret import run_node
 from ..ir.torch_dtypes import TORCH_DTYPES, from_torch, to_torch
 from ..ops.fallback import TorchOpError
-from ..ops.elementwise import ACTIVATIONS
 from ..targets import Target, get_target
 from .base import Artifact, Backend, Unsupported, register_backend
 
@@ -61,73 +58,6 @@ def _lower(*names: str):
         return fn
 
     return deco
-
-
-# -- linear algebra, convolution, pooling, attention ---------------------------------------------
-@_lower("matmul")
-def _matmul(a, b):
-    return torch.matmul(a, b)
-
-
-@_lower("linear")
-def _linear(x, w, b=None):
-    y = torch.matmul(x, w.T)
-    return y + b if b is not None else y
-
-
-_ACTS = {name: act.torch for name, act in ACTIVATIONS.items()}  # (legacy view, until linear_act moves)
-
-
-@_lower("linear_act")
-def _linear_act(x, w, b=None, act="none"):
-    return _ACTS[act](_linear(x, w, b))
-
-
-def _pair(v) -> list[int]:
-    return list(v) if len(v) == 2 else [v[0], v[0]]
-
-
-@_lower("conv2d")
-def _conv2d(x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
-    return F.conv2d(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups)
-
-
-@_lower("max_pool2d")
-def _max_pool2d(x, kernel, stride, padding=(0, 0), ceil_mode=False, dilation=(1, 1)):
-    return F.max_pool2d(x, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), ceil_mode)
-
-
-@_lower("avg_pool2d")
-def _avg_pool2d(x, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True):
-    return F.avg_pool2d(x, _pair(kernel), _pair(stride), _pair(padding), ceil_mode, count_include_pad)
-
-
-@_lower("adaptive_avg_pool2d")
-def _adaptive_avg_pool2d(x, output_size):
-    return F.adaptive_avg_pool2d(x, _pair(output_size))
-
-
-@_lower("sdpa")
-def _sdpa(q, k, v, mask=None, is_causal=False, scale=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * torch.tensor(scale, dtype=q.dtype)
-    if is_causal:
-        lq, lk = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool).tril(), -math.inf)
-    if mask is not None:
-        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask
-    return torch.matmul(torch.softmax(s, -1), v)
-
-
-@_lower("attention")
-def _attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
-    def heads(t):
-        b, s, e = t.shape
-        return t.reshape(b, s, num_heads, e // num_heads).transpose(1, 2)
-
-    o = _sdpa(heads(q), heads(k), heads(v), mask, is_causal=is_causal, scale=scale)
-    b, h, s, d = o.shape
-    return o.transpose(1, 2).reshape(b, s, h * d)
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and ONNX / TVM lowerings side by side (see nnforge/ir/registry.py and docs/addin
 Imported by ``nnforge.ir.registry.load_ops`` on the registry's first use; every module registers on import.
 """
 from ..ir import ops as _legacy  # noqa: F401  (ops not yet moved into a family module)
+from . import attention, conv, linalg  # noqa: F401
 from . import fallback  # noqa: F401
 from . import lowbit  # noqa: F401
 from . import norm  # noqa: F401

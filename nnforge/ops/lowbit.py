@@ -53,6 +53,7 @@ import numpy as np
 from ..ir.graph import TensorType
 from ..ir.registry import REQUIRED, OpError, defop, implement
 from .common import LazyModule, R
+from .conv import conv2d, conv2d_tvm
 from .elementwise import ACTIVATIONS
 
 
@@ -70,18 +71,6 @@ def _onnx_act(cx, act: str, y: str) -> str:
 def _tvm_act(c, act: str, y):
     """Relax activation ``act`` applied to ``y``."""
     return ACTIVATIONS[act].tvm(c, y)
-
-
-# -- not moved yet: conv2d lives where it is until the linalg family moves; then this block switches to its
-# -- module (and nothing below it changes)
-from ..ir.ops import _conv2d as _conv2d_ref, _conv_infer  # noqa: E402
-_tvm_lower = LazyModule("nnforge.backends.tvm_lower")  # conv2d's lowering
-
-
-def _tvm_conv2d(c, x, w, b, weight_shape):
-    """conv2d's TVM lowering on weight ``w`` of shape ``weight_shape``, with the node's conv attributes."""
-    return _tvm_lower.conv2d(c, x, w, b, weight_shape=weight_shape)
-# -- (end of the not-moved block)
 
 
 _tvm_sparse = LazyModule("nnforge.backends.tvm_sparse")  # the CSR kernel
@@ -273,7 +262,7 @@ def _qconv_infer(ts, attrs):
     _check_bias(bias, n, "qconv2d")
     w = TensorType((n, k // (kernel[0] * kernel[1]), kernel[0], kernel[1]), x.dtype)
     conv_attrs = {key: attrs[key] for key in ("stride", "padding", "dilation", "groups")}
-    return _conv_infer([x, w], conv_attrs)
+    return conv2d.infer([x, w], conv_attrs)
 
 
 @defop("qconv2d", _qconv_infer, num_inputs=(3, 5), attrs=_QCONV_ATTRS, kind="fused",
@@ -282,7 +271,7 @@ def qconv2d(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=0, ker
             padding=(0, 0), dilation=(1, 1), groups=1):
     w = dequantize(qweight, scales, zeros, bits, group_size)
     w = w.reshape(w.shape[0], -1, kernel[0], kernel[1])
-    return _conv2d_ref(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return conv2d.ref(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
 # ---------------------------------------------------------------------------------------
@@ -708,7 +697,8 @@ def _(c, x, qw, scales, zeros=None, bias=None, **attrs):
     w = _weight(c, qw, scales, zeros)
     rows, k = c.node.inputs[2].shape[0], c.node.inputs[2].shape[1] * c.attr("group_size")
     shape = [rows, k // (kh * kw), kh, kw]
-    return _tvm_conv2d(c, x, c.emit(R.reshape(w, shape)), bias, shape)
+    conv = {a: attrs[a] for a in ("stride", "padding", "dilation", "groups")}
+    return conv2d_tvm(c, x, c.emit(R.reshape(w, shape)), bias, weight_shape=shape, **conv)
 
 
 @qgather.tvm

@@ -26,11 +26,9 @@ import numpy as np
 from ..ir import symbols
 from ..ir.graph import TensorType
 from ..ir.registry import REQUIRED, OpError, defop, implement
+from .attention import sdpa
 from .common import LazyModule, R, float_only
-
-# (not moved yet: attention's shape rule and softmax's reference live in nnforge/ir/ops.py until the linalg
-# and elementwise families move; switch this line to the family modules then)
-from ..ir.ops import _sdpa_infer, _softmax  # noqa: E402
+from .reduce import softmax_ref as _softmax
 
 _onnxrt = LazyModule("nnforge.backends.onnxrt")  # INT64_MAX, ONNX_DTYPES
 _tvm_kernels = LazyModule("nnforge.backends.tvm_tokens")  # the merged-tokens kernel
@@ -130,7 +128,7 @@ def _scores_infer(ts, attrs):
     if q.rank != 3 or k.rank != 3 or not isinstance(q.shape[-1], int) or q.shape[-1] % attrs["num_heads"]:
         raise OpError(f"attention_scores: q, k must be [batch, seq, heads*dim] with hidden divisible by "
                       f"num_heads={attrs['num_heads']}, got {q.shape}, {k.shape}")
-    _sdpa_infer([q, k, k] + ([mask] if mask is not None else []), attrs)
+    sdpa.infer([q, k, k] + ([mask] if mask is not None else []), attrs)
     return [TensorType((q.shape[0], k.shape[1]), q.dtype)]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, Value, interpret
-from ..ir.ops import _conv2d
+from ..ops.conv import conv2d
 from .manager import PassContext
 
 FLOATS = ("float32", "float64", "float16")
@@ -76,7 +76,7 @@ def _apply_linear(layer, x, w):
 def _apply_conv(layer, x, w):
     a = layer.node.attrs
     w4 = w.reshape(layer.conv_shape)
-    return _conv2d(x, w4.astype(x.dtype), None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    return conv2d.ref(x, w4.astype(x.dtype), None, a["stride"], a["padding"], a["dilation"], a["groups"])
 
 
 def _apply_embedding(layer, idx, w):
