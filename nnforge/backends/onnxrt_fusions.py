@@ -1,0 +1,62 @@
+"""ONNX Runtime's contrib fusions: groups of IR nodes that lower to one com.microsoft kernel together.
+
+``to_onnx(graph, contrib=True)`` (the cpu and cuda targets) asks ``contrib_fusions`` which nodes such a kernel
+takes: it lowers those with the kernel and skips the nodes folded into it. Portable ONNX files and wasm get none.
+Today: an attention whose q, k, v are the three thirds of one linear is ORT's Attention, with the projection
+inside. (The ops' own contrib lowerings, such as attention's MultiHeadAttention, sit with the ops in nnforge/ops.)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..ir import Graph
+
+
+def _packed_attention(graph: Graph) -> dict:
+    """attention(q, k, v) whose q, k, v are the three thirds of one linear with constant weights, read by nothing
+    else: {attention node: (linear node, its slice nodes)}, lowered as one ORT Attention (projection inside)."""
+    users = graph.users()
+    out = {}
+    for n in graph.nodes:
+        if n.op != "attention" or len(n.inputs) != 3 or n.attrs["is_causal"]:
+            continue
+        slices = [v.producer for v in n.inputs]
+        lin = slices[0].inputs[0].producer if slices[0] is not None and slices[0].op == "slice" else None
+        if lin is None or lin.op != "linear" or not all(graph.is_constant(v) for v in lin.inputs[1:] if v is not None):
+            continue
+        x, hidden = lin.inputs[0], n.inputs[0].shape[-1]
+        if x.type.rank != 3 or not isinstance(hidden, int) or lin.output.shape[-1] != 3 * hidden:
+            continue
+        parts = [(s.op, s.inputs[0], s.attrs["axis"] % 3, s.attrs["start"], s.attrs["end"], s.attrs["step"])
+                 for s in slices if s is not None]
+        if parts != [("slice", lin.output, 2, i * hidden, (i + 1) * hidden, 1) for i in range(3)]:
+            continue
+        if len(set(slices)) == 3 and set(users[lin.output]) == set(slices) and all(
+                users[s.output] == [n] for s in slices) and lin.output not in graph.outputs:
+            out[n] = (lin, slices)
+    return out
+
+
+def _attention_packed(cx, n, lin):
+    """ORT's Attention: the q/k/v projection (pre-packed weights) and attention in one kernel, no Split."""
+    g = cx.graph
+    w = g.constant(lin.inputs[1])
+    has_bias = len(lin.inputs) > 2 and lin.inputs[2] is not None
+    b = g.constant(lin.inputs[2]) if has_bias else np.zeros(w.shape[0], w.dtype)
+    h = n.attrs["num_heads"]
+    scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(n.inputs[0].shape[-1] // h)
+    weights = cx.const(np.ascontiguousarray(w.T), hint="qkv_w")
+    cx.emit("Attention", [cx.value(lin.inputs[0]), weights, cx.const(b, hint="qkv_b")], out=n.output.name,
+            domain="com.microsoft", num_heads=h, scale=float(scale))
+
+
+def contrib_fusions(graph: Graph) -> tuple[dict, set]:
+    """Groups of IR nodes that lower to one ONNX Runtime contrib kernel: ({node: lower(cx)}, nodes lowered by them)."""
+    fused, skip = {}, set()
+    for att, (lin, slices) in _packed_attention(graph).items():
+        fused[att] = lambda cx, att=att, lin=lin: _attention_packed(cx, att, lin)
+        skip.update([lin, *slices])
+    # (ORT's SkipLayerNormalization was tried for add + layer_norm: its CPU kernel is ~5x slower than the two ops)
+    return fused, skip
