@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from nnforge.backends.base import get_backend
-from nnforge.backends.onnxrt import (EXPLICITLY_UNSUPPORTED, LOWERINGS, OnnxRuntimeArtifact, OnnxRuntimeBackend,
+from nnforge.backends.onnxrt import (OnnxRuntimeArtifact, OnnxRuntimeBackend,
                                      to_onnx)
 from nnforge.errors import BundleError, NnforgeError, UnsupportedOpError
 from nnforge.ir import REGISTRY, Graph, Node, TensorType, Value, interpret
@@ -247,14 +247,12 @@ def _build(b: B, out) -> OnnxRuntimeArtifact:
 
 
 def test_every_registry_op_has_a_lowering_and_a_case():
-    # a lowering: in the registry (nnforge/ops) or the legacy table; a reason: opdef.not_on or the legacy list
-    lowered = set(LOWERINGS) | {op for op, d in REGISTRY.items() if "onnxrt" in d.impls}
-    unsupported = set(EXPLICITLY_UNSUPPORTED) | {op for op, d in REGISTRY.items() if "onnxrt" in d.unsupported}
+    lowered = {op for op, d in REGISTRY.items() if "onnxrt" in d.impls}
+    unsupported = {op for op, d in REGISTRY.items() if "onnxrt" in d.unsupported}
     missing = sorted(op for op in REGISTRY if op not in lowered and op not in unsupported)
     assert not missing, f"ops without an ONNX lowering (add one, or declare opdef.not_on('onnxrt', why)): {missing}"
     untested = sorted(op for op in REGISTRY if op in lowered and op not in CASES)
     assert not untested, f"lowered ops without a test case in CASES: {untested}"
-    assert set(LOWERINGS) <= set(REGISTRY), sorted(set(LOWERINGS) - set(REGISTRY))
 
 
 @pytest.mark.parametrize("op,k", [(op, k) for op, cases in CASES.items() for k in range(len(cases))])

@@ -1,6 +1,6 @@
 """ONNX Runtime backend: IR -> ONNX (standard opset 20) -> onnxruntime.InferenceSession.
 
-``to_onnx`` lowers node by node through ``LOWERINGS`` (op name -> small function). Symbolic
+``to_onnx`` lowers node by node through each op's ONNX lowering in its family module (nnforge/ops). Symbolic
 dims become ``dim_param`` on graph inputs/outputs; attributes that hold symbols ("batch",
 "seq*4") are computed at run time from the graph inputs' shapes (one Shape slice per symbol,
 cached, expressions built from the sympy tree with integer Add/Mul/Div/Mod).
@@ -222,22 +222,6 @@ def _tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
 
 
 # ---------------------------------------------------------------------------------------
-# lowerings: fn(cx, node, ins) -> None; each writes the node's outputs by their IR names
-# ---------------------------------------------------------------------------------------
-
-Lower = Callable[[_Lowering, Node, list], None]
-LOWERINGS: dict[str, Lower] = {}  # (empty: every op lowers through its family module in nnforge/ops)
-
-# Registry ops deliberately without a lowering (name -> why); the test keeps it honest.
-EXPLICITLY_UNSUPPORTED: dict[str, str] = {}
-
-
-# Per-op checks for attribute or shape cases a lowering cannot take: fn(node) -> reason or None.
-# (legacy table: the ops' checks are in the registry)
-CHECKS: dict[str, Callable[[Node], str | None]] = {}
-
-
-# ---------------------------------------------------------------------------------------
 # IR graph -> ONNX model
 # ---------------------------------------------------------------------------------------
 
@@ -246,22 +230,12 @@ def _value_info(v: Value, name: str | None = None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name or v.name, ONNX_DTYPES[v.dtype], shape)
 
 
-def _lower_node(cx: _Lowering, n: Node, ins: list[str]) -> None:
-    if "onnxrt" in REGISTRY[n.op].impls:
-        cx.lower(n, ins)
-    else:  # (legacy table, while ops move to nnforge/ops)
-        LOWERINGS[n.op](cx, n, ins)
-
-
 def unsupported_nodes(graph: Graph, device: str = "cpu") -> list[Unsupported]:
     out = []
     sources = _Lowering._symbol_sources(graph)
     for n in graph.nodes:
-        opdef = REGISTRY[n.op]
-        if "onnxrt" in opdef.impls or n.op not in LOWERINGS:
-            reason = opdef.problem("onnxrt", n, device) if n.op not in EXPLICITLY_UNSUPPORTED else EXPLICITLY_UNSUPPORTED[n.op]
-        else:  # (legacy table, while ops move to nnforge/ops)
-            reason = CHECKS[n.op](n) if n.op in CHECKS else None
+        opdef = REGISTRY.get(n.op)
+        reason = f"unknown op {n.op!r}" if opdef is None else opdef.problem("onnxrt", n, device)
         reason = reason or _symbol_check(n, sources)
         if reason:
             out.append(Unsupported(n.op, n.outputs[0].name if n.outputs else "", n.source, reason))
@@ -297,7 +271,7 @@ def to_onnx(graph: Graph, contrib: bool = False, device: str = "cpu") -> onnx.Mo
         if n in fused:
             fused[n](cx)
         elif n not in skip:
-            _lower_node(cx, n, [cx.value(i) for i in n.inputs])
+            cx.lower(n, [cx.value(i) for i in n.inputs])
     outputs = []
     taken = {v.name for v in graph.inputs} | set(graph.constants)
     for v in graph.outputs:

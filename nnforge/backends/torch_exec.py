@@ -1,9 +1,9 @@
 """The torch executor: runs IR nodes with torch ops. Registered as backend ``"torch"``.
 
 It is the fallback for the parts of a graph another backend cannot take (see ``nnforge.partition``)
-and the only runner of ``torch_op`` nodes (ATen or custom ops the frontend kept opaque). Each op
-has a small lowering in ``LOWERINGS`` mirroring its numpy reference; an op without one runs its
-numpy reference (so every registry op runs here). It runs on this host: on the CPU, or on the GPU
+and the only runner of ``torch_op`` nodes (ATen or custom ops the frontend kept opaque). Each op's
+torch implementation sits beside its numpy reference in its family module (nnforge/ops); some
+(low-bit, tokens) run that reference (``TorchCx.reference``), so every registry op runs here. It runs on this host: on the CPU, or on the GPU
 for target ``cuda`` when torch sees one. Nothing is compiled, so there are no files to save: the
 bundle's IR is all it needs.
 """
@@ -45,19 +45,6 @@ class TorchCx:
             res = get_op(self.node.op).ref(*args, **attrs)
         res = list(res) if isinstance(res, (tuple, list)) else [res]
         return [to_torch(np.asarray(r).astype(o.dtype, copy=False)).to(self.device) for r, o in zip(res, self.node.outputs)]
-
-
-Lower = Callable[..., "torch.Tensor | list[torch.Tensor]"]
-LOWERINGS: dict[str, Lower] = {}
-
-
-def _lower(*names: str):
-    def deco(fn):
-        for n in names:
-            LOWERINGS[n] = fn
-        return fn
-
-    return deco
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,14 +92,9 @@ def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> li
     attrs = opdef.bind_attrs(node.attrs, env)
     while args and args[-1] is None:  # optional trailing inputs given as None: the lowerings default them
         args = args[:-1]
-    if "torch" in opdef.impls:
-        res = call_impl("torch", TorchCx(node, device, env), node, args, attrs)
-    elif node.op in LOWERINGS:  # (legacy table, while ops move to nnforge/ops)
-        res = LOWERINGS[node.op](*args, **attrs)
-    else:  # no torch lowering: the numpy reference
-        outs = run_node(node, [from_torch(a) if a is not None else None for a in args], env)
-        res = [to_torch(o).to(device) for o in outs]
-    res = list(res) if isinstance(res, (list, tuple)) else [res]
+    if "torch" not in opdef.impls:
+        raise NnforgeError(f"torch executor: {node.op} (%{node.outputs[0].name}): {opdef.problem('torch', node)}")
+    res = call_impl("torch", TorchCx(node, device, env), node, args, attrs)
     return [r.to(TORCH_DTYPES[o.dtype]) if r.dtype != TORCH_DTYPES[o.dtype] else r for r, o in zip(res, node.outputs)]
 
 

@@ -149,21 +149,6 @@ class Ctx:
         return lower_node(self, node, args)
 
 
-Lowering = Callable[..., "relax.Expr"]
-LOWERINGS: dict[str, Lowering] = {}
-# Optional per-op checks: fn(node, target_name) -> reason string when the node cannot be lowered.
-CHECKS: dict[str, Callable[[Node, str], str | None]] = {}
-
-
-def lowering(*names: str):
-    def deco(fn):
-        for n in names:
-            LOWERINGS[n] = fn
-        return fn
-
-    return deco
-
-
 # ---------------------------------------------------------------------------------------------
 # whole graph
 # ---------------------------------------------------------------------------------------------
@@ -171,15 +156,12 @@ def lowering(*names: str):
 def node_problem(node: Node, target_name: str) -> str | None:
     """Why ``node`` cannot be lowered for ``target_name``, or None."""
     opdef = get_op(node.op)
-    if node.op not in LOWERINGS and "tvm" not in opdef.impls:
+    if "tvm" not in opdef.impls:
         return opdef.problem("tvm", node, target_name)
     for v in list(node.inputs) + list(node.outputs):
         if v is not None and v.dtype in UNSUPPORTED_DTYPES:
             return UNSUPPORTED_DTYPES[v.dtype]
-    if "tvm" in opdef.impls:
-        return opdef.problem("tvm", node, target_name)
-    check = CHECKS.get(node.op)  # (legacy table, while ops move to nnforge/ops)
-    return check(node, target_name) if check else None
+    return opdef.problem("tvm", node, target_name)
 
 
 def lower_node(c: Ctx, node: Node, args: list) -> list:
@@ -188,15 +170,9 @@ def lower_node(c: Ctx, node: Node, args: list) -> list:
     try:
         if broadcasts(node.op):
             args = _align_broadcast(c.bb, c.dims, node, args)
-        if "tvm" in get_op(node.op).impls:
-            return call_impl("tvm", c, node, args)
-        fn = LOWERINGS.get(node.op)  # (legacy table, while ops move to nnforge/ops)
-        if fn is None:
+        if "tvm" not in get_op(node.op).impls:
             raise LoweringError("no TVM lowering for this op")
-        while args and args[-1] is None:
-            args = args[:-1]
-        outs = fn(c, *args)
-        return list(outs) if isinstance(outs, (list, tuple)) else [outs]  # multi-output ops: a list
+        return call_impl("tvm", c, node, args)  # multi-output ops return a list
     finally:
         c.node = outer
 

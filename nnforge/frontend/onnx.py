@@ -31,7 +31,8 @@ from ..errors import ModelLoadError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, verify
 from ..ir import symbols
 from ..ir.interpret import run_node
-from ..ir.ops import REGISTRY, OpError, broadcast_shapes
+from ..ir.registry import REGISTRY, OpError
+from ..ir.shapes import broadcast_shapes
 from ..ops.shape import BIG
 
 __all__ = ["import_onnx", "CONVERTERS", "MIN_OPSET"]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from nnforge.ir import Graph, OpError, TensorType, Value, verify
-from nnforge.ir.ops import ACTIVATIONS
+from nnforge.ops.elementwise import ACTIVATIONS
 
 MAX_RANK = 4
 MAX_DIM = 5
