@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install toolchains clean fuzz
+.PHONY: demo test lint bench install toolchains clean fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,13 @@ toolchains:
 demo: install
 	$(BIN)/python examples/demo.py
 
-test: install toolchains
+LINTED := nnforge tests examples bench scripts
+
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+test: install toolchains lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # a long differential-fuzzing campaign; failing graphs are saved (shrunk) under tests/fuzz/regressions/

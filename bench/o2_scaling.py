@@ -6,6 +6,7 @@
 Prints, per depth, the node count, the slowest passes (seconds, summed over their runs) and the total,
 then the ratio of the largest to the smallest graph in nodes and in time.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Run the bench harness: python bench/run.py [--family vit ...] [--size tiny|bench] (same as `nnforge bench`)."""
+
 import sys
 
 from nnforge.cli import main

@@ -3,6 +3,7 @@
 The pass turns
 `relu(relu(x))` into `relu(x)` (idempotent activations), in about ten lines.
 """
+
 import numpy as np
 
 import nnforge

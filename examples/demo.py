@@ -3,14 +3,15 @@
 Prints the IR summary, the pass table, latency against eager PyTorch and how closely the
 compiled model's outputs agree with eager.
 """
+
 import time
 
 import torch
 
 import nnforge
-from nnforge.models import zoo
 from nnforge.bench.harness import time_call
 from nnforge.ir.printer import summary
+from nnforge.models import zoo
 
 
 def main():
@@ -31,8 +32,10 @@ def main():
     print(fast.report())
 
     fast_ms = time_call(lambda: fast(x), repeat=30)
-    print(f"latency, batch 4: eager {eager_ms:.2f} ms, nnforge ({fast.backend}) {fast_ms:.2f} ms "
-          f"-> {eager_ms / fast_ms:.2f}x")
+    print(
+        f"latency, batch 4: eager {eager_ms:.2f} ms, nnforge ({fast.backend}) {fast_ms:.2f} ms "
+        f"-> {eager_ms / fast_ms:.2f}x"
+    )
 
     for n in (1, 7):  # the batch axis was exported as dynamic
         xn = torch.randn(n, 3, 64, 64)

@@ -6,14 +6,15 @@
 The draft skips the blocks with the least influence on calibration prompts (ShortGPT's block
 influence); the output is token-for-token greedy decoding with the full model.
 """
+
 from __future__ import annotations
 
 import argparse
 
 import numpy as np
 
-from nnforge.models import zoo
 from nnforge.frontend.torch import import_torch
+from nnforge.models import zoo
 from nnforge.passes.blocks import prepare
 from nnforge.speculative import compare, self_speculative
 

@@ -1,4 +1,5 @@
 """Quickstart: compile a model, call it, save the bundle, load it back."""
+
 import tempfile
 
 import torch

@@ -1,13 +1,13 @@
 """Token pruning by received attention: EViT-style on a ViT, PyramidDrop-style on a GPT prompt (prefill).
 
-    python examples/token_prune.py
+python examples/token_prune.py
 """
+
 from __future__ import annotations
 
-
-from nnforge.models import zoo
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import interpret
+from nnforge.models import zoo
 from nnforge.passes.blocks import prepare
 from nnforge.passes.manager import PassContext
 from nnforge.passes.tokens import TokenPrune, TokenPrunePass
@@ -34,8 +34,10 @@ def main():
     res = TokenPrunePass(TokenPrune(keep=0.5, layers=[1])).run(g, PassContext())
     out = interpret(g, [ids])[0]
     same = (out[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).all()
-    print(f"GPT prefill, keep 50% from block 1: logits {ref.shape} -> {out.shape}; the last token is always kept: "
-          f"next-token prediction {'unchanged' if same else 'changed'}")
+    print(
+        f"GPT prefill, keep 50% from block 1: logits {ref.shape} -> {out.shape}; the last token is always kept: "
+        f"next-token prediction {'unchanged' if same else 'changed'}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 Both graphs are built by the same backend from the same fused IR; only token_merge differs. They are
 timed interleaved (three rounds, each keeps its best), so load from other processes hits both alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,11 @@ import os
 
 import numpy as np
 
-from nnforge.models import zoo
 from nnforge.backends.base import get_backend
 from nnforge.bench.harness import time_interleaved
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import interpret
+from nnforge.models import zoo
 from nnforge.passes.blocks import find_blocks, format_blocks, prepare
 from nnforge.passes.manager import PassContext
 from nnforge.passes.tokens import TokenMerge, TokenMergePass
@@ -56,9 +57,11 @@ def main():
     if args.tiny:  # the interpreter is the oracle; it is too slow for the full-size model
         np.testing.assert_allclose(tome, interpret(merged, x)[0], rtol=1e-4, atol=1e-5)
     best = time_interleaved({"base": lambda: base_art.run(x), "tome": lambda: tome_art.run(x)}, repeat=args.repeat)
-    print(f"{args.backend} cpu, batch {args.batch}: lossless {best['base']:.1f} ms, ToMe {best['tome']:.1f} ms "
-          f"-> {best['base'] / best['tome']:.2f}x faster; output cosine vs lossless: mean {cos.mean():.4f}, "
-          f"min {cos.min():.4f}")
+    print(
+        f"{args.backend} cpu, batch {args.batch}: lossless {best['base']:.1f} ms, ToMe {best['tome']:.1f} ms "
+        f"-> {best['base'] / best['tome']:.2f}x faster; output cosine vs lossless: mean {cos.mean():.4f}, "
+        f"min {cos.min():.4f}"
+    )
 
 
 if __name__ == "__main__":

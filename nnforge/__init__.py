@@ -1,24 +1,56 @@
 """nnforge: a graph compiler for PyTorch and ONNX models.
 
-    fast = nnforge.compile(model, (x,), target="cpu")   # callable like the model
-    fast.save("out/"); again = nnforge.load("out/")
+fast = nnforge.compile(model, (x,), target="cpu")   # callable like the model
+fast.save("out/"); again = nnforge.load("out/")
 """
+
 from .api import LossySettings, compile, export, import_model, load
 from .check import check
 from .compiled import CompiledModel
-from .explain import explain
 from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
+from .explain import explain
 from .ir import Graph, TensorType
-from .passes.manager import PIPELINES, Pass, PassContext, PassManager, PassResult, register_pass
 from .partition import BuildSettings
 from .passes.budget import Budget
 from .passes.layers import SkipLayers
 from .passes.lowbit import Quantize
+from .passes.manager import PIPELINES, Pass, PassContext, PassManager, PassResult, register_pass
 from .passes.sparsity import Sparsity
 from .passes.tokens import TokenMerge, TokenPrune
 from .targets import TARGETS, Target, get_target
 
 __version__ = "0.1.0"
-__all__ = ["compile", "check", "explain", "export", "load", "import_model", "CompiledModel", "Graph", "TensorType", "Pass", "PassContext",
-           "PassManager", "PassResult", "TokenMerge", "TokenPrune", "SkipLayers", "Budget", "Quantize", "Sparsity", "LossySettings", "BuildSettings", "register_pass", "PIPELINES", "Target", "TARGETS", "get_target", "NnforgeError",
-           "UnsupportedOpError", "ModelLoadError", "BundleError", "VerificationError", "NumericsError"]
+__all__ = [
+    "compile",
+    "check",
+    "explain",
+    "export",
+    "load",
+    "import_model",
+    "CompiledModel",
+    "Graph",
+    "TensorType",
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "PassResult",
+    "TokenMerge",
+    "TokenPrune",
+    "SkipLayers",
+    "Budget",
+    "Quantize",
+    "Sparsity",
+    "LossySettings",
+    "BuildSettings",
+    "register_pass",
+    "PIPELINES",
+    "Target",
+    "TARGETS",
+    "get_target",
+    "NnforgeError",
+    "UnsupportedOpError",
+    "ModelLoadError",
+    "BundleError",
+    "VerificationError",
+    "NumericsError",
+]

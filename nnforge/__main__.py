@@ -1,4 +1,5 @@
 """``python -m nnforge ...`` is the ``nnforge`` command."""
+
 import sys
 
 from .cli import main

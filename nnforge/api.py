@@ -1,11 +1,12 @@
 """compile / export / load. ``compile`` is one straight path, a function per step:
 
-    import_step      model -> Imported (the IR graph, the graph as imported, example inputs)
-    plan_passes      pipeline + LossySettings -> PassPlan (checked for order when built)
-    optimize         lossless passes, then lossy passes or the budget search -> Optimized
-    partition.build  graph + BuildSettings -> Artifact: the plan-and-build step every build goes through
-    check_step       the artifact against the original model -> accuracy
+import_step      model -> Imported (the IR graph, the graph as imported, example inputs)
+plan_passes      pipeline + LossySettings -> PassPlan (checked for order when built)
+optimize         lossless passes, then lossy passes or the budget search -> Optimized
+partition.build  graph + BuildSettings -> Artifact: the plan-and-build step every build goes through
+check_step       the artifact against the original model -> accuracy
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,13 +21,25 @@ import numpy as np
 
 from . import partition
 from .bundle import read_bundle
-from .cache import compile_key, enabled_by_default as cache_enabled, lookup as cache_lookup, store as cache_store
+from .cache import compile_key
+from .cache import enabled_by_default as cache_enabled
+from .cache import lookup as cache_lookup
+from .cache import store as cache_store
 from .compiled import CompiledModel, to_numpy
 from .errors import NnforgeError
 from .ir import Graph, interpret
 from .partition import DEFAULT_MIN_BLOCK_SIZE, BuildSettings
-from .passes.manager import (Pass, PassContext, PassManager, PassOptions, PassRecord, check_order, max_rel_error,
-                             resolve_pipeline, split_after)
+from .passes.manager import (
+    Pass,
+    PassContext,
+    PassManager,
+    PassOptions,
+    PassRecord,
+    check_order,
+    max_rel_error,
+    resolve_pipeline,
+    split_after,
+)
 
 if TYPE_CHECKING:
     from .passes.budget import Budget, BudgetResult
@@ -49,6 +62,7 @@ def _status(enabled: bool):
 # import
 # ---------------------------------------------------------------------------------------
 
+
 def import_model(model, example_inputs=None, dynamic_shapes=None, input_names=None, opaque: bool = True) -> Graph:
     """Any supported model (torch module, ONNX path/bytes/ModelProto, IR Graph) -> IR Graph.
 
@@ -65,9 +79,12 @@ def import_model(model, example_inputs=None, dynamic_shapes=None, input_names=No
 
         if example_inputs is None:
             raise NnforgeError("compiling a torch module needs example_inputs (a tuple of tensors)")
-        return import_torch(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, input_names=input_names,
-                            opaque=opaque)
-    raise NnforgeError(f"cannot compile a {type(model).__name__}: give a torch.nn.Module, an ONNX file path or an IR Graph")
+        return import_torch(
+            model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, input_names=input_names, opaque=opaque
+        )
+    raise NnforgeError(
+        f"cannot compile a {type(model).__name__}: give a torch.nn.Module, an ONNX file path or an IR Graph"
+    )
 
 
 def sample_inputs(graph: Graph, size: int = 3, seed: int = 0) -> list[np.ndarray]:
@@ -102,6 +119,7 @@ def import_step(model, example_inputs=None, dynamic_shapes=None, input_names=Non
 # passes: lossless, then lossy passes or the budget search
 # ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class LossySettings:
     """What ``compile`` may trade accuracy for, and the data it calibrates and checks on.
@@ -124,8 +142,10 @@ class LossySettings:
         for group in (self.layers, self.sparsity, self.tokens, self.quantize):
             for cfg in group if isinstance(group, (list, tuple)) else [group] if group is not None else []:
                 if not isinstance(cfg, PassOptions):
-                    raise NnforgeError(f"{cfg!r} is not an nnforge lossy setting (TokenMerge, TokenPrune, SkipLayers, "
-                                       "Quantize, Sparsity)")
+                    raise NnforgeError(
+                        f"{cfg!r} is not an nnforge lossy setting (TokenMerge, TokenPrune, SkipLayers, "
+                        "Quantize, Sparsity)"
+                    )
                 out.append(cfg)
         return out
 
@@ -140,8 +160,9 @@ def _lossy_settings(given: LossySettings | None, **keywords) -> LossySettings:
     if given is None:
         return LossySettings(**used)
     if used:
-        raise NnforgeError(f"give the lossy settings either as lossy=LossySettings(...) or as keywords "
-                           f"({', '.join(used)}), not both")
+        raise NnforgeError(
+            f"give the lossy settings either as lossy=LossySettings(...) or as keywords ({', '.join(used)}), not both"
+        )
     return given
 
 
@@ -190,14 +211,27 @@ class Optimized:
     notes: list[str]  # e.g. the budget search's report
 
 
-def optimize(imported: Imported, passes: PassPlan, lossy: LossySettings, settings: BuildSettings, *,
-             check: bool = True, tolerance: float = 1e-4, progress: bool = False,
-             say: Callable[[str], None] = lambda msg: None) -> Optimized:
+def optimize(
+    imported: Imported,
+    passes: PassPlan,
+    lossy: LossySettings,
+    settings: BuildSettings,
+    *,
+    check: bool = True,
+    tolerance: float = 1e-4,
+    progress: bool = False,
+    say: Callable[[str], None] = lambda msg: None,
+) -> Optimized:
     """Run the lossless and lossy passes (or the budget search), then what must follow them."""
-    ctx = PassContext(sample_inputs=imported.examples, calibration=_batches(lossy.calibration), target=settings.target,
-                      backend=settings.backend)
-    manager = PassManager(passes.lossless + passes.lossy, check=check, tolerance=tolerance,
-                          progress=lambda p: say(f"pass {p}"))
+    ctx = PassContext(
+        sample_inputs=imported.examples,
+        calibration=_batches(lossy.calibration),
+        target=settings.target,
+        backend=settings.backend,
+    )
+    manager = PassManager(
+        passes.lossless + passes.lossy, check=check, tolerance=tolerance, progress=lambda p: say(f"pass {p}")
+    )
     graph = manager.run(imported.graph, ctx)
     records, notes = list(manager.records), []
     if lossy.budget is not None:
@@ -211,8 +245,9 @@ def optimize(imported: Imported, passes: PassPlan, lossy: LossySettings, setting
     return Optimized(graph, records, notes)
 
 
-def budget_step(graph: Graph, lossy: LossySettings, settings: BuildSettings, examples,
-                progress: bool = False) -> BudgetResult:
+def budget_step(
+    graph: Graph, lossy: LossySettings, settings: BuildSettings, examples, progress: bool = False
+) -> BudgetResult:
     """The fastest lossy setting within ``lossy.budget``, each candidate built by the same plan-and-build
     step as the final model and timed when the target runs here."""
     from .passes.budget import flop_time, search, wall_time
@@ -237,12 +272,33 @@ def budget_step(graph: Graph, lossy: LossySettings, settings: BuildSettings, exa
 # compile
 # ---------------------------------------------------------------------------------------
 
-def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipeline: str | Sequence = "O2",
-            backend: str | None = None, dynamic_shapes=None, input_names=None, check: bool = True,
-            tolerance: float = 1e-4, options: dict | None = None, progress: bool | None = None,
-            lossy: LossySettings | None = None, tokens=None, layers=None, quantize=None, sparsity=None, budget=None,
-            calibration=None, heldout=None, fallback: bool = True, min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
-            cache: bool | None = None, tune: int = 0) -> CompiledModel:
+
+def compile(
+    model,
+    example_inputs: Sequence | None = None,
+    target="cpu",
+    *,
+    pipeline: str | Sequence = "O2",
+    backend: str | None = None,
+    dynamic_shapes=None,
+    input_names=None,
+    check: bool = True,
+    tolerance: float = 1e-4,
+    options: dict | None = None,
+    progress: bool | None = None,
+    lossy: LossySettings | None = None,
+    tokens=None,
+    layers=None,
+    quantize=None,
+    sparsity=None,
+    budget=None,
+    calibration=None,
+    heldout=None,
+    fallback: bool = True,
+    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
+    cache: bool | None = None,
+    tune: int = 0,
+) -> CompiledModel:
     """Compile ``model`` for ``target``; returns a CompiledModel callable like the model.
 
     ``check`` runs the reference interpreter after every pass (naming the pass that broke
@@ -262,25 +318,39 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
     runs (``nnforge.backends.tvm_tune``).
     """
     t0 = time.perf_counter()
-    settings = BuildSettings.resolve(target, backend, options, tune=tune, fallback=fallback,
-                                     min_block_size=min_block_size)
-    lossy = _lossy_settings(lossy, tokens=tokens, layers=layers, quantize=quantize, sparsity=sparsity, budget=budget,
-                            calibration=calibration, heldout=heldout)
+    settings = BuildSettings.resolve(
+        target, backend, options, tune=tune, fallback=fallback, min_block_size=min_block_size
+    )
+    lossy = _lossy_settings(
+        lossy,
+        tokens=tokens,
+        layers=layers,
+        quantize=quantize,
+        sparsity=sparsity,
+        budget=budget,
+        calibration=calibration,
+        heldout=heldout,
+    )
     passes = plan_passes(pipeline, lossy)
     progress = os.isatty(2) if progress is None else progress
     with _status(progress) as say:
         say("importing the model")
         imported = import_step(model, example_inputs, dynamic_shapes, input_names, opaque=fallback)
         key = None
-        if (cache_enabled() if cache is None else cache) and not lossy.uses_data and not any(p.lossy for p in passes.all):
+        if (
+            (cache_enabled() if cache is None else cache)
+            and not lossy.uses_data
+            and not any(p.lossy for p in passes.all)
+        ):
             key = compile_key(imported.source, passes.all, settings)
             hit = cache_lookup(key)
             if hit is not None:
                 hit.source_graph, hit.compile_seconds = imported.source, time.perf_counter() - t0
                 hit.notes.append(f"loaded from the compile cache ({key[:12]})")
                 return hit
-        optimized = optimize(imported, passes, lossy, settings, check=check, tolerance=tolerance, progress=progress,
-                             say=say)
+        optimized = optimize(
+            imported, passes, lossy, settings, check=check, tolerance=tolerance, progress=progress, say=say
+        )
         say(f"building with {settings.backend} for {settings.target.name}")
         artifact = partition.build(optimized.graph, settings)
         accuracy = {}
@@ -288,9 +358,15 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
             say("checking the compiled model against the original")
             accuracy = check_step(artifact, model, example_inputs, imported)
     name = (pipeline if isinstance(pipeline, str) else "custom") + "".join(f"+{c.pass_name}" for c in lossy.configs())
-    compiled = CompiledModel(artifact, records=optimized.records, accuracy=accuracy,
-                             compile_seconds=time.perf_counter() - t0, source_graph=imported.source, pipeline=name,
-                             notes=optimized.notes)
+    compiled = CompiledModel(
+        artifact,
+        records=optimized.records,
+        accuracy=accuracy,
+        compile_seconds=time.perf_counter() - t0,
+        source_graph=imported.source,
+        pipeline=name,
+        notes=optimized.notes,
+    )
     if key is not None:
         cache_store(key, compiled)
     return compiled
@@ -299,8 +375,10 @@ def compile(model, example_inputs: Sequence | None = None, target="cpu", *, pipe
 def check_step(artifact, model, example_inputs, imported: Imported) -> dict:
     """The built model's max relative error against the original (eager torch, else the interpreter)."""
     reference = _reference_outputs(model, example_inputs, imported.source, imported.examples)
-    return {"max_rel_error": max_rel_error(reference, artifact.run(imported.examples)),
-            "reference": "eager torch" if hasattr(model, "forward") else "interpreter"}
+    return {
+        "max_rel_error": max_rel_error(reference, artifact.run(imported.examples)),
+        "reference": "eager torch" if hasattr(model, "forward") else "interpreter",
+    }
 
 
 def _runs_here(target) -> bool:
@@ -310,7 +388,10 @@ def _runs_here(target) -> bool:
     if target.name in ("arm", "wasm"):
         from .runtime import edge
 
-        needed = {"arm": ("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-tvm-runtime"), "wasm": ("node", "onnxruntime-web")}
+        needed = {
+            "arm": ("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-tvm-runtime"),
+            "wasm": ("node", "onnxruntime-web"),
+        }
         status = edge.toolchain_status()
         return all(status.get(t) for t in needed[target.name])
     return False
@@ -336,8 +417,13 @@ def load(directory, target: str | None = None) -> CompiledModel:
     for r in manifest.get("passes", []):
         with contextlib.suppress(TypeError):
             records.append(PassRecord(**r))
-    return CompiledModel(artifact, records=records, accuracy=manifest.get("accuracy", {}),
-                         pipeline=manifest.get("pipeline", ""), notes=manifest.get("notes", []))
+    return CompiledModel(
+        artifact,
+        records=records,
+        accuracy=manifest.get("accuracy", {}),
+        pipeline=manifest.get("pipeline", ""),
+        notes=manifest.get("notes", []),
+    )
 
 
 def export(model, example_inputs=None, target="arm", out: str | os.PathLike = "nnforge-bundle", **kwargs) -> Path:

@@ -4,6 +4,7 @@
 file; its own ``hash`` covers all of that. Loading refuses a bundle whose files or manifest were
 changed, one of a newer format, or one whose files escape the directory. Nothing is unpickled.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -105,8 +106,9 @@ def read_manifest(directory) -> dict:
         raise BundleError(f"{d / MANIFEST} is not an nnforge bundle manifest")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BundleError(f"bundle format version {version!r} is newer than this nnforge reads ({FORMAT_VERSION}); "
-                          "upgrade nnforge")
+        raise BundleError(
+            f"bundle format version {version!r} is newer than this nnforge reads ({FORMAT_VERSION}); upgrade nnforge"
+        )
     if manifest.get("hash") != _manifest_hash(manifest):
         raise BundleError(f"{d / MANIFEST} was modified: its hash does not match its content")
     files = manifest.get("files")

@@ -14,6 +14,7 @@ off (``compile(cache=True)`` still uses it). ``nnforge cache info`` / ``nnforge 
 Compiles with lossy settings or passes, a budget or calibration data are not cached (their result
 depends on data the key does not cover).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,12 +53,15 @@ def enabled_by_default() -> bool:
 # the key
 # ---------------------------------------------------------------------------------------
 
-def _file_hash(path: Path, _memo: dict = {}) -> str:
+_FILE_HASHES: dict[tuple, str] = {}  # (path, mtime, size) -> sha256: source files are hashed once per process
+
+
+def _file_hash(path: Path) -> str:
     st = path.stat()
     memo_key = (str(path), st.st_mtime_ns, st.st_size)
-    if memo_key not in _memo:
-        _memo[memo_key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return _memo[memo_key]
+    if memo_key not in _FILE_HASHES:
+        _FILE_HASHES[memo_key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _FILE_HASHES[memo_key]
 
 
 def graph_digest(graph: Graph) -> str:
@@ -76,9 +80,12 @@ def pass_fingerprint(p) -> dict:
     options = getattr(p, "options", None)
     if dataclasses.is_dataclass(options):
         options = dataclasses.asdict(options)
-    return {"name": p.name, "version": str(getattr(p, "version", "")),
-            "options": json.dumps(options, sort_keys=True, default=repr),
-            "source": _file_hash(Path(path)) if path else type(p).__qualname__}
+    return {
+        "name": p.name,
+        "version": str(getattr(p, "version", "")),
+        "options": json.dumps(options, sort_keys=True, default=repr),
+        "source": _file_hash(Path(path)) if path else type(p).__qualname__,
+    }
 
 
 def backend_fingerprint(backend: str) -> dict:
@@ -112,6 +119,7 @@ def compile_key(graph: Graph, passes: list, settings: "BuildSettings") -> str:
 # ---------------------------------------------------------------------------------------
 # entries
 # ---------------------------------------------------------------------------------------
+
 
 def lookup(key: str):
     """The CompiledModel stored under ``key``, or None (a damaged entry is removed)."""
@@ -155,8 +163,10 @@ class CacheInfo:
     bytes: int
 
     def __str__(self) -> str:
-        return f"nnforge compile cache: {self.directory}\n  {self.entries} entr{'y' if self.entries == 1 else 'ies'}, " \
-               f"{self.bytes / 1e6:.1f} MB"
+        return (
+            f"nnforge compile cache: {self.directory}\n  {self.entries} entr{'y' if self.entries == 1 else 'ies'}, "
+            f"{self.bytes / 1e6:.1f} MB"
+        )
 
 
 def _entries() -> list[Path]:

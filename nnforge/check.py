@@ -4,12 +4,11 @@
 the max relative error against the reference (eager torch for a torch module, else the
 interpreter). A runner that fails is listed with its error instead of aborting the check.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Sequence
-
-import numpy as np
 
 from .compiled import to_numpy
 from .passes.manager import max_rel_error
@@ -48,19 +47,30 @@ class CheckReport:
         table.add_column("status")
         for r in self.rows:
             cells = [f"{e:.1e}" for e in r.errors] or ["-"] * len(self.output_names)
-            status = f"failed: {r.failure}" if r.failure else ("ok" if all(e <= self.tolerance for e in r.errors) else "MISMATCH")
+            status = (
+                f"failed: {r.failure}"
+                if r.failure
+                else ("ok" if all(e <= self.tolerance for e in r.errors) else "MISMATCH")
+            )
             table.add_row(r.runner, *cells, status)
         console = Console(record=True, width=140, file=open("/dev/null", "w"))
         console.print(table)
         return console.export_text()
 
 
-def check(model, example_inputs: Sequence | None = None, targets: Sequence[str] = ("cpu",),
-          backends: Sequence[str] | None = None, pipeline: str = "O2", dynamic_shapes=None,
-          tolerance: float = 1e-4) -> CheckReport:
+def check(
+    model,
+    example_inputs: Sequence | None = None,
+    targets: Sequence[str] = ("cpu",),
+    backends: Sequence[str] | None = None,
+    pipeline: str = "O2",
+    dynamic_shapes=None,
+    tolerance: float = 1e-4,
+) -> CheckReport:
     """Run eager (if torch), the interpreter on the imported and on the optimised graph, and every
     backend that can build for each target and run here; compare all with the reference."""
-    from .api import compile as nf_compile, import_model, sample_inputs
+    from .api import compile as nf_compile
+    from .api import import_model, sample_inputs
     from .ir import interpret
     from .passes.manager import PassManager
     from .targets import get_target
@@ -97,8 +107,11 @@ def check(model, example_inputs: Sequence | None = None, targets: Sequence[str] 
         for be in backends or tgt.backends:
             if be not in tgt.backends:
                 continue
-            add(f"{be} on {tgt.name}",
-                lambda be=be: nf_compile(graph, arrays, tgt, backend=be, pipeline=pipeline, check=False,
-                                         progress=False).run(arrays))
+            add(
+                f"{be} on {tgt.name}",
+                lambda be=be, tgt=tgt: nf_compile(
+                    graph, arrays, tgt, backend=be, pipeline=pipeline, check=False, progress=False
+                ).run(arrays),
+            )
     names = [v.name for v in graph.outputs]
     return CheckReport(ref_name, names, rows, tolerance)

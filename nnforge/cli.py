@@ -1,9 +1,9 @@
 """The ``nnforge`` command line: show, compile, tune, run, bench, check, explain, cache, passes."""
+
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -28,8 +28,14 @@ def _cmd_show(args) -> int:
 def _cmd_compile(args) -> int:
     from .api import compile as nf_compile
 
-    compiled = nf_compile(args.model, target=args.target, pipeline=args.pipeline, backend=args.backend,
-                          check=not args.no_check, fallback=not args.no_fallback)
+    compiled = nf_compile(
+        args.model,
+        target=args.target,
+        pipeline=args.pipeline,
+        backend=args.backend,
+        check=not args.no_check,
+        fallback=not args.no_fallback,
+    )
     compiled.save(args.output)
     print(compiled.report())
     print(f"bundle written to {args.output}")
@@ -40,8 +46,16 @@ def _cmd_tune(args) -> int:
     from .api import compile as nf_compile
 
     options = {"tune_db": args.db} if args.db else {}
-    compiled = nf_compile(args.model, target="cpu", backend="tvm", pipeline=args.pipeline, tune=args.trials,
-                          options=options, check=not args.no_check, cache=False)
+    compiled = nf_compile(
+        args.model,
+        target="cpu",
+        backend="tvm",
+        pipeline=args.pipeline,
+        tune=args.trials,
+        options=options,
+        check=not args.no_check,
+        cache=False,
+    )
     compiled.save(args.output)
     print(compiled.report())
     print(f"bundle written to {args.output}")
@@ -62,7 +76,9 @@ def _cmd_run(args) -> int:
     outs = compiled.run([_load_npy(p) for p in args.input])
     if args.output:
         if len(args.output) != len(outs):
-            raise NnforgeError(f"the model has {len(outs)} output(s) but {len(args.output)} --output path(s) were given")
+            raise NnforgeError(
+                f"the model has {len(outs)} output(s) but {len(args.output)} --output path(s) were given"
+            )
         for path, arr in zip(args.output, outs):
             np.save(path, arr)
     for v, arr in zip(compiled.graph.outputs, outs):
@@ -90,11 +106,19 @@ def _cmd_bench(args) -> int:
         from .bench.harness import run_lowbit
 
         json_path = args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/lowbit.json"
-        run_lowbit(families=args.family or None, size=args.size, json_path=json_path, repeat=args.repeat,
-                   runners=args.runner)
+        run_lowbit(
+            families=args.family or None, size=args.size, json_path=json_path, repeat=args.repeat, runners=args.runner
+        )
         return 0
-    run_bench(families=args.family or None, size=args.size, json_path=args.json, repeat=args.repeat,
-              runners=args.runner, plot=args.plot, tune=args.tune)
+    run_bench(
+        families=args.family or None,
+        size=args.size,
+        json_path=args.json,
+        repeat=args.repeat,
+        runners=args.runner,
+        plot=args.plot,
+        tune=args.tune,
+    )
     return 0
 
 
@@ -110,8 +134,9 @@ def _cmd_check(args) -> int:
 def _cmd_explain(args) -> int:
     from .explain import explain
 
-    explain(args.model, target=args.target, backend=args.backend, pipeline=args.pipeline,
-            min_block_size=args.min_block_size)
+    explain(
+        args.model, target=args.target, backend=args.backend, pipeline=args.pipeline, min_block_size=args.min_block_size
+    )
     return 0
 
 
@@ -160,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="compile an ONNX file with TVM, tuning its cpu kernels with MetaSchedule")
     t.add_argument("model")
     t.add_argument("--trials", type=int, required=True, help="MetaSchedule trials in all (e.g. 64 per kernel)")
-    t.add_argument("--db", default=None, help="tuning database directory (default $NNFORGE_TUNE_DB or "
-                   "~/.cache/nnforge/tuning)")
+    t.add_argument(
+        "--db", default=None, help="tuning database directory (default $NNFORGE_TUNE_DB or ~/.cache/nnforge/tuning)"
+    )
     t.add_argument("--pipeline", default="O2")
     t.add_argument("--no-check", action="store_true", help="skip the per-pass numerics check")
     t.add_argument("-o", "--output", required=True, help="bundle directory")
@@ -178,21 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", default="bench", choices=["tiny", "bench"])
     b.add_argument("--repeat", type=int, default=20)
     b.add_argument("--json", default=DEFAULT_BENCH_JSON)
-    b.add_argument("--runner", action="append", help="only these runners (besides eager): torch.compile, onnxruntime, "
-                   "tvm direct, nnforge-onnxrt, nnforge-tvm")
-    b.add_argument("--tune", type=int, default=0, metavar="TRIALS",
-                   help="also run nnforge-tvm tuned with this many MetaSchedule trials per model")
-    b.add_argument("--plot", nargs="?", const="bench/results/bench.png", default=None, metavar="PNG",
-                   help="also save a bar chart of the speed-ups")
-    b.add_argument("--pareto", nargs="?", const="bench/results/pareto.png", default=None, metavar="PNG",
-                   help="instead: search token merging/pruning/layer skipping on the ViT and plot speed vs quality")
-    b.add_argument("--lowbit", action="store_true",
-                   help="instead: float / int8 / W8A8 / int4 GPTQ / 2:4 / head pruning on bert, gpt, vit (latency, "
-                   "bundle size, cosine) beside ONNX Runtime's quantize_dynamic; runners nnforge-onnxrt, nnforge-tvm, "
-                   "onnxruntime (default: nnforge-onnxrt and onnxruntime); JSON to bench/results/lowbit.json")
-    b.add_argument("--sparse", action="store_true",
-                   help="instead: the TVM CSR sparse kernel vs the dense matmul on one linear layer at densities "
-                   "0.5..0.05, and which one nnforge uses; JSON to bench/results/sparse.json")
+    b.add_argument(
+        "--runner",
+        action="append",
+        help="only these runners (besides eager): torch.compile, onnxruntime, tvm direct, nnforge-onnxrt, nnforge-tvm",
+    )
+    b.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="TRIALS",
+        help="also run nnforge-tvm tuned with this many MetaSchedule trials per model",
+    )
+    b.add_argument(
+        "--plot",
+        nargs="?",
+        const="bench/results/bench.png",
+        default=None,
+        metavar="PNG",
+        help="also save a bar chart of the speed-ups",
+    )
+    b.add_argument(
+        "--pareto",
+        nargs="?",
+        const="bench/results/pareto.png",
+        default=None,
+        metavar="PNG",
+        help="instead: search token merging/pruning/layer skipping on the ViT and plot speed vs quality",
+    )
+    b.add_argument(
+        "--lowbit",
+        action="store_true",
+        help="instead: float / int8 / W8A8 / int4 GPTQ / 2:4 / head pruning on bert, gpt, vit (latency, "
+        "bundle size, cosine) beside ONNX Runtime's quantize_dynamic; runners nnforge-onnxrt, nnforge-tvm, "
+        "onnxruntime (default: nnforge-onnxrt and onnxruntime); JSON to bench/results/lowbit.json",
+    )
+    b.add_argument(
+        "--sparse",
+        action="store_true",
+        help="instead: the TVM CSR sparse kernel vs the dense matmul on one linear layer at densities "
+        "0.5..0.05, and which one nnforge uses; JSON to bench/results/sparse.json",
+    )
     b.set_defaults(func=_cmd_bench)
 
     k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")

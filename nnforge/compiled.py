@@ -1,4 +1,5 @@
 """CompiledModel: the callable that ``nnforge.compile`` returns and ``nnforge.load`` restores."""
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -27,9 +28,17 @@ class CompiledModel:
     one thread at a time (``backends.base.run_artifact``).
     """
 
-    def __init__(self, artifact: Artifact, *, records: Sequence[PassRecord] = (), accuracy: dict | None = None,
-                 compile_seconds: float | None = None, source_graph: Graph | None = None, pipeline: str = "",
-                 notes: Sequence[str] = ()):
+    def __init__(
+        self,
+        artifact: Artifact,
+        *,
+        records: Sequence[PassRecord] = (),
+        accuracy: dict | None = None,
+        compile_seconds: float | None = None,
+        source_graph: Graph | None = None,
+        pipeline: str = "",
+        notes: Sequence[str] = (),
+    ):
         self.artifact = artifact
         self.records = list(records)
         self.accuracy = dict(accuracy or {})
@@ -71,25 +80,32 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def save(self, directory) -> None:
-        write_bundle(self.artifact, directory, extra={
-            "pipeline": self.pipeline,
-            "passes": [asdict(r) for r in self.records],
-            "accuracy": self.accuracy,
-            "notes": self.notes,
-        })
+        write_bundle(
+            self.artifact,
+            directory,
+            extra={
+                "pipeline": self.pipeline,
+                "passes": [asdict(r) for r in self.records],
+                "accuracy": self.accuracy,
+                "notes": self.notes,
+            },
+        )
 
     def report(self) -> str:
         """The pass table (time, node counts, error) and the accuracy traded, as text."""
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"nnforge: {self.graph.name} -> {self.backend} on {self.target} (pipeline {self.pipeline or '?'})")
+        table = Table(
+            title=f"nnforge: {self.graph.name} -> {self.backend} on {self.target} (pipeline {self.pipeline or '?'})"
+        )
         for col in ("pass", "lossy", "time ms", "nodes before", "nodes after", "max error"):
             table.add_column(col, justify="left" if col == "pass" else "right")
         for r in self.records:
             err = "-" if r.max_error is None else f"{r.max_error:.2e}"
-            table.add_row(r.name, "yes" if r.lossy else "", f"{r.seconds * 1e3:.1f}", str(r.nodes_before),
-                          str(r.nodes_after), err)
+            table.add_row(
+                r.name, "yes" if r.lossy else "", f"{r.seconds * 1e3:.1f}", str(r.nodes_before), str(r.nodes_after), err
+            )
         console = Console(record=True, width=110, file=open("/dev/null", "w"))
         console.print(table)
         if self.accuracy:

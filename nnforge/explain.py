@@ -5,6 +5,7 @@
 nodes it takes, plans the partitions ``compile`` would make (``partition.plan_for``, the planning
 half of the plan-and-build step), and prints it all with the model's source lines. ``nnforge explain model.onnx --target cpu`` does the same from the shell.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -93,9 +94,19 @@ def _verdicts(graph: Graph, target, names: Sequence[str]) -> dict[str, dict[str,
     return out
 
 
-def explain(model, example_inputs=None, target="cpu", *, backend: str | None = None, pipeline="O2",
-            dynamic_shapes=None, input_names=None, min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
-            file=None, quiet: bool = False) -> Explanation:
+def explain(
+    model,
+    example_inputs=None,
+    target="cpu",
+    *,
+    backend: str | None = None,
+    pipeline="O2",
+    dynamic_shapes=None,
+    input_names=None,
+    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
+    file=None,
+    quiet: bool = False,
+) -> Explanation:
     """Print (to ``file``, default stdout; nothing when ``quiet``) and return the coverage report for ``model``."""
     from .api import import_model
     from .passes.manager import PassManager
@@ -114,10 +125,26 @@ def explain(model, example_inputs=None, target="cpu", *, backend: str | None = N
     rows = []
     for k, n in enumerate(graph.nodes):
         key = n.outputs[0].name if n.outputs else ""
-        rows.append(NodeRow(k, _op_label(n), key, n.source, _code(n.source, files),
-                            {b: verdicts[b].get(key, "") for b in names}, where.get(k, f"p0 {chosen}")))
-    exp = Explanation(getattr(graph, "name", "model"), tgt.name, chosen, pipeline if isinstance(pipeline, str) else "custom",
-                      rows, plan, names)
+        rows.append(
+            NodeRow(
+                k,
+                _op_label(n),
+                key,
+                n.source,
+                _code(n.source, files),
+                {b: verdicts[b].get(key, "") for b in names},
+                where.get(k, f"p0 {chosen}"),
+            )
+        )
+    exp = Explanation(
+        getattr(graph, "name", "model"),
+        tgt.name,
+        chosen,
+        pipeline if isinstance(pipeline, str) else "custom",
+        rows,
+        plan,
+        names,
+    )
     exp.text = _render(exp)
     if not quiet:
         print(exp.text, file=file or sys.stdout)
@@ -130,7 +157,9 @@ def _render(exp: Explanation) -> str:
     from rich.text import Text
 
     console = Console(record=True, width=200, file=open(os.devnull, "w"))
-    table = Table(title=f"nnforge explain: {exp.model} for {exp.target} (backend {exp.backend}, pipeline {exp.pipeline})")
+    table = Table(
+        title=f"nnforge explain: {exp.model} for {exp.target} (backend {exp.backend}, pipeline {exp.pipeline})"
+    )
     for col in ["#", "op", "value"] + exp.backends + ["partition", "source"]:
         table.add_column(col, overflow="fold")
     for r in exp.rows:

@@ -13,6 +13,7 @@ same plan; the sub-artifacts' files are stored with a ``p<k>_`` prefix.
 caller goes through (compile, the budget search timing its candidates, export; ``explain`` shows
 ``plan_for``'s plan): the backend takes the whole graph when it can, else the planned partitions.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -27,8 +28,7 @@ import numpy as np
 
 from .backends.base import Artifact, Unsupported, artifact_class, get_backend, run_artifact
 from .errors import BundleError, NnforgeError, UnsupportedOpError
-from .ir import Graph, Node, Value, bind_symbols, get_op
-from .ir import symbols
+from .ir import Graph, Node, Value, bind_symbols, get_op, symbols
 from .targets import Target, get_target, resolve_backend
 
 FALLBACK = "torch"
@@ -61,30 +61,49 @@ class PartitionPlan:
         return sorted(i for p in self.partitions if p.fallback for i in p.nodes)
 
     def to_json(self) -> dict:
-        return {"backend": self.backend, "fallback": FALLBACK, "min_block_size": self.min_block_size,
-                "partitions": [asdict(p) for p in self.partitions],
-                "reasons": {str(k): v for k, v in sorted(self.reasons.items())}}
+        return {
+            "backend": self.backend,
+            "fallback": FALLBACK,
+            "min_block_size": self.min_block_size,
+            "partitions": [asdict(p) for p in self.partitions],
+            "reasons": {str(k): v for k, v in sorted(self.reasons.items())},
+        }
 
     @staticmethod
     def from_json(doc, graph: Graph) -> "PartitionPlan":
         """Read and validate a plan against its graph; BundleError naming what is wrong."""
         try:
-            parts = [Partition(str(p["backend"]), [int(i) for i in p["nodes"]], [str(s) for s in p["inputs"]],
-                               [str(s) for s in p["outputs"]], {str(k): str(v) for k, v in p.get("files", {}).items()})
-                     for p in doc["partitions"]]
-            plan = PartitionPlan(str(doc["backend"]), int(doc["min_block_size"]), parts,
-                                 {int(k): str(v) for k, v in doc.get("reasons", {}).items()})
+            parts = [
+                Partition(
+                    str(p["backend"]),
+                    [int(i) for i in p["nodes"]],
+                    [str(s) for s in p["inputs"]],
+                    [str(s) for s in p["outputs"]],
+                    {str(k): str(v) for k, v in p.get("files", {}).items()},
+                )
+                for p in doc["partitions"]
+            ]
+            plan = PartitionPlan(
+                str(doc["backend"]),
+                int(doc["min_block_size"]),
+                parts,
+                {int(k): str(v) for k, v in doc.get("reasons", {}).items()},
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"partition plan is malformed: {type(e).__name__}: {e}") from None
         _validate(plan, graph)
         return plan
 
     def __str__(self) -> str:
-        lines = [f"partition plan: {len(self.partitions)} partition(s), backend {self.backend}, "
-                 f"fallback {FALLBACK}, min_block_size {self.min_block_size}"]
+        lines = [
+            f"partition plan: {len(self.partitions)} partition(s), backend {self.backend}, "
+            f"fallback {FALLBACK}, min_block_size {self.min_block_size}"
+        ]
         for k, p in enumerate(self.partitions):
-            lines.append(f"  p{k} {p.backend:7s} {len(p.nodes):4d} node(s)  in: {', '.join(p.inputs) or '-'}  "
-                         f"out: {', '.join(p.outputs) or '-'}")
+            lines.append(
+                f"  p{k} {p.backend:7s} {len(p.nodes):4d} node(s)  in: {', '.join(p.inputs) or '-'}  "
+                f"out: {', '.join(p.outputs) or '-'}"
+            )
         return "\n".join(lines)
 
 
@@ -111,6 +130,7 @@ def _validate(plan: PartitionPlan, graph: Graph) -> None:
 # the plan-and-build step
 # ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class BuildSettings:
     """Where and how a graph is built: what the plan-and-build step and the compile cache key read."""
@@ -122,8 +142,16 @@ class BuildSettings:
     min_block_size: int = DEFAULT_MIN_BLOCK_SIZE
 
     @classmethod
-    def resolve(cls, target: Target | str = "cpu", backend: str | None = None, options: dict | None = None, *,
-                tune: int = 0, fallback: bool = True, min_block_size: int = DEFAULT_MIN_BLOCK_SIZE) -> "BuildSettings":
+    def resolve(
+        cls,
+        target: Target | str = "cpu",
+        backend: str | None = None,
+        options: dict | None = None,
+        *,
+        tune: int = 0,
+        fallback: bool = True,
+        min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
+    ) -> "BuildSettings":
         """Names and aliases -> settings, refusing a backend the target does not take. ``tune``: MetaSchedule
         trials, a TVM build option."""
         tgt = get_target(target)
@@ -143,7 +171,9 @@ def plan_for(graph: Graph, settings: BuildSettings) -> "PartitionPlan | None":
     if not missing:
         return None
     if not settings.fallback:
-        raise UnsupportedOpError([(f"{u.op}: {u.reason}", u.source) for u in missing], where=f"backend {settings.backend}")
+        raise UnsupportedOpError(
+            [(f"{u.op}: {u.reason}", u.source) for u in missing], where=f"backend {settings.backend}"
+        )
     return plan_partitions(graph, settings.backend, settings.target, settings.min_block_size)
 
 
@@ -158,6 +188,7 @@ def build(graph: Graph, settings: BuildSettings) -> Artifact:
 # ---------------------------------------------------------------------------------------
 # planning
 # ---------------------------------------------------------------------------------------
+
 
 def _blamed_nodes(graph: Graph, problems: Sequence[Unsupported]) -> dict[int, str]:
     """Node index -> reason, from supports()'s list (which names nodes by their first output)."""
@@ -265,14 +296,19 @@ def _io(graph: Graph, groups: list[tuple[bool, list[int]]]) -> list[tuple[list[s
             for i in graph.nodes[k].inputs:
                 if i is not None and not graph.is_constant(i) and owner.get(i.name) != g and i.name not in ins:
                     ins.append(i.name)
-        outs = [o.name for k in idx for o in graph.nodes[k].outputs
-                if o.name in graph_out or readers.get(o.name, set()) - {g}]
+        outs = [
+            o.name
+            for k in idx
+            for o in graph.nodes[k].outputs
+            if o.name in graph_out or readers.get(o.name, set()) - {g}
+        ]
         out.append((ins, outs))
     return out
 
 
-def plan_partitions(graph: Graph, backend: str, target: Target | str,
-                    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE) -> PartitionPlan:
+def plan_partitions(
+    graph: Graph, backend: str, target: Target | str, min_block_size: int = DEFAULT_MIN_BLOCK_SIZE
+) -> PartitionPlan:
     """Which nodes run on ``backend`` and which on torch, grouped into partitions."""
     tgt = get_target(target)
     be = get_backend(backend)
@@ -285,7 +321,10 @@ def plan_partitions(graph: Graph, backend: str, target: Target | str,
                 reasons[k] = f"in a partition of {len(idx)} node(s), below min_block_size {min_block_size}"
         if small:
             continue
-        parts = [Partition(backend if on else FALLBACK, idx, ins, outs) for (on, idx), (ins, outs) in zip(groups, _io(graph, groups))]
+        parts = [
+            Partition(backend if on else FALLBACK, idx, ins, outs)
+            for (on, idx), (ins, outs) in zip(groups, _io(graph, groups))
+        ]
         for p in parts:
             p.inputs += _symbol_carriers(graph, p.inputs, [graph.nodes[k] for k in p.nodes], p.outputs)
         # a node can be fine in the whole graph and not in its partition (a symbol it cannot read there)
@@ -318,8 +357,16 @@ def subgraph(graph: Graph, part: Partition, name: str | None = None) -> Graph:
     g.inputs = [mapped(values[n]) for n in part.inputs]
     for k in part.nodes:
         n = graph.nodes[k]
-        g.insert_node(Node(n.op, [mapped(i) if i is not None else None for i in n.inputs],
-                           [mapped(o) for o in n.outputs], dict(n.attrs), n.name, n.source))
+        g.insert_node(
+            Node(
+                n.op,
+                [mapped(i) if i is not None else None for i in n.inputs],
+                [mapped(o) for o in n.outputs],
+                dict(n.attrs),
+                n.name,
+                n.source,
+            )
+        )
     g.outputs = [mapped(values[n]) for n in part.outputs]
     return g
 
@@ -328,17 +375,31 @@ def subgraph(graph: Graph, part: Partition, name: str | None = None) -> Graph:
 # building and running
 # ---------------------------------------------------------------------------------------
 
-def build_partitioned(graph: Graph, target: Target | str, backend: str, options: dict | None = None,
-                      min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, plan: PartitionPlan | None = None
-                      ) -> "PartitionedArtifact":
+
+def build_partitioned(
+    graph: Graph,
+    target: Target | str,
+    backend: str,
+    options: dict | None = None,
+    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
+    plan: PartitionPlan | None = None,
+) -> "PartitionedArtifact":
     """Build each partition of ``plan`` (planned here when not given) with its backend."""
     tgt = get_target(target)
     plan = plan or plan_partitions(graph, backend, tgt, min_block_size)
     if tgt.name not in FALLBACK_TARGETS:
-        bad = [(f"{graph.nodes[k].op} (%{graph.nodes[k].outputs[0].name}): {plan.reasons.get(k, '')}",
-                graph.nodes[k].source) for k in plan.fallback_nodes]
-        raise UnsupportedOpError(bad, where=f"backend {backend} for target {tgt.name} (falling back to the torch "
-                                            f"executor needs a host target: {', '.join(FALLBACK_TARGETS)})")
+        bad = [
+            (
+                f"{graph.nodes[k].op} (%{graph.nodes[k].outputs[0].name}): {plan.reasons.get(k, '')}",
+                graph.nodes[k].source,
+            )
+            for k in plan.fallback_nodes
+        ]
+        raise UnsupportedOpError(
+            bad,
+            where=f"backend {backend} for target {tgt.name} (falling back to the torch "
+            f"executor needs a host target: {', '.join(FALLBACK_TARGETS)})",
+        )
     subs = []
     for k, p in enumerate(plan.partitions):
         sub = subgraph(graph, p, f"{graph.name}_p{k}")

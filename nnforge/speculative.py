@@ -12,6 +12,7 @@ A model is anything that maps ``[ids]`` to ``[logits]``: an IR Graph (run by the
 object with ``run(list_of_arrays)`` (a backend Artifact, a CompiledModel) or a plain callable.
 Logits are ``[batch, seq, vocab]``; decoding runs one sequence (batch 1) without a KV cache.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,11 +45,11 @@ def _next_logits(run: Runner, ids: Sequence[int], dtype) -> np.ndarray:
 
 @dataclass
 class Generation:
-    tokens: list[int]              # the new tokens (prompt excluded)
-    drafted: int = 0               # draft tokens proposed
-    accepted: int = 0              # of those, kept
-    full_calls: int = 0            # full-model passes
-    draft_calls: int = 0           # draft-model passes
+    tokens: list[int]  # the new tokens (prompt excluded)
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of those, kept
+    full_calls: int = 0  # full-model passes
+    draft_calls: int = 0  # draft-model passes
     seconds: float = 0.0
     history: list[int] = field(default_factory=list)  # accepted drafts per verification
 
@@ -84,7 +85,7 @@ def generate(full, draft, prompt: Sequence[int], max_new_tokens: int, k: int = 4
         logits = _next_logits(run_full, ids + gen.tokens + proposal, dtype)
         gen.full_calls += 1
         start = len(ids) + len(gen.tokens) - 1  # logits row predicting the first proposed token
-        choice = np.argmax(logits[start:start + len(proposal) + 1], axis=-1)
+        choice = np.argmax(logits[start : start + len(proposal) + 1], axis=-1)
         n = 0
         while n < len(proposal) and proposal[n] == int(choice[n]):
             n += 1
@@ -117,15 +118,18 @@ class SpeculativeReport:
     reference: Generation
 
     def __str__(self) -> str:
-        return (f"self-speculative decoding: {len(self.speculative.tokens)} tokens, "
-                f"{'equal to' if self.equal else 'DIFFERENT from'} greedy; acceptance {self.acceptance_rate:.0%}, "
-                f"{self.speculative.full_calls} full + {self.speculative.draft_calls} draft passes vs "
-                f"{self.reference.full_calls} full; speed-up {self.speedup:.2f}x")
+        return (
+            f"self-speculative decoding: {len(self.speculative.tokens)} tokens, "
+            f"{'equal to' if self.equal else 'DIFFERENT from'} greedy; acceptance {self.acceptance_rate:.0%}, "
+            f"{self.speculative.full_calls} full + {self.speculative.draft_calls} draft passes vs "
+            f"{self.reference.full_calls} full; speed-up {self.speedup:.2f}x"
+        )
 
 
 def compare(full, draft, prompt: Sequence[int], max_new_tokens: int, k: int = 4) -> SpeculativeReport:
     """Run greedy and speculative decoding; report equality, acceptance rate and wall-clock speed-up."""
     ref = greedy(full, prompt, max_new_tokens)
     spec = generate(full, draft, prompt, max_new_tokens, k)
-    return SpeculativeReport(ref.tokens == spec.tokens, spec.acceptance_rate, ref.seconds / max(spec.seconds, 1e-12),
-                             spec, ref)
+    return SpeculativeReport(
+        ref.tokens == spec.tokens, spec.acceptance_rate, ref.seconds / max(spec.seconds, 1e-12), spec, ref
+    )

@@ -1,4 +1,5 @@
 """Targets: where a compiled model runs. Each has aliases, a default backend and the backends it allows."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,12 @@ TARGETS: dict[str, Target] = {
     "cpu": Target("cpu", "onnxrt", ("onnxrt", "tvm"), "this machine's CPU (host LLVM / ONNX Runtime CPU provider)"),
     "cuda": Target("cuda", "tvm", ("tvm", "onnxrt"), "an NVIDIA GPU (TVM CUDA codegen / ONNX Runtime CUDA provider)"),
     "arm": Target("arm", "tvm", ("tvm",), "aarch64 Linux, cross-compiled; checked under qemu-aarch64"),
-    "wasm": Target("wasm", "onnxrt", ("onnxrt", "tvm"),
-                   "WebAssembly: onnxruntime-web, or TVM's kernels with nnforge's JS runtime (browser or Node)"),
+    "wasm": Target(
+        "wasm",
+        "onnxrt",
+        ("onnxrt", "tvm"),
+        "WebAssembly: onnxruntime-web, or TVM's kernels with nnforge's JS runtime (browser or Node)",
+    ),
 }
 ALIASES = {"gpu": "cuda", "aarch64": "arm", "arm64": "arm", "webassembly": "wasm", "host": "cpu", "llvm": "cpu"}
 
@@ -39,5 +44,7 @@ def get_target(name: "str | Target") -> Target:
 def resolve_backend(target: Target, backend: str | None) -> str:
     backend = backend or target.default_backend
     if backend not in target.backends:
-        raise NnforgeError(f"backend {backend!r} cannot build for target {target.name!r}; it takes {list(target.backends)}")
+        raise NnforgeError(
+            f"backend {backend!r} cannot build for target {target.name!r}; it takes {list(target.backends)}"
+        )
     return backend

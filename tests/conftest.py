@@ -3,6 +3,7 @@ the digits ViT is trained once per session (``digits_vit``).
 
 Tests that exercise the cache turn it on explicitly with their own NNFORGE_CACHE_DIR (monkeypatch).
 """
+
 import os
 import tempfile
 

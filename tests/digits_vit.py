@@ -11,6 +11,7 @@ Its layers are large enough that numpy's OpenBLAS multi-threads the interpreter'
 machine busy with other work (another test worker, a compile) those threads wait for each other: one
 100-image batch took 5-24 s instead of 0.2 s. So importing this module limits BLAS to one thread.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -5,6 +5,7 @@
   tests/sentences.py, calibrated on the other sentences written here.
 - The ViT trained on scikit-learn's digits that the ``digits_vit`` fixture (tests/digits_vit.py) shares with the other lossy tests.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,14 +13,22 @@ import functools
 import numpy as np
 
 CALIBRATION_SENTENCES = [
-    "A chef is slicing vegetables in a busy kitchen.", "The children are flying kites on the hill.",
-    "Rain is expected across the north tomorrow.", "She opened the window to let in fresh air.",
-    "The bridge was painted bright red last summer.", "The bus was late again this morning.",
-    "A volcano erupted on a remote island.", "The orchestra rehearsed for the evening concert.",
-    "My laptop battery drains very quickly.", "They planted tomatoes and beans in the garden.",
-    "Ancient coins were found under the old church.", "A dog is chasing a red frisbee across the lawn.",
-    "Interest rates were raised by the central bank.", "The hikers reached the summit before noon.",
-    "Please send me the report by Friday.", "An old man is reading a newspaper on a bench.",
+    "A chef is slicing vegetables in a busy kitchen.",
+    "The children are flying kites on the hill.",
+    "Rain is expected across the north tomorrow.",
+    "She opened the window to let in fresh air.",
+    "The bridge was painted bright red last summer.",
+    "The bus was late again this morning.",
+    "A volcano erupted on a remote island.",
+    "The orchestra rehearsed for the evening concert.",
+    "My laptop battery drains very quickly.",
+    "They planted tomatoes and beans in the garden.",
+    "Ancient coins were found under the old church.",
+    "A dog is chasing a red frisbee across the lawn.",
+    "Interest rates were raised by the central bank.",
+    "The hikers reached the summit before noon.",
+    "Please send me the report by Friday.",
+    "An old man is reading a newspaper on a bench.",
 ]
 
 

@@ -1,4 +1,5 @@
 """nnforge.compile / save / load end to end on the CPU with ONNX Runtime, on all five families."""
+
 import json
 import shutil
 
@@ -21,8 +22,10 @@ def compiled_families():
     out = {}
     for fam in zoo.FAMILIES:
         zm = zoo.build(fam, "tiny")
-        out[fam] = (zm, nnforge.compile(zm.model, zm.inputs, target="cpu", dynamic_shapes=zm.dynamic_shapes,
-                                        progress=False))
+        out[fam] = (
+            zm,
+            nnforge.compile(zm.model, zm.inputs, target="cpu", dynamic_shapes=zm.dynamic_shapes, progress=False),
+        )
     return out
 
 
@@ -137,8 +140,14 @@ def test_unknown_target_and_backend_are_named():
 def test_lossy_settings_run_after_the_lossless_pipeline_and_report_their_error():
     zm = zoo.build("vit", "tiny")
     cal = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
-    fast = nnforge.compile(zm.model, zm.inputs, tokens=nnforge.TokenMerge(r=2), layers=nnforge.SkipLayers(n=1),
-                           calibration=cal, progress=False)
+    fast = nnforge.compile(
+        zm.model,
+        zm.inputs,
+        tokens=nnforge.TokenMerge(r=2),
+        layers=nnforge.SkipLayers(n=1),
+        calibration=cal,
+        progress=False,
+    )
     assert fast.pipeline == "O2+skip_layers+token_merge"
     lossy = [r for r in fast.records if r.lossy]
     assert [r.name for r in lossy] == ["skip_layers", "token_merge"] and lossy[0].max_error > 0

@@ -1,4 +1,5 @@
 """ONNX Runtime backend: every registry op lowered, run by ORT and compared with the interpreter."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from nnforge.backends.base import get_backend
-from nnforge.backends.onnxrt import (OnnxRuntimeArtifact, OnnxRuntimeBackend,
-                                     to_onnx)
+from nnforge.backends.onnxrt import OnnxRuntimeArtifact, OnnxRuntimeBackend, to_onnx
 from nnforge.errors import BundleError, NnforgeError, UnsupportedOpError
 from nnforge.ir import REGISTRY, Graph, Node, TensorType, Value, interpret
 from nnforge.targets import get_target
@@ -50,11 +50,18 @@ def _grid(b, *shape):
 
 # op name -> list of cases; each case builds a graph with B and returns its output value(s)
 CASES = {
-    "add": [lambda b: b.op("add", b.x(2, 3), b.x(3, name="y")), lambda b: b.op("add", b.x(2, 3, dtype="int64", lo=-5, hi=5), b.c(1, 3, dtype="int64"))],
+    "add": [
+        lambda b: b.op("add", b.x(2, 3), b.x(3, name="y")),
+        lambda b: b.op("add", b.x(2, 3, dtype="int64", lo=-5, hi=5), b.c(1, 3, dtype="int64")),
+    ],
     "sub": [lambda b: b.op("sub", b.x(2, 1, 4), b.x(3, 4, name="y"))],
     "mul": [lambda b: b.op("mul", b.x(2, 3), b.c(value=np.float32(1.5)))],
-    "div": [lambda b: b.op("div", b.x(2, 3), b.x(2, 3, lo=0.5, hi=2.0, name="y")),
-            lambda b: b.op("div", b.x(3, 4, dtype="int64", lo=-9, hi=9), b.x(4, dtype="int64", value=np.array([2, -3, 4, 7])))],
+    "div": [
+        lambda b: b.op("div", b.x(2, 3), b.x(2, 3, lo=0.5, hi=2.0, name="y")),
+        lambda b: b.op(
+            "div", b.x(3, 4, dtype="int64", lo=-9, hi=9), b.x(4, dtype="int64", value=np.array([2, -3, 4, 7]))
+        ),
+    ],
     "maximum": [lambda b: b.op("maximum", b.x(2, 3), b.x(1, 3, name="y"))],
     "minimum": [lambda b: b.op("minimum", b.x(2, 3), b.x(2, 3, name="y"))],
     "pow": [lambda b: b.op("pow", b.x(2, 3, lo=0.1, hi=2.0), b.x(2, 3, name="y"))],
@@ -85,111 +92,241 @@ CASES = {
     "abs": [lambda b: b.op("abs", b.x(2, 5))],
     "relu": [lambda b: b.op("relu", b.x(2, 5))],
     "gelu": [lambda b: b.op("gelu", b.x(2, 5)), lambda b: b.op("gelu", b.x(2, 5), approximate="tanh")],
-    "clamp": [lambda b: b.op("clamp", b.x(2, 5), min=-0.5, max=1.0), lambda b: b.op("clamp", b.x(2, 5), min=0.0),
-              lambda b: b.op("clamp", b.x(2, 5, dtype="int64", lo=-9, hi=9), max=3)],
-    "cast": [lambda b: b.op("cast", b.x(2, 5, lo=-9, hi=9), dtype="int32"), lambda b: b.op("cast", b.x(2, 5), dtype="bool"),
-             lambda b: b.op("cast", b.x(2, 5, dtype="int64", lo=-9, hi=9), dtype="float32")],
-    "reduce_sum": [lambda b: b.op("reduce_sum", b.x(2, 3, 4), axes=[1]),
-                   lambda b: b.op("reduce_sum", b.x(2, 3, 4), axes=[0, -1], keepdims=True)],
-    "reduce_mean": [lambda b: b.op("reduce_mean", b.x(2, 3, 4)), lambda b: b.op("reduce_mean", b.x(2, 3, 4), axes=[2], keepdims=True)],
+    "clamp": [
+        lambda b: b.op("clamp", b.x(2, 5), min=-0.5, max=1.0),
+        lambda b: b.op("clamp", b.x(2, 5), min=0.0),
+        lambda b: b.op("clamp", b.x(2, 5, dtype="int64", lo=-9, hi=9), max=3),
+    ],
+    "cast": [
+        lambda b: b.op("cast", b.x(2, 5, lo=-9, hi=9), dtype="int32"),
+        lambda b: b.op("cast", b.x(2, 5), dtype="bool"),
+        lambda b: b.op("cast", b.x(2, 5, dtype="int64", lo=-9, hi=9), dtype="float32"),
+    ],
+    "reduce_sum": [
+        lambda b: b.op("reduce_sum", b.x(2, 3, 4), axes=[1]),
+        lambda b: b.op("reduce_sum", b.x(2, 3, 4), axes=[0, -1], keepdims=True),
+    ],
+    "reduce_mean": [
+        lambda b: b.op("reduce_mean", b.x(2, 3, 4)),
+        lambda b: b.op("reduce_mean", b.x(2, 3, 4), axes=[2], keepdims=True),
+    ],
     "reduce_max": [lambda b: b.op("reduce_max", b.x(2, 3, 4), axes=[1])],
     "reduce_min": [lambda b: b.op("reduce_min", b.x(2, 3, 4), axes=[-1], keepdims=True)],
-    "argmax": [lambda b: b.op("argmax", b.x(2, 3, 4), axis=1), lambda b: b.op("argmax", _grid(b, 3, 5), axis=-1, keepdims=True)],
+    "argmax": [
+        lambda b: b.op("argmax", b.x(2, 3, 4), axis=1),
+        lambda b: b.op("argmax", _grid(b, 3, 5), axis=-1, keepdims=True),
+    ],
     "softmax": [lambda b: b.op("softmax", b.x(2, 3, 4)), lambda b: b.op("softmax", b.x(2, 3, 4), axis=1)],
     "log_softmax": [lambda b: b.op("log_softmax", b.x(2, 3, 4), axis=-1)],
-    "layer_norm": [lambda b: b.op("layer_norm", b.x(2, 3, 8), b.c(8), b.c(8), eps=1e-6),
-                   lambda b: b.op("layer_norm", b.x(2, 3, 8)),
-                   lambda b: b.op("layer_norm", b.x(2, 3, 4), b.c(3, 4), naxes=2)],
+    "layer_norm": [
+        lambda b: b.op("layer_norm", b.x(2, 3, 8), b.c(8), b.c(8), eps=1e-6),
+        lambda b: b.op("layer_norm", b.x(2, 3, 8)),
+        lambda b: b.op("layer_norm", b.x(2, 3, 4), b.c(3, 4), naxes=2),
+    ],
     "rms_norm": [lambda b: b.op("rms_norm", b.x(2, 3, 8), b.c(8)), lambda b: b.op("rms_norm", b.x(2, 3, 8))],
-    "batch_norm": [lambda b: b.op("batch_norm", b.x(2, 3, 4, 4), b.c(3), b.c(3, lo=0.5, hi=1.5), b.c(3), b.c(3)),
-                   lambda b: b.op("batch_norm", b.x(2, 3, 5), b.c(3), b.c(3, lo=0.5, hi=1.5), eps=1e-3)],
-    "matmul": [lambda b: b.op("matmul", b.x(2, 3, 4), b.x(4, 5, name="y")),
-               lambda b: b.op("matmul", b.x(2, 1, 3, 4), b.x(5, 4, 2, name="y"))],
-    "linear": [lambda b: b.op("linear", b.x(4, 6), b.c(5, 6), b.c(5)),
-               lambda b: b.op("linear", b.x(2, 3, 6), b.c(5, 6), b.c(5)),
-               lambda b: b.op("linear", b.x(2, 3, 6), b.c(5, 6)),
-               lambda b: b.op("linear", b.x(2, 3, 6), b.x(5, 6, name="w"))],
-    "linear_act": [lambda b, act=act: b.op("linear_act", b.x(2, 3, 6), b.c(5, 6), b.c(5), act=act)
-                   for act in ("none", "relu", "gelu", "gelu_tanh", "silu")]
-                  + [lambda b: b.op("linear_act", b.x(4, 6), b.c(5, 6), act="gelu")],
-    "conv2d": [lambda b: b.op("conv2d", b.x(2, 3, 8, 8), b.c(4, 3, 3, 3), b.c(4), stride=[2, 2], padding=[1, 1]),
-               lambda b: b.op("conv2d", b.x(1, 4, 7, 9), b.c(4, 2, 3, 2), groups=2, dilation=[2, 1], padding=[2, 0])],
-    "max_pool2d": [lambda b: b.op("max_pool2d", b.x(2, 3, 8, 8), kernel=[3, 3], stride=[2, 2], padding=[1, 1]),
-                   lambda b: b.op("max_pool2d", b.x(1, 2, 7, 7), kernel=[2, 2], stride=[2, 2], ceil_mode=True),
-                   lambda b: b.op("max_pool2d", b.x(1, 2, 9, 9), kernel=[2, 2], stride=[1, 1], dilation=[2, 2]),
-                   # ceil_mode where the last window would start in the padding: the IR drops it, ONNX keeps it
-                   lambda b: b.op("max_pool2d", b.x(1, 2, 5, 6), kernel=[3, 3], stride=[3, 3], padding=[1, 1], ceil_mode=True),
-                   # after relu: MaxPool plus a convolution-only NaN probe (ORT keeps it in NCHWc)
-                   lambda b: b.op("max_pool2d", b.op("relu", b.x(1, 3, 9, 9)), kernel=[3, 3], stride=[2, 2], padding=[1, 1])],
-    "avg_pool2d": [lambda b: b.op("avg_pool2d", b.x(2, 3, 8, 8), kernel=[2, 2], stride=[2, 2]),
-                   lambda b: b.op("avg_pool2d", b.x(1, 2, 7, 7), kernel=[3, 3], stride=[2, 2], padding=[1, 1]),
-                   lambda b: b.op("avg_pool2d", b.x(1, 2, 7, 7), kernel=[3, 3], stride=[2, 2], padding=[1, 1],
-                                  count_include_pad=False),
-                   lambda b: b.op("avg_pool2d", b.x(1, 2, 8, 8), kernel=[3, 3], stride=[2, 2], padding=[1, 1], ceil_mode=True),
-                   lambda b: b.op("avg_pool2d", b.x(1, 2, 5, 6), kernel=[3, 3], stride=[3, 3], padding=[1, 1], ceil_mode=True,
-                                  count_include_pad=False)],
-    "adaptive_avg_pool2d": [lambda b: b.op("adaptive_avg_pool2d", b.x(2, 3, 5, 7), output_size=[1, 1]),
-                            lambda b: b.op("adaptive_avg_pool2d", b.x(2, 3, 8, 6), output_size=[2, 3])],
-    "sdpa": [lambda b: b.op("sdpa", b.x(2, 2, 5, 4, name="q"), b.x(2, 2, 5, 4, name="k"), b.x(2, 2, 5, 4, name="v")),
-             lambda b: b.op("sdpa", b.x(2, 2, 5, 4, name="q"), b.x(2, 2, 5, 4, name="k"), b.x(2, 2, 5, 4, name="v"), is_causal=True),
-             lambda b: b.op("sdpa", b.x(2, 3, 4, name="q"), b.x(2, 6, 4, name="k"), b.x(2, 6, 3, name="v"), is_causal=True, scale=0.3),
-             lambda b: b.op("sdpa", b.x(2, 5, 4, name="q"), b.x(2, 5, 4, name="k"), b.x(2, 5, 4, name="v"),
-                            b.x(2, 1, 5, name="m", value=np.arange(5)[None, None, :].repeat(2, 0) < np.array([5, 3])[:, None, None])),
-             lambda b: b.op("sdpa", b.x(2, 5, 4, name="q"), b.x(2, 5, 4, name="k"), b.x(2, 5, 4, name="v"), b.x(5, 5, name="m"))],
-    "attention": [lambda b: b.op("attention", b.x(2, 5, 8, name="q"), b.x(2, 5, 8, name="k"), b.x(2, 5, 8, name="v"), num_heads=2),
-                  lambda b: b.op("attention", b.x(2, 5, 8, name="q"), b.x(2, 5, 8, name="k"), b.x(2, 5, 8, name="v"),
-                                 num_heads=4, is_causal=True),
-                  lambda b: b.op("attention", b.x(2, 3, 8, name="q"), b.x(2, 6, 8, name="k"), b.x(2, 6, 4, name="v"),
-                                 b.x(2, 1, 1, 6, name="m", value=np.arange(6)[None, None, None, :] < np.array([6, 4])[:, None, None, None]),
-                                 num_heads=2, scale=0.25),
-                  lambda b: b.op("attention", b.x(1, 4, 6, name="q"), b.x(1, 4, 6, name="k"), b.x(1, 4, 6, name="v"),
-                                 b.x(4, 4, name="m"), num_heads=3)],
-    "reshape": [lambda b: b.op("reshape", b.x(2, 3, 4), shape=[6, -1]), lambda b: b.op("reshape", b.x(2, 3, 4), shape=[4, 3, 2])],
+    "batch_norm": [
+        lambda b: b.op("batch_norm", b.x(2, 3, 4, 4), b.c(3), b.c(3, lo=0.5, hi=1.5), b.c(3), b.c(3)),
+        lambda b: b.op("batch_norm", b.x(2, 3, 5), b.c(3), b.c(3, lo=0.5, hi=1.5), eps=1e-3),
+    ],
+    "matmul": [
+        lambda b: b.op("matmul", b.x(2, 3, 4), b.x(4, 5, name="y")),
+        lambda b: b.op("matmul", b.x(2, 1, 3, 4), b.x(5, 4, 2, name="y")),
+    ],
+    "linear": [
+        lambda b: b.op("linear", b.x(4, 6), b.c(5, 6), b.c(5)),
+        lambda b: b.op("linear", b.x(2, 3, 6), b.c(5, 6), b.c(5)),
+        lambda b: b.op("linear", b.x(2, 3, 6), b.c(5, 6)),
+        lambda b: b.op("linear", b.x(2, 3, 6), b.x(5, 6, name="w")),
+    ],
+    "linear_act": [
+        lambda b, act=act: b.op("linear_act", b.x(2, 3, 6), b.c(5, 6), b.c(5), act=act)
+        for act in ("none", "relu", "gelu", "gelu_tanh", "silu")
+    ]
+    + [lambda b: b.op("linear_act", b.x(4, 6), b.c(5, 6), act="gelu")],
+    "conv2d": [
+        lambda b: b.op("conv2d", b.x(2, 3, 8, 8), b.c(4, 3, 3, 3), b.c(4), stride=[2, 2], padding=[1, 1]),
+        lambda b: b.op("conv2d", b.x(1, 4, 7, 9), b.c(4, 2, 3, 2), groups=2, dilation=[2, 1], padding=[2, 0]),
+    ],
+    "max_pool2d": [
+        lambda b: b.op("max_pool2d", b.x(2, 3, 8, 8), kernel=[3, 3], stride=[2, 2], padding=[1, 1]),
+        lambda b: b.op("max_pool2d", b.x(1, 2, 7, 7), kernel=[2, 2], stride=[2, 2], ceil_mode=True),
+        lambda b: b.op("max_pool2d", b.x(1, 2, 9, 9), kernel=[2, 2], stride=[1, 1], dilation=[2, 2]),
+        # ceil_mode where the last window would start in the padding: the IR drops it, ONNX keeps it
+        lambda b: b.op("max_pool2d", b.x(1, 2, 5, 6), kernel=[3, 3], stride=[3, 3], padding=[1, 1], ceil_mode=True),
+        # after relu: MaxPool plus a convolution-only NaN probe (ORT keeps it in NCHWc)
+        lambda b: b.op("max_pool2d", b.op("relu", b.x(1, 3, 9, 9)), kernel=[3, 3], stride=[2, 2], padding=[1, 1]),
+    ],
+    "avg_pool2d": [
+        lambda b: b.op("avg_pool2d", b.x(2, 3, 8, 8), kernel=[2, 2], stride=[2, 2]),
+        lambda b: b.op("avg_pool2d", b.x(1, 2, 7, 7), kernel=[3, 3], stride=[2, 2], padding=[1, 1]),
+        lambda b: b.op(
+            "avg_pool2d", b.x(1, 2, 7, 7), kernel=[3, 3], stride=[2, 2], padding=[1, 1], count_include_pad=False
+        ),
+        lambda b: b.op("avg_pool2d", b.x(1, 2, 8, 8), kernel=[3, 3], stride=[2, 2], padding=[1, 1], ceil_mode=True),
+        lambda b: b.op(
+            "avg_pool2d",
+            b.x(1, 2, 5, 6),
+            kernel=[3, 3],
+            stride=[3, 3],
+            padding=[1, 1],
+            ceil_mode=True,
+            count_include_pad=False,
+        ),
+    ],
+    "adaptive_avg_pool2d": [
+        lambda b: b.op("adaptive_avg_pool2d", b.x(2, 3, 5, 7), output_size=[1, 1]),
+        lambda b: b.op("adaptive_avg_pool2d", b.x(2, 3, 8, 6), output_size=[2, 3]),
+    ],
+    "sdpa": [
+        lambda b: b.op("sdpa", b.x(2, 2, 5, 4, name="q"), b.x(2, 2, 5, 4, name="k"), b.x(2, 2, 5, 4, name="v")),
+        lambda b: b.op(
+            "sdpa", b.x(2, 2, 5, 4, name="q"), b.x(2, 2, 5, 4, name="k"), b.x(2, 2, 5, 4, name="v"), is_causal=True
+        ),
+        lambda b: b.op(
+            "sdpa", b.x(2, 3, 4, name="q"), b.x(2, 6, 4, name="k"), b.x(2, 6, 3, name="v"), is_causal=True, scale=0.3
+        ),
+        lambda b: b.op(
+            "sdpa",
+            b.x(2, 5, 4, name="q"),
+            b.x(2, 5, 4, name="k"),
+            b.x(2, 5, 4, name="v"),
+            b.x(2, 1, 5, name="m", value=np.arange(5)[None, None, :].repeat(2, 0) < np.array([5, 3])[:, None, None]),
+        ),
+        lambda b: b.op(
+            "sdpa", b.x(2, 5, 4, name="q"), b.x(2, 5, 4, name="k"), b.x(2, 5, 4, name="v"), b.x(5, 5, name="m")
+        ),
+    ],
+    "attention": [
+        lambda b: b.op(
+            "attention", b.x(2, 5, 8, name="q"), b.x(2, 5, 8, name="k"), b.x(2, 5, 8, name="v"), num_heads=2
+        ),
+        lambda b: b.op(
+            "attention",
+            b.x(2, 5, 8, name="q"),
+            b.x(2, 5, 8, name="k"),
+            b.x(2, 5, 8, name="v"),
+            num_heads=4,
+            is_causal=True,
+        ),
+        lambda b: b.op(
+            "attention",
+            b.x(2, 3, 8, name="q"),
+            b.x(2, 6, 8, name="k"),
+            b.x(2, 6, 4, name="v"),
+            b.x(2, 1, 1, 6, name="m", value=np.arange(6)[None, None, None, :] < np.array([6, 4])[:, None, None, None]),
+            num_heads=2,
+            scale=0.25,
+        ),
+        lambda b: b.op(
+            "attention",
+            b.x(1, 4, 6, name="q"),
+            b.x(1, 4, 6, name="k"),
+            b.x(1, 4, 6, name="v"),
+            b.x(4, 4, name="m"),
+            num_heads=3,
+        ),
+    ],
+    "reshape": [
+        lambda b: b.op("reshape", b.x(2, 3, 4), shape=[6, -1]),
+        lambda b: b.op("reshape", b.x(2, 3, 4), shape=[4, 3, 2]),
+    ],
     "permute": [lambda b: b.op("permute", b.x(2, 3, 4), perm=[2, 0, 1])],
-    "expand": [lambda b: b.op("expand", b.x(3, 1), shape=[2, 3, 4]), lambda b: b.op("expand", b.x(1, 3, 1), shape=[2, -1, 5])],
+    "expand": [
+        lambda b: b.op("expand", b.x(3, 1), shape=[2, 3, 4]),
+        lambda b: b.op("expand", b.x(1, 3, 1), shape=[2, -1, 5]),
+    ],
     "concat": [lambda b: b.op("concat", b.x(2, 3), b.x(2, 1, name="y"), b.c(2, 2), axis=1)],
-    "slice": [lambda b: b.op("slice", b.x(5, 6), axis=1, start=1, end=5, step=2),
-              lambda b: b.op("slice", b.x(5, 6), axis=0, start=-3),
-              lambda b: b.op("slice", b.x(5, 6), axis=-1, start=2, end=-1)],
-    "gather": [lambda b: b.op("gather", b.c(10, 4), b.x(2, 3, dtype="int64", lo=0, hi=10)),
-               lambda b: b.op("gather", b.x(3, 5), b.c(value=np.array([4, -1, 0], np.int32)), axis=1),
-               lambda b: b.op("gather", b.x(2, 3, 4), b.c(value=np.int64(0)), axis=1)],
+    "slice": [
+        lambda b: b.op("slice", b.x(5, 6), axis=1, start=1, end=5, step=2),
+        lambda b: b.op("slice", b.x(5, 6), axis=0, start=-3),
+        lambda b: b.op("slice", b.x(5, 6), axis=-1, start=2, end=-1),
+    ],
+    "gather": [
+        lambda b: b.op("gather", b.c(10, 4), b.x(2, 3, dtype="int64", lo=0, hi=10)),
+        lambda b: b.op("gather", b.x(3, 5), b.c(value=np.array([4, -1, 0], np.int32)), axis=1),
+        lambda b: b.op("gather", b.x(2, 3, 4), b.c(value=np.int64(0)), axis=1),
+    ],
     "squeeze": [lambda b: b.op("squeeze", b.x(2, 1, 3, 1), axes=[1, -1])],
     "unsqueeze": [lambda b: b.op("unsqueeze", b.x(2, 3), axes=[0, -1])],
-    "full_like": [lambda b: b.op("full_like", b.x(2, 3), value=2.5), lambda b: b.op("full_like", b.x(2, 3), value=1, dtype="int64"),
-                  lambda b: b.op("full_like", b.x(2, 3), value=1, dtype="bool")],
-    "arange": [lambda b: b.op("add", b.op("arange", end=5), b.x(2, 1, dtype="int64", lo=0, hi=5)),
-               lambda b: b.op("mul", b.op("arange", start=1, end=10, step=3, dtype="float32"), b.x(3)),
-               lambda b: b.op("add", b.op("arange", end=4, dtype="int32"), b.x(4, dtype="int32", lo=0, hi=5))],
+    "full_like": [
+        lambda b: b.op("full_like", b.x(2, 3), value=2.5),
+        lambda b: b.op("full_like", b.x(2, 3), value=1, dtype="int64"),
+        lambda b: b.op("full_like", b.x(2, 3), value=1, dtype="bool"),
+    ],
+    "arange": [
+        lambda b: b.op("add", b.op("arange", end=5), b.x(2, 1, dtype="int64", lo=0, hi=5)),
+        lambda b: b.op("mul", b.op("arange", start=1, end=10, step=3, dtype="float32"), b.x(3)),
+        lambda b: b.op("add", b.op("arange", end=4, dtype="int32"), b.x(4, dtype="int32", lo=0, hi=5)),
+    ],
 }
 
 
 # elementwise_region (nnforge/ops/region.py): each step through its own lowering
 CASES["elementwise_region"] = [
-    lambda b: b.op("elementwise_region", b.x(2, 3, 8), b.c(8), b.x(3, 1, name="y"),
-                   body=[["mul", [0, 1], {}], ["add", [3, 2], {}], ["relu", [4], {}], ["gelu", [5], {"approximate": "none"}]]),
-    lambda b: b.op("elementwise_region", b.x(4, 5, dtype="int64", lo=-9, hi=9), b.c(value=np.int64(2)),
-                   body=[["div", [0, 1], {}], ["cast", [2], {"dtype": "float32"}], ["exp", [3], {}]]),
+    lambda b: b.op(
+        "elementwise_region",
+        b.x(2, 3, 8),
+        b.c(8),
+        b.x(3, 1, name="y"),
+        body=[["mul", [0, 1], {}], ["add", [3, 2], {}], ["relu", [4], {}], ["gelu", [5], {"approximate": "none"}]],
+    ),
+    lambda b: b.op(
+        "elementwise_region",
+        b.x(4, 5, dtype="int64", lo=-9, hi=9),
+        b.c(value=np.int64(2)),
+        body=[["div", [0, 1], {}], ["cast", [2], {"dtype": "float32"}], ["exp", [3], {}]],
+    ),
 ]
 
 
 # token ops (nnforge/ops/tokens.py): two outputs each for merge and prune (tokens, sizes)
-CASES.update({
-    "token_merge": [lambda b: b.g.add_node("token_merge", [b.x(2, 9, 4), b.x(2, 9, 3, name="m")], {"r": 3}).outputs,
-                    lambda b: b.g.add_node("token_merge", [b.x(2, 8, 4), b.x(2, 8, 4, name="m"),
-                                                           b.x(2, 8, value=np.array([[1, 2, 1, 1, 0, 1, 0, 0]] * 2, np.float32),
-                                                               name="s")],
-                                           {"r": 2, "protect_first": 1}).outputs],
-    "token_prune": [lambda b: b.g.add_node("token_prune", [b.x(2, 7, 4), b.x(2, 7, lo=0, hi=1, name="s")],
-                                           {"keep": 4, "protect_first": 1, "protect_last": 1}).outputs,
-                    lambda b: b.g.add_node("token_prune", [b.x(2, 7, 4), b.x(2, 7, lo=0, hi=1, name="s")],
-                                           {"keep": 3, "fuse_dropped": True}).outputs],
-    "attention_scores": [lambda b: b.op("attention_scores", b.x(2, 5, 8), b.x(2, 5, 8, name="k"), num_heads=2),
-                         lambda b: b.op("attention_scores", b.x(2, 5, 8), b.x(2, 5, 8, name="k"), num_heads=2,
-                                        is_causal=True, query="mean"),
-                         lambda b: b.op("attention_scores", b.x(2, 5, 8), b.x(2, 5, 8, name="k"),
-                                        b.x(2, 1, 1, 5, dtype="bool", name="mask"), num_heads=4, query="last")],
-})
+CASES.update(
+    {
+        "token_merge": [
+            lambda b: b.g.add_node("token_merge", [b.x(2, 9, 4), b.x(2, 9, 3, name="m")], {"r": 3}).outputs,
+            lambda b: (
+                b.g.add_node(
+                    "token_merge",
+                    [
+                        b.x(2, 8, 4),
+                        b.x(2, 8, 4, name="m"),
+                        b.x(2, 8, value=np.array([[1, 2, 1, 1, 0, 1, 0, 0]] * 2, np.float32), name="s"),
+                    ],
+                    {"r": 2, "protect_first": 1},
+                ).outputs
+            ),
+        ],
+        "token_prune": [
+            lambda b: (
+                b.g.add_node(
+                    "token_prune",
+                    [b.x(2, 7, 4), b.x(2, 7, lo=0, hi=1, name="s")],
+                    {"keep": 4, "protect_first": 1, "protect_last": 1},
+                ).outputs
+            ),
+            lambda b: (
+                b.g.add_node(
+                    "token_prune", [b.x(2, 7, 4), b.x(2, 7, lo=0, hi=1, name="s")], {"keep": 3, "fuse_dropped": True}
+                ).outputs
+            ),
+        ],
+        "attention_scores": [
+            lambda b: b.op("attention_scores", b.x(2, 5, 8), b.x(2, 5, 8, name="k"), num_heads=2),
+            lambda b: b.op(
+                "attention_scores", b.x(2, 5, 8), b.x(2, 5, 8, name="k"), num_heads=2, is_causal=True, query="mean"
+            ),
+            lambda b: b.op(
+                "attention_scores",
+                b.x(2, 5, 8),
+                b.x(2, 5, 8, name="k"),
+                b.x(2, 1, 1, 5, dtype="bool", name="mask"),
+                num_heads=4,
+                query="last",
+            ),
+        ],
+    }
+)
+
 
 # low-bit and sparse ops (nnforge/ops/lowbit.py)
 def _qweight(b, n, k, bits, group, zeros=True):
@@ -209,26 +346,76 @@ def _csr(b, n, k):
     return [b.c(value=a) for a in csr_from_dense(w)]
 
 
-CASES.update({
-    "qlinear": [lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64, act="relu"),
-                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 4, 16), b.c(8), bits=4, group_size=16, act="gelu"),
-                lambda b: b.op("qlinear", b.x(5, 64), *_qweight(b, 8, 64, 4, 32, zeros=False), bits=4, group_size=32),
-                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64,
-                               act_quant="dynamic"),
-                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64,
-                               act="gelu", act_quant="dynamic_tensor"),
-                lambda b: b.op("qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), bits=8, group_size=64,
-                               act_quant="static", x_scale=0.02, x_zero_point=100)],
-    "qconv2d": [lambda b: b.op("qconv2d", b.x(1, 4, 6, 6), *_qweight(b, 8, 36, 4, 36), b.c(8), bits=4, group_size=36,
-                               kernel=[3, 3], padding=[1, 1]),
-                lambda b: b.op("qconv2d", b.x(1, 4, 6, 6), *_qweight(b, 8, 16, 8, 16), bits=8, group_size=16, kernel=[2, 2],
-                               stride=[2, 2])],
-    "qgather": [lambda b: b.op("qgather", *_qweight(b, 10, 16, 8, 16), b.x(2, 3, dtype="int64", lo=0, hi=10),
-                               bits=8, group_size=16),
-                lambda b: b.op("qgather", *_qweight(b, 10, 16, 4, 8), b.x(4, dtype="int64", lo=0, hi=10), bits=4, group_size=8)],
-    "sparse_linear": [lambda b: b.op("sparse_linear", b.x(2, 3, 24), *_csr(b, 6, 24), b.c(6), in_features=24, act="relu"),
-                      lambda b: b.op("sparse_linear", b.x(4, 24), *_csr(b, 6, 24), in_features=24)],
-})
+CASES.update(
+    {
+        "qlinear": [
+            lambda b: b.op(
+                "qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64, act="relu"
+            ),
+            lambda b: b.op(
+                "qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 4, 16), b.c(8), bits=4, group_size=16, act="gelu"
+            ),
+            lambda b: b.op("qlinear", b.x(5, 64), *_qweight(b, 8, 64, 4, 32, zeros=False), bits=4, group_size=32),
+            lambda b: b.op(
+                "qlinear", b.x(2, 3, 64), *_qweight(b, 8, 64, 8, 64), b.c(8), bits=8, group_size=64, act_quant="dynamic"
+            ),
+            lambda b: b.op(
+                "qlinear",
+                b.x(2, 3, 64),
+                *_qweight(b, 8, 64, 8, 64),
+                b.c(8),
+                bits=8,
+                group_size=64,
+                act="gelu",
+                act_quant="dynamic_tensor",
+            ),
+            lambda b: b.op(
+                "qlinear",
+                b.x(2, 3, 64),
+                *_qweight(b, 8, 64, 8, 64),
+                bits=8,
+                group_size=64,
+                act_quant="static",
+                x_scale=0.02,
+                x_zero_point=100,
+            ),
+        ],
+        "qconv2d": [
+            lambda b: b.op(
+                "qconv2d",
+                b.x(1, 4, 6, 6),
+                *_qweight(b, 8, 36, 4, 36),
+                b.c(8),
+                bits=4,
+                group_size=36,
+                kernel=[3, 3],
+                padding=[1, 1],
+            ),
+            lambda b: b.op(
+                "qconv2d",
+                b.x(1, 4, 6, 6),
+                *_qweight(b, 8, 16, 8, 16),
+                bits=8,
+                group_size=16,
+                kernel=[2, 2],
+                stride=[2, 2],
+            ),
+        ],
+        "qgather": [
+            lambda b: b.op(
+                "qgather", *_qweight(b, 10, 16, 8, 16), b.x(2, 3, dtype="int64", lo=0, hi=10), bits=8, group_size=16
+            ),
+            lambda b: b.op(
+                "qgather", *_qweight(b, 10, 16, 4, 8), b.x(4, dtype="int64", lo=0, hi=10), bits=4, group_size=8
+            ),
+        ],
+        "sparse_linear": [
+            lambda b: b.op("sparse_linear", b.x(2, 3, 24), *_csr(b, 6, 24), b.c(6), in_features=24, act="relu"),
+            lambda b: b.op("sparse_linear", b.x(4, 24), *_csr(b, 6, 24), in_features=24),
+        ],
+    }
+)
+
 
 def _compare(got, want):
     assert len(got) == len(want)
@@ -264,7 +451,6 @@ def test_op_matches_interpreter(op, k):
     _compare(art.run(b.feeds), interpret(b.g, b.feeds))
 
 
-
 # lowerings the ONNX frontend cannot read back: asymmetric pads (ceil_mode pools) have no IR form
 _NO_ROUND_TRIP = {("max_pool2d", 3), ("avg_pool2d", 4)}
 # token merging/pruning lower to TopK and Gather/ScatterElements, which have no IR form to import back to
@@ -273,8 +459,9 @@ _NO_ROUND_TRIP |= {(op, k) for op in ("token_merge", "token_prune") for k in ran
 _NO_ROUND_TRIP |= {(op, k) for op in ("qlinear", "qconv2d", "qgather", "sparse_linear") for k in range(len(CASES[op]))}
 
 
-@pytest.mark.parametrize("op,k", [(op, k) for op, cases in CASES.items() for k in range(len(cases))
-                                  if (op, k) not in _NO_ROUND_TRIP])
+@pytest.mark.parametrize(
+    "op,k", [(op, k) for op, cases in CASES.items() for k in range(len(cases)) if (op, k) not in _NO_ROUND_TRIP]
+)
 def test_op_round_trips_through_the_onnx_frontend(op, k):
     """IR -> to_onnx -> import_onnx -> IR computes the same (checks both directions on every lowering)."""
     from nnforge.frontend.onnx import import_onnx
@@ -437,6 +624,7 @@ def test_arm_target_is_refused():
 # whole models: torch -> IR (torch frontend) -> ONNX Runtime, against eager PyTorch
 # ---------------------------------------------------------------------------------------
 
+
 def _resized_inputs(zm) -> tuple:
     """The zoo inputs at batch 3 (and sequence 11): the built session must take other sizes too."""
     import torch
@@ -497,7 +685,7 @@ def test_attention_uses_ort_fused_kernel_on_cpu(mask_kind):
     nodes = onnx.load_from_string(art.model_bytes).graph.node
     ops = {n.op_type for n in nodes}
     assert "MultiHeadAttention" in ops and "Softmax" not in ops
-    mha, = [n for n in nodes if n.op_type == "MultiHeadAttention"]
+    (mha,) = [n for n in nodes if n.op_type == "MultiHeadAttention"]
     assert (len(mha.input) == 3) == (mask_kind != "bool"), list(mha.input)  # only the bool mask is a bias
     np.testing.assert_allclose(art.run(inputs)[0], interpret(g, inputs)[0], rtol=1e-4, atol=1e-5)
 
@@ -537,8 +725,12 @@ def test_attention_on_one_qkv_projection_lowers_to_ort_attention(shared):
     rng = np.random.default_rng(6)
     g = Graph("qkv")
     x = g.add_input("x", TensorType(("batch", "seq", 16)))
-    qkv = g.op("linear", x, g.add_constant(rng.standard_normal((48, 16)).astype(np.float32) * 0.3),
-               g.add_constant(rng.standard_normal(48).astype(np.float32)))
+    qkv = g.op(
+        "linear",
+        x,
+        g.add_constant(rng.standard_normal((48, 16)).astype(np.float32) * 0.3),
+        g.add_constant(rng.standard_normal(48).astype(np.float32)),
+    )
     q, k, v = (g.op("slice", qkv, axis=-1, start=16 * i, end=16 * (i + 1)) for i in range(3))
     g.outputs = [g.op("attention", q, k, v, num_heads=4)] + ([g.op("exp", k)] if shared else [])
     art = OnnxRuntimeBackend().build(g, CPU)
@@ -549,9 +741,14 @@ def test_attention_on_one_qkv_projection_lowers_to_ort_attention(shared):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("op,shape,axes,keepdims", [("reduce_mean", ("b", 5, 4, 16), [2], False),
-                                                  ("reduce_sum", ("b", 3, 2, 7), [1, -2], True),
-                                                  ("reduce_mean", (3, 4, "s"), [0], True)])
+@pytest.mark.parametrize(
+    "op,shape,axes,keepdims",
+    [
+        ("reduce_mean", ("b", 5, 4, 16), [2], False),
+        ("reduce_sum", ("b", 3, 2, 7), [1, -2], True),
+        ("reduce_mean", (3, 4, "s"), [0], True),
+    ],
+)
 def test_sums_over_a_few_outer_elements_are_split_and_summed(op, shape, axes, keepdims):
     """A sum or mean over at most 8 elements of outer axes (ToMe's keys averaged over heads) is Split + Sum,
     not ONNX Runtime's slow middle-axis reduction; same numbers as the interpreter, an inf stays where it is."""
@@ -575,5 +772,5 @@ def test_per_key_bias_rides_in_a_head_dim_on_cpu_only():
     m = g.add_input("m", TensorType(("batch", 1, 1, "seq")))
     g.outputs = [g.op("attention", q, k, v, m, num_heads=4)]
     for device, inputs in (("cpu", 3), ("cuda", 6)):
-        mha, = [n for n in to_onnx(g, contrib=True, device=device).graph.node if n.op_type == "MultiHeadAttention"]
+        (mha,) = [n for n in to_onnx(g, contrib=True, device=device).graph.node if n.op_type == "MultiHeadAttention"]
         assert len(mha.input) == inputs, (device, list(mha.input))

@@ -1,4 +1,5 @@
 """The TVM backend against the reference interpreter: every op, symbolic shapes, cuda/arm builds, bundles."""
+
 from __future__ import annotations
 
 import re
@@ -7,13 +8,13 @@ import struct
 import numpy as np
 import pytest
 import tvm
+from toolchains import need
 
 from nnforge.backends import tvm as tb
 from nnforge.backends import tvm_lower
 from nnforge.backends.base import get_backend
 from nnforge.errors import NnforgeError, UnsupportedOpError
 from nnforge.ir import REGISTRY, Graph, TensorType, interpret
-from toolchains import need
 
 RNG = np.random.default_rng(0)
 
@@ -93,8 +94,24 @@ CASES = [
     ("logical_or", [bools(3, 4), bools(1, 4)], {}),
     ("logical_not", [bools(5)], {}),
     ("where", [bools(3, 4), rand(3, 4), rand(4)], {}),
-    *[(op, [rand(3, 5)], {}) for op in ("exp", "tanh", "sigmoid", "erf", "sin", "cos", "silu", "floor", "ceil",
-                                       "neg", "abs", "relu", "reciprocal")],
+    *[
+        (op, [rand(3, 5)], {})
+        for op in (
+            "exp",
+            "tanh",
+            "sigmoid",
+            "erf",
+            "sin",
+            "cos",
+            "silu",
+            "floor",
+            "ceil",
+            "neg",
+            "abs",
+            "relu",
+            "reciprocal",
+        )
+    ],
     *[(op, [pos(3, 5)], {}) for op in ("log", "sqrt", "rsqrt")],
     ("relu", [ints(7, dtype="int32")], {}),
     ("abs", [ints(7)], {}),
@@ -131,16 +148,22 @@ CASES = [
     ("linear", [rand(2, 3, 16), C(rand(24, 16)), C(rand(24))], {}),
     ("linear", [rand(5, 16), C(rand(8, 16))], {}),
     ("conv2d", [rand(2, 3, 9, 8), C(rand(4, 3, 3, 3)), C(rand(4))], {"padding": [1, 1]}),
-    ("conv2d", [rand(1, 4, 11, 10), C(rand(6, 2, 3, 3))], {"stride": [2, 1], "padding": [2, 1], "dilation": [2, 2],
-                                                           "groups": 2}),
+    (
+        "conv2d",
+        [rand(1, 4, 11, 10), C(rand(6, 2, 3, 3))],
+        {"stride": [2, 1], "padding": [2, 1], "dilation": [2, 2], "groups": 2},
+    ),
     ("conv2d", [rand(1, 4, 6, 6), C(rand(4, 1, 3, 3))], {"groups": 4, "padding": [1, 1]}),
     ("conv2d", [rand(1, 2, 1, 1), C(rand(2, 1, 1, 1))], {"groups": 2, "padding": [0, 1]}),  # K = 1 matmul
     ("max_pool2d", [rand(2, 3, 9, 9)], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}),
     ("max_pool2d", [rand(1, 2, 8, 7)], {"kernel": [3, 2], "stride": [2, 2], "ceil_mode": True}),
     ("max_pool2d", [rand(1, 2, 9, 9)], {"kernel": [2, 2], "stride": [1, 1], "dilation": [2, 2]}),
     ("avg_pool2d", [rand(2, 3, 9, 9)], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]}),
-    ("avg_pool2d", [rand(2, 3, 9, 9)], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1],
-                                        "count_include_pad": False}),
+    (
+        "avg_pool2d",
+        [rand(2, 3, 9, 9)],
+        {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "count_include_pad": False},
+    ),
     ("avg_pool2d", [rand(1, 2, 8, 8)], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "ceil_mode": True}),
     ("avg_pool2d", [rand(1, 2, 8, 7)], {"kernel": [2, 2], "stride": [2, 2], "ceil_mode": True}),
     ("adaptive_avg_pool2d", [rand(2, 3, 7, 5)], {"output_size": [3, 2]}),
@@ -170,15 +193,23 @@ CASES = [
     ("reduce_max", [nans(4, 5)], {"axes": [1]}),
     ("reduce_min", [nans(4, 5)], {"axes": [0], "keepdims": True}),
     ("max_pool2d", [nans(1, 2, 6, 6)], {"kernel": [2, 2], "stride": [2, 2]}),
-    *[("linear_act", [rand(2, 3, 16), C(rand(24, 16)), C(rand(24))], {"act": a})
-      for a in ("none", "relu", "gelu", "gelu_tanh", "silu")],
+    *[
+        ("linear_act", [rand(2, 3, 16), C(rand(24, 16)), C(rand(24))], {"act": a})
+        for a in ("none", "relu", "gelu", "gelu_tanh", "silu")
+    ],
     ("linear_act", [rand(5, 16), C(rand(8, 16))], {"act": "gelu"}),
     ("attention", [rand(2, 5, 8), rand(2, 6, 8), rand(2, 6, 12)], {"num_heads": 2}),
     ("attention", [rand(2, 5, 8), rand(2, 5, 8), rand(2, 5, 8), rand(2, 1, 5, 5)], {"num_heads": 4, "scale": 0.5}),
-    ("attention", [rand(1, 6, 8), rand(1, 6, 8), rand(1, 6, 8), bools(6, 6) | np.eye(6, dtype=bool)],
-     {"num_heads": 2, "is_causal": True}),
-    ("elementwise_region", [ints(4, 5), C(np.array([2], np.int64))],
-     {"body": [["div", [0, 1], {}], ["cast", [2], {"dtype": "float32"}], ["tanh", [3], {}]]}),
+    (
+        "attention",
+        [rand(1, 6, 8), rand(1, 6, 8), rand(1, 6, 8), bools(6, 6) | np.eye(6, dtype=bool)],
+        {"num_heads": 2, "is_causal": True},
+    ),
+    (
+        "elementwise_region",
+        [ints(4, 5), C(np.array([2], np.int64))],
+        {"body": [["div", [0, 1], {}], ["cast", [2], {"dtype": "float32"}], ["tanh", [3], {}]]},
+    ),
 ]
 
 
@@ -196,8 +227,17 @@ def test_op_matches_interpreter(case):
 
 # the ops that passes (low-bit, sparsity, tokens, fusion) and the opaque-op fallback create are checked in their
 # own tests (test_quantize, test_sparsity, test_tokens, test_fusion, test_partition), not in CASES
-EXTRA_OPS = {"qlinear", "qconv2d", "qgather", "sparse_linear", "token_merge", "token_prune", "attention_scores",
-             "elementwise_region", "torch_op"}
+EXTRA_OPS = {
+    "qlinear",
+    "qconv2d",
+    "qgather",
+    "sparse_linear",
+    "token_merge",
+    "token_prune",
+    "attention_scores",
+    "elementwise_region",
+    "torch_op",
+}
 CORE_OPS = sorted(set(REGISTRY) - EXTRA_OPS)
 
 
@@ -228,7 +268,9 @@ def _block_graph():
     a = g.op("reshape", g.op("permute", a, perm=[0, 2, 1, 3]), shape=["batch*seq", d])
     a = g.op("linear", a, g.add_constant(rand(d, d) * 0.3, "wo"))
     x = g.op("add", x, g.op("reshape", a, shape=["batch", "seq", d]))
-    f = g.op("gelu", g.op("linear", g.op("rms_norm", x), g.add_constant(rand(4 * d, d) * 0.3, "w1")), approximate="tanh")
+    f = g.op(
+        "gelu", g.op("linear", g.op("rms_norm", x), g.add_constant(rand(4 * d, d) * 0.3, "w1")), approximate="tanh"
+    )
     x = g.op("add", x, g.op("linear", f, g.add_constant(rand(d, 4 * d) * 0.3, "w2")))
     first = g.op("slice", x, axis=1, start=0, end="seq")  # symbolic end
     g.outputs = [g.op("reduce_mean", first, axes=[1]), g.op("argmax", x, axis=-1)]
@@ -257,8 +299,15 @@ def test_symbolic_expression_input_and_full_like_arange():
 def test_dim_expressions_become_tir_expressions():
     dims = tvm_lower.DimMap()
     env = {"batch": 3, "seq": 13}
-    for expr in ("batch*seq", "seq//2 + 1", "floor(seq/2)", "Max(seq, 16) - 1", "Mod(seq, 4)", "2*batch*seq + seq",
-                 "(seq + 3)//4"):
+    for expr in (
+        "batch*seq",
+        "seq//2 + 1",
+        "floor(seq/2)",
+        "Max(seq, 16) - 1",
+        "Mod(seq, 4)",
+        "2*batch*seq + seq",
+        "(seq + 3)//4",
+    ):
         from nnforge.ir.symbols import evaluate
 
         e = dims(expr)
@@ -306,6 +355,7 @@ def test_zoo_tiny_models_through_torch_frontend(family):
 
 # ---- the default CPU schedules, kernel by kernel ----------------------------------------------------
 
+
 def _eval_dim(e, env):
     """Value of a TIR shape expression (Var/IntImm/+,-,*,//,%) for concrete symbols."""
     kind = type(e).__name__
@@ -313,8 +363,15 @@ def _eval_dim(e, env):
         return int(e.value)
     if kind == "Var":
         return env[e.name]
-    ops = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
-           "FloorDiv": lambda a, b: a // b, "FloorMod": lambda a, b: a % b, "Max": max, "Min": min}
+    ops = {
+        "Add": lambda a, b: a + b,
+        "Sub": lambda a, b: a - b,
+        "Mul": lambda a, b: a * b,
+        "FloorDiv": lambda a, b: a // b,
+        "FloorMod": lambda a, b: a % b,
+        "Max": max,
+        "Min": min,
+    }
     return ops[kind](_eval_dim(e.a, env), _eval_dim(e.b, env))
 
 
@@ -331,9 +388,9 @@ def _run_kernel(prim, target, env, seed=0):
         n, dt = int(np.prod(shape)), np.dtype(str(p.dtype))
         raw = np.empty((n + 2 * CANARY) * dt.itemsize + 64, np.uint8)
         off = (-raw.ctypes.data) % 64  # TVM wants 64-byte aligned data
-        buf = raw[off:off + (n + 2 * CANARY) * dt.itemsize].view(dt)
+        buf = raw[off : off + (n + 2 * CANARY) * dt.itemsize].view(dt)
         buf[:] = sentinel = np.array(77).astype(dt)
-        view = buf[CANARY:CANARY + n].reshape(shape)
+        view = buf[CANARY : CANARY + n].reshape(shape)
         view[...] = rng.standard_normal(shape) if dt.kind == "f" else rng.integers(0, 3, shape)
         fenced.append((buf, sentinel))
         views.append(view)
@@ -365,23 +422,45 @@ def _kernel_graphs():
     def convs():
         g = Graph("convs")
         x = g.add_input("x", TensorType(("b", 3, 9, 9)))
-        y = g.op("relu", g.op("conv2d", x, g.add_constant(rand(8, 3, 3, 3), "w1"), g.add_constant(rand(8), "b1"),
-                              stride=[2, 2], padding=[1, 1]))
+        y = g.op(
+            "relu",
+            g.op(
+                "conv2d",
+                x,
+                g.add_constant(rand(8, 3, 3, 3), "w1"),
+                g.add_constant(rand(8), "b1"),
+                stride=[2, 2],
+                padding=[1, 1],
+            ),
+        )
         y = g.op("conv2d", y, g.add_constant(rand(8, 2, 3, 3), "w2"), groups=4, padding=[1, 1])
-        y = g.op("batch_norm", g.op("conv2d", y, g.add_constant(rand(6, 8, 1, 1), "w3")), g.add_constant(rand(6), "m"),
-                 g.add_constant(pos(6), "v"))
+        y = g.op(
+            "batch_norm",
+            g.op("conv2d", y, g.add_constant(rand(6, 8, 1, 1), "w3")),
+            g.add_constant(rand(6), "m"),
+            g.add_constant(pos(6), "v"),
+        )
         g.outputs = [g.op("max_pool2d", y, kernel=[2, 2], stride=[2, 2], ceil_mode=True)]
         return g
 
     def rows():
         g = Graph("rows")
         x = g.add_input("x", TensorType(("b", "s", 24)))
-        y = g.op("layer_norm", g.op("softmax", x, axis=-1), g.add_constant(rand(24), "g"), g.add_constant(rand(24), "b"))
+        y = g.op(
+            "layer_norm", g.op("softmax", x, axis=-1), g.add_constant(rand(24), "g"), g.add_constant(rand(24), "b")
+        )
         g.outputs = [g.op("reduce_sum", g.op("permute", y, perm=[0, 2, 1]), axes=[2])]
         return g
 
-    return [linear(48, 40, "gelu"), linear(24, 1001, "none"), attention(True, False), attention(False, True),
-            batched(), convs(), rows()]
+    return [
+        linear(48, 40, "gelu"),
+        linear(24, 1001, "none"),
+        attention(True, False),
+        attention(False, True),
+        batched(),
+        convs(),
+        rows(),
+    ]
 
 
 @pytest.mark.parametrize("index", range(7))
@@ -411,12 +490,17 @@ def test_softmax_and_layer_norm_compute_row_by_row(length):
     g = Graph("rows")
     x = g.add_input("x", TensorType(("b", 2, length)))
     y = g.op("softmax", x, axis=-1)
-    g.outputs = [g.op("layer_norm", g.op("add", y, x), g.add_constant(rand(length), "g"), g.add_constant(rand(length), "b"))]
+    g.outputs = [
+        g.op("layer_norm", g.op("add", y, x), g.add_constant(rand(length), "g"), g.add_constant(rand(length), "b"))
+    ]
     target = tb.tvm_target(tb.get_target("cpu"))
     sched = tb.BACKEND.kernels(g, "cpu")
     plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
-    kernels = [(gv.name_hint, f) for gv, f in sched.functions_items()
-               if isinstance(f, tvm.tirx.PrimFunc) and ("softmax" in gv.name_hint or "layer_norm" in gv.name_hint)]
+    kernels = [
+        (gv.name_hint, f)
+        for gv, f in sched.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and ("softmax" in gv.name_hint or "layer_norm" in gv.name_hint)
+    ]
     assert len(kernels) == 2, [n for n, _ in kernels]
     for name, f in kernels:
         text = f.script()
@@ -434,17 +518,25 @@ def test_a_reduction_over_another_axis_is_not_redone_per_row():
     g = Graph("centre")
     x = g.add_input("x", TensorType(("b", 16, 24)))
     g.outputs = [g.op("sub", x, g.op("reduce_mean", x, axes=[1], keepdims=True))]
-    (name, f), = [(gv.name_hint, f) for gv, f in tb.BACKEND.kernels(g, "cpu").functions_items()
-                  if isinstance(f, tvm.tirx.PrimFunc)]
+    ((name, f),) = [
+        (gv.name_hint, f)
+        for gv, f in tb.BACKEND.kernels(g, "cpu").functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+    ]
     assert f.script().count("T.parallel") == 2, f.script()
     a = rand(3, 16, 24)
     np.testing.assert_allclose(tb.build(g, "cpu").run([a])[0], interpret(g, [a])[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("op,shape,axes,keepdims", [("reduce_mean", ("b", 5, 4, 16), [2], False),
-                                                  ("reduce_sum", ("b", 3, 2, 7), [1, -2], True),
-                                                  ("reduce_mean", (3, 4, 5), [0], True),
-                                                  ("reduce_sum", (3, 8, 5), [1], False)])
+@pytest.mark.parametrize(
+    "op,shape,axes,keepdims",
+    [
+        ("reduce_mean", ("b", 5, 4, 16), [2], False),
+        ("reduce_sum", ("b", 3, 2, 7), [1, -2], True),
+        ("reduce_mean", (3, 4, 5), [0], True),
+        ("reduce_sum", (3, 8, 5), [1], False),
+    ],
+)
 def test_sums_over_a_few_outer_elements_are_elementwise(op, shape, axes, keepdims):
     """A sum or mean over at most 8 elements of outer axes (ToMe's keys averaged over heads) is written
     out term by term: one elementwise kernel, no reduction loop, same numbers as the interpreter."""
@@ -461,12 +553,25 @@ def _static_kernels(g):
     """(name, scheduled, unscheduled) for each matmul-like kernel of a graph with static shapes."""
     sched = tb.BACKEND.kernels(g, "cpu")
     plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
-    return [(gv.name_hint, f, plain[gv.name_hint]) for gv, f in sched.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and any(w in gv.name_hint for w in ("matmul", "conv2d_mm", "im2col", "winograd"))]
+    return [
+        (gv.name_hint, f, plain[gv.name_hint])
+        for gv, f in sched.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+        and any(w in gv.name_hint for w in ("matmul", "conv2d_mm", "im2col", "winograd"))
+    ]
 
 
-@pytest.mark.parametrize("m,k,n,act", [(1, 64, 256, "relu"), (1, 48, 1000, "gelu"), (1, 40, 37, "none"),
-                                       (1, 33, 1001, "none"), (1, 16, 24, "silu"), (3, 40, 128, "relu")])
+@pytest.mark.parametrize(
+    "m,k,n,act",
+    [
+        (1, 64, 256, "relu"),
+        (1, 48, 1000, "gelu"),
+        (1, 40, 37, "none"),
+        (1, 33, 1001, "none"),
+        (1, 16, 24, "silu"),
+        (3, 40, 128, "relu"),
+    ],
+)
 def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
     """A one-row linear layer (GEMV) is register-blocked by CPUMatmul (dlight's trait detection
     rejects a matmul without an I axis): parallel over J, vectorised, same numbers as no schedule,
@@ -478,7 +583,7 @@ def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
     x = g.add_input("x", TensorType((m, k)))
     g.outputs = [g.op("linear_act", x, g.add_constant(rand(n, k), "w"), g.add_constant(rand(n), "b"), act=act)]
     target = tb.tvm_target(tb.get_target("cpu"))
-    (name, f, plain), = _static_kernels(g)
+    ((name, f, plain),) = _static_kernels(g)
     with target:
         assert ts.CPUMatmul().apply(plain, target, False) is not None, "CPUMatmul did not take the GEMV"
     text = f.script()
@@ -497,7 +602,7 @@ def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
 def test_matmul_tile_widths_are_powers_of_two():
     """Column tiles of 28, 40 or 49 made LLVM's MR-row micro-kernel 10-40x slower: J is tiled by a
     power of two that divides it, or padded; a one-row matmul takes wide whole-vector tiles."""
-    from nnforge.backends.tvm_schedule import pick_gemv_nr, _pick_nr
+    from nnforge.backends.tvm_schedule import _pick_nr, pick_gemv_nr
 
     for n_j in (2048, 196, 49, 28, 10, 1000, 384, 12544, 3136, 784, 37, 1001, 24, 3, 1):
         nr = _pick_nr(n_j, 16, 2)
@@ -507,16 +612,23 @@ def test_matmul_tile_widths_are_powers_of_two():
     assert pick_gemv_nr(2048, 16, 3) == 64 and pick_gemv_nr(1000, 16, 2) is None  # few rows: 4 vectors at most
 
 
-@pytest.mark.parametrize("cin,hw,cout,k,stride", [(8, 14, 12, 3, 1), (6, 7, 10, 3, 1), (8, 14, 8, 1, 2),
-                                                  (3, 15, 8, 7, 2)])
+@pytest.mark.parametrize(
+    "cin,hw,cout,k,stride", [(8, 14, 12, 3, 1), (6, 7, 10, 3, 1), (8, 14, 8, 1, 2), (3, 15, 8, 7, 2)]
+)
 def test_conv_kernels_with_small_outputs_stay_in_bounds(cin, hw, cout, k, stride):
     """Convolutions with 14x14, 7x7 and strided outputs against the unscheduled kernels, fenced: 3x3
     stride 1 as Winograd (an odd 7x7 output: a half tile at the edge), the others as im2col (inner loop
     split by the output width) + matmul (J = 64: padded column tiles)."""
     g = Graph("conv")
     x = g.add_input("x", TensorType((1, cin, hw, hw)))
-    y = g.op("conv2d", x, g.add_constant(rand(cout, cin, k, k), "w"), g.add_constant(rand(cout), "b"),
-             stride=[stride, stride], padding=[k // 2, k // 2])
+    y = g.op(
+        "conv2d",
+        x,
+        g.add_constant(rand(cout, cin, k, k), "w"),
+        g.add_constant(rand(cout), "b"),
+        stride=[stride, stride],
+        padding=[k // 2, k // 2],
+    )
     g.outputs = [g.op("relu", y)]
     target = tb.tvm_target(tb.get_target("cpu"))
     kernels = _static_kernels(g)
@@ -664,20 +776,31 @@ def test_arm_artifact_runs_under_qemu():
     """The cross-compiled library (NEON schedules: 4 lanes, 32 registers) against the interpreter;
     ``run`` goes through the bundle and nnforge.runtime.edge's aarch64 runner under qemu-aarch64."""
     need("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-sysroot", "aarch64-tvm-runtime")
-    for g, feeds in ((_block_graph(), [RNG.integers(0, 50, (3, 13)).astype(np.int64)]),
-                     (_kernel_graphs()[5], [rand(3, 3, 9, 9)])):
+    for g, feeds in (
+        (_block_graph(), [RNG.integers(0, 50, (3, 13)).astype(np.int64)]),
+        (_kernel_graphs()[5], [rand(3, 3, 9, 9)]),
+    ):
         check(g, feeds, rtol=1e-4, atol=1e-4, artifact=tb.build(g, "arm"))
 
 
 def test_elementwise_region_lowers_its_steps_and_fuses():
-    body = [["mul", [0, 1], {}], ["add", [2, 3], {}], ["gelu", [4], {"approximate": "tanh"}], ["clamp", [5], {"max": 1.0}]]
+    body = [
+        ["mul", [0, 1], {}],
+        ["add", [2, 3], {}],
+        ["gelu", [4], {"approximate": "tanh"}],
+        ["clamp", [5], {"max": 1.0}],
+    ]
     g, feeds = one_op("elementwise_region", [rand(2, 3, 8), C(rand(8)), rand(3, 1)], body=body)
     check(g, feeds)
     from tvm import relax
 
     mod = tvm_lower.lower_graph(g).mod
-    for t in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
-              relax.transform.FuseTIR()):
+    for t in (
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ):
         mod = t(mod)
     assert len([gv for gv in mod.get_global_vars() if gv.name_hint != "main"]) == 1  # the four steps: one kernel
 
@@ -692,8 +815,11 @@ def test_matmul_epilogue_that_reads_some_rows_stays_in_bounds(seq):
     g.outputs = [g.op("add", g.op("slice", y, axis=1, start=0, end=1), g.op("slice", r, axis=1, start=0, end=1))]
     target = tb.tvm_target(tb.get_target("cpu"))
     plain = tb.BACKEND.kernels(g, "cpu", {"schedule": "none"})
-    kernels = [(gv.name_hint, f) for gv, f in tb.BACKEND.kernels(g, "cpu").functions_items()
-               if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
+    kernels = [
+        (gv.name_hint, f)
+        for gv, f in tb.BACKEND.kernels(g, "cpu").functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint
+    ]
     assert kernels
     for name, f in kernels:
         assert f.attrs.get("tirx.is_scheduled"), f"kernel {name} got no schedule"
@@ -709,8 +835,16 @@ def test_winograd_convolution_matches_the_interpreter(cin, h, w, cout, pad):
     and without padding, batch 2: same numbers as the reference interpreter."""
     g = Graph("conv")
     x = g.add_input("x", TensorType((2, cin, h, w)))
-    g.outputs = [g.op("conv2d", x, g.add_constant(rand(cout, cin, 3, 3), "w"), g.add_constant(rand(cout), "b"),
-                      stride=[1, 1], padding=[pad, pad])]
+    g.outputs = [
+        g.op(
+            "conv2d",
+            x,
+            g.add_constant(rand(cout, cin, 3, 3), "w"),
+            g.add_constant(rand(cout), "b"),
+            stride=[1, 1],
+            padding=[pad, pad],
+        )
+    ]
     assert any("winograd" in gv.name_hint for gv, _ in tb.BACKEND.kernels(g, "cpu").functions_items())
     xs = rand(2, cin, h, w)
     np.testing.assert_allclose(tb.build(g, "cpu").run([xs])[0], interpret(g, [xs])[0], rtol=1e-5, atol=1e-5)

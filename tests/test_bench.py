@@ -1,6 +1,7 @@
 """``nnforge bench``: the main table, and ``--lowbit``: latency, bundle size and cosine of the low-bit /
 sparse settings beside ONNX Runtime's own quantize_dynamic. Benchmarks are not tests: nothing here asserts a time, only that every
 row is measured and that the sizes and qualities are the real ones."""
+
 import json
 
 import pytest
@@ -11,15 +12,34 @@ from nnforge.bench.harness import bench_lowbit_family, lowbit_settings
 
 def test_bench_lowbit_cli_measures_every_setting_on_tiny_models(tmp_path, capsys):
     out = tmp_path / "lowbit.json"
-    assert cli.main(["bench", "--lowbit", "--size", "tiny", "--family", "bert", "--family", "gpt", "--repeat", "2",
-                     "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--lowbit",
+                "--size",
+                "tiny",
+                "--family",
+                "bert",
+                "--family",
+                "gpt",
+                "--repeat",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "quantize_dynamic int8" in printed and "int4 GPTQ g128" in printed
     rows = json.loads(out.read_text())
     for fam in ("bert", "gpt"):
         got = {(r["setting"], r["runner"]): r for r in rows if r["family"] == fam}
-        want = {(s, "nnforge-onnxrt") for s in lowbit_settings()} | {("float", "onnxruntime"),
-                                                                     ("quantize_dynamic int8", "onnxruntime")}
+        want = {(s, "nnforge-onnxrt") for s in lowbit_settings()} | {
+            ("float", "onnxruntime"),
+            ("quantize_dynamic int8", "onnxruntime"),
+        }
         assert set(got) == want
         for r in got.values():
             assert not r["note"].startswith("failed"), r
@@ -39,8 +59,9 @@ def test_bench_lowbit_cli_measures_every_setting_on_tiny_models(tmp_path, capsys
 def test_int4_bundle_is_at_most_three_tenths_of_float_at_bench_size():
     """The issue's size target, on the MiniLM-shaped bench BERT (at tiny size the IR's graph.json and the
     manifest outweigh the weights)."""
-    rows = bench_lowbit_family("bert", "bench", repeat=1, runners=["nnforge-onnxrt"], settings=["int4 GPTQ g128"],
-                               calibration=2)
+    rows = bench_lowbit_family(
+        "bert", "bench", repeat=1, runners=["nnforge-onnxrt"], settings=["int4 GPTQ g128"], calibration=2
+    )
     float_row, int4 = rows
     assert (float_row.setting, int4.setting) == ("float", "int4 GPTQ g128")
     assert int4.bundle_bytes <= 0.3 * float_row.bundle_bytes
@@ -51,8 +72,26 @@ def test_bench_cli_measures_each_runner_with_flops_and_error(tmp_path, capsys):
     """The main table: every asked runner gets a row with a time, FLOPs, a fraction of the measured peak
     and its error against eager."""
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--size", "tiny", "--family", "mlp", "--repeat", "2", "--runner", "onnxruntime",
-                     "--runner", "nnforge-onnxrt", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--size",
+                "tiny",
+                "--family",
+                "mlp",
+                "--repeat",
+                "2",
+                "--runner",
+                "onnxruntime",
+                "--runner",
+                "nnforge-onnxrt",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "nnforge bench" in capsys.readouterr().out
     rows = {r["runner"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"eager", "onnxruntime", "nnforge-onnxrt"}

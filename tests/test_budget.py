@@ -1,14 +1,26 @@
 """Accuracy-budgeted search over token merging, pruning and layer skipping."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from digits_vit import accuracy
+
 from nnforge.errors import NnforgeError
 from nnforge.ir import interpret
-from nnforge.passes.budget import (Budget, Setting, build, cosine_quality, default_space, flops, flop_time, plot_pareto,
-                                   quality_drop, search, top1_quality)
+from nnforge.passes.budget import (
+    Budget,
+    Setting,
+    build,
+    cosine_quality,
+    default_space,
+    flop_time,
+    flops,
+    plot_pareto,
+    quality_drop,
+    search,
+    top1_quality,
+)
 
 # a small search space keeps the suite quick; default_space is tested on its own
 SPACE = dict(merge_r=[0, 4, 8], prune_keep=[1.0, 0.7], skip=[0, 1], quantize=["float"])
@@ -70,7 +82,9 @@ def test_lossless_setting_and_flops_shrink(split):
     skipped = flops(build(d.graph, Setting(skip=1), cal), cal[0])
     assert merged < base and skipped < base
     assert Setting(3, 0.7, 1).dominates(Setting(2, 1.0, 0)) and not Setting(3, 1.0, 0).dominates(Setting(2, 0.7, 0))
-    assert Setting(3, quant="w8a8").dominates(Setting(2, quant="int8")) and not Setting(3).dominates(Setting(2, quant="int8"))
+    assert Setting(3, quant="w8a8").dominates(Setting(2, quant="int8")) and not Setting(3).dominates(
+        Setting(2, quant="int8")
+    )
     quantized = build(d.graph, Setting(quant="w8a8"), cal)
     assert {n.attrs["act_quant"] for n in quantized.nodes if n.op == "qlinear"} == {"dynamic"}
     assert flops(quantized, cal[0]) == base  # the same multiply-adds, in int8
@@ -81,7 +95,10 @@ def test_default_space_and_pareto_plot(split, tmp_path):
     rs, keeps, skips, quants = default_space(d.graph, Budget(), cal[0])
     # 64 patch tokens (the class token is kept) over 6 blocks: merging at most 3/4 of them, skipping up to half the blocks
     assert rs == [0, 2, 4, 6, 8] and max(rs) * 6 <= 64 * 3 // 4 and keeps[0] == 1.0 and skips == [0, 1, 2, 3]
-    assert quants == ["float", "int8", "w8a8"] and default_space(d.graph, Budget(), cal[0], "tvm")[3] == ["float", "w8a8"]
+    assert quants == ["float", "int8", "w8a8"] and default_space(d.graph, Budget(), cal[0], "tvm")[3] == [
+        "float",
+        "w8a8",
+    ]
     space = dict(merge_r=[0, 4], prune_keep=[1.0], skip=[0, 1], quantize=["float"])
     res = search(d.graph, Budget(max_drop=0.02, **space), cal, held, time_fn=flop_time(cal[0]), progress=True)
     path = tmp_path / "pareto.png"
@@ -106,8 +123,13 @@ def test_quantization_is_searched_on_onnxruntime_and_the_budget_holds(split):
 
     d, cal, held = split
     ort = get_backend("onnxrt")
-    res = search(d.graph, Budget(metric="cosine", max_drop=0.01, **QUANT_SPACE), cal, held,
-                 time_fn=wall_time(lambda g: ort.build(g, "cpu", {"threads": 1}).run, cal[0], repeat=3))
+    res = search(
+        d.graph,
+        Budget(metric="cosine", max_drop=0.01, **QUANT_SPACE),
+        cal,
+        held,
+        time_fn=wall_time(lambda g: ort.build(g, "cpu", {"threads": 1}).run, cal[0], repeat=3),
+    )
     timed = {c.setting.quant for c in res.candidates if c.seconds is not None}
     assert {"int8", "w8a8"} & timed  # quantized graphs were built and timed by the backend
     drop = quality_drop(cosine_quality, _outputs(res.graph, held), _outputs(d.graph, held))
@@ -124,12 +146,24 @@ def test_a_faster_quantization_is_chosen_and_an_unavailable_one_left_out(split):
             raise NnforgeError("qlinear: no dynamic activations here")
         return flop(g) * (0.5 if any(n.op == "qlinear" for n in g.nodes) else 1.0)
 
-    res = search(d.graph, Budget(metric="cosine", max_drop=0.01, merge_r=[0], prune_keep=[1.0], skip=[0],
-                                 quantize=["float", "int8", "w8a8"]), cal, held, time_fn=time_fn)
+    res = search(
+        d.graph,
+        Budget(
+            metric="cosine", max_drop=0.01, merge_r=[0], prune_keep=[1.0], skip=[0], quantize=["float", "int8", "w8a8"]
+        ),
+        cal,
+        held,
+        time_fn=time_fn,
+    )
     assert res.setting == Setting(quant="int8") and str(res.setting) == "int8" and res.speedup == pytest.approx(2.0)
     assert any(n.op == "qlinear" for n in res.graph.nodes) and 0 < res.drop <= 0.01
     (w8a8,) = [c for c in res.candidates if c.setting.quant == "w8a8"]
     assert w8a8.seconds is None and "no dynamic activations" in w8a8.error
-    res = search(d.graph, Budget(metric="cosine", max_drop=0.0, merge_r=[0], prune_keep=[1.0], skip=[0],
-                                 quantize=["float", "int8"]), cal, held, time_fn=time_fn)
+    res = search(
+        d.graph,
+        Budget(metric="cosine", max_drop=0.0, merge_r=[0], prune_keep=[1.0], skip=[0], quantize=["float", "int8"]),
+        cal,
+        held,
+        time_fn=time_fn,
+    )
     assert res.setting.lossless  # int8 costs some quality: a zero budget keeps float

@@ -1,4 +1,5 @@
 """nnforge.check: eager, the interpreter and both CPU backends agree on all five families."""
+
 import pytest
 
 import nnforge

@@ -1,10 +1,11 @@
 """The nnforge command line: show, compile, run, passes, and its error messages."""
+
 import numpy as np
 import pytest
 import torch
 
-from nnforge.models import zoo
 from nnforge.cli import main
+from nnforge.models import zoo
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ kernels in model.wasm with nnforge's own JS runtime).
 Real runs, compared with eager torch. The toolchains come from scripts/install_toolchains.sh
 (`make test` runs it); without them these tests fail (skip with NNFORGE_ALLOW_MISSING_TOOLCHAINS=1: tests/toolchains.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from toolchains import need
 
 import nnforge
-from nnforge.runtime import edge
 from nnforge.errors import NnforgeError
-from toolchains import need
+from nnforge.runtime import edge
 
 ARM_TOOLS = (edge.ARM_CXX, edge.QEMU, "aarch64-sysroot", "aarch64-tvm-runtime")
 WASM_TOOLS = ("node", "onnxruntime-web")
@@ -86,6 +87,7 @@ def wasm_bundle(example, tmp_path_factory):
 # arm
 # ---------------------------------------------------------------------------------------------
 
+
 def test_arm_bundle_runs_under_qemu(arm_bundle, example):
     _, _, inputs, ref = example
     check(edge.run_arm(arm_bundle, inputs), ref)
@@ -129,6 +131,7 @@ def test_arm_input_mismatch_is_caught_before_emulation(arm_bundle, example):
 # wasm
 # ---------------------------------------------------------------------------------------------
 
+
 def test_wasm_bundle_runs_in_node(wasm_bundle, example):
     _, _, inputs, ref = example
     check(edge.run_wasm(wasm_bundle, inputs), ref)
@@ -142,20 +145,25 @@ def test_wasm_bundle_files(wasm_bundle):
     assert "export async function loadModel" in (wasm_bundle / "nnforge-loader.mjs").read_text()
 
 
-@pytest.mark.parametrize("bundle,model,runtime", [("wasm_bundle", "model.onnx", "onnxruntime-web"),
-                                                   ("tvm_wasm_bundle", "model.wasm", "nnforge-tvm.mjs")])
+@pytest.mark.parametrize(
+    "bundle,model,runtime",
+    [("wasm_bundle", "model.onnx", "onnxruntime-web"), ("tvm_wasm_bundle", "model.wasm", "nnforge-tvm.mjs")],
+)
 def test_wasm_runner_failure_quotes_its_stderr(bundle, model, runtime, example, tmp_path, request):
     _, _, inputs, _ = example
     d = tmp_path / "broken"
     shutil.copytree(request.getfixturevalue(bundle), d)
     (d / model).write_bytes(b"\0asm broken")
-    with pytest.raises(NnforgeError, match=rf"(?s)wasm runner \(node \+ {runtime}\) failed.*exit 1.*nnforge wasm runner:"):
+    with pytest.raises(
+        NnforgeError, match=rf"(?s)wasm runner \(node \+ {runtime}\) failed.*exit 1.*nnforge wasm runner:"
+    ):
         edge.run_wasm(d, inputs)
 
 
 # ---------------------------------------------------------------------------------------------
 # wasm through TVM
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tvm_wasm_bundle(example, tmp_path_factory):
@@ -193,8 +201,9 @@ def test_tvm_wasm_refuses_symbolic_sizes_by_name(example):
     model, args, _, _ = example
     batch = torch.export.Dim("batch", min=1, max=8)
     with pytest.raises(NnforgeError, match=r"TVM wasm bundles need static shapes.*onnxrt backend"):
-        nnforge.compile(model, args, target="wasm", backend="tvm", progress=False,
-                        dynamic_shapes=({0: batch}, {0: batch}))
+        nnforge.compile(
+            model, args, target="wasm", backend="tvm", progress=False, dynamic_shapes=({0: batch}, {0: batch})
+        )
 
 
 LOAD_OVER_HTTP = """
@@ -225,21 +234,30 @@ def test_tvm_wasm_bundle_loads_over_http_like_a_web_page(tvm_wasm_bundle, exampl
     model, _, _, _ = example
     script = tmp_path / "load.mjs"
     script.write_text(LOAD_OVER_HTTP)
-    proc = subprocess.run([edge.require("node"), str(script), (tvm_wasm_bundle / "nnforge-loader.mjs").as_uri(),
-                           str(tvm_wasm_bundle)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [edge.require("node"), str(script), (tvm_wasm_bundle / "nnforge-loader.mjs").as_uri(), str(tvm_wasm_bundle)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     outs = json.loads(proc.stdout)
     ids, x = torch.tensor([[1, 2, 3], [4, 5, 9]]), torch.full((2, 3, 8), 0.5)
     with torch.no_grad():
         want = model(ids, x)
-    assert [o["name"] for o in outs] == [o["name"] for o in json.loads((tvm_wasm_bundle / "manifest.json").read_text())["outputs"]]
-    np.testing.assert_allclose(np.array(outs[0]["data"]).reshape(outs[0]["dims"]), want[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert [o["name"] for o in outs] == [
+        o["name"] for o in json.loads((tvm_wasm_bundle / "manifest.json").read_text())["outputs"]
+    ]
+    np.testing.assert_allclose(
+        np.array(outs[0]["data"]).reshape(outs[0]["dims"]), want[0].numpy(), rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_array_equal(np.array(outs[2]["data"]).reshape(outs[2]["dims"]), want[2].numpy())
 
 
 # ---------------------------------------------------------------------------------------------
 # missing tools
 # ---------------------------------------------------------------------------------------------
+
 
 def test_missing_tools_give_clear_errors(monkeypatch, tmp_path):
     empty = tmp_path / "empty"
@@ -248,7 +266,9 @@ def test_missing_tools_give_clear_errors(monkeypatch, tmp_path):
     status = edge.toolchain_status()
     assert set(status) == set(edge.TOOLS)
     assert status["qemu-aarch64"] is None and status["node"] is None
-    with pytest.raises(NnforgeError, match=r"qemu-aarch64 not found: run scripts/install_toolchains.sh or apt-get install qemu-user"):
+    with pytest.raises(
+        NnforgeError, match=r"qemu-aarch64 not found: run scripts/install_toolchains.sh or apt-get install qemu-user"
+    ):
         edge.run_arm(tmp_path, [np.zeros(2, np.float32)])
     with pytest.raises(NnforgeError, match=r"node not found: .*Node.js"):
         edge.run_wasm(tmp_path, [np.zeros(2, np.float32)])

@@ -1,4 +1,5 @@
 """ONNX frontend: the zoo families exported by torch.onnx (dynamo) import and match eager; bad files are refused."""
+
 from __future__ import annotations
 
 import os
@@ -9,17 +10,24 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from nnforge.models import zoo
 from nnforge.backends.onnxrt import OnnxRuntimeBackend
 from nnforge.errors import ModelLoadError, UnsupportedOpError
 from nnforge.frontend.onnx import import_onnx
 from nnforge.ir import interpret, verify
+from nnforge.models import zoo
 from nnforge.targets import get_target
 
 
 def _export(zm: zoo.ZooModel, path, dynamic: bool = True) -> str:
-    torch.onnx.export(zm.model, zm.inputs, str(path), dynamo=True, input_names=list(zm.input_names),
-                      dynamic_shapes=zm.dynamic_shapes if dynamic else None, verbose=False)
+    torch.onnx.export(
+        zm.model,
+        zm.inputs,
+        str(path),
+        dynamo=True,
+        input_names=list(zm.input_names),
+        dynamic_shapes=zm.dynamic_shapes if dynamic else None,
+        verbose=False,
+    )
     return str(path)
 
 
@@ -69,7 +77,13 @@ def test_zoo_family_imports_and_matches_eager(family, exported):
     zm, path = exported(family)
     g = import_onnx(path)
     verify(g)
-    want_dims = {"mlp": ["batch"], "cnn": ["batch"], "vit": ["batch"], "bert": ["batch", "seq"], "gpt": ["batch", "seq"]}
+    want_dims = {
+        "mlp": ["batch"],
+        "cnn": ["batch"],
+        "vit": ["batch"],
+        "bert": ["batch", "seq"],
+        "gpt": ["batch", "seq"],
+    }
     assert g.symbols() == want_dims[family]
     assert [v.name for v in g.inputs] == list(zm.input_names)
     for inputs in (zm.inputs, _other_inputs(zm)):
@@ -103,6 +117,7 @@ def test_bytes_and_modelproto_sources(exported):
 # hand-built models
 # ---------------------------------------------------------------------------------------
 
+
 def _model(nodes, inputs, outputs, inits=(), opset=20, **kw) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "m", inputs, outputs, initializer=list(inits))
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=9, **kw)
@@ -114,8 +129,12 @@ def _vi(name, shape, dtype=TensorProto.FLOAT):
 
 def _relu_model(weights: np.ndarray | None = None) -> onnx.ModelProto:
     w = numpy_helper.from_array(weights if weights is not None else np.arange(12, dtype=np.float32).reshape(3, 4), "w")
-    return _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Relu", ["y"], ["z"], name="relu")],
-                  [_vi("x", ["n", 3])], [_vi("z", ["n", 4])], [w])
+    return _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Relu", ["y"], ["z"], name="relu")],
+        [_vi("x", ["n", 3])],
+        [_vi("z", ["n", 4])],
+        [w],
+    )
 
 
 def test_dynamic_reshape_from_shape_math():
@@ -129,8 +148,12 @@ def test_dynamic_reshape_from_shape_math():
         helper.make_node("Concat", ["n2v", "three"], ["shape"], axis=0),
         helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape"),
     ]
-    m = _model(nodes, [_vi("x", ["rows", 6])], [_vi("y", [None, 3])],
-               [c("zero", 0), c("two", 2), c("axes0", [0]), c("three", [3])])
+    m = _model(
+        nodes,
+        [_vi("x", ["rows", 6])],
+        [_vi("y", [None, 3])],
+        [c("zero", 0), c("two", 2), c("axes0", [0]), c("three", [3])],
+    )
     g = import_onnx(m)
     assert g.op_counts() == {"reshape": 1}
     assert g.outputs[0].shape == ("2*rows", 3)
@@ -149,7 +172,9 @@ def test_less_common_ops_match_onnxruntime():
         helper.make_node("Sum", ["f", "f", "two"], ["s"]),
         helper.make_node("Dropout", ["s"], ["d"]),
         helper.make_node("Shape", ["f"], ["fs"]),
-        helper.make_node("ConstantOfShape", ["fs"], ["ones"], value=numpy_helper.from_array(np.array([1.5], np.float32))),
+        helper.make_node(
+            "ConstantOfShape", ["fs"], ["ones"], value=numpy_helper.from_array(np.array([1.5], np.float32))
+        ),
         helper.make_node("Add", ["d", "ones"], ["y0"]),
         helper.make_node("GlobalMaxPool", ["x"], ["y1"]),
         helper.make_node("Split", ["f", "sizes"], ["y2", "y3"], axis=1),
@@ -162,11 +187,22 @@ def test_less_common_ops_match_onnxruntime():
         helper.make_node("Mod", ["r", "three"], ["y7"]),
         helper.make_node("ReduceMax", ["x"], ["y6"], keepdims=0, axes=[1, 3]),
     ]
-    m = _model(nodes, [_vi("x", ["n", 2, 4, 4])],
-               [_vi("y0", ["n", 32]), _vi("y1", ["n", 2, 1, 1]), _vi("y2", ["n", 10]), _vi("y3", ["n", 22]),
-                _vi("y4", [5]), _vi("y5", [None, 16]), _vi("y6", ["n", 4]), _vi("y7", [5], TensorProto.INT64)],
-               [c("sizes", [10, 22]), c("zero", 0), c("five", 5), c("one", 1), c("three", 3), c("sixteen", [16])],
-               opset=17)
+    m = _model(
+        nodes,
+        [_vi("x", ["n", 2, 4, 4])],
+        [
+            _vi("y0", ["n", 32]),
+            _vi("y1", ["n", 2, 1, 1]),
+            _vi("y2", ["n", 10]),
+            _vi("y3", ["n", 22]),
+            _vi("y4", [5]),
+            _vi("y5", [None, 16]),
+            _vi("y6", ["n", 4]),
+            _vi("y7", [5], TensorProto.INT64),
+        ],
+        [c("sizes", [10, 22]), c("zero", 0), c("five", 5), c("one", 1), c("three", 3), c("sixteen", [16])],
+        opset=17,
+    )
     g = import_onnx(m)
     assert g.outputs[5].shape == ("2*n", 16)
     session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -181,8 +217,11 @@ def test_symbolic_shape_as_data_is_unsupported():
     nodes = [helper.make_node("Shape", ["x"], ["y"], name="shape_out")]
     with pytest.raises(UnsupportedOpError, match="symbolic shape"):
         import_onnx(_model(nodes, [_vi("x", ["n", 3])], [_vi("y", [2], TensorProto.INT64)]))
-    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["x", "sf"], ["y"], name="scale_by_shape")]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "sf"], ["y"], name="scale_by_shape"),
+    ]
     with pytest.raises(UnsupportedOpError, match=r"Cast.*symbolic shape"):
         import_onnx(_model(nodes, [_vi("x", ["n", 2])], [_vi("y", ["n", 2])]))
 
@@ -193,12 +232,17 @@ def test_unnamed_dynamic_dim_gets_a_symbol():
     g = import_onnx(m)
     assert isinstance(g.inputs[0].shape[0], str)
     x = np.ones((2, 3), np.float32)
-    np.testing.assert_array_equal(interpret(g, [x])[0], np.maximum(x @ np.arange(12, dtype=np.float32).reshape(3, 4), 0))
+    np.testing.assert_array_equal(
+        interpret(g, [x])[0], np.maximum(x @ np.arange(12, dtype=np.float32).reshape(3, 4), 0)
+    )
 
 
 def test_unsupported_ops_are_listed_at_once():
-    nodes = [helper.make_node("Hardmax", ["x"], ["a"], name="first_bad"), helper.make_node("Relu", ["a"], ["b"]),
-             helper.make_node("Det", ["b"], ["y"], name="second_bad")]
+    nodes = [
+        helper.make_node("Hardmax", ["x"], ["a"], name="first_bad"),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Det", ["b"], ["y"], name="second_bad"),
+    ]
     with pytest.raises(UnsupportedOpError) as e:
         import_onnx(_model(nodes, [_vi("x", [3, 3])], [_vi("y", [])]))
     assert [op for op, _ in e.value.items] == ["Hardmax", "Det"]
@@ -215,6 +259,7 @@ def test_unsupported_attributes_are_named():
 # ---------------------------------------------------------------------------------------
 # bad files
 # ---------------------------------------------------------------------------------------
+
 
 def _load_error(src, *needles):
     with pytest.raises(ModelLoadError) as e:
@@ -244,11 +289,16 @@ def test_missing_empty_truncated_and_garbage_files(tmp_path):
 def test_invalid_models_are_refused():
     undefined = _model([helper.make_node("Relu", ["ghost"], ["y"])], [_vi("x", [2])], [_vi("y", [2])])
     _load_error(undefined, "onnx.checker")
-    bad_shapes = _model([helper.make_node("MatMul", ["a", "b"], ["y"])], [_vi("a", [2, 3]), _vi("b", [4, 5])], [_vi("y", [2, 5])])
+    bad_shapes = _model(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])], [_vi("a", [2, 3]), _vi("b", [4, 5])], [_vi("y", [2, 5])]
+    )
     _load_error(bad_shapes, "shape inference")
     _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=9), "opset 9")
-    foreign = _model([helper.make_node("FusedThing", ["x"], ["y"], domain="com.example", name="f1")],
-                     [_vi("x", [2])], [_vi("y", [2])])
+    foreign = _model(
+        [helper.make_node("FusedThing", ["x"], ["y"], domain="com.example", name="f1")],
+        [_vi("x", [2])],
+        [_vi("y", [2])],
+    )
     foreign.opset_import.append(helper.make_opsetid("com.example", 1))
     _load_error(foreign, "com.example", "FusedThing")
 
@@ -259,8 +309,9 @@ def _save_external(tmp_path, location: str) -> str:
     folder = tmp_path / "model"
     folder.mkdir(exist_ok=True)
     path = str(folder / "model.onnx")
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
-                    size_threshold=0)
+    onnx.save_model(
+        model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0
+    )
     m = onnx.load(path, load_external_data=False)
     for e in m.graph.initializer[0].external_data:
         if e.key == "location":
@@ -272,11 +323,20 @@ def _save_external(tmp_path, location: str) -> str:
 def test_external_data_inside_the_folder_loads(tmp_path):
     g = import_onnx(_save_external(tmp_path, "weights.bin"))
     x = np.ones((2, 3), np.float32)
-    np.testing.assert_array_equal(interpret(g, [x])[0], np.maximum(x @ np.arange(12, dtype=np.float32).reshape(3, 4), 0))
+    np.testing.assert_array_equal(
+        interpret(g, [x])[0], np.maximum(x @ np.arange(12, dtype=np.float32).reshape(3, 4), 0)
+    )
 
 
-@pytest.mark.parametrize("location,needle", [("../weights.bin", "'..'"), ("sub/../../weights.bin", "'..'"),
-                                             ("/etc/passwd", "absolute"), ("missing.bin", "missing")])
+@pytest.mark.parametrize(
+    "location,needle",
+    [
+        ("../weights.bin", "'..'"),
+        ("sub/../../weights.bin", "'..'"),
+        ("/etc/passwd", "absolute"),
+        ("missing.bin", "missing"),
+    ],
+)
 def test_external_data_outside_the_folder_is_refused(tmp_path, location, needle):
     (tmp_path / "weights.bin").write_bytes(b"\0" * 48)  # a real file the escape would reach
     path = _save_external(tmp_path, location)
@@ -301,36 +361,81 @@ def test_external_data_without_a_path_is_refused(tmp_path):
 # more hostile files: cycles, newer opsets, inconsistent declarations, huge declared tensors
 # ---------------------------------------------------------------------------------------
 
+
 def test_cyclic_graphs_are_refused():
-    cycle = _model([helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])],
-                   [_vi("x", [2])], [_vi("b", [2])])
+    cycle = _model(
+        [helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"])],
+        [_vi("x", [2])],
+        [_vi("b", [2])],
+    )
     _load_error(cycle, "topologically sorted")
-    _load_error(_model([helper.make_node("Add", ["x", "a"], ["a"])], [_vi("x", [2])], [_vi("a", [2])]),
-                "topologically sorted")
+    _load_error(
+        _model([helper.make_node("Add", ["x", "a"], ["a"])], [_vi("x", [2])], [_vi("a", [2])]), "topologically sorted"
+    )
 
 
 def test_newer_opset_and_inconsistent_declarations_are_refused():
-    _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=99), "opset 99")
-    _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [3])]),
-                "shape inference", "(2) vs (3)")
-    _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [-5])], [_vi("y", [-5])]),
-                "negative size -5")
+    _load_error(
+        _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=99), "opset 99"
+    )
+    _load_error(
+        _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [3])]),
+        "shape inference",
+        "(2) vs (3)",
+    )
+    _load_error(
+        _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [-5])], [_vi("y", [-5])]), "negative size -5"
+    )
 
 
 def test_huge_declared_tensors_are_refused_before_allocating():
     """A few hundred bytes must not make the importer allocate gigabytes (or crash on MemoryError)."""
     huge = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1 << 20, 1 << 20], raw_data=b"\0" * 16)
-    _load_error(_model([helper.make_node("Add", ["x", "w"], ["y"])], [_vi("x", [1])], [_vi("y", [1 << 20, 1 << 20])], [huge]),
-                "too small for the declared shape")
+    _load_error(
+        _model([helper.make_node("Add", ["x", "w"], ["y"])], [_vi("x", [1])], [_vi("y", [1 << 20, 1 << 20])], [huge]),
+        "too small for the declared shape",
+    )
     shape = numpy_helper.from_array(np.array([100000, 100000], np.int64), "s")
     big = [_vi("y", [100000, 100000])]
-    _load_error(_model([helper.make_node("ConstantOfShape", ["s"], ["c"], name="fill"), helper.make_node("Add", ["x", "c"], ["y"])],
-                       [_vi("x", [1])], big, [shape]), "fill", "10,000,000,000 elements")
+    _load_error(
+        _model(
+            [
+                helper.make_node("ConstantOfShape", ["s"], ["c"], name="fill"),
+                helper.make_node("Add", ["x", "c"], ["y"]),
+            ],
+            [_vi("x", [1])],
+            big,
+            [shape],
+        ),
+        "fill",
+        "10,000,000,000 elements",
+    )
     one = numpy_helper.from_array(np.ones(1, np.float32), "one")
-    _load_error(_model([helper.make_node("Expand", ["one", "s"], ["c"], name="grow"), helper.make_node("Add", ["x", "c"], ["y"])],
-                       [_vi("x", [1])], big, [shape, one]), "grow", "elements")
+    _load_error(
+        _model(
+            [helper.make_node("Expand", ["one", "s"], ["c"], name="grow"), helper.make_node("Add", ["x", "c"], ["y"])],
+            [_vi("x", [1])],
+            big,
+            [shape, one],
+        ),
+        "grow",
+        "elements",
+    )
     ends = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("a", 0), ("b", 10**10), ("d", 1))]
-    _load_error(_model([helper.make_node("Range", ["a", "b", "d"], ["y"], name="count")], [_vi("x", [1])],
-                       [_vi("y", [10**10], TensorProto.INT64)], ends), "count", "elements")
-    _load_error(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [1 << 40, 1 << 40])], [_vi("y", [1 << 40, 1 << 40])]),
-                "declares", "elements")
+    _load_error(
+        _model(
+            [helper.make_node("Range", ["a", "b", "d"], ["y"], name="count")],
+            [_vi("x", [1])],
+            [_vi("y", [10**10], TensorProto.INT64)],
+            ends,
+        ),
+        "count",
+        "elements",
+    )
+    _load_error(
+        _model(
+            [helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [1 << 40, 1 << 40])], [_vi("y", [1 << 40, 1 << 40])]
+        ),
+        "declares",
+        "elements",
+    )

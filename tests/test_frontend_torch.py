@@ -1,4 +1,5 @@
 """The torch frontend: torch.export -> IR, checked against eager PyTorch with the reference interpreter."""
+
 from __future__ import annotations
 
 import inspect
@@ -9,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnforge.models import zoo
 from nnforge.errors import NnforgeError, UnsupportedOpError
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import interpret, verify
+from nnforge.models import zoo
 
 _IMPORTED: dict = {}
 
@@ -46,7 +47,7 @@ def _new_inputs(zm, batch: int, seq: int):
         if zm.family == "gpt":
             return (ids,)
         mask = torch.ones(batch, seq, dtype=torch.int64)
-        mask[0, seq // 2:] = 0  # a padded sequence, not the last one this time
+        mask[0, seq // 2 :] = 0  # a padded sequence, not the last one this time
         return ids, mask
     return (torch.randn((batch,) + tuple(zm.inputs[0].shape[1:]), generator=gen),)
 
@@ -123,7 +124,9 @@ def test_unsupported_ops_are_all_reported_with_their_source_lines():
     cumsum_line = first + next(i for i, s in enumerate(lines) if "cumsum" in s)
     bessel_line = first + next(i for i, s in enumerate(lines) if "bessel_j0" in s)
     with pytest.raises(UnsupportedOpError) as info:
-        import_torch(TwoUnsupported(), (torch.randn(2, 5),), opaque=False)  # (opaque: kept as torch_op, see test_partition)
+        import_torch(
+            TwoUnsupported(), (torch.randn(2, 5),), opaque=False
+        )  # (opaque: kept as torch_op, see test_partition)
     msg = str(info.value)
     assert "aten.cumsum.default" in msg and "aten.special_bessel_j0.default" in msg
     assert f"test_frontend_torch.py:{cumsum_line} in forward" in msg

@@ -1,12 +1,13 @@
 """The rewrite-pattern API and the fusion passes: found, not found when a constraint fails, numerics equal."""
+
 import math
 
 import numpy as np
 import pytest
 
 from nnforge import PassContext, PassManager
-from nnforge.models import zoo
 from nnforge.ir import Graph, TensorType, interpret, verify
+from nnforge.models import zoo
 from nnforge.passes.pattern import ANY, Bind, P, Rule, apply_rules, match
 
 rng = np.random.default_rng(2)
@@ -31,6 +32,7 @@ def ops(g):
 
 
 # ---- the pattern API ------------------------------------------------------------------
+
 
 def test_match_binds_values_attributes_and_respects_repeats():
     g = Graph()
@@ -91,7 +93,9 @@ def test_driver_refuses_fusions_that_create_cycles():
     x = g.add_input("x", TensorType((4,)))
     a = g.op("neg", x)
     g.outputs = [g.op("add", a, g.op("exp", a))]
-    grab = Rule("grab", P("add", P("neg", "y", bind="n"), P("exp", ANY)), lambda m, b: b.op("exp", m["y"]), allow_shared=("n",))
+    grab = Rule(
+        "grab", P("add", P("neg", "y", bind="n"), P("exp", ANY)), lambda m, b: b.op("exp", m["y"]), allow_shared=("n",)
+    )
     counts = apply_rules(g, [grab])
     assert counts["grab"] == 1  # the exp is inside the match, so no cycle; sanity check of the positive case
     g2 = Graph()
@@ -100,17 +104,33 @@ def test_driver_refuses_fusions_that_create_cycles():
     e = g2.op("exp", a)
     g2.outputs = [g2.op("add", a, e)]
     # match add + neg but not exp: exp reads neg and feeds add, so the fused node would be its own ancestor
-    assert apply_rules(g2, [Rule("cyc", P("add", P("neg", "x", bind="n"), "e"), lambda m, b: b.op("add", m["x"], m["e"]),
-                                 allow_shared=("n",))])["cyc"] == 0
+    assert (
+        apply_rules(
+            g2,
+            [
+                Rule(
+                    "cyc",
+                    P("add", P("neg", "x", bind="n"), "e"),
+                    lambda m, b: b.op("add", m["x"], m["e"]),
+                    allow_shared=("n",),
+                )
+            ],
+        )["cyc"]
+        == 0
+    )
 
 
 # ---- fusion passes --------------------------------------------------------------------
+
 
 def test_batchnorm_folds_into_conv_and_not_without_constants():
     g = Graph()
     x = g.add_input("x", TensorType((1, 3, 8, 8)))
     w = g.add_constant(randn(4, 3, 3, 3), "w")
-    stats = [g.add_constant(a, n) for a, n in [(randn(4), "m"), (np.abs(randn(4)) + 0.5, "v"), (randn(4), "g"), (randn(4), "b")]]
+    stats = [
+        g.add_constant(a, n)
+        for a, n in [(randn(4), "m"), (np.abs(randn(4)) + 0.5, "v"), (randn(4), "g"), (randn(4), "b")]
+    ]
     g.outputs = [g.op("batch_norm", g.op("conv2d", x, w, padding=[1, 1]), *stats, eps=1e-3)]
     out, stats_ = run(["fold_constant_chains"], g, [randn(1, 3, 8, 8)])
     assert ops(out) == ["conv2d"] and stats_["fold_batchnorm"] == 1
@@ -140,8 +160,12 @@ def test_constant_scale_shift_chains_and_scale_into_linear():
 
 
 def test_linear_bias_activation_fuse_and_shared_linear_does_not():
-    for act, build in [("relu", lambda g, v: g.op("relu", v)), ("gelu", lambda g, v: g.op("gelu", v)),
-                       ("gelu_tanh", lambda g, v: g.op("gelu", v, approximate="tanh")), ("silu", lambda g, v: g.op("silu", v))]:
+    for act, build in [
+        ("relu", lambda g, v: g.op("relu", v)),
+        ("gelu", lambda g, v: g.op("gelu", v)),
+        ("gelu_tanh", lambda g, v: g.op("gelu", v, approximate="tanh")),
+        ("silu", lambda g, v: g.op("silu", v)),
+    ]:
         g = Graph()
         x = g.add_input("x", TensorType(("batch", 8)))
         w = g.add_constant(randn(8, 16), "w")  # matmul layout [in, out]
@@ -167,7 +191,11 @@ def test_norms_and_gelu_written_out_are_recognised():
     var = g.op("reduce_mean", g.op("mul", d, d), axes=[-1], keepdims=True)
     ln = g.op("div", d, g.op("sqrt", g.op("add", var, c(1e-5))))
     ln = g.op("add", g.op("mul", ln, g.add_constant(randn(16), "w")), g.add_constant(randn(16), "b"))
-    rms = g.op("mul", ln, g.op("rsqrt", g.op("add", g.op("reduce_mean", g.op("pow", ln, c(2.0)), axes=[-1], keepdims=True), c(1e-6))))
+    rms = g.op(
+        "mul",
+        ln,
+        g.op("rsqrt", g.op("add", g.op("reduce_mean", g.op("pow", ln, c(2.0)), axes=[-1], keepdims=True), c(1e-6))),
+    )
     gelu = g.op("mul", g.op("mul", rms, c(0.5)), g.op("add", g.op("erf", g.op("div", rms, c(math.sqrt(2.0)))), c(1.0)))
     g.outputs = [g.op("mul", gelu, g.op("sigmoid", gelu))]
     out, stats = run(["recognize_norms"], g, [randn(2, 5, 16)])
@@ -203,7 +231,7 @@ def _hand_attention(g, x, heads, scale_form):
     packed = g.op("permute", g.op("reshape", qkv, shape=[b, s, 3, heads, d]), perm=[2, 0, 3, 1, 4])
     q, k, v = (g.op("squeeze", g.op("slice", packed, axis=0, start=i, end=i + 1), axes=[0]) for i in range(3))
     kt = g.op("permute", k, perm=[0, 1, 3, 2])
-    scale = g.add_constant(np.float32(d ** -0.5), "scale")
+    scale = g.add_constant(np.float32(d**-0.5), "scale")
     if scale_form == "after":
         scores = g.op("mul", g.op("matmul", q, kt), scale)
     else:
@@ -239,8 +267,11 @@ def _rows_block(g, x, causal=False):
     h = g.op("layer_norm", x, c(16), c(16), naxes=1)
     q, k, v = (g.op("linear", h, c(16, 16), c(16)) for _ in range(3))
     x = g.op("add", x, g.op("attention", q, k, v, num_heads=4, is_causal=causal))
-    return g.op("add", x, g.op("linear", g.op("linear_act", g.op("layer_norm", x, naxes=1), c(32, 16), c(32), act="gelu"),
-                               c(16, 32)))
+    return g.op(
+        "add",
+        x,
+        g.op("linear", g.op("linear_act", g.op("layer_norm", x, naxes=1), c(32, 16), c(32), act="gelu"), c(16, 32)),
+    )
 
 
 def test_slices_sink_to_the_rows_that_are_read():
@@ -252,7 +283,9 @@ def test_slices_sink_to_the_rows_that_are_read():
     assert stats["slices_sunk"] >= 6
     att = [n for n in out.nodes if n.op == "attention"][0]
     assert att.inputs[0].shape[1] == 1 and att.inputs[1].shape[1] == 9  # one query row, every key
-    assert all(n.output.shape[1] == 1 for n in out.nodes if n.op in ("linear_act", "layer_norm") and n.inputs[0] is not x)
+    assert all(
+        n.output.shape[1] == 1 for n in out.nodes if n.op in ("linear_act", "layer_norm") and n.inputs[0] is not x
+    )
 
 
 def test_slices_stay_where_rows_are_not_independent():
@@ -261,9 +294,12 @@ def test_slices_stay_where_rows_are_not_independent():
     y = _rows_block(g, x, causal=True)  # causal: a query row's output depends on its position
     lin = g.op("linear", x, g.add_constant(randn(8, 16)))
     e = g.op("exp", x)
-    g.outputs = [g.op("slice", y, axis=1, start=2, end=5),
-                 g.op("slice", lin, axis=2, start=0, end=4),  # the feature axis of a linear: every input column counts
-                 g.op("slice", e, axis=1, start=0, end=3), e]  # another user reads all rows
+    g.outputs = [
+        g.op("slice", y, axis=1, start=2, end=5),
+        g.op("slice", lin, axis=2, start=0, end=4),  # the feature axis of a linear: every input column counts
+        g.op("slice", e, axis=1, start=0, end=3),
+        e,
+    ]  # another user reads all rows
     out, stats = run(["sink_slices"], g, [randn(2, 9, 16)])
     att = [n for n in out.nodes if n.op == "attention"][0]
     assert att.inputs[0].shape[1] == 9 and att.output.shape[1] == 9
@@ -290,18 +326,38 @@ def test_elementwise_chain_stops_where_a_value_is_read_twice_or_a_non_elementwis
     x = g.add_input("x", TensorType((2, 8)))
     e = g.op("exp", x)
     shared = g.op("neg", e)  # read by two ops: it ends its chain, the region ends at it
-    g.outputs = [g.op("tanh", g.op("sigmoid", shared)), g.op("abs", shared),
-                 g.op("relu", g.op("softmax", g.op("sqrt", g.op("abs", x)), axis=-1))]
+    g.outputs = [
+        g.op("tanh", g.op("sigmoid", shared)),
+        g.op("abs", shared),
+        g.op("relu", g.op("softmax", g.op("sqrt", g.op("abs", x)), axis=-1)),
+    ]
     out, stats = run(["fuse_elementwise"], g, [randn(2, 8)])
     bodies = sorted([s[0] for s in n.attrs["body"]] for n in out.nodes if n.op == "elementwise_region")
     assert bodies == [["abs", "sqrt"], ["exp", "neg"], ["sigmoid", "tanh"]]
     assert {"softmax", "relu", "abs"} <= set(ops(out))
 
 
-FUSION_PIPELINE = ["dce", "canonicalize", "fold_constants", "fold_constant_chains", "recognize_norms", "fuse_linear_act",
-                   "fuse_attention", "merge_qkv", "sink_slices", "cse", "canonicalize", "dce"]
-EXPECTED = {"mlp": ["linear_act"], "cnn": [], "vit": ["attention", "linear_act"], "bert": ["linear_act", "sdpa"],
-            "gpt": ["attention", "linear_act"]}
+FUSION_PIPELINE = [
+    "dce",
+    "canonicalize",
+    "fold_constants",
+    "fold_constant_chains",
+    "recognize_norms",
+    "fuse_linear_act",
+    "fuse_attention",
+    "merge_qkv",
+    "sink_slices",
+    "cse",
+    "canonicalize",
+    "dce",
+]
+EXPECTED = {
+    "mlp": ["linear_act"],
+    "cnn": [],
+    "vit": ["attention", "linear_act"],
+    "bert": ["linear_act", "sdpa"],
+    "gpt": ["attention", "linear_act"],
+}
 
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)

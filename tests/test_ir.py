@@ -1,5 +1,6 @@
 """The IR: types and symbolic shapes, the registry's references (checked against torch), printer,
 verifier, interpreter input checks, serialization (and hostile files), networkx analyses."""
+
 import json
 
 import numpy as np
@@ -8,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from nnforge.errors import ModelLoadError, VerificationError
-from nnforge.ir import Graph, TensorType, Value, interpret, load_graph, save_graph, verify
-from nnforge.ir import analysis, symbols
-from nnforge.ir.registry import REGISTRY, OpError, infer_types
+from nnforge.ir import Graph, TensorType, analysis, interpret, load_graph, save_graph, symbols, verify
 from nnforge.ir.printer import format_graph
+from nnforge.ir.registry import REGISTRY, OpError, infer_types
 
 rng = np.random.default_rng(0)
 
@@ -59,23 +59,55 @@ def test_broadcast_and_type_errors_name_the_op():
 
 # Each case: IR op, attrs, numpy inputs, the torch function that is the ground truth.
 TORCH_CASES = [
-    ("conv2d", {"stride": [2, 1], "padding": [1, 0], "dilation": [1, 2], "groups": 2}, [randn(2, 4, 9, 9), randn(6, 2, 3, 3), randn(6)],
-     lambda x, w, b: F.conv2d(x, w, b, (2, 1), (1, 0), (1, 2), 2)),
-    ("max_pool2d", {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "ceil_mode": True}, [randn(1, 2, 8, 8)],
-     lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True)),
-    ("avg_pool2d", {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "ceil_mode": True, "count_include_pad": True},
-     [randn(1, 2, 8, 8)], lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=True)),
-    ("avg_pool2d", {"kernel": [2, 2], "stride": [2, 2], "padding": [1, 1], "count_include_pad": False}, [randn(1, 2, 7, 7)],
-     lambda x: F.avg_pool2d(x, 2, 2, 1, count_include_pad=False)),
+    (
+        "conv2d",
+        {"stride": [2, 1], "padding": [1, 0], "dilation": [1, 2], "groups": 2},
+        [randn(2, 4, 9, 9), randn(6, 2, 3, 3), randn(6)],
+        lambda x, w, b: F.conv2d(x, w, b, (2, 1), (1, 0), (1, 2), 2),
+    ),
+    (
+        "max_pool2d",
+        {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "ceil_mode": True},
+        [randn(1, 2, 8, 8)],
+        lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+    ),
+    (
+        "avg_pool2d",
+        {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1], "ceil_mode": True, "count_include_pad": True},
+        [randn(1, 2, 8, 8)],
+        lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=True),
+    ),
+    (
+        "avg_pool2d",
+        {"kernel": [2, 2], "stride": [2, 2], "padding": [1, 1], "count_include_pad": False},
+        [randn(1, 2, 7, 7)],
+        lambda x: F.avg_pool2d(x, 2, 2, 1, count_include_pad=False),
+    ),
     ("adaptive_avg_pool2d", {"output_size": [3, 2]}, [randn(2, 3, 7, 5)], lambda x: F.adaptive_avg_pool2d(x, (3, 2))),
-    ("layer_norm", {"naxes": 2, "eps": 1e-5}, [randn(2, 3, 4, 5), randn(4, 5), randn(4, 5)],
-     lambda x, w, b: F.layer_norm(x, (4, 5), w, b, 1e-5)),
-    ("batch_norm", {"eps": 1e-3}, [randn(2, 3, 4, 4), randn(3), np.abs(randn(3)) + 0.5, randn(3), randn(3)],
-     lambda x, m, v, w, b: F.batch_norm(x, m, v, w, b, False, 0.0, 1e-3)),
-    ("sdpa", {"is_causal": True}, [randn(2, 3, 5, 4), randn(2, 3, 5, 4), randn(2, 3, 5, 6)],
-     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-    ("sdpa", {"scale": 0.3}, [randn(2, 3, 5, 4), randn(2, 3, 7, 4), randn(2, 3, 7, 4), rng.random((2, 1, 5, 7)) > 0.3],
-     lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3)),
+    (
+        "layer_norm",
+        {"naxes": 2, "eps": 1e-5},
+        [randn(2, 3, 4, 5), randn(4, 5), randn(4, 5)],
+        lambda x, w, b: F.layer_norm(x, (4, 5), w, b, 1e-5),
+    ),
+    (
+        "batch_norm",
+        {"eps": 1e-3},
+        [randn(2, 3, 4, 4), randn(3), np.abs(randn(3)) + 0.5, randn(3), randn(3)],
+        lambda x, m, v, w, b: F.batch_norm(x, m, v, w, b, False, 0.0, 1e-3),
+    ),
+    (
+        "sdpa",
+        {"is_causal": True},
+        [randn(2, 3, 5, 4), randn(2, 3, 5, 4), randn(2, 3, 5, 6)],
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    ),
+    (
+        "sdpa",
+        {"scale": 0.3},
+        [randn(2, 3, 5, 4), randn(2, 3, 7, 4), randn(2, 3, 7, 4), rng.random((2, 1, 5, 7)) > 0.3],
+        lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3),
+    ),
     ("gelu", {"approximate": "none"}, [randn(4, 5)], lambda x: F.gelu(x)),
     ("gelu", {"approximate": "tanh"}, [randn(4, 5)], lambda x: F.gelu(x, approximate="tanh")),
     ("softmax", {"axis": 1}, [randn(3, 4, 5)], lambda x: torch.softmax(x, 1)),
@@ -163,10 +195,12 @@ def test_hostile_graph_files_are_refused_without_running_code(tmp_path):
     with pytest.raises(ModelLoadError):
         load_graph(tmp_path)
     assert not marker.exists()
-    for mutate, msg in [(lambda d: d.update(version=99), "version"),
-                        (lambda d: d["nodes"][1].update(op="no_such_op"), "unknown op"),
-                        (lambda d: d["nodes"][0].update(inputs=["nope", "w", "b"]), "not defined"),
-                        (lambda d: d["constants"][0].update(shape=[3, 3]), "weights file holds")]:
+    for mutate, msg in [
+        (lambda d: d.update(version=99), "version"),
+        (lambda d: d["nodes"][1].update(op="no_such_op"), "unknown op"),
+        (lambda d: d["nodes"][0].update(inputs=["nope", "w", "b"]), "not defined"),
+        (lambda d: d["constants"][0].update(shape=[3, 3]), "weights file holds"),
+    ]:
         d = json.loads(json.dumps(doc))
         mutate(d)
         (tmp_path / "graph.json").write_text(json.dumps(d))

@@ -1,15 +1,16 @@
 """Layer skipping by block influence, and self-speculative decoding with a layer-skipped draft."""
+
 from __future__ import annotations
 
 import functools
 
 import numpy as np
 import pytest
-
 from digits_vit import accuracy
-from nnforge.models import zoo
+
 from nnforge.errors import NnforgeError
 from nnforge.ir import interpret, verify
+from nnforge.models import zoo
 from nnforge.passes.blocks import find_blocks, prepare
 from nnforge.passes.layers import SkipLayers, SkipLayersPass, block_influence
 from nnforge.passes.manager import PassContext

@@ -1,6 +1,7 @@
 """The elementwise, reduce and region families (nnforge/ops): the torch executor runs every op as the numpy
 reference does, the one activation table serves every executor, and TVM's broadcasting ops are read off
 the registry. (The ONNX and TVM lowerings of every op are checked in test_backend_onnxrt / test_backend_tvm.)"""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,7 +42,12 @@ def special(*shape):
 
 
 REGION_INT = [["div", [0, 1], {}], ["cast", [2], {"dtype": "float32"}], ["tanh", [3], {}]]
-REGION_FLOAT = [["mul", [0, 1], {}], ["add", [2, 0], {}], ["gelu", [3], {"approximate": "tanh"}], ["clamp", [4], {"max": 1.0}]]
+REGION_FLOAT = [
+    ["mul", [0, 1], {}],
+    ["add", [2, 0], {}],
+    ["gelu", [3], {"approximate": "tanh"}],
+    ["clamp", [4], {"max": 1.0}],
+]
 
 # (op, inputs, attrs)
 CASES = [
@@ -55,8 +61,24 @@ CASES = [
     ("logical_or", [bools(3, 4), bools(1, 4)], {}),
     ("logical_not", [bools(5)], {}),
     ("where", [bools(3, 4), rand(3, 4), rand(4)], {}),
-    *[(op, [rand(3, 5)], {}) for op in ("exp", "tanh", "sigmoid", "erf", "sin", "cos", "silu", "floor", "ceil",
-                                       "neg", "abs", "relu", "reciprocal")],
+    *[
+        (op, [rand(3, 5)], {})
+        for op in (
+            "exp",
+            "tanh",
+            "sigmoid",
+            "erf",
+            "sin",
+            "cos",
+            "silu",
+            "floor",
+            "ceil",
+            "neg",
+            "abs",
+            "relu",
+            "reciprocal",
+        )
+    ],
     *[(op, [pos(3, 5)], {}) for op in ("log", "sqrt", "rsqrt")],
     ("relu", [ints(7, dtype="int32")], {}),
     ("relu", [special(7)], {}),
@@ -121,5 +143,20 @@ def test_tvm_broadcasting_ops_are_the_elementwise_ops_with_several_inputs():
     from nnforge.backends import tvm_lower
 
     assert {op for op in REGISTRY if tvm_lower.broadcasts(op)} == {
-        "add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
-        "logical_and", "logical_or", "where"}
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "pow",
+        "maximum",
+        "minimum",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "logical_and",
+        "logical_or",
+        "where",
+    }

@@ -1,4 +1,5 @@
 """Opaque torch ops, partitioning with torch fallback, partitioned bundles, the torch executor."""
+
 from __future__ import annotations
 
 import inspect
@@ -8,19 +9,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from fuzz.strategies import graphs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nnforge
 from nnforge import BundleError, UnsupportedOpError
-from nnforge.models import zoo
 from nnforge.backends.torch_exec import run_graph_torch
 from nnforge.frontend.torch import import_torch
 from nnforge.ir import Graph, TensorType, interpret, verify
 from nnforge.ir.serialize import graph_from_json, graph_to_json
+from nnforge.models import zoo
 from nnforge.partition import group_nodes, plan_partitions
-
-from fuzz.strategies import graphs
 
 
 @torch.library.custom_op("nnforge_test::twice_plus", mutates_args=())
@@ -74,6 +74,7 @@ def _close(got, want, tol=1e-5):
 # the frontend keeps what it cannot map
 # ---------------------------------------------------------------------------------------
 
+
 def test_unmapped_ops_become_torch_op_nodes_that_the_interpreter_runs():
     x = torch.randn(3, 5)
     g = import_torch(MultiOut(), (x,), dynamic_shapes=({0: BATCH},))
@@ -104,6 +105,7 @@ def test_without_opaque_the_frontend_still_lists_every_unmapped_op():
 # ---------------------------------------------------------------------------------------
 # compile: partitions, min_block_size, fallback=False
 # ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def rare_compiled():
@@ -171,20 +173,26 @@ def test_onnx_model_with_an_op_onnxrt_cannot_lower_falls_back():
 # the grouping: maximal, and never a cycle between partitions
 # ---------------------------------------------------------------------------------------
 
+
 def test_grouping_never_closes_a_cycle():
     """a -> f -> c and a -> c: putting a and c together would make {a, c} -> f -> {a, c}."""
     g = Graph("diamond")
     x = g.add_input("x", TensorType((2, 3)))
     a = g.op("relu", x)
-    f = g.op("torch_op", a, target="aten.cumsum.default", args=[{"$t": 0}, 1], kwargs={},
-             out_types=[{"shape": [2, 3], "dtype": "float32"}])
+    f = g.op(
+        "torch_op",
+        a,
+        target="aten.cumsum.default",
+        args=[{"$t": 0}, 1],
+        kwargs={},
+        out_types=[{"shape": [2, 3], "dtype": "float32"}],
+    )
     g.outputs = [g.op("add", a, f)]
     groups = group_nodes(g, [n.op != "torch_op" for n in g.nodes])
     assert [(on, idx) for on, idx in groups] == [(True, [0]), (False, [1]), (True, [2])]
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(case=graphs(), labels=st.lists(st.booleans(), min_size=40, max_size=40))
 def test_grouping_is_a_valid_schedule_for_any_labelling(case, labels):
     g = case.graph
@@ -204,8 +212,16 @@ def test_plan_reads_symbols_from_graph_inputs_when_a_partition_lacks_them():
     g = Graph("syms")
     x = g.add_input("x", TensorType(("batch", 4)))
     r = g.op("reshape", g.op("relu", x), shape=["batch", 2, 2])
-    f = g.add_node("torch_op", [r], dict(target="aten.cumsum.default", args=[{"$t": 0}, 2], kwargs={},
-                                          out_types=[{"shape": ["batch", 2, 2], "dtype": "float32"}])).output
+    f = g.add_node(
+        "torch_op",
+        [r],
+        dict(
+            target="aten.cumsum.default",
+            args=[{"$t": 0}, 2],
+            kwargs={},
+            out_types=[{"shape": ["batch", 2, 2], "dtype": "float32"}],
+        ),
+    ).output
     out = g.op("reshape", g.op("exp", g.op("neg", g.op("abs", f))), shape=["batch", 4])
     g.outputs = [g.op("sigmoid", out)]
     plan = plan_partitions(g, "onnxrt", "cpu", min_block_size=1)
@@ -218,6 +234,7 @@ def test_plan_reads_symbols_from_graph_inputs_when_a_partition_lacks_them():
 # ---------------------------------------------------------------------------------------
 # bundles record the plan; loaded bundles run it
 # ---------------------------------------------------------------------------------------
+
 
 def _rehash(d):
     from nnforge.bundle import _manifest_hash, _sha256
@@ -322,6 +339,7 @@ def test_budget_search_builds_its_candidates_through_the_partition_plan(backend,
 # ---------------------------------------------------------------------------------------
 # the torch executor matches the interpreter on the model families
 # ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_torch_executor_matches_the_interpreter(family):

@@ -1,4 +1,5 @@
 """Pass manager (records, check mode, IR dumps) and the cleanup passes, each against the interpreter."""
+
 import numpy as np
 import pytest
 

@@ -1,15 +1,17 @@
 """Low-bit ops and passes: storage layout, quantizers, GPTQ vs RTN, W8A8, SmoothQuant, mixed precision,
 and quality on real weights (MiniLM-L6 sentence embeddings, a ViT trained on digits)."""
+
 import numpy as np
 import pytest
 
 from nnforge import PassContext, PassManager
-from nnforge.errors import NnforgeError
 from nnforge.backends import onnxrt
+from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, TensorType, interpret, load_graph, save_graph, verify
 from nnforge.ops.lowbit import dequantize, int_matmul, pack_int4, quantize_per_tensor, quantize_per_token, unpack_int4
 from nnforge.passes.lowbit import Quantize
-from nnforge.passes.lowbit import gptq as G, rtn as R
+from nnforge.passes.lowbit import gptq as G
+from nnforge.passes.lowbit import rtn as R
 from nnforge.passes.manager import make_pass
 
 rng = np.random.default_rng(5)
@@ -22,8 +24,13 @@ def randn(*shape):
 def mlp(k=64, hidden=96, out=8):
     g = Graph("mlp")
     x = g.add_input("x", TensorType(("batch", k)))
-    h = g.op("linear_act", x, g.add_constant(randn(hidden, k) * 0.2, "fc1_weight"), g.add_constant(randn(hidden), "fc1_bias"),
-             act="gelu")
+    h = g.op(
+        "linear_act",
+        x,
+        g.add_constant(randn(hidden, k) * 0.2, "fc1_weight"),
+        g.add_constant(randn(hidden), "fc1_bias"),
+        act="gelu",
+    )
     g.outputs = [g.op("linear", h, g.add_constant(randn(out, hidden) * 0.2, "fc2_weight"))]
     return g
 
@@ -41,6 +48,7 @@ def ops(g):
 
 
 # ---- storage ---------------------------------------------------------------------------
+
 
 def test_int4_packing_puts_even_elements_in_the_low_nibble():
     q = np.array([[1, 2, 3, 4, 15, 0]], np.uint8)
@@ -84,8 +92,12 @@ def test_qlinear_matches_its_definition():
     xv = g.add_input("x", TensorType((2, 5, 32)))
     qw4 = R.rtn(w, 4, 16)
     qw8 = R.rtn(w, 8, 32)
-    consts = lambda qw: [g.add_constant(qw.stored()), g.add_constant(qw.scales),  # noqa: E731
-                         None if qw.zeros is None else g.add_constant(qw.zeros), g.add_constant(b)]
+    consts = lambda qw: [
+        g.add_constant(qw.stored()),
+        g.add_constant(qw.scales),  # noqa: E731
+        None if qw.zeros is None else g.add_constant(qw.zeros),
+        g.add_constant(b),
+    ]
     y4 = g.op("qlinear", xv, *consts(qw4), bits=4, group_size=16, act="relu")
     y8 = g.op("qlinear", xv, *consts(qw8), bits=8, group_size=32, act_quant="dynamic")
     y8t = g.op("qlinear", xv, *consts(qw8), bits=8, group_size=32, act_quant="dynamic_tensor")
@@ -130,6 +142,7 @@ def test_settings_are_validated_and_map_to_passes():
 
 # ---- GPTQ ------------------------------------------------------------------------------
 
+
 def correlated_inputs(tokens=512, k=128, rank=12):
     base = rng.standard_normal((tokens, rank))
     return (base @ rng.standard_normal((rank, k)) + 0.05 * rng.standard_normal((tokens, k))).astype(np.float32)
@@ -153,9 +166,17 @@ def test_gptq_error_is_below_rtn_on_correlated_inputs(bits, group):
 
 # ---- passes ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,bits,act", [("quantize_int8", 8, "none"), ("quantize_int4_rtn", 4, "none"),
-                                           ("quantize_int4_gptq", 4, "none"), ("quantize_w8a8", 8, "dynamic"),
-                                           ("quantize_w8a8_static", 8, "static")])
+
+@pytest.mark.parametrize(
+    "name,bits,act",
+    [
+        ("quantize_int8", 8, "none"),
+        ("quantize_int4_rtn", 4, "none"),
+        ("quantize_int4_gptq", 4, "none"),
+        ("quantize_w8a8", 8, "dynamic"),
+        ("quantize_w8a8_static", 8, "static"),
+    ],
+)
 def test_quantize_passes_rewrite_linears_and_report_per_layer(name, bits, act):
     g = mlp()
     cal = [[randn(32, 64)], [randn(32, 64)]]
@@ -193,7 +214,9 @@ def test_conv_and_embedding_weights_are_quantized_too():
     g = Graph()
     img = g.add_input("img", TensorType(("batch", 4, 8, 8)))
     ids = g.add_input("ids", TensorType(("batch", 5), "int64"))
-    conv = g.op("conv2d", img, g.add_constant(randn(16, 4, 3, 3), "conv_weight"), g.add_constant(randn(16)), padding=[1, 1])
+    conv = g.op(
+        "conv2d", img, g.add_constant(randn(16, 4, 3, 3), "conv_weight"), g.add_constant(randn(16)), padding=[1, 1]
+    )
     emb = g.op("gather", g.add_constant(randn(50, 32), "tok_embedding"), ids)
     g.outputs = [conv, emb]
     inputs = [randn(2, 4, 8, 8), rng.integers(0, 50, (2, 5)).astype(np.int64)]
@@ -208,7 +231,10 @@ def test_conv_and_embedding_weights_are_quantized_too():
 def test_static_percentile_observer_ignores_a_rare_outlier():
     x = randn(4096, 8)
     x[0, 0] = 400.0
-    cfg_mm, cfg_pct = Quantize(activations="static"), Quantize(activations="static", observer="percentile", percentile=99.9)
+    cfg_mm, cfg_pct = (
+        Quantize(activations="static"),
+        Quantize(activations="static", observer="percentile", percentile=99.9),
+    )
     s_mm, _ = R.static_params([x], cfg_mm)
     s_pct, z_pct = R.static_params([x], cfg_pct)
     assert s_pct < s_mm / 20 and 0 < z_pct < 255
@@ -272,6 +298,7 @@ def test_mixed_precision_meets_its_target(target):
 
 # ---- real weights ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def minilm():
     import realmodels
@@ -301,12 +328,15 @@ def quantized_cosine(minilm, passes, settings=None):
     return realmodels.mean_cosine(ref, interpret(out, ev)[0]), size, records
 
 
-@pytest.mark.parametrize("passes,options,bar", [
-    (["quantize_int8"], None, 0.99),
-    (["quantize_w8a8"], None, 0.99),
-    (["quantize_w8a8"], Quantize(activations="dynamic_tensor"), 0.99),
-    (["smoothquant", "quantize_w8a8"], Quantize(smooth=0.5), 0.99),
-])
+@pytest.mark.parametrize(
+    "passes,options,bar",
+    [
+        (["quantize_int8"], None, 0.99),
+        (["quantize_w8a8"], None, 0.99),
+        (["quantize_w8a8"], Quantize(activations="dynamic_tensor"), 0.99),
+        (["smoothquant", "quantize_w8a8"], Quantize(smooth=0.5), 0.99),
+    ],
+)
 def test_minilm_int8_keeps_sentence_embeddings(minilm, passes, options, bar):
     cos, size, records = quantized_cosine(minilm, passes, options)
     assert cos >= bar, cos
@@ -345,6 +375,7 @@ def test_digits_vit_int8_top1_drop_is_at_most_one_point(digits, passes):
 
 # ---- lowering to ONNX Runtime ----------------------------------------------------------
 
+
 def ort_run(graph, inputs, contrib=True):
     from nnforge.targets import get_target
 
@@ -355,16 +386,27 @@ def ort_run(graph, inputs, contrib=True):
 
 
 @pytest.mark.parametrize("contrib", [True, False], ids=["contrib", "portable"])
-@pytest.mark.parametrize("name,options,onnx_op", [
-    ("quantize_int8", {}, "MatMulNBits"), ("quantize_int4_rtn", {"group_size": 32}, "MatMulNBits"),
-    ("quantize_int4_gptq", {}, "MatMulNBits"), ("quantize_w8a8", {}, "MatMulInteger"),
-    ("quantize_w8a8", {"activations": "dynamic_tensor"}, "DynamicQuantizeMatMul"),
-    ("quantize_w8a8_static", {"observer": "percentile"}, "MatMulInteger")])
+@pytest.mark.parametrize(
+    "name,options,onnx_op",
+    [
+        ("quantize_int8", {}, "MatMulNBits"),
+        ("quantize_int4_rtn", {"group_size": 32}, "MatMulNBits"),
+        ("quantize_int4_gptq", {}, "MatMulNBits"),
+        ("quantize_w8a8", {}, "MatMulInteger"),
+        ("quantize_w8a8", {"activations": "dynamic_tensor"}, "DynamicQuantizeMatMul"),
+        ("quantize_w8a8_static", {"observer": "percentile"}, "MatMulInteger"),
+    ],
+)
 def test_onnxruntime_runs_quantized_linears_like_the_interpreter(name, options, onnx_op, contrib):
     g = Graph("mlp3d")
     x = g.add_input("x", TensorType(("batch", "seq", 128)))
-    h = g.op("linear_act", x, g.add_constant(randn(192, 128) * 0.2, "fc1_weight"), g.add_constant(randn(192), "fc1_bias"),
-             act="gelu")
+    h = g.op(
+        "linear_act",
+        x,
+        g.add_constant(randn(192, 128) * 0.2, "fc1_weight"),
+        g.add_constant(randn(192), "fc1_bias"),
+        act="gelu",
+    )
     g.outputs = [g.op("linear", h, g.add_constant(randn(16, 192) * 0.2, "fc2_weight"))]
     inputs = [randn(2, 7, 128)]
     out, _ = run([name], g, [inputs], Quantize(**options))
@@ -386,9 +428,17 @@ def test_onnxruntime_runs_quantized_conv_and_embedding(embeddings):
     g = Graph()
     img = g.add_input("img", TensorType(("batch", 4, 8, 8)))
     ids = g.add_input("ids", TensorType(("batch", "seq"), "int64"))
-    g.outputs = [g.op("conv2d", img, g.add_constant(randn(16, 4, 4, 4), "conv_weight"), g.add_constant(randn(16)),
-                      padding=[1, 1], stride=[2, 2]),
-                 g.op("gather", g.add_constant(randn(50, 64), "tok_embedding"), ids)]
+    g.outputs = [
+        g.op(
+            "conv2d",
+            img,
+            g.add_constant(randn(16, 4, 4, 4), "conv_weight"),
+            g.add_constant(randn(16)),
+            padding=[1, 1],
+            stride=[2, 2],
+        ),
+        g.op("gather", g.add_constant(randn(50, 64), "tok_embedding"), ids),
+    ]
     inputs = [randn(2, 4, 8, 8), rng.integers(0, 50, (2, 5)).astype(np.int64)]
     out, _ = run(["quantize_int8"], g, [inputs], Quantize(embeddings=embeddings, group_size=16))
     assert ops(out) == ["qconv2d", "qgather"]
@@ -399,9 +449,9 @@ def test_onnxruntime_runs_quantized_conv_and_embedding(embeddings):
 
 @pytest.mark.parametrize("passes", [["quantize_w8a8"], ["quantize_int4_gptq"]])
 def test_minilm_on_onnxruntime_matches_the_interpreter_and_is_small(minilm, passes):
-    from nnforge.backends.base import get_backend
-
     import realmodels
+
+    from nnforge.backends.base import get_backend
 
     graph, ev, _, ref = minilm
     out, _ = quantized_minilm(minilm, passes)
@@ -420,18 +470,31 @@ def test_minilm_on_onnxruntime_matches_the_interpreter_and_is_small(minilm, pass
 
 # ---- lowering to TVM ---------------------------------------------------------------------
 
+
 def mlp3d():
     g = Graph("mlp3d")
     x = g.add_input("x", TensorType(("batch", "seq", 128)))
-    h = g.op("linear_act", x, g.add_constant(randn(192, 128) * 0.2, "fc1_weight"), g.add_constant(randn(192), "fc1_bias"),
-             act="gelu")
+    h = g.op(
+        "linear_act",
+        x,
+        g.add_constant(randn(192, 128) * 0.2, "fc1_weight"),
+        g.add_constant(randn(192), "fc1_bias"),
+        act="gelu",
+    )
     g.outputs = [g.op("linear", h, g.add_constant(randn(16, 192) * 0.2, "fc2_weight"))]
     return g
 
 
-@pytest.mark.parametrize("name,options", [("quantize_int8", {}), ("quantize_int4_rtn", {"group_size": 32}),
-                                          ("quantize_w8a8", {}), ("quantize_w8a8", {"activations": "dynamic_tensor"}),
-                                          ("quantize_w8a8_static", {})])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("quantize_int8", {}),
+        ("quantize_int4_rtn", {"group_size": 32}),
+        ("quantize_w8a8", {}),
+        ("quantize_w8a8", {"activations": "dynamic_tensor"}),
+        ("quantize_w8a8_static", {}),
+    ],
+)
 def test_tvm_runs_quantized_linears_like_the_interpreter(name, options):
     from nnforge.backends import tvm as tb
 
@@ -447,9 +510,17 @@ def test_tvm_runs_quantized_conv_and_embedding():
     g = Graph()
     img = g.add_input("img", TensorType(("batch", 4, 8, 8)))
     ids = g.add_input("ids", TensorType(("batch", "seq"), "int64"))
-    g.outputs = [g.op("conv2d", img, g.add_constant(randn(16, 4, 4, 4), "conv_weight"), g.add_constant(randn(16)),
-                      padding=[1, 1], stride=[2, 2]),
-                 g.op("gather", g.add_constant(randn(50, 64), "tok_embedding"), ids)]
+    g.outputs = [
+        g.op(
+            "conv2d",
+            img,
+            g.add_constant(randn(16, 4, 4, 4), "conv_weight"),
+            g.add_constant(randn(16)),
+            padding=[1, 1],
+            stride=[2, 2],
+        ),
+        g.op("gather", g.add_constant(randn(50, 64), "tok_embedding"), ids),
+    ]
     inputs = [randn(2, 4, 8, 8), rng.integers(0, 50, (2, 5)).astype(np.int64)]
     out, _ = run(["quantize_int4_rtn"], g, [inputs], Quantize(embeddings="int4", group_size=16))
     for a, b in zip(tb.build(out, "cpu").run(inputs), interpret(out, inputs)):
@@ -458,8 +529,9 @@ def test_tvm_runs_quantized_conv_and_embedding():
     assert any("conv2d_mm" in gv.name_hint for gv in tb.BACKEND.kernels(out, "cpu").functions)
 
 
-@pytest.mark.parametrize("name,options,code_dtype", [("quantize_int8", {}, "int8"),
-                                                     ("quantize_int4_rtn", {"group_size": 32}, "uint8")])
+@pytest.mark.parametrize(
+    "name,options,code_dtype", [("quantize_int8", {}, "int8"), ("quantize_int4_rtn", {"group_size": 32}, "uint8")]
+)
 def test_tvm_dequantizes_inside_the_matmul_and_keeps_weights_low_bit(name, options, code_dtype):
     """No float copy of a quantized weight exists at run time: main takes the int8 codes (int4: packed
     uint8 bytes), the dequantize is a block of the matmul kernel (computed per column panel) and nothing
@@ -530,6 +602,7 @@ def test_tvm_w8a8_builds_at_any_static_sequence_with_a_symbolic_batch(seq):
 
 # ---- through nnforge.compile -------------------------------------------------------------
 
+
 def test_compile_takes_quantize_settings_and_calibration(tmp_path):
     import torch
 
@@ -538,8 +611,15 @@ def test_compile_takes_quantize_settings_and_calibration(tmp_path):
 
     zm = zoo.build("mlp")
     batches = [(torch.randn(8, 32),) for _ in range(2)]
-    cm = nnforge.compile(zm.model, zm.inputs, "cpu", dynamic_shapes=zm.dynamic_shapes, progress=False,
-                         quantize=Quantize(weights="int4", method="gptq", group_size=32), calibration=batches)
+    cm = nnforge.compile(
+        zm.model,
+        zm.inputs,
+        "cpu",
+        dynamic_shapes=zm.dynamic_shapes,
+        progress=False,
+        quantize=Quantize(weights="int4", method="gptq", group_size=32),
+        calibration=batches,
+    )
     assert [n.op for n in cm.graph.nodes if n.op.startswith("q")] == ["qlinear"] * 3
     record = next(r for r in cm.records if r.name == "quantize")
     assert record.lossy and len(record.stats["layers"]) == 3 and record.stats["size_ratio"] < 0.3

@@ -1,11 +1,12 @@
 """The op registry is complete: every op has its reference, a torch implementation, and for each backend
 either a lowering or an explicit reason it does not run there; every op lives in one family module."""
+
 import inspect
 
-from nnforge.ir.registry import BACKENDS, REGISTRY, OpError, defop
-from nnforge.ir.graph import TensorType
-
 import pytest
+
+from nnforge.ir.graph import TensorType
+from nnforge.ir.registry import BACKENDS, REGISTRY, OpError, defop
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -33,7 +34,9 @@ def test_every_implementation_takes_the_one_signature():
             takes = {p.name for p in params}
             has_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
             missing = set(opdef.attrs) - takes
-            assert has_kwargs or not missing, f"{name}'s {backend} lowering does not take attribute(s) {sorted(missing)}"
+            assert has_kwargs or not missing, (
+                f"{name}'s {backend} lowering does not take attribute(s) {sorted(missing)}"
+            )
 
 
 def test_an_op_cannot_be_declared_twice():

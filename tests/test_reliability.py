@@ -1,4 +1,5 @@
 """Reliability: the compile cache, the coverage dry run (explain), concurrency, NaN/Inf, bad calls."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +14,8 @@ import torch
 
 import nnforge
 from nnforge import cache
-from nnforge.models import zoo
 from nnforge.cli import main as cli
+from nnforge.models import zoo
 from nnforge.partition import BuildSettings
 from nnforge.passes.lowbit import Quantize
 from nnforge.passes.lowbit.passes import QuantizeInt8
@@ -36,6 +37,7 @@ def _mlp():
 # ---------------------------------------------------------------------------------------
 # compile cache
 # ---------------------------------------------------------------------------------------
+
 
 def test_second_compile_comes_from_the_cache(cache_dir):
     model, xs = _mlp()
@@ -83,8 +85,10 @@ def test_changing_a_pass_invalidates(cache_dir, monkeypatch):
 
 def test_editing_a_pass_source_changes_its_fingerprint(tmp_path):
     src = tmp_path / "my_pass.py"
-    body = ("from nnforge import Pass, PassResult\n"
-            "class Mine(Pass):\n    name = 'mine_fp'\n    def run(self, g, ctx):\n        return PassResult(False)\n")
+    body = (
+        "from nnforge import Pass, PassResult\n"
+        "class Mine(Pass):\n    name = 'mine_fp'\n    def run(self, g, ctx):\n        return PassResult(False)\n"
+    )
     src.write_text(body)
 
     def fingerprint():
@@ -136,6 +140,7 @@ def test_cache_cli_info_and_clear(cache_dir, capsys):
 # explain: the coverage dry run
 # ---------------------------------------------------------------------------------------
 
+
 class Custom(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -158,7 +163,13 @@ def test_explain_lists_every_op_backend_partition_and_source_line():
     assert cumsum.partition.endswith("torch") and "torch.cumsum(h, dim=1)" in cumsum.code
     assert "test_reliability.py" in cumsum.source
     assert [r.partition for r in exp.rows if r.op != "aten.cumsum.default"][0].endswith("onnxrt")
-    for needle in ("partition plan", "falls back to torch: 1 of", "op coverage", "aten.cumsum.default", "no ONNX equivalent"):
+    for needle in (
+        "partition plan",
+        "falls back to torch: 1 of",
+        "op coverage",
+        "aten.cumsum.default",
+        "no ONNX equivalent",
+    ):
         assert needle in text, needle
 
 
@@ -177,6 +188,7 @@ def test_explain_a_fully_supported_model_and_from_the_cli(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 # concurrency: 8 threads give the serial results
 # ---------------------------------------------------------------------------------------
+
 
 def _threads_match_serial(fast, batches):
     serial = [fast.run([x]) for x in batches]
@@ -214,8 +226,9 @@ def test_eight_threads_partitioned_and_loaded(tmp_path):
 
 def test_eight_threads_tvm():
     zm = zoo.build("mlp", "tiny")
-    fast = nnforge.compile(zm.model, zm.inputs, backend="tvm", dynamic_shapes=zm.dynamic_shapes, progress=False,
-                           check=False)
+    fast = nnforge.compile(
+        zm.model, zm.inputs, backend="tvm", dynamic_shapes=zm.dynamic_shapes, progress=False, check=False
+    )
     assert not fast.artifact.thread_safe  # its VM is not: calls are serialized, results are the serial ones
     _threads_match_serial(fast, _batches(tuple(zm.inputs[0].shape)))
 
@@ -223,6 +236,7 @@ def test_eight_threads_tvm():
 # ---------------------------------------------------------------------------------------
 # NaN / Inf inputs propagate like eager; bad calls get named errors
 # ---------------------------------------------------------------------------------------
+
 
 def _with_nonfinite(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
@@ -274,6 +288,7 @@ def test_wrong_calls_are_named_errors_on_a_partitioned_model():
 
 def test_sizes_outside_the_exported_range_are_refused():
     """torch.export assumed n >= 3 for x[:3]; a call with n = 2 would read past the end on some backends."""
+
     class Head(torch.nn.Module):
         def forward(self, x):
             return x[:3] * 2

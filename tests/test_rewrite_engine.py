@@ -1,5 +1,6 @@
 """The rewrite engine: use-lists kept by the Graph's edit API, pattern leaves/optional inputs/alternatives,
 the worklist driver's round limit and linear work, and why a pattern did not match."""
+
 import numpy as np
 import pytest
 
@@ -8,8 +9,19 @@ from nnforge.errors import VerificationError
 from nnforge.ir import Graph, TensorType, interpret, verify
 from nnforge.ir.analysis import fusion_creates_cycle, fusion_cycle_local
 from nnforge.ir.graph import ReadOnlyList
-from nnforge.passes.pattern import (ANY, Bind, Const, OneOf, Opt, P, RewritePass, Rule, V, apply_rules, explain_match,
-                                    match)
+from nnforge.passes.pattern import (
+    ANY,
+    Const,
+    OneOf,
+    Opt,
+    P,
+    RewritePass,
+    Rule,
+    V,
+    apply_rules,
+    explain_match,
+    match,
+)
 
 rng = np.random.default_rng(5)
 
@@ -41,6 +53,7 @@ def assert_use_lists_right(g):
 
 
 # ---- use-lists ------------------------------------------------------------------------
+
 
 def test_use_lists_follow_every_edit():
     g = Graph()
@@ -150,6 +163,7 @@ def test_local_cycle_search_agrees_with_networkx():
 
 # ---- pattern features ----------------------------------------------------------------
 
+
 def _is_scalar(a):
     return a.size == 1
 
@@ -196,8 +210,9 @@ def test_one_of_offers_each_alternative_to_the_check_in_turn():
     pat = OneOf(P("exp", P("neg", "a")), P("exp", "a"))
     assert match(pat, y)["a"] is x  # the first that fits
     seen = []
-    rule = Rule("pick", pat, lambda m, b: b.op("abs", m["a"]),
-                check=lambda m, g: seen.append(m["a"]) or m["a"] is not x)  # refuses the first alternative
+    rule = Rule(
+        "pick", pat, lambda m, b: b.op("abs", m["a"]), check=lambda m, g: seen.append(m["a"]) or m["a"] is not x
+    )  # refuses the first alternative
     g.outputs = [y]
     assert apply_rules(g, [rule])["pick"] == 1
     assert seen[:2] == [x, y.producer.inputs[0]] and [n.op for n in g.nodes] == ["neg", "abs"]
@@ -219,6 +234,7 @@ def test_one_rule_with_opt_fuses_linear_activation_with_and_without_bias():
 
 
 # ---- the driver ----------------------------------------------------------------------
+
 
 class _Forever(RewritePass):
     """exp(x) -> exp(x): matches its own result, so it never reaches a fixed point."""
@@ -268,11 +284,14 @@ def test_driver_work_grows_linearly_with_the_graph():
 
 # ---- why a pattern did not match ---------------------------------------------------------
 
+
 def _scale_rule():
-    return Rule("fold_scale", P("mul", P("linear", "x", Const("w"), Opt("b"), bind="lin"), Const("c", where=_is_scalar),
-                                commutative=True),
-                lambda m, b: b.op("linear", m["x"], b.const(b.constant_of(m["w"]) * b.constant_of(m["c"]), "w")),
-                check=lambda m, g: "b" not in m)
+    return Rule(
+        "fold_scale",
+        P("mul", P("linear", "x", Const("w"), Opt("b"), bind="lin"), Const("c", where=_is_scalar), commutative=True),
+        lambda m, b: b.op("linear", m["x"], b.const(b.constant_of(m["w"]) * b.constant_of(m["c"]), "w")),
+        check=lambda m, g: "b" not in m,
+    )
 
 
 def _explain_graph():
@@ -283,13 +302,17 @@ def _explain_graph():
     two, vec = g.add_constant(np.float32(2.0), "two"), g.add_constant(randn(4), "vec")
     shared = g.op("linear", x, w, name="shared")
     used = g.op("linear", x, w, name="used")
-    g.outputs = [g.op("mul", g.op("relu", x), g.add_constant(randn(8), "k"), name="relu_scaled"),
-                 g.op("mul", g.op("linear", x, wi), two, name="input_weight"),
-                 g.op("mul", g.op("linear", x, w), vec, name="vector_scale"),
-                 g.op("mul", shared, two, name="shared_scaled"), shared,
-                 g.op("mul", used, two, name="used_scaled"), g.op("relu", used, name="relu_used"),
-                 g.op("mul", g.op("linear", x, w, b), two, name="biased"),
-                 g.op("mul", two, g.op("linear", x, w), name="good")]
+    g.outputs = [
+        g.op("mul", g.op("relu", x), g.add_constant(randn(8), "k"), name="relu_scaled"),
+        g.op("mul", g.op("linear", x, wi), two, name="input_weight"),
+        g.op("mul", g.op("linear", x, w), vec, name="vector_scale"),
+        g.op("mul", shared, two, name="shared_scaled"),
+        shared,
+        g.op("mul", used, two, name="used_scaled"),
+        g.op("relu", used, name="relu_used"),
+        g.op("mul", g.op("linear", x, w, b), two, name="biased"),
+        g.op("mul", two, g.op("linear", x, w), name="good"),
+    ]
     return g
 
 
@@ -330,10 +353,13 @@ def test_debug_match_names_attribute_binding_and_cycle_failures(monkeypatch, cap
     a = g.op("neg", x)
     e = g.op("exp", a)
     g.outputs = [g.op("softmax", x, axis=0), g.op("add", x, y), g.op("add", a, e)]
-    rules = [Rule("soft", P("softmax", "x", axis=-1), lambda m, b: None),
-             Rule("same", P("add", "v", "v"), lambda m, b: None),
-             Rule("cyc", P("add", P("neg", "x", bind="n"), "e"), lambda m, b: b.op("add", m["x"], m["e"]),
-                  allow_shared=("n",))]
+    rules = [
+        Rule("soft", P("softmax", "x", axis=-1), lambda m, b: None),
+        Rule("same", P("add", "v", "v"), lambda m, b: None),
+        Rule(
+            "cyc", P("add", P("neg", "x", bind="n"), "e"), lambda m, b: b.op("add", m["x"], m["e"]), allow_shared=("n",)
+        ),
+    ]
     assert not any(apply_rules(g, rules).values())
     err = capsys.readouterr().err
     assert "soft at %softmax (softmax): no match: attribute mismatch: softmax.axis=0, pattern wants -1" in err

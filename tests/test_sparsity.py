@@ -1,12 +1,13 @@
 """Sparsity passes: masks (unstructured, 2:4), magnitude vs Wanda, structured head/FFN pruning that
 shrinks matrices exactly as zeroing the removed units would, and CSR storage."""
+
 import numpy as np
 import pytest
 
 from nnforge import PassContext, PassManager
-from nnforge.models import zoo
 from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, TensorType, interpret, load_graph, save_graph, verify
+from nnforge.models import zoo
 from nnforge.passes import sparsity as S
 from nnforge.passes.manager import make_pass
 from nnforge.passes.sparsity import Sparsity
@@ -33,9 +34,16 @@ def weights(g, op="linear"):
 def mlp(k=64, hidden=128, out=16):
     g = Graph("mlp")
     x = g.add_input("x", TensorType(("batch", k)))
-    h = g.op("linear_act", x, g.add_constant(randn(hidden, k), "fc1_weight"), g.add_constant(randn(hidden), "fc1_bias"),
-             act="relu")
-    g.outputs = [g.op("linear", h, g.add_constant(randn(out, hidden), "fc2_weight"), g.add_constant(randn(out), "fc2_bias"))]
+    h = g.op(
+        "linear_act",
+        x,
+        g.add_constant(randn(hidden, k), "fc1_weight"),
+        g.add_constant(randn(hidden), "fc1_bias"),
+        act="relu",
+    )
+    g.outputs = [
+        g.op("linear", h, g.add_constant(randn(out, hidden), "fc2_weight"), g.add_constant(randn(out), "fc2_bias"))
+    ]
     return g
 
 
@@ -82,25 +90,36 @@ def test_settings_are_validated_and_map_to_passes():
     with pytest.raises(NnforgeError, match="method"):
         Sparsity(method="random")
     assert Sparsity(method="wanda", pattern="2:4", heads=1, ffn=0.25, storage="csr").passes() == [
-        "prune_heads", "prune_ffn", "prune_wanda", "compress_sparse"]
+        "prune_heads",
+        "prune_ffn",
+        "prune_wanda",
+        "compress_sparse",
+    ]
     assert Sparsity(ratio=0.0, heads=2).passes() == ["prune_heads"]
 
 
 # ---- structured ------------------------------------------------------------------------
 
+
 def attention_block(separate_qkv: bool, e=32, heads=4, class_query=False):
     g = Graph("attn")
     x = g.add_input("x", TensorType(("batch", 5, e)))
     if separate_qkv:
-        q, k, v = (g.op("linear", x, g.add_constant(randn(e, e) * 0.3, f"{n}_weight"), g.add_constant(randn(e), f"{n}_bias"))
-                   for n in "qkv")
+        q, k, v = (
+            g.op("linear", x, g.add_constant(randn(e, e) * 0.3, f"{n}_weight"), g.add_constant(randn(e), f"{n}_bias"))
+            for n in "qkv"
+        )
     else:
-        qkv = g.op("linear", x, g.add_constant(randn(3 * e, e) * 0.3, "qkv_weight"), g.add_constant(randn(3 * e), "qkv_bias"))
+        qkv = g.op(
+            "linear", x, g.add_constant(randn(3 * e, e) * 0.3, "qkv_weight"), g.add_constant(randn(3 * e), "qkv_bias")
+        )
         q, k, v = (g.op("slice", qkv, axis=-1, start=i * e, end=(i + 1) * e) for i in range(3))
         if class_query:  # as sink_slices leaves a last block read only at its class token
             q = g.op("slice", g.op("slice", qkv, axis=1, start=0, end=1), axis=-1, start=0, end=e)
     att = g.op("attention", q, k, v, num_heads=heads)
-    g.outputs = [g.op("linear", att, g.add_constant(randn(e, e) * 0.3, "out_weight"), g.add_constant(randn(e), "out_bias"))]
+    g.outputs = [
+        g.op("linear", att, g.add_constant(randn(e, e) * 0.3, "out_weight"), g.add_constant(randn(e), "out_bias"))
+    ]
     return g
 
 
@@ -118,7 +137,7 @@ def test_head_pruning_shrinks_matrices_and_equals_zeroing_the_heads(separate_qkv
     _, vals = interpret(g, [x], keep_all=True)
     att_node = next(n for n in g.nodes if n.op == "attention")
     o = vals[att_node.output].copy()
-    o[..., dropped * 8:(dropped + 1) * 8] = 0
+    o[..., dropped * 8 : (dropped + 1) * 8] = 0
     wo, bo = g.constant(g.nodes[-1].inputs[1]), g.constant(g.nodes[-1].inputs[2])
     np.testing.assert_allclose(interpret(out, [x])[0], o @ wo.T + bo, rtol=1e-4, atol=1e-5)
     # the weakest head went
@@ -143,12 +162,13 @@ def test_head_pruning_cuts_a_per_head_mask_and_equals_zeroing_the_heads():
     _, vals = interpret(g, inputs, keep_all=True)
     o = vals[next(n for n in g.nodes if n.op == "attention").output].copy()
     for h in dropped:
-        o[..., h * 8:(h + 1) * 8] = 0
+        o[..., h * 8 : (h + 1) * 8] = 0
     np.testing.assert_allclose(interpret(out, inputs)[0], o @ g.constant(g.nodes[-1].inputs[1]).T, rtol=1e-4, atol=1e-5)
 
 
 def test_head_pruning_on_a_fused_zoo_vit_runs():
     import realmodels
+
     from nnforge.frontend.torch import import_torch
 
     zm = zoo.build("vit")
@@ -189,6 +209,7 @@ def test_digits_vit_survives_removing_one_head_per_layer(digits_vit):
 
 
 # ---- compressed storage ----------------------------------------------------------------
+
 
 def test_compress_sparse_stores_csr_and_keeps_numerics(tmp_path):
     g = mlp(k=256, hidden=256)
@@ -233,9 +254,15 @@ def test_compile_takes_sparsity_settings():
     import nnforge
 
     zm = zoo.build("vit")
-    cm = nnforge.compile(zm.model, zm.inputs, "cpu", dynamic_shapes=zm.dynamic_shapes, progress=False,
-                         sparsity=Sparsity(method="wanda", pattern="2:4", heads=1, ffn=0.25),
-                         calibration=[(torch.randn(4, 3, 32, 32),)])
+    cm = nnforge.compile(
+        zm.model,
+        zm.inputs,
+        "cpu",
+        dynamic_shapes=zm.dynamic_shapes,
+        progress=False,
+        sparsity=Sparsity(method="wanda", pattern="2:4", heads=1, ffn=0.25),
+        calibration=[(torch.randn(4, 3, 32, 32),)],
+    )
     record = next(r for r in cm.records if r.name == "sparsity")
     assert set(record.stats) >= {"prune_heads", "prune_ffn", "prune_wanda"}
     assert {n.attrs["num_heads"] for n in cm.graph.nodes if n.op == "attention"} == {3}

@@ -1,4 +1,5 @@
 """Token ops, block finding, token merging (ToMe) and token pruning (EViT / PyramidDrop)."""
+
 from __future__ import annotations
 
 import functools
@@ -7,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from digits_vit import accuracy
-from nnforge.models import zoo
+
 from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, OpError, TensorType, interpret, verify
+from nnforge.models import zoo
 from nnforge.passes.blocks import find_blocks, format_blocks, prepare
 from nnforge.passes.manager import PassContext, PassManager
 from nnforge.passes.tokens import TokenMerge, TokenMergePass, TokenPrune, TokenPrunePass, keep_count
@@ -44,6 +45,7 @@ def run_pass(p, g, inputs=None):
 
 
 # ---- the ops ------------------------------------------------------------------------
+
 
 def tome_reference(x, metric, size, r):
     """ToMe's bipartite_soft_matching + merge_wavg (class_token=True), as in facebookresearch/ToMe."""
@@ -155,11 +157,15 @@ def test_keep_count():
 
 # ---- finding blocks -----------------------------------------------------------------
 
-@pytest.mark.parametrize("family,norm,cls,mask,readout,kind", [
-    ("vit", "pre", 1, False, "first", "encoder"),
-    ("bert", "post", 0, True, "mean", "encoder"),
-    ("gpt", "pre", 0, False, "tokens", "decoder"),
-])
+
+@pytest.mark.parametrize(
+    "family,norm,cls,mask,readout,kind",
+    [
+        ("vit", "pre", 1, False, "first", "encoder"),
+        ("bert", "post", 0, True, "mean", "encoder"),
+        ("gpt", "pre", 0, False, "tokens", "decoder"),
+    ],
+)
 def test_blocks_are_found_in_each_family(family, norm, cls, mask, readout, kind):
     g, _ = fused(family)
     info = find_blocks(g)
@@ -179,6 +185,7 @@ def test_no_blocks_in_an_mlp_and_a_clear_error():
 
 
 # ---- token merging ------------------------------------------------------------------
+
 
 def test_tome_on_vit_shrinks_tokens_as_planned():
     g, x = fused("vit")
@@ -232,6 +239,7 @@ def test_token_merge_refuses_decoders():
 
 
 # ---- token pruning ------------------------------------------------------------------
+
 
 def test_prune_vit_by_class_attention():
     g, x = fused("vit")
@@ -312,6 +320,7 @@ def test_prune_options_are_checked():
 
 # ---- quality on real data -----------------------------------------------------------
 
+
 def test_quality_on_the_digits_vit(digits_vit):
     d = digits_vit
     batches = d.batches(d.x_test)
@@ -322,9 +331,13 @@ def test_quality_on_the_digits_vit(digits_vit):
     base = acc(d.graph)
     assert base > 0.96  # 97.4% of the 497 unseen digits
     drops = {}
-    for name, p in [("r=1", TokenMergePass(TokenMerge(r=1))), ("r=3", TokenMergePass(TokenMerge(r=3))),
-                    ("r=8", TokenMergePass(TokenMerge(r=8))),
-                    ("keep=0.7", TokenPrunePass(TokenPrune(keep=0.7))), ("keep=0.5", TokenPrunePass(TokenPrune(keep=0.5)))]:
+    for name, p in [
+        ("r=1", TokenMergePass(TokenMerge(r=1))),
+        ("r=3", TokenMergePass(TokenMerge(r=3))),
+        ("r=8", TokenMergePass(TokenMerge(r=8))),
+        ("keep=0.7", TokenPrunePass(TokenPrune(keep=0.7))),
+        ("keep=0.5", TokenPrunePass(TokenPrune(keep=0.5))),
+    ]:
         g, _ = run_pass(p, d.graph.copy())
         drops[name] = base - acc(g)
     # measured: r=1 and r=3 0, r=8 (65 -> 17 tokens) 0.2, keep=0.7 1.0 and keep=0.5 0.6 points
@@ -356,7 +369,6 @@ def test_reduced_graphs_run_on_onnxruntime(family, make):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-
 def _token_ops_graph(batch, seq):
     """token_merge, token_prune (fused, both ends protected) and attention_scores on one input; hidden 38
     is two whole vectors and a tail on AVX2, one and a tail on AVX-512 (TVM vectorises the merge along it)."""
@@ -366,11 +378,16 @@ def _token_ops_graph(batch, seq):
     s = g.add_input("s", TensorType((batch, seq)))
     sc = g.add_input("sc", TensorType((batch, seq)))
     merged = g.add_node("token_merge", [x, m, s], {"r": 3, "protect_first": 1}).outputs
-    pruned = g.add_node("token_prune", [x, sc, s], {"keep": keep_count(seq, 0.5, 2), "protect_first": 1,
-                                                   "protect_last": 1, "fuse_dropped": True}).outputs
+    pruned = g.add_node(
+        "token_prune",
+        [x, sc, s],
+        {"keep": keep_count(seq, 0.5, 2), "protect_first": 1, "protect_last": 1, "fuse_dropped": True},
+    ).outputs
     plain = g.add_node("token_prune", [x, sc], {"keep": keep_count(seq, 0.7, 1), "protect_first": 1}).outputs
-    scores = [g.op("attention_scores", x, x, num_heads=2, query=q, is_causal=i == 2)
-              for i, q in enumerate(("first", "last", "mean"))]
+    scores = [
+        g.op("attention_scores", x, x, num_heads=2, query=q, is_causal=i == 2)
+        for i, q in enumerate(("first", "last", "mean"))
+    ]
     g.outputs = merged + pruned + plain + scores
     verify(g)
     return g
@@ -389,7 +406,7 @@ def test_token_ops_on_tvm_match_the_interpreter(batch, seq):
 
     g = _token_ops_graph(batch, seq)
     art = get_backend("tvm").build(g, get_target("cpu"))
-    for n in ([17] if seq == 17 else [11, 16]):
+    for n in [17] if seq == 17 else [11, 16]:
         x = _token_inputs(3, n)
         got, want = art.run(x), interpret(g, x)
         assert [a.shape for a in got] == [a.shape for a in want]
@@ -419,8 +436,15 @@ def test_token_merged_vit_compiles_on_tvm_without_fallback():
     import nnforge
 
     zm = zoo.build("vit", "tiny")
-    fast = nnforge.compile(zm.model, zm.inputs, backend="tvm", tokens=nnforge.TokenMerge(r=3), fallback=False,
-                           dynamic_shapes=zm.dynamic_shapes, cache=False)
+    fast = nnforge.compile(
+        zm.model,
+        zm.inputs,
+        backend="tvm",
+        tokens=nnforge.TokenMerge(r=3),
+        fallback=False,
+        dynamic_shapes=zm.dynamic_shapes,
+        cache=False,
+    )
     assert fast.backend == "tvm" and sum(n.op == "token_merge" for n in fast.graph.nodes) == 2
     x = [a.numpy() for a in zm.inputs]
     np.testing.assert_allclose(fast(*x), interpret(fast.graph, x)[0], rtol=1e-4, atol=1e-5)
@@ -430,14 +454,16 @@ def test_token_merged_vit_compiles_on_tvm_without_fallback():
 
 # ---- the real MiniLM-L6 sentence encoder ---------------------------------------------
 
+
 @functools.lru_cache(maxsize=1)
 def _minilm():
-    from nnforge.frontend.torch import import_torch
-    from nnforge.models.pretrained import minilm
     from sentences import SENTENCES
 
+    from nnforge.frontend.torch import import_torch
+    from nnforge.models.pretrained import minilm
+
     model, tok = minilm()
-    texts = [" ".join(SENTENCES[i:i + 3]) for i in range(0, 30, 2)]  # ~35 tokens each, padded per batch
+    texts = [" ".join(SENTENCES[i : i + 3]) for i in range(0, 30, 2)]  # ~35 tokens each, padded per batch
 
     def batch(ts):
         e = tok(ts, padding=True, return_tensors="np")

@@ -1,5 +1,6 @@
 """TVM bundles load and run with the TVM runtime alone (no compiler), and the CUDA bench builds here without
 a GPU; the CUDA run itself needs a GPU and is skipped (with the reason) where there is none."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,8 @@ def test_cpu_bundle_runs_with_the_tvm_runtime_alone(tmp_path):
     script = textwrap.dedent(f"""
         import sys, numpy as np, nnforge, tvm
         assert tvm.base._RUNTIME_ONLY, "TVM_USE_RUNTIME_LIB=1 should load the runtime alone"
-        out = nnforge.load({str(tmp_path / 'b')!r}).artifact.run([np.load({str(tmp_path / 'x.npy')!r})])
-        np.testing.assert_allclose(out[0], np.load({str(tmp_path / 'ref.npy')!r}), rtol=1e-4, atol=1e-5)
+        out = nnforge.load({str(tmp_path / "b")!r}).artifact.run([np.load({str(tmp_path / "x.npy")!r})])
+        np.testing.assert_allclose(out[0], np.load({str(tmp_path / "ref.npy")!r}), rtol=1e-4, atol=1e-5)
         assert "tvm.relax" not in sys.modules, "loading a bundle imported TVM's compiler"
         print("ok")
     """)

@@ -1,6 +1,7 @@
 """MetaSchedule tuning on request: a few trials on one small linear graph, a persisted JSON database
 reused across builds, the database shipped in the bundle, and records slower than nnforge's default
 schedule left out."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def test_tuned_artifact_matches_and_fills_the_database(tuned):
     assert (db / tvm_tune.WORKLOAD_FILE).is_file() and records(db) > 0
     assert any("/8 trials" in s for s in stages)  # progress reports trials done / total
     verdicts = tvm_tune.load_verdicts(db)  # every record was timed against the default schedule
-    assert verdicts and all(v["default_us"] > 0 and v["keep"] == (v["tuned_us"] < v["default_us"])
-                            for v in verdicts.values())
+    assert verdicts and all(
+        v["default_us"] > 0 and v["keep"] == (v["tuned_us"] < v["default_us"]) for v in verdicts.values()
+    )
     assert art.meta["tuning"]["kept"] + art.meta["tuning"]["dropped"] == len(verdicts)
     assert records(db) >= 1
 

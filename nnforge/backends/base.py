@@ -3,11 +3,12 @@
 An Artifact runs numpy inputs and knows how to write its files into a bundle directory and to
 come back from one. Bundles (manifest, hash) are handled once, in ``nnforge.bundle``.
 """
+
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -71,8 +72,8 @@ class Artifact:
         An artifact that was not saved yet is written to a temporary bundle once."""
         import tempfile
 
-        from ..runtime import edge
         from ..bundle import write_bundle
+        from ..runtime import edge
 
         runners = {"arm": edge.run_arm, "wasm": edge.run_wasm}
         if self.target.name not in runners:
@@ -121,8 +122,11 @@ def register_backend(backend: Backend) -> Backend:
 
 
 # where each backend's artifact class lives: loading a bundle imports only that (for TVM, the runtime alone)
-_ARTIFACTS = {"onnxrt": ("onnxrt", "OnnxRuntimeArtifact"), "tvm": ("tvm_artifact", "TVMArtifact"),
-              "torch": ("torch_exec", "TorchArtifact")}
+_ARTIFACTS = {
+    "onnxrt": ("onnxrt", "OnnxRuntimeArtifact"),
+    "tvm": ("tvm_artifact", "TVMArtifact"),
+    "torch": ("torch_exec", "TorchArtifact"),
+}
 
 
 def artifact_class(name: str) -> type:

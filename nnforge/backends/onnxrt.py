@@ -5,6 +5,7 @@ dims become ``dim_param`` on graph inputs/outputs; attributes that hold symbols 
 "seq*4") are computed at run time from the graph inputs' shapes (one Shape slice per symbol,
 cached, expressions built from the sympy tree with integer Add/Mul/Div/Mod).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import errors
 from ..errors import NnforgeError, UnsupportedOpError
-from ..ir import Graph, Node, REGISTRY, Value, bind_symbols
+from ..ir import REGISTRY, Graph, Node, Value, bind_symbols, symbols
 from ..ir.registry import call_impl
-from ..ir import symbols
 from ..targets import Target, get_target
 from .base import Artifact, Backend, Unsupported, register_backend
 from .onnxrt_fusions import contrib_fusions
@@ -30,15 +30,23 @@ MODEL_FILE = "model.onnx"
 INT64_MAX = np.iinfo(np.int64).max
 
 ONNX_DTYPES = {
-    "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
-    "float64": TensorProto.DOUBLE, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
-    "int16": TensorProto.INT16, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL,
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+    "float64": TensorProto.DOUBLE,
+    "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
+    "int16": TensorProto.INT16,
+    "int8": TensorProto.INT8,
+    "uint8": TensorProto.UINT8,
+    "bool": TensorProto.BOOL,
 }
 
 
 # ---------------------------------------------------------------------------------------
 # lowering context
 # ---------------------------------------------------------------------------------------
+
 
 class _Lowering:
     """Collects ONNX nodes and initializers while the IR graph is lowered."""
@@ -114,7 +122,9 @@ class _Lowering:
         finally:
             self.node = outer
         if len(outs) != len(node.outputs):
-            raise NnforgeError(f"onnxrt: lowering of {node.op} gave {len(outs)} outputs, the op has {len(node.outputs)}")
+            raise NnforgeError(
+                f"onnxrt: lowering of {node.op} gave {len(outs)} outputs, the op has {len(node.outputs)}"
+            )
         for v, name in zip(node.outputs, outs):
             self._bind(v.name, name, start)
         return [self.value(v) for v in node.outputs]
@@ -148,8 +158,10 @@ class _Lowering:
         """int64 [1] tensor holding a symbol's value, read once from an input's shape."""
         if name not in self.sym_cache:
             if name not in self.sym_source:
-                raise NnforgeError(f"onnxrt: symbol {name!r} is not a plain dimension of any graph input, "
-                                   f"so its value cannot be read at run time")
+                raise NnforgeError(
+                    f"onnxrt: symbol {name!r} is not a plain dimension of any graph input, "
+                    f"so its value cannot be read at run time"
+                )
             inp, axis = self.sym_source[name]
             self.sym_cache[name] = self.emit("Shape", [inp], out=self.fresh(f"sym_{name}"), start=axis, end=axis + 1)
         return self.sym_cache[name]
@@ -187,7 +199,8 @@ class _Lowering:
             return self._fold("Add", e.args)
         if isinstance(e, sympy.Mul):
             if any(a.is_Rational and not a.is_Integer for a in e.args) or any(
-                    isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args):
+                isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args
+            ):
                 raise NnforgeError(f"onnxrt: dimension {e} is not an integer expression")
             return self._fold("Mul", e.args)
         if isinstance(e, sympy.floor):
@@ -224,6 +237,7 @@ def _tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
 # ---------------------------------------------------------------------------------------
 # IR graph -> ONNX model
 # ---------------------------------------------------------------------------------------
+
 
 def _value_info(v: Value, name: str | None = None) -> onnx.ValueInfoProto:
     shape = [d if isinstance(d, int) else str(d) for d in v.shape]
@@ -263,8 +277,10 @@ def to_onnx(graph: Graph, contrib: bool = False, device: str = "cpu") -> onnx.Mo
     """
     bad = unsupported_nodes(graph)
     if bad:
-        raise UnsupportedOpError([(u.op, f"%{u.node}: {u.reason}" + (f" ({u.source})" if u.source else "")) for u in bad],
-                                 where="the ONNX Runtime backend")
+        raise UnsupportedOpError(
+            [(u.op, f"%{u.node}: {u.reason}" + (f" ({u.source})" if u.source else "")) for u in bad],
+            where="the ONNX Runtime backend",
+        )
     cx = _Lowering(graph, contrib, device)
     fused, skip = contrib_fusions(graph) if contrib else ({}, set())
     for n in graph.nodes:
@@ -282,8 +298,13 @@ def to_onnx(graph: Graph, contrib: bool = False, device: str = "cpu") -> onnx.Mo
         outputs.append(_value_info(v, name))
     # lowerings may replace a weight by a pre-transposed copy: ship only initializers something reads
     read = {i for node in cx.nodes for i in node.input} | {o.name for o in outputs}
-    g = helper.make_graph(cx.nodes, graph.name or "graph", [_value_info(v) for v in graph.inputs], outputs,
-                          initializer=[t for name, t in cx.inits.items() if name in read])
+    g = helper.make_graph(
+        cx.nodes,
+        graph.name or "graph",
+        [_value_info(v) for v in graph.inputs],
+        outputs,
+        initializer=[t for name, t in cx.inits.items() if name in read],
+    )
     opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(cx.domains)]
     model = helper.make_model(g, opset_imports=opsets, ir_version=IR_VERSION, producer_name="nnforge")
     return model
@@ -301,6 +322,7 @@ def check(model: onnx.ModelProto) -> None:
 # sessions and artifacts
 # ---------------------------------------------------------------------------------------
 
+
 def _providers(target: Target) -> list[str]:
     import onnxruntime as ort
 
@@ -308,14 +330,20 @@ def _providers(target: Target) -> list[str]:
         return ["CPUExecutionProvider"]
     if target.name == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise NnforgeError("onnxrt: target 'cuda' needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers "
-                               f"{ort.get_available_providers()} (pip install onnxruntime-gpu, or use target 'cpu')")
+            raise NnforgeError(
+                "onnxrt: target 'cuda' needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers "
+                f"{ort.get_available_providers()} (pip install onnxruntime-gpu, or use target 'cpu')"
+            )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raise NnforgeError(f"onnxrt: cannot create a session for target {target.name!r} on this host")
 
 
-_OPT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
-               "none": "ORT_DISABLE_ALL"}
+_OPT_LEVELS = {
+    "all": "ORT_ENABLE_ALL",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "basic": "ORT_ENABLE_BASIC",
+    "none": "ORT_DISABLE_ALL",
+}
 
 
 def make_session(model_bytes: bytes, target: Target, options: dict | None = None):
@@ -335,8 +363,9 @@ def make_session(model_bytes: bytes, target: Target, options: dict | None = None
     # than the two ops here (BERT-shaped encoder: 8-14% of the whole run)
     disabled = ["SkipLayerNormFusion"] if target.name == "cpu" else []
     try:
-        return ort.InferenceSession(model_bytes, sess_options=so, providers=_providers(target),
-                                    disabled_optimizers=disabled)
+        return ort.InferenceSession(
+            model_bytes, sess_options=so, providers=_providers(target), disabled_optimizers=disabled
+        )
     except NnforgeError:
         raise
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -399,15 +428,21 @@ class OnnxRuntimeBackend(Backend):
     def supports(self, graph: Graph, target: Target) -> list[Unsupported]:
         target = get_target(target)
         if "onnxrt" not in target.backends:
-            return [Unsupported(n.op, n.outputs[0].name if n.outputs else "", n.source,
-                                f"onnxrt does not build for target {target.name!r}") for n in graph.nodes]
+            return [
+                Unsupported(
+                    n.op,
+                    n.outputs[0].name if n.outputs else "",
+                    n.source,
+                    f"onnxrt does not build for target {target.name!r}",
+                )
+                for n in graph.nodes
+            ]
         return unsupported_nodes(graph)
 
     def build(self, graph: Graph, target: Target, options: dict | None = None) -> OnnxRuntimeArtifact:
         target = get_target(target)
         if "onnxrt" not in target.backends:
-            raise NnforgeError(f"onnxrt: cannot build for target {target.name!r}; it builds for "
-                               "cpu, cuda and wasm")
+            raise NnforgeError(f"onnxrt: cannot build for target {target.name!r}; it builds for cpu, cuda and wasm")
         model = to_onnx(graph, contrib=target.name in ("cpu", "cuda"), device=target.name)
         check(model)
         return OnnxRuntimeArtifact(graph, target, model.SerializeToString(), options)

@@ -5,6 +5,7 @@ takes: it lowers those with the kernel and skips the nodes folded into it. Porta
 Today: an attention whose q, k, v are the three thirds of one linear is ORT's Attention, with the projection
 inside. (The ops' own contrib lowerings, such as attention's MultiHeadAttention, sit with the ops in nnforge/ops.)
 """
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,19 @@ def _packed_attention(graph: Graph) -> dict:
         x, hidden = lin.inputs[0], n.inputs[0].shape[-1]
         if x.type.rank != 3 or not isinstance(hidden, int) or lin.output.shape[-1] != 3 * hidden:
             continue
-        parts = [(s.op, s.inputs[0], s.attrs["axis"] % 3, s.attrs["start"], s.attrs["end"], s.attrs["step"])
-                 for s in slices if s is not None]
+        parts = [
+            (s.op, s.inputs[0], s.attrs["axis"] % 3, s.attrs["start"], s.attrs["end"], s.attrs["step"])
+            for s in slices
+            if s is not None
+        ]
         if parts != [("slice", lin.output, 2, i * hidden, (i + 1) * hidden, 1) for i in range(3)]:
             continue
-        if len(set(slices)) == 3 and set(users[lin.output]) == set(slices) and all(
-                users[s.output] == [n] for s in slices) and lin.output not in graph.outputs:
+        if (
+            len(set(slices)) == 3
+            and set(users[lin.output]) == set(slices)
+            and all(users[s.output] == [n] for s in slices)
+            and lin.output not in graph.outputs
+        ):
             out[n] = (lin, slices)
     return out
 
@@ -48,8 +56,14 @@ def _attention_packed(cx, n, lin):
     h = n.attrs["num_heads"]
     scale = n.attrs["scale"] if n.attrs["scale"] is not None else 1.0 / math.sqrt(n.inputs[0].shape[-1] // h)
     weights = cx.const(np.ascontiguousarray(w.T), hint="qkv_w")
-    cx.emit("Attention", [cx.value(lin.inputs[0]), weights, cx.const(b, hint="qkv_b")], out=n.output.name,
-            domain="com.microsoft", num_heads=h, scale=float(scale))
+    cx.emit(
+        "Attention",
+        [cx.value(lin.inputs[0]), weights, cx.const(b, hint="qkv_b")],
+        out=n.output.name,
+        domain="com.microsoft",
+        num_heads=h,
+        scale=float(scale),
+    )
 
 
 def contrib_fusions(graph: Graph) -> tuple[dict, set]:

@@ -7,11 +7,12 @@ torch implementation sits beside its numpy reference in its family module (nnfor
 for target ``cuda`` when torch sees one. Nothing is compiled, so there are no files to save: the
 bundle's IR is all it needs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -19,11 +20,11 @@ import torch
 from ..errors import NnforgeError
 from ..ir import Graph, Node, bind_symbols, get_op
 from ..ir.registry import REGISTRY, call_impl
-from ..ir.interpret import run_node
 from ..ir.torch_dtypes import TORCH_DTYPES, from_torch, to_torch
 from ..ops.fallback import TorchOpError
 from ..targets import Target, get_target
 from .base import Artifact, Backend, Unsupported, register_backend
+
 
 @dataclass
 class TorchCx:
@@ -44,12 +45,15 @@ class TorchCx:
         with np.errstate(all="ignore"):  # NaN/Inf propagate like eager instead of warning
             res = get_op(self.node.op).ref(*args, **attrs)
         res = list(res) if isinstance(res, (tuple, list)) else [res]
-        return [to_torch(np.asarray(r).astype(o.dtype, copy=False)).to(self.device) for r, o in zip(res, self.node.outputs)]
+        return [
+            to_torch(np.asarray(r).astype(o.dtype, copy=False)).to(self.device) for r, o in zip(res, self.node.outputs)
+        ]
 
 
 # ---------------------------------------------------------------------------------------
 # running a graph
 # ---------------------------------------------------------------------------------------
+
 
 def _device(target: Target) -> str:
     return "cuda" if target.name == "cuda" and torch.cuda.is_available() else "cpu"
@@ -59,8 +63,9 @@ def torch_constants(graph: Graph, device: str = "cpu") -> dict:
     return {v: to_torch(graph.constants[name]).to(device) for name, v in graph.const_values.items()}
 
 
-def run_graph_torch(graph: Graph, inputs: Sequence[np.ndarray], device: str = "cpu",
-                    constants: dict | None = None) -> list[np.ndarray]:
+def run_graph_torch(
+    graph: Graph, inputs: Sequence[np.ndarray], device: str = "cpu", constants: dict | None = None
+) -> list[np.ndarray]:
     """Run ``graph`` node by node with torch; numpy in, numpy out (values are freed after their last use).
 
     ``constants`` (from ``torch_constants``) saves converting the weights on every call.
@@ -112,7 +117,9 @@ class TorchArtifact(Artifact):
 
     def __init__(self, graph: Graph, target: Target):
         super().__init__(graph, target)
-        for n in graph.nodes:  # check every node now (an opaque op's name resolves): a bad one fails at load, not mid-run
+        for (
+            n
+        ) in graph.nodes:  # check every node now (an opaque op's name resolves): a bad one fails at load, not mid-run
             check = _torch_check(n)
             reason = check(n, target.name) if check else None
             if reason:

@@ -29,41 +29,42 @@ it is already set. TVM reads it once, when its pool starts.
 
 The lowering table lives in ``tvm_lower.py``, the CPU schedule rules in ``tvm_schedule.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
-
-from ..errors import NnforgeError, UnsupportedOpError
-from ..ir import Graph
-from ..ir.interpret import bind_symbols
-from ..targets import Target, get_target
-from .base import Artifact, Backend, Unsupported, register_backend
-
-from .tvm_artifact import CUDA_SOURCE_NAME, FORMAT_VERSION, LIB_NAME, META_NAME, TUNING_FILES, TVMArtifact  # noqa: F401
-from .tvm_artifact import first_line, num_threads  # noqa: F401  (sets TVM_NUM_THREADS before TVM loads)
 
 import tvm  # noqa: E402  (absolute import: the apache-tvm package, not this module)
 from tvm import relax  # noqa: E402
 
+from ..errors import NnforgeError, UnsupportedOpError
+from ..ir import Graph
+from ..targets import Target, get_target
 from . import tvm_lower, tvm_schedule  # noqa: E402
+from .base import Backend, Unsupported, register_backend
+from .tvm_artifact import (  # noqa: F401  # noqa: F401  (sets TVM_NUM_THREADS before TVM loads)
+    CUDA_SOURCE_NAME,
+    FORMAT_VERSION,
+    LIB_NAME,
+    META_NAME,
+    TUNING_FILES,
+    TVMArtifact,
+    first_line,
+    num_threads,
+)
 
 OPTIONS = ("progress", "embed_params", "schedule", "fast_math", "arch", "mcpu", "tune", "tune_db")
 SCHEDULES = ("default", "dlight", "none")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # targets and pipelines
 # ---------------------------------------------------------------------------------------------
+
 
 def tvm_target(target: Target, options: dict | None = None) -> "tvm.target.Target":
     """The TVM target for an nnforge target (dicts: TVM 0.27 rejects flag strings)."""
@@ -87,8 +88,13 @@ def _cuda_arch() -> str:
     return "sm_" + dev.compute_version.replace(".", "") if dev.exist else "sm_80"
 
 
-def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True,
-                    stop_after_schedule: bool = False, tuned: bool = False) -> list:
+def pipeline_passes(
+    target: "tvm.target.Target",
+    schedule: str = "default",
+    fast_math: bool = True,
+    stop_after_schedule: bool = False,
+    tuned: bool = False,
+) -> list:
     """The Relax pipeline as a plain list of passes (printable, editable).
 
     llvm targets: fast math (vectorisable exp/erf/tanh), TVM's legalize + fusion, then nnforge's
@@ -111,15 +117,20 @@ def pipeline_passes(target: "tvm.target.Target", schedule: str = "default", fast
         with target:  # the pass takes the target when it is made
             sched = [relax.transform.MetaScheduleApplyDatabase()] + sched
     # legalize + fusion (TVM's CUDA legalize stage is the same five passes followed by dlight)
-    passes = ([relax.transform.FastMathTransform()] if fast_math else []) + stages.library_dispatch_passes(target) \
-        + cpu_stages.legalize_passes(target) + sched
+    passes = (
+        ([relax.transform.FastMathTransform()] if fast_math else [])
+        + stages.library_dispatch_passes(target)
+        + cpu_stages.legalize_passes(target)
+        + sched
+    )
     if stop_after_schedule:
         return passes
     return passes + stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
 
 
-def make_pipeline(target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True,
-                  tuned: bool = False) -> "tvm.transform.Pass":
+def make_pipeline(
+    target: "tvm.target.Target", schedule: str = "default", fast_math: bool = True, tuned: bool = False
+) -> "tvm.transform.Pass":
     passes = pipeline_passes(target, schedule, fast_math, tuned=tuned)
 
     @tvm.transform.module_pass(opt_level=0, name="NnforgePipeline")
@@ -133,6 +144,7 @@ def make_pipeline(target: "tvm.target.Target", schedule: str = "default", fast_m
 # ---------------------------------------------------------------------------------------------
 # progress
 # ---------------------------------------------------------------------------------------------
+
 
 @contextmanager
 def _progress(option, what: str):
@@ -167,6 +179,7 @@ def _cuda_source(lib) -> str | None:
 # the backend
 # ---------------------------------------------------------------------------------------------
 
+
 class TVMBackend(Backend):
     name = "tvm"
     artifact_class = TVMArtifact
@@ -177,14 +190,17 @@ class TVMBackend(Backend):
         for node in graph.nodes:
             reason = tvm_lower.node_problem(node, target.name)
             if reason:
-                out.append(Unsupported(node.op, node.outputs[0].name if node.outputs else node.name, node.source, reason))
+                out.append(
+                    Unsupported(node.op, node.outputs[0].name if node.outputs else node.name, node.source, reason)
+                )
         for v in list(graph.inputs) + list(graph.outputs):
             if v.dtype in tvm_lower.UNSUPPORTED_DTYPES:
                 out.append(Unsupported("<io>", v.name, "", tvm_lower.UNSUPPORTED_DTYPES[v.dtype]))
         return out
 
-    def lower(self, graph: Graph, options: dict | None = None, target: "tvm.target.Target | None" = None
-              ) -> "tvm_lower.Lowered":
+    def lower(
+        self, graph: Graph, options: dict | None = None, target: "tvm.target.Target | None" = None
+    ) -> "tvm_lower.Lowered":
         """The Relax module for ``graph`` before any pipeline ran (for inspection and tests)."""
         return tvm_lower.lower_graph(graph, embed_params=bool((options or {}).get("embed_params")), target=target)
 
@@ -195,20 +211,25 @@ class TVMBackend(Backend):
         lowered = self.lower(graph, options, ttarget)
         mod = relax.transform.LiftTransformParams()(lowered.mod) if lowered.param_names else lowered.mod
         with ttarget:
-            return tvm.transform.Sequential(pipeline_passes(ttarget, options.get("schedule", "default"),
-                                                            options.get("fast_math", True), True))(mod)
+            return tvm.transform.Sequential(
+                pipeline_passes(ttarget, options.get("schedule", "default"), options.get("fast_math", True), True)
+            )(mod)
 
     def build(self, graph: Graph, target: Target | str = "cpu", options: dict | None = None) -> TVMArtifact:
         target = get_target(target)
         options = _check_options(options)
         problems = self.supports(graph, target)
         if problems:
-            raise UnsupportedOpError([(f"{p.op} (%{p.node}): {p.reason}", p.source) for p in problems],
-                                     where=f"the TVM backend for {target.name}")
+            raise UnsupportedOpError(
+                [(f"{p.op} (%{p.node}): {p.reason}", p.source) for p in problems],
+                where=f"the TVM backend for {target.name}",
+            )
         ttarget = tvm_target(target, options)
         trials = int(options.get("tune") or 0)
         if trials and target.name != "cpu":
-            raise NnforgeError(f"tuning (tune={trials}) measures kernels on this machine: only target cpu, not {target.name!r}")
+            raise NnforgeError(
+                f"tuning (tune={trials}) measures kernels on this machine: only target cpu, not {target.name!r}"
+            )
         if trials:
             from . import tvm_tune  # MetaSchedule: imported only when tuning
 
@@ -245,8 +266,11 @@ class TVMBackend(Backend):
             stage("compiling (legalize, fuse, schedule, codegen)")
             try:
                 with database if database is not None else contextlib.nullcontext():
-                    ex = tvm.compile(mod, target=ttarget, relax_pipeline=make_pipeline(ttarget, schedule, fast_math,
-                                                                                       tuned=database is not None))
+                    ex = tvm.compile(
+                        mod,
+                        target=ttarget,
+                        relax_pipeline=make_pipeline(ttarget, schedule, fast_math, tuned=database is not None),
+                    )
             except Exception as e:
                 raise NnforgeError(f"TVM failed to build {graph.name!r} for {target.name}: {first_line(e)}") from e
             stage(f"done in {time.perf_counter() - t0:.1f}s")

@@ -9,6 +9,7 @@ CPU threads: TVM's pool defaults to half the logical CPUs on x86 (it assumes hyp
 thread on a 2-core machine; this module sets TVM_NUM_THREADS to every CPU the process may use unless
 it is already set. TVM reads it once, when its pool starts.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ from ..targets import Target
 from .base import Artifact
 
 if "TVM_NUM_THREADS" not in os.environ:
-    os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                        else os.cpu_count() or 1)
+    os.environ["TVM_NUM_THREADS"] = str(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
 
 import tvm  # noqa: E402  (the apache-tvm package)
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
@@ -53,11 +55,14 @@ def load_cuda_runtime() -> None:
     if "tvm_runtime_cuda" not in _LOADED_LIBS:
         runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
         try:
-            _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
-                                                               extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+            _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+                package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+            )
         except (OSError, RuntimeError) as e:
-            raise NnforgeError(f"this TVM bundle targets CUDA, but TVM's CUDA runtime does not load here "
-                               f"(it needs a CUDA driver, libcuda): {first_line(e)}") from None
+            raise NnforgeError(
+                f"this TVM bundle targets CUDA, but TVM's CUDA runtime does not load here "
+                f"(it needs a CUDA driver, libcuda): {first_line(e)}"
+            ) from None
 
 
 def first_line(e: Exception) -> str:
@@ -69,15 +74,22 @@ def first_line(e: Exception) -> str:
     for k in range(len(lines) - 1, -1, -1):
         head = lines[k].lstrip()
         if ("Error:" in head.split(" ")[0] or head.startswith("Check failed")) and not head.startswith("File "):
-            return " ".join(ln.strip() for ln in lines[k:k + 4])[:600]
+            return " ".join(ln.strip() for ln in lines[k : k + 4])[:600]
     return " ".join(ln.strip() for ln in lines[-3:])[:600]
 
 
 class TVMArtifact(Artifact):
     backend = "tvm"
 
-    def __init__(self, graph: Graph, target: Target, lib, meta: dict, cuda_source: str | None = None,
-                 tuning_files: dict | None = None):
+    def __init__(
+        self,
+        graph: Graph,
+        target: Target,
+        lib,
+        meta: dict,
+        cuda_source: str | None = None,
+        tuning_files: dict | None = None,
+    ):
         super().__init__(graph, target)
         self.tuning_files = tuning_files or {}  # tuning database files (name -> JSON lines) shipped in the bundle
         self.lib = lib  # relax VMExecutable (fresh build) or runtime.Module (loaded)
@@ -91,13 +103,17 @@ class TVMArtifact(Artifact):
     # -- running ---------------------------------------------------------------------------
     def _device(self):
         if self.target.name == "arm":
-            raise NnforgeError("an arm (aarch64) TVM library cannot be loaded into this process; "
-                               "run() runs its bundle under qemu-aarch64 instead")
+            raise NnforgeError(
+                "an arm (aarch64) TVM library cannot be loaded into this process; "
+                "run() runs its bundle under qemu-aarch64 instead"
+            )
         if self.target.name == "cuda":
             dev = tvm.cuda(0)
             if not dev.exist:
-                raise NnforgeError("this TVM artifact targets CUDA but no CUDA device is available here; "
-                                   "it can still be saved (model.so + model.cu) and run on a GPU machine")
+                raise NnforgeError(
+                    "this TVM artifact targets CUDA but no CUDA device is available here; "
+                    "it can still be saved (model.so + model.cu) and run on a GPU machine"
+                )
             return dev
         return tvm.cpu(0)
 
@@ -157,8 +173,14 @@ class TVMArtifact(Artifact):
     def _to_device(self, a: np.ndarray):
         # on the CPU an aligned C-contiguous array is passed without a copy (DLPack); TVM's kernels
         # assume 64-byte aligned data, so anything else is copied into a fresh tensor
-        if self.target.name == "cpu" and a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0 \
-                and a.dtype != np.bool_ and a.size:
+        if (
+            self.target.name == "cpu"
+            and a.flags.c_contiguous
+            and a.flags.writeable
+            and a.ctypes.data % 64 == 0
+            and a.dtype != np.bool_
+            and a.size
+        ):
             return tvm.runtime.from_dlpack(a)
         return tvm.runtime.tensor(np.ascontiguousarray(a), self._dev)
 
@@ -202,12 +224,16 @@ class TVMArtifact(Artifact):
         except (OSError, ValueError) as e:
             raise NnforgeError(f"TVM bundle {directory}: {META_NAME} is not valid JSON ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-            raise NnforgeError(f"TVM bundle {directory}: {META_NAME} has format {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT_VERSION}")
+            raise NnforgeError(
+                f"TVM bundle {directory}: {META_NAME} has format {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT_VERSION}"
+            )
         if meta.get("target") != target.name:
             raise NnforgeError(f"TVM bundle {directory} was built for {meta.get('target')!r}, not {target.name!r}")
         if meta.get("inputs") != [v.name for v in graph.inputs]:
-            raise NnforgeError(f"TVM bundle {directory}: library inputs {meta.get('inputs')} do not match the graph's "
-                               f"{[v.name for v in graph.inputs]}")
+            raise NnforgeError(
+                f"TVM bundle {directory}: library inputs {meta.get('inputs')} do not match the graph's "
+                f"{[v.name for v in graph.inputs]}"
+            )
         cuda_src = directory / CUDA_SOURCE_NAME
         if target.name == "arm":
             lib = None  # an aarch64 library cannot be loaded into this process
@@ -218,8 +244,7 @@ class TVMArtifact(Artifact):
                 lib = tvm.runtime.load_module(str(lib_path))
             except Exception as e:
                 raise NnforgeError(f"TVM could not load {lib_path}: {first_line(e)}") from e
-        tuning = {n: (directory / n).read_text() for n in TUNING_FILES
-                  if (directory / n).is_file()}
+        tuning = {n: (directory / n).read_text() for n in TUNING_FILES if (directory / n).is_file()}
         art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None, tuning)
         art.lib_path, art.bundle_dir = lib_path, directory
         return art
@@ -229,6 +254,8 @@ def _arm_cxx() -> str:
     import shutil
 
     if shutil.which(ARM_CXX) is None:
-        raise NnforgeError(f"cross-compiling for arm needs {ARM_CXX}: install it with "
-                           "`apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu`")
+        raise NnforgeError(
+            f"cross-compiling for arm needs {ARM_CXX}: install it with "
+            "`apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu`"
+        )
     return ARM_CXX

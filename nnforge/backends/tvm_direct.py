@@ -3,6 +3,7 @@
 ``from_exported_program`` + ``tvm.compile`` with TVM's default Relax pipeline and no schedules or
 tuning, which is what a user who reaches for TVM by hand gets. nnforge's own TVM path is tvm.py.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence

@@ -15,10 +15,10 @@ Winograd, batch-1 linear layers on packed weight panels, NaN-propagating max/min
 
 Used only by ``nnforge.backends.tvm``; all TVM API use stays in the backend's modules.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import sympy
@@ -44,6 +44,7 @@ class LoweringError(NnforgeError):
 # ---------------------------------------------------------------------------------------------
 # symbolic dims -> PrimExpr
 # ---------------------------------------------------------------------------------------------
+
 
 class DimMap:
     """Turns IR dims into ints or TIR PrimExprs over one shared set of int64 tirx.Vars."""
@@ -117,6 +118,7 @@ def _as_expr(x):
 # lowering context and table
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Ctx:
     """What a lowering function may use: the block builder, dims, the node being lowered."""
@@ -152,6 +154,7 @@ class Ctx:
 # ---------------------------------------------------------------------------------------------
 # whole graph
 # ---------------------------------------------------------------------------------------------
+
 
 def node_problem(node: Node, target_name: str) -> str | None:
     """Why ``node`` cannot be lowered for ``target_name``, or None."""
@@ -191,8 +194,9 @@ def _is_param(graph: Graph, v: Value, embed: bool) -> bool:
     return int(np.prod(graph.constants[v.name].shape)) > INLINE_CONST_MAX_ELEMS
 
 
-def lower_graph(graph: Graph, *, embed_params: bool = False, func_name: str = "main",
-                target: "tvm.target.Target | None" = None) -> Lowered:
+def lower_graph(
+    graph: Graph, *, embed_params: bool = False, func_name: str = "main", target: "tvm.target.Target | None" = None
+) -> Lowered:
     """Build the Relax module for ``graph``. Raises LoweringError naming the node that failed."""
     bb = relax.BlockBuilder()
     dims = DimMap()
@@ -291,4 +295,3 @@ def _align_broadcast(bb, dims: DimMap, node: Node, args: list) -> list:
 def _describe(node: Node) -> str:
     ins = ", ".join(f"{i.name}:{i.type}" if i is not None else "None" for i in node.inputs)
     return f"{node.op} (%{node.outputs[0].name} from {ins}){' at ' + node.source if node.source else ''}"
-

@@ -26,6 +26,7 @@ to the next rule), so a schedule problem can cost speed but never a build.
 ``schedule_passes(target, name)``: "default" (the above), "dlight" (dlight's CPU rules only, for
 comparison) or "none".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,15 +37,20 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.analysis import verify_well_formed
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
-from tvm.s_tir.dlight.gpu.matmul import (IterKind, IterTrait, detect_iter_traits, get_reduction_blocks,
-                                          make_iter_fusion_index_map)
+from tvm.s_tir.dlight.gpu.matmul import (
+    IterKind,
+    IterTrait,
+    detect_iter_traits,
+    get_reduction_blocks,
+    make_iter_fusion_index_map,
+)
 from tvm.sym import Analyzer
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 from tvm.tirx.analysis import undefined_vars
 
-from .tvm_winograd import OUTPUT_BLOCK as WINOGRAD_OUTPUT, TILES_BLOCK as WINOGRAD_TILES
-
+from .tvm_winograd import OUTPUT_BLOCK as WINOGRAD_OUTPUT
+from .tvm_winograd import TILES_BLOCK as WINOGRAD_TILES
 
 MAX_INLINED_CHARS = 40_000  # printed size of a block past which inlining stops (see _inline)
 COSTLY_CHARS = 1_000  # a value this long (exp/erf/tanh polynomials) is worth storing, not recomputing
@@ -527,8 +533,9 @@ def _fuse_rows(sch, target):
         return None
     last = infos[-1]
     rows = len(last.dom_kind()) - 1
-    if rows < 1 or any(len(bi.dom_kind()) not in (rows, rows + 1) or not bi.dom_kind()[:rows] == "S" * rows
-                       for bi in infos):
+    if rows < 1 or any(
+        len(bi.dom_kind()) not in (rows, rows + 1) or not bi.dom_kind()[:rows] == "S" * rows for bi in infos
+    ):
         return None
     loops = sch.get_loops(last.block_rv)
     if len(loops) != rows + 1:
@@ -540,7 +547,7 @@ def _fuse_rows(sch, target):
     except Exception:  # noqa: BLE001  (not a row-wise pattern after all)
         return None
     for bi in infos[:-1]:  # each producer computes just this row (a mean over another axis would be redone per row)
-        if any(_int(sch.get(lp).extent) != 1 for lp in sch.get_loops(bi.block_rv)[1:1 + rows]):
+        if any(_int(sch.get(lp).extent) != 1 for lp in sch.get_loops(bi.block_rv)[1 : 1 + rows]):
             return None
     sch.parallel(row)
     lanes = vector_lanes(target, 32)
@@ -577,8 +584,13 @@ def _is_window(sch, loops, dk: str, lead: int) -> bool:
     unrolls the window and vectorises along the row (fused in, max pool ran 4x slower)."""
     last = _int(sch.get(loops[lead - 1]).extent) if lead >= 1 else None
     window = [_int(sch.get(lp).extent) for lp in loops[lead:]]
-    return dk == "S" * lead + "R" * len(window) and bool(window) and last is not None and last >= 8 \
+    return (
+        dk == "S" * lead + "R" * len(window)
+        and bool(window)
+        and last is not None
+        and last >= 8
         and all(e is not None and e <= 16 for e in window)
+    )
 
 
 def _is_spatial(sch, block) -> bool:
@@ -708,8 +720,11 @@ def gpu_schedule_passes(target: Target) -> list:
     """TVM's default CUDA schedules (dlight's GPU rules, as its CUDA pipeline applies them), each
     guarded, so that a rule that asserts falls through to the next one instead of failing the build."""
     g = dl.gpu
-    return [dl.ApplyDefaultSchedule(Guarded(g.Matmul()), Guarded(g.GEMV()), Guarded(g.Reduction()),
-                                    Guarded(g.GeneralReduction()), g.Fallback())]
+    return [
+        dl.ApplyDefaultSchedule(
+            Guarded(g.Matmul()), Guarded(g.GEMV()), Guarded(g.Reduction()), Guarded(g.GeneralReduction()), g.Fallback()
+        )
+    ]
 
 
 def schedule_passes(target: Target, schedule: str = "default") -> list:
@@ -717,5 +732,8 @@ def schedule_passes(target: Target, schedule: str = "default") -> list:
         return []
     if schedule == "dlight":
         return [dl.ApplyDefaultSchedule(Guarded(dl.cpu.GEMV()), Guarded(dl.cpu.Reduction()))]
-    return [dl.ApplyDefaultSchedule(CPUWinogradOutput(), CPUMatmul(), CPURowwise(), CPUElementwise(),
-                                    Guarded(dl.cpu.GEMV()))]
+    return [
+        dl.ApplyDefaultSchedule(
+            CPUWinogradOutput(), CPUMatmul(), CPURowwise(), CPUElementwise(), Guarded(dl.cpu.GEMV())
+        )
+    ]

@@ -9,6 +9,7 @@ kernel wins only when few weights are stored: ``MAX_DENSITY`` is where ``nnforge
 measured it level with the dense matmul schedule on this CPU (see the README), and denser layers keep
 the dense kernel (their CSR weights are scattered into a dense matrix once, at load).
 """
+
 from __future__ import annotations
 
 from tvm import relax
@@ -22,8 +23,13 @@ def _kernel(n: int, k: int, nnz: int):
     from tvm.script import tirx as T
 
     @T.prim_func(private=True)
-    def csr_matmul(var_xt: T.handle, values: T.Buffer((nnz,), "float32"), cols: T.Buffer((nnz,), "int32"),
-                   row_ptr: T.Buffer((n + 1,), "int32"), var_yt: T.handle):
+    def csr_matmul(
+        var_xt: T.handle,
+        values: T.Buffer((nnz,), "float32"),
+        cols: T.Buffer((nnz,), "int32"),
+        row_ptr: T.Buffer((n + 1,), "int32"),
+        var_yt: T.handle,
+    ):
         T.func_attr({"tirx.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
         m = T.int64()
         xt = T.match_buffer(var_xt, (k, m), "float32")

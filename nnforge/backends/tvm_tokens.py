@@ -2,11 +2,12 @@
 are one kernel of their own (``merged_tokens``, scheduled by ``schedule_merged_tokens`` on CPUs): every
 output token reads its rows of the input directly.
 """
+
 from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from .tvm_schedule import vector_lanes, _vectorize_row
+from .tvm_schedule import _vectorize_row, vector_lanes
 
 
 def _merge_into(s, src, dst, b, j, value=None):

@@ -18,6 +18,7 @@ each import TVM, which on a loaded 2-core machine exceeds its 30 s build timeout
 MetaSchedule's runner and cost model need packages nnforge installs only with the ``tune`` extra
 (``pip install nnforge[tune]``); ``require_packages`` says so before any work starts.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,8 +44,9 @@ def require_packages() -> None:
     """NnforgeError naming the missing packages and the extra that installs them."""
     missing = [pip for name, pip in TUNE_PACKAGES.items() if importlib.util.find_spec(name) is None]
     if missing:
-        raise NnforgeError(f"MetaSchedule tuning needs {', '.join(missing)}, which are not installed: "
-                           "pip install nnforge[tune]")
+        raise NnforgeError(
+            f"MetaSchedule tuning needs {', '.join(missing)}, which are not installed: pip install nnforge[tune]"
+        )
 
 
 WORKLOAD_FILE = "tuning_workloads.json"  # flat names: bundles refuse files in subfolders
@@ -59,8 +61,9 @@ def db_dir(option=None) -> Path:
 def open_db(directory) -> "ms.database.JSONDatabase":
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(path_workload=str(d / WORKLOAD_FILE), path_tuning_record=str(d / RECORD_FILE),
-                                    module_equality="structural")
+    return ms.database.JSONDatabase(
+        path_workload=str(d / WORKLOAD_FILE), path_tuning_record=str(d / RECORD_FILE), module_equality="structural"
+    )
 
 
 def tune_target(target: "tvm.target.Target") -> "tvm.target.Target":
@@ -90,8 +93,11 @@ def _runner() -> "ms.runner.LocalRunner":
 
 def _tasks(fused, target) -> list:
     """The kernels to tune: those nnforge's lowering did not schedule already."""
-    return [t for t in ms.relax_integration.extract_tasks(fused, target)
-            if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    return [
+        t
+        for t in ms.relax_integration.extract_tasks(fused, target)
+        if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)
+    ]
 
 
 def _has_space(context) -> bool:
@@ -137,12 +143,21 @@ def tune(fused: "tvm.IRModule", target: "tvm.target.Target", trials: int, databa
         per_iter = max(4, min(64, trials // len(new)))
         stage(f"tuning: 0/{trials} trials on {len(new)} kernel(s)")
         try:
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=trials,
-                          num_trials_per_iter=per_iter, builder=_InProcessBuilder(),
-                          runner=_runner(), database=database,
-                          measure_callbacks=list(ms.measure_callback.MeasureCallback.create("default")) + [progress])
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=work,
+                max_trials_global=trials,
+                num_trials_per_iter=per_iter,
+                builder=_InProcessBuilder(),
+                runner=_runner(),
+                database=database,
+                measure_callbacks=list(ms.measure_callback.MeasureCallback.create("default")) + [progress],
+            )
         except Exception as e:
-            raise NnforgeError(f"MetaSchedule tuning failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
+            raise NnforgeError(
+                f"MetaSchedule tuning failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+            ) from e
     stats["trials"] = progress.done
     stats["tuned"] = sum(database.query_tuning_record(t.dispatched[0], target, t.task_name) is not None for t in new)
     return stats
@@ -192,8 +207,12 @@ def vet(fused: "tvm.IRModule", target: "tvm.target.Target", database, directory,
                 except Exception:  # noqa: BLE001  (a side that does not build cannot win)
                     pass
             # both sides in one runner, interleaved (tuned, default, default, tuned, ...) so load hits both alike
-            order = [k for r in range(rounds) for k in (("tuned", "default") if r % 2 == 0 else ("default", "tuned"))
-                     if k in paths]
+            order = [
+                k
+                for r in range(rounds)
+                for k in (("tuned", "default") if r % 2 == 0 else ("default", "tuned"))
+                if k in paths
+            ]
             args = rec.args_info or ms.arg_info.ArgInfo.from_prim_func(mod["main"])
             futures = runner.run([ms.runner.RunnerInput(paths[k], "cpu", args) for k in order])
             for k, f in zip(order, futures):
@@ -205,13 +224,20 @@ def vet(fused: "tvm.IRModule", target: "tvm.target.Target", database, directory,
                 shutil.rmtree(os.path.dirname(p), ignore_errors=True)
         tuned_us, default_us = min(us["tuned"], default=None), min(us["default"], default=None)
         keep = tuned_us is not None and (default_us is None or tuned_us < default_us)
-        verdicts[key] = {"task": t.task_name, "record_us": _record_us(rec), "keep": keep,
-                         "tuned_us": tuned_us and round(tuned_us, 3), "default_us": default_us and round(default_us, 3)}
+        verdicts[key] = {
+            "task": t.task_name,
+            "record_us": _record_us(rec),
+            "keep": keep,
+            "tuned_us": tuned_us and round(tuned_us, 3),
+            "default_us": default_us and round(default_us, 3),
+        }
     if todo:
         Path(directory, VERDICT_FILE).write_text(json.dumps(verdicts, indent=1, sort_keys=True))
     decided = [verdicts.get(_key(t.dispatched[0])) for t in _tasks(fused, target)]
-    return {"kept": sum(bool(v and v["keep"]) for v in decided),
-            "dropped": sum(bool(v and not v["keep"]) for v in decided)}
+    return {
+        "kept": sum(bool(v and v["keep"]) for v in decided),
+        "dropped": sum(bool(v and not v["keep"]) for v in decided),
+    }
 
 
 def export_records(fused: "tvm.IRModule", target, database, directory, verdicts: dict | None = None) -> None:
@@ -222,8 +248,14 @@ def export_records(fused: "tvm.IRModule", target, database, directory, verdicts:
         v = (verdicts or {}).get(_key(t.dispatched[0]))
         if v is not None and not v["keep"]:
             continue
-        top = database.get_top_k(database.commit_workload(t.dispatched[0]), 1) \
-            if database.has_workload(t.dispatched[0]) else []
+        top = (
+            database.get_top_k(database.commit_workload(t.dispatched[0]), 1)
+            if database.has_workload(t.dispatched[0])
+            else []
+        )
         for rec in top:
-            out.commit_tuning_record(ms.database.TuningRecord(rec.trace, out.commit_workload(t.dispatched[0]),
-                                                              rec.run_secs, rec.target, rec.args_info))
+            out.commit_tuning_record(
+                ms.database.TuningRecord(
+                    rec.trace, out.commit_workload(t.dispatched[0]), rec.run_secs, rec.target, rec.args_info
+                )
+            )

@@ -15,6 +15,7 @@ column sums are Relax ops on the weights alone, which LiftTransformParams runs o
 TVM 0.27 ships a VNNI tensor intrinsic whose LLVM call no longer type-checks (LLVM now takes the
 vpdpbusd operands as <64 x i8>); ``_intrin`` registers the same computation with today's types.
 """
+
 from __future__ import annotations
 
 from tvm import relax, s_tir, te, tirx
@@ -35,8 +36,11 @@ def _intrin() -> str:
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
@@ -46,16 +50,22 @@ def _intrin() -> str:
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
             a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(a, 16), dtype="int8x64"), B.vload([0, 0], dtype="int8x64"),
-                dtype="int32x16")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
 
     TensorIntrin.register(INTRIN, desc, impl)
     return INTRIN
@@ -66,8 +76,13 @@ INTRIN = "nnforge_dot_16x4_u8i8i32_vnni"
 
 def available(target, n: int, k: int) -> bool:
     """Whether the kernel fits: an LLVM x86 target with VNNI, N a multiple of 16 and K of 4."""
-    return (target is not None and target.kind.name == "llvm" and n % LANES == 0 and k % DEPTH == 0
-            and bool(target_has_features("avx512vnni", target)))
+    return (
+        target is not None
+        and target.kind.name == "llvm"
+        and n % LANES == 0
+        and k % DEPTH == 0
+        and bool(target_has_features("avx512vnni", target))
+    )
 
 
 def _columns_per_tile(n: int) -> int:
@@ -91,14 +106,19 @@ def _kernel(x, w, colsum, x_scale, zero_point, w_scale, bias, qmin: int, padded_
 
     def code(i, r):
         q = tirx.round(x[tirx.min(i, m - 1), r] / scale(i)) + zero_point[()]
-        return tirx.if_then_else(i < m, tirx.max(tirx.min(q, 255.0), float(qmin)).astype("uint8"),
-                                 tirx.const(0, "uint8"))
+        return tirx.if_then_else(
+            i < m, tirx.max(tirx.min(q, 255.0), float(qmin)).astype("uint8"), tirx.const(0, "uint8")
+        )
 
     codes = te.compute((rows, k), code, name="a_pad")
     r = te.reduce_axis((0, k), name="k")
-    acc = te.compute((rows, n), lambda i, j: te.sum(
-        codes[i, r].astype("int32") * w[j // LANES, r // DEPTH, j % LANES, r % DEPTH].astype("int32"), axis=r),
-        name="acc")
+    acc = te.compute(
+        (rows, n),
+        lambda i, j: te.sum(
+            codes[i, r].astype("int32") * w[j // LANES, r // DEPTH, j % LANES, r % DEPTH].astype("int32"), axis=r
+        ),
+        name="acc",
+    )
 
     def rescale(i, j):
         y = (acc[i, j] - zero_point[()].astype("int32") * colsum[j]).astype("float32") * scale(i) * w_scale[j]
@@ -142,8 +162,19 @@ def qmatmul(bb: relax.BlockBuilder, x, qweight, n: int, k: int, x_scale, zero_po
     packed = bb.emit(R.permute_dims(bb.emit(R.reshape(qweight, [n // LANES, LANES, k // DEPTH, DEPTH])), [0, 2, 1, 3]))
     colsum = bb.emit(R.sum(bb.emit(R.astype(qweight, "int32")), axis=[1]))
     for padded in (False, True):
-        call = bb.call_te(_kernel, x, packed, colsum, x_scale, zero_point, w_scale, bias, qmin, padded,
-                          primfunc_name_hint="qmatmul_vnni")
+        call = bb.call_te(
+            _kernel,
+            x,
+            packed,
+            colsum,
+            x_scale,
+            zero_point,
+            w_scale,
+            bias,
+            qmin,
+            padded,
+            primfunc_name_hint="qmatmul_vnni",
+        )
         try:
             bb.update_func(call.args[0], _schedule(bb.get()[call.args[0]], n))
             break

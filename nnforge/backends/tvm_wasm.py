@@ -17,6 +17,7 @@ does without it. At build time:
 Shapes must be static (the steps hold concrete sizes); a model with symbolic sizes is refused with a
 message naming them.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ def _static_shape(value, what: str) -> list[int]:
     dims = []
     for d in shape.values if hasattr(shape, "values") else shape:
         if not isinstance(d, tvm.tirx.IntImm):
-            raise NnforgeError(f"TVM wasm bundles need static shapes: {what} has size {d}; export with fixed sizes "
-                               "(no dynamic_shapes) or use the onnxrt backend for wasm")
+            raise NnforgeError(
+                f"TVM wasm bundles need static shapes: {what} has size {d}; export with fixed sizes "
+                "(no dynamic_shapes) or use the onnxrt backend for wasm"
+            )
         dims.append(int(d))
     return dims
 
@@ -100,8 +103,13 @@ class _Program:
         result = body.body
         names = [self.name_of(f) for f in result.fields] if isinstance(result, relax.Tuple) else [self.name_of(result)]
         outs = [field for n in names for field in self.tuple_fields.get(n, [n])]
-        return {"format": PROGRAM_FORMAT, "inputs": params[:num_input], "params": params[num_input:],
-                "steps": self.steps, "outputs": outs}
+        return {
+            "format": PROGRAM_FORMAT,
+            "inputs": params[:num_input],
+            "params": params[num_input:],
+            "steps": self.steps,
+            "outputs": outs,
+        }
 
     def bind(self, var, value) -> None:
         name = f"t{len(self.names)}"
@@ -112,8 +120,11 @@ class _Program:
             tys = var.ty.fields if isinstance(var.ty, relax.TupleType) else [var.ty]
             outs = []
             for k, ty in enumerate(tys):
-                out = {"id": f"{name}_{k}" if len(tys) > 1 else name, "shape": _static_shape(ty, kernel.name_hint),
-                       "dtype": _dtype(ty)}
+                out = {
+                    "id": f"{name}_{k}" if len(tys) > 1 else name,
+                    "shape": _static_shape(ty, kernel.name_hint),
+                    "dtype": _dtype(ty),
+                }
                 outs.append(out)
             if len(value.args) > 2:
                 raise NnforgeError(f"TVM wasm: kernel {kernel.name_hint} takes symbolic sizes; shapes must be static")
@@ -133,7 +144,9 @@ class _Program:
         elif isinstance(value, (relax.Var, tvm.ir.expr.Constant)):
             self.names[var] = self.name_of(value)
         else:
-            what = value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else type(value).__name__
+            what = (
+                value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else type(value).__name__
+            )
             raise NnforgeError(f"TVM wasm: main computes {what} outside a kernel, which the wasm runtime cannot run")
 
 
@@ -144,8 +157,18 @@ def _link(kernels: dict, target, work: Path) -> bytes:
     obj = work / "kernels.o"
     lib.write_to_file(str(obj))
     out = work / MODULE_NAME
-    cmd = [_wasm_ld(), "--no-entry", "--export-dynamic", "--export=__heap_base", "--export-table",
-           "--allow-undefined", "--growable-table", "-o", str(out), str(obj)]
+    cmd = [
+        _wasm_ld(),
+        "--no-entry",
+        "--export-dynamic",
+        "--export=__heap_base",
+        "--export-table",
+        "--allow-undefined",
+        "--growable-table",
+        "-o",
+        str(out),
+        str(obj),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise NnforgeError(f"wasm-ld could not link the TVM kernels: {proc.stderr.strip()[-500:]}")
@@ -154,8 +177,8 @@ def _link(kernels: dict, target, work: Path) -> bytes:
 
 def _transformed_params(lowered, mod, graph: Graph) -> list[np.ndarray]:
     """Run main_transform_params on the host CPU: the bundle ships the weights as main takes them."""
-    from .tvm import make_pipeline, tvm_target
     from ..targets import get_target
+    from .tvm import make_pipeline, tvm_target
 
     consts = [np.ascontiguousarray(graph.constants[name]) for name in lowered.param_names]
     if "main_transform_params" not in [gv.name_hint for gv in mod.functions]:
@@ -176,22 +199,28 @@ def build(graph: Graph, target: Target, options: dict, lowered, stage) -> "TVMWa
     params = _transformed_params(lowered, mod, graph)
     stage("fusing and scheduling for wasm32")
     with wt:
-        sched = tvm.transform.Sequential(pipeline_passes(wt, options.get("schedule", "default"),
-                                                         options.get("fast_math", True), stop_after_schedule=True))(mod)
+        sched = tvm.transform.Sequential(
+            pipeline_passes(
+                wt, options.get("schedule", "default"), options.get("fast_math", True), stop_after_schedule=True
+            )
+        )(mod)
     prog = _Program(sched)
     program = prog.walk(sched["main"])
     if len(params) != len(program["params"]):
         raise NnforgeError(f"TVM wasm: main takes {len(program['params'])} weights, the transforms gave {len(params)}")
     for spec, arr in zip(program["params"], params):
         if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
-            raise NnforgeError(f"TVM wasm: weight {spec['id']} is {arr.dtype}{list(arr.shape)}, main wants "
-                               f"{spec['dtype']}{spec['shape']}")
+            raise NnforgeError(
+                f"TVM wasm: weight {spec['id']} is {arr.dtype}{list(arr.shape)}, main wants "
+                f"{spec['dtype']}{spec['shape']}"
+            )
     arrays = list(zip([p["id"] for p in program["params"]], params)) + prog.constants
     blob, index, offset = bytearray(), [], 0
     for name, arr in arrays:
         data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        index.append({"id": name, "dtype": str(arr.dtype), "shape": list(arr.shape), "offset": offset,
-                      "nbytes": len(data)})
+        index.append(
+            {"id": name, "dtype": str(arr.dtype), "shape": list(arr.shape), "offset": offset, "nbytes": len(data)}
+        )
         blob += data + b"\0" * (-len(data) % 64)
         offset = len(blob)
     program["weights"] = index
@@ -235,6 +264,8 @@ class TVMWasmArtifact(Artifact):
             raise NnforgeError(f"TVM wasm bundle {directory}: {PROGRAM_NAME} is not valid JSON ({e})") from None
         if not isinstance(program, dict) or program.get("format") != PROGRAM_FORMAT:
             raise NnforgeError(f"TVM wasm bundle {directory}: {PROGRAM_NAME} is not format {PROGRAM_FORMAT}")
-        art = cls(graph, target, (directory / MODULE_NAME).read_bytes(), program, (directory / PARAMS_NAME).read_bytes())
+        art = cls(
+            graph, target, (directory / MODULE_NAME).read_bytes(), program, (directory / PARAMS_NAME).read_bytes()
+        )
         art.bundle_dir = directory
         return art

@@ -13,6 +13,7 @@ pair instead of 36, so the multiply-adds of a 3x3 convolution drop 2.25x (Lavin 
 B^T and A^T hold only 0 and +-1, so both transforms are additions; G holds 1/2, exact in binary.
 The error stays at float32 rounding (about 1e-6 relative on ResNet-18).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,10 +34,17 @@ def applies(target, xt, kernel: tuple, stride, padding, dilation, groups: int) -
     """A 3x3, stride-1, undilated, ungrouped float32 convolution with static channels and image size,
     on an llvm target (CPU, arm, wasm); padding at most 1 keeps every tile's window inside the pad."""
     _, c, h, w = xt.shape
-    return (target is not None and target.kind.name == "llvm" and tuple(kernel) == (3, 3)
-            and list(stride) == [1, 1] and list(dilation) == [1, 1] and groups == 1
-            and all(p <= 1 for p in padding) and xt.dtype == "float32"
-            and all(isinstance(d, int) for d in (c, h, w)))
+    return (
+        target is not None
+        and target.kind.name == "llvm"
+        and tuple(kernel) == (3, 3)
+        and list(stride) == [1, 1]
+        and list(dilation) == [1, 1]
+        and groups == 1
+        and all(p <= 1 for p in padding)
+        and xt.dtype == "float32"
+        and all(isinstance(d, int) for d in (c, h, w))
+    )
 
 
 def _pick(table, index):
@@ -115,8 +123,9 @@ def _output_transform(m, n, oh: int, ow: int, th: int, tw: int):
         return col(i) + si * (col(i + 1) + col(i + 2))
 
     tiles = te.compute((n, o, th, 2, 2, tw), z, name=TILES_BLOCK)
-    return te.compute((n, o, oh, ow), lambda nb, oc, y, x: tiles[nb, oc, y // 2, y % 2, x % 2, x // 2],
-                      name=OUTPUT_BLOCK)
+    return te.compute(
+        (n, o, oh, ow), lambda nb, oc, y, x: tiles[nb, oc, y // 2, y % 2, x % 2, x // 2], name=OUTPUT_BLOCK
+    )
 
 
 def conv2d_3x3(c, x, w, b, padding):

@@ -11,6 +11,7 @@ eager PyTorch on the GPU, then times, interleaved: nnforge with inputs already o
 nnforge called with numpy arrays (copies in and out included), eager PyTorch and torch.compile on the
 GPU. Ratios are the others' time over nnforge's on-GPU time (> 1: nnforge is faster).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,17 @@ def _build_one(d: Path, family: str, size: str, batch: int, arch: str) -> None:
     _say(f"building {family} ({size}, batch {batch}) for cuda {arch}")
     zm = zoo.build(family, size, batch=batch)
     t0 = time.perf_counter()
-    cm = nnforge.compile(zm.model, zm.inputs, target="cuda", backend="tvm", dynamic_shapes=zm.dynamic_shapes,
-                         input_names=zm.input_names, check=False, progress=False, options={"arch": arch})
+    cm = nnforge.compile(
+        zm.model,
+        zm.inputs,
+        target="cuda",
+        backend="tvm",
+        dynamic_shapes=zm.dynamic_shapes,
+        input_names=zm.input_names,
+        check=False,
+        progress=False,
+        options={"arch": arch},
+    )
     cm.save(d)
     with torch.no_grad():
         ref = zm.model(*zm.inputs)
@@ -62,6 +72,18 @@ def _build_one(d: Path, family: str, size: str, batch: int, arch: str) -> None:
     np.savez(d / "io.npz", **arrays)
     (d / "bench.json").write_text(json.dumps({"family": family, "size": size, "batch": batch}))
     _say(f"{family}: built in {time.perf_counter() - t0:.1f} s")
+
+
+def _synced(fn, xs):
+    """A zero-argument call of ``fn(*xs)`` on the GPU that waits for the GPU to finish."""
+    import torch
+
+    def call():
+        with torch.no_grad():
+            fn(*xs)
+        torch.cuda.synchronize()
+
+    return call
 
 
 def _rel_error(ref, got) -> float:
@@ -101,29 +123,26 @@ def run(bundles: Path, repeat: int = 50, json_path: str | None = None) -> list[d
             xs = [torch.from_numpy(a).cuda() for a in inputs]
             with torch.no_grad():
                 eager_out = model(*xs)
-            eager_out = [o.float().cpu().numpy() for o in (eager_out if isinstance(eager_out, (tuple, list)) else (eager_out,))]
+            eager_out = [
+                o.float().cpu().numpy() for o in (eager_out if isinstance(eager_out, (tuple, list)) else (eager_out,))
+            ]
             row["max_rel_error_vs_gpu_eager"] = _rel_error(eager_out, got)
             on_gpu = cm.artifact.device_runner(inputs)
-            compiled = torch.compile(model)
-
-            def eager():
-                with torch.no_grad():
-                    model(*xs)
-                torch.cuda.synchronize()
-
-            def tc():
-                with torch.no_grad():
-                    compiled(*xs)
-                torch.cuda.synchronize()
-
-            tc()  # compile outside the timing
-            fns = {"nnforge_gpu": on_gpu, "nnforge_numpy": lambda: cm.artifact.run(inputs), "eager": eager,
-                   "torch_compile": tc}
+            fns = {
+                "nnforge_gpu": on_gpu,
+                "nnforge_numpy": lambda cm=cm, inputs=inputs: cm.artifact.run(inputs),
+                "eager": _synced(model, xs),
+                "torch_compile": _synced(torch.compile(model), xs),
+            }
+            fns["torch_compile"]()  # compile outside the timing
             ms = time_interleaved(fns, repeat, rounds=3)
             row.update({f"{k}_ms": v for k, v in ms.items()})
             row.update({f"{k}_over_nnforge": v / ms["nnforge_gpu"] for k, v in ms.items() if k != "nnforge_gpu"})
-            _say(f"{family}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
-                 + f"; error vs saved {row['max_rel_error_vs_saved']:.2e}, vs GPU eager {row['max_rel_error_vs_gpu_eager']:.2e}")
+            _say(
+                f"{family}: "
+                + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+                + f"; error vs saved {row['max_rel_error_vs_saved']:.2e}, vs GPU eager {row['max_rel_error_vs_gpu_eager']:.2e}"
+            )
         except Exception as e:  # one family failing must not hide the others' results
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
             _say(f"{family}: FAILED {row['error']}")

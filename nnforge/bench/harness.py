@@ -3,6 +3,7 @@ directly and nnforge's backends, in one process, as a rich table and a JSON file
 
 Benchmarks are not tests: nothing here asserts a time.
 """
+
 from __future__ import annotations
 
 import io
@@ -119,8 +120,17 @@ def _runners(zm, tune: int = 0, progress=None):
             import nnforge
 
             say = {"progress": lambda m: progress(f"nnforge-tvm tuned {trials}: {m}")} if trials and progress else None
-            cm = nnforge.compile(model, inputs, target="cpu", backend=backend, check=False, progress=False,
-                                 tune=trials, cache=False, options=say)
+            cm = nnforge.compile(
+                model,
+                inputs,
+                target="cpu",
+                backend=backend,
+                check=False,
+                progress=False,
+                tune=trials,
+                cache=False,
+                options=say,
+            )
             arrays = [x.numpy() for x in inputs]
             fn = lambda: cm.run(arrays)  # noqa: E731
             t = (getattr(cm.artifact, "meta", None) or {}).get("tuning")
@@ -135,13 +145,26 @@ def _runners(zm, tune: int = 0, progress=None):
 
         return build_direct(model, inputs)
 
-    return [("eager", eager), ("torch.compile", compiled), ("onnxruntime", ort_direct), ("tvm direct", tvm_direct),
-            ("nnforge-onnxrt", nnforge_backend("onnxrt")), ("nnforge-tvm", nnforge_backend("tvm"))] + (
-        [(f"nnforge-tvm tuned {tune}", nnforge_backend("tvm", tune))] if tune else [])
+    return [
+        ("eager", eager),
+        ("torch.compile", compiled),
+        ("onnxruntime", ort_direct),
+        ("tvm direct", tvm_direct),
+        ("nnforge-onnxrt", nnforge_backend("onnxrt")),
+        ("nnforge-tvm", nnforge_backend("tvm")),
+    ] + ([(f"nnforge-tvm tuned {tune}", nnforge_backend("tvm", tune))] if tune else [])
 
 
-def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=None, peak: float | None = None,
-                 runners: Sequence[str] | None = None, tune: int = 0, rounds: int = 3) -> list[BenchRow]:
+def bench_family(
+    family: str,
+    size: str = "bench",
+    repeat: int = 20,
+    progress=None,
+    peak: float | None = None,
+    runners: Sequence[str] | None = None,
+    tune: int = 0,
+    rounds: int = 3,
+) -> list[BenchRow]:
     """Every runner is built first, then timed in ``rounds`` interleaved rounds (each runner's best round
     counts), so that load from other processes hits every runner alike."""
     import torch
@@ -164,8 +187,9 @@ def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=No
                 built.append((name, fn, _as_list(fn()), time.perf_counter() - t0))
             except Exception as e:  # a runner that cannot take the model is reported, not fatal
                 built.append((name, None, None, f"failed: {type(e).__name__}: {str(e)[:120]}"))
-        best = time_interleaved({name: fn for name, fn, _, _ in built if fn is not None}, repeat, rounds, progress,
-                                f"{family}: ")
+        best = time_interleaved(
+            {name: fn for name, fn, _, _ in built if fn is not None}, repeat, rounds, progress, f"{family}: "
+        )
     rows: list[BenchRow] = []
     first = next((b for b in built if b[1] is not None), None)  # eager, unless it failed
     ref, eager_ms = (first[2], best[first[0]]) if first else (None, None)
@@ -175,9 +199,19 @@ def bench_family(family: str, size: str = "bench", repeat: int = 20, progress=No
             continue
         ms = best[name]
         frac = gflop / (ms * 1e-3) / peak if gflop and peak else None
-        rows.append(BenchRow(family, name, ms, eager_ms / ms if eager_ms else None, max_rel_error(ref, out),
-                             None if name == "eager" else extra, getattr(fn, "note", ""), gflop=gflop,
-                             peak_fraction=frac))
+        rows.append(
+            BenchRow(
+                family,
+                name,
+                ms,
+                eager_ms / ms if eager_ms else None,
+                max_rel_error(ref, out),
+                None if name == "eager" else extra,
+                getattr(fn, "note", ""),
+                gflop=gflop,
+                peak_fraction=frac,
+            )
+        )
     return rows
 
 
@@ -197,19 +231,48 @@ def _table_text(title: str, columns: Sequence[str], left: Sequence[str], cells, 
 
 
 def render(rows: list[BenchRow]) -> str:
-    cells = [(r.family, r.runner, f"{r.median_ms:.2f}" if r.median_ms is not None else "-",
-              f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "-",
-              f"{r.gflop:.2f}" if r.gflop else "-",
-              f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
-              f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else "-",
-              f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note) for r in rows]
-    return _table_text("nnforge bench (median ms; speedup = eager ms / runner ms)",
-                       ("family", "runner", "median ms", "speedup vs eager", "GFLOP", "% of peak", "max rel error",
-                        "compile s", "note"), ("family", "runner", "note"), cells, 140)
+    cells = [
+        (
+            r.family,
+            r.runner,
+            f"{r.median_ms:.2f}" if r.median_ms is not None else "-",
+            f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "-",
+            f"{r.gflop:.2f}" if r.gflop else "-",
+            f"{100 * r.peak_fraction:.0f}%" if r.peak_fraction else "-",
+            f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else "-",
+            f"{r.compile_s:.1f}" if r.compile_s is not None else "-",
+            r.note,
+        )
+        for r in rows
+    ]
+    return _table_text(
+        "nnforge bench (median ms; speedup = eager ms / runner ms)",
+        (
+            "family",
+            "runner",
+            "median ms",
+            "speedup vs eager",
+            "GFLOP",
+            "% of peak",
+            "max rel error",
+            "compile s",
+            "note",
+        ),
+        ("family", "runner", "note"),
+        cells,
+        140,
+    )
 
 
-def run_bench(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20,
-              runners: Sequence[str] | None = None, plot: str | None = None, tune: int = 0) -> list[BenchRow]:
+def run_bench(
+    families=None,
+    size: str = "bench",
+    json_path: str | None = None,
+    repeat: int = 20,
+    runners: Sequence[str] | None = None,
+    plot: str | None = None,
+    tune: int = 0,
+) -> list[BenchRow]:
     from rich.console import Console
 
     from ..models import zoo
@@ -219,8 +282,15 @@ def run_bench(families=None, size: str = "bench", json_path: str | None = None, 
     with console.status("bench: measuring the matmul peak") as status:
         peak = matmul_peak_gflops()
         for fam in families or zoo.FAMILIES:
-            rows += bench_family(fam, size, repeat, progress=lambda m: status.update(f"bench: {m}"), peak=peak,
-                                 runners=runners, tune=tune)
+            rows += bench_family(
+                fam,
+                size,
+                repeat,
+                progress=lambda m: status.update(f"bench: {m}"),
+                peak=peak,
+                runners=runners,
+                tune=tune,
+            )
     print(render(rows))
     print(f"matmul peak (ONNX Runtime, fp32 2048^3): {peak:.0f} GFLOP/s")
     if plot:
@@ -238,9 +308,9 @@ def run_pareto(path: str, size: str = "bench", batches: int = 4) -> None:
     saves the speed-vs-quality plot of every candidate to ``path``."""
     import torch
 
-    from ..models import zoo
     from .. import partition
     from ..api import import_model
+    from ..models import zoo
     from ..passes.blocks import prepare
     from ..passes.budget import Budget, plot_pareto, search, wall_time
 
@@ -249,8 +319,14 @@ def run_pareto(path: str, size: str = "bench", batches: int = 4) -> None:
     data = [[torch.randn(zm.inputs[0].shape, generator=gen).numpy()] for _ in range(batches)]
     graph = prepare(import_model(zm.model, zm.inputs))
     settings = partition.BuildSettings.resolve("cpu", "onnxrt")
-    result = search(graph, Budget(metric="cosine", max_drop=0.02), data[: batches // 2], data[batches // 2:],
-                    time_fn=wall_time(lambda g: partition.build(g, settings).run, data[0]), progress=True)
+    result = search(
+        graph,
+        Budget(metric="cosine", max_drop=0.02),
+        data[: batches // 2],
+        data[batches // 2 :],
+        time_fn=wall_time(lambda g: partition.build(g, settings).run, data[0]),
+        progress=True,
+    )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     plot_pareto(result, path)
     print(result.report())
@@ -269,7 +345,9 @@ def plot_ratios(rows: list[BenchRow], path: str) -> None:
     width = 0.8 / max(1, len(runners))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(families)), 4))
     for k, runner in enumerate(runners):
-        vals = [next((r.speedup_vs_eager or 0 for r in rows if r.family == f and r.runner == runner), 0) for f in families]
+        vals = [
+            next((r.speedup_vs_eager or 0 for r in rows if r.family == f and r.runner == runner), 0) for f in families
+        ]
         ax.bar([i + k * width for i in range(len(families))], vals, width, label=runner)
     ax.set_xticks([i + width * (len(runners) - 1) / 2 for i in range(len(families))], families)
     ax.set_ylabel("speed-up over eager PyTorch")
@@ -376,8 +454,12 @@ def _ort_builds(zm) -> list[tuple]:
         fdir.mkdir(), qdir.mkdir()
         torch.onnx.export(zm.model, zm.inputs, str(fdir / "model.onnx"), dynamo=True, verbose=False)
         t_float = time.perf_counter() - t0
-        quantize_dynamic(str(fdir / "model.onnx"), str(qdir / "model.onnx"), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            str(fdir / "model.onnx"),
+            str(qdir / "model.onnx"),
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
         t_quant = time.perf_counter() - t0
         for setting, path, secs in (("float", fdir, t_float), ("quantize_dynamic int8", qdir, t_quant)):
             opts = ort.SessionOptions()
@@ -393,8 +475,17 @@ def _nnforge_build(zm, backend: str, kwargs: dict, batches) -> tuple:
     import nnforge
 
     t0 = time.perf_counter()
-    cm = nnforge.compile(zm.model, zm.inputs, target="cpu", backend=backend, check=False, progress=False,
-                         cache=False, calibration=batches if kwargs else None, **kwargs)
+    cm = nnforge.compile(
+        zm.model,
+        zm.inputs,
+        target="cpu",
+        backend=backend,
+        check=False,
+        progress=False,
+        cache=False,
+        calibration=batches if kwargs else None,
+        **kwargs,
+    )
     secs = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         cm.save(d)
@@ -404,9 +495,16 @@ def _nnforge_build(zm, backend: str, kwargs: dict, batches) -> tuple:
     return (lambda: cm.run(arrays)), nbytes, secs, f"{', '.join(idle)}: nothing changed" if idle else ""
 
 
-def bench_lowbit_family(family: str, size: str = "bench", repeat: int = 20, runners: Sequence[str] | None = None,
-                        progress=None, calibration: int = 4, settings: Sequence[str] | None = None,
-                        rounds: int = 3) -> list[LowbitRow]:
+def bench_lowbit_family(
+    family: str,
+    size: str = "bench",
+    repeat: int = 20,
+    runners: Sequence[str] | None = None,
+    progress=None,
+    calibration: int = 4,
+    settings: Sequence[str] | None = None,
+    rounds: int = 3,
+) -> list[LowbitRow]:
     """Latency, bundle size and output cosine of the low-bit/sparse settings (``settings``: names from
     ``lowbit_settings()``, default all) on one family, for nnforge's backends and for ONNX Runtime's own
     ``quantize_dynamic``, in one process. Everything is built first, then timed in ``rounds`` interleaved
@@ -428,7 +526,9 @@ def bench_lowbit_family(family: str, size: str = "bench", repeat: int = 20, runn
             try:
                 built += [(setting, runner, fn, nbytes, secs, "") for setting, fn, nbytes, secs in _ort_builds(zm)]
             except Exception as e:  # noqa: BLE001  (reported, not fatal)
-                built.append(("quantize_dynamic int8", runner, None, None, None, f"failed: {type(e).__name__}: {str(e)[:100]}"))
+                built.append(
+                    ("quantize_dynamic int8", runner, None, None, None, f"failed: {type(e).__name__}: {str(e)[:100]}")
+                )
             continue
         if not runner.startswith("nnforge-"):
             raise ValueError(f"unknown low-bit runner {runner!r}; choose from nnforge-onnxrt, nnforge-tvm, onnxruntime")
@@ -436,7 +536,7 @@ def bench_lowbit_family(family: str, size: str = "bench", repeat: int = 20, runn
             if settings and setting not in settings and setting != "float":
                 continue
             try:
-                built.append((setting, runner, *_nnforge_build(zm, runner[len("nnforge-"):], kwargs, batches)))
+                built.append((setting, runner, *_nnforge_build(zm, runner[len("nnforge-") :], kwargs, batches)))
             except Exception as e:  # noqa: BLE001  (a setting a backend cannot take is reported, not fatal)
                 built.append((setting, runner, None, None, None, f"failed: {type(e).__name__}: {str(e)[:100]}"))
     outs = {id(b): _as_list(b[2]())[0] for b in built if b[2] is not None}
@@ -446,26 +546,55 @@ def bench_lowbit_family(family: str, size: str = "bench", repeat: int = 20, runn
         setting, runner, _, nbytes, secs, note = b
         ms = best.get(id(b))
         base = next((x for x in built if x[1] == runner and x[0] == "float" and id(x) in best), None)
-        rows.append(LowbitRow(family, setting, runner, ms, best[id(base)] / ms if base and ms else None, nbytes,
-                              nbytes / base[3] if base and nbytes else None,
-                              _mean_cosine(ref, outs[id(b)]) if id(b) in outs else None, secs, note))
+        rows.append(
+            LowbitRow(
+                family,
+                setting,
+                runner,
+                ms,
+                best[id(base)] / ms if base and ms else None,
+                nbytes,
+                nbytes / base[3] if base and nbytes else None,
+                _mean_cosine(ref, outs[id(b)]) if id(b) in outs else None,
+                secs,
+                note,
+            )
+        )
     return rows
 
 
 def render_lowbit(rows: list[LowbitRow]) -> str:
-    cells = [(r.family, r.setting, r.runner, f"{r.median_ms:.2f}" if r.median_ms else "-",
-              f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "-",
-              f"{r.bundle_bytes / 1e6:.2f}" if r.bundle_bytes else "-",
-              f"{r.size_vs_float:.2f}x" if r.size_vs_float else "-",
-              f"{r.cosine:.4f}" if r.cosine is not None else "-",
-              f"{r.compile_s:.1f}" if r.compile_s is not None else "-", r.note) for r in rows]
-    return _table_text("nnforge bench --lowbit (median ms; speed-up and size vs the same runner's float row)",
-                       ("family", "setting", "runner", "median ms", "speed-up", "bundle MB", "size", "cosine",
-                        "compile s", "note"), ("family", "setting", "runner", "note"), cells, 150)
+    cells = [
+        (
+            r.family,
+            r.setting,
+            r.runner,
+            f"{r.median_ms:.2f}" if r.median_ms else "-",
+            f"{r.speedup_vs_float:.2f}x" if r.speedup_vs_float else "-",
+            f"{r.bundle_bytes / 1e6:.2f}" if r.bundle_bytes else "-",
+            f"{r.size_vs_float:.2f}x" if r.size_vs_float else "-",
+            f"{r.cosine:.4f}" if r.cosine is not None else "-",
+            f"{r.compile_s:.1f}" if r.compile_s is not None else "-",
+            r.note,
+        )
+        for r in rows
+    ]
+    return _table_text(
+        "nnforge bench --lowbit (median ms; speed-up and size vs the same runner's float row)",
+        ("family", "setting", "runner", "median ms", "speed-up", "bundle MB", "size", "cosine", "compile s", "note"),
+        ("family", "setting", "runner", "note"),
+        cells,
+        150,
+    )
 
 
-def run_lowbit(families=None, size: str = "bench", json_path: str | None = None, repeat: int = 20,
-               runners: Sequence[str] | None = None) -> list[LowbitRow]:
+def run_lowbit(
+    families=None,
+    size: str = "bench",
+    json_path: str | None = None,
+    repeat: int = 20,
+    runners: Sequence[str] | None = None,
+) -> list[LowbitRow]:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -488,8 +617,15 @@ def run_lowbit(families=None, size: str = "bench", json_path: str | None = None,
 SPARSE_DENSITIES = (0.5, 0.3, 0.2, 0.15, 0.1, 0.05)
 
 
-def bench_sparse_kernel(rows: int = 128, k: int = 384, n: int = 1536, densities=SPARSE_DENSITIES, repeat: int = 20,
-                        rounds: int = 3, progress=None) -> list[dict]:
+def bench_sparse_kernel(
+    rows: int = 128,
+    k: int = 384,
+    n: int = 1536,
+    densities=SPARSE_DENSITIES,
+    repeat: int = 20,
+    rounds: int = 3,
+    progress=None,
+) -> list[dict]:
     """One linear layer ``[rows, k] -> [rows, n]`` (the bench BERT's fc1 at seq 128) with random weights
     at each density, on TVM: the dense matmul schedule vs the CSR kernel (tvm_sparse), timed in
     interleaved rounds. ``used`` says which one nnforge picks (tvm_sparse.MAX_DENSITY)."""
@@ -504,8 +640,11 @@ def bench_sparse_kernel(rows: int = 128, k: int = 384, n: int = 1536, densities=
     def build(w, sparse: bool):
         g = Graph("layer")
         xv = g.add_input("x", TensorType((1, rows, k)))
-        g.outputs = [g.op("sparse_linear", xv, *[g.add_constant(a) for a in csr_from_dense(w)], in_features=k)
-                     if sparse else g.op("linear", xv, g.add_constant(w))]
+        g.outputs = [
+            g.op("sparse_linear", xv, *[g.add_constant(a) for a in csr_from_dense(w)], in_features=k)
+            if sparse
+            else g.op("linear", xv, g.add_constant(w))
+        ]
         art = tvm_backend.build(g, "cpu")
         return lambda: art.run(x)
 
@@ -520,8 +659,16 @@ def bench_sparse_kernel(rows: int = 128, k: int = 384, n: int = 1536, densities=
     finally:
         tvm_sparse.MAX_DENSITY = saved
     best = time_interleaved(built, repeat, rounds, progress)
-    return [{"density": d, "dense_ms": best[d, "dense"], "csr_ms": best[d, "csr"],
-             "speedup": best[d, "dense"] / best[d, "csr"], "used": "csr" if d <= saved else "dense"} for d in densities]
+    return [
+        {
+            "density": d,
+            "dense_ms": best[d, "dense"],
+            "csr_ms": best[d, "csr"],
+            "speedup": best[d, "dense"] / best[d, "csr"],
+            "used": "csr" if d <= saved else "dense",
+        }
+        for d in densities
+    ]
 
 
 def run_sparse(json_path: str | None = None, repeat: int = 20) -> list[dict]:
@@ -529,10 +676,19 @@ def run_sparse(json_path: str | None = None, repeat: int = 20) -> list[dict]:
 
     with Console(stderr=True).status("bench --sparse") as status:
         rows = bench_sparse_kernel(repeat=repeat, progress=lambda m: status.update(f"bench --sparse: {m}"))
-    cells = [(f"{r['density']:.2f}", f"{r['dense_ms']:.3f}", f"{r['csr_ms']:.3f}", f"{r['speedup']:.2f}x", r["used"])
-             for r in rows]
-    print(_table_text("nnforge bench --sparse (TVM, one 128 x 384 -> 1536 linear, median ms)",
-                      ("density", "dense ms", "CSR ms", "CSR speed-up", "nnforge uses"), ("nnforge uses",), cells, 100))
+    cells = [
+        (f"{r['density']:.2f}", f"{r['dense_ms']:.3f}", f"{r['csr_ms']:.3f}", f"{r['speedup']:.2f}x", r["used"])
+        for r in rows
+    ]
+    print(
+        _table_text(
+            "nnforge bench --sparse (TVM, one 128 x 384 -> 1536 linear, median ms)",
+            ("density", "dense ms", "CSR ms", "CSR speed-up", "nnforge uses"),
+            ("nnforge uses",),
+            cells,
+            100,
+        )
+    )
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(rows, indent=1))

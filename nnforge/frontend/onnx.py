@@ -10,6 +10,7 @@ that exporters emit (Shape -> Gather/Slice -> Concat -> Reshape) is evaluated at
 dynamic reshape becomes ``reshape {shape=[batch, seq, 4, 8]}``. Ops whose inputs are all
 constants are folded with the IR's own reference implementations.
 """
+
 from __future__ import annotations
 
 import keyword
@@ -28,8 +29,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelLoadError, UnsupportedOpError
-from ..ir import Graph, TensorType, Value, verify
-from ..ir import symbols
+from ..ir import Graph, TensorType, Value, symbols, verify
 from ..ir.interpret import run_node
 from ..ir.registry import REGISTRY, OpError
 from ..ir.shapes import broadcast_shapes
@@ -44,15 +44,23 @@ MAX_IMPORT_ELEMENTS = 1 << 26
 MAX_INPUT_ELEMENTS = 1 << 34  # a declared input larger than this is a broken or hostile file, not a model
 
 DTYPES = {
-    TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
-    TensorProto.DOUBLE: "float64", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
-    TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
+    TensorProto.FLOAT: "float32",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.BFLOAT16: "bfloat16",
+    TensorProto.DOUBLE: "float64",
+    TensorProto.INT64: "int64",
+    TensorProto.INT32: "int32",
+    TensorProto.INT16: "int16",
+    TensorProto.INT8: "int8",
+    TensorProto.UINT8: "uint8",
+    TensorProto.BOOL: "bool",
 }
 
 
 # ---------------------------------------------------------------------------------------
 # reading and validating the file
 # ---------------------------------------------------------------------------------------
+
 
 def _read(src) -> tuple[onnx.ModelProto, str, Path | None]:
     """Parse without touching external data; returns (model, name for messages, folder of the file)."""
@@ -83,17 +91,21 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{where}: not a valid ONNX protobuf ({len(data)} bytes; truncated, or not an ONNX "
-                             f"file): {e}") from None
+        raise ModelLoadError(
+            f"{where}: not a valid ONNX protobuf ({len(data)} bytes; truncated, or not an ONNX file): {e}"
+        ) from None
     # protobuf accepts many byte strings as an empty or odd message; an ONNX model has these
     if not model.ir_version or not model.HasField("graph") or not model.opset_import:
-        raise ModelLoadError(f"{where}: not an ONNX model (no ir_version, graph or opset_import after parsing "
-                             f"{len(data)} bytes; truncated or not an ONNX file)")
+        raise ModelLoadError(
+            f"{where}: not an ONNX model (no ir_version, graph or opset_import after parsing "
+            f"{len(data)} bytes; truncated or not an ONNX file)"
+        )
     return model
 
 
 def _all_tensors(model: onnx.ModelProto):
     """Every TensorProto that may hold external data: initializers, Constant attributes, subgraphs, functions."""
+
     def from_graph(g):
         yield from g.initializer
         for sp in g.sparse_initializer:
@@ -128,24 +140,34 @@ def _check_external_data(model: onnx.ModelProto, where: str, folder: Path | None
         if not loc:
             raise ModelLoadError(f"{where}: tensor {t.name!r} says its data is external but names no location")
         if folder is None:
-            raise ModelLoadError(f"{where}: tensor {t.name!r} keeps its data in external file {loc!r}; "
-                                 "load the model from its file path so the data can be found")
+            raise ModelLoadError(
+                f"{where}: tensor {t.name!r} keeps its data in external file {loc!r}; "
+                "load the model from its file path so the data can be found"
+            )
         if os.path.isabs(loc) or Path(loc).is_absolute() or re.match(r"^([a-zA-Z]:)?[\\/]", loc):
-            raise ModelLoadError(f"{where}: tensor {t.name!r}: external data location {loc!r} is an absolute path; "
-                                 "only files inside the model's folder are allowed")
+            raise ModelLoadError(
+                f"{where}: tensor {t.name!r}: external data location {loc!r} is an absolute path; "
+                "only files inside the model's folder are allowed"
+            )
         if ".." in re.split(r"[\\/]", loc):
-            raise ModelLoadError(f"{where}: tensor {t.name!r}: external data location {loc!r} leaves the model's "
-                                 "folder ('..'); only files inside it are allowed")
+            raise ModelLoadError(
+                f"{where}: tensor {t.name!r}: external data location {loc!r} leaves the model's "
+                "folder ('..'); only files inside it are allowed"
+            )
         target = (folder / loc).resolve()
         if folder not in target.parents:  # e.g. a symlink pointing out of the folder
-            raise ModelLoadError(f"{where}: tensor {t.name!r}: external data {loc!r} resolves outside the model's folder")
+            raise ModelLoadError(
+                f"{where}: tensor {t.name!r}: external data {loc!r} resolves outside the model's folder"
+            )
         if not target.is_file():
             raise ModelLoadError(f"{where}: tensor {t.name!r}: external data file {loc!r} is missing")
         size = target.stat().st_size
         offset, length = int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0)
         if offset + length > size:
-            raise ModelLoadError(f"{where}: tensor {t.name!r}: external data {loc!r} is {size} bytes, "
-                                 f"but offset {offset} + length {length} go past its end (truncated?)")
+            raise ModelLoadError(
+                f"{where}: tensor {t.name!r}: external data {loc!r} is {size} bytes, "
+                f"but offset {offset} + length {length} go past its end (truncated?)"
+            )
 
 
 def _load_external(model: onnx.ModelProto, where: str, folder: Path | None) -> None:
@@ -167,17 +189,22 @@ def _validate(model: onnx.ModelProto, where: str) -> None:
     version = versions.get("ai.onnx")
     newest = onnx.defs.onnx_opset_version()
     if version is None:
-        raise ModelLoadError(f"{where}: the model imports no default ONNX opset (opset_import has "
-                             f"{sorted(versions)})")
+        raise ModelLoadError(f"{where}: the model imports no default ONNX opset (opset_import has {sorted(versions)})")
     if not MIN_OPSET <= version <= newest:
-        raise ModelLoadError(f"{where}: ONNX opset {version} is not supported; nnforge reads opsets "
-                             f"{MIN_OPSET}..{newest} (convert with onnx.version_converter)")
+        raise ModelLoadError(
+            f"{where}: ONNX opset {version} is not supported; nnforge reads opsets "
+            f"{MIN_OPSET}..{newest} (convert with onnx.version_converter)"
+        )
     local = {(f.domain, f.name) for f in model.functions}
-    foreign = [n for n in model.graph.node if (n.domain or "ai.onnx") != "ai.onnx" and (n.domain, n.op_type) not in local]
+    foreign = [
+        n for n in model.graph.node if (n.domain or "ai.onnx") != "ai.onnx" and (n.domain, n.op_type) not in local
+    ]
     if foreign:
         listed = ", ".join(f"{n.domain}::{n.op_type} (node {n.name or '?'})" for n in foreign[:10])
-        raise ModelLoadError(f"{where}: uses operators from domain(s) nnforge does not know "
-                             f"{sorted({n.domain for n in foreign})}: {listed}")
+        raise ModelLoadError(
+            f"{where}: uses operators from domain(s) nnforge does not know "
+            f"{sorted({n.domain for n in foreign})}: {listed}"
+        )
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:  # ValueError: names that are not UTF-8
@@ -213,6 +240,7 @@ def import_onnx(src, name: str | None = None) -> Graph:
 # import-time values
 # ---------------------------------------------------------------------------------------
 
+
 class Sym:
     """A shape tensor known at import time whose entries may be symbolic dims (ints or IR dim strings)."""
 
@@ -233,6 +261,7 @@ _POISON = object()  # output of a node that could not be converted; its users ar
 
 def _dim_op(fn) -> Callable:
     """Elementwise dim arithmetic for object arrays (ints or symbol strings) through sympy."""
+
     def one(a, b):
         if isinstance(a, str) or isinstance(b, str):
             return symbols.from_sympy(fn(symbols.to_sympy(a), symbols.to_sympy(b)))
@@ -246,9 +275,12 @@ def _floordiv(a, b):
 
 
 _SYM_ARITH = {
-    "Add": _dim_op(lambda a, b: a + b), "Sub": _dim_op(lambda a, b: a - b), "Mul": _dim_op(lambda a, b: a * b),
+    "Add": _dim_op(lambda a, b: a + b),
+    "Sub": _dim_op(lambda a, b: a - b),
+    "Mul": _dim_op(lambda a, b: a * b),
     # ONNX integer Div truncates; dims are positive, where that is floor division
-    "Div": _dim_op(_floordiv), "Mod": _dim_op(lambda a, b: a % b),
+    "Div": _dim_op(_floordiv),
+    "Mod": _dim_op(lambda a, b: a % b),
 }
 
 
@@ -260,6 +292,7 @@ def _sanitize_symbol(p: str) -> str:
 # ---------------------------------------------------------------------------------------
 # the importer
 # ---------------------------------------------------------------------------------------
+
 
 class _Importer:
     def __init__(self, model: onnx.ModelProto, where: str):
@@ -292,12 +325,19 @@ class _Importer:
         self.node = None
         symbolic = [vi.name for vi in graph.output if isinstance(self.env[vi.name], Sym)]
         if symbolic:
-            raise UnsupportedOpError([("output", f"graph output {name} is a symbolic shape {self.env[name]}")
-                                      for name in symbolic], where=self.where)
+            raise UnsupportedOpError(
+                [("output", f"graph output {name} is a symbolic shape {self.env[name]}") for name in symbolic],
+                where=self.where,
+            )
         self.g.outputs = [self.env[vi.name] for vi in graph.output]
         self.g.remove_unused_constants()
-        self.g.meta.update({"frontend": "onnx", "source_file": self.where,
-                            "onnx_opset": max(o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx"))})
+        self.g.meta.update(
+            {
+                "frontend": "onnx",
+                "source_file": self.where,
+                "onnx_opset": max(o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")),
+            }
+        )
         verify(self.g)
         return self.g
 
@@ -330,15 +370,21 @@ class _Importer:
     def _is_shape_math(self, n, args) -> bool:
         """A shape-math rule applies: some input is a symbolic Sym, the others are integer constants."""
         present = [a for a in args if a is not None]
-        return (n.op_type in SYM_RULES and any(isinstance(a, Sym) for a in present)
-                and all(isinstance(a, Sym) or (self.g.is_constant(a) and a.dtype.startswith(("int", "uint")))
-                        for a in present))
+        return (
+            n.op_type in SYM_RULES
+            and any(isinstance(a, Sym) for a in present)
+            and all(
+                isinstance(a, Sym) or (self.g.is_constant(a) and a.dtype.startswith(("int", "uint"))) for a in present
+            )
+        )
 
     # -- types and constants ----------------------------------------------------------
     def _array(self, t: onnx.TensorProto) -> np.ndarray:
         if t.data_type not in DTYPES:
-            raise ModelLoadError(f"{self.where}: tensor {t.name!r} has element type "
-                                 f"{TensorProto.DataType.Name(t.data_type)}, which nnforge does not support")
+            raise ModelLoadError(
+                f"{self.where}: tensor {t.name!r} has element type "
+                f"{TensorProto.DataType.Name(t.data_type)}, which nnforge does not support"
+            )
         try:
             return np.asarray(numpy_helper.to_array(t))
         except Exception as e:
@@ -347,22 +393,26 @@ class _Importer:
     def _input_type(self, vi: onnx.ValueInfoProto) -> TensorType:
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or tt.elem_type not in DTYPES:
-            raise ModelLoadError(f"{self.where}: graph input {vi.name!r} must be a tensor of one of "
-                                 f"{sorted(DTYPES.values())}")
+            raise ModelLoadError(
+                f"{self.where}: graph input {vi.name!r} must be a tensor of one of {sorted(DTYPES.values())}"
+            )
         if not tt.HasField("shape"):
             raise ModelLoadError(f"{self.where}: graph input {vi.name!r} has no shape (not even its rank)")
         t = TensorType(tuple(self._dim(d, vi.name, i) for i, d in enumerate(tt.shape.dim)), DTYPES[tt.elem_type])
         known = math.prod(d for d in t.shape if isinstance(d, int))
         if known > MAX_INPUT_ELEMENTS:
-            raise ModelLoadError(f"{self.where}: graph input {vi.name!r} declares {known:,} elements ({t}); "
-                                 f"nnforge refuses inputs over {MAX_INPUT_ELEMENTS:,} elements")
+            raise ModelLoadError(
+                f"{self.where}: graph input {vi.name!r} declares {known:,} elements ({t}); "
+                f"nnforge refuses inputs over {MAX_INPUT_ELEMENTS:,} elements"
+            )
         return t
 
     def _dim(self, d, name: str, axis: int):
         if d.HasField("dim_value"):
             if d.dim_value < 0:
-                raise ModelLoadError(f"{self.where}: graph input {name!r} declares a negative size {d.dim_value} "
-                                     f"at axis {axis}")
+                raise ModelLoadError(
+                    f"{self.where}: graph input {name!r} declares a negative size {d.dim_value} at axis {axis}"
+                )
             return int(d.dim_value)
         if d.dim_param:
             try:
@@ -428,8 +478,9 @@ class _Importer:
     def op(self, ir_op: str, *inputs, k: int = 0, **attrs) -> Value:
         """Append an IR node for output ``k`` of the current ONNX node; fold it when every input is constant."""
         inputs = [self.value(i) if i is not None else None for i in inputs]
-        node = self.g.make_node(ir_op, inputs, attrs, name=self._hint(k),
-                                source=f"onnx node {self.node.name or '?'} ({self.node.op_type})")
+        node = self.g.make_node(
+            ir_op, inputs, attrs, name=self._hint(k), source=f"onnx node {self.node.name or '?'} ({self.node.op_type})"
+        )
         if self._foldable(node):
             self.check_size(node.outputs[0].type.shape, f"the result of {ir_op}")
             arrays = [self.g.constant(i) if i is not None else None for i in inputs]
@@ -453,9 +504,11 @@ class _Importer:
             n *= int(d)
         if n > MAX_IMPORT_ELEMENTS:
             node = (self.node.name or "?") if self.node is not None else "?"
-            raise ModelLoadError(f"{self.where}: node {node} ({self.node.op_type if self.node else '?'}): {what} "
-                                 f"would be a constant of {n:,} elements (shape {list(shape)}); nnforge refuses "
-                                 f"import-time tensors over {MAX_IMPORT_ELEMENTS:,} elements")
+            raise ModelLoadError(
+                f"{self.where}: node {node} ({self.node.op_type if self.node else '?'}): {what} "
+                f"would be a constant of {n:,} elements (shape {list(shape)}); nnforge refuses "
+                f"import-time tensors over {MAX_IMPORT_ELEMENTS:,} elements"
+            )
 
     def constant(self, array, k: int = 0) -> Value:
         return self.g.add_constant(np.asarray(array), name=self._hint(k))
@@ -471,6 +524,7 @@ CONVERTERS: dict[str, Converter] = {}
 
 def _same(ir_op: str) -> Converter:
     """Ops whose IR twin takes the same inputs and no attributes."""
+
     def conv(imp, n, args):
         return imp.op(ir_op, *args)
 
@@ -479,6 +533,7 @@ def _same(ir_op: str) -> Converter:
 
 def _variadic(ir_op: str) -> Converter:
     """Max/Min/Sum take any number of inputs: fold them pairwise."""
+
     def conv(imp, n, args):
         out = imp.value(args[0])
         for b in args[1:]:
@@ -489,14 +544,41 @@ def _variadic(ir_op: str) -> Converter:
 
 
 CONVERTERS.update({ox: _variadic(ir) for ox, ir in {"Max": "maximum", "Min": "minimum", "Sum": "add"}.items()})
-CONVERTERS.update({ox: _same(ir) for ox, ir in {
-    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div",  # integer Div: the IR floors, ONNX truncates (same for dims)
-    "Equal": "eq", "Less": "lt", "LessOrEqual": "le", "Greater": "gt", "GreaterOrEqual": "ge",
-    "And": "logical_and", "Or": "logical_or", "Not": "logical_not", "Where": "where", "MatMul": "matmul",
-    "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Tanh": "tanh", "Sigmoid": "sigmoid",
-    "Erf": "erf", "Sin": "sin", "Cos": "cos", "Floor": "floor", "Ceil": "ceil", "Neg": "neg", "Abs": "abs",
-    "Relu": "relu",
-}.items()})
+CONVERTERS.update(
+    {
+        ox: _same(ir)
+        for ox, ir in {
+            "Add": "add",
+            "Sub": "sub",
+            "Mul": "mul",
+            "Div": "div",  # integer Div: the IR floors, ONNX truncates (same for dims)
+            "Equal": "eq",
+            "Less": "lt",
+            "LessOrEqual": "le",
+            "Greater": "gt",
+            "GreaterOrEqual": "ge",
+            "And": "logical_and",
+            "Or": "logical_or",
+            "Not": "logical_not",
+            "Where": "where",
+            "MatMul": "matmul",
+            "Exp": "exp",
+            "Log": "log",
+            "Sqrt": "sqrt",
+            "Reciprocal": "reciprocal",
+            "Tanh": "tanh",
+            "Sigmoid": "sigmoid",
+            "Erf": "erf",
+            "Sin": "sin",
+            "Cos": "cos",
+            "Floor": "floor",
+            "Ceil": "ceil",
+            "Neg": "neg",
+            "Abs": "abs",
+            "Relu": "relu",
+        }.items()
+    }
+)
 
 
 def _identity(imp, n, args):
@@ -590,8 +672,14 @@ def _conv(imp, n, args):
     x, w = imp.value(args[0]), imp.value(args[1])
     _spatial2(imp, x, "convolution")
     ins = [x, w] + ([args[2]] if len(args) > 2 and args[2] is not None else [])
-    return imp.op("conv2d", *ins, stride=list(a.get("strides", [1, 1])), padding=_pads2(a, n),
-                  dilation=list(a.get("dilations", [1, 1])), groups=a.get("group", 1))
+    return imp.op(
+        "conv2d",
+        *ins,
+        stride=list(a.get("strides", [1, 1])),
+        padding=_pads2(a, n),
+        dilation=list(a.get("dilations", [1, 1])),
+        groups=a.get("group", 1),
+    )
 
 
 def _max_pool(imp, n, args):
@@ -599,8 +687,15 @@ def _max_pool(imp, n, args):
     if len(n.output) > 1 and n.output[1]:
         raise _Unsupported("MaxPool's indices output is not supported")
     _spatial2(imp, imp.value(args[0]), "pooling")
-    return imp.op("max_pool2d", args[0], kernel=list(a["kernel_shape"]), stride=list(a.get("strides", [1, 1])),
-                  padding=_pads2(a, n), dilation=list(a.get("dilations", [1, 1])), ceil_mode=bool(a.get("ceil_mode", 0)))
+    return imp.op(
+        "max_pool2d",
+        args[0],
+        kernel=list(a["kernel_shape"]),
+        stride=list(a.get("strides", [1, 1])),
+        padding=_pads2(a, n),
+        dilation=list(a.get("dilations", [1, 1])),
+        ceil_mode=bool(a.get("ceil_mode", 0)),
+    )
 
 
 def _avg_pool(imp, n, args):
@@ -608,9 +703,15 @@ def _avg_pool(imp, n, args):
     _spatial2(imp, imp.value(args[0]), "pooling")
     if list(a.get("dilations", [1, 1])) != [1, 1]:
         raise _Unsupported("dilated average pooling")
-    return imp.op("avg_pool2d", args[0], kernel=list(a["kernel_shape"]), stride=list(a.get("strides", [1, 1])),
-                  padding=_pads2(a, n), ceil_mode=bool(a.get("ceil_mode", 0)),
-                  count_include_pad=bool(a.get("count_include_pad", 0)))
+    return imp.op(
+        "avg_pool2d",
+        args[0],
+        kernel=list(a["kernel_shape"]),
+        stride=list(a.get("strides", [1, 1])),
+        padding=_pads2(a, n),
+        ceil_mode=bool(a.get("ceil_mode", 0)),
+        count_include_pad=bool(a.get("count_include_pad", 0)),
+    )
 
 
 def _global_pool(ir_op: str) -> Converter:
@@ -728,8 +829,12 @@ def _slice_params(starts, ends, axes=None, steps=None) -> list[tuple]:
 def _slice(imp, n, args):
     x = imp.value(args[0])
     opt = lambda i, what: imp.ints(args[i], what) if len(args) > i and args[i] is not None else None
-    params = _slice_params(imp.dims(args[1], "Slice's starts"), imp.dims(args[2], "Slice's ends"),
-                           opt(3, "Slice's axes"), opt(4, "Slice's steps"))
+    params = _slice_params(
+        imp.dims(args[1], "Slice's starts"),
+        imp.dims(args[2], "Slice's ends"),
+        opt(3, "Slice's axes"),
+        opt(4, "Slice's steps"),
+    )
     out = x
     for start, end, axis, step in params:
         if not isinstance(start, int):
@@ -783,8 +888,12 @@ def _constant(imp, n, args):
     a = imp.attrs(n)
     if "value" in a:
         return imp.constant(numpy_helper.to_array(a["value"]))
-    for key, dtype in (("value_float", "float32"), ("value_floats", "float32"), ("value_int", "int64"),
-                       ("value_ints", "int64")):
+    for key, dtype in (
+        ("value_float", "float32"),
+        ("value_floats", "float32"),
+        ("value_int", "int64"),
+        ("value_ints", "int64"),
+    ):
         if key in a:
             return imp.constant(np.asarray(a[key], dtype=dtype))
     raise _Unsupported(f"Constant with attribute(s) {sorted(a)}")
@@ -838,24 +947,57 @@ def _isnan(imp, n, args):  # NaN is the only value that differs from itself
     return imp.op("ne", x, x)
 
 
-CONVERTERS.update({
-    "IsNaN": _isnan,
-    "Identity": _identity, "Dropout": _dropout, "Pow": _pow, "Mod": _mod, "Gelu": _gelu, "Softmax": _softmax("softmax"),
-    "LogSoftmax": _softmax("log_softmax"), "Cast": _cast, "CastLike": _cast_like, "Clip": _clip, "Gemm": _gemm,
-    "Conv": _conv, "MaxPool": _max_pool, "AveragePool": _avg_pool, "GlobalAveragePool": _global_pool("reduce_mean"),
-    "GlobalMaxPool": _global_pool("reduce_max"), "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
-    "ReduceSum": _reduce("reduce_sum"), "ReduceMean": _reduce("reduce_mean"), "ReduceMax": _reduce("reduce_max"),
-    "ReduceMin": _reduce("reduce_min"), "ArgMax": _argmax, "Reshape": _reshape, "Flatten": _flatten,
-    "Transpose": _transpose, "Expand": _expand, "Concat": _concat, "Split": _split, "Slice": _slice,
-    "Gather": _gather, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Shape": _shape, "Size": _size,
-    "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Range": _range, "Trilu": _trilu,
-})
+CONVERTERS.update(
+    {
+        "IsNaN": _isnan,
+        "Identity": _identity,
+        "Dropout": _dropout,
+        "Pow": _pow,
+        "Mod": _mod,
+        "Gelu": _gelu,
+        "Softmax": _softmax("softmax"),
+        "LogSoftmax": _softmax("log_softmax"),
+        "Cast": _cast,
+        "CastLike": _cast_like,
+        "Clip": _clip,
+        "Gemm": _gemm,
+        "Conv": _conv,
+        "MaxPool": _max_pool,
+        "AveragePool": _avg_pool,
+        "GlobalAveragePool": _global_pool("reduce_mean"),
+        "GlobalMaxPool": _global_pool("reduce_max"),
+        "BatchNormalization": _batch_norm,
+        "LayerNormalization": _layer_norm,
+        "ReduceSum": _reduce("reduce_sum"),
+        "ReduceMean": _reduce("reduce_mean"),
+        "ReduceMax": _reduce("reduce_max"),
+        "ReduceMin": _reduce("reduce_min"),
+        "ArgMax": _argmax,
+        "Reshape": _reshape,
+        "Flatten": _flatten,
+        "Transpose": _transpose,
+        "Expand": _expand,
+        "Concat": _concat,
+        "Split": _split,
+        "Slice": _slice,
+        "Gather": _gather,
+        "Squeeze": _squeeze,
+        "Unsqueeze": _unsqueeze,
+        "Shape": _shape,
+        "Size": _size,
+        "Constant": _constant,
+        "ConstantOfShape": _constant_of_shape,
+        "Range": _range,
+        "Trilu": _trilu,
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------
 # import-time shape math: used when an input is a symbolic Sym and the rest are constants
 # fn(imp, node, object arrays) -> Value | Sym
 # ---------------------------------------------------------------------------------------
+
 
 def _sym_arith(op: str):
     def rule(imp, n, xs):
@@ -882,12 +1024,18 @@ def _sym_concat(imp, n, xs):
 
 
 def _sym_squeeze(imp, n, xs):
-    axes = [int(a) for a in np.asarray(xs[1]).reshape(-1)] if len(xs) > 1 and xs[1] is not None else imp.attrs(n).get("axes")
+    axes = (
+        [int(a) for a in np.asarray(xs[1]).reshape(-1)]
+        if len(xs) > 1 and xs[1] is not None
+        else imp.attrs(n).get("axes")
+    )
     return imp.sym(np.squeeze(xs[0], axis=None if axes is None else tuple(axes)))
 
 
 def _sym_unsqueeze(imp, n, xs):
-    axes = [int(a) for a in np.asarray(xs[1]).reshape(-1)] if len(xs) > 1 and xs[1] is not None else imp.attrs(n)["axes"]
+    axes = (
+        [int(a) for a in np.asarray(xs[1]).reshape(-1)] if len(xs) > 1 and xs[1] is not None else imp.attrs(n)["axes"]
+    )
     r = xs[0].ndim + len(axes)
     return imp.sym(np.expand_dims(xs[0], tuple(sorted(a % r for a in axes))))
 
@@ -907,6 +1055,12 @@ def _sym_cast(imp, n, xs):
 
 SYM_RULES: dict[str, Callable] = {
     **{op: _sym_arith(op) for op in _SYM_ARITH},
-    "Gather": _sym_gather, "Slice": _sym_slice, "Concat": _sym_concat, "Squeeze": _sym_squeeze,
-    "Unsqueeze": _sym_unsqueeze, "Reshape": _sym_reshape, "Cast": _sym_cast, "Identity": lambda imp, n, xs: imp.sym(xs[0]),
+    "Gather": _sym_gather,
+    "Slice": _sym_slice,
+    "Concat": _sym_concat,
+    "Squeeze": _sym_squeeze,
+    "Unsqueeze": _sym_unsqueeze,
+    "Reshape": _sym_reshape,
+    "Cast": _sym_cast,
+    "Identity": lambda imp, n, xs: imp.sym(xs[0]),
 }

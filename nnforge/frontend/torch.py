@@ -11,6 +11,7 @@ for multi-output ops); it raises ``_Unsupported`` for an argument combination it
 the op is then reported with its source line like any unmapped op. Being in the table also stops
 torch from decomposing the op. Every converted value is checked against torch's own shape/dtype.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,15 +25,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import sympy
-
 import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils import _pytree as pytree
 
 from ..errors import NnforgeError, UnsupportedOpError
-from ..ir import Graph, TensorType, Value
-from ..ir import symbols
+from ..ir import Graph, TensorType, Value, symbols
 from ..ir.registry import OpError
 from ..ops.shape import BIG
 
@@ -49,9 +48,18 @@ class _Unsupported(Exception):
     """A converter cannot take this particular call (an argument combination we do not map)."""
 
 
-_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
-           torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.int8: "int8",
-           torch.uint8: "uint8", torch.bool: "bool"}
+_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
 
 
 def _dtype(dt: torch.dtype) -> str:
@@ -64,15 +72,23 @@ def _dtype(dt: torch.dtype) -> str:
 # symbolic sizes: torch's s0, s77... -> the user's Dim names
 # ---------------------------------------------------------------------------------------
 
+
 def _floor_div(a, b):
     return sympy.floor(a / b)
 
 
 # torch's own sympy functions, rewritten into ones nnforge.ir.symbols can print and parse back
 _SYMPY_FUNCS: dict[str, Callable] = {
-    "FloorDiv": _floor_div, "CleanDiv": lambda a, b: a / b, "IntTrueDiv": lambda a, b: a / b,
-    "PythonMod": sympy.Mod, "Mod": sympy.Mod, "Max": sympy.Max, "Min": sympy.Min, "floor": sympy.floor,
-    "FloorToInt": sympy.floor, "CeilDiv": lambda a, b: -_floor_div(-a, b),
+    "FloorDiv": _floor_div,
+    "CleanDiv": lambda a, b: a / b,
+    "IntTrueDiv": lambda a, b: a / b,
+    "PythonMod": sympy.Mod,
+    "Mod": sympy.Mod,
+    "Max": sympy.Max,
+    "Min": sympy.Min,
+    "floor": sympy.floor,
+    "FloorToInt": sympy.floor,
+    "CeilDiv": lambda a, b: -_floor_div(-a, b),
 }
 
 
@@ -86,8 +102,13 @@ class _SymbolNames:
     def bind(self, expr, name: str | None) -> None:
         """Name the torch symbol behind one input axis (the first name given wins)."""
         free = list(getattr(expr, "free_symbols", ()))
-        if (name and name.isidentifier() and len(free) == 1 and free[0].name not in self.names
-                and name not in self.names.values()):
+        if (
+            name
+            and name.isidentifier()
+            and len(free) == 1
+            and free[0].name not in self.names
+            and name not in self.names.values()
+        ):
             self.names[free[0].name] = name
 
     def _translate(self, e):
@@ -187,6 +208,7 @@ def _op_name(target) -> str:
 # per-node conversion context
 # ---------------------------------------------------------------------------------------
 
+
 class _Ctx:
     """What a converter sees: the graph under construction and the fx node being converted."""
 
@@ -235,6 +257,7 @@ class _Ctx:
 
     def result_type(self, a, b) -> str:
         """torch's type promotion of two original operands (tensors keep their rank: 0-d ranks lower)."""
+
         def proxy(x):
             if isinstance(x, torch.fx.Node):
                 v = x.meta.get("val")
@@ -265,6 +288,7 @@ def _int_or_unsupported(v, what: str) -> int:
 # converters: one small function per ATen op (or family), f(cx, *args, **kwargs) with args
 # already converted (fx nodes -> Value / dim / list)
 # ---------------------------------------------------------------------------------------
+
 
 def _binary(ir_op: str, compare: bool = False):
     def convert(cx: _Ctx, a, b, alpha=1, **_):
@@ -308,6 +332,7 @@ def _remainder(cx: _Ctx, a, b):
 
 def _boolean(ir_op: str):
     """logical_* (any input dtype, bool result) and bitwise_* on bool masks; bitwise ops on integers are not mapped."""
+
     def convert(cx: _Ctx, *args):
         if cx.out_dtype != "bool":
             raise _Unsupported("bitwise op on integers")
@@ -421,6 +446,7 @@ def _clamp(cx: _Ctx, x, min=None, max=None):
 
 # -- reductions ---------------------------------------------------------------------------
 
+
 def _reduce(ir_op: str):
     def convert(cx: _Ctx, x, dim=None, keepdim=False, dtype=None, **_):
         axes = None if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0) else _ints(dim)
@@ -491,6 +517,7 @@ def _softmax(ir_op: str):
 
 # -- normalisation, linear algebra, attention -------------------------------------------
 
+
 def _layer_norm(cx: _Ctx, x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
     return cx.op("layer_norm", x, weight, bias, naxes=len(normalized_shape), eps=eps)
 
@@ -538,11 +565,20 @@ def _sdpa(cx: _Ctx, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 
 # -- convolution and pooling --------------------------------------------------------------
 
+
 def _conv2d(cx: _Ctx, x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     if isinstance(padding, str):  # conv2d.padding: "valid" or "same"
         padding = _same_padding(w.shape[2:], _pair(dilation)) if padding == "same" else [0, 0]
-    return cx.op("conv2d", x, w, *([bias] if bias is not None else []),
-                 stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation), groups=groups)
+    return cx.op(
+        "conv2d",
+        x,
+        w,
+        *([bias] if bias is not None else []),
+        stride=_pair(stride),
+        padding=_pair(padding),
+        dilation=_pair(dilation),
+        groups=groups,
+    )
 
 
 def _pair(v) -> list[int]:
@@ -571,16 +607,31 @@ def _convolution(cx: _Ctx, x, w, bias, stride, padding, dilation, transposed, ou
 
 
 def _max_pool2d(cx: _Ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    return cx.op("max_pool2d", x, kernel=_pair(kernel_size), stride=_pair(stride or kernel_size),
-                 padding=_pair(padding), dilation=_pair(dilation), ceil_mode=bool(ceil_mode))
+    return cx.op(
+        "max_pool2d",
+        x,
+        kernel=_pair(kernel_size),
+        stride=_pair(stride or kernel_size),
+        padding=_pair(padding),
+        dilation=_pair(dilation),
+        ceil_mode=bool(ceil_mode),
+    )
 
 
-def _avg_pool2d(cx: _Ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
-                divisor_override=None):
+def _avg_pool2d(
+    cx: _Ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+):
     if divisor_override is not None:
         raise _Unsupported("divisor_override")
-    return cx.op("avg_pool2d", x, kernel=_pair(kernel_size), stride=_pair(stride or kernel_size),
-                 padding=_pair(padding), ceil_mode=bool(ceil_mode), count_include_pad=bool(count_include_pad))
+    return cx.op(
+        "avg_pool2d",
+        x,
+        kernel=_pair(kernel_size),
+        stride=_pair(stride or kernel_size),
+        padding=_pair(padding),
+        ceil_mode=bool(ceil_mode),
+        count_include_pad=bool(count_include_pad),
+    )
 
 
 def _adaptive_avg_pool2d(cx: _Ctx, x, output_size):
@@ -588,6 +639,7 @@ def _adaptive_avg_pool2d(cx: _Ctx, x, output_size):
 
 
 # -- shape and data movement ------------------------------------------------------------------
+
 
 def _reshape(cx: _Ctx, x, *args, **kwargs):
     """view / reshape / flatten / unflatten: torch already resolved the target shape (and any -1)."""
@@ -712,77 +764,169 @@ def _integral(v):
 
 ATEN_OPS: dict[Any, Callable] = {
     # elementwise arithmetic (scalars become 0-d constants of the result dtype)
-    **{getattr(aten, name).Tensor: _binary(ir) for name, ir in
-       [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div")]},
-    **{getattr(aten, name).Scalar: _binary(ir) for name, ir in
-       [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div")]},
+    **{
+        getattr(aten, name).Tensor: _binary(ir)
+        for name, ir in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div")]
+    },
+    **{
+        getattr(aten, name).Scalar: _binary(ir)
+        for name, ir in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div")]
+    },
     aten.div.Tensor_mode: _div_mode,
-    aten.pow.Tensor_Scalar: _binary("pow"), aten.pow.Tensor_Tensor: _binary("pow"), aten.pow.Scalar: _pow_scalar,
-    aten.maximum.default: _binary("maximum"), aten.minimum.default: _binary("minimum"),
+    aten.pow.Tensor_Scalar: _binary("pow"),
+    aten.pow.Tensor_Tensor: _binary("pow"),
+    aten.pow.Scalar: _pow_scalar,
+    aten.maximum.default: _binary("maximum"),
+    aten.minimum.default: _binary("minimum"),
     **{getattr(aten, name).Tensor: _binary(name, compare=True) for name in ("eq", "ne", "lt", "le", "gt", "ge")},
     **{getattr(aten, name).Scalar: _binary(name, compare=True) for name in ("eq", "ne", "lt", "le", "gt", "ge")},
-    aten.logical_and.default: _boolean("logical_and"), aten.logical_or.default: _boolean("logical_or"),
+    aten.logical_and.default: _boolean("logical_and"),
+    aten.logical_or.default: _boolean("logical_or"),
     aten.logical_not.default: _boolean("logical_not"),
-    aten.bitwise_and.Tensor: _boolean("logical_and"), aten.bitwise_or.Tensor: _boolean("logical_or"),
+    aten.bitwise_and.Tensor: _boolean("logical_and"),
+    aten.bitwise_or.Tensor: _boolean("logical_or"),
     aten.bitwise_not.default: _boolean("logical_not"),
-    aten.remainder.Scalar: _remainder, aten.remainder.Tensor: _remainder,
+    aten.remainder.Scalar: _remainder,
+    aten.remainder.Tensor: _remainder,
     aten.where.self: _where,
-    aten.masked_fill.Scalar: _masked_fill, aten.masked_fill.Tensor: _masked_fill,
-    aten.clamp.default: _clamp, aten.clamp.Tensor: _clamp,
+    aten.masked_fill.Scalar: _masked_fill,
+    aten.masked_fill.Tensor: _masked_fill,
+    aten.clamp.default: _clamp,
+    aten.clamp.Tensor: _clamp,
     aten.clamp_min.default: lambda cx, x, m: _clamp(cx, x, min=m),
     aten.clamp_max.default: lambda cx, x, m: _clamp(cx, x, max=m),
     # unary
-    **{getattr(aten, name).default: _unary(name) for name in
-       ("relu", "silu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "neg", "abs", "erf", "sin", "cos",
-        "reciprocal", "floor", "ceil")},
-    aten.gelu.default: _gelu, aten.hardtanh.default: _hardtanh, aten.leaky_relu.default: _leaky_relu,
-    aten.elu.default: _elu, aten.log1p.default: _log1p,
+    **{
+        getattr(aten, name).default: _unary(name)
+        for name in (
+            "relu",
+            "silu",
+            "sigmoid",
+            "tanh",
+            "exp",
+            "log",
+            "sqrt",
+            "rsqrt",
+            "neg",
+            "abs",
+            "erf",
+            "sin",
+            "cos",
+            "reciprocal",
+            "floor",
+            "ceil",
+        )
+    },
+    aten.gelu.default: _gelu,
+    aten.hardtanh.default: _hardtanh,
+    aten.leaky_relu.default: _leaky_relu,
+    aten.elu.default: _elu,
+    aten.log1p.default: _log1p,
     aten._to_copy.default: _to_copy,
     # reductions and normalisation
-    aten.sum.dim_IntList: _reduce("reduce_sum"), aten.sum.default: _sum_all,
-    aten.mean.dim: _reduce("reduce_mean"), aten.mean.default: _mean_all,
-    aten.amax.default: _reduce("reduce_max"), aten.amin.default: _reduce("reduce_min"),
-    aten.argmax.default: _argmax, aten.max.dim: _max_dim,
-    aten.max.default: _reduce_all("reduce_max"), aten.min.default: _reduce_all("reduce_min"),
+    aten.sum.dim_IntList: _reduce("reduce_sum"),
+    aten.sum.default: _sum_all,
+    aten.mean.dim: _reduce("reduce_mean"),
+    aten.mean.default: _mean_all,
+    aten.amax.default: _reduce("reduce_max"),
+    aten.amin.default: _reduce("reduce_min"),
+    aten.argmax.default: _argmax,
+    aten.max.dim: _max_dim,
+    aten.max.default: _reduce_all("reduce_max"),
+    aten.min.default: _reduce_all("reduce_min"),
     aten.linalg_vector_norm.default: _vector_norm,
     aten.var.correction: _var,
-    aten.softmax.int: _softmax("softmax"), aten._softmax.default: _softmax("softmax"),
-    aten.log_softmax.int: _softmax("log_softmax"), aten._log_softmax.default: _softmax("log_softmax"),
-    aten.layer_norm.default: _layer_norm, aten.rms_norm.default: _rms_norm,
-    aten._native_batch_norm_legit_no_training.default: _bn_no_training, aten.batch_norm.default: _batch_norm,
+    aten.softmax.int: _softmax("softmax"),
+    aten._softmax.default: _softmax("softmax"),
+    aten.log_softmax.int: _softmax("log_softmax"),
+    aten._log_softmax.default: _softmax("log_softmax"),
+    aten.layer_norm.default: _layer_norm,
+    aten.rms_norm.default: _rms_norm,
+    aten._native_batch_norm_legit_no_training.default: _bn_no_training,
+    aten.batch_norm.default: _batch_norm,
     # linear algebra, attention, convolution
-    aten.linear.default: _linear, aten.matmul.default: _matmul, aten.mm.default: _matmul, aten.bmm.default: _matmul,
+    aten.linear.default: _linear,
+    aten.matmul.default: _matmul,
+    aten.mm.default: _matmul,
+    aten.bmm.default: _matmul,
     aten.addmm.default: _addmm,
     aten.scaled_dot_product_attention.default: _sdpa,
-    aten.conv2d.default: _conv2d, aten.conv2d.padding: _conv2d, aten.convolution.default: _convolution,
-    aten.max_pool2d.default: _max_pool2d, aten.avg_pool2d.default: _avg_pool2d,
+    aten.conv2d.default: _conv2d,
+    aten.conv2d.padding: _conv2d,
+    aten.convolution.default: _convolution,
+    aten.max_pool2d.default: _max_pool2d,
+    aten.avg_pool2d.default: _avg_pool2d,
     aten.adaptive_avg_pool2d.default: _adaptive_avg_pool2d,
     # shapes and data movement
-    aten.view.default: _reshape, aten._unsafe_view.default: _reshape, aten.reshape.default: _reshape,
-    aten.flatten.using_ints: _reshape, aten.unflatten.int: _reshape,
-    aten.permute.default: _permute, aten.transpose.int: _transpose, aten.t.default: _t,
-    aten.expand.default: _expand, aten.repeat.default: _repeat, aten.cat.default: _cat,
-    aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
+    aten.view.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.reshape.default: _reshape,
+    aten.flatten.using_ints: _reshape,
+    aten.unflatten.int: _reshape,
+    aten.permute.default: _permute,
+    aten.transpose.int: _transpose,
+    aten.t.default: _t,
+    aten.expand.default: _expand,
+    aten.repeat.default: _repeat,
+    aten.cat.default: _cat,
+    aten.unsqueeze.default: _unsqueeze,
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
     aten.squeeze.default: _squeeze,
-    aten.slice.Tensor: _slice, aten.select.int: _select, aten.unbind.int: _unbind,
-    aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
-    aten.index_select.default: _gather, aten.index.Tensor: _index, aten.embedding.default: _embedding,
+    aten.slice.Tensor: _slice,
+    aten.select.int: _select,
+    aten.unbind.int: _unbind,
+    aten.split.Tensor: _split,
+    aten.split_with_sizes.default: _split,
+    aten.index_select.default: _gather,
+    aten.index.Tensor: _index,
+    aten.embedding.default: _embedding,
     # tensor creation
-    aten.arange.default: _arange, aten.arange.start: _arange, aten.arange.start_step: _arange,
-    aten.zeros_like.default: _full_like(0), aten.ones_like.default: _full_like(1), aten.full_like.default: _full_like(),
+    aten.arange.default: _arange,
+    aten.arange.start: _arange,
+    aten.arange.start_step: _arange,
+    aten.zeros_like.default: _full_like(0),
+    aten.ones_like.default: _full_like(1),
+    aten.full_like.default: _full_like(),
     aten.empty_like.default: _full_like(0),
-    aten.scalar_tensor.default: _scalar_tensor, aten.full.default: _full,
+    aten.scalar_tensor.default: _scalar_tensor,
+    aten.full.default: _full,
     # no-ops in an inference graph
-    aten.clone.default: _identity, aten.alias.default: _identity, aten.detach.default: _identity,
-    aten.lift_fresh_copy.default: _identity, aten.contiguous.default: _identity, aten.dropout.default: _dropout,
-    aten._assert_tensor_metadata.default: _drop, aten._assert_scalar.default: _drop,
-    aten.sym_constrain_range_for_size.default: _drop, aten.sym_constrain_range.default: _drop,
+    aten.clone.default: _identity,
+    aten.alias.default: _identity,
+    aten.detach.default: _identity,
+    aten.lift_fresh_copy.default: _identity,
+    aten.contiguous.default: _identity,
+    aten.dropout.default: _dropout,
+    aten._assert_tensor_metadata.default: _drop,
+    aten._assert_scalar.default: _drop,
+    aten.sym_constrain_range_for_size.default: _drop,
+    aten.sym_constrain_range.default: _drop,
     # sizes (SymInts) and multi-output plumbing
-    aten.sym_size.int: _sym_value, aten.sym_numel.default: _sym_value,
-    **{fn: _sym_value for fn in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
-                                 operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
-                                 operator.ge, operator.and_, operator.or_, torch.sym_max, torch.sym_min,
-                                 torch.sym_not)},
+    aten.sym_size.int: _sym_value,
+    aten.sym_numel.default: _sym_value,
+    **{
+        fn: _sym_value
+        for fn in (
+            operator.add,
+            operator.sub,
+            operator.mul,
+            operator.floordiv,
+            operator.mod,
+            operator.neg,
+            operator.eq,
+            operator.ne,
+            operator.lt,
+            operator.le,
+            operator.gt,
+            operator.ge,
+            operator.and_,
+            operator.or_,
+            torch.sym_max,
+            torch.sym_min,
+            torch.sym_not,
+        )
+    },
     operator.getitem: _getitem,
 }
 
@@ -790,6 +934,7 @@ ATEN_OPS: dict[Any, Callable] = {
 # ---------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------
+
 
 def _decomposition_table():
     """torch's default decompositions, minus the ops we map directly (those stay whole)."""
@@ -842,17 +987,24 @@ def _has_missing(v) -> bool:
 def _check_type(v: Value, fake, syms: _SymbolNames, what: str) -> None:
     """The converted value must have the type torch computed: catches mapping bugs at the node that has them."""
     want = TensorType(syms.shape(fake), _dtype(fake.dtype))
-    same = v.dtype == want.dtype and v.type.rank == want.rank and all(
-        a == b or symbols.dims_equal(a, b) for a, b in zip(v.shape, want.shape))
+    same = (
+        v.dtype == want.dtype
+        and v.type.rank == want.rank
+        and all(a == b or symbols.dims_equal(a, b) for a, b in zip(v.shape, want.shape))
+    )
     if not same:
         raise TorchImportError(f"{what}: converted to {v.type}, but torch says {want}")
 
 
 def _name_symbols(syms: _SymbolNames, vals: list, input_names: list[str], dim_specs: list) -> None:
     """Before any size is translated: symbols take the user's Dim names ("batch"), else "<input>_<axis>"."""
-    axes = [(f"{name}_{axis}", d.node.expr, _axis_spec(spec, axis))
-            for val, name, spec in zip(vals, input_names, dim_specs) if isinstance(val, torch.Tensor)
-            for axis, d in enumerate(val.shape) if isinstance(d, torch.SymInt)]
+    axes = [
+        (f"{name}_{axis}", d.node.expr, _axis_spec(spec, axis))
+        for val, name, spec in zip(vals, input_names, dim_specs)
+        if isinstance(val, torch.Tensor)
+        for axis, d in enumerate(val.shape)
+        if isinstance(d, torch.SymInt)
+    ]
     for _, expr, dim in axes:  # a derived Dim (2*batch) names its root
         syms.bind(expr, getattr(getattr(dim, "root", dim), "__name__", None))
     for fallback, expr, _ in axes:  # Dim.AUTO / Dim.DYNAMIC carry no name; only an axis that *is* the symbol
@@ -866,8 +1018,10 @@ def _user_input_names(ep, input_names) -> list[str]:
     if input_names is None:
         return placeholders
     if len(input_names) != len(placeholders):
-        raise TorchImportError(f"input_names has {len(input_names)} name(s) but the model takes "
-                               f"{len(placeholders)} input(s): {placeholders}")
+        raise TorchImportError(
+            f"input_names has {len(input_names)} name(s) but the model takes "
+            f"{len(placeholders)} input(s): {placeholders}"
+        )
     return list(input_names)
 
 
@@ -974,7 +1128,9 @@ def _encode(orig, conv, tensors: list[Value], cx: _Ctx):
     if orig is None or isinstance(orig, (bool, int, str)):
         return orig
     if isinstance(orig, float):
-        return orig if math.isfinite(orig) else {"$float": "nan" if math.isnan(orig) else ("inf" if orig > 0 else "-inf")}
+        return (
+            orig if math.isfinite(orig) else {"$float": "nan" if math.isnan(orig) else ("inf" if orig > 0 else "-inf")}
+        )
     if isinstance(orig, torch.dtype):
         return {"$dtype": _dtype(orig)}
     if isinstance(orig, torch.device):
@@ -1003,8 +1159,13 @@ def _opaque(cx: _Ctx, args, kwargs):
     if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
         raise _Unsupported("results that are not tensors")
     out_types = [{"shape": list(cx.syms.shape(v)), "dtype": _dtype(v.dtype)} for v in vals]
-    node = cx.g.add_node("torch_op", tensors, {"target": name, "args": enc_args, "kwargs": enc_kwargs,
-                                               "out_types": out_types}, name=cx.node.name, source=cx.source)
+    node = cx.g.add_node(
+        "torch_op",
+        tensors,
+        {"target": name, "args": enc_args, "kwargs": enc_kwargs, "out_types": out_types},
+        name=cx.node.name,
+        source=cx.source,
+    )
     return list(node.outputs) if isinstance(cx.val, (tuple, list)) else node.output
 
 
@@ -1018,8 +1179,13 @@ def _set_outputs(g: Graph, ep, env: dict) -> None:
     g.remove_unused_constants()
 
 
-def import_torch(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None,
-                 input_names: Sequence[str] | None = None, opaque: bool = True) -> Graph:
+def import_torch(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    dynamic_shapes=None,
+    input_names: Sequence[str] | None = None,
+    opaque: bool = True,
+) -> Graph:
     """Export ``model`` with torch.export and convert it to an nnforge IR graph.
 
     ``dynamic_shapes`` is torch.export's spec; symbolic dims in the IR take the Dim names
@@ -1039,8 +1205,14 @@ def import_torch(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=N
     if unsupported:
         raise UnsupportedOpError(unsupported, where=type(model).__name__)
     _set_outputs(g, ep, env)
-    g.meta.update(frontend="torch", torch_version=torch.__version__, input_names=[v.name for v in g.inputs],
-                  output_names=_name_outputs(g), symbol_ranges=_symbol_ranges(ep, syms), output_tree=_tree_json(ep))
+    g.meta.update(
+        frontend="torch",
+        torch_version=torch.__version__,
+        input_names=[v.name for v in g.inputs],
+        output_names=_name_outputs(g),
+        symbol_ranges=_symbol_ranges(ep, syms),
+        output_tree=_tree_json(ep),
+    )
     return g
 
 

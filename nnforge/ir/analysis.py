@@ -1,4 +1,5 @@
 """Graph analyses on a networkx view of the IR: order, reachability, dominators, fusion safety."""
+
 from __future__ import annotations
 
 from typing import Iterable

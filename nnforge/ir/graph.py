@@ -12,10 +12,11 @@ edit that would bypass the use-lists fails instead of going stale. ``graph.nodes
 demand; editing it in place (the old style) still works: the graph rebuilds itself from the edited
 list at its next query or edit, in O(n).
 """
+
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -48,8 +49,18 @@ class TensorType:
         return symbols.mul(*self.shape) if self.shape else 1
 
     def __str__(self) -> str:
-        short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64", "int64": "i64",
-                 "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}[self.dtype]
+        short = {
+            "float32": "f32",
+            "float16": "f16",
+            "bfloat16": "bf16",
+            "float64": "f64",
+            "int64": "i64",
+            "int32": "i32",
+            "int16": "i16",
+            "int8": "i8",
+            "uint8": "u8",
+            "bool": "i1",
+        }[self.dtype]
         return f"{short}[{','.join(str(d) for d in self.shape)}]"
 
     @staticmethod
@@ -92,8 +103,10 @@ class ReadOnlyList(list):
     __slots__ = ()
 
     def _refuse(self, *args, **kwargs):
-        raise TypeError("read-only list: set node.inputs = [...] or call node.set_input(i, v), and add or remove "
-                        "nodes with graph.add_node / insert_node / remove_node, so the graph's use-lists stay right")
+        raise TypeError(
+            "read-only list: set node.inputs = [...] or call node.set_input(i, v), and add or remove "
+            "nodes with graph.add_node / insert_node / remove_node, so the graph's use-lists stay right"
+        )
 
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
@@ -106,8 +119,15 @@ class Node:
     # graph, _prev, _next, _order: the node's place in its graph's linked list (None/0 when not in a graph)
     __slots__ = ("op", "_inputs", "_outputs", "attrs", "name", "source", "graph", "_prev", "_next", "_order")
 
-    def __init__(self, op: str, inputs: Sequence[Value | None], outputs: Sequence[Value],
-                 attrs: dict[str, Any] | None = None, name: str = "", source: str = ""):
+    def __init__(
+        self,
+        op: str,
+        inputs: Sequence[Value | None],
+        outputs: Sequence[Value],
+        attrs: dict[str, Any] | None = None,
+        name: str = "",
+        source: str = "",
+    ):
         self.graph: Graph | None = None
         self._prev = self._next = None
         self._order = 0
@@ -190,11 +210,24 @@ def _node_list_edit(name: str):
             raise TypeError("this node list is stale (the graph changed since it was read): read graph.nodes again")
         self.edited = True
         return getattr(list, name)(self, *args, **kwargs)
+
     return edit
 
 
-for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
-              "clear", "sort", "reverse"):
+for _name in (
+    "__setitem__",
+    "__delitem__",
+    "__iadd__",
+    "__imul__",
+    "append",
+    "extend",
+    "insert",
+    "pop",
+    "remove",
+    "clear",
+    "sort",
+    "reverse",
+):
     setattr(NodeList, _name, _node_list_edit(_name))
 
 
@@ -234,8 +267,15 @@ class Graph:
         self.const_values[v.name] = v
         return v
 
-    def make_node(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None,
-                  name: str = "", source: str = "", out_types: Sequence[TensorType] | None = None) -> Node:
+    def make_node(
+        self,
+        op: str,
+        inputs: Sequence[Value | None],
+        attrs: dict | None = None,
+        name: str = "",
+        source: str = "",
+        out_types: Sequence[TensorType] | None = None,
+    ) -> Node:
         """Create a node (not inserted); output types come from the op registry unless given."""
         from .registry import get_op, infer_types  # local: registry imports graph
 
@@ -245,8 +285,16 @@ class Graph:
         outs = [Value(self.fresh_name(name or op), t) for t in out_types]
         return Node(op, inputs, outs, attrs, name=outs[0].name if outs else op, source=source)
 
-    def add_node(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None, name: str = "",
-                 source: str = "", out_types=None, before: Node | None = None) -> Node:
+    def add_node(
+        self,
+        op: str,
+        inputs: Sequence[Value | None],
+        attrs: dict | None = None,
+        name: str = "",
+        source: str = "",
+        out_types=None,
+        before: Node | None = None,
+    ) -> Node:
         return self.insert_node(self.make_node(op, inputs, attrs, name, source, out_types), before)
 
     def insert_node(self, node: Node, before: Node | None = None) -> Node:
@@ -444,8 +492,16 @@ class Graph:
             g.const_values[name] = cp(v)
             g.constants[name] = self.constants[name]
         for n in self.nodes:
-            g.insert_node(Node(n.op, [cp(i) if i is not None else None for i in n.inputs],
-                               [cp(o) for o in n.outputs], dict(n.attrs), n.name, n.source))
+            g.insert_node(
+                Node(
+                    n.op,
+                    [cp(i) if i is not None else None for i in n.inputs],
+                    [cp(o) for o in n.outputs],
+                    dict(n.attrs),
+                    n.name,
+                    n.source,
+                )
+            )
         g.outputs = [cp(v) for v in self.outputs]
         return g
 

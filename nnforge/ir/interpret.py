@@ -2,6 +2,7 @@
 
 It is slow and obvious on purpose: every pass and backend is checked against it.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -19,8 +20,9 @@ def bind_symbols(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:
     Raises ValueError naming the input and the expected type on a wrong count, rank, dtype or shape.
     """
     if len(arrays) != len(graph.inputs):
-        raise ValueError(f"expected {len(graph.inputs)} input(s) "
-                         f"({', '.join(v.name for v in graph.inputs)}), got {len(arrays)}")
+        raise ValueError(
+            f"expected {len(graph.inputs)} input(s) ({', '.join(v.name for v in graph.inputs)}), got {len(arrays)}"
+        )
     env: dict[str, int] = {}
     for v, a in zip(graph.inputs, arrays):
         want = v.type
@@ -53,9 +55,13 @@ def _check_ranges(graph: Graph, env: dict[str, int]) -> None:
         rng = ranges.get(name)
         lo, hi = (rng[0], rng[1]) if isinstance(rng, (list, tuple)) and len(rng) == 2 else (None, None)
         if (isinstance(lo, int) and value < lo) or (isinstance(hi, int) and value > hi):
-            where = next((f"input {v.name!r} axis {k}" for v in graph.inputs for k, d in enumerate(v.shape) if d == name), name)
-            raise ValueError(f"{where}: size {value} is outside the range [{lo}, {'inf' if hi is None else hi}] "
-                             f"of symbol {name!r} the model was exported for")
+            where = next(
+                (f"input {v.name!r} axis {k}" for v in graph.inputs for k, d in enumerate(v.shape) if d == name), name
+            )
+            raise ValueError(
+                f"{where}: size {value} is outside the range [{lo}, {'inf' if hi is None else hi}] "
+                f"of symbol {name!r} the model was exported for"
+            )
 
 
 def run_node(node, args: list, env: dict[str, int]) -> list[np.ndarray]:

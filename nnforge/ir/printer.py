@@ -1,4 +1,5 @@
 """Readable text form of a graph, one line per node, in the style of MLIR."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ def _ref(g: Graph, v: Value | None) -> str:
 
 
 def _attr(v) -> str:
-    return json.dumps(v) if isinstance(v, str) else ("[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v))
+    return (
+        json.dumps(v) if isinstance(v, str) else ("[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v))
+    )
 
 
 def format_node(g: Graph, n: Node) -> str:
@@ -43,5 +46,4 @@ def format_graph(g: Graph, constants: bool = False) -> str:
 def summary(g: Graph) -> str:
     counts = sorted(g.op_counts().items(), key=lambda kv: (-kv[1], kv[0]))
     params = sum(a.size for a in g.constants.values())
-    return (f"{g.name}: {len(g.nodes)} nodes, {params:,} parameters; ops: "
-            + ", ".join(f"{op} x{c}" for op, c in counts))
+    return f"{g.name}: {len(g.nodes)} nodes, {params:,} parameters; ops: " + ", ".join(f"{op} x{c}" for op, c in counts)

@@ -15,6 +15,7 @@ is declared with ``opdef.not_on(backend, reason)``; the completeness test walks 
 The family modules are loaded on the registry's first use (``load_ops``), so ``nnforge.ir`` imports
 no backend and the families may import ``nnforge.ir`` freely.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,7 +36,9 @@ _ATTR_CHECKS: dict[str, Callable[[Any], bool]] = {
     "bool": lambda v: isinstance(v, bool),
     "str": lambda v: isinstance(v, str),
     "ints": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-    "dims": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v),
+    "dims": lambda v: (
+        isinstance(v, (list, tuple)) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v)
+    ),
     "dim": lambda v: isinstance(v, (int, str)) and not isinstance(v, bool),
     "dtype": lambda v: v in DTYPES,
     "optional_ints": lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v)),

@@ -3,6 +3,7 @@
 Loading validates every field and then runs the verifier, so a hostile or corrupt file gets a
 ModelLoadError naming the problem instead of executing anything or crashing later.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,16 @@ def graph_to_json(g: Graph) -> dict:
         "name": g.name,
         "inputs": [vt(v) for v in g.inputs],
         "constants": [vt(g.const_values[k]) for k in g.constants],
-        "nodes": [{"op": n.op, "inputs": [i.name if i is not None else None for i in n.inputs],
-                   "outputs": [vt(o) for o in n.outputs], "attrs": n.attrs, "source": n.source} for n in g.nodes],
+        "nodes": [
+            {
+                "op": n.op,
+                "inputs": [i.name if i is not None else None for i in n.inputs],
+                "outputs": [vt(o) for o in n.outputs],
+                "attrs": n.attrs,
+                "source": n.source,
+            }
+            for n in g.nodes
+        ],
         "outputs": [v.name for v in g.outputs],
         "meta": {k: v for k, v in g.meta.items() if _jsonable(v)},
     }
@@ -67,9 +76,13 @@ def _type(obj, where) -> TensorType:
 
 def graph_from_json(doc: dict, constants: dict[str, np.ndarray]) -> Graph:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ModelLoadError(f"not an nnforge IR file (format field is {doc.get('format') if isinstance(doc, dict) else None!r})")
+        raise ModelLoadError(
+            f"not an nnforge IR file (format field is {doc.get('format') if isinstance(doc, dict) else None!r})"
+        )
     if doc.get("version") != VERSION:
-        raise ModelLoadError(f"IR format version {doc.get('version')!r} is not supported (this nnforge reads {VERSION})")
+        raise ModelLoadError(
+            f"IR format version {doc.get('version')!r} is not supported (this nnforge reads {VERSION})"
+        )
     g = Graph(str(doc.get("name", "graph")))
     by_name: dict[str, Value] = {}
 
@@ -90,13 +103,19 @@ def graph_from_json(doc: dict, constants: dict[str, np.ndarray]) -> Graph:
         arr = constants[name]
         declared = _type(obj, f"constant {name!r}")
         if TensorType.of(arr) != declared:
-            raise ModelLoadError(f"constant {name!r}: weights file holds {TensorType.of(arr)}, graph declares {declared}")
+            raise ModelLoadError(
+                f"constant {name!r}: weights file holds {TensorType.of(arr)}, graph declares {declared}"
+            )
         v = Value(name, declared)
         define(v)
         g.constants[name] = arr
         g.const_values[name] = v
     for k, obj in enumerate(doc.get("nodes", [])):
-        if not isinstance(obj, dict) or not isinstance(obj.get("op"), str) or not isinstance(obj.get("attrs", {}), dict):
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("op"), str)
+            or not isinstance(obj.get("attrs", {}), dict)
+        ):
             raise ModelLoadError(f"node #{k} is malformed")
         ins = []
         for name in obj.get("inputs", []):

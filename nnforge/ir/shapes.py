@@ -1,4 +1,5 @@
 """Shape arithmetic shared by the ops' shape rules: axes, broadcasting, dtype agreement, window sizes."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -5,6 +5,7 @@ symbols ("batch*seq", "seq//2 + 1"). Arithmetic goes through sympy so that shape
 can simplify; strings are parsed with our own ``ast`` walker, never ``eval``/``sympify``,
 because graph files come from outside and must not run code.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,8 +35,15 @@ def _build(node: ast.AST):
         return _BINOPS[type(node.op)](_build(node.left), _build(node.right))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -_build(node.operand)
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("floor", "Max", "Min", "Mod") and not node.keywords:
-        fn = {"floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod}[node.func.id]  # sympy prints n % 2 as Mod(n, 2)
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("floor", "Max", "Min", "Mod")
+        and not node.keywords
+    ):
+        fn = {"floor": sympy.floor, "Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod}[
+            node.func.id
+        ]  # sympy prints n % 2 as Mod(n, 2)
         return fn(*[_build(a) for a in node.args])
     raise ValueError(f"not a dimension expression: {ast.dump(node)}")
 

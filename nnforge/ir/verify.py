@@ -1,5 +1,6 @@
 """IR invariants: SSA, definition before use, known ops, valid attributes, types agree with inference,
 and the graph's own bookkeeping (node links, order keys, use-lists) agrees with the nodes."""
+
 from __future__ import annotations
 
 from ..errors import VerificationError
@@ -66,8 +67,9 @@ def _verify_links(g: Graph) -> None:
     prev = g._end
     for idx, n in enumerate(g.nodes):
         if n.graph is not g or n._prev is not prev or prev._next is not n:
-            raise VerificationError(f"node #{idx} ({_describe(n)}) is not linked into the graph where "
-                                    f"graph.nodes has it")
+            raise VerificationError(
+                f"node #{idx} ({_describe(n)}) is not linked into the graph where graph.nodes has it"
+            )
         if n._order <= prev._order:
             raise VerificationError(f"node #{idx} ({_describe(n)}) has an order key not above its predecessor's")
         prev = n
@@ -82,11 +84,15 @@ def _verify_links(g: Graph) -> None:
     for n in g.nodes:
         for v in n.inputs:
             if v is not None and g._uses.get(v, {}).get(n) != want[v][n]:
-                raise VerificationError(f"use-list of %{v.name} is stale: it does not hold node {_describe(n)} "
-                                        f"{want[v][n]} time(s), the times it reads the value (an input edited "
-                                        f"around the Graph API?)")
+                raise VerificationError(
+                    f"use-list of %{v.name} is stale: it does not hold node {_describe(n)} "
+                    f"{want[v][n]} time(s), the times it reads the value (an input edited "
+                    f"around the Graph API?)"
+                )
     for v, users in g._uses.items():
         for n, count in users.items():
             if want.get(v, {}).get(n) != count:
-                raise VerificationError(f"use-list of %{v.name} is stale: it lists node {_describe(n)}, which does "
-                                        f"not read the value (a node removed or edited around the Graph API?)")
+                raise VerificationError(
+                    f"use-list of %{v.name} is stale: it lists node {_describe(n)}, which does "
+                    f"not read the value (a node removed or edited around the Graph API?)"
+                )

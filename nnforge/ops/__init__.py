@@ -3,4 +3,5 @@ and ONNX / TVM lowerings side by side (see nnforge/ir/registry.py and docs/addin
 
 Imported by ``nnforge.ir.registry.load_ops`` on the registry's first use; every module registers on import.
 """
+
 from . import attention, conv, elementwise, fallback, linalg, lowbit, norm, reduce, region, shape, tokens  # noqa: F401

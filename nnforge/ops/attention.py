@@ -7,6 +7,7 @@ in one more q/k head dim instead of an expanded bias (``_keys_carry_bias``). An 
 three thirds of one linear becomes ORT's Attention with the projection inside (backends/onnxrt_fusions.py).
 TVM: Relax matmul / softmax / matmul (``_attend_tvm``).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ def _default_scale(head_dim) -> float:
 
 # -- sdpa -----------------------------------------------------------------------------------------------
 
+
 def _sdpa_infer(ts, attrs):
     q, k, v = ts[:3]
     same_dtype([q, k, v], "sdpa")
@@ -40,8 +42,13 @@ def _sdpa_infer(ts, attrs):
     return [TensorType(batch + (q.shape[-2], v.shape[-1]), q.dtype)]
 
 
-@defop("sdpa", _sdpa_infer, num_inputs=(3, 4), attrs={"is_causal": ("bool", False), "scale": ("optional_float", None)},
-       doc="softmax(q @ k^T * scale + mask) @ v; a bool mask is True where attention is allowed")
+@defop(
+    "sdpa",
+    _sdpa_infer,
+    num_inputs=(3, 4),
+    attrs={"is_causal": ("bool", False), "scale": ("optional_float", None)},
+    doc="softmax(q @ k^T * scale + mask) @ v; a bool mask is True where attention is allowed",
+)
 def sdpa(q, k, v, mask=None, is_causal=False, scale=None):
     scale = _default_scale(q.shape[-1]) if scale is None else scale
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(scale, q.dtype)
@@ -71,8 +78,19 @@ def _sdpa_check(node, target: str) -> str | None:
     return None
 
 
-def _attend_onnx(cx, q: str, k: str, v: str, mask: str | None, mask_bool: bool, *, rank: int, dtype: str,
-                 scale: float, is_causal: bool) -> str:
+def _attend_onnx(
+    cx,
+    q: str,
+    k: str,
+    v: str,
+    mask: str | None,
+    mask_bool: bool,
+    *,
+    rank: int,
+    dtype: str,
+    scale: float,
+    is_causal: bool,
+) -> str:
     """softmax(q @ k^T * scale [+ causal / mask]) @ v on [..., seq, dim] tensors."""
     perm = list(range(rank - 2)) + [rank - 1, rank - 2]
     s = cx.emit("MatMul", [q, cx.emit("Transpose", [k], perm=perm)])
@@ -82,7 +100,9 @@ def _attend_onnx(cx, q: str, k: str, v: str, mask: str | None, mask_bool: bool, 
         shape = cx.emit("Shape", [s])
         axes0 = cx.const([0], "int64", "axes")
         lq = cx.emit("Squeeze", [cx.emit("Slice", [shape, cx.const([-2], "int64"), cx.const([-1], "int64")]), axes0])
-        lk = cx.emit("Squeeze", [cx.emit("Slice", [shape, cx.const([-1], "int64"), cx.const([INT64_MAX], "int64")]), axes0])
+        lk = cx.emit(
+            "Squeeze", [cx.emit("Slice", [shape, cx.const([-1], "int64"), cx.const([INT64_MAX], "int64")]), axes0]
+        )
         zero, one = cx.const(0, "int64"), cx.const(1, "int64")
         rows = cx.emit("Unsqueeze", [cx.emit("Range", [zero, lq, one]), cx.const([1], "int64", "axes")])
         cols = cx.emit("Range", [zero, lk, one])
@@ -100,8 +120,9 @@ def _mask_is_bool(cx, mask) -> bool:
 def _(cx, q, k, v, mask=None, is_causal=False, scale=None):
     qt = cx.node.inputs[0].type
     scale = _default_scale(qt.shape[-1]) if scale is None else scale
-    return _attend_onnx(cx, q, k, v, mask, _mask_is_bool(cx, mask), rank=qt.rank, dtype=qt.dtype, scale=scale,
-                        is_causal=is_causal)
+    return _attend_onnx(
+        cx, q, k, v, mask, _mask_is_bool(cx, mask), rank=qt.rank, dtype=qt.dtype, scale=scale, is_causal=is_causal
+    )
 
 
 def _attend_tvm(c, q, k, v, mask, *, rank: int, dtype: str, head_dim, lq, lk, scale, is_causal: bool, mask_dtype):
@@ -126,12 +147,25 @@ def _attend_tvm(c, q, k, v, mask, *, rank: int, dtype: str, head_dim, lq, lk, sc
 @sdpa.tvm
 def _(c, q, k, v, mask=None, is_causal=False, scale=None):
     qt = c.in_type(0)
-    return _attend_tvm(c, q, k, v, mask, rank=qt.rank, dtype=qt.dtype, head_dim=qt.shape[-1], lq=qt.shape[-2],
-                       lk=c.in_type(1).shape[-2], scale=scale, is_causal=is_causal,
-                       mask_dtype=c.in_type(3).dtype if mask is not None else None)
+    return _attend_tvm(
+        c,
+        q,
+        k,
+        v,
+        mask,
+        rank=qt.rank,
+        dtype=qt.dtype,
+        head_dim=qt.shape[-1],
+        lq=qt.shape[-2],
+        lk=c.in_type(1).shape[-2],
+        scale=scale,
+        is_causal=is_causal,
+        mask_dtype=c.in_type(3).dtype if mask is not None else None,
+    )
 
 
 # -- attention ------------------------------------------------------------------------------------------
+
 
 def _attention_infer(ts, attrs):
     q, k, v = ts[:3]
@@ -148,9 +182,14 @@ def _attention_infer(ts, attrs):
     return [TensorType(q.shape[:2] + (v.shape[-1],), q.dtype)]
 
 
-@defop("attention", _attention_infer, num_inputs=(3, 4), kind="fused",
-       attrs={"num_heads": ("int", REQUIRED), "scale": ("optional_float", None), "is_causal": ("bool", False)},
-       doc="multi-head attention on [batch, seq, heads*dim] tensors; the mask broadcasts to [batch, heads, q, k]")
+@defop(
+    "attention",
+    _attention_infer,
+    num_inputs=(3, 4),
+    kind="fused",
+    attrs={"num_heads": ("int", REQUIRED), "scale": ("optional_float", None), "is_causal": ("bool", False)},
+    doc="multi-head attention on [batch, seq, heads*dim] tensors; the mask broadcasts to [batch, heads, q, k]",
+)
 def attention(q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
     def heads(t):
         b, s, e = t.shape
@@ -183,8 +222,9 @@ def _(cx, q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
         return _attention_contrib(cx, q, k, v, mask, h, scale, is_causal)
     split = cx.const([0, 0, h, -1], "int64", "heads")
     heads = [cx.emit("Transpose", [cx.emit("Reshape", [x, split])], perm=[0, 2, 1, 3]) for x in (q, k, v)]
-    o = _attend_onnx(cx, *heads, mask, _mask_is_bool(cx, mask), rank=4, dtype=qv.dtype, scale=scale,
-                     is_causal=is_causal)
+    o = _attend_onnx(
+        cx, *heads, mask, _mask_is_bool(cx, mask), rank=4, dtype=qv.dtype, scale=scale, is_causal=is_causal
+    )
     merged = cx.emit("Transpose", [o], perm=[0, 2, 1, 3])
     return cx.emit("Reshape", [merged, cx.const([0, 0, -1], "int64", "merge")])
 
@@ -206,8 +246,14 @@ def _attention_contrib(cx, q, k, v, mask, heads: int, scale: float, is_causal: b
         kv_seq = cx.emit("Shape", [k], start=1, end=2)
         bias = cx.emit("Expand", [bias, cx.emit("Concat", [cx.const([1, 1], "int64", "ones"), seq, kv_seq], axis=0)])
         args += ["", "", bias]  # (bias, key_padding_mask) unused
-    return cx.emit("MultiHeadAttention", args, domain="com.microsoft", num_heads=heads, scale=float(scale),
-                   unidirectional=int(is_causal))
+    return cx.emit(
+        "MultiHeadAttention",
+        args,
+        domain="com.microsoft",
+        num_heads=heads,
+        scale=float(scale),
+        unidirectional=int(is_causal),
+    )
 
 
 def _per_key_bias(mask) -> bool:
@@ -224,14 +270,20 @@ def _keys_carry_bias(cx, q: str, k: str, bias: str, heads: int, scale: float, dt
     qh, kh = (cx.emit("Reshape", [t, split]) for t in (q, k))
 
     def column(t: str, values: str) -> str:  # values broadcast to [batch, seq of t, heads, 1]
-        shape = cx.emit("Concat", [cx.emit("Shape", [t], start=0, end=2), cx.const([heads, 1], "int64", "shape")], axis=0)
+        shape = cx.emit(
+            "Concat", [cx.emit("Shape", [t], start=0, end=2), cx.const([heads, 1], "int64", "shape")], axis=0
+        )
         return cx.emit("Expand", [values, shape])
 
     ones = column(q, cx.const(np.ones((1, 1, 1, 1)), dtype, "one"))
-    per_key = cx.emit("Transpose", [cx.emit("Mul", [bias, cx.const(1.0 / scale, dtype, "inv_scale")])], perm=[0, 3, 1, 2])
+    per_key = cx.emit(
+        "Transpose", [cx.emit("Mul", [bias, cx.const(1.0 / scale, dtype, "inv_scale")])], perm=[0, 3, 1, 2]
+    )
     key_col = column(k, per_key)
     flat = cx.const([0, 0, -1], "int64", "merge")
-    return [cx.emit("Reshape", [cx.emit("Concat", [t, extra], axis=3), flat]) for t, extra in ((qh, ones), (kh, key_col))]
+    return [
+        cx.emit("Reshape", [cx.emit("Concat", [t, extra], axis=3), flat]) for t, extra in ((qh, ones), (kh, key_col))
+    ]
 
 
 @attention.tvm
@@ -245,8 +297,22 @@ def _(c, q, k, v, mask=None, num_heads=1, scale=None, is_causal=False):
         return c.emit(R.permute_dims(x, [0, 2, 1, 3]))
 
     qt = c.in_type(0)
-    o = c.emit(_attend_tvm(c, heads(q, 0), heads(k, 1), heads(v, 2), mask, rank=4, dtype=qt.dtype,
-                           head_dim=qt.shape[-1] // h, lq=qt.shape[1], lk=c.in_type(1).shape[1], scale=scale,
-                           is_causal=is_causal, mask_dtype=c.in_type(3).dtype if mask is not None else None))
+    o = c.emit(
+        _attend_tvm(
+            c,
+            heads(q, 0),
+            heads(k, 1),
+            heads(v, 2),
+            mask,
+            rank=4,
+            dtype=qt.dtype,
+            head_dim=qt.shape[-1] // h,
+            lq=qt.shape[1],
+            lk=c.in_type(1).shape[1],
+            scale=scale,
+            is_causal=is_causal,
+            mask_dtype=c.in_type(3).dtype if mask is not None else None,
+        )
+    )
     o = c.emit(R.permute_dims(o, [0, 2, 1, 3]))
     return R.reshape(o, c.out_shape())

@@ -1,4 +1,5 @@
 """What the op families share: lazily imported backend modules, and the IR's shape helpers for shape rules."""
+
 from __future__ import annotations
 
 import importlib

@@ -7,6 +7,7 @@ torch does on both backends (TVM's max and ONNX Runtime's MaxPool would drop it)
 (torch): a last window that would start in the right padding is dropped; ONNX pools that cannot match
 that are reported by the support check (``_pool_check``), as are uneven adaptive pools (``_adaptive_check``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,6 +39,7 @@ def _pads(p) -> list[int]:
 
 # -- conv2d ---------------------------------------------------------------------------------------------
 
+
 def _conv_infer(ts, attrs):
     x, w = ts[0], ts[1]
     same_dtype(ts, "conv2d")
@@ -52,8 +54,12 @@ def _conv_infer(ts, attrs):
     return [TensorType((x.shape[0], w.shape[0], h, wd), x.dtype)]
 
 
-@defop("conv2d", _conv_infer, num_inputs=(2, 3),
-       attrs={"stride": ("ints", [1, 1]), "padding": ("ints", [0, 0]), "dilation": ("ints", [1, 1]), "groups": ("int", 1)})
+@defop(
+    "conv2d",
+    _conv_infer,
+    num_inputs=(2, 3),
+    attrs={"stride": ("ints", [1, 1]), "padding": ("ints", [0, 0]), "dilation": ("ints", [1, 1]), "groups": ("int", 1)},
+)
 def conv2d(x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     """2-D cross-correlation, NCHW input and OIHW weight (as torch.nn.functional.conv2d)."""
     s, p, d = pair(stride), pair(padding), pair(dilation)
@@ -63,8 +69,8 @@ def conv2d(x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=
     cg, og = c // groups, w.shape[0] // groups
     outs = []
     for gi in range(groups):
-        wg = w[gi * og:(gi + 1) * og]
-        outs.append(np.einsum("nchwij,ocij->nohw", win[:, gi * cg:(gi + 1) * cg], wg, optimize=True))
+        wg = w[gi * og : (gi + 1) * og]
+        outs.append(np.einsum("nchwij,ocij->nohw", win[:, gi * cg : (gi + 1) * cg], wg, optimize=True))
     y = np.concatenate(outs, axis=1)
     if b is not None:
         y = y + b.reshape(1, -1, 1, 1)
@@ -79,8 +85,15 @@ def _(cx, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1
 @conv2d.onnxrt
 def _(cx, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     kh, kw = cx.node.inputs[1].shape[2:]
-    return cx.emit("Conv", [i for i in (x, w, b) if i], kernel_shape=[kh, kw], strides=pair(stride),
-                   pads=_pads(padding), dilations=pair(dilation), group=groups)
+    return cx.emit(
+        "Conv",
+        [i for i in (x, w, b) if i],
+        kernel_shape=[kh, kw],
+        strides=pair(stride),
+        pads=_pads(padding),
+        dilations=pair(dilation),
+        group=groups,
+    )
 
 
 @conv2d.tvm
@@ -150,8 +163,11 @@ def _conv_as_matmul(wm, cols, ow):
     n, ck, pix = cols.shape
     o = wm.shape[0]
     k = te.reduce_axis((0, ck), name="k")
-    return te.compute((n, o, tirx.floordiv(pix, ow), ow),
-                      lambda b, oc, y, x: te.sum(wm[oc, k] * cols[b, k, y * ow + x], axis=k), name="conv2d_mm")
+    return te.compute(
+        (n, o, tirx.floordiv(pix, ow), ow),
+        lambda b, oc, y, x: te.sum(wm[oc, k] * cols[b, k, y * ow + x], axis=k),
+        name="conv2d_mm",
+    )
 
 
 def _conv2d_direct(c, x, w, b, stride, padding, dilation, groups):
@@ -163,8 +179,12 @@ def _conv2d_direct(c, x, w, b, stride, padding, dilation, groups):
 
 # -- max_pool2d, avg_pool2d -----------------------------------------------------------------------------
 
-_POOL_ATTRS = {"kernel": ("ints", REQUIRED), "stride": ("ints", REQUIRED), "padding": ("ints", [0, 0]),
-               "ceil_mode": ("bool", False)}
+_POOL_ATTRS = {
+    "kernel": ("ints", REQUIRED),
+    "stride": ("ints", REQUIRED),
+    "padding": ("ints", [0, 0]),
+    "ceil_mode": ("bool", False),
+}
 
 
 def _pool_infer(ts, attrs):
@@ -260,7 +280,9 @@ def _(cx, x, kernel, stride, padding=(0, 0), ceil_mode=False, dilation=(1, 1)):
     # MaxPool also turns a window of only -Inf into the dtype's lowest finite value: keep -Inf there
     ninf = cx.const(-np.inf, dtype, "ninf")
     above = cx.emit("MaxPool", [cx.emit("Cast", [cx.emit("Greater", [x, ninf])], to=_onnx.TensorProto.FLOAT)], **pool)
-    y = cx.emit("Where", [cx.emit("Greater", [above, cx.const(0.0, "float32", "zero")]), cx.emit("MaxPool", [x], **pool), ninf])
+    y = cx.emit(
+        "Where", [cx.emit("Greater", [above, cx.const(0.0, "float32", "zero")]), cx.emit("MaxPool", [x], **pool), ninf]
+    )
     return onnx_nan_where(cx, cx.emit("MaxPool", [onnx_nan_mask(cx, x)], **pool), y, dtype)
 
 
@@ -279,8 +301,15 @@ def _max_pool2d_nan_probe(cx, x: str, channels: int, pool: dict) -> str:
     k = pool["kernel_shape"]
     probe = cx.const(np.ones([channels, 1] + k, np.float32), hint="nan_probe")
     keep = cx.const(np.zeros([channels, 1, 1, 1], np.float32), hint="nan_keep")
-    sums = cx.emit("Conv", [x, probe], kernel_shape=k, strides=pool["strides"], pads=pool["pads"],
-                   dilations=pool["dilations"], group=channels)
+    sums = cx.emit(
+        "Conv",
+        [x, probe],
+        kernel_shape=k,
+        strides=pool["strides"],
+        pads=pool["pads"],
+        dilations=pool["dilations"],
+        group=channels,
+    )
     nan = cx.emit("Conv", [cx.emit("Tanh", [sums]), keep], kernel_shape=[1, 1], group=channels)
     return cx.emit("Add", [nan, cx.emit("MaxPool", [x], **pool)])
 
@@ -313,10 +342,12 @@ def _max_pool_nan(x, k, s, top_left, d, oh, ow):
             for v in range(k[1]):
                 r, q = i * s[0] + u * d[0] - top_left[0], j * s[1] + v * d[1] - top_left[1]
                 inside = tirx.all(r >= 0, r < h, q >= 0, q < w)
-                values.append(tirx.if_then_else(inside, x[b, cc, tirx.max(r, 0), tirx.max(q, 0)],
-                                                tirx.min_value(x.dtype)))
-        return tirx.Select(tirx.any(*[tirx.isnan(v) for v in values]), tirx.const(np.nan, x.dtype),
-                           functools.reduce(tirx.max, values))
+                values.append(
+                    tirx.if_then_else(inside, x[b, cc, tirx.max(r, 0), tirx.max(q, 0)], tirx.min_value(x.dtype))
+                )
+        return tirx.Select(
+            tirx.any(*[tirx.isnan(v) for v in values]), tirx.const(np.nan, x.dtype), functools.reduce(tirx.max, values)
+        )
 
     return te.compute((n, ch, oh, ow), window_max, name="max_pool2d")
 
@@ -342,8 +373,15 @@ def _(cx, x, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=
 @avg_pool2d.onnxrt(check=_pool_check)
 def _(cx, x, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=True):
     pads, ceil = _pool_plan(cx.node)
-    return cx.emit("AveragePool", [x], kernel_shape=pair(kernel), strides=pair(stride), pads=pads, ceil_mode=ceil,
-                   count_include_pad=int(count_include_pad))
+    return cx.emit(
+        "AveragePool",
+        [x],
+        kernel_shape=pair(kernel),
+        strides=pair(stride),
+        pads=pads,
+        ceil_mode=ceil,
+        count_include_pad=int(count_include_pad),
+    )
 
 
 @avg_pool2d.tvm
@@ -361,6 +399,7 @@ def _(c, x, kernel, stride, padding=(0, 0), ceil_mode=False, count_include_pad=T
 
 
 # -- adaptive_avg_pool2d --------------------------------------------------------------------------------
+
 
 def _adaptive_infer(ts, attrs):
     x = ts[0]

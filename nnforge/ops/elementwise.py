@@ -11,6 +11,7 @@ Also what other families build on:
 - ``tvm_gelu_erf`` / ``tvm_gelu_tanh``: GELU from Relax erf/tanh, so FastMathTransform can vectorise it;
 - ``onnx_minmax``: ONNX Max/Min, through int32 for int16 (ONNX Runtime has no int16 kernels for them).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,6 +55,7 @@ def _relax(name: str):
 
 # -- shape rules ----------------------------------------------------------------------------------
 
+
 def _binary_infer(result_dtype=None):
     def infer(ts, attrs):
         a, b = ts
@@ -74,6 +76,7 @@ def _unary_infer(floats_only=True):
 
 # -- numpy helpers --------------------------------------------------------------------------------
 
+
 def sigmoid_ref(x):
     return special.expit(x)
 
@@ -87,6 +90,7 @@ def gelu_ref(x, approximate="none"):
 # ---------------------------------------------------------------------------------------------------
 # ops that are one function on every backend
 # ---------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _OneCall:
@@ -137,10 +141,23 @@ _UNARY_ANY = {  # any dtype
 _ONE_CALL = {**_BINARY, **_COMPARE, **_UNARY_FLOAT, **_UNARY_ANY}
 
 for _name, _op in _BINARY.items():
-    defop(_name, _binary_infer(), num_inputs=(2, 2), kind="elementwise", doc=_op.doc, ref=lambda a, b, _f=_op.ref: _f(a, b))
+    defop(
+        _name,
+        _binary_infer(),
+        num_inputs=(2, 2),
+        kind="elementwise",
+        doc=_op.doc,
+        ref=lambda a, b, _f=_op.ref: _f(a, b),
+    )
 for _name, _op in _COMPARE.items():
-    defop(_name, _binary_infer("bool"), num_inputs=(2, 2), kind="elementwise", doc=_op.doc,
-          ref=lambda a, b, _f=_op.ref: _f(a, b))
+    defop(
+        _name,
+        _binary_infer("bool"),
+        num_inputs=(2, 2),
+        kind="elementwise",
+        doc=_op.doc,
+        ref=lambda a, b, _f=_op.ref: _f(a, b),
+    )
 for _name, _op in _UNARY_FLOAT.items():
     defop(_name, _unary_infer(), kind="elementwise", doc=_op.doc, ref=lambda x, _f=_op.ref: _f(x))
 for _name, _op in _UNARY_ANY.items():
@@ -163,6 +180,7 @@ def _(c, *xs):
 
 
 # -- maximum, minimum (NaN-propagating) --------------------------------------------------------------
+
 
 def onnx_minmax(cx, onnx_op: str, a: str, b: str, dtype: str, out: str | None = None) -> str:
     """ONNX Max/Min; int16 goes through int32 (exact), as ONNX Runtime has no int16 kernels for them."""
@@ -197,6 +215,7 @@ def _(c, a, b):
 
 
 # -- pow, ne, rsqrt, reciprocal, silu: one call on some backends ----------------------------------------
+
 
 @implement("tvm", "pow")
 def _(c, a, b):
@@ -238,6 +257,7 @@ def _(cx, x):
 
 # -- logical_and, logical_or, logical_not ---------------------------------------------------------------
 
+
 def _tvm_bool(c, x, i: int):
     dt = c.in_type(i).dtype
     return x if dt == "bool" else c.emit(R.not_equal(x, c.const(0, dt)))
@@ -270,6 +290,7 @@ def _(c, x):
 
 
 # -- div -----------------------------------------------------------------------------------------------
+
 
 @defop("div", _binary_infer(), num_inputs=(2, 2), kind="elementwise")
 def div(a, b):
@@ -308,6 +329,7 @@ def _(c, a, b):
 
 # -- where ---------------------------------------------------------------------------------------------
 
+
 def _where_infer(ts, attrs):
     cond, a, b = ts
     if cond.dtype != "bool":
@@ -338,6 +360,7 @@ def _(c, cond, a, b):
 
 
 # -- relu, gelu ----------------------------------------------------------------------------------------
+
 
 @defop("relu", _unary_infer(False), kind="elementwise")
 def relu(x):
@@ -415,8 +438,13 @@ def _(c, x, approximate="none"):
 
 # -- clamp ---------------------------------------------------------------------------------------------
 
-@defop("clamp", _unary_infer(False), attrs={"min": ("optional_float", None), "max": ("optional_float", None)},
-       kind="elementwise")
+
+@defop(
+    "clamp",
+    _unary_infer(False),
+    attrs={"min": ("optional_float", None), "max": ("optional_float", None)},
+    kind="elementwise",
+)
 def clamp(x, min=None, max=None):
     """x limited to [min, max] (either bound may be absent); a NaN stays NaN."""
     return np.clip(x, min, max)
@@ -453,8 +481,13 @@ def _(c, x, min=None, max=None):
 
 # -- cast ----------------------------------------------------------------------------------------------
 
-@defop("cast", lambda ts, a: [TensorType(ts[0].shape, a["dtype"])], attrs={"dtype": ("dtype", REQUIRED)},
-       kind="elementwise")
+
+@defop(
+    "cast",
+    lambda ts, a: [TensorType(ts[0].shape, a["dtype"])],
+    attrs={"dtype": ("dtype", REQUIRED)},
+    kind="elementwise",
+)
 def cast(x, dtype):
     """x converted to ``dtype`` (to bool: nonzero is True)."""
     return x.astype(dtype)
@@ -484,6 +517,7 @@ def _(c, x, dtype):
 # activations of the fused ops
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Activation:
     """An activation a fused op applies to its result (``act=`` of linear_act, qlinear, ...), on every
@@ -500,24 +534,30 @@ class Activation:
 
 ACTIVATIONS: dict[str, Activation] = {
     "none": Activation(
-        lambda y: y, lambda y: y,
-        lambda cx, y, out=None: cx.emit("Identity", [y], out=out),
-        lambda c, y: y),
+        lambda y: y, lambda y: y, lambda cx, y, out=None: cx.emit("Identity", [y], out=out), lambda c, y: y
+    ),
     "relu": Activation(
-        lambda y: np.maximum(y, 0), lambda y: torch.relu(y),
+        lambda y: np.maximum(y, 0),
+        lambda y: torch.relu(y),
         lambda cx, y, out=None: cx.emit("Relu", [y], out=out),
-        lambda c, y: tvm_relu(c, y, c.out_type().dtype)),
+        lambda c, y: tvm_relu(c, y, c.out_type().dtype),
+    ),
     "gelu": Activation(
-        lambda y: gelu_ref(y, "none"), lambda y: torch_gelu(y),
+        lambda y: gelu_ref(y, "none"),
+        lambda y: torch_gelu(y),
         lambda cx, y, out=None: cx.emit("Gelu", [y], out=out, approximate="none"),
-        lambda c, y: tvm_gelu_erf(c, y, c.out_type().dtype)),
+        lambda c, y: tvm_gelu_erf(c, y, c.out_type().dtype),
+    ),
     "gelu_tanh": Activation(
-        lambda y: gelu_ref(y, "tanh"), lambda y: torch_gelu(y, "tanh"),
+        lambda y: gelu_ref(y, "tanh"),
+        lambda y: torch_gelu(y, "tanh"),
         lambda cx, y, out=None: cx.emit("Gelu", [y], out=out, approximate="tanh"),
-        lambda c, y: tvm_gelu_tanh(c, y, c.out_type().dtype)),
+        lambda c, y: tvm_gelu_tanh(c, y, c.out_type().dtype),
+    ),
     "silu": Activation(
-        lambda y: y * sigmoid_ref(y), lambda y: y * torch.sigmoid(y),
+        lambda y: y * sigmoid_ref(y),
+        lambda y: y * torch.sigmoid(y),
         lambda cx, y, out=None: cx.emit("Mul", [y, cx.emit("Sigmoid", [y])], out=out),
-        lambda c, y: R.nn.silu(y)),
+        lambda c, y: R.nn.silu(y),
+    ),
 }
-

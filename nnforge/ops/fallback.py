@@ -15,6 +15,7 @@ and only to a functional (non-mutating) ``OpOverload``, so a hostile graph file 
 arbitrary Python. Running such a node needs torch, also in the numpy interpreter; a custom op's
 library must be imported (registered) in the process that runs it.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,6 +39,7 @@ class TorchOpError(OpError):
 # ---------------------------------------------------------------------------------------
 # shape inference: the types torch computed at import
 # ---------------------------------------------------------------------------------------
+
 
 def _out_types(raw) -> list[TensorType]:
     if not isinstance(raw, list) or not raw:
@@ -77,6 +79,7 @@ def _infer(ts, attrs):
 # symbols in arguments are bound per call (the interpreter and the torch executor call this)
 # ---------------------------------------------------------------------------------------
 
+
 def _bind_dims(tree, env):
     if isinstance(tree, dict):
         if "$dim" in tree:
@@ -95,6 +98,7 @@ def _bind(attrs: dict, env: dict) -> dict:
 # resolving and calling the op (torch imported lazily: only graphs with torch_op need it)
 # ---------------------------------------------------------------------------------------
 
+
 def resolve(name: str):
     """The torch OpOverload called ``name``, looked up through torch.ops namespaces only."""
     import torch
@@ -105,8 +109,10 @@ def resolve(name: str):
     try:
         fn = getattr(getattr(getattr(torch.ops, ns), op), overload)
     except (AttributeError, RuntimeError):
-        raise TorchOpError(f"torch_op: op {name!r} is not registered with torch here; for a custom op, "
-                           "import the library that defines it before running") from None
+        raise TorchOpError(
+            f"torch_op: op {name!r} is not registered with torch here; for a custom op, "
+            "import the library that defines it before running"
+        ) from None
     if not isinstance(fn, torch._ops.OpOverload):
         raise TorchOpError(f"torch_op: {name!r} is not a torch operator")
     if fn._schema.is_mutable:
@@ -164,12 +170,19 @@ def call(target: str, args, kwargs, tensors: list, device: str = "cpu") -> list:
         with torch.no_grad():
             return flat_tensors(fn(*a, **k))
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        raise TorchOpError(f"torch_op {target} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise TorchOpError(
+            f"torch_op {target} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
-@defop("torch_op", _infer, num_inputs=(0, -1), kind="opaque",
-       attrs={"target": ("str", REQUIRED), "args": ("any", []), "kwargs": ("any", {}), "out_types": ("any", REQUIRED)},
-       doc="an ATen or custom torch op kept as is (run by torch); see nnforge.ops.fallback")
+@defop(
+    "torch_op",
+    _infer,
+    num_inputs=(0, -1),
+    kind="opaque",
+    attrs={"target": ("str", REQUIRED), "args": ("any", []), "kwargs": ("any", {}), "out_types": ("any", REQUIRED)},
+    doc="an ATen or custom torch op kept as is (run by torch); see nnforge.ops.fallback",
+)
 def torch_op(*xs, target, args, kwargs, out_types):
     from ..ir.torch_dtypes import from_torch, to_torch
 
@@ -202,6 +215,7 @@ torch_op.not_on("tvm", "no TVM lowering for this op")
 
 def describe(attrs: dict) -> str:
     """Short text for explain/printing: the op name and its non-tensor arguments."""
+
     def short(tree) -> Any:
         if isinstance(tree, dict):
             for marker in ("$t", "$dim", "$dtype", "$float", "$device", "$layout", "$memory_format"):
@@ -213,4 +227,3 @@ def describe(attrs: dict) -> str:
     parts = [str(short(a)) for a in attrs.get("args", [])]
     parts += [f"{k}={short(v)}" for k, v in attrs.get("kwargs", {}).items()]
     return f"{attrs.get('target')}({', '.join(parts)})"
-

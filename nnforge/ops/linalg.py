@@ -5,6 +5,7 @@ initializer. TVM: a linear with 1-4 static rows on a CPU (batch 1: a matrix-vect
 weight) reads its weight packed into column panels (``_gemv_panel``, ``_gemv_packed``); otherwise a Relax matmul
 on the transposed weight, which LiftTransformParams transposes once at load.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +28,7 @@ def _act_check(shown: str):
 
 
 # -- matmul ---------------------------------------------------------------------------------------------
+
 
 def _matmul_infer(ts, attrs):
     a, b = ts
@@ -64,6 +66,7 @@ def _(c, a, b):
 
 
 # -- linear ---------------------------------------------------------------------------------------------
+
 
 def _linear_infer(ts, attrs):
     x, w = ts[0], ts[1]
@@ -114,14 +117,19 @@ def _linear_tvm(c, x, w, b=None):
     return R.add(y, b) if b is not None else y
 
 
-
 def _gemv_panel(c) -> int | None:
     """Columns per weight panel when a linear layer has 1-4 static rows (batch 1: a matrix-vector
     product, bound by reading the weight) on a CPU: the column tile the CPU matmul schedule takes."""
     xt, (n, k) = c.in_type(0), c.in_type(1).shape
     rows = xt.shape[0] if len(xt.shape) == 2 else None
-    if c.target is None or c.target.kind.name != "llvm" or not isinstance(rows, int) or not 1 <= rows <= 4 \
-            or not (isinstance(n, int) and isinstance(k, int)) or xt.dtype != "float32":
+    if (
+        c.target is None
+        or c.target.kind.name != "llvm"
+        or not isinstance(rows, int)
+        or not 1 <= rows <= 4
+        or not (isinstance(n, int) and isinstance(k, int))
+        or xt.dtype != "float32"
+    ):
         return None
     nr = _tvm_schedule.pick_gemv_nr(n, _tvm_schedule.vector_lanes(c.target, 32), rows)
     return nr if nr and nr < n else None
@@ -139,13 +147,13 @@ def _gemv_packed(c, x, wt, nr: int):
 
     def gemv(a, p):
         r = te.reduce_axis((0, k), name="k")
-        return te.compute((a.shape[0], n), lambda i, j: te.sum(a[i, r] * p[j // nr, r, j % nr], axis=r),
-                          name="matmul")
+        return te.compute((a.shape[0], n), lambda i, j: te.sum(a[i, r] * p[j // nr, r, j % nr], axis=r), name="matmul")
 
     return c.bb.emit_te(gemv, x, packed, primfunc_name_hint="matmul")
 
 
 # -- linear_act -----------------------------------------------------------------------------------------
+
 
 def _linear_act_infer(ts, attrs):
     if attrs["act"] not in ACTIVATIONS:
@@ -153,8 +161,14 @@ def _linear_act_infer(ts, attrs):
     return _linear_infer(ts, attrs)
 
 
-@defop("linear_act", _linear_act_infer, num_inputs=(2, 3), attrs={"act": ("str", "none")}, kind="fused",
-       doc="act(x @ w.T + b): a linear layer with its bias and activation fused")
+@defop(
+    "linear_act",
+    _linear_act_infer,
+    num_inputs=(2, 3),
+    attrs={"act": ("str", "none")},
+    kind="fused",
+    doc="act(x @ w.T + b): a linear layer with its bias and activation fused",
+)
 def linear_act(x, w, b=None, act="none"):
     return ACTIVATIONS[act].ref(linear.ref(x, w, b))
 

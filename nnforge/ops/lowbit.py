@@ -43,6 +43,7 @@ and denser ``sparse_linear`` still write the dequantize (densify) as Relax ops o
 which LiftTransformParams moves into ``transform_params``: run once at load, so their ``main`` reads
 float weights.
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,6 +85,7 @@ ACT_QUANT = ("none", "dynamic", "dynamic_tensor", "static")
 # ---------------------------------------------------------------------------------------
 # storage helpers (used by the passes and the backends too)
 # ---------------------------------------------------------------------------------------
+
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """[..., K] values 0..15 -> uint8 [..., K/2]; element 2i in the low nibble, 2i+1 in the high."""
@@ -152,6 +154,7 @@ def int_matmul(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
 # shared type checks
 # ---------------------------------------------------------------------------------------
 
+
 def _weight_dims(qw: TensorType, scales: TensorType, zeros: TensorType | None, attrs: dict, op: str) -> tuple[int, int]:
     """Check the (qweight, scales, zeros) triple; returns (N, K)."""
     bits, gs = attrs["bits"], attrs["group_size"]
@@ -187,11 +190,14 @@ def _check_bias(bias: TensorType | None, n: int, op: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 _QLINEAR_ATTRS = {
-    "bits": ("int", REQUIRED), "group_size": ("int", REQUIRED), "act": ("str", "none"),
+    "bits": ("int", REQUIRED),
+    "group_size": ("int", REQUIRED),
+    "act": ("str", "none"),
     # none: weight-only | dynamic: int8 per token | dynamic_tensor: uint8 per tensor, range at run time
     # | static: calibrated uint8 per tensor
     "act_quant": ("str", "none"),
-    "x_scale": ("float", 1.0), "x_zero_point": ("int", 0),  # static only
+    "x_scale": ("float", 1.0),
+    "x_zero_point": ("int", 0),  # static only
 }
 
 
@@ -210,8 +216,10 @@ def _qlinear_infer(ts, attrs):
     if attrs["act_quant"] != "none" and (attrs["bits"] != 8 or attrs["group_size"] != k):
         raise OpError("qlinear: quantized activations need int8 weights with one scale per output channel")
     if attrs["act_quant"] == "static" and not (attrs["x_scale"] > 0 and 0 <= attrs["x_zero_point"] <= 255):
-        raise OpError(f"qlinear: static x_scale must be > 0 and x_zero_point in 0..255, "
-                      f"got {attrs['x_scale']}, {attrs['x_zero_point']}")
+        raise OpError(
+            f"qlinear: static x_scale must be > 0 and x_zero_point in 0..255, "
+            f"got {attrs['x_scale']}, {attrs['x_zero_point']}"
+        )
     return [TensorType(x.shape[:-1] + (n,), x.dtype)]
 
 
@@ -230,10 +238,27 @@ def _w8a8(x, qweight, scales, act_quant, x_scale, x_zero_point):
     return acc * np.float64(np.float32(x_scale)) * scales[:, 0].astype(np.float64)
 
 
-@defop("qlinear", _qlinear_infer, num_inputs=(3, 5), attrs=_QLINEAR_ATTRS, kind="fused",
-       doc="act(x @ dequant(qweight).T + b); qweight int8 [N,K] or packed int4 [N,K/2], see nnforge/ops/lowbit.py")
-def qlinear(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=0, act="none", act_quant="none",
-            x_scale=1.0, x_zero_point=0):
+@defop(
+    "qlinear",
+    _qlinear_infer,
+    num_inputs=(3, 5),
+    attrs=_QLINEAR_ATTRS,
+    kind="fused",
+    doc="act(x @ dequant(qweight).T + b); qweight int8 [N,K] or packed int4 [N,K/2], see nnforge/ops/lowbit.py",
+)
+def qlinear(
+    x,
+    qweight,
+    scales,
+    zeros=None,
+    bias=None,
+    bits=8,
+    group_size=0,
+    act="none",
+    act_quant="none",
+    x_scale=1.0,
+    x_zero_point=0,
+):
     if act_quant == "none":
         y = np.matmul(x, dequantize(qweight, scales, zeros, bits, group_size).T)
     else:
@@ -248,9 +273,15 @@ def qlinear(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=0, act
 # qconv2d: conv2d with quantized weights (weight-only)
 # ---------------------------------------------------------------------------------------
 
-_QCONV_ATTRS = {"bits": ("int", REQUIRED), "group_size": ("int", REQUIRED), "kernel": ("ints", REQUIRED),
-                "stride": ("ints", [1, 1]), "padding": ("ints", [0, 0]), "dilation": ("ints", [1, 1]),
-                "groups": ("int", 1)}
+_QCONV_ATTRS = {
+    "bits": ("int", REQUIRED),
+    "group_size": ("int", REQUIRED),
+    "kernel": ("ints", REQUIRED),
+    "stride": ("ints", [1, 1]),
+    "padding": ("ints", [0, 0]),
+    "dilation": ("ints", [1, 1]),
+    "groups": ("int", 1),
+}
 
 
 def _qconv_infer(ts, attrs):
@@ -265,10 +296,28 @@ def _qconv_infer(ts, attrs):
     return conv2d.infer([x, w], conv_attrs)
 
 
-@defop("qconv2d", _qconv_infer, num_inputs=(3, 5), attrs=_QCONV_ATTRS, kind="fused",
-       doc="conv2d with a quantized weight flattened to [O, C/groups*kh*kw]")
-def qconv2d(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=0, kernel=(1, 1), stride=(1, 1),
-            padding=(0, 0), dilation=(1, 1), groups=1):
+@defop(
+    "qconv2d",
+    _qconv_infer,
+    num_inputs=(3, 5),
+    attrs=_QCONV_ATTRS,
+    kind="fused",
+    doc="conv2d with a quantized weight flattened to [O, C/groups*kh*kw]",
+)
+def qconv2d(
+    x,
+    qweight,
+    scales,
+    zeros=None,
+    bias=None,
+    bits=8,
+    group_size=0,
+    kernel=(1, 1),
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups=1,
+):
     w = dequantize(qweight, scales, zeros, bits, group_size)
     w = w.reshape(w.shape[0], -1, kernel[0], kernel[1])
     return conv2d.ref(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
@@ -278,6 +327,7 @@ def qconv2d(x, qweight, scales, zeros=None, bias=None, bits=8, group_size=0, ker
 # qgather: embedding lookup in a quantized table (rows are the "output channels")
 # ---------------------------------------------------------------------------------------
 
+
 def _qgather_infer(ts, attrs):
     qw, scales, zeros, idx = ts
     _, d = _weight_dims(qw, scales, zeros, attrs, "qgather")
@@ -286,8 +336,14 @@ def _qgather_infer(ts, attrs):
     return [TensorType(idx.shape + (d,), "float32")]
 
 
-@defop("qgather", _qgather_infer, num_inputs=(4, 4), attrs={"bits": ("int", REQUIRED), "group_size": ("int", REQUIRED)},
-       kind="compute", doc="dequant(qweight)[indices]: an embedding table quantized row by row (zeros may be none)")
+@defop(
+    "qgather",
+    _qgather_infer,
+    num_inputs=(4, 4),
+    attrs={"bits": ("int", REQUIRED), "group_size": ("int", REQUIRED)},
+    kind="compute",
+    doc="dequant(qweight)[indices]: an embedding table quantized row by row (zeros may be none)",
+)
 def qgather(qweight, scales, zeros, indices, bits=8, group_size=0):
     rows = np.asarray(indices).reshape(-1)
     sub = dequantize(qweight[rows], scales[rows], None if zeros is None else zeros[rows], bits, group_size)
@@ -297,6 +353,7 @@ def qgather(qweight, scales, zeros, indices, bits=8, group_size=0):
 # ---------------------------------------------------------------------------------------
 # sparse_linear: a linear layer whose weight is stored compressed (CSR)
 # ---------------------------------------------------------------------------------------
+
 
 def csr_from_dense(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dense [N, K] -> (values [nnz] of w's dtype, column indices [nnz] int16/int32, row_ptr [N+1] int32)."""
@@ -318,11 +375,15 @@ def dense_from_csr(values, col_idx, row_ptr, in_features: int) -> np.ndarray:
 def _sparse_linear_infer(ts, attrs):
     x, values, cols, row_ptr, bias = ts[0], ts[1], ts[2], ts[3], _opt(ts, 4)
     if values.rank != 1 or cols.rank != 1 or row_ptr.rank != 1 or values.shape != cols.shape:
-        raise OpError(f"sparse_linear: values/col_idx must be 1-D of equal length and row_ptr 1-D, "
-                      f"got {values}, {cols}, {row_ptr}")
+        raise OpError(
+            f"sparse_linear: values/col_idx must be 1-D of equal length and row_ptr 1-D, "
+            f"got {values}, {cols}, {row_ptr}"
+        )
     if cols.dtype not in ("int16", "int32") or row_ptr.dtype != "int32" or values.dtype != x.dtype:
-        raise OpError(f"sparse_linear: col_idx int16/int32, row_ptr int32, values {x.dtype}; "
-                      f"got {cols.dtype}, {row_ptr.dtype}, {values.dtype}")
+        raise OpError(
+            f"sparse_linear: col_idx int16/int32, row_ptr int32, values {x.dtype}; "
+            f"got {cols.dtype}, {row_ptr.dtype}, {values.dtype}"
+        )
     n, k = row_ptr.shape[0] - 1, attrs["in_features"]
     if isinstance(x.shape[-1], int) and x.shape[-1] != k:
         raise OpError(f"sparse_linear: input features {x.shape[-1]} != in_features {k}")
@@ -332,9 +393,14 @@ def _sparse_linear_infer(ts, attrs):
     return [TensorType(x.shape[:-1] + (n,), x.dtype)]
 
 
-@defop("sparse_linear", _sparse_linear_infer, num_inputs=(4, 5), kind="fused",
-       attrs={"in_features": ("int", REQUIRED), "act": ("str", "none")},
-       doc="act(x @ W.T + b) with W [N, in_features] stored as CSR (values, col_idx, row_ptr)")
+@defop(
+    "sparse_linear",
+    _sparse_linear_infer,
+    num_inputs=(4, 5),
+    kind="fused",
+    attrs={"in_features": ("int", REQUIRED), "act": ("str", "none")},
+    doc="act(x @ W.T + b) with W [N, in_features] stored as CSR (values, col_idx, row_ptr)",
+)
 def sparse_linear(x, values, col_idx, row_ptr, bias=None, in_features=0, act="none"):
     y = np.matmul(x, dense_from_csr(values, col_idx, row_ptr, in_features).T)
     if bias is not None:
@@ -346,6 +412,7 @@ def sparse_linear(x, values, col_idx, row_ptr, bias=None, in_features=0, act="no
 # torch executor: the numpy references (W8A8 must stay exact integer arithmetic)
 # ---------------------------------------------------------------------------------------
 
+
 @implement("torch", "qlinear", "qconv2d", "qgather", "sparse_linear")
 def _(cx, *inputs, **attrs):
     return cx.reference(*inputs, **attrs)
@@ -354,6 +421,7 @@ def _(cx, *inputs, **attrs):
 # ---------------------------------------------------------------------------------------
 # ONNX
 # ---------------------------------------------------------------------------------------
+
 
 def _i64(cx, values) -> str:
     return cx.const(list(values), "int64", "i")
@@ -391,6 +459,7 @@ def _onnx_act_check(node, target: str) -> str | None:
 
 # -- weight-only --
 
+
 def _matmul_nbits(cx, n, ins) -> str | None:
     bits, gs = n.attrs["bits"], n.attrs["group_size"]
     q, scales, zeros = _arrays(cx, n)
@@ -421,12 +490,16 @@ def dequantized_weight(cx, n) -> str:
     if bits == 4:
         lo = cx.emit("BitwiseAnd", [codes, cx.const(np.uint8(0x0F), "uint8", "nib")])
         hi = cx.emit("BitShift", [codes, cx.const(np.uint8(4), "uint8", "four")], direction="RIGHT")
-        pair = cx.emit("Concat", [cx.emit("Unsqueeze", [lo, _i64(cx, [-1])]), cx.emit("Unsqueeze", [hi, _i64(cx, [-1])])],
-                       axis=-1)
+        pair = cx.emit(
+            "Concat", [cx.emit("Unsqueeze", [lo, _i64(cx, [-1])]), cx.emit("Unsqueeze", [hi, _i64(cx, [-1])])], axis=-1
+        )
         codes = pair  # [N, K/2, 2]: even element first, as packed
     w = cx.emit("Reshape", [cx.emit("Cast", [codes], to=1), _i64(cx, [rows, groups, gs])])
-    zero = cx.emit("Cast", [cx.value(n.inputs[3])], to=1) if zeros is not None else cx.const(
-        np.float32(DEFAULT_ZERO[bits]), "float32", "zp")
+    zero = (
+        cx.emit("Cast", [cx.value(n.inputs[3])], to=1)
+        if zeros is not None
+        else cx.const(np.float32(DEFAULT_ZERO[bits]), "float32", "zp")
+    )
     if zeros is not None:
         zero = cx.emit("Unsqueeze", [zero, _i64(cx, [-1])])
     scale = cx.emit("Unsqueeze", [cx.value(n.inputs[2]), _i64(cx, [-1])])
@@ -445,6 +518,7 @@ def _weight_only(cx, n, ins) -> str:
 
 # -- W8A8 --
 
+
 def _weight_t_int8(cx, n) -> str:
     q = cx.graph.constant(n.inputs[1])
     return cx.const(np.ascontiguousarray(q.T), "int8", "w_t")
@@ -459,15 +533,25 @@ def _dynamic(cx, n, ins) -> str:
     k = n.inputs[0].shape[-1]
     rows = x if rank == 2 else cx.emit("Reshape", [x, _i64(cx, [-1, k])])
     amax = cx.emit("ReduceMax", [cx.emit("Abs", [rows]), _i64(cx, [-1])], keepdims=0)
-    scale = cx.emit("Where", [cx.emit("Greater", [amax, cx.const(np.float32(0), "float32", "zero")]),
-                              cx.emit("Div", [amax, cx.const(np.float32(127), "float32", "q127")]),
-                              cx.const(np.float32(1), "float32", "one")])
+    scale = cx.emit(
+        "Where",
+        [
+            cx.emit("Greater", [amax, cx.const(np.float32(0), "float32", "zero")]),
+            cx.emit("Div", [amax, cx.const(np.float32(127), "float32", "q127")]),
+            cx.const(np.float32(1), "float32", "one"),
+        ],
+    )
     zp = cx.emit("Expand", [cx.const(np.uint8(128), "uint8", "zp128"), cx.emit("Shape", [scale])])
     xq = cx.emit("QuantizeLinear", [rows, scale, zp], axis=0)
     acc = cx.emit("MatMulInteger", [xq, _weight_t_int8(cx, n), cx.const(np.uint8(128), "uint8", "x_zp")])
     wscale = cx.graph.constant(n.inputs[2])[:, 0].astype(np.float32)
-    y = cx.emit("Mul", [cx.emit("Mul", [cx.emit("Cast", [acc], to=1), cx.emit("Unsqueeze", [scale, _i64(cx, [-1])])]),
-                        cx.const(wscale, "float32", "w_scale")])
+    y = cx.emit(
+        "Mul",
+        [
+            cx.emit("Mul", [cx.emit("Cast", [acc], to=1), cx.emit("Unsqueeze", [scale, _i64(cx, [-1])])]),
+            cx.const(wscale, "float32", "w_scale"),
+        ],
+    )
     if rank == 2:
         return y
     shape = cx.emit("Concat", [cx.emit("Shape", [x], start=0, end=rank - 1), _i64(cx, [len(wscale)])], axis=0)
@@ -481,8 +565,9 @@ def _dynamic_tensor(cx, n, ins) -> str:
     wscale = cx.const(cx.graph.constant(n.inputs[2])[:, 0].astype(np.float32), "float32", "w_scale")
     if cx.contrib:
         bias = [cx.value(n.inputs[4])] if len(n.inputs) > 4 and n.inputs[4] is not None else []
-        return cx.emit("DynamicQuantizeMatMul", [ins[0], _weight_t_int8(cx, n), wscale, "", *bias],
-                       domain="com.microsoft")
+        return cx.emit(
+            "DynamicQuantizeMatMul", [ins[0], _weight_t_int8(cx, n), wscale, "", *bias], domain="com.microsoft"
+        )
     xq, xs, xzp = cx.emit_multi("DynamicQuantizeLinear", [ins[0]], 3)
     acc = cx.emit("Cast", [cx.emit("MatMulInteger", [xq, _weight_t_int8(cx, n), xzp])], to=1)
     return cx.emit("Mul", [acc, cx.emit("Mul", [xs, wscale])])
@@ -508,6 +593,7 @@ def _(cx, *ins, act_quant="none", **attrs):
 
 # -- conv, embedding, sparse --
 
+
 @qconv2d.onnxrt
 def _(cx, *ins, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, **attrs):
     n = cx.node
@@ -531,8 +617,9 @@ def _(cx, *ins, bits=8, group_size=0):
     if bits == 4:
         lo = cx.emit("BitwiseAnd", [rows, cx.const(np.uint8(0x0F), "uint8", "nib")])
         hi = cx.emit("BitShift", [rows, cx.const(np.uint8(4), "uint8", "four")], direction="RIGHT")
-        rows = cx.emit("Concat", [cx.emit("Unsqueeze", [lo, _i64(cx, [-1])]), cx.emit("Unsqueeze", [hi, _i64(cx, [-1])])],
-                       axis=-1)
+        rows = cx.emit(
+            "Concat", [cx.emit("Unsqueeze", [lo, _i64(cx, [-1])]), cx.emit("Unsqueeze", [hi, _i64(cx, [-1])])], axis=-1
+        )
     keep = [0] * rank  # Reshape's 0 copies the index dims
     w = cx.emit("Reshape", [cx.emit("Cast", [rows], to=1), _i64(cx, keep + [groups, gs])])
     if n.inputs[2] is not None:
@@ -556,15 +643,31 @@ def _(cx, *ins, in_features=0, act="none"):
     if nnz == 0:
         dense = cx.emit("ConstantOfShape", [_i64(cx, [rows, k])])
     else:
-        zeros = cx.emit("ConstantOfShape", [_i64(cx, [nnz + 1])], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))
-        marks = cx.emit("ScatterElements", [zeros,
-                                            cx.emit("Cast", [cx.emit("Slice", [ins[3], _i64(cx, [1]), _i64(cx, [rows])])], to=7),
-                                            cx.const(np.ones(max(rows - 1, 0), np.int64), "int64", "ones")],
-                        axis=0, reduction="add")
-        row_of = cx.emit("Slice", [cx.emit("CumSum", [marks, cx.const(np.int64(0), "int64", "axis0")]),
-                                   _i64(cx, [0]), _i64(cx, [nnz])])
-        idx = cx.emit("Concat", [cx.emit("Unsqueeze", [row_of, _i64(cx, [-1])]),
-                                 cx.emit("Unsqueeze", [cx.emit("Cast", [ins[2]], to=7), _i64(cx, [-1])])], axis=-1)
+        zeros = cx.emit(
+            "ConstantOfShape", [_i64(cx, [nnz + 1])], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0])
+        )
+        marks = cx.emit(
+            "ScatterElements",
+            [
+                zeros,
+                cx.emit("Cast", [cx.emit("Slice", [ins[3], _i64(cx, [1]), _i64(cx, [rows])])], to=7),
+                cx.const(np.ones(max(rows - 1, 0), np.int64), "int64", "ones"),
+            ],
+            axis=0,
+            reduction="add",
+        )
+        row_of = cx.emit(
+            "Slice",
+            [cx.emit("CumSum", [marks, cx.const(np.int64(0), "int64", "axis0")]), _i64(cx, [0]), _i64(cx, [nnz])],
+        )
+        idx = cx.emit(
+            "Concat",
+            [
+                cx.emit("Unsqueeze", [row_of, _i64(cx, [-1])]),
+                cx.emit("Unsqueeze", [cx.emit("Cast", [ins[2]], to=7), _i64(cx, [-1])]),
+            ],
+            axis=-1,
+        )
         dense = cx.emit("ScatterND", [cx.emit("ConstantOfShape", [_i64(cx, [rows, k])]), idx, ins[1]])
     y = cx.emit("MatMul", [ins[0], cx.emit("Transpose", [dense], perm=[1, 0])])
     if len(ins) > 4 and ins[4]:
@@ -576,6 +679,7 @@ def _(cx, *ins, in_features=0, act="none"):
 # TVM
 # ---------------------------------------------------------------------------------------
 
+
 def _dequantize(c, qw, scales, zeros, bits: int, group: int, rows, k: int):
     """float32 [rows, k] from codes [rows, k | k/2], scales [rows, G] and zeros [rows, G] (or the default)."""
     if bits == 4:
@@ -584,7 +688,11 @@ def _dequantize(c, qw, scales, zeros, bits: int, group: int, rows, k: int):
         qw = c.emit(R.concat([c.emit(R.expand_dims(lo, -1)), c.emit(R.expand_dims(hi, -1))], axis=-1))
     groups = k // group
     w = c.emit(R.reshape(c.emit(R.astype(qw, "float32")), [rows, groups, group]))
-    zero = c.const(DEFAULT_ZERO[bits], "float32") if zeros is None else c.emit(R.expand_dims(R.astype(zeros, "float32"), -1))
+    zero = (
+        c.const(DEFAULT_ZERO[bits], "float32")
+        if zeros is None
+        else c.emit(R.expand_dims(R.astype(zeros, "float32"), -1))
+    )
     w = c.emit(R.multiply(c.emit(R.subtract(w, zero)), c.emit(R.expand_dims(scales, -1))))
     return c.emit(R.reshape(w, [rows, k]))
 
@@ -597,8 +705,9 @@ def _weight(c, qw, scales, zeros, scales_at: int = 2):
 
 
 def _tvm_act_check(node, target: str) -> str | None:
-    return (None if _has_act("tvm", node.attrs.get("act"))
-            else f"activation {node.attrs.get('act')!r} has no TVM lowering")
+    return (
+        None if _has_act("tvm", node.attrs.get("act")) else f"activation {node.attrs.get('act')!r} has no TVM lowering"
+    )
 
 
 @qlinear.tvm(check=_tvm_act_check)
@@ -639,8 +748,9 @@ def _qmatmul(x, qw, scales, zeros, bits: int, group: int):
     if scales is None:
         w = te.compute((rows, k_in), code, name="dequantize")
     else:
-        w = te.compute((rows, k_in), lambda j, k: (code(j, k) - zero(j, k)) * scales[j, tirx.floordiv(k, group)],
-                       name="dequantize")
+        w = te.compute(
+            (rows, k_in), lambda j, k: (code(j, k) - zero(j, k)) * scales[j, tirx.floordiv(k, group)], name="dequantize"
+        )
     r = te.reduce_axis((0, k_in), name="k")
     return te.compute((*lead, rows), lambda *i: te.sum(x[(*i[:-1], r)] * w[i[-1], r], axis=r), name="qmatmul")
 
@@ -653,16 +763,20 @@ def _activation_range(c, x):
     mode = c.attr("act_quant")
     if mode == "dynamic":  # as quantize_per_token
         amax = c.emit(R.max(R.abs(x), axis=[-1], keepdims=True))
-        xs = c.emit(R.where(R.greater(amax, c.const(0, "float32")), R.divide(amax, c.const(127, "float32")),
-                            c.const(1, "float32")))
+        xs = c.emit(
+            R.where(
+                R.greater(amax, c.const(0, "float32")), R.divide(amax, c.const(127, "float32")), c.const(1, "float32")
+            )
+        )
         return xs, c.const(128, "float32"), 1
     if mode == "dynamic_tensor":  # as quantize_per_tensor
         # per row first (rows in parallel), then over the rows: one whole-tensor reduction runs on one core
         zero = c.const(0, "float32")
         lo = c.emit(R.minimum(R.min(c.emit(R.min(x, axis=[-1]))), zero))
         hi = c.emit(R.maximum(R.max(c.emit(R.max(x, axis=[-1]))), zero))
-        xs = c.emit(R.where(R.greater(hi, lo), R.divide(R.subtract(hi, lo), c.const(255, "float32")),
-                            c.const(1, "float32")))
+        xs = c.emit(
+            R.where(R.greater(hi, lo), R.divide(R.subtract(hi, lo), c.const(255, "float32")), c.const(1, "float32"))
+        )
         return xs, c.emit(R.clip(R.round(R.divide(R.negative(lo), xs)), 0, 255)), 0
     return c.const(np.float32(c.attr("x_scale")), "float32"), c.const(c.attr("x_zero_point"), "float32"), 0
 
@@ -681,8 +795,18 @@ def _tvm_w8a8(c, x, qw, scales, bias):
     if _tvm_vnni.available(c.target, n, k):
         lead = c.dims.shape(c.node.inputs[0].shape[:-1])
         per_token = c.attr("act_quant") == "dynamic"
-        y = _tvm_vnni.qmatmul(c.bb, c.emit(R.reshape(x, [-1, k])), qw, n, k,
-                             c.emit(R.reshape(xs, [-1, 1])) if per_token else xs, zp, qmin, w_scale, bias)
+        y = _tvm_vnni.qmatmul(
+            c.bb,
+            c.emit(R.reshape(x, [-1, k])),
+            qw,
+            n,
+            k,
+            c.emit(R.reshape(xs, [-1, 1])) if per_token else xs,
+            zp,
+            qmin,
+            w_scale,
+            bias,
+        )
         return c.emit(R.reshape(y, [*lead, n])), None
     codes = c.emit(R.clip(R.add(R.round(R.divide(x, xs)), zp), qmin, 255))
     acc = c.bb.emit_te(_qmatmul, c.emit(R.subtract(codes, zp)), qw, None, None, 8, 1, primfunc_name_hint="qmatmul")
@@ -725,8 +849,9 @@ def _(c, x, values, cols, row_ptr, bias=None, **attrs):
             y = c.emit(R.add(y, bias))
         return _tvm_act(c, c.attr("act"), y)
     starts = c.emit(R.astype(R.strided_slice(row_ptr, [0], [1], [rows]), "int64"))
-    marks = c.emit(R.scatter_elements(R.zeros([nnz + 1], "int64"), starts, R.ones([rows - 1], "int64"), axis=0,
-                                      reduction="add"))
+    marks = c.emit(
+        R.scatter_elements(R.zeros([nnz + 1], "int64"), starts, R.ones([rows - 1], "int64"), axis=0, reduction="add")
+    )
     row_of = c.emit(R.strided_slice(R.cumsum(marks, axis=0), [0], [0], [nnz]))
     idx = c.emit(R.concat([R.expand_dims(row_of, -1), R.expand_dims(R.astype(cols, "int64"), -1)], axis=-1))
     dense = c.emit(R.scatter_nd(R.zeros([rows, k], "float32"), idx, values))

@@ -1,4 +1,5 @@
 """Normalisations: layer_norm, rms_norm, batch_norm (inference, running statistics)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +19,7 @@ def _last_axes(rank: int, naxes: int) -> list[int]:
 
 
 # -- layer_norm ----------------------------------------------------------------------------------
+
 
 @defop("layer_norm", _norm_infer, attrs={"naxes": ("int", 1), "eps": ("float", 1e-5)}, num_inputs=(1, 3))
 def layer_norm(x, w=None, b=None, naxes=1, eps=1e-5):
@@ -52,7 +54,7 @@ def _layer_norm_onnx_check(node, target: str) -> str | None:
 @layer_norm.onnxrt(check=_layer_norm_onnx_check)
 def _(cx, x, w=None, b=None, naxes=1, eps=1e-5):
     t = cx.node.inputs[0].type
-    scale = w or cx.const(np.ones(t.shape[t.rank - naxes:], t.dtype), hint="ln_scale")
+    scale = w or cx.const(np.ones(t.shape[t.rank - naxes :], t.dtype), hint="ln_scale")
     return cx.emit("LayerNormalization", [x, scale] + ([b] if b else []), axis=-naxes, epsilon=float(eps))
 
 
@@ -75,6 +77,7 @@ def _(c, x, w=None, b=None, naxes=1, eps=1e-5):
 
 
 # -- rms_norm ------------------------------------------------------------------------------------
+
 
 @defop("rms_norm", _norm_infer, attrs={"naxes": ("int", 1), "eps": ("float", 1e-6)}, num_inputs=(1, 2))
 def rms_norm(x, w=None, naxes=1, eps=1e-6):
@@ -110,6 +113,7 @@ def _(c, x, w=None, naxes=1, eps=1e-6):
 
 
 # -- batch_norm ----------------------------------------------------------------------------------
+
 
 def _bn_infer(ts, attrs):
     x = ts[0]

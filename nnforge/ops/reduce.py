@@ -6,6 +6,7 @@ it back, and the pooling ops use them too. A sum or mean over a few elements of 
 averaged over heads) is written out term by term on both backends (``backends.base.few_outer_axes``).
 TVM schedules softmax-like kernels row by row (``CPURowwise`` in backends/tvm_schedule.py).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,6 +28,7 @@ _base = LazyModule("nnforge.backends.base")  # few_outer_axes, shared by the ONN
 # reduce_sum, reduce_mean, reduce_max, reduce_min
 # ---------------------------------------------------------------------------------------------------
 
+
 def _reduce_infer(ts, attrs, dtype=None):
     t = ts[0]
     axes = attrs["axes"]
@@ -47,21 +49,44 @@ class _Reduction:
 
 
 _REDUCTIONS = {
-    "reduce_sum": _Reduction(np.sum, lambda x, ax, k: torch.sum(x, ax, keepdim=k, dtype=x.dtype), "ReduceSum",
-                             "sum over ``axes`` (all when None); keepdims keeps them as size 1"),
-    "reduce_mean": _Reduction(np.mean, lambda x, ax, k: torch.mean(x if x.is_floating_point() else x.double(), ax, keepdim=k),
-                              "ReduceMean", "mean over ``axes`` (all when None); keepdims keeps them as size 1"),
-    "reduce_max": _Reduction(np.max, lambda x, ax, k: torch.amax(x, ax, keepdim=k), "ReduceMax",
-                             "max over ``axes`` (all when None); NaN where the reduced values hold one"),
-    "reduce_min": _Reduction(np.min, lambda x, ax, k: torch.amin(x, ax, keepdim=k), "ReduceMin",
-                             "min over ``axes`` (all when None); NaN where the reduced values hold one"),
+    "reduce_sum": _Reduction(
+        np.sum,
+        lambda x, ax, k: torch.sum(x, ax, keepdim=k, dtype=x.dtype),
+        "ReduceSum",
+        "sum over ``axes`` (all when None); keepdims keeps them as size 1",
+    ),
+    "reduce_mean": _Reduction(
+        np.mean,
+        lambda x, ax, k: torch.mean(x if x.is_floating_point() else x.double(), ax, keepdim=k),
+        "ReduceMean",
+        "mean over ``axes`` (all when None); keepdims keeps them as size 1",
+    ),
+    "reduce_max": _Reduction(
+        np.max,
+        lambda x, ax, k: torch.amax(x, ax, keepdim=k),
+        "ReduceMax",
+        "max over ``axes`` (all when None); NaN where the reduced values hold one",
+    ),
+    "reduce_min": _Reduction(
+        np.min,
+        lambda x, ax, k: torch.amin(x, ax, keepdim=k),
+        "ReduceMin",
+        "min over ``axes`` (all when None); NaN where the reduced values hold one",
+    ),
 }
 _REDUCE_ATTRS = {"axes": ("optional_ints", None), "keepdims": ("bool", False)}
 
 for _name, _r in _REDUCTIONS.items():
-    defop(_name, _reduce_infer, attrs=_REDUCE_ATTRS, kind="reduce", doc=_r.doc,
-          ref=lambda x, axes=None, keepdims=False, _fn=_r.ref: _fn(x, axis=None if axes is None else tuple(axes),
-                                                                   keepdims=keepdims))
+    defop(
+        _name,
+        _reduce_infer,
+        attrs=_REDUCE_ATTRS,
+        kind="reduce",
+        doc=_r.doc,
+        ref=lambda x, axes=None, keepdims=False, _fn=_r.ref: _fn(
+            x, axis=None if axes is None else tuple(axes), keepdims=keepdims
+        ),
+    )
 
 
 @implement("torch", *_REDUCTIONS)
@@ -75,6 +100,7 @@ def _(cx, x, axes=None, keepdims=False):
 # -- ONNX --------------------------------------------------------------------------------------------
 # ONNX Runtime's max/min kernels (ReduceMax, ArgMax, MaxPool) skip NaN; eager torch (and the IR) propagate
 # it. These lowerings add a NaN mask computed the same way and put NaN back where a NaN was seen.
+
 
 def onnx_nan_mask(cx, x: str) -> str:
     """float32 1 where ``x`` is NaN, else 0 (reduce or pool it like the value it guards)."""
@@ -121,6 +147,7 @@ def _onnx_sum_of_slices(cx, x: str, mean: bool) -> str | None:
 
 
 # -- TVM ---------------------------------------------------------------------------------------------
+
 
 @implement("tvm", "reduce_sum", "reduce_mean")
 def _(c, x, axes=None, keepdims=False):
@@ -172,8 +199,13 @@ def _(c, x, axes=None, keepdims=False):
 # argmax
 # ---------------------------------------------------------------------------------------------------
 
-@defop("argmax", lambda ts, a: _reduce_infer(ts, {"axes": [a["axis"]], "keepdims": a["keepdims"]}, "int64"),
-       attrs={"axis": ("int", REQUIRED), "keepdims": ("bool", False)}, kind="reduce")
+
+@defop(
+    "argmax",
+    lambda ts, a: _reduce_infer(ts, {"axes": [a["axis"]], "keepdims": a["keepdims"]}, "int64"),
+    attrs={"axis": ("int", REQUIRED), "keepdims": ("bool", False)},
+    kind="reduce",
+)
 def argmax(x, axis, keepdims=False):
     """Index of the largest value along ``axis`` (int64); the first one wins, and a NaN counts as largest."""
     return np.argmax(x, axis=axis, keepdims=keepdims)
@@ -191,8 +223,14 @@ def _(cx, x, axis, keepdims=False):
         return cx.emit("ArgMax", [x], **a)
     mask = onnx_nan_mask(cx, x)  # torch: a NaN is the maximum, the first one wins
     has_nan = cx.emit("ReduceMax", [mask, cx.const([axis], "int64", "axes")], keepdims=a["keepdims"])
-    return cx.emit("Where", [cx.emit("Greater", [has_nan, cx.const(0.0, "float32", "zero")]),
-                             cx.emit("ArgMax", [mask], **a), cx.emit("ArgMax", [x], **a)])
+    return cx.emit(
+        "Where",
+        [
+            cx.emit("Greater", [has_nan, cx.const(0.0, "float32", "zero")]),
+            cx.emit("ArgMax", [mask], **a),
+            cx.emit("ArgMax", [x], **a),
+        ],
+    )
 
 
 @argmax.tvm
@@ -203,6 +241,7 @@ def _(c, x, axis, keepdims=False):
 # ---------------------------------------------------------------------------------------------------
 # softmax, log_softmax
 # ---------------------------------------------------------------------------------------------------
+
 
 def _softmax_infer(ts, attrs):
     float_only(ts[0], "softmax")

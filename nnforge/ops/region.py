@@ -6,6 +6,7 @@ output. Every executor runs the steps one by one through the steps' own implemen
 ONNX Runtime fuses its own ops again, TVM's FuseOps makes the chain one kernel. The reference runs them
 with the registry's references, so the region computes exactly what the ops it replaced did.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,14 @@ def _region_infer(ts, attrs):
     return [region_nodes(ins, attrs["body"])[-1].output.type]
 
 
-@defop("elementwise_region", _region_infer, attrs={"body": ("any", REQUIRED)}, num_inputs=(1, -1), kind="fused",
-       doc="a chain of elementwise ops as one node; body: [op, [arg indices], attrs] steps, the last is the output")
+@defop(
+    "elementwise_region",
+    _region_infer,
+    attrs={"body": ("any", REQUIRED)},
+    num_inputs=(1, -1),
+    kind="fused",
+    doc="a chain of elementwise ops as one node; body: [op, [arg indices], attrs] steps, the last is the output",
+)
 def elementwise_region(*xs, body):
     vals = [np.asarray(x) for x in xs]
     for op, args, attrs in body:

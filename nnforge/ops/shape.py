@@ -3,6 +3,7 @@
 ``BIG`` ("to the end" for slice ends) and ``slice_len`` (a slice's length, symbolic or not) are used by the
 frontends and tests too.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,7 @@ _torch_dtypes = LazyModule("nnforge.ir.torch_dtypes")  # (imports torch)
 
 
 # -- reshape -------------------------------------------------------------------------------------
+
 
 def _reshape_infer(ts, attrs):
     x = ts[0]
@@ -53,6 +55,7 @@ def _(cx, x, shape):
 
 # -- permute -------------------------------------------------------------------------------------
 
+
 def _permute_infer(ts, attrs):
     x, perm = ts[0], attrs["perm"]
     if sorted(perm) != list(range(x.rank)):
@@ -82,6 +85,7 @@ def _(c, x, perm):
 
 
 # -- expand --------------------------------------------------------------------------------------
+
 
 def _expand_infer(ts, attrs):
     x, shape = ts[0], list(attrs["shape"])
@@ -131,6 +135,7 @@ def _(c, x, shape):
 
 # -- concat --------------------------------------------------------------------------------------
 
+
 def _concat_infer(ts, attrs):
     dt = same_dtype(ts, "concat")
     r = ts[0].rank
@@ -165,6 +170,7 @@ def _(c, *xs, axis=0):
 
 # -- slice ---------------------------------------------------------------------------------------
 
+
 def slice_len(dim: Dim, start: int, end: Dim, step: int) -> Dim:
     """The length of ``x[start:end:step]`` along an axis of size ``dim`` (either may be symbolic)."""
     if isinstance(end, str):  # symbolic end (x[:, :seq]): assumed in bounds, as torch.export guards it
@@ -191,8 +197,12 @@ def _slice_infer(ts, attrs):
     return [TensorType(tuple(shape), x.dtype)]
 
 
-@defop("slice", _slice_infer, attrs={"axis": ("int", REQUIRED), "start": ("int", 0), "end": ("dim", BIG), "step": ("int", 1)},
-       kind="shape")
+@defop(
+    "slice",
+    _slice_infer,
+    attrs={"axis": ("int", REQUIRED), "start": ("int", 0), "end": ("dim", BIG), "step": ("int", 1)},
+    kind="shape",
+)
 def slice_(x, axis, start=0, end=BIG, step=1):
     """x[start:end:step] along ``axis`` (end BIG: to the end)."""
     idx = [slice(None)] * x.ndim
@@ -213,8 +223,16 @@ def _(cx, x, axis, start=0, end=BIG, step=1):
         ends = cx.const([_onnxrt.INT64_MAX if end >= BIG // 2 else end], "int64", "end")
     else:
         ends = cx.dim(end)
-    return cx.emit("Slice", [x, cx.const([start], "int64", "start"), ends, cx.const([axis], "int64", "axes"),
-                             cx.const([step], "int64", "step")])
+    return cx.emit(
+        "Slice",
+        [
+            x,
+            cx.const([start], "int64", "start"),
+            ends,
+            cx.const([axis], "int64", "axes"),
+            cx.const([step], "int64", "step"),
+        ],
+    )
 
 
 @slice_.tvm
@@ -241,16 +259,23 @@ def _(c, x, axis, start=0, end=BIG, step=1):
 
 # -- gather --------------------------------------------------------------------------------------
 
+
 def _gather_infer(ts, attrs):
     data, idx = ts
     if idx.dtype not in ("int64", "int32"):
         raise OpError(f"gather: indices must be int64/int32, got {idx.dtype}")
     ax = norm_axis(attrs["axis"], data.rank, "gather")
-    return [TensorType(data.shape[:ax] + idx.shape + data.shape[ax + 1:], data.dtype)]
+    return [TensorType(data.shape[:ax] + idx.shape + data.shape[ax + 1 :], data.dtype)]
 
 
-@defop("gather", _gather_infer, attrs={"axis": ("int", 0)}, num_inputs=(2, 2), kind="shape",
-       doc="numpy.take: embedding lookup and index select")
+@defop(
+    "gather",
+    _gather_infer,
+    attrs={"axis": ("int", 0)},
+    num_inputs=(2, 2),
+    kind="shape",
+    doc="numpy.take: embedding lookup and index select",
+)
 def gather(data, idx, axis=0):
     return np.take(data, idx, axis=axis)
 
@@ -263,7 +288,7 @@ def _(cx, data, idx, axis=0):
     if flat.numel() and (flat.min() < -n or flat.max() >= n):
         raise IndexError(f"gather: index out of range for axis of size {n}")
     out = torch.index_select(data, axis, flat % n if n else flat)  # numpy.take wraps negative indices
-    return out.reshape(data.shape[:axis] + idx.shape + data.shape[axis + 1:])
+    return out.reshape(data.shape[:axis] + idx.shape + data.shape[axis + 1 :])
 
 
 @gather.onnxrt
@@ -278,6 +303,7 @@ def _(c, data, idx, axis=0):
 
 
 # -- squeeze, unsqueeze --------------------------------------------------------------------------
+
 
 def _squeeze_infer(ts, attrs):
     x = ts[0]
@@ -343,6 +369,7 @@ def _(c, x, **attrs):
 
 # -- full_like, arange ---------------------------------------------------------------------------
 
+
 def _full_like_infer(ts, attrs):
     return [TensorType(ts[0].shape, attrs["dtype"] or ts[0].dtype)]
 
@@ -381,8 +408,13 @@ def _arange_infer(ts, attrs):
     return [TensorType((n,), attrs["dtype"])]
 
 
-@defop("arange", _arange_infer, attrs={"start": ("int", 0), "end": ("dim", REQUIRED), "step": ("int", 1),
-                                       "dtype": ("dtype", "int64")}, num_inputs=(0, 0), kind="shape")
+@defop(
+    "arange",
+    _arange_infer,
+    attrs={"start": ("int", 0), "end": ("dim", REQUIRED), "step": ("int", 1), "dtype": ("dtype", "int64")},
+    num_inputs=(0, 0),
+    kind="shape",
+)
 def arange(start=0, end=1, step=1, dtype="int64"):
     """numpy.arange(start, end, step); ``end`` may be a symbol."""
     return np.arange(start, end, step, dtype=dtype)

@@ -17,6 +17,7 @@ the hidden axis. The merged tokens are one kernel of their own (``backends/tvm_t
 token reads its rows of the input directly. Sequence lengths may be symbolic (``seq - r``); r,
 protect_first and protect_last are static.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,6 +55,7 @@ def _sizes_or_ones(x: np.ndarray, sizes) -> np.ndarray:
 # token merging (ToMe bipartite soft matching)
 # ---------------------------------------------------------------------------------------
 
+
 def _merge_infer(ts, attrs):
     x, metric = ts[0], ts[1]
     sizes = ts[2] if len(ts) > 2 else None
@@ -65,8 +67,10 @@ def _merge_infer(ts, attrs):
         raise OpError(f"token_merge: metric must be [batch, seq, features] with seq {x.shape[1]}, got {metric.shape}")
     seq = x.shape[1]
     if isinstance(seq, int) and r > (seq + 1) // 2 - (p + 1) // 2:
-        raise OpError(f"token_merge: cannot merge r={r} of {seq} tokens ({(p + 1) // 2} of the "
-                      f"{(seq + 1) // 2} sources protected)")
+        raise OpError(
+            f"token_merge: cannot merge r={r} of {seq} tokens ({(p + 1) // 2} of the "
+            f"{(seq + 1) // 2} sources protected)"
+        )
     out = _shorter(seq, r)
     return [TensorType((x.shape[0], out, x.shape[2]), x.dtype), TensorType((x.shape[0], out), x.dtype)]
 
@@ -88,15 +92,21 @@ def bipartite_match(metric: np.ndarray, sizes: np.ndarray, r: int, protect_first
     best = np.where(empty, np.inf, best)  # padding weighs nothing: merging it costs nothing, so it goes first
     order = np.argsort(-best, kind="stable")
     if r > len(order) or np.isneginf(best[order[r - 1]]):
-        raise ValueError(f"token_merge: cannot merge r={r} tokens of a sequence of {seq} "
-                         f"with {protect_first} protected")
+        raise ValueError(
+            f"token_merge: cannot merge r={r} tokens of a sequence of {seq} with {protect_first} protected"
+        )
     merged = order[:r]
     return src[merged], dst[target[merged]], np.sort(src[order[r:]])
 
 
-@defop("token_merge", _merge_infer, num_inputs=(2, 3), kind="fused",
-       attrs={"r": ("int", REQUIRED), "protect_first": ("int", 0)},
-       doc="ToMe: merge the r most similar (even -> odd) token pairs by size-weighted mean; returns (tokens, sizes)")
+@defop(
+    "token_merge",
+    _merge_infer,
+    num_inputs=(2, 3),
+    kind="fused",
+    attrs={"r": ("int", REQUIRED), "protect_first": ("int", 0)},
+    doc="ToMe: merge the r most similar (even -> odd) token pairs by size-weighted mean; returns (tokens, sizes)",
+)
 def token_merge(x, metric, sizes=None, r=0, protect_first=0):
     sizes = _sizes_or_ones(x, sizes)
     outs, out_sizes = [], []
@@ -126,16 +136,27 @@ def _scores_infer(ts, attrs):
     if attrs["query"] not in QUERIES:
         raise OpError(f"attention_scores: query must be one of {QUERIES}, got {attrs['query']!r}")
     if q.rank != 3 or k.rank != 3 or not isinstance(q.shape[-1], int) or q.shape[-1] % attrs["num_heads"]:
-        raise OpError(f"attention_scores: q, k must be [batch, seq, heads*dim] with hidden divisible by "
-                      f"num_heads={attrs['num_heads']}, got {q.shape}, {k.shape}")
+        raise OpError(
+            f"attention_scores: q, k must be [batch, seq, heads*dim] with hidden divisible by "
+            f"num_heads={attrs['num_heads']}, got {q.shape}, {k.shape}"
+        )
     sdpa.infer([q, k, k] + ([mask] if mask is not None else []), attrs)
     return [TensorType((q.shape[0], k.shape[1]), q.dtype)]
 
 
-@defop("attention_scores", _scores_infer, num_inputs=(2, 3), kind="fused",
-       attrs={"num_heads": ("int", REQUIRED), "scale": ("optional_float", None), "is_causal": ("bool", False),
-              "query": ("str", "first")},
-       doc="attention each key token receives, averaged over heads, from the first/last query or over all queries")
+@defop(
+    "attention_scores",
+    _scores_infer,
+    num_inputs=(2, 3),
+    kind="fused",
+    attrs={
+        "num_heads": ("int", REQUIRED),
+        "scale": ("optional_float", None),
+        "is_causal": ("bool", False),
+        "query": ("str", "first"),
+    },
+    doc="attention each key token receives, averaged over heads, from the first/last query or over all queries",
+)
 def attention_scores(q, k, mask=None, num_heads=1, scale=None, is_causal=False, query="first"):
     def heads(t):
         b, s, e = t.shape
@@ -172,19 +193,30 @@ def prune_indices(scores: np.ndarray, keep: int, protect_first: int, protect_las
     """Indices (ascending) of the kept tokens of one sequence, and of the dropped ones."""
     seq = scores.shape[0]
     if not protect_first + protect_last <= keep <= seq:
-        raise ValueError(f"token_prune: cannot keep {keep} of {seq} tokens with {protect_first + protect_last} protected")
+        raise ValueError(
+            f"token_prune: cannot keep {keep} of {seq} tokens with {protect_first + protect_last} protected"
+        )
     pri = scores.astype(np.float64).copy()
     pri[:protect_first] = np.inf
-    pri[seq - protect_last:] = np.inf
+    pri[seq - protect_last :] = np.inf
     order = np.argsort(-pri, kind="stable")
     return np.sort(order[:keep]), np.sort(order[keep:])
 
 
-@defop("token_prune", _prune_infer, num_inputs=(2, 3), kind="fused",
-       attrs={"keep": ("dim", REQUIRED), "protect_first": ("int", 0), "protect_last": ("int", 0),
-              "fuse_dropped": ("bool", False)},
-       doc="keep the `keep` tokens with the highest scores (in order); optionally fuse the rest into one "
-           "score-weighted token placed before the protected last tokens; returns (tokens, sizes)")
+@defop(
+    "token_prune",
+    _prune_infer,
+    num_inputs=(2, 3),
+    kind="fused",
+    attrs={
+        "keep": ("dim", REQUIRED),
+        "protect_first": ("int", 0),
+        "protect_last": ("int", 0),
+        "fuse_dropped": ("bool", False),
+    },
+    doc="keep the `keep` tokens with the highest scores (in order); optionally fuse the rest into one "
+    "score-weighted token placed before the protected last tokens; returns (tokens, sizes)",
+)
 def token_prune(x, scores, sizes=None, keep=1, protect_first=0, protect_last=0, fuse_dropped=False):
     sizes = _sizes_or_ones(x, sizes)
     outs, out_sizes = [], []
@@ -207,6 +239,7 @@ def token_prune(x, scores, sizes=None, keep=1, protect_first=0, protect_last=0, 
 # torch executor: the numpy references
 # ---------------------------------------------------------------------------------------
 
+
 @implement("torch", "token_merge", "token_prune", "attention_scores")
 def _(cx, *inputs, **attrs):
     return cx.reference(*inputs, **attrs)
@@ -215,6 +248,7 @@ def _(cx, *inputs, **attrs):
 # ---------------------------------------------------------------------------------------
 # ONNX
 # ---------------------------------------------------------------------------------------
+
 
 def _onnx_i64(cx, values) -> str:
     return cx.const(list(values), "int64", "i")
@@ -262,8 +296,9 @@ def _(cx, *ins, r=0, protect_first=0):
     inf, neg_inf = cx.const(np.inf, dt), cx.const(-np.inf, dt)
     norm = cx.emit("Max", [cx.emit("ReduceL2", [metric, _onnx_i64(cx, [-1])], keepdims=1), cx.const(1e-12, dt)])
     m = cx.emit("Div", [metric, norm])
-    scores = cx.emit("MatMul", [_onnx_tokens(cx, m, 0, 2),
-                                cx.emit("Transpose", [_onnx_tokens(cx, m, 1, 2)], perm=[0, 2, 1])])
+    scores = cx.emit(
+        "MatMul", [_onnx_tokens(cx, m, 0, 2), cx.emit("Transpose", [_onnx_tokens(cx, m, 1, 2)], perm=[0, 2, 1])]
+    )
     n_src = _onnx_len(cx, _onnx_tokens(cx, m, 0, 2))
     src_pos = _onnx_positions(cx, n_src, 2, 0)
     protected = cx.emit("Less", [src_pos, cx.const(p, "int64")])
@@ -284,20 +319,36 @@ def _(cx, *ins, r=0, protect_first=0):
     # small coefficient tensors, then one batched MatMul [n_dst, r] x [r, hidden] for the moved tokens
     # (the scatter-add / divide / where chain over the tokens it replaces cost ~3x as much)
     n_dst = _onnx_len(cx, sb)
-    chosen = cx.emit("Cast", [cx.emit("Equal", [cx.emit("Unsqueeze", [dst, _onnx_i64(cx, [1])]),
-                                                cx.emit("Unsqueeze", [_onnx_positions(cx, n_dst), _onnx_i64(cx, [1])])])],
-                     to=_onnxrt.ONNX_DTYPES[dt])  # [batch, n_dst, r]: source i merged into destination j
-    contrib = cx.emit("Mul", [chosen, cx.emit("Unsqueeze", [cx.emit("GatherElements", [sa, src], axis=1),
-                                                            _onnx_i64(cx, [1])])])
+    chosen = cx.emit(
+        "Cast",
+        [
+            cx.emit(
+                "Equal",
+                [
+                    cx.emit("Unsqueeze", [dst, _onnx_i64(cx, [1])]),
+                    cx.emit("Unsqueeze", [_onnx_positions(cx, n_dst), _onnx_i64(cx, [1])]),
+                ],
+            )
+        ],
+        to=_onnxrt.ONNX_DTYPES[dt],
+    )  # [batch, n_dst, r]: source i merged into destination j
+    contrib = cx.emit(
+        "Mul", [chosen, cx.emit("Unsqueeze", [cx.emit("GatherElements", [sa, src], axis=1), _onnx_i64(cx, [1])])]
+    )
     weight = cx.emit("Add", [sb, cx.emit("ReduceSum", [contrib, _onnx_i64(cx, [2])], keepdims=0)])
     filled = cx.emit("Greater", [weight, cx.const(0.0, dt)])  # else: padding nothing merged into, kept as is
-    inv = cx.emit("Where", [filled, cx.emit("Reciprocal", [cx.emit("Max", [weight, cx.const(1e-30, dt)])]),
-                            cx.const(0.0, dt)])
+    inv = cx.emit(
+        "Where", [filled, cx.emit("Reciprocal", [cx.emit("Max", [weight, cx.const(1e-30, dt)])]), cx.const(0.0, dt)]
+    )
     own = cx.emit("Where", [filled, cx.emit("Mul", [sb, inv]), cx.const(1.0, dt)])
     moved = _onnx_gather_tokens(cx, x, src)
-    merged = cx.emit("Add", [cx.emit("Mul", [_onnx_tokens(cx, x, 1, 2), cx.emit("Unsqueeze", [own, _onnx_i64(cx, [-1])])]),
-                             cx.emit("MatMul", [cx.emit("Mul", [contrib, cx.emit("Unsqueeze", [inv, _onnx_i64(cx, [-1])])]),
-                                                moved])])
+    merged = cx.emit(
+        "Add",
+        [
+            cx.emit("Mul", [_onnx_tokens(cx, x, 1, 2), cx.emit("Unsqueeze", [own, _onnx_i64(cx, [-1])])]),
+            cx.emit("MatMul", [cx.emit("Mul", [contrib, cx.emit("Unsqueeze", [inv, _onnx_i64(cx, [-1])])]), moved]),
+        ],
+    )
     out = cx.emit("Concat", [_onnx_gather_tokens(cx, x, keep), merged], axis=1)
     out_sizes = cx.emit("Concat", [cx.emit("GatherElements", [sa, keep], axis=1), weight], axis=1)
     return [out, out_sizes]
@@ -335,14 +386,23 @@ def _(cx, *ins, **a):
     one_axis = _onnx_i64(cx, [1])
     w_sum = cx.emit("ReduceSum", [w, one_axis], keepdims=1)
     # all-zero scores: weigh by size instead (as the reference)
-    w = cx.emit("Where", [cx.emit("Greater", [w_sum, cx.const(0.0, dt)]), w, cx.emit("Add", [d_sizes, cx.const(1e-12, dt)])])
+    w = cx.emit(
+        "Where", [cx.emit("Greater", [w_sum, cx.const(0.0, dt)]), w, cx.emit("Add", [d_sizes, cx.const(1e-12, dt)])]
+    )
     w_sum = cx.emit("ReduceSum", [w, one_axis], keepdims=1)
     d_x = cx.emit("GatherElements", [x, _onnx_over_hidden(cx, dropped, x)], axis=1)
-    num = cx.emit("ReduceSum", [cx.emit("Mul", [d_x, cx.emit("Unsqueeze", [w, _onnx_i64(cx, [-1])])]), one_axis], keepdims=1)
-    fused = cx.emit("Div", [num, cx.emit("Unsqueeze", [cx.emit("Max", [w_sum, cx.const(1e-30, dt)]), _onnx_i64(cx, [-1])])])
+    num = cx.emit(
+        "ReduceSum", [cx.emit("Mul", [d_x, cx.emit("Unsqueeze", [w, _onnx_i64(cx, [-1])])]), one_axis], keepdims=1
+    )
+    fused = cx.emit(
+        "Div", [num, cx.emit("Unsqueeze", [cx.emit("Max", [w_sum, cx.const(1e-30, dt)]), _onnx_i64(cx, [-1])])]
+    )
     fused_size = cx.emit("ReduceSum", [d_sizes, one_axis], keepdims=1)
-    at = (cx.dim(f"({a['keep']}) - {a['protect_last']}") if isinstance(a["keep"], str)
-          else _onnx_i64(cx, [a["keep"] - a["protect_last"]]))
+    at = (
+        cx.dim(f"({a['keep']}) - {a['protect_last']}")
+        if isinstance(a["keep"], str)
+        else _onnx_i64(cx, [a["keep"] - a["protect_last"]])
+    )
     outs = []
     for src, extra in ((xs, fused), (ss, fused_size)):
         head = _onnx_tokens(cx, src, 0, end=at)
@@ -375,6 +435,7 @@ def _(cx, *ins, **a):
 # ---------------------------------------------------------------------------------------
 # TVM
 # ---------------------------------------------------------------------------------------
+
 
 def _tvm_tokens(c, t, start: int, stop, step: int = 1):
     """t[:, start:stop:step] along the token axis."""
@@ -472,8 +533,10 @@ def _(c, x, scores, sizes=None, keep=1, protect_first=0, protect_last=0, fuse_dr
     fused = c.emit(R.divide(num, c.emit(R.expand_dims(c.emit(R.maximum(w_sum, c.const(1e-30, dt))), -1))))
     fused_size = c.emit(R.sum(d_sizes, axis=[1], keepdims=True))
     at = keep - last
-    return [c.emit(R.concat([_tvm_tokens(c, t, 0, at), extra, _tvm_tokens(c, t, at, keep)], axis=1))
-            for t, extra in ((xs, fused), (ss, fused_size))]
+    return [
+        c.emit(R.concat([_tvm_tokens(c, t, 0, at), extra, _tvm_tokens(c, t, at, keep)], axis=1))
+        for t, extra in ((xs, fused), (ss, fused_size))
+    ]
 
 
 @attention_scores.tvm

@@ -16,13 +16,13 @@ nn.MultiheadAttention (BERT-style encoders built from nn.TransformerEncoderLayer
 sequence-first, with its heads folded into the batch; the ``fuse_torch_mha`` rules below turn
 that into the same ``attention`` op on ``[batch, seq, heads*dim]`` the other families fuse to.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..errors import NnforgeError
-from ..ir import Graph, Node, Value
-from ..ir import symbols
+from ..ir import Graph, Node, Value, symbols
 from .manager import PassContext, PassManager, register_pass
 from .pattern import Bind, P, RewritePass, Rule
 
@@ -32,26 +32,59 @@ from .pattern import Bind, P, RewritePass, Rule
 
 # q/k/v of the packed in-projection, sequence-first:
 #   reshape(linear(permute(x, [1,0,2])), [S, B, 3, E]).unsqueeze(0).permute(3,1,2,0,4).squeeze(3)[i]
-_PACKED = P("squeeze", P("permute", P("unsqueeze", P("reshape", P("linear", P("permute", "x", perm=[1, 0, 2]), "w", "b"),
-                                                     shape=Bind("packed")), axes=[0]), perm=[3, 1, 2, 0, 4]),
-            axes=[3], bind="packed_v")
-UNPACK_MHA = Rule("unpack_mha_qkv", P("squeeze", P("slice", _PACKED, axis=0, start=Bind("i"), end=Bind("j"), step=1), axes=[0]),
-                  lambda m, b: b.op("permute", b.op("slice", b.op("linear", m["x"], m["w"], m["b"]), axis=-1,
-                                                    start=m["i"] * m["packed"][3], end=m["j"] * m["packed"][3]),
-                                    perm=[1, 0, 2]),
-                  lambda m, g: len(m["packed"]) == 4 and m["packed"][2] == 3 and m["j"] == m["i"] + 1
-                  and isinstance(m["packed"][3], int), allow_shared=("packed_v",))
+_PACKED = P(
+    "squeeze",
+    P(
+        "permute",
+        P(
+            "unsqueeze",
+            P("reshape", P("linear", P("permute", "x", perm=[1, 0, 2]), "w", "b"), shape=Bind("packed")),
+            axes=[0],
+        ),
+        perm=[3, 1, 2, 0, 4],
+    ),
+    axes=[3],
+    bind="packed_v",
+)
+UNPACK_MHA = Rule(
+    "unpack_mha_qkv",
+    P("squeeze", P("slice", _PACKED, axis=0, start=Bind("i"), end=Bind("j"), step=1), axes=[0]),
+    lambda m, b: b.op(
+        "permute",
+        b.op(
+            "slice",
+            b.op("linear", m["x"], m["w"], m["b"]),
+            axis=-1,
+            start=m["i"] * m["packed"][3],
+            end=m["j"] * m["packed"][3],
+        ),
+        perm=[1, 0, 2],
+    ),
+    lambda m, g: (
+        len(m["packed"]) == 4 and m["packed"][2] == 3 and m["j"] == m["i"] + 1 and isinstance(m["packed"][3], int)
+    ),
+    allow_shared=("packed_v",),
+)
 
 
 def _mha_head(name):
     """[B, S, E] -> [B, H, S, D] as MultiheadAttention writes it: through [S, B*H, D]."""
     sbe = P("permute", name, perm=[1, 0, 2])
-    return P("reshape", P("permute", P("reshape", sbe, shape=Bind(f"{name}_bh")), perm=[1, 0, 2]), shape=Bind(f"{name}_4d"))
+    return P(
+        "reshape", P("permute", P("reshape", sbe, shape=Bind(f"{name}_bh")), perm=[1, 0, 2]), shape=Bind(f"{name}_4d")
+    )
 
 
 _MHA_SDPA = P("sdpa", _mha_head("q"), _mha_head("k"), _mha_head("v"), ..., bind="sdpa")
-_MHA_OUT = P("permute", P("reshape", P("linear", P("reshape", P("permute", _MHA_SDPA, perm=[2, 0, 1, 3]), shape=Bind("flat")),
-                                       "wo", "bo"), shape=Bind("sbe")), perm=[1, 0, 2])
+_MHA_OUT = P(
+    "permute",
+    P(
+        "reshape",
+        P("linear", P("reshape", P("permute", _MHA_SDPA, perm=[2, 0, 1, 3]), shape=Bind("flat")), "wo", "bo"),
+        shape=Bind("sbe"),
+    ),
+    perm=[1, 0, 2],
+)
 
 
 def _mha_check(m, g):
@@ -60,15 +93,28 @@ def _mha_check(m, g):
         return False
     heads, dim = shapes[0][1], shapes[0][3]
     q = m["q"]
-    return (q.type.rank == 3 and q.shape[-1] == heads * dim and all(s[1] == heads for s in shapes)
-            and g.is_constant(m["wo"]) and len(m.node("sdpa").inputs) <= 4)
+    return (
+        q.type.rank == 3
+        and q.shape[-1] == heads * dim
+        and all(s[1] == heads for s in shapes)
+        and g.is_constant(m["wo"])
+        and len(m.node("sdpa").inputs) <= 4
+    )
 
 
 def _mha_build(m, b):
     sdpa = m.node("sdpa")
     mask = [x for x in sdpa.inputs[3:4] if x is not None]
-    att = b.op("attention", m["q"], m["k"], m["v"], *mask, num_heads=m["q_4d"][1], scale=sdpa.attrs["scale"],
-               is_causal=sdpa.attrs["is_causal"])
+    att = b.op(
+        "attention",
+        m["q"],
+        m["k"],
+        m["v"],
+        *mask,
+        num_heads=m["q_4d"][1],
+        scale=sdpa.attrs["scale"],
+        is_causal=sdpa.attrs["is_causal"],
+    )
     return b.op("linear", att, m["wo"], m["bo"])
 
 
@@ -84,8 +130,19 @@ class FuseTorchMHA(RewritePass):
 
 
 # the lossless pipeline blocks are found after (tests/test_fusion.py's, plus the MHA rules)
-BLOCK_PIPELINE = ["dce", "canonicalize", "fold_constants", "fold_constant_chains", "recognize_norms", "fuse_linear_act",
-                  "fuse_attention", "fuse_torch_mha", "cse", "canonicalize", "dce"]
+BLOCK_PIPELINE = [
+    "dce",
+    "canonicalize",
+    "fold_constants",
+    "fold_constant_chains",
+    "recognize_norms",
+    "fuse_linear_act",
+    "fuse_attention",
+    "fuse_torch_mha",
+    "cse",
+    "canonicalize",
+    "dce",
+]
 
 
 def prepare(graph: Graph, ctx: PassContext | None = None) -> Graph:
@@ -101,20 +158,38 @@ NORMS = ("layer_norm", "rms_norm")
 ATTENTION_OPS = ("attention",)
 TOKEN_OPS = ("token_merge", "token_prune")  # ops that shorten the stream (ops/tokens.py)
 # ops that act on each token alone: a block's residual branches may only be made of these and attention
-TOKENWISE = {"linear", "linear_act", "layer_norm", "rms_norm", "add", "mul", "sub", "div", "gelu", "relu", "silu", "tanh",
-             "sigmoid", "slice", "clamp", "cast", "exp", "neg"}
+TOKENWISE = {
+    "linear",
+    "linear_act",
+    "layer_norm",
+    "rms_norm",
+    "add",
+    "mul",
+    "sub",
+    "div",
+    "gelu",
+    "relu",
+    "silu",
+    "tanh",
+    "sigmoid",
+    "slice",
+    "clamp",
+    "cast",
+    "exp",
+    "neg",
+}
 
 
 @dataclass
 class Block:
     index: int
-    input: Value        # residual stream into the block
-    attention: Node     # the attention op
-    attn_add: Node      # residual add after attention
-    mid: Value          # stream between attention and MLP (after the post-norm, if any)
-    mlp_add: Node       # residual add after the MLP
-    output: Value       # stream out (after the post-norm, if any)
-    norm: str           # "pre" or "post"
+    input: Value  # residual stream into the block
+    attention: Node  # the attention op
+    attn_add: Node  # residual add after attention
+    mid: Value  # stream between attention and MLP (after the post-norm, if any)
+    mlp_add: Node  # residual add after the MLP
+    output: Value  # stream out (after the post-norm, if any)
+    norm: str  # "pre" or "post"
     causal: bool
     token_ops: list[Node] = field(default_factory=list)  # token_merge/prune already between attention and MLP
 
@@ -127,11 +202,11 @@ class Block:
 class BlockInfo:
     blocks: list[Block]
     token_axis: int = 1
-    tokens: symbols.Dim = 0          # sequence length at the first block
+    tokens: symbols.Dim = 0  # sequence length at the first block
     hidden: int = 0
-    class_tokens: int = 0            # leading tokens prepended from constants (ViT's [CLS])
+    class_tokens: int = 0  # leading tokens prepended from constants (ViT's [CLS])
     padding_mask: Value | None = None  # graph input [batch, seq] the attention masks come from
-    readout: str = "tokens"          # "first" (class token), "mean" (masked mean), "tokens" (all, e.g. LM logits)
+    readout: str = "tokens"  # "first" (class token), "mean" (masked mean), "tokens" (all, e.g. LM logits)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -335,13 +410,17 @@ def format_blocks(info: BlockInfo) -> str:
     """What `nnforge show --blocks` prints."""
     if not info.blocks:
         return "no transformer blocks found" + "".join(f"\n  note: {n}" for n in info.notes)
-    lines = [f"{len(info.blocks)} {info.kind} block(s), {info.blocks[0].norm}-norm; tokens on axis {info.token_axis}: "
-             f"{info.tokens} x {info.hidden}",
-             f"class tokens: {info.class_tokens}; padding mask: "
-             f"{('%' + info.padding_mask.name) if info.padding_mask is not None else 'none'}; readout: {info.readout}"]
+    lines = [
+        f"{len(info.blocks)} {info.kind} block(s), {info.blocks[0].norm}-norm; tokens on axis {info.token_axis}: "
+        f"{info.tokens} x {info.hidden}",
+        f"class tokens: {info.class_tokens}; padding mask: "
+        f"{('%' + info.padding_mask.name) if info.padding_mask is not None else 'none'}; readout: {info.readout}",
+    ]
     for b in info.blocks:
-        lines.append(f"  block {b.index}: %{b.input.name} -> attention %{b.attention.output.name} "
-                     f"(heads={b.heads}{', causal' if b.causal else ''}) -> +%{b.attn_add.output.name} -> "
-                     f"mid %{b.mid.name} -> mlp +%{b.mlp_add.output.name} -> %{b.output.name}")
+        lines.append(
+            f"  block {b.index}: %{b.input.name} -> attention %{b.attention.output.name} "
+            f"(heads={b.heads}{', causal' if b.causal else ''}) -> +%{b.attn_add.output.name} -> "
+            f"mid %{b.mid.name} -> mlp +%{b.mlp_add.output.name} -> %{b.output.name}"
+        )
     lines += [f"  note: {n}" for n in info.notes]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ output rows to the lossless ones), "top1" (agreement of the arg-max) or a callab
 batches concatenated in order, e.g. accuracy against labels the callable closes over. The drop is
 ``metric(reference, reference) - metric(outputs, reference)``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -88,13 +89,20 @@ class Setting:
 
     def dominates(self, other: "Setting") -> bool:
         """At least as strong in every knob (so at least as lossy, as far as the search assumes)."""
-        return (self.merge_r >= other.merge_r and self.prune_keep <= other.prune_keep and self.skip >= other.skip
-                and QUANT.index(self.quant) >= QUANT.index(other.quant))
+        return (
+            self.merge_r >= other.merge_r
+            and self.prune_keep <= other.prune_keep
+            and self.skip >= other.skip
+            and QUANT.index(self.quant) >= QUANT.index(other.quant)
+        )
 
     def __str__(self) -> str:
-        parts = ([f"merge r={self.merge_r}"] if self.merge_r else []) + (
-            [f"prune keep={self.prune_keep:g}"] if self.prune_keep < 1 else []) + (
-            [f"skip {self.skip}"] if self.skip else []) + ([self.quant] if self.quant != "float" else [])
+        parts = (
+            ([f"merge r={self.merge_r}"] if self.merge_r else [])
+            + ([f"prune keep={self.prune_keep:g}"] if self.prune_keep < 1 else [])
+            + ([f"skip {self.skip}"] if self.skip else [])
+            + ([self.quant] if self.quant != "float" else [])
+        )
         return ", ".join(parts) or "lossless"
 
 
@@ -106,10 +114,10 @@ def search_passes() -> list[Pass]:
 @dataclass
 class Candidate:
     setting: Setting
-    drop: float | None = None        # on calibration
+    drop: float | None = None  # on calibration
     seconds: float | None = None
     heldout_drop: float | None = None
-    error: str = ""                  # why the setting could not be built
+    error: str = ""  # why the setting could not be built
 
     @property
     def evaluated(self) -> bool:
@@ -120,7 +128,7 @@ class Candidate:
 class BudgetResult:
     setting: Setting
     graph: Graph
-    drop: float                     # on the held-out batches
+    drop: float  # on the held-out batches
     seconds: float
     baseline_seconds: float
     budget: Budget
@@ -131,18 +139,25 @@ class BudgetResult:
         return self.baseline_seconds / max(self.seconds, 1e-12)
 
     def report(self) -> str:
-        name = self.budget.metric if isinstance(self.budget.metric, str) else getattr(self.budget.metric, "__name__", "metric")
+        name = (
+            self.budget.metric
+            if isinstance(self.budget.metric, str)
+            else getattr(self.budget.metric, "__name__", "metric")
+        )
         tried = sum(c.evaluated for c in self.candidates)
-        return (f"budget: {name} drop <= {self.budget.max_drop:g}\n"
-                f"chosen: {self.setting}\n"
-                f"held-out drop: {self.drop:.4g} ({'within' if self.drop <= self.budget.max_drop else 'OVER'} budget)\n"
-                f"speed-up: {self.speedup:.2f}x ({self.baseline_seconds:.4g}s -> {self.seconds:.4g}s)\n"
-                f"candidates: {tried} measured of {len(self.candidates)}")
+        return (
+            f"budget: {name} drop <= {self.budget.max_drop:g}\n"
+            f"chosen: {self.setting}\n"
+            f"held-out drop: {self.drop:.4g} ({'within' if self.drop <= self.budget.max_drop else 'OVER'} budget)\n"
+            f"speed-up: {self.speedup:.2f}x ({self.baseline_seconds:.4g}s -> {self.seconds:.4g}s)\n"
+            f"candidates: {tried} measured of {len(self.candidates)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------
 # quality
 # ---------------------------------------------------------------------------------------
+
 
 def _rows(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, np.float64)
@@ -190,6 +205,7 @@ def quality_drop(metric: Metric, got: list[np.ndarray], ref: list[np.ndarray]) -
 # timing stand-in: a FLOP count
 # ---------------------------------------------------------------------------------------
 
+
 def _numel(shape) -> int:
     return int(np.prod(shape)) if shape else 1
 
@@ -228,8 +244,11 @@ def flop_time(inputs: Sequence[np.ndarray], flops_per_second: float = 1e10) -> C
     return lambda graph: flops(graph, inputs) / flops_per_second
 
 
-def wall_time(run: Callable[[Graph], Callable[[list], list]], inputs: Sequence[np.ndarray], repeat: int = 5) -> Callable[[Graph], float]:
+def wall_time(
+    run: Callable[[Graph], Callable[[list], list]], inputs: Sequence[np.ndarray], repeat: int = 5
+) -> Callable[[Graph], float]:
     """A measuring ``time_fn``: ``run(graph)`` builds an executable (e.g. a backend artifact's run); median of ``repeat``."""
+
     def time_fn(graph: Graph) -> float:
         fn = run(graph)
         fn(list(inputs))  # warm-up
@@ -247,14 +266,16 @@ def wall_time(run: Callable[[Graph], Callable[[list], list]], inputs: Sequence[n
 # the search
 # ---------------------------------------------------------------------------------------
 
+
 def _tokens(graph: Graph, batch) -> int:
     info = find_blocks(graph)
     env = bind_symbols(graph, [np.asarray(a) for a in batch])
     return symbols.evaluate(info.tokens, env)
 
 
-def default_space(graph: Graph, budget: Budget, batch, backend: str | None = None
-                  ) -> tuple[list[int], list[float], list[int], list[str]]:
+def default_space(
+    graph: Graph, budget: Budget, batch, backend: str | None = None
+) -> tuple[list[int], list[float], list[int], list[str]]:
     """Candidate knobs from the model: merging up to 3/4 of the tokens, keep ratios, up to half the blocks skipped,
     the quantizations worth timing on ``backend``."""
     info = find_blocks(graph)
@@ -289,16 +310,30 @@ def build(graph: Graph, setting: Setting, calibration) -> Graph:
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("[bold]budget search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    return Progress(
+        TextColumn("[bold]budget search"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
 
 
-def search(graph: Graph, budget: Budget, calibration: Sequence[Sequence[np.ndarray]], heldout: Sequence[Sequence[np.ndarray]],
-           time_fn: Callable[[Graph], float] | None = None, run=interpret, progress: bool = False,
-           backend: str | None = None) -> BudgetResult:
+def search(
+    graph: Graph,
+    budget: Budget,
+    calibration: Sequence[Sequence[np.ndarray]],
+    heldout: Sequence[Sequence[np.ndarray]],
+    time_fn: Callable[[Graph], float] | None = None,
+    run=interpret,
+    progress: bool = False,
+    backend: str | None = None,
+) -> BudgetResult:
     """The fastest setting within ``budget``; see the module docstring. ``backend``: the one ``time_fn``
     builds with (it picks the default quantization choices)."""
     if not calibration or not heldout:
@@ -307,8 +342,10 @@ def search(graph: Graph, budget: Budget, calibration: Sequence[Sequence[np.ndarr
     metric = metric_fn(budget.metric)
     time_fn = time_fn or flop_time(list(calibration[0]))
     rs, keeps, skips, quants = default_space(graph, budget, calibration[0], backend)
-    settings = sorted((Setting(r, k, s, q) for r, k, s, q in itertools.product(rs, keeps, skips, quants)),
-                      key=lambda s: (s.merge_r + s.skip, -s.prune_keep, QUANT.index(s.quant)))  # weak first
+    settings = sorted(
+        (Setting(r, k, s, q) for r, k, s, q in itertools.product(rs, keeps, skips, quants)),
+        key=lambda s: (s.merge_r + s.skip, -s.prune_keep, QUANT.index(s.quant)),
+    )  # weak first
     cands = [Candidate(s) for s in settings]
     ref_cal, graphs = outputs(graph, calibration, run), {}
     failed: list[Setting] = []

@@ -9,6 +9,7 @@ model's parameter names (``encoder_layer_0_attention_self_query_weight``) in rep
 Calibration activations come from the reference interpreter run with ``keep_all=True`` over
 ``ctx.calibration`` (a list of input lists), or ``ctx.sample_inputs`` when no calibration was given.
 """
+
 from __future__ import annotations
 
 import re
@@ -91,8 +92,11 @@ def _const_float(g: Graph, v: Value | None, rank: int) -> bool:
 
 
 def _linear_layer(g: Graph, n: Node):
-    if _const_float(g, n.inputs[1], 2) and not g.is_constant(n.inputs[0]) and (
-            len(n.inputs) < 3 or n.inputs[2] is None or g.is_constant(n.inputs[2])):
+    if (
+        _const_float(g, n.inputs[1], 2)
+        and not g.is_constant(n.inputs[0])
+        and (len(n.inputs) < 3 or n.inputs[2] is None or g.is_constant(n.inputs[2]))
+    ):
         return Layer(n, "linear", base_name(n.inputs[1].name), g.constant(n.inputs[1]))
     return None
 
@@ -104,7 +108,9 @@ def _matmul_layer(g: Graph, n: Node):
 
 
 def _conv_layer(g: Graph, n: Node):
-    if not (_const_float(g, n.inputs[1], 4) and (len(n.inputs) < 3 or n.inputs[2] is None or g.is_constant(n.inputs[2]))):
+    if not (
+        _const_float(g, n.inputs[1], 4) and (len(n.inputs) < 3 or n.inputs[2] is None or g.is_constant(n.inputs[2]))
+    ):
         return None
     w = g.constant(n.inputs[1])
     return Layer(n, "conv", base_name(n.inputs[1].name), w.reshape(w.shape[0], -1), tuple(w.shape))
@@ -117,8 +123,13 @@ def _embedding_layer(g: Graph, n: Node):
 
 
 # op -> how to see its weight; ops not here are never touched by the lossy weight passes
-LAYER_OPS = {"linear": _linear_layer, "linear_act": _linear_layer, "matmul": _matmul_layer, "conv2d": _conv_layer,
-             "gather": _embedding_layer}
+LAYER_OPS = {
+    "linear": _linear_layer,
+    "linear_act": _linear_layer,
+    "matmul": _matmul_layer,
+    "conv2d": _conv_layer,
+    "gather": _embedding_layer,
+}
 
 
 def find_layers(graph: Graph, kinds: Iterable[str] = ("linear",), exclude: Sequence[str] = ()) -> list[Layer]:
@@ -136,8 +147,10 @@ def find_layers(graph: Graph, kinds: Iterable[str] = ("linear",), exclude: Seque
 def calibration_batches(ctx: PassContext, what: str) -> list[list[np.ndarray]]:
     batches = ctx.calibration or ([ctx.sample_inputs] if ctx.sample_inputs is not None else [])
     if not batches:
-        raise NnforgeError(f"{what} needs calibration data: pass calibration=[inputs, ...] "
-                           f"(or sample inputs) to nnforge.compile / PassContext")
+        raise NnforgeError(
+            f"{what} needs calibration data: pass calibration=[inputs, ...] "
+            f"(or sample inputs) to nnforge.compile / PassContext"
+        )
     return [list(b) for b in batches]
 
 
@@ -190,8 +203,12 @@ def layer_error(layer: Layer, inputs: Sequence[np.ndarray] | None, w_new: np.nda
 
 def plain_linear(graph: Graph, node: Node | None) -> bool:
     """linear/linear_act with constant weight and bias (rows can be dropped independently)."""
-    return (node is not None and node.op in ("linear", "linear_act") and graph.is_constant(node.inputs[1])
-            and all(v is None or graph.is_constant(v) for v in node.inputs[2:]))
+    return (
+        node is not None
+        and node.op in ("linear", "linear_act")
+        and graph.is_constant(node.inputs[1])
+        and all(v is None or graph.is_constant(v) for v in node.inputs[2:])
+    )
 
 
 def row_source(graph: Graph, users: dict, v: Value):
@@ -239,6 +256,7 @@ def replace_node(graph: Graph, old: Node, op: str, inputs: Sequence[Value | None
 # per-layer report lines (for CompiledModel.report)
 # ---------------------------------------------------------------------------------------
 
+
 def _did(rec: dict) -> str:
     """What a lossy pass did to one layer, from its stats record, in a few words."""
     if "skipped" in rec:
@@ -246,8 +264,11 @@ def _did(rec: dict) -> str:
     if "bits" in rec:
         if rec["bits"] == 32:
             return "kept float"
-        act = {"dynamic": " + int8 act/token", "dynamic_tensor": " + uint8 act/tensor",
-               "static": " + uint8 act (static)"}.get(rec.get("activations", "none"), "")
+        act = {
+            "dynamic": " + int8 act/token",
+            "dynamic_tensor": " + uint8 act/tensor",
+            "static": " + uint8 act (static)",
+        }.get(rec.get("activations", "none"), "")
         group = f" g{rec['group_size']}" if rec["bits"] == 4 else ""
         return f"int{rec['bits']}{group} {rec.get('method', 'rtn')}{act}"
     if "sparsity" in rec:
@@ -267,6 +288,7 @@ def layer_rows(records) -> list[dict]:
     rows_out = []
     for r in records:
         for rec in (r.stats or {}).get("layers", []):
-            rows_out.append({"pass": r.name, "layer": rec.get("name", ""), "done": _did(rec),
-                             "rel_error": rec.get("rel_error")})
+            rows_out.append(
+                {"pass": r.name, "layer": rec.get("name", ""), "done": _did(rec), "rel_error": rec.get("rel_error")}
+            )
     return rows_out

@@ -1,4 +1,5 @@
 """Cleanup passes every pipeline runs: dead code, common subexpressions, constant folding, canonical forms."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,11 +7,10 @@ import json
 
 import numpy as np
 
-from ..ir import Graph, Node, get_op
+from ..ir import Graph, Node, get_op, symbols
 from ..ir.interpret import run_node
 from ..ir.registry import infer_types
 from ..ir.verify import types_agree
-from ..ir import symbols
 from .manager import Pass, PassContext, PassResult, register_pass
 from .pattern import Bind, P, RewritePass, Rule
 
@@ -99,15 +99,20 @@ class ConstantFolding(Pass):
         folded = 0
         keep: list[Node] = []
         for node in graph.nodes:
-            foldable = (all(i is None or graph.is_constant(i) for i in node.inputs)
-                        and not _has_symbols(node) and all(o.type.is_static for o in node.outputs)
-                        and all(np.prod(o.type.shape, dtype=np.int64) <= FOLD_LIMIT for o in node.outputs))
+            foldable = (
+                all(i is None or graph.is_constant(i) for i in node.inputs)
+                and not _has_symbols(node)
+                and all(o.type.is_static for o in node.outputs)
+                and all(np.prod(o.type.shape, dtype=np.int64) <= FOLD_LIMIT for o in node.outputs)
+            )
             if not foldable:
                 keep.append(node)
                 continue
             results = run_node(node, [graph.constant(i) if i is not None else None for i in node.inputs], {})
             for out, arr in zip(node.outputs, results):
-                const = graph.add_constant(np.asarray(arr, order="C"), name=out.name)  # (ascontiguousarray makes 0-d 1-d)
+                const = graph.add_constant(
+                    np.asarray(arr, order="C"), name=out.name
+                )  # (ascontiguousarray makes 0-d 1-d)
                 graph.replace_all_uses(out, const)
             folded += 1
         graph.nodes = keep
@@ -134,11 +139,20 @@ def _is_noop(m, graph: Graph) -> bool:
     return same and (node.op != "slice" or node.attrs["step"] == 1)
 
 
-NOOP = Rule("remove_noop", P(("permute", "reshape", "expand", "slice", "squeeze", "unsqueeze", "cast", "concat"), "x",
-                             bind="root"), lambda m, b: m["x"], _is_noop)
+NOOP = Rule(
+    "remove_noop",
+    P(("permute", "reshape", "expand", "slice", "squeeze", "unsqueeze", "cast", "concat"), "x", bind="root"),
+    lambda m, b: m["x"],
+    _is_noop,
+)
 # permute(permute(y, p), q) = permute(y, p[q]); an identity result is then removed by NOOP
-COMPOSE_PERMUTES = Rule("compose_permutes", P("permute", P("permute", "y", perm=Bind("p")), perm=Bind("q")),
-                        lambda m, b: b.op("permute", m["y"], perm=[m["p"][i] for i in m["q"]]))
+COMPOSE_PERMUTES = Rule(
+    "compose_permutes",
+    P("permute", P("permute", "y", perm=Bind("p")), perm=Bind("q")),
+    lambda m, b: b.op("permute", m["y"], perm=[m["p"][i] for i in m["q"]]),
+)
+
+
 def _merged_reshape(m, b):
     """reshape(y, shape); a -1 is spelled out when y's own size would infer another (still equal) type,
     e.g. y: [n] reshaped to a static [1, 2] then to [-1] keeps [2], not [n]."""
@@ -149,7 +163,9 @@ def _merged_reshape(m, b):
 
 
 # reshape(reshape(y)) = reshape(y): only the last shape matters
-MERGE_RESHAPES = Rule("merge_reshapes", P("reshape", P("reshape", "y"), shape=Bind("shape"), bind="root"), _merged_reshape)
+MERGE_RESHAPES = Rule(
+    "merge_reshapes", P("reshape", P("reshape", "y"), shape=Bind("shape"), bind="root"), _merged_reshape
+)
 CANONICAL_RULES = [NOOP, COMPOSE_PERMUTES, MERGE_RESHAPES]
 
 

@@ -2,6 +2,7 @@
 
 Each rule is a pattern, an optional check and a replacement; each pass is a list of rules.
 """
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import math
 import numpy as np
 
 from ..ir import Graph, Node, get_op
-from .manager import Pass, PassContext, PassResult, register_pass
 from .cleanup import CANONICAL_RULES
+from .manager import Pass, PassContext, PassResult, register_pass
 from .pattern import ANY, Bind, OneOf, Opt, P, RewritePass, Rule
 
 
@@ -33,10 +34,12 @@ def _is_scalar(g: Graph, v, target: float, tol: float = 1e-6) -> bool:
 # BatchNorm folding and constant scale/shift chains
 # ---------------------------------------------------------------------------------------
 
+
 def _bn_check(m, g):
     bn, conv = m.node("bn"), m.node("conv")
     return all(g.is_constant(v) for v in bn.inputs[1:] if v is not None) and all(
-        g.is_constant(v) for v in conv.inputs[1:] if v is not None)
+        g.is_constant(v) for v in conv.inputs[1:] if v is not None
+    )
 
 
 def _bn_build(m, b):
@@ -47,7 +50,7 @@ def _bn_build(m, b):
     beta = g.constant(bn.inputs[4]) if len(bn.inputs) > 4 and bn.inputs[4] is not None else np.zeros_like(mean)
     w = g.constant(conv.inputs[1])
     bias = g.constant(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else np.zeros_like(mean)
-    scale = (gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + bn.attrs["eps"]))
+    scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + bn.attrs["eps"])
     new_w = (w * scale.reshape(-1, 1, 1, 1)).astype(w.dtype)
     new_b = ((bias - mean) * scale + beta).astype(w.dtype)
     return b.op("conv2d", conv.inputs[0], b.const(new_w, "w_bn"), b.const(new_b, "b_bn"), **conv.attrs)
@@ -64,20 +67,30 @@ def _chain_check(m, g):
 
 
 def _chain(op, combine):
-    return Rule(f"fold_{op}_chain", P(op, P(op, "x", "c1", commutative=True), "c2", commutative=True),
-                lambda m, b: b.op(op, m["x"], b.const(combine(b.constant_of(m["c1"]), b.constant_of(m["c2"])), f"{op}_c")),
-                _chain_check)
+    return Rule(
+        f"fold_{op}_chain",
+        P(op, P(op, "x", "c1", commutative=True), "c2", commutative=True),
+        lambda m, b: b.op(op, m["x"], b.const(combine(b.constant_of(m["c1"]), b.constant_of(m["c2"])), f"{op}_c")),
+        _chain_check,
+    )
 
 
 def _float_const(m, g, name="c"):
     return g.is_constant(m[name]) and g.constant(m[name]).dtype.kind == "f" and not g.is_constant(m["x"])
 
 
-DIV_TO_MUL = Rule("div_to_mul", P("div", "x", "c"),
-                  lambda m, b: b.op("mul", m["x"], b.const((1.0 / b.constant_of(m["c"])).astype(b.constant_of(m["c"]).dtype), "inv")),
-                  _float_const)
-SUB_TO_ADD = Rule("sub_to_add", P("sub", "x", "c"),
-                  lambda m, b: b.op("add", m["x"], b.const(-b.constant_of(m["c"]), "neg")), _float_const)
+DIV_TO_MUL = Rule(
+    "div_to_mul",
+    P("div", "x", "c"),
+    lambda m, b: b.op("mul", m["x"], b.const((1.0 / b.constant_of(m["c"])).astype(b.constant_of(m["c"]).dtype), "inv")),
+    _float_const,
+)
+SUB_TO_ADD = Rule(
+    "sub_to_add",
+    P("sub", "x", "c"),
+    lambda m, b: b.op("add", m["x"], b.const(-b.constant_of(m["c"]), "neg")),
+    _float_const,
+)
 
 
 def _scale_into_linear_check(m, g):
@@ -96,17 +109,29 @@ def _scale_into_linear(m, b):
     return b.op("linear", *args)
 
 
-SCALE_INTO_LINEAR = Rule("fold_scale_into_linear", P("mul", P("linear", "x", "w", Opt("b")), "c", commutative=True),
-                         _scale_into_linear, _scale_into_linear_check)
+SCALE_INTO_LINEAR = Rule(
+    "fold_scale_into_linear",
+    P("mul", P("linear", "x", "w", Opt("b")), "c", commutative=True),
+    _scale_into_linear,
+    _scale_into_linear_check,
+)
 
 
 def _shift_check(m, g):
-    return _consts(g, m, "w", "b", "c") and g.constant(m["c"]).size == g.constant(m["b"]).size == g.constant(m["c"]).shape[-1]
+    return (
+        _consts(g, m, "w", "b", "c")
+        and g.constant(m["c"]).size == g.constant(m["b"]).size == g.constant(m["c"]).shape[-1]
+    )
 
 
-SHIFT_INTO_LINEAR = Rule("fold_shift_into_linear", P("add", P("linear", "x", "w", "b"), "c", commutative=True),
-                         lambda m, b: b.op("linear", m["x"], m["w"], b.const(b.constant_of(m["b"]) + b.constant_of(m["c"]).reshape(-1), "bias")),
-                         _shift_check)
+SHIFT_INTO_LINEAR = Rule(
+    "fold_shift_into_linear",
+    P("add", P("linear", "x", "w", "b"), "c", commutative=True),
+    lambda m, b: b.op(
+        "linear", m["x"], m["w"], b.const(b.constant_of(m["b"]) + b.constant_of(m["c"]).reshape(-1), "bias")
+    ),
+    _shift_check,
+)
 
 
 @register_pass
@@ -114,13 +139,21 @@ class FoldConstantChains(RewritePass):
     """Fold BatchNorm into the preceding conv; merge constant mul/add chains; fold scales into linear weights."""
 
     name = "fold_constant_chains"
-    rules = [FOLD_BN, DIV_TO_MUL, SUB_TO_ADD, _chain("mul", np.multiply), _chain("add", np.add), SCALE_INTO_LINEAR,
-             SHIFT_INTO_LINEAR]
+    rules = [
+        FOLD_BN,
+        DIV_TO_MUL,
+        SUB_TO_ADD,
+        _chain("mul", np.multiply),
+        _chain("add", np.add),
+        SCALE_INTO_LINEAR,
+        SHIFT_INTO_LINEAR,
+    ]
 
 
 # ---------------------------------------------------------------------------------------
 # linear + bias + activation
 # ---------------------------------------------------------------------------------------
+
 
 def _matmul_to_linear_check(m, g):
     return g.is_constant(m["w"]) and g.constant(m["w"]).ndim == 2
@@ -133,22 +166,37 @@ def _bias_check(m, g):
     return bias.ndim >= 1 and bias.size == g.constant(m["w"]).shape[0] and bias.shape[-1] == bias.size
 
 
-MATMUL_TO_LINEAR = Rule("matmul_to_linear", P("matmul", "x", "w"),
-                        lambda m, b: b.op("linear", m["x"], b.const(np.ascontiguousarray(b.constant_of(m["w"]).T), "w_t")),
-                        _matmul_to_linear_check)
-BIAS_INTO_LINEAR = Rule("bias_into_linear", P("add", P("linear", "x", "w"), "b", commutative=True),
-                        lambda m, b: b.op("linear", m["x"], m["w"], b.const(b.constant_of(m["b"]).reshape(-1), "bias")),
-                        _bias_check)
+MATMUL_TO_LINEAR = Rule(
+    "matmul_to_linear",
+    P("matmul", "x", "w"),
+    lambda m, b: b.op("linear", m["x"], b.const(np.ascontiguousarray(b.constant_of(m["w"]).T), "w_t")),
+    _matmul_to_linear_check,
+)
+BIAS_INTO_LINEAR = Rule(
+    "bias_into_linear",
+    P("add", P("linear", "x", "w"), "b", commutative=True),
+    lambda m, b: b.op("linear", m["x"], m["w"], b.const(b.constant_of(m["b"]).reshape(-1), "bias")),
+    _bias_check,
+)
 
 
-_ACTIVATION_OPS = {"relu": ("relu", {}), "gelu": ("gelu", {"approximate": "none"}),
-                   "gelu_tanh": ("gelu", {"approximate": "tanh"}), "silu": ("silu", {})}
+_ACTIVATION_OPS = {
+    "relu": ("relu", {}),
+    "gelu": ("gelu", {"approximate": "none"}),
+    "gelu_tanh": ("gelu", {"approximate": "tanh"}),
+    "silu": ("silu", {}),
+}
 
 
 def _act_rules():
-    return [Rule(f"linear_{act}", P(op, P("linear", "x", "w", Opt("b")), **attrs),
-                 lambda m, b, act=act: b.op("linear_act", *[m[k] for k in ("x", "w", "b") if k in m], act=act))
-            for act, (op, attrs) in _ACTIVATION_OPS.items()]
+    return [
+        Rule(
+            f"linear_{act}",
+            P(op, P("linear", "x", "w", Opt("b")), **attrs),
+            lambda m, b, act=act: b.op("linear_act", *[m[k] for k in ("x", "w", "b") if k in m], act=act),
+        )
+        for act, (op, attrs) in _ACTIVATION_OPS.items()
+    ]
 
 
 @register_pass
@@ -162,6 +210,7 @@ class FuseLinearActivation(RewritePass):
 # ---------------------------------------------------------------------------------------
 # normalisations and GELU written out elementwise
 # ---------------------------------------------------------------------------------------
+
 
 def _last_axis_mean(**extra):
     return dict(axes=Bind("axes"), keepdims=True, **extra)
@@ -178,18 +227,42 @@ def _ln_build(m, b):
 _MEAN = P("reduce_mean", "x", **_last_axis_mean())
 _CENTERED = P("sub", "x", _MEAN, bind="centered")
 _VAR = P("reduce_mean", P(("mul", "pow"), "centered", ANY), axes=Bind("axes2"), keepdims=True)
-LAYER_NORM = Rule("layer_norm", P("div", _CENTERED, P("sqrt", P("add", _VAR, "eps", commutative=True))), _ln_build,
-                  lambda m, g: _ln_check(m, g) and m["axes2"] == m["axes"], allow_shared=("centered",))
-LAYER_NORM_RSQRT = Rule("layer_norm", P("mul", _CENTERED, P("rsqrt", P("add", _VAR, "eps", commutative=True)),
-                                        commutative=True), _ln_build,
-                        lambda m, g: _ln_check(m, g) and m["axes2"] == m["axes"], allow_shared=("centered",))
-RMS_NORM = Rule("rms_norm", P("mul", "x", P("rsqrt", P("add", P("reduce_mean", P(("mul", "pow"), "x", ANY), **_last_axis_mean()),
-                                                       "eps", commutative=True)), commutative=True),
-                lambda m, b: b.op("rms_norm", m["x"], naxes=1, eps=float(b.constant_of(m["eps"]).reshape(-1)[0])), _ln_check)
+LAYER_NORM = Rule(
+    "layer_norm",
+    P("div", _CENTERED, P("sqrt", P("add", _VAR, "eps", commutative=True))),
+    _ln_build,
+    lambda m, g: _ln_check(m, g) and m["axes2"] == m["axes"],
+    allow_shared=("centered",),
+)
+LAYER_NORM_RSQRT = Rule(
+    "layer_norm",
+    P("mul", _CENTERED, P("rsqrt", P("add", _VAR, "eps", commutative=True)), commutative=True),
+    _ln_build,
+    lambda m, g: _ln_check(m, g) and m["axes2"] == m["axes"],
+    allow_shared=("centered",),
+)
+RMS_NORM = Rule(
+    "rms_norm",
+    P(
+        "mul",
+        "x",
+        P(
+            "rsqrt",
+            P("add", P("reduce_mean", P(("mul", "pow"), "x", ANY), **_last_axis_mean()), "eps", commutative=True),
+        ),
+        commutative=True,
+    ),
+    lambda m, b: b.op("rms_norm", m["x"], naxes=1, eps=float(b.constant_of(m["eps"]).reshape(-1)[0])),
+    _ln_check,
+)
 
 
 def _norm_affine_check(m, g):
-    return _consts(g, m, "w") and g.constant(m["w"]).shape[-1:] == tuple(m["x"].shape[-1:]) and g.constant(m["w"]).ndim == 1
+    return (
+        _consts(g, m, "w")
+        and g.constant(m["w"]).shape[-1:] == tuple(m["x"].shape[-1:])
+        and g.constant(m["w"]).ndim == 1
+    )
 
 
 def _norm_affine(op):
@@ -200,23 +273,45 @@ def _norm_affine(op):
         args = [n.inputs[0], m["w"]] + ([m["b"]] if "b" in m and op == "layer_norm" else [])
         return b.op(op, *args, **n.attrs)
 
-    rules = [Rule(f"{op}_affine", P("mul", inner, "w", commutative=True), build,
-                  lambda m, g: len(m.node("norm").inputs) == 1 and _norm_affine_check(m, g))]
+    rules = [
+        Rule(
+            f"{op}_affine",
+            P("mul", inner, "w", commutative=True),
+            build,
+            lambda m, g: len(m.node("norm").inputs) == 1 and _norm_affine_check(m, g),
+        )
+    ]
     if op == "layer_norm":
-        rules.append(Rule("layer_norm_shift", P("add", P(op, "x", "w", bind="norm"), "b", commutative=True), build,
-                          lambda m, g: _consts(g, m, "b") and g.constant(m["b"]).ndim == 1 and _norm_affine_check(m, g)))
+        rules.append(
+            Rule(
+                "layer_norm_shift",
+                P("add", P(op, "x", "w", bind="norm"), "b", commutative=True),
+                build,
+                lambda m, g: _consts(g, m, "b") and g.constant(m["b"]).ndim == 1 and _norm_affine_check(m, g),
+            )
+        )
     return rules
 
 
 def _gelu_check(m, g):
-    return _is_scalar(g, m["half"], 0.5) and _is_scalar(g, m["inv_sqrt2"], 1 / math.sqrt(2), 1e-4) and _is_scalar(g, m["one"], 1.0)
+    return (
+        _is_scalar(g, m["half"], 0.5)
+        and _is_scalar(g, m["inv_sqrt2"], 1 / math.sqrt(2), 1e-4)
+        and _is_scalar(g, m["one"], 1.0)
+    )
 
 
 _ERF = P("add", P("erf", P("mul", "x", "inv_sqrt2", commutative=True)), "one", commutative=True)
 # x * 0.5 * (1 + erf(x / sqrt(2))), the half applied first or last
-GELU = Rule("gelu", OneOf(P("mul", P("mul", "x", "half", commutative=True), _ERF, commutative=True),
-                          P("mul", P("mul", "x", _ERF, commutative=True), "half", commutative=True)),
-            lambda m, b: b.op("gelu", m["x"], approximate="none"), _gelu_check)
+GELU = Rule(
+    "gelu",
+    OneOf(
+        P("mul", P("mul", "x", "half", commutative=True), _ERF, commutative=True),
+        P("mul", P("mul", "x", _ERF, commutative=True), "half", commutative=True),
+    ),
+    lambda m, b: b.op("gelu", m["x"], approximate="none"),
+    _gelu_check,
+)
 SILU = Rule("silu", P("mul", "x", P("sigmoid", "x"), commutative=True), lambda m, b: b.op("silu", m["x"]))
 
 
@@ -225,13 +320,22 @@ class RecognizeElementwise(RewritePass):
     """LayerNorm, RMSNorm, GELU and SiLU written out elementwise -> single ops (after div->mul canonical forms)."""
 
     name = "recognize_norms"
-    rules = [DIV_TO_MUL, LAYER_NORM, LAYER_NORM_RSQRT, RMS_NORM, *_norm_affine("layer_norm"), *_norm_affine("rms_norm"),
-             GELU, SILU]
+    rules = [
+        DIV_TO_MUL,
+        LAYER_NORM,
+        LAYER_NORM_RSQRT,
+        RMS_NORM,
+        *_norm_affine("layer_norm"),
+        *_norm_affine("rms_norm"),
+        GELU,
+        SILU,
+    ]
 
 
 # ---------------------------------------------------------------------------------------
 # q/k/v projections that share an input -> one matmul
 # ---------------------------------------------------------------------------------------
+
 
 @register_pass
 class MergeSiblingLinears(Pass):
@@ -254,12 +358,20 @@ class MergeSiblingLinears(Pass):
             w = graph.add_constant(np.concatenate(ws, axis=0), "w_merged")
             args = [x, w]
             if has_bias:
-                args.append(graph.add_constant(np.concatenate([graph.constant(n.inputs[2]) for n in nodes]), "b_merged"))
+                args.append(
+                    graph.add_constant(np.concatenate([graph.constant(n.inputs[2]) for n in nodes]), "b_merged")
+                )
             wide = graph.add_node("linear", args, name="linear_merged", source=first.source, before=first).output
             start = 0
             for n, wi in zip(nodes, ws):
-                part = graph.add_node("slice", [wide], {"axis": -1, "start": start, "end": start + wi.shape[0]},
-                                      name=n.output.name, source=n.source, before=first).output
+                part = graph.add_node(
+                    "slice",
+                    [wide],
+                    {"axis": -1, "start": start, "end": start + wi.shape[0]},
+                    name=n.output.name,
+                    source=n.source,
+                    before=first,
+                ).output
                 graph.replace_all_uses(n.output, part)
                 start += wi.shape[0]
             for n in nodes:
@@ -272,6 +384,7 @@ class MergeSiblingLinears(Pass):
 # ---------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------
+
 
 def _scalar_of(g: Graph, v) -> float | None:
     if v is None or not g.is_constant(v) or g.constant(v).size != 1:
@@ -298,9 +411,11 @@ def _sdpa_build(m, b):
 
 
 # q k^T scaled after or before the matmul (or not at all), then maybe masked
-_SCORES = OneOf(P("mul", P("matmul", "q", "kt"), "s", commutative=True),
-                P("matmul", P("mul", "q", "s", commutative=True), "kt"),
-                P("matmul", "q", "kt"))
+_SCORES = OneOf(
+    P("mul", P("matmul", "q", "kt"), "s", commutative=True),
+    P("matmul", P("mul", "q", "s", commutative=True), "kt"),
+    P("matmul", "q", "kt"),
+)
 _MASKED = OneOf(_SCORES, P("add", _SCORES, "mask", commutative=True))
 SDPA = Rule("sdpa", P("matmul", P("softmax", _MASKED, axis=Bind("axis")), "v"), _sdpa_build, _sdpa_check)
 
@@ -324,19 +439,40 @@ def _attention_check(m, g):
 def _attention_build(m, b):
     sdpa = m.node("sdpa")
     mask = sdpa.inputs[3:4]
-    return b.op("attention", m["q"], m["k"], m["v"], *[x for x in mask if x is not None],
-                num_heads=m["q_split"][2], scale=sdpa.attrs["scale"], is_causal=sdpa.attrs["is_causal"])
+    return b.op(
+        "attention",
+        m["q"],
+        m["k"],
+        m["v"],
+        *[x for x in mask if x is not None],
+        num_heads=m["q_split"][2],
+        scale=sdpa.attrs["scale"],
+        is_causal=sdpa.attrs["is_causal"],
+    )
 
 
-ATTENTION = Rule("attention", P("reshape", P("permute", P("sdpa", _heads("q"), _heads("k"), _heads("v"), ..., bind="sdpa"),
-                                             perm=[0, 2, 1, 3]), shape=Bind("out_shape")),
-                 _attention_build, _attention_check)
+ATTENTION = Rule(
+    "attention",
+    P(
+        "reshape",
+        P("permute", P("sdpa", _heads("q"), _heads("k"), _heads("v"), ..., bind="sdpa"), perm=[0, 2, 1, 3]),
+        shape=Bind("out_shape"),
+    ),
+    _attention_build,
+    _attention_check,
+)
 
 
 def _unpack_check(m, g):
     shp, x = m["packed"], m["x"]
-    return (len(shp) == 5 and x.type.rank == 3 and all(isinstance(d, int) for d in shp[2:]) and m["j"] == m["i"] + 1
-            and isinstance(x.shape[-1], int) and x.shape[-1] == shp[2] * shp[3] * shp[4])
+    return (
+        len(shp) == 5
+        and x.type.rank == 3
+        and all(isinstance(d, int) for d in shp[2:])
+        and m["j"] == m["i"] + 1
+        and isinstance(x.shape[-1], int)
+        and x.shape[-1] == shp[2] * shp[3] * shp[4]
+    )
 
 
 def _unpack_build(m, b):
@@ -347,10 +483,24 @@ def _unpack_build(m, b):
 
 
 # timm-style packed q/k/v: reshape(x, [B, S, 3, H, D]).permute(2, 0, 3, 1, 4)[i]
-UNPACK_QKV = Rule("unpack_qkv", P("squeeze", P("slice", P("permute", P("reshape", "x", shape=Bind("packed"), bind="split"),
-                                                           perm=[2, 0, 3, 1, 4], bind="perm"),
-                                               axis=0, start=Bind("i"), end=Bind("j"), step=1), axes=[0]),
-                  _unpack_build, _unpack_check, allow_shared=("perm", "split"))
+UNPACK_QKV = Rule(
+    "unpack_qkv",
+    P(
+        "squeeze",
+        P(
+            "slice",
+            P("permute", P("reshape", "x", shape=Bind("packed"), bind="split"), perm=[2, 0, 3, 1, 4], bind="perm"),
+            axis=0,
+            start=Bind("i"),
+            end=Bind("j"),
+            step=1,
+        ),
+        axes=[0],
+    ),
+    _unpack_build,
+    _unpack_check,
+    allow_shared=("perm", "split"),
+)
 
 
 @register_pass
@@ -364,6 +514,7 @@ class FuseAttention(RewritePass):
 # ---------------------------------------------------------------------------------------
 # slices sink toward the inputs: rows nobody reads are never computed
 # ---------------------------------------------------------------------------------------
+
 
 def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
@@ -428,8 +579,9 @@ class SinkSlices(Pass):
             idx = [slice(None)] * v.type.rank
             idx[ax] = slice(start, end, step)
             return graph.add_constant(np.ascontiguousarray(graph.constant(v)[tuple(idx)]), v.name + "_rows")
-        return graph.add_node("slice", [v], {"axis": ax, "start": start, "end": end, "step": step},
-                              name=v.name + "_rows", before=before).output
+        return graph.add_node(
+            "slice", [v], {"axis": ax, "start": start, "end": end, "step": step}, name=v.name + "_rows", before=before
+        ).output
 
     def _push(self, graph: Graph, p: Node, group: list[Node], key):
         rank = p.output.type.rank
@@ -448,6 +600,7 @@ class SinkSlices(Pass):
 # ---------------------------------------------------------------------------------------
 # chains of elementwise ops -> one elementwise_region
 # ---------------------------------------------------------------------------------------
+
 
 def _chainable(n: Node) -> bool:
     return len(n.outputs) == 1 and n.op != "elementwise_region" and get_op(n.op).kind == "elementwise"
@@ -468,8 +621,11 @@ class FuseElementwise(Pass):
         for n in graph.nodes:
             if not _chainable(n):
                 continue
-            joins = [v.producer for v in n.inputs if v is not None and v.producer in region and v not in outs
-                     and len(users[v]) == 1]
+            joins = [
+                v.producer
+                for v in n.inputs
+                if v is not None and v.producer in region and v not in outs and len(users[v]) == 1
+            ]
             region[n] = region[joins[0]] if joins else []
             region[n].append(n)
         groups = [g for g in {id(r): r for r in region.values()}.values() if len(g) >= 2]
@@ -495,8 +651,9 @@ class FuseElementwise(Pass):
             body.append([n.op, [index[v] for v in n.inputs], dict(n.attrs)])
             index[n.output] = len(ext) + k
         last = group[-1]
-        new = graph.add_node("elementwise_region", ext, {"body": body}, name=last.output.name, source=last.source,
-                             before=last).output
+        new = graph.add_node(
+            "elementwise_region", ext, {"body": body}, name=last.output.name, source=last.source, before=last
+        ).output
         graph.replace_all_uses(last.output, new)
         for n in group:
             graph.remove_node(n)

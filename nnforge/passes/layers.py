@@ -7,6 +7,7 @@ by wiring each one's input straight to its output's users (DCE drops the rest).
 Configure by giving the settings to the pass: ``SkipLayersPass(SkipLayers(n=2))``. ``blocks=[...]``
 skips those blocks without calibration.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
-def block_influence(graph: Graph, info: BlockInfo, batches: Sequence[Sequence[np.ndarray]], run=interpret) -> list[float]:
+def block_influence(
+    graph: Graph, info: BlockInfo, batches: Sequence[Sequence[np.ndarray]], run=interpret
+) -> list[float]:
     """1 - mean cosine(block input, block output) per block, over the calibration batches."""
     probe = graph.copy()
     by_name = {v.name: v for v in probe.all_values()}
@@ -61,7 +64,9 @@ def calibration_batches(ctx: PassContext, who: str) -> list[list[np.ndarray]]:
         return [list(b) for b in ctx.calibration]
     if ctx.sample_inputs is not None:
         return [list(ctx.sample_inputs)]
-    raise NnforgeError(f"{who}: needs calibration batches (ctx.calibration) or sample inputs to measure block influence")
+    raise NnforgeError(
+        f"{who}: needs calibration batches (ctx.calibration) or sample inputs to measure block influence"
+    )
 
 
 @register_pass
@@ -85,7 +90,7 @@ class SkipLayersPass(Pass):
             if not 0 <= cfg.n < count:
                 raise NnforgeError(f"skip_layers: n={cfg.n} must leave at least one of the {count} blocks")
             influence = block_influence(graph, info, calibration_batches(ctx, self.name))
-            skip = sorted(int(i) for i in np.argsort(influence, kind="stable")[:cfg.n])
+            skip = sorted(int(i) for i in np.argsort(influence, kind="stable")[: cfg.n])
         if any(not 0 <= i < count for i in skip) or len(skip) >= count:
             raise NnforgeError(f"skip_layers: cannot skip blocks {skip} of {count}")
         skip_blocks(graph, info, skip)

@@ -13,6 +13,7 @@ compares the reference interpreter's outputs before and after each pass: the fir
 that moves the outputs beyond tolerance is named in a NumericsError. ``NNFORGE_DUMP_IR=dir``
 writes the IR after each pass.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,7 +64,9 @@ class Pass:
         elif options is None:
             options = self.Options()
         elif not isinstance(options, self.Options):
-            raise NnforgeError(f"pass {self.name!r} takes {self.Options.__name__} options, got {type(options).__name__}")
+            raise NnforgeError(
+                f"pass {self.name!r} takes {self.Options.__name__} options, got {type(options).__name__}"
+            )
         self.options = options
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -95,9 +98,17 @@ def register_pass(cls):
 
 
 _CLEANUP = ["dce", "canonicalize", "fold_constants", "cse", "dce"]
-_FUSION = ["fold_constant_chains", "recognize_norms", "fuse_linear_act", "fuse_attention", "fuse_torch_mha",
-           "fold_constants", "cse",
-           "canonicalize", "dce"]  # folding again: fusion leaves weight-only work behind
+_FUSION = [
+    "fold_constant_chains",
+    "recognize_norms",
+    "fuse_linear_act",
+    "fuse_attention",
+    "fuse_torch_mha",
+    "fold_constants",
+    "cse",
+    "canonicalize",
+    "dce",
+]  # folding again: fusion leaves weight-only work behind
 PIPELINES: dict[str, list[str]] = {
     "O0": _CLEANUP,  # cleanup only
     "O1": _CLEANUP + _FUSION,  # + lossless fusion
@@ -157,8 +168,10 @@ def check_order(passes: Sequence[Pass]) -> None:
         for j in range(i + 1, len(passes)):
             why = order_problem(early, passes[j])
             if why:
-                raise NnforgeError(f"pipeline order: pass {passes[j].name!r} (#{j + 1}) must run before "
-                                   f"{early.name!r} (#{i + 1}): {why}")
+                raise NnforgeError(
+                    f"pipeline order: pass {passes[j].name!r} (#{j + 1}) must run before "
+                    f"{early.name!r} (#{i + 1}): {why}"
+                )
 
 
 def split_after(passes: Sequence[Pass], then: Sequence[Pass]) -> tuple[list[Pass], list[Pass]]:
@@ -201,14 +214,25 @@ class PassRecord:
 
 
 class PassManager:
-    def __init__(self, pipeline: str | Sequence[str | Pass] = "O2", *, check: bool = False, tolerance: float = 1e-4,
-                 dump_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        pipeline: str | Sequence[str | Pass] = "O2",
+        *,
+        check: bool = False,
+        tolerance: float = 1e-4,
+        dump_dir: str | os.PathLike | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
         self.pipeline_name = pipeline if isinstance(pipeline, str) else "custom"
         self.passes = resolve_pipeline(pipeline)
         check_order(self.passes)
         self.check = check
         self.tolerance = tolerance
-        self.dump_dir = Path(dump_dir or os.environ.get("NNFORGE_DUMP_IR", "")) if (dump_dir or os.environ.get("NNFORGE_DUMP_IR")) else None
+        self.dump_dir = (
+            Path(dump_dir or os.environ.get("NNFORGE_DUMP_IR", ""))
+            if (dump_dir or os.environ.get("NNFORGE_DUMP_IR"))
+            else None
+        )
         self.progress = progress
         self.records: list[PassRecord] = []
 
@@ -237,8 +261,10 @@ class PassManager:
                 out = interpret(graph, ctx.sample_inputs) if res.changed else ref
                 rec.max_error = max_rel_error(ref, out)
                 if not p.lossy and rec.max_error > self.tolerance:
-                    raise NumericsError(f"pass {p.name!r} (#{k}, lossless) changed the outputs: max relative error "
-                                        f"{rec.max_error:.3g} > tolerance {self.tolerance:g}")
+                    raise NumericsError(
+                        f"pass {p.name!r} (#{k}, lossless) changed the outputs: max relative error "
+                        f"{rec.max_error:.3g} > tolerance {self.tolerance:g}"
+                    )
                 ref = out
         return graph
 

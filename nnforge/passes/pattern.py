@@ -29,6 +29,7 @@ among the nodes between the match and its root). ``NNFORGE_DEBUG_MATCH=rule[,rul
 candidate root, why a rule did not apply; ``explain_match(rule, graph)`` and ``rule.why_not(value)``
 give the same answers to code.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,8 +57,15 @@ class Bind:
 class V:
     """A leaf: binds the value under ``name`` (if given) when every test holds."""
 
-    def __init__(self, name: str | None = None, *, const: bool | None = None, dtype: str | None = None,
-                 rank: int | None = None, where: Callable[[Value], bool] | None = None):
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        const: bool | None = None,
+        dtype: str | None = None,
+        rank: int | None = None,
+        where: Callable[[Value], bool] | None = None,
+    ):
         self.name, self.const, self.dtype, self.rank, self.where = name, const, dtype, rank, where
 
     def failed_test(self, val: Value | None, graph: Graph | None) -> str | None:
@@ -125,8 +133,15 @@ def _as_pattern(p):
 class P:
     """A node pattern: op name (or a tuple of alternatives), input patterns, attribute constraints."""
 
-    def __init__(self, op: str | tuple[str, ...], *inputs, bind: str | None = None, commutative: bool = False,
-                 where: Callable[[Node], bool] | None = None, **attrs):
+    def __init__(
+        self,
+        op: str | tuple[str, ...],
+        *inputs,
+        bind: str | None = None,
+        commutative: bool = False,
+        where: Callable[[Node], bool] | None = None,
+        **attrs,
+    ):
         self.ops = (op,) if isinstance(op, str) else tuple(op)
         self.prefix = bool(inputs) and inputs[-1] is Ellipsis  # trailing inputs are free
         self.inputs = tuple(_as_pattern(i) for i in (inputs[:-1] if self.prefix else inputs))
@@ -287,8 +302,13 @@ class Matcher:
         node = value.producer
         if node is None or node.op not in pat.ops:
             if self.explain:
-                what = (f"made by {node.op}" if node else
-                        "a constant" if self.graph and self.graph.is_constant(value) else "a graph input")
+                what = (
+                    f"made by {node.op}"
+                    if node
+                    else "a constant"
+                    if self.graph and self.graph.is_constant(value)
+                    else "a graph input"
+                )
                 self._fail(m, path, f"op differs: {_name(value)} is {what}, pattern wants {'|'.join(pat.ops)}")
             return None
         if len(node.outputs) != 1:
@@ -298,8 +318,11 @@ class Matcher:
         if not pat.accepts_input_count(len(node.inputs)):
             if self.explain:
                 most = "+" if pat.prefix else f"..{len(pat.inputs)}" if pat.min_inputs < len(pat.inputs) else ""
-                self._fail(m, path, f"{node.op} {_name(value)} has {len(node.inputs)} inputs, pattern wants "
-                                    f"{pat.min_inputs}{most}")
+                self._fail(
+                    m,
+                    path,
+                    f"{node.op} {_name(value)} has {len(node.inputs)} inputs, pattern wants {pat.min_inputs}{most}",
+                )
             return None
         m = m.copy()
         for key, want in pat.attrs.items():
@@ -307,15 +330,19 @@ class Matcher:
             if isinstance(want, Bind):
                 if want.name in m and m[want.name] != have:
                     if self.explain:
-                        self._fail(m, path, f"attribute mismatch: {node.op}.{key}={have!r} but {want.name} is "
-                                            f"already {m[want.name]!r}")
+                        self._fail(
+                            m,
+                            path,
+                            f"attribute mismatch: {node.op}.{key}={have!r} but {want.name} is already {m[want.name]!r}",
+                        )
                     return None
                 m[want.name] = have
             elif callable(want):
                 if not want(have):
                     if self.explain:
-                        self._fail(m, path, f"attribute mismatch: {key}={_fn_name(want)} is false for "
-                                            f"{node.op}.{key}={have!r}")
+                        self._fail(
+                            m, path, f"attribute mismatch: {key}={_fn_name(want)} is false for {node.op}.{key}={have!r}"
+                        )
                     return None
             elif have != want:
                 if self.explain:
@@ -323,8 +350,9 @@ class Matcher:
                 return None
         if pat.where is not None and not pat.where(node):
             if self.explain:
-                self._fail(m, path, f"predicate false: where={_fn_name(pat.where)} is false for "
-                                    f"{node.op} {_name(value)}")
+                self._fail(
+                    m, path, f"predicate false: where={_fn_name(pat.where)} is false for {node.op} {_name(value)}"
+                )
             return None
         if pat.bind:
             m[pat.bind] = node.output
@@ -389,8 +417,12 @@ class Rule:
 def explain_match(rule: Rule, graph: Graph) -> list[str]:
     """One line per candidate root (each node whose op is the rule's root op): would apply, or the first reason not."""
     ops = set(root_ops(rule.pattern))
-    return [f"{rule.name} at %{n.outputs[0].name if n.outputs else '?'} ({n.op}): "
-            + (_explain_root(rule, graph, n) or "would apply") for n in graph.nodes if n.op in ops]
+    return [
+        f"{rule.name} at %{n.outputs[0].name if n.outputs else '?'} ({n.op}): "
+        + (_explain_root(rule, graph, n) or "would apply")
+        for n in graph.nodes
+        if n.op in ops
+    ]
 
 
 def _explain_root(rule: Rule, graph: Graph, root: Node) -> str | None:
@@ -428,8 +460,10 @@ def _shared_interior(m: Match, graph: Graph, allow_shared: Sequence[str]) -> str
             return f"interior node {node.op} %{node.output.name} is a graph output"
         for u in graph.users_of(node.output):
             if u not in inside:
-                return (f"interior node {node.op} %{node.output.name} has users outside the match: "
-                        f"{u.op} %{u.outputs[0].name if u.outputs else '?'}")
+                return (
+                    f"interior node {node.op} %{node.output.name} has users outside the match: "
+                    f"{u.op} %{u.outputs[0].name if u.outputs else '?'}"
+                )
     return None
 
 
@@ -438,8 +472,10 @@ def _cycle_through(m: Match, graph: Graph) -> str | None:
     exit_ = fusion_cycle_local(graph, m.nodes)
     if exit_ is None:
         return None
-    return (f"would create a cycle: {exit_.op} %{exit_.outputs[0].name if exit_.outputs else '?'} reads the match "
-            f"and feeds it")
+    return (
+        f"would create a cycle: {exit_.op} %{exit_.outputs[0].name if exit_.outputs else '?'} reads the match "
+        f"and feeds it"
+    )
 
 
 def _remove_dead(graph: Graph, candidates: Sequence[Node]) -> list[Node]:
@@ -477,8 +513,9 @@ def _debug_rules() -> set[str]:
     return {r.strip() for r in os.environ.get("NNFORGE_DEBUG_MATCH", "").split(",") if r.strip()}
 
 
-def apply_rules(graph: Graph, rules: Sequence[Rule], max_rounds: int = 50, name: str = "rewrite",
-                stats: dict | None = None) -> dict[str, int]:
+def apply_rules(
+    graph: Graph, rules: Sequence[Rule], max_rounds: int = 50, name: str = "rewrite", stats: dict | None = None
+) -> dict[str, int]:
     """Apply the first rule that rewrites at each node until nothing does; returns rewrites per rule name.
 
     Rounds go through the worklist in node order; a rewrite puts its new nodes and the nodes near the
@@ -497,8 +534,10 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], max_rounds: int = 50, name:
     fired: list[str] = []
     while pending:
         if rounds == max_rounds:
-            why = (f"{name}: rewriting stopped at the round limit ({max_rounds}) before reaching a fixed point; "
-                   f"rules still rewriting in the last round: {', '.join(dict.fromkeys(fired))}")
+            why = (
+                f"{name}: rewriting stopped at the round limit ({max_rounds}) before reaching a fixed point; "
+                f"rules still rewriting in the last round: {', '.join(dict.fromkeys(fired))}"
+            )
             warnings.warn(why, RuntimeWarning, stacklevel=2)
             if stats is not None:
                 stats["round_limit_hit"] = 1
@@ -537,8 +576,9 @@ def _rewrite_at(graph: Graph, rule: Rule, root: Node, debug: set[str]) -> list[N
                 refusals.append("build returned None")
             continue
         if not types_agree(new.type, root.output.type):
-            raise VerificationError(f"rule {rule.name} made {new.type} where %{root.output.name} was "
-                                    f"{root.output.type}")
+            raise VerificationError(
+                f"rule {rule.name} made {new.type} where %{root.output.name} was {root.output.type}"
+            )
         readers = graph.users_of(root.output)
         graph.replace_all_uses(root.output, new)
         removed = _remove_dead(graph, m.nodes)

@@ -15,17 +15,31 @@ Unstructured and N:M pruning keep dense weights with zeros (``compress_sparse`` 
 structured pruning rewrites to smaller dense matrices. Per-layer stats (sparsity, relative output
 error on calibration data) go to ``PassResult.stats["layers"]``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, Value
 from ..ops.lowbit import csr_from_dense
-from .calib import (LAYER_OPS, Layer, base_name, channel_rows, collect, constant_bytes, find_layers, layer_error, plain_linear,
-                    replace_node, row_source, rows)
+from .calib import (
+    LAYER_OPS,
+    Layer,
+    base_name,
+    channel_rows,
+    collect,
+    constant_bytes,
+    find_layers,
+    layer_error,
+    plain_linear,
+    replace_node,
+    row_source,
+    rows,
+)
 from .manager import Pass, PassContext, PassOptions, PassResult, register_pass
 
 
@@ -75,7 +89,7 @@ class Sparsity(PassOptions):
 
 
 def n_m(pattern: str) -> tuple[int, int] | None:
-    """"2:4" -> (2, 4); "unstructured" -> None."""
+    """ "2:4" -> (2, 4); "unstructured" -> None."""
     if pattern == "unstructured":
         return None
     try:
@@ -83,13 +97,16 @@ def n_m(pattern: str) -> tuple[int, int] | None:
     except ValueError:
         n = m = 0
     if not 0 < n < m:
-        raise NnforgeError(f"Sparsity.pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
+        raise NnforgeError(
+            f"Sparsity.pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}"
+        )
     return n, m
 
 
 # ---------------------------------------------------------------------------------------
 # masks
 # ---------------------------------------------------------------------------------------
+
 
 def _magnitude(w, x_norm):
     return np.abs(w)
@@ -132,8 +149,11 @@ def _set_weight(graph: Graph, layer: Layer, w2d: np.ndarray) -> None:
 def prune(graph: Graph, ctx: PassContext, cfg: Sparsity) -> PassResult:
     pattern = n_m(cfg.pattern)
     layers = find_layers(graph, ("linear", "conv"), cfg.exclude)
-    stats = [{"name": l.name, "op": l.node.op, "skipped": f"{l.shape[1]} inputs are not a multiple of {pattern[1]}"}
-             for l in layers if pattern is not None and l.shape[1] % pattern[1]]
+    stats = [
+        {"name": l.name, "op": l.node.op, "skipped": f"{l.shape[1]} inputs are not a multiple of {pattern[1]}"}
+        for l in layers
+        if pattern is not None and l.shape[1] % pattern[1]
+    ]
     layers = [l for l in layers if pattern is None or l.shape[1] % pattern[1] == 0]
     has_data = bool(ctx.calibration) or ctx.sample_inputs is not None
     if cfg.method == "wanda" or has_data:
@@ -146,8 +166,16 @@ def prune(graph: Graph, ctx: PassContext, cfg: Sparsity) -> PassResult:
         mask = keep_mask(SCORES[cfg.method](layer.weight, x_norm), cfg.ratio, pattern)
         w = np.where(mask, layer.weight, 0).astype(layer.weight.dtype)
         sample = [rows(xs, layer.shape[1])[:2048]] if xs and layer.kind == "linear" else (xs[:1] if xs else None)
-        stats.append({"name": layer.name, "op": layer.node.op, "sparsity": float(1 - mask.mean()),
-                      "pattern": cfg.pattern, "method": cfg.method, "rel_error": layer_error(layer, sample, w)})
+        stats.append(
+            {
+                "name": layer.name,
+                "op": layer.node.op,
+                "sparsity": float(1 - mask.mean()),
+                "pattern": cfg.pattern,
+                "method": cfg.method,
+                "rel_error": layer_error(layer, sample, w),
+            }
+        )
         _set_weight(graph, layer, w)
     graph.remove_unused_constants()
     return PassResult(bool(layers), {"layers": stats, "pruned": len(layers)})
@@ -190,6 +218,7 @@ class Prune24(_PrunePass):
 # structured pruning: smaller dense matrices
 # ---------------------------------------------------------------------------------------
 
+
 def column_consumers(graph: Graph, users: dict, v: Value) -> list[Layer] | None:
     """The linear layers that read ``v`` as their input, when they are all of its users."""
     if v in graph.outputs:
@@ -212,8 +241,9 @@ def drop_columns(graph: Graph, layer: Layer, cols: np.ndarray) -> None:
     """Remove input features ``cols`` of a consumer (in place: its output type does not change)."""
     w = _current(graph, layer)
     new = np.delete(w, cols, axis=1)
-    layer.node.set_input(1, graph.add_constant(np.ascontiguousarray(new.T if layer.node.op == "matmul" else new),
-                                               f"{layer.name}_pruned"))
+    layer.node.set_input(
+        1, graph.add_constant(np.ascontiguousarray(new.T if layer.node.op == "matmul" else new), f"{layer.name}_pruned")
+    )
 
 
 def drop_rows(graph: Graph, lin: Node, drop: np.ndarray) -> Node:
@@ -222,7 +252,11 @@ def drop_rows(graph: Graph, lin: Node, drop: np.ndarray) -> Node:
     w = graph.constant(lin.inputs[1])
     inputs = [lin.inputs[0], graph.add_constant(np.delete(w, drop, axis=0), f"{base_name(lin.inputs[1].name)}_pruned")]
     if len(lin.inputs) > 2 and lin.inputs[2] is not None:
-        inputs.append(graph.add_constant(np.delete(graph.constant(lin.inputs[2]), drop), f"{base_name(lin.inputs[2].name)}_pruned"))
+        inputs.append(
+            graph.add_constant(
+                np.delete(graph.constant(lin.inputs[2]), drop), f"{base_name(lin.inputs[2].name)}_pruned"
+            )
+        )
     new = graph.add_node(lin.op, inputs, lin.attrs, name=lin.output.name, source=lin.source, before=lin)
     if not any(u.op == "slice" for u in users.get(lin.output, [])):
         graph.replace_all_uses(lin.output, new.output)
@@ -238,8 +272,13 @@ def _reslice(graph: Graph, users: dict, old: Value, new: Value, drop: np.ndarray
     for s in [u for u in users.get(old, []) if u.op == "slice"]:
         if s.attrs["axis"] in (-1, last):
             start, end = s.attrs["start"], min(s.attrs["end"], old.shape[-1])
-            replace_node(graph, s, "slice", [new], {**s.attrs, "start": start - int(np.sum(drop < start)),
-                                                    "end": end - int(np.sum(drop < end))})
+            replace_node(
+                graph,
+                s,
+                "slice",
+                [new],
+                {**s.attrs, "start": start - int(np.sum(drop < start)), "end": end - int(np.sum(drop < end))},
+            )
         else:
             rows = replace_node(graph, s, "slice", [new], s.attrs)
             _reslice(graph, users, s.output, rows.output, drop)
@@ -280,10 +319,15 @@ def _keep_heads(graph: Graph, att: Node, mask, keep: list):
             runs[-1][1] = h + 1
         else:
             runs.append([h, h + 1])
-    parts = [graph.add_node("slice", [mask], {"axis": 1, "start": a, "end": b}, source=att.source, before=att).output
-             for a, b in runs]
-    return parts[0] if len(parts) == 1 else graph.add_node("concat", parts, {"axis": 1}, source=att.source,
-                                                            before=att).output
+    parts = [
+        graph.add_node("slice", [mask], {"axis": 1, "start": a, "end": b}, source=att.source, before=att).output
+        for a, b in runs
+    ]
+    return (
+        parts[0]
+        if len(parts) == 1
+        else graph.add_node("concat", parts, {"axis": 1}, source=att.source, before=att).output
+    )
 
 
 @register_pass
@@ -318,8 +362,10 @@ class PruneHeads(Pass):
             stats.append(self._prune(graph, att, cfg, outs[att.output]))
         graph.remove_unused_constants()
         removed = sum(s.get("heads_removed", 0) for s in stats)
-        return PassResult(removed > 0, {"layers": stats, "heads_removed": removed, "bytes_before": before,
-                                        "bytes_after": constant_bytes(graph)})
+        return PassResult(
+            removed > 0,
+            {"layers": stats, "heads_removed": removed, "bytes_before": before, "bytes_after": constant_bytes(graph)},
+        )
 
     def _prune(self, graph: Graph, att: Node, cfg: Sparsity, outputs: list) -> dict:
         users = graph.users()
@@ -336,7 +382,7 @@ class PruneHeads(Pass):
             for h in range(heads):
                 cols = slice(h * dv, (h + 1) * dv)
                 score[h] += float(np.sum((o[:, cols] @ w[:, cols].T) ** 2))
-        drop = np.sort(np.argsort(score, kind="stable")[:_how_many(cfg.heads, heads)])
+        drop = np.sort(np.argsort(score, kind="stable")[: _how_many(cfg.heads, heads)])
         if not len(drop):
             return {"name": att.output.name, "heads_removed": 0}
         per_linear: dict[int, tuple[Node, list]] = {}
@@ -353,8 +399,13 @@ class PruneHeads(Pass):
         cols = np.array([h * dv + i for h in drop for i in range(dv)])
         for layer in consumers:
             drop_columns(graph, layer, cols)
-        return {"name": new.output.name, "heads": heads, "heads_removed": int(len(drop)),
-                "removed": [int(h) for h in drop], "scores": [float(s) for s in score]}
+        return {
+            "name": new.output.name,
+            "heads": heads,
+            "heads_removed": int(len(drop)),
+            "removed": [int(h) for h in drop],
+            "scores": [float(s) for s in score],
+        }
 
 
 @register_pass
@@ -371,9 +422,14 @@ class PruneFFN(Pass):
         if not cfg.ffn:
             return PassResult(False, {"neurons_removed": 0})
         users = graph.users()
-        pairs = [n for n in graph.nodes if n.op == "linear_act" and plain_linear(graph, n)
-                 and not any(e and e in n.inputs[1].name for e in cfg.exclude)
-                 and column_consumers(graph, users, n.output)]
+        pairs = [
+            n
+            for n in graph.nodes
+            if n.op == "linear_act"
+            and plain_linear(graph, n)
+            and not any(e and e in n.inputs[1].name for e in cfg.exclude)
+            and column_consumers(graph, users, n.output)
+        ]
         ys = collect(graph, ctx, [n.output for n in pairs], "prune_ffn") if pairs else {}
         before = constant_bytes(graph)
         stats = []
@@ -383,8 +439,8 @@ class PruneFFN(Pass):
                 continue
             y = rows(ys[node.output], node.output.shape[-1])
             w2 = np.sqrt(sum(np.sum(_current(graph, c) ** 2, axis=0) for c in consumers))
-            score = np.sqrt(np.sum(y ** 2, axis=0)) * w2
-            drop = np.sort(np.argsort(score, kind="stable")[:_how_many(cfg.ffn, len(score))])
+            score = np.sqrt(np.sum(y**2, axis=0)) * w2
+            drop = np.sort(np.argsort(score, kind="stable")[: _how_many(cfg.ffn, len(score))])
             if not len(drop):
                 continue
             name = base_name(node.inputs[1].name)
@@ -393,13 +449,21 @@ class PruneFFN(Pass):
                 drop_columns(graph, c, drop)
             stats.append({"name": name, "neurons": int(len(score)), "neurons_removed": int(len(drop))})
         graph.remove_unused_constants()
-        return PassResult(bool(stats), {"layers": stats, "neurons_removed": sum(s["neurons_removed"] for s in stats),
-                                        "bytes_before": before, "bytes_after": constant_bytes(graph)})
+        return PassResult(
+            bool(stats),
+            {
+                "layers": stats,
+                "neurons_removed": sum(s["neurons_removed"] for s in stats),
+                "bytes_before": before,
+                "bytes_after": constant_bytes(graph),
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------------
 # compressed storage
 # ---------------------------------------------------------------------------------------
+
 
 @register_pass
 class CompressSparse(Pass):
@@ -420,13 +484,26 @@ class CompressSparse(Pass):
             csr_bytes = values.nbytes + cols.nbytes + row_ptr.nbytes
             if csr_bytes >= layer.weight.nbytes:
                 continue
-            consts = [graph.add_constant(a, f"{layer.name}_{part}") for a, part in
-                      ((values, "values"), (cols, "col_idx"), (row_ptr, "row_ptr"))]
+            consts = [
+                graph.add_constant(a, f"{layer.name}_{part}")
+                for a, part in ((values, "values"), (cols, "col_idx"), (row_ptr, "row_ptr"))
+            ]
             bias = [layer.bias] if layer.bias is not None else []
-            replace_node(graph, layer.node, "sparse_linear", [layer.x, *consts, *bias],
-                         {"in_features": layer.shape[1], "act": layer.act})
-            stats.append({"name": layer.name, "density": float(len(values) / layer.weight.size),
-                          "bytes_before": int(layer.weight.nbytes), "bytes_after": int(csr_bytes)})
+            replace_node(
+                graph,
+                layer.node,
+                "sparse_linear",
+                [layer.x, *consts, *bias],
+                {"in_features": layer.shape[1], "act": layer.act},
+            )
+            stats.append(
+                {
+                    "name": layer.name,
+                    "density": float(len(values) / layer.weight.size),
+                    "bytes_before": int(layer.weight.nbytes),
+                    "bytes_after": int(csr_bytes),
+                }
+            )
         graph.remove_unused_constants()
         return PassResult(bool(stats), {"layers": stats, "bytes_before": before, "bytes_after": constant_bytes(graph)})
 
@@ -450,5 +527,10 @@ class SparsityFromSettings(Pass):
         return PassResult(changed, {"layers": layers, **stats})
 
 
-STEPS = {"prune_heads": PruneHeads, "prune_ffn": PruneFFN, "prune_magnitude": PruneMagnitude, "prune_wanda": PruneWanda,
-         "compress_sparse": CompressSparse}
+STEPS = {
+    "prune_heads": PruneHeads,
+    "prune_ffn": PruneFFN,
+    "prune_magnitude": PruneMagnitude,
+    "prune_wanda": PruneWanda,
+    "compress_sparse": CompressSparse,
+}

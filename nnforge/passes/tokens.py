@@ -12,6 +12,7 @@ each one stands for) and rewire what depends on the token count:
 Configure by giving the settings to the pass: ``TokenMergePass(TokenMerge(r=8))`` (or
 ``TokenMerge(r=8).make_pass()``). r=0 / keep=1.0 leave the graph untouched.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,14 +88,17 @@ class TokenPrune(PassOptions):
 # graph surgery shared by both passes
 # ---------------------------------------------------------------------------------------
 
+
 def retype(graph: Graph, start: int = 0, who: str = "tokens") -> None:
     """Re-infer output types from node ``start`` on, after an input's shape changed."""
     for n in graph.nodes[start:]:
         try:
             types = infer_types(n.op, [i.type if i is not None else None for i in n.inputs], n.attrs)
         except (OpError, ValueError) as e:
-            raise NnforgeError(f"{who}: %{n.outputs[0].name} ({n.op}) cannot take the shorter sequence: {e}"
-                               + (f" ({n.source})" if n.source else "")) from None
+            raise NnforgeError(
+                f"{who}: %{n.outputs[0].name} ({n.op}) cannot take the shorter sequence: {e}"
+                + (f" ({n.source})" if n.source else "")
+            ) from None
         for o, t in zip(n.outputs, types):
             o.type = t
 
@@ -140,8 +144,9 @@ class TokenState:
             if not self.prop_attn:
                 s = graph.add_node("clamp", [s], {"max": 1.0}, name="is_token", before=before).output
             log = graph.add_node("log", [s], name="log_size", before=before).output
-            self._bias[self.sizes] = graph.add_node("unsqueeze", [log], {"axes": [1, 2]}, name="size_bias",
-                                                    before=before).output
+            self._bias[self.sizes] = graph.add_node(
+                "unsqueeze", [log], {"axes": [1, 2]}, name="size_bias", before=before
+            ).output
         return self._bias[self.sizes]
 
     def rewire_attention(self, graph: Graph, att: Node, who: str) -> None:
@@ -150,8 +155,10 @@ class TokenState:
             return
         mask = att.inputs[3] if len(att.inputs) > 3 else None
         if mask is not None and self.info.padding_mask is None and not _from_token_ops(mask):
-            raise NnforgeError(f"{who}: attention %{att.output.name} has a mask that is not a padding mask of a graph "
-                               f"input; it cannot be re-derived for fewer tokens")
+            raise NnforgeError(
+                f"{who}: attention %{att.output.name} has a mask that is not a padding mask of a graph "
+                f"input; it cannot be re-derived for fewer tokens"
+            )
         bias = self.attention_bias(graph, att)
         att.inputs = att.inputs[:3] + ([bias] if bias is not None else [])
 
@@ -198,13 +205,19 @@ def rebase_padding(graph: Graph, state: TokenState) -> int:
             return v
         if (v, k) not in memo:
             if v in sources:
-                memo[(v, k)] = (sizes if v.dtype == sizes.dtype else
-                                graph.add_node("cast", [sizes], {"dtype": v.dtype}, name="size_mask", before=before).output)
+                memo[(v, k)] = (
+                    sizes
+                    if v.dtype == sizes.dtype
+                    else graph.add_node("cast", [sizes], {"dtype": v.dtype}, name="size_mask", before=before).output
+                )
             else:
                 n = v.producer
                 ins = [clone(i, k, before) if i is not None else None for i in n.inputs]
-                memo[(v, k)] = v if all(a is b for a, b in zip(ins, n.inputs)) else graph.add_node(
-                    n.op, ins, dict(n.attrs), name=v.name, source=n.source, before=before).output
+                memo[(v, k)] = (
+                    v
+                    if all(a is b for a, b in zip(ins, n.inputs))
+                    else graph.add_node(n.op, ins, dict(n.attrs), name=v.name, source=n.source, before=before).output
+                )
         return memo[(v, k)]
 
     rebased = 0
@@ -263,9 +276,12 @@ def reduce_tokens(graph: Graph, info: BlockInfo, who: str, prop_attn: bool, inse
 def keys_metric(graph: Graph, att: Node, before: Node) -> Value:
     """ToMe's similarity features: the attention keys averaged over heads, [batch, seq, head_dim]."""
     k, h = att.inputs[1], att.attrs["num_heads"]
-    split = graph.add_node("reshape", [k], {"shape": [k.shape[0], -1, h, k.shape[2] // h]}, name="key_heads",
-                           before=before).output
-    return graph.add_node("reduce_mean", [split], {"axes": [2], "keepdims": False}, name="key_metric", before=before).output
+    split = graph.add_node(
+        "reshape", [k], {"shape": [k.shape[0], -1, h, k.shape[2] // h]}, name="key_heads", before=before
+    ).output
+    return graph.add_node(
+        "reduce_mean", [split], {"axes": [2], "keepdims": False}, name="key_metric", before=before
+    ).output
 
 
 def align(graph: Graph, v: Value, b: Block, before: Node) -> Value:
@@ -296,6 +312,7 @@ def _tokens_at(b: Block):
 # the passes
 # ---------------------------------------------------------------------------------------
 
+
 @register_pass
 class TokenMergePass(Pass):
     """ToMe bipartite soft matching between attention and MLP of every block (lossy)."""
@@ -312,8 +329,10 @@ class TokenMergePass(Pass):
         if not any(rs):
             return PassResult(False, {"r": rs})
         if info.kind == "decoder":
-            raise NnforgeError("token_merge: merging tokens of a causal decoder would mix past and future; "
-                               "use token_prune for decoder prefill")
+            raise NnforgeError(
+                "token_merge: merging tokens of a causal decoder would mix past and future; "
+                "use token_prune for decoder prefill"
+            )
         rs_by_block = {b.index: r for b, r in zip(info.blocks, rs)}
 
         def insert(b: Block, state: TokenState, anchor: Node):
@@ -325,8 +344,9 @@ class TokenMergePass(Pass):
             metric = align(graph, keys_metric(graph, b.attention, anchor), b, anchor)
             sizes = state.initial_sizes(graph, anchor, b.mid.dtype)
             args = [_stream(b), metric] + ([sizes] if sizes is not None else [])
-            return graph.add_node("token_merge", args, {"r": r, "protect_first": info.class_tokens}, name="merged",
-                                  before=anchor)
+            return graph.add_node(
+                "token_merge", args, {"r": r, "protect_first": info.class_tokens}, name="merged", before=anchor
+            )
 
         stats = reduce_tokens(graph, info, self.name, cfg.prop_attn, insert)
         return PassResult(stats is not None, {"r": rs, **(stats or {})})
@@ -338,7 +358,9 @@ def keep_count(tokens, keep: float, protected: int):
     if isinstance(tokens, int):
         return protected + math.ceil(frac * (tokens - protected))
     free = symbols.to_sympy(tokens) - protected  # ceil(a/b) as floor((a + b - 1)/b): backends floor positive divisions
-    return symbols.from_sympy(protected + sympy.floor((frac.numerator * free + frac.denominator - 1) / frac.denominator))
+    return symbols.from_sympy(
+        protected + sympy.floor((frac.numerator * free + frac.denominator - 1) / frac.denominator)
+    )
 
 
 @register_pass
@@ -374,15 +396,28 @@ class TokenPrunePass(Pass):
             if isinstance(tokens, int) and keep >= tokens:
                 return None
             att = b.attention
-            scores = graph.add_node("attention_scores", att.inputs[:2] + att.inputs[3:4],
-                                    {"num_heads": att.attrs["num_heads"], "scale": att.attrs["scale"],
-                                     "is_causal": att.attrs["is_causal"], "query": SCORES[score]},
-                                    name="received", before=anchor).output
+            scores = graph.add_node(
+                "attention_scores",
+                att.inputs[:2] + att.inputs[3:4],
+                {
+                    "num_heads": att.attrs["num_heads"],
+                    "scale": att.attrs["scale"],
+                    "is_causal": att.attrs["is_causal"],
+                    "query": SCORES[score],
+                },
+                name="received",
+                before=anchor,
+            ).output
             scores = align(graph, scores, b, anchor)
             sizes = state.initial_sizes(graph, anchor, b.mid.dtype)
             args = [_stream(b), scores] + ([sizes] if sizes is not None else [])
-            return graph.add_node("token_prune", args, {"keep": keep, "protect_first": first, "protect_last": last,
-                                                        "fuse_dropped": cfg.fuse_dropped}, name="pruned", before=anchor)
+            return graph.add_node(
+                "token_prune",
+                args,
+                {"keep": keep, "protect_first": first, "protect_last": last, "fuse_dropped": cfg.fuse_dropped},
+                name="pruned",
+                before=anchor,
+            )
 
         stats = reduce_tokens(graph, info, self.name, cfg.prop_attn, insert)
         if stats is None:

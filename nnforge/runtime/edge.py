@@ -16,6 +16,7 @@ bundle's ``manifest.json``. Locations can be overridden with ``NNFORGE_AARCH64_D
 aarch64 runtime) and ``NNFORGE_NODE_MODULES`` (a node_modules folder holding onnxruntime-web).
 No TVM or ONNX Runtime import happens here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,10 +51,10 @@ HINTS = {
     QEMU: f"{INSTALL} or apt-get install qemu-user",
     "aarch64-sysroot": f"{INSTALL} or apt-get install gcc-aarch64-linux-gnu (it brings libc6-arm64-cross)",
     "aarch64-tvm-runtime": f"{INSTALL} (it unpacks the aarch64 wheels of apache-tvm and apache-tvm-ffi "
-                           "into .cache/aarch64), or set NNFORGE_AARCH64_DIR",
+    "into .cache/aarch64), or set NNFORGE_AARCH64_DIR",
     "node": "install Node.js 20 (apt-get install nodejs)",
     "onnxruntime-web": f"{INSTALL} or `npm install --ignore-scripts` in the repository root, "
-                       "or set NNFORGE_NODE_MODULES",
+    "or set NNFORGE_NODE_MODULES",
     "wasm-ld": f"{INSTALL} or apt-get install lld (it links TVM's wasm32 kernels)",
 }
 TOOLS = tuple(HINTS)
@@ -62,6 +63,7 @@ TOOLS = tuple(HINTS)
 # ---------------------------------------------------------------------------------------------
 # where things are
 # ---------------------------------------------------------------------------------------------
+
 
 def aarch64_dir() -> Path:
     """The unpacked aarch64 TVM runtime: lib/ (the .so files), include/ (tvm-ffi headers), build/."""
@@ -85,7 +87,10 @@ def _find(tool: str) -> str | None:
         return str(ARM_SYSROOT) if p.exists() else None
     if tool == "aarch64-tvm-runtime":
         d = aarch64_dir()
-        ok = all((d / "lib" / n).is_file() for n in ARM_LIBS) and (d / "include" / "tvm" / "ffi" / "function.h").is_file()
+        ok = (
+            all((d / "lib" / n).is_file() for n in ARM_LIBS)
+            and (d / "include" / "tvm" / "ffi" / "function.h").is_file()
+        )
         return str(d) if ok else None
     if tool == "onnxruntime-web":
         p = node_modules() / "onnxruntime-web"
@@ -112,6 +117,7 @@ def require(tool: str) -> str:
 # arm
 # ---------------------------------------------------------------------------------------------
 
+
 def arm_runner() -> Path:
     """The cross-compiled runner, built once per (source, runtime version) and cached."""
     rt = Path(require("aarch64-tvm-runtime"))
@@ -125,13 +131,25 @@ def arm_runner() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     # --no-as-needed: the runner calls only tvm-ffi, but libtvm_runtime must load to register the VM
-    cmd = [cxx, *ARM_FLAGS, f"-I{rt / 'include'}", str(source), "-o", str(tmp), f"-L{rt / 'lib'}",
-           "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN"]
+    cmd = [
+        cxx,
+        *ARM_FLAGS,
+        f"-I{rt / 'include'}",
+        str(source),
+        "-o",
+        str(tmp),
+        f"-L{rt / 'lib'}",
+        "-Wl,--no-as-needed",
+        "-ltvm_runtime",
+        "-ltvm_ffi",
+        "-Wl,-rpath,$ORIGIN",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise NnforgeError(f"building the arm runner failed ({' '.join(cmd[:1])} exit {proc.returncode}):\n"
-                           f"{_tail(proc.stderr)}")
+        raise NnforgeError(
+            f"building the arm runner failed ({' '.join(cmd[:1])} exit {proc.returncode}):\n{_tail(proc.stderr)}"
+        )
     os.replace(tmp, out)  # atomic: parallel builders agree on the result
     return out
 
@@ -174,7 +192,17 @@ def run_arm(bundle_dir, inputs: Sequence[np.ndarray], lib: str = "model.so", tim
     _check_inputs(d, inputs)
     with tempfile.TemporaryDirectory(prefix="nnforge-arm-") as tmp:
         paths = _write_inputs(Path(tmp), inputs)
-        cmd = [qemu, "-L", sysroot, "-E", "LD_LIBRARY_PATH=" + ":".join(libdirs), str(runner), str(d / lib), tmp, *paths]
+        cmd = [
+            qemu,
+            "-L",
+            sysroot,
+            "-E",
+            "LD_LIBRARY_PATH=" + ":".join(libdirs),
+            str(runner),
+            str(d / lib),
+            tmp,
+            *paths,
+        ]
         _run(cmd, "arm runner (qemu-aarch64)", d, timeout)
         return _read_outputs(Path(tmp), d)
 
@@ -182,6 +210,7 @@ def run_arm(bundle_dir, inputs: Sequence[np.ndarray], lib: str = "model.so", tim
 # ---------------------------------------------------------------------------------------------
 # wasm
 # ---------------------------------------------------------------------------------------------
+
 
 def write_wasm_runtime(bundle_dir) -> list[str]:
     """Put the JS loader, the Node runner, a README and a package.json into ``bundle_dir``."""
@@ -269,8 +298,9 @@ def _read_outputs(tmp: Path, bundle: Path) -> list[np.ndarray]:
     if manifest.is_file():
         expected = len(json.loads(manifest.read_text()).get("outputs", []))
         if expected != len(found):
-            raise NnforgeError(f"bundle {bundle}: the model produced {len(found)} output(s), "
-                               f"manifest.json lists {expected}")
+            raise NnforgeError(
+                f"bundle {bundle}: the model produced {len(found)} output(s), manifest.json lists {expected}"
+            )
     return found
 
 

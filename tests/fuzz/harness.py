@@ -5,6 +5,7 @@ unoptimised and the O2 graph) and TVM. A backend that does not take some node
 goes through ``nnforge.compile``'s partitioning, so partition plans are fuzzed too. A runner that
 raises is a mismatch as well (except an UnsupportedOpError: a documented refusal).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def _interp(pipeline):
 
 def _backend(backend, pipeline="O0"):
     def run(g: Graph, xs):
-        fast = nnforge.compile(g, xs, "cpu", backend=backend, pipeline=pipeline, check=False, progress=False,
-                               cache=False, min_block_size=1)
+        fast = nnforge.compile(
+            g, xs, "cpu", backend=backend, pipeline=pipeline, check=False, progress=False, cache=False, min_block_size=1
+        )
         return fast.run(xs)
 
     return run
@@ -59,7 +61,9 @@ def symbolize(g: Graph) -> Graph | None:
             v.type = TensorType(("n",) + tuple(v.shape[1:]), v.dtype)
     try:
         for n in h.nodes:
-            for o, t in zip(n.outputs, infer_types(n.op, [i.type if i is not None else None for i in n.inputs], n.attrs)):
+            for o, t in zip(
+                n.outputs, infer_types(n.op, [i.type if i is not None else None for i in n.inputs], n.attrs)
+            ):
                 o.type = t
         verify(h)
     except (OpError, ValueError, NnforgeError):
@@ -106,9 +110,14 @@ def _torch(g: Graph, xs):
 
 
 RUNNERS = {
-    "interp:O1": _interp("O1"), "interp:O2": _interp("O2"), "torch": _torch,
-    "onnxrt:O0": _backend("onnxrt"), "onnxrt:O2": _backend("onnxrt", "O2"), "tvm:O2": _backend("tvm", "O2"),
-    "onnxrt:sym": _symbolic("onnxrt"), "tvm:sym": _symbolic("tvm"),
+    "interp:O1": _interp("O1"),
+    "interp:O2": _interp("O2"),
+    "torch": _torch,
+    "onnxrt:O0": _backend("onnxrt"),
+    "onnxrt:O2": _backend("onnxrt", "O2"),
+    "tvm:O2": _backend("tvm", "O2"),
+    "onnxrt:sym": _symbolic("onnxrt"),
+    "tvm:sym": _symbolic("tvm"),
 }
 
 
@@ -208,6 +217,7 @@ def check_case(graph: Graph, inputs, runners) -> list[Mismatch]:
 # regression files: the IR as JSON, constants and inputs inline (small by construction)
 # ---------------------------------------------------------------------------------------
 
+
 def _arr_json(a: np.ndarray) -> dict:
     return {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.reshape(-1).tolist()}
 
@@ -217,9 +227,14 @@ def _arr_from(obj) -> np.ndarray:
 
 
 def case_to_json(graph: Graph, inputs, mismatches: list[Mismatch], note: str = "") -> dict:
-    return {"graph": graph_to_json(graph), "constants": {k: _arr_json(v) for k, v in graph.constants.items()},
-            "inputs": [_arr_json(np.asarray(a)) for a in inputs], "mismatches": [str(m) for m in mismatches],
-            "runners": sorted({m.runner for m in mismatches}), "note": note}
+    return {
+        "graph": graph_to_json(graph),
+        "constants": {k: _arr_json(v) for k, v in graph.constants.items()},
+        "inputs": [_arr_json(np.asarray(a)) for a in inputs],
+        "mismatches": [str(m) for m in mismatches],
+        "runners": sorted({m.runner for m in mismatches}),
+        "note": note,
+    }
 
 
 def case_from_json(doc: dict) -> tuple[Graph, list[np.ndarray]]:
@@ -232,6 +247,9 @@ def save_regression(doc: dict) -> Path:
 
     REGRESSIONS.mkdir(parents=True, exist_ok=True)
     body = json.dumps(doc, indent=1, sort_keys=True)
-    path = REGRESSIONS / f"{'-'.join(doc['runners']).replace(':', '_')}-{hashlib.sha256(body.encode()).hexdigest()[:10]}.json"
+    path = (
+        REGRESSIONS
+        / f"{'-'.join(doc['runners']).replace(':', '_')}-{hashlib.sha256(body.encode()).hexdigest()[:10]}.json"
+    )
     path.write_text(body)
     return path

@@ -10,6 +10,7 @@ small, readable values along with the graph; floats lie on a grid of STEP (see `
 
 Every graph verifies; the harness runs it through the interpreter, the pipelines and the backends.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ def _axes(draw, rank, allow_none=True):
 # builders: fn(draw, b) -> Value | None
 # ---------------------------------------------------------------------------------------
 
+
 def _binary(name):
     def build(draw, b):
         x = b.pick(lambda v: v.dtype in ("float32", "int64"))
@@ -125,7 +127,11 @@ def _binary(name):
             return None
         y = _operand(b, x)
         if name == "div":
-            y = b.op("add", b.op("abs", y), b.const((), y.dtype, 1, 1) if y.dtype == "int64" else b.const((), y.dtype, 0.5, 0.5))
+            y = b.op(
+                "add",
+                b.op("abs", y),
+                b.const((), y.dtype, 1, 1) if y.dtype == "int64" else b.const((), y.dtype, 0.5, 0.5),
+            )
             if x.dtype == "int64" and draw(st.booleans()):  # a negative divisor: floor vs truncation
                 y = b.op("neg", y)
         if name == "pow":
@@ -169,7 +175,10 @@ def _where(draw, b):
 
 
 _GUARDED = {  # unary ops whose domain needs care: how to prepare their input
-    "log": _positive, "sqrt": _positive, "rsqrt": _positive, "reciprocal": _positive,
+    "log": _positive,
+    "sqrt": _positive,
+    "rsqrt": _positive,
+    "reciprocal": _positive,
     "exp": lambda b, x: b.op("clamp", x, min=-6.0, max=6.0),
 }
 
@@ -238,7 +247,7 @@ def _norm(name):
         if x is None:
             return None
         naxes = draw(st.integers(1, x.type.rank))
-        norm_shape = x.shape[x.type.rank - naxes:]
+        norm_shape = x.shape[x.type.rank - naxes :]
         args = [x]
         if draw(st.booleans()):
             args.append(b.const(norm_shape, "float32", 0.5, 1.5))
@@ -319,8 +328,14 @@ def _conv2d(draw, b):
     args = [x, b.const((out, c // groups, kh, kw))]
     if draw(st.booleans()):
         args.append(b.const((out,)))
-    return b.op("conv2d", *args, stride=[draw(st.integers(1, 2)), draw(st.integers(1, 2))], padding=pad,
-                dilation=dil, groups=groups)
+    return b.op(
+        "conv2d",
+        *args,
+        stride=[draw(st.integers(1, 2)), draw(st.integers(1, 2))],
+        padding=pad,
+        dilation=dil,
+        groups=groups,
+    )
 
 
 def _pool(name):
@@ -330,9 +345,12 @@ def _pool(name):
             return None
         h, w = x.shape[2:]
         k = [draw(st.integers(1, min(3, h))), draw(st.integers(1, min(3, w)))]
-        attrs = {"kernel": k, "stride": [draw(st.integers(1, 2)), draw(st.integers(1, 2))],
-                 "padding": [draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2))],
-                 "ceil_mode": draw(st.booleans())}
+        attrs = {
+            "kernel": k,
+            "stride": [draw(st.integers(1, 2)), draw(st.integers(1, 2))],
+            "padding": [draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2))],
+            "ceil_mode": draw(st.booleans()),
+        }
         if name == "avg_pool2d":
             attrs["count_include_pad"] = draw(st.booleans())
         return b.op(name, x, **attrs)
@@ -380,8 +398,9 @@ def _attention(draw, b):
     lk = draw(st.integers(1, MAX_DIM))
     k, v = b.const((bsz, lk, heads * d)), b.const((bsz, lk, heads * d))
     causal = draw(st.booleans()) and s <= lk
-    return b.op("attention", q, k, v, num_heads=heads, is_causal=causal,
-                scale=draw(st.one_of(st.none(), st.just(0.25))))
+    return b.op(
+        "attention", q, k, v, num_heads=heads, is_causal=causal, scale=draw(st.one_of(st.none(), st.just(0.25)))
+    )
 
 
 def _reshape(draw, b):
@@ -425,7 +444,9 @@ def _concat(draw, b):
     for _ in range(draw(st.integers(1, 2))):
         shape = list(x.shape)
         shape[axis] = draw(st.integers(1, 3))
-        parts.append(b.const(shape, x.dtype, -3, 3) if x.dtype != "bool" else b.g.add_constant(_array(draw, shape, "bool"), "c"))
+        parts.append(
+            b.const(shape, x.dtype, -3, 3) if x.dtype != "bool" else b.g.add_constant(_array(draw, shape, "bool"), "c")
+        )
     draw(st.randoms()).shuffle(parts)
     return b.op("concat", *parts, axis=axis)
 
@@ -477,7 +498,9 @@ def _full_like(draw, b):
     x = b.pick()
     if x is None:
         return None
-    y = b.op("full_like", x, value=float(draw(st.integers(-2, 2))), dtype=draw(st.sampled_from([None, "float32", "int64"])))
+    y = b.op(
+        "full_like", x, value=float(draw(st.integers(-2, 2))), dtype=draw(st.sampled_from([None, "float32", "int64"]))
+    )
     return b.op("add", y, _operand(b, y)) if y.dtype != "bool" else y  # something that reads it
 
 
@@ -496,12 +519,16 @@ def _torch_op(draw, b):
     r = x.type.rank
     dim = draw(st.integers(-r, r - 1))
     t = {"shape": list(x.shape), "dtype": "float32"}
-    target, args, outs = draw(st.sampled_from([
-        ("aten.cumsum.default", [{"$t": 0}, dim], [t]),
-        ("aten.flip.default", [{"$t": 0}, [dim]], [t]),
-        ("aten.roll.default", [{"$t": 0}, [draw(st.integers(-3, 3))], [dim]], [t]),
-        ("aten.cummax.default", [{"$t": 0}, dim], [t, {**t, "dtype": "int64"}]),
-    ]))
+    target, args, outs = draw(
+        st.sampled_from(
+            [
+                ("aten.cumsum.default", [{"$t": 0}, dim], [t]),
+                ("aten.flip.default", [{"$t": 0}, [dim]], [t]),
+                ("aten.roll.default", [{"$t": 0}, [draw(st.integers(-3, 3))], [dim]], [t]),
+                ("aten.cummax.default", [{"$t": 0}, dim], [t, {**t, "dtype": "int64"}]),
+            ]
+        )
+    )
     node = b.g.add_node("torch_op", [x], {"target": target, "args": args, "kwargs": {}, "out_types": outs})
     return node.outputs[0]
 
@@ -512,18 +539,54 @@ BUILDERS: dict[str, Callable] = {
     **{n: _compare(n) for n in ("eq", "ne", "lt", "le", "gt", "ge")},
     **{n: _logical(n) for n in ("logical_and", "logical_or", "logical_not")},
     "where": _where,
-    **{n: _unary(n) for n in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "sigmoid", "erf", "sin", "cos",
-                              "silu", "floor", "ceil")},
+    **{
+        n: _unary(n)
+        for n in (
+            "exp",
+            "log",
+            "sqrt",
+            "rsqrt",
+            "reciprocal",
+            "tanh",
+            "sigmoid",
+            "erf",
+            "sin",
+            "cos",
+            "silu",
+            "floor",
+            "ceil",
+        )
+    },
     **{n: _unary(n, float_only=False) for n in ("neg", "abs", "relu")},
-    "gelu": _gelu, "clamp": _clamp, "cast": _cast,
+    "gelu": _gelu,
+    "clamp": _clamp,
+    "cast": _cast,
     **{n: _reduce(n) for n in ("reduce_sum", "reduce_mean", "reduce_max", "reduce_min")},
-    "argmax": _argmax, "softmax": _softmax("softmax"), "log_softmax": _softmax("log_softmax"),
-    "layer_norm": _norm("layer_norm"), "rms_norm": _norm("rms_norm"), "batch_norm": _batch_norm,
-    "matmul": _matmul, "linear": _linear("linear"), "linear_act": _linear("linear_act"), "conv2d": _conv2d,
-    "max_pool2d": _pool("max_pool2d"), "avg_pool2d": _pool("avg_pool2d"), "adaptive_avg_pool2d": _adaptive,
-    "sdpa": _sdpa, "attention": _attention,
-    "reshape": _reshape, "permute": _permute, "expand": _expand, "concat": _concat, "slice": _slice,
-    "gather": _gather, "squeeze": _squeeze, "unsqueeze": _unsqueeze, "full_like": _full_like, "arange": _arange,
+    "argmax": _argmax,
+    "softmax": _softmax("softmax"),
+    "log_softmax": _softmax("log_softmax"),
+    "layer_norm": _norm("layer_norm"),
+    "rms_norm": _norm("rms_norm"),
+    "batch_norm": _batch_norm,
+    "matmul": _matmul,
+    "linear": _linear("linear"),
+    "linear_act": _linear("linear_act"),
+    "conv2d": _conv2d,
+    "max_pool2d": _pool("max_pool2d"),
+    "avg_pool2d": _pool("avg_pool2d"),
+    "adaptive_avg_pool2d": _adaptive,
+    "sdpa": _sdpa,
+    "attention": _attention,
+    "reshape": _reshape,
+    "permute": _permute,
+    "expand": _expand,
+    "concat": _concat,
+    "slice": _slice,
+    "gather": _gather,
+    "squeeze": _squeeze,
+    "unsqueeze": _unsqueeze,
+    "full_like": _full_like,
+    "arange": _arange,
 }
 
 

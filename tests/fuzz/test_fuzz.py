@@ -8,6 +8,7 @@ campaign (``NNFORGE_FUZZ_N``) and saves every failing graph, shrunk by hypothesi
 run writes each graph to ``tests/fuzz/last_case.json`` before running it, so a graph that crashes or
 hangs the process (no shrinking possible then) is left there.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,14 @@ def _campaign(strategy, runners, examples: int):
     failures: dict = {}
     ran = [0, 0]  # graphs run, graphs skipped as fragile (a discontinuous op too close to its boundary)
 
-    @settings(max_examples=LONG or examples, deadline=None, database=None, derandomize=not LONG, print_blob=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=LONG or examples,
+        deadline=None,
+        database=None,
+        derandomize=not LONG,
+        print_blob=False,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def prop(case):
         if LONG:  # a crash (segfault) takes the process down: the graph that did it is left here
@@ -48,8 +55,10 @@ def _campaign(strategy, runners, examples: int):
         prop()
     finally:
         LAST_CASE.unlink(missing_ok=True)  # (not reached when the process crashes: the graph stays)
-        print(f"\nfuzz {', '.join(runners)}: {ran[0]} graphs run ({ran[1]} not compared: fragile), "
-              f"{len(failures)} failing runner set(s)")
+        print(
+            f"\nfuzz {', '.join(runners)}: {ran[0]} graphs run ({ran[1]} not compared: fragile), "
+            f"{len(failures)} failing runner set(s)"
+        )
         if LONG:
             for doc in failures.values():
                 print(f"saved {save_regression(doc)}")

@@ -22,6 +22,7 @@ calibration data in ``PassResult.stats["layers"]`` and the constant bytes before
 Modules: settings (Quantize), rtn and gptq (the numpy math), layers (plans and rewrites), passes,
 mixed (mixed precision), smoothquant.
 """
+
 from . import mixed, passes, smoothquant  # noqa: F401  (they register their passes)
 from .settings import Quantize
 

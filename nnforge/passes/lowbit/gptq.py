@@ -1,5 +1,6 @@
 """GPTQ (pure numpy): quantize a weight column by column, compensating each column's rounding error
 with the calibration inputs' Hessian."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,15 @@ from ...errors import NnforgeError
 from .rtn import QWeight, from_ints, make_qweight, scale_zero, to_ints
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: float = 0.1, block: int = 128,
-         act_order: bool = True) -> QWeight:
+def gptq(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    group_size: int,
+    damp: float = 0.1,
+    block: int = 128,
+    act_order: bool = True,
+) -> QWeight:
     """GPTQ (Frantar et al. 2022): quantize column by column, spreading each column's rounding error
     over the columns not yet quantized through the inverse Hessian H = X^T X of the calibration inputs.
 
@@ -32,7 +40,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: f
     scales, zeros = np.zeros((n, k // gs)), np.zeros((n, k // gs))
     if static:
         for g in range(k // gs):
-            s, z = scale_zero(W[:, g * gs:(g + 1) * gs], bits)
+            s, z = scale_zero(W[:, g * gs : (g + 1) * gs], bits)
             scales[:, g], zeros[:, g] = s, 0 if z is None else z
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
@@ -47,10 +55,10 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, damp: f
         for j in range(i2 - i1):
             col, g = i1 + j, group_of[i1 + j]
             if not static and col % gs == 0:
-                s, z = scale_zero(W1[:, j:j + gs], bits)
+                s, z = scale_zero(W1[:, j : j + gs], bits)
                 scales[:, g], zeros[:, g] = s, 0 if z is None else z
             scale, zero = scales[:, g], (None if bits == 8 else zeros[:, g])
-            q = to_ints(W1[:, j:j + 1], scale, zero, bits)
+            q = to_ints(W1[:, j : j + 1], scale, zero, bits)
             Q[:, col] = q[:, 0]
             err = (W1[:, j] - from_ints(q, scale, zero)[:, 0]) / Hinv1[j, j]
             W1[:, j:] -= np.outer(err, Hinv1[j, j:])

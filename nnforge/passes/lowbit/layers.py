@@ -1,5 +1,6 @@
 """Quantizing a graph's layers: a plan per layer (bits, method, activation quantization), the
 quantized weights, the rewrite to ``qlinear`` / ``qconv2d`` / ``qgather``, and per-layer error stats."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,11 @@ def _qlinear_attrs(layer: Layer, plan: Plan) -> dict:
 
 def _weight_inputs(graph: Graph, layer: Layer, qw: QWeight) -> list:
     base = layer.name
-    return [graph.add_constant(qw.stored(), f"{base}_q{qw.bits}"), graph.add_constant(qw.scales, f"{base}_scales"),
-            None if qw.zeros is None else graph.add_constant(qw.zeros, f"{base}_zeros")]
+    return [
+        graph.add_constant(qw.stored(), f"{base}_q{qw.bits}"),
+        graph.add_constant(qw.scales, f"{base}_scales"),
+        None if qw.zeros is None else graph.add_constant(qw.zeros, f"{base}_zeros"),
+    ]
 
 
 def _trim(inputs: list) -> list:
@@ -56,21 +60,36 @@ def _trim(inputs: list) -> list:
 
 
 def _rewrite_linear(graph, layer, plan):
-    return replace_node(graph, layer.node, "qlinear",
-                        _trim([layer.x, *_weight_inputs(graph, layer, plan.qw), layer.bias]), _qlinear_attrs(layer, plan))
+    return replace_node(
+        graph,
+        layer.node,
+        "qlinear",
+        _trim([layer.x, *_weight_inputs(graph, layer, plan.qw), layer.bias]),
+        _qlinear_attrs(layer, plan),
+    )
 
 
 def _rewrite_conv(graph, layer, plan):
     a = layer.node.attrs
-    attrs = {"bits": plan.bits, "group_size": plan.qw.group_size, "kernel": list(layer.conv_shape[2:]),
-             **{k: a[k] for k in ("stride", "padding", "dilation", "groups")}}
-    return replace_node(graph, layer.node, "qconv2d", _trim([layer.x, *_weight_inputs(graph, layer, plan.qw), layer.bias]),
-                        attrs)
+    attrs = {
+        "bits": plan.bits,
+        "group_size": plan.qw.group_size,
+        "kernel": list(layer.conv_shape[2:]),
+        **{k: a[k] for k in ("stride", "padding", "dilation", "groups")},
+    }
+    return replace_node(
+        graph, layer.node, "qconv2d", _trim([layer.x, *_weight_inputs(graph, layer, plan.qw), layer.bias]), attrs
+    )
 
 
 def _rewrite_embedding(graph, layer, plan):
-    return replace_node(graph, layer.node, "qgather", [*_weight_inputs(graph, layer, plan.qw), layer.node.inputs[1]],
-                        {"bits": plan.bits, "group_size": plan.qw.group_size})
+    return replace_node(
+        graph,
+        layer.node,
+        "qgather",
+        [*_weight_inputs(graph, layer, plan.qw), layer.node.inputs[1]],
+        {"bits": plan.bits, "group_size": plan.qw.group_size},
+    )
 
 
 REWRITE = {"linear": _rewrite_linear, "conv": _rewrite_conv, "embedding": _rewrite_embedding}
@@ -81,8 +100,18 @@ def _quantized_output(layer: Layer, plan: Plan, x: np.ndarray) -> np.ndarray:
     if layer.kind == "linear":
         qw = plan.qw
         x2 = np.asarray(x, np.float32).reshape(-1, layer.shape[1])
-        return get_op("qlinear").ref(x2, qw.stored(), qw.scales, qw.zeros, None, bits=qw.bits, group_size=qw.group_size,
-                                     act_quant=plan.act_quant, x_scale=plan.x_scale, x_zero_point=plan.x_zero_point)
+        return get_op("qlinear").ref(
+            x2,
+            qw.stored(),
+            qw.scales,
+            qw.zeros,
+            None,
+            bits=qw.bits,
+            group_size=qw.group_size,
+            act_quant=plan.act_quant,
+            x_scale=plan.x_scale,
+            x_zero_point=plan.x_zero_point,
+        )
     return layer.apply(x, plan.qw.dequantize())
 
 
@@ -140,7 +169,9 @@ def layer_plans(layers: list[Layer], cfg: Quantize, calib: Calibration) -> dict[
     return plans
 
 
-def apply_plans(graph: Graph, layers: list[Layer], plans: dict[int, Plan], cfg: Quantize, calib: Calibration) -> list[dict]:
+def apply_plans(
+    graph: Graph, layers: list[Layer], plans: dict[int, Plan], cfg: Quantize, calib: Calibration
+) -> list[dict]:
     """Quantize and rewrite each planned layer; returns the per-layer stats."""
     stats = []
     for i, layer in enumerate(layers):
@@ -151,11 +182,21 @@ def apply_plans(graph: Graph, layers: list[Layer], plans: dict[int, Plan], cfg: 
             hess = calib.hessian(layer) if plan.method == "gptq" and layer.kind == "linear" else None
             plan.qw = quantize_weight(layer, plan, cfg.group_size, hess)
         if plan.qw is None:
-            stats.append({"name": layer.name, "op": layer.node.op, "bits": 32, "skipped": "input features not packable"})
+            stats.append(
+                {"name": layer.name, "op": layer.node.op, "bits": 32, "skipped": "input features not packable"}
+            )
             continue
-        rec = {"name": layer.name, "op": layer.node.op, "bits": plan.bits, "group_size": plan.qw.group_size,
-               "method": plan.method, "activations": plan.act_quant, "bytes_before": int(layer.weight.nbytes),
-               "bytes_after": plan.qw.nbytes, "rel_error": plan_error(layer, plan, calib.inputs(layer))}
+        rec = {
+            "name": layer.name,
+            "op": layer.node.op,
+            "bits": plan.bits,
+            "group_size": plan.qw.group_size,
+            "method": plan.method,
+            "activations": plan.act_quant,
+            "bytes_before": int(layer.weight.nbytes),
+            "bytes_after": plan.qw.nbytes,
+            "rel_error": plan_error(layer, plan, calib.inputs(layer)),
+        }
         REWRITE[layer.kind](graph, layer, plan)
         stats.append(rec)
     graph.remove_unused_constants()

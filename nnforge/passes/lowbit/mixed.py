@@ -1,5 +1,6 @@
 """Mixed precision: per layer 8 bits, 4 bits or float, chosen from each layer's measured effect on the
 model output, for a size target or an output-error budget."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,10 +27,14 @@ def _layer_bytes(layer: Layer, bits: int, group_size: int) -> int:
 
 def _output_error(graph: Graph, batch, reference) -> float:
     got = interpret(graph, batch)
-    return relative_error(np.concatenate([r.reshape(-1) for r in reference]), np.concatenate([g.reshape(-1) for g in got]))
+    return relative_error(
+        np.concatenate([r.reshape(-1) for r in reference]), np.concatenate([g.reshape(-1) for g in got])
+    )
 
 
-def sensitivity(graph: Graph, layers: list[Layer], plans: dict[int, dict[int, Plan]], batch) -> dict[tuple[int, int], float]:
+def sensitivity(
+    graph: Graph, layers: list[Layer], plans: dict[int, dict[int, Plan]], batch
+) -> dict[tuple[int, int], float]:
     """Model output error with one layer quantized at a time, per (layer, bits)."""
     reference = interpret(graph, batch)
     out = {}
@@ -68,7 +73,9 @@ def choose_bits(layers: list[Layer], sens: dict, sizes: dict, total: int, target
         return bits
     budget = target["max_error"]
     while True:
-        fitting = [m for m in moves() if np.sqrt(sum(e * e for e in err.values()) - err[m[1]] ** 2 + m[4] ** 2) <= budget]
+        fitting = [
+            m for m in moves() if np.sqrt(sum(e * e for e in err.values()) - err[m[1]] ** 2 + m[4] ** 2) <= budget
+        ]
         if not fitting:
             return bits
         _, li, nxt, saved, e = min(fitting)
@@ -117,8 +124,21 @@ class QuantizeMixed(Pass):
         for rec in stats:
             li = next(i for i, l in enumerate(layers) if l.name == rec["name"])
             rec["sensitivity"] = sens.get((li, rec["bits"]))
-        stats += [{"name": layers[li].name, "op": layers[li].node.op, "bits": 32, "sensitivity_int8": sens.get((li, 8))}
-                  for li, b in chosen.items() if b == 32]
+        stats += [
+            {"name": layers[li].name, "op": layers[li].node.op, "bits": 32, "sensitivity_int8": sens.get((li, 8))}
+            for li, b in chosen.items()
+            if b == 32
+        ]
         after = constant_bytes(out)
-        return PassResult(bool(plans), {"layers": stats, "target": target, "bytes_before": before, "bytes_after": after,
-                                        "size_ratio": after / max(before, 1), "output_error": error}, graph=out)
+        return PassResult(
+            bool(plans),
+            {
+                "layers": stats,
+                "target": target,
+                "bytes_before": before,
+                "bytes_after": after,
+                "size_ratio": after / max(before, 1),
+                "output_error": error,
+            },
+            graph=out,
+        )

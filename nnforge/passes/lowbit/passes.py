@@ -1,5 +1,6 @@
 """The quantization passes: one setting for every layer (``quantize_int8`` etc.), and ``quantize``,
 which carries out a whole ``nnforge.Quantize`` (SmoothQuant, mixed precision or one setting)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,16 @@ def quantize(graph: Graph, ctx: PassContext, cfg: Quantize) -> PassResult:
     plans = layer_plans(layers, cfg, calib)
     stats = apply_plans(graph, layers, plans, cfg, calib)
     after = constant_bytes(graph)
-    return PassResult(bool(stats), {"layers": stats, "quantized": sum("skipped" not in s for s in stats),
-                                    "bytes_before": before, "bytes_after": after, "size_ratio": after / max(before, 1)})
+    return PassResult(
+        bool(stats),
+        {
+            "layers": stats,
+            "quantized": sum("skipped" not in s for s in stats),
+            "bytes_before": before,
+            "bytes_after": after,
+            "size_ratio": after / max(before, 1),
+        },
+    )
 
 
 class _QuantizePass(Pass):
@@ -88,7 +97,9 @@ class QuantizeW8A8(_QuantizePass):
     """int8 weights and int8 activations: dynamic per-token scales (or static when the settings say so)."""
 
     name = "quantize_w8a8"
-    adjust = staticmethod(lambda cfg: dataclasses.replace(cfg, weights="int8", activations=cfg.activations or "dynamic"))
+    adjust = staticmethod(
+        lambda cfg: dataclasses.replace(cfg, weights="int8", activations=cfg.activations or "dynamic")
+    )
 
 
 @register_pass

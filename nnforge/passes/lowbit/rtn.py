@@ -4,6 +4,7 @@ the group size a layer gets, and static activation ranges.
 A quantized [N, K] weight is a ``QWeight``: integer codes, float32 scales [N, G] and (int4) uint8
 zero points [N, G]; see ops/lowbit.py for how it is stored in the graph.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ...ops.lowbit import dequantize, pack_int4
+
 
 @dataclass
 class QWeight:
@@ -52,8 +54,11 @@ def scale_zero(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray | None]
         zero = np.clip(np.round(-lo * p / scale), 0, 15)
         err = np.sum((from_ints(to_ints(w, scale, zero, bits), scale, zero) - w) ** 2, axis=1)
         better = err < best[2]
-        best = (np.where(better, scale, best[0] if best[0] is not None else scale),
-                np.where(better, zero, best[1] if best[1] is not None else zero), np.where(better, err, best[2]))
+        best = (
+            np.where(better, scale, best[0] if best[0] is not None else scale),
+            np.where(better, zero, best[1] if best[1] is not None else zero),
+            np.where(better, err, best[2]),
+        )
     return best[0], best[1]
 
 
@@ -70,8 +75,13 @@ def from_ints(q, scale, zero):
 
 def make_qweight(q, scales, zeros, bits, gs) -> QWeight:
     # scales are stored as float32: recompute nothing, just cast (the dequantized values use the f32 scale)
-    return QWeight(q.astype(np.int32), np.ascontiguousarray(scales, np.float32),
-                   None if zeros is None else np.ascontiguousarray(zeros, np.uint8), bits, gs)
+    return QWeight(
+        q.astype(np.int32),
+        np.ascontiguousarray(scales, np.float32),
+        None if zeros is None else np.ascontiguousarray(zeros, np.uint8),
+        bits,
+        gs,
+    )
 
 
 def rtn(w: np.ndarray, bits: int, group_size: int) -> QWeight:
@@ -105,6 +115,7 @@ def group_size_for(k: int, bits: int, wanted: int) -> int | None:
 # ---------------------------------------------------------------------------------------
 # static activation ranges (``cfg``: the Quantize settings' observer and percentile)
 # ---------------------------------------------------------------------------------------
+
 
 def _range_minmax(x: np.ndarray, cfg):
     return float(x.min()), float(x.max())

@@ -1,4 +1,5 @@
 """``nnforge.Quantize``: what the low-bit passes quantize and how (validated when made)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ class Quantize(PassOptions):
             raise NnforgeError(f"Quantize.smooth must lie in [0, 1], got {self.smooth}")
         if self.activations and self.weights != "int8":
             raise NnforgeError("Quantize: quantized activations need weights='int8'")
-        if self.mixed is not None and (not isinstance(self.mixed, dict) or len(self.mixed) != 1
-                                       or not set(self.mixed) <= {"size", "max_error"}):
+        if self.mixed is not None and (
+            not isinstance(self.mixed, dict) or len(self.mixed) != 1 or not set(self.mixed) <= {"size", "max_error"}
+        ):
             raise NnforgeError(f"Quantize.mixed must be {{'size': ratio}} or {{'max_error': x}}, got {self.mixed!r}")
         self.exclude = tuple(self.exclude)
 

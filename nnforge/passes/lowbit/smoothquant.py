@@ -1,4 +1,5 @@
 """SmoothQuant: move activation outliers into the weights (a lossless refactoring run before W8A8)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,7 @@ from ...ir import Graph, Value
 from ..calib import Layer, base_name, collect, find_layers, row_source, rows
 from ..manager import Pass, PassContext, PassResult, register_pass
 from .settings import Quantize
+
 
 def _fold_into_layer_norm(graph: Graph, node, s: np.ndarray) -> bool:
     """y = LN(x) * w + b; dividing w and b by s divides y's channels by s."""
@@ -18,8 +20,15 @@ def _fold_into_layer_norm(graph: Graph, node, s: np.ndarray) -> bool:
     wa = graph.constant(w) if w is not None else np.ones(len(s), dt)
     # new constants, edited into the node in place: constants may be shared (CSE merges equal ones)
     name = base_name(w.name) if w is not None else "ln_weight"
-    node.inputs = node.inputs[:1] + [graph.add_constant((wa / s).astype(dt), f"{name}_smooth")] + (
-        [graph.add_constant((graph.constant(b) / s).astype(dt), f"{base_name(b.name)}_smooth")] if b is not None else [])
+    node.inputs = (
+        node.inputs[:1]
+        + [graph.add_constant((wa / s).astype(dt), f"{name}_smooth")]
+        + (
+            [graph.add_constant((graph.constant(b) / s).astype(dt), f"{base_name(b.name)}_smooth")]
+            if b is not None
+            else []
+        )
+    )
     return True
 
 
@@ -32,8 +41,12 @@ def _fold_into_linear(graph: Graph, node, s: np.ndarray) -> bool:
     w = graph.constant(node.inputs[1])
     node.set_input(1, graph.add_constant((w / s[:, None]).astype(w.dtype), f"{base_name(node.inputs[1].name)}_smooth"))
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        node.set_input(2, graph.add_constant((graph.constant(node.inputs[2]) / s).astype(w.dtype),
-                                             f"{base_name(node.inputs[2].name)}_smooth"))
+        node.set_input(
+            2,
+            graph.add_constant(
+                (graph.constant(node.inputs[2]) / s).astype(w.dtype), f"{base_name(node.inputs[2].name)}_smooth"
+            ),
+        )
     return True
 
 
@@ -55,8 +68,12 @@ def _fold_into_attention(graph: Graph, node, s: np.ndarray) -> bool:
     return True
 
 
-FOLD_INTO = {"layer_norm": _fold_into_layer_norm, "linear": _fold_into_linear, "linear_act": _fold_into_linear,
-             "attention": _fold_into_attention}
+FOLD_INTO = {
+    "layer_norm": _fold_into_layer_norm,
+    "linear": _fold_into_linear,
+    "linear_act": _fold_into_linear,
+    "attention": _fold_into_attention,
+}
 
 
 def _scale_consumer(graph: Graph, node, s: np.ndarray) -> None:
@@ -82,8 +99,15 @@ class SmoothQuant(Pass):
     lossy = False
     Options = Quantize
     # smoothing works on float linears: after quantization there are none left to smooth
-    runs_before = ("quantize", "quantize_int8", "quantize_int4_rtn", "quantize_int4_gptq", "quantize_w8a8",
-                   "quantize_w8a8_static", "quantize_mixed")
+    runs_before = (
+        "quantize",
+        "quantize_int8",
+        "quantize_int4_rtn",
+        "quantize_int4_gptq",
+        "quantize_w8a8",
+        "quantize_w8a8_static",
+        "quantize_mixed",
+    )
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         cfg = self.options
@@ -93,13 +117,20 @@ class SmoothQuant(Pass):
         groups: dict[Value, list[Layer]] = {}
         for layer in layers:
             groups.setdefault(layer.x, []).append(layer)
-        foldable = {x: ls for x, ls in groups.items()
-                    if x.producer is not None and x.producer.op in FOLD_INTO and x not in graph.outputs
-                    and {id(u) for u in users.get(x, [])} == {id(l.node) for l in ls}}
+        foldable = {
+            x: ls
+            for x, ls in groups.items()
+            if x.producer is not None
+            and x.producer.op in FOLD_INTO
+            and x not in graph.outputs
+            and {id(u) for u in users.get(x, [])} == {id(l.node) for l in ls}
+        }
         if not foldable:
             return PassResult(False, {"smoothed": 0})
-        amax = {x: np.max(np.abs(rows(arrs, x.shape[-1])), axis=0)
-                for x, arrs in collect(graph, ctx, list(foldable), "smoothquant").items()}
+        amax = {
+            x: np.max(np.abs(rows(arrs, x.shape[-1])), axis=0)
+            for x, arrs in collect(graph, ctx, list(foldable), "smoothquant").items()
+        }
         done = []
         for x, ls in foldable.items():
             wmax = np.max([np.max(np.abs(_current_weight(graph, l)), axis=0) for l in ls], axis=0)
@@ -109,7 +140,14 @@ class SmoothQuant(Pass):
                 continue
             for layer in ls:
                 _scale_consumer(graph, layer.node, s)
-            done.append({"input": x.name, "layers": [l.name for l in ls], "alpha": alpha,
-                         "act_range_before": float(amax[x].max()), "act_range_after": float((amax[x] / s).max())})
+            done.append(
+                {
+                    "input": x.name,
+                    "layers": [l.name for l in ls],
+                    "alpha": alpha,
+                    "act_range_before": float(amax[x].max()),
+                    "act_range_after": float((amax[x] / s).max()),
+                }
+            )
         graph.remove_unused_constants()
         return PassResult(bool(done), {"smoothed": len(done), "groups": done})
