@@ -423,8 +423,9 @@ def test_onnxruntime_runs_quantized_linears_like_the_interpreter(name, options, 
     assert len(model.SerializeToString()) < 0.35 * float_bytes  # the ONNX file keeps the compressed weights
 
 
-@pytest.mark.parametrize("embeddings", ["int8", "int4"])
-def test_onnxruntime_runs_quantized_conv_and_embedding(embeddings):
+def _conv_and_embedding():
+    """A convolution and an embedding lookup side by side, with inputs: what the quantize passes turn into
+    qconv2d and qgather."""
     g = Graph()
     img = g.add_input("img", TensorType(("batch", 4, 8, 8)))
     ids = g.add_input("ids", TensorType(("batch", "seq"), "int64"))
@@ -439,7 +440,12 @@ def test_onnxruntime_runs_quantized_conv_and_embedding(embeddings):
         ),
         g.op("gather", g.add_constant(randn(50, 64), "tok_embedding"), ids),
     ]
-    inputs = [randn(2, 4, 8, 8), rng.integers(0, 50, (2, 5)).astype(np.int64)]
+    return g, [randn(2, 4, 8, 8), rng.integers(0, 50, (2, 5)).astype(np.int64)]
+
+
+@pytest.mark.parametrize("embeddings", ["int8", "int4"])
+def test_onnxruntime_runs_quantized_conv_and_embedding(embeddings):
+    g, inputs = _conv_and_embedding()
     out, _ = run(["quantize_int8"], g, [inputs], Quantize(embeddings=embeddings, group_size=16))
     assert ops(out) == ["qconv2d", "qgather"]
     got, _ = ort_run(out, inputs)
@@ -507,21 +513,7 @@ def test_tvm_runs_quantized_linears_like_the_interpreter(name, options):
 def test_tvm_runs_quantized_conv_and_embedding():
     from nnforge.backends import tvm as tb
 
-    g = Graph()
-    img = g.add_input("img", TensorType(("batch", 4, 8, 8)))
-    ids = g.add_input("ids", TensorType(("batch", "seq"), "int64"))
-    g.outputs = [
-        g.op(
-            "conv2d",
-            img,
-            g.add_constant(randn(16, 4, 4, 4), "conv_weight"),
-            g.add_constant(randn(16)),
-            padding=[1, 1],
-            stride=[2, 2],
-        ),
-        g.op("gather", g.add_constant(randn(50, 64), "tok_embedding"), ids),
-    ]
-    inputs = [randn(2, 4, 8, 8), rng.integers(0, 50, (2, 5)).astype(np.int64)]
+    g, inputs = _conv_and_embedding()
     out, _ = run(["quantize_int4_rtn"], g, [inputs], Quantize(embeddings="int4", group_size=16))
     for a, b in zip(tb.build(out, "cpu").run(inputs), interpret(out, inputs)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
