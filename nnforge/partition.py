@@ -21,7 +21,7 @@ import tempfile
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import networkx as nx
 import numpy as np
@@ -33,6 +33,15 @@ from .targets import Target, get_target, resolve_backend
 
 FALLBACK = "torch"
 FALLBACK_TARGETS = ("cpu", "cuda")  # the torch executor runs on this host, not on an edge device
+
+
+def fallback_chain(backend: str, target: Target) -> list[str]:
+    """Who takes a node ``backend`` cannot, in order of preference: ONNX Runtime (kept ONNX nodes run only
+    there, and its partitions are cheaper than torch's), then the torch executor."""
+    if target.name not in FALLBACK_TARGETS:
+        return []  # an edge bundle runs one backend's runtime on the device
+    chain = ["onnxrt"] if backend != "onnxrt" and "onnxrt" in target.backends else []
+    return chain + ([FALLBACK] if backend != FALLBACK else [])
 DEFAULT_MIN_BLOCK_SIZE = 3
 
 
@@ -110,9 +119,10 @@ class PartitionPlan:
 def _validate(plan: PartitionPlan, graph: Graph) -> None:
     names = {v.name for v in graph.all_values()}
     seen: list[int] = []
+    allowed = [plan.backend, "onnxrt", FALLBACK]
     for k, p in enumerate(plan.partitions):
-        if p.backend not in (plan.backend, FALLBACK):
-            raise BundleError(f"partition p{k}: backend {p.backend!r} is neither {plan.backend!r} nor {FALLBACK!r}")
+        if p.backend not in allowed:
+            raise BundleError(f"partition p{k}: backend {p.backend!r} is not one of {allowed}")
         if any(not 0 <= i < len(graph.nodes) for i in p.nodes):
             raise BundleError(f"partition p{k}: node index out of range (graph has {len(graph.nodes)} nodes)")
         unknown = [n for n in p.inputs + p.outputs if n not in names]
@@ -206,14 +216,15 @@ def _blamed_nodes(graph: Graph, problems: Sequence[Unsupported]) -> dict[int, st
     return out
 
 
-def group_nodes(graph: Graph, on_backend: Sequence[bool]) -> list[tuple[bool, list[int]]]:
-    """Greedy grouping in node order into (kind, node indices), keeping the group graph acyclic.
+def group_nodes(graph: Graph, on_backend: Sequence) -> list[tuple[Any, list[int]]]:
+    """Greedy grouping in node order into (kind, node indices), keeping the group graph acyclic; a kind is
+    any label (the backend that runs the node).
 
     A node joins the newest group of its kind that no other group it reads from can be reached
     from (else joining would close a cycle); otherwise it opens a new group. Groups come back in
     an order that runs (a topological order of the group graph).
     """
-    groups: list[tuple[bool, list[int]]] = []
+    groups: list[tuple[Any, list[int]]] = []
     dag = nx.DiGraph()
     where: dict[Node, int] = {}
     for k, node in enumerate(graph.nodes):
@@ -279,7 +290,7 @@ def _torch_op_dims(tree) -> list:
     return [d for v in tree for d in _torch_op_dims(v)] if isinstance(tree, list) else []
 
 
-def _io(graph: Graph, groups: list[tuple[bool, list[int]]]) -> list[tuple[list[str], list[str]]]:
+def _io(graph: Graph, groups: list[tuple[Any, list[int]]]) -> list[tuple[list[str], list[str]]]:
     """Per group: the non-constant values it reads from outside, and the values read after it."""
     owner = {o.name: g for g, (_, idx) in enumerate(groups) for k in idx for o in graph.nodes[k].outputs}
     readers: dict[str, set] = {}
@@ -309,22 +320,28 @@ def _io(graph: Graph, groups: list[tuple[bool, list[int]]]) -> list[tuple[list[s
 def plan_partitions(
     graph: Graph, backend: str, target: Target | str, min_block_size: int = DEFAULT_MIN_BLOCK_SIZE
 ) -> PartitionPlan:
-    """Which nodes run on ``backend`` and which on torch, grouped into partitions."""
+    """Which backend runs each node, grouped into partitions: ``backend`` where it can, else the first of
+    its ``fallback_chain`` that can (ONNX Runtime, then torch)."""
     tgt = get_target(target)
-    be = get_backend(backend)
-    reasons = _blamed_nodes(graph, be.supports(graph, tgt))
-    while True:  # labels only move from backend to torch, so this ends
-        groups = group_nodes(graph, [k not in reasons for k in range(len(graph.nodes))])
-        small = [g for g in groups if g[0] and len(g[1]) < min_block_size]
+    chain = [backend] + fallback_chain(backend, tgt)
+    refused = {b: _blamed_nodes(graph, get_backend(b).supports(graph, tgt)) for b in chain}
+    reasons = dict(refused[backend])
+
+    def next_choice(k: int, after: str) -> str:
+        rest = chain[chain.index(after) + 1 :]
+        return next((b for b in rest if k not in refused[b]), FALLBACK)
+
+    label = [backend if k not in reasons else next_choice(k, backend) for k in range(len(graph.nodes))]
+    while True:  # labels only move down the chain, so this ends
+        groups = group_nodes(graph, label)
+        small = [g for g in groups if g[0] == backend and len(g[1]) < min_block_size]
         for _, idx in small:
             for k in idx:
                 reasons[k] = f"in a partition of {len(idx)} node(s), below min_block_size {min_block_size}"
+                label[k] = next_choice(k, backend)
         if small:
             continue
-        parts = [
-            Partition(backend if on else FALLBACK, idx, ins, outs)
-            for (on, idx), (ins, outs) in zip(groups, _io(graph, groups))
-        ]
+        parts = [Partition(b, idx, ins, outs) for (b, idx), (ins, outs) in zip(groups, _io(graph, groups))]
         for p in parts:
             p.inputs += _symbol_carriers(graph, p.inputs, [graph.nodes[k] for k in p.nodes], p.outputs)
         # a node can be fine in the whole graph and not in its partition (a symbol it cannot read there)
@@ -332,10 +349,14 @@ def plan_partitions(
         for p in parts:
             if not p.fallback:
                 sub = subgraph(graph, p)
-                late.update({p.nodes[k]: r for k, r in _blamed_nodes(sub, be.supports(sub, tgt)).items()})
+                blamed = _blamed_nodes(sub, get_backend(p.backend).supports(sub, tgt))
+                late.update({p.nodes[k]: (p.backend, r) for k, r in blamed.items()})
         if not late:
             return PartitionPlan(backend, min_block_size, parts, reasons)
-        reasons.update(late)
+        for k, (b, r) in late.items():
+            reasons.setdefault(k, r)
+            refused[b][k] = r
+            label[k] = next_choice(k, b)
 
 
 def subgraph(graph: Graph, part: Partition, name: str | None = None) -> Graph:
@@ -403,7 +424,7 @@ def build_partitioned(
     subs = []
     for k, p in enumerate(plan.partitions):
         sub = subgraph(graph, p, f"{graph.name}_p{k}")
-        subs.append(get_backend(p.backend).build(sub, tgt, dict(options or {}) if not p.fallback else {}))
+        subs.append(get_backend(p.backend).build(sub, tgt, dict(options or {}) if p.backend == backend else {}))
     return PartitionedArtifact(graph, tgt, plan, subs)
 
 
@@ -416,7 +437,8 @@ class PartitionedArtifact(Artifact):
         super().__init__(graph, target)
         self.plan = plan
         self.subs = subs
-        self.backend = plan.backend + (f"+{FALLBACK}" if any(p.fallback for p in plan.partitions) else "")
+        others = dict.fromkeys(p.backend for p in plan.partitions if p.backend != plan.backend)
+        self.backend = "+".join([plan.backend, *others])
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         arrays = [np.asarray(a) for a in inputs]

@@ -38,6 +38,9 @@ ONNX_DTYPES = {
     "int32": TensorProto.INT32,
     "int16": TensorProto.INT16,
     "int8": TensorProto.INT8,
+    "uint64": TensorProto.UINT64,
+    "uint32": TensorProto.UINT32,
+    "uint16": TensorProto.UINT16,
     "uint8": TensorProto.UINT8,
     "bool": TensorProto.BOOL,
 }
@@ -56,6 +59,7 @@ class _Lowering:
         self.contrib = contrib  # may use ONNX Runtime's com.microsoft ops (not portable to other runtimes)
         self.device = device  # the execution provider's device, where kernels' speed differs
         self.domains: set[str] = set()
+        self.foreign_opsets: dict[str, int] = {}  # domain -> version that kept (opaque) ONNX nodes need
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self.used_names = {v.name for v in graph.all_values()}
@@ -104,6 +108,13 @@ class _Lowering:
         if domain:
             self.domains.add(domain)
         return out
+
+    def add_foreign_node(self, node: onnx.NodeProto, opset_imports) -> None:
+        """A node kept from a source model as is (an ``onnx_node``), with the opsets it was written for."""
+        self.nodes.append(node)
+        for o in opset_imports:
+            domain = "" if o.domain == "ai.onnx" else o.domain
+            self.foreign_opsets[domain] = max(self.foreign_opsets.get(domain, 0), o.version)
 
     def emit_multi(self, op_type: str, inputs: Sequence[str], n_out: int, **attrs) -> list[str]:
         """A standard-domain node with several outputs; returns their names."""
@@ -305,8 +316,13 @@ def to_onnx(graph: Graph, contrib: bool = False, device: str = "cpu") -> onnx.Mo
         outputs,
         initializer=[t for name, t in cx.inits.items() if name in read],
     )
-    opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(cx.domains)]
-    model = helper.make_model(g, opset_imports=opsets, ir_version=IR_VERSION, producer_name="nnforge")
+    # kept ONNX nodes run at the opset they were written for (newer opsets only add to the ops lowered here)
+    versions = {"": OPSET, **{d: 1 for d in cx.domains}}
+    for d, v in cx.foreign_opsets.items():
+        versions[d] = max(versions.get(d, 0), v)
+    opsets = [helper.make_opsetid(d, v) for d, v in sorted(versions.items())]
+    ir_version = max(IR_VERSION, onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
+    model = helper.make_model(g, opset_imports=opsets, ir_version=ir_version, producer_name="nnforge")
     return model
 
 

@@ -33,6 +33,7 @@ from ..ir import Graph, TensorType, Value, symbols, verify
 from ..ir.interpret import run_node
 from ..ir.registry import REGISTRY, OpError
 from ..ir.shapes import broadcast_shapes
+from ..ops import onnx_node
 from ..ops.shape import BIG
 
 __all__ = ["import_onnx", "CONVERTERS", "MIN_OPSET"]
@@ -52,6 +53,9 @@ DTYPES = {
     TensorProto.INT32: "int32",
     TensorProto.INT16: "int16",
     TensorProto.INT8: "int8",
+    TensorProto.UINT64: "uint64",
+    TensorProto.UINT32: "uint32",
+    TensorProto.UINT16: "uint16",
     TensorProto.UINT8: "uint8",
     TensorProto.BOOL: "bool",
 }
@@ -184,7 +188,8 @@ def _first_lines(e: Exception, n: int = 6) -> str:
     return "\n  ".join(lines[:n]) + ("\n  ..." if len(lines) > n else "")
 
 
-def _validate(model: onnx.ModelProto, where: str) -> None:
+def _validate(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """Check the model; returns it with ONNX's inferred types (the types of values kept as opaque nodes)."""
     versions = {op.domain or "ai.onnx": op.version for op in model.opset_import}
     version = versions.get("ai.onnx")
     newest = onnx.defs.onnx_opset_version()
@@ -196,8 +201,13 @@ def _validate(model: onnx.ModelProto, where: str) -> None:
             f"{MIN_OPSET}..{newest} (convert with onnx.version_converter)"
         )
     local = {(f.domain, f.name) for f in model.functions}
+    # other domains' ops are kept as is for ONNX Runtime when ONNX knows their schema (ai.onnx.ml, preview)
     foreign = [
-        n for n in model.graph.node if (n.domain or "ai.onnx") != "ai.onnx" and (n.domain, n.op_type) not in local
+        n
+        for n in model.graph.node
+        if (n.domain or "ai.onnx") != "ai.onnx"
+        and (n.domain, n.op_type) not in local
+        and not onnx.defs.has(n.op_type, n.domain)
     ]
     if foreign:
         listed = ", ".join(f"{n.domain}::{n.op_type} (node {n.name or '?'})" for n in foreign[:10])
@@ -210,7 +220,7 @@ def _validate(model: onnx.ModelProto, where: str) -> None:
     except (onnx.checker.ValidationError, ValueError) as e:  # ValueError: names that are not UTF-8
         raise ModelLoadError(f"{where}: fails onnx.checker:\n  {_first_lines(e)}") from None
     try:
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{where}: fails ONNX shape inference:\n  {_first_lines(e)}") from None
 
@@ -229,11 +239,42 @@ def import_onnx(src, name: str | None = None) -> Graph:
             model = onnx.inliner.inline_local_functions(model)
         except Exception as e:
             raise ModelLoadError(f"{where}: cannot inline its local functions: {e}") from None
-    _validate(model, where)
-    graph = _Importer(model, where).run()
+    inferred = _validate(model, where)
+    graph = _Importer(model, where, inferred).run()
     if name:
         graph.name = name
     return graph
+
+
+_ONNX_OF = {v: k for k, v in DTYPES.items()}
+
+
+def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, _ONNX_OF[t.dtype], [d if isinstance(d, int) else str(d) for d in t.shape])
+
+
+def _outer_names(n: onnx.NodeProto) -> list[str]:
+    """Values a node's subgraphs read from the enclosing scope (If/Loop/Scan bodies), in first-use order."""
+    found: list[str] = []
+
+    def walk(g, outer_defined: set) -> None:
+        local = {i.name for i in g.input} | {t.name for t in g.initializer} | outer_defined
+        for m in g.node:
+            for i in m.input:
+                if i and i not in local and i not in found:
+                    found.append(i)
+            for a in m.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(sub, local)
+            local |= set(m.output)
+        for o in g.output:
+            if o.name not in local and o.name not in found:
+                found.append(o.name)
+
+    for a in n.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            walk(g, set())
+    return found
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,8 +336,10 @@ def _sanitize_symbol(p: str) -> str:
 
 
 class _Importer:
-    def __init__(self, model: onnx.ModelProto, where: str):
+    def __init__(self, model: onnx.ModelProto, where: str, inferred: onnx.ModelProto | None = None):
         self.model = model
+        g = (inferred or model).graph  # ONNX's inferred types, for the outputs of nodes kept opaque
+        self.inferred_types = {vi.name: vi.type for vi in [*g.value_info, *g.output, *g.input]}
         self.where = where
         self.g = Graph(_sanitize_symbol(model.graph.name or "onnx_model"))
         self.env: dict[str, Any] = {}  # ONNX name -> Value | Sym | _POISON
@@ -306,9 +349,6 @@ class _Importer:
     # -- driver -----------------------------------------------------------------------
     def run(self) -> Graph:
         graph = self.model.graph
-        missing = [(n.op_type, f"node {n.name or '?'}") for n in graph.node if n.op_type not in CONVERTERS]
-        if missing:
-            raise UnsupportedOpError(missing, where=self.where)
         if graph.sparse_initializer:
             raise ModelLoadError(f"{self.where}: sparse initializers are not supported")
         inits = set()
@@ -348,24 +388,81 @@ class _Importer:
         if any(a is _POISON for a in args):
             results = [_POISON] * len(outs)
         else:
+            mark = self.g.nodes[-1] if self.g.nodes else None
             try:
                 if self._is_shape_math(n, args):
                     results = SYM_RULES[n.op_type](self, n, [self.obj(a) if a is not None else None for a in args])
-                else:
+                elif n.op_type in CONVERTERS and (n.domain or "ai.onnx") == "ai.onnx":
                     results = CONVERTERS[n.op_type](self, n, args)
-            except _Unsupported as e:
-                self.failed.append((n.op_type, f"node {n.name or '?'}: {e}"))
-                results = [_POISON] * len(outs)
-            except OpError as e:
-                self.failed.append((n.op_type, f"node {n.name or '?'}: the IR rejects it: {e}"))
-                results = [_POISON] * len(outs)
-            except (ValueError, TypeError, IndexError, KeyError) as e:  # odd inputs a converter did not expect
-                self.failed.append((n.op_type, f"node {n.name or '?'}: cannot convert it ({type(e).__name__}: {e})"))
-                results = [_POISON] * len(outs)
+                else:
+                    raise _Unsupported("no IR op for it")
+            except (_Unsupported, OpError, ValueError, TypeError, IndexError, KeyError) as e:
+                # no IR mapping (or not this attribute combination): keep the node as is for ONNX Runtime
+                self._drop_nodes_after(mark)
+                try:
+                    results = self.opaque(n, args)
+                except _Unsupported as why:
+                    reason = e if isinstance(e, _Unsupported) else f"{type(e).__name__}: {e}"
+                    self.failed.append((n.op_type, f"node {n.name or '?'}: {reason}; kept as is: {why}"))
+                    results = [_POISON] * len(outs)
         results = results if isinstance(results, (list, tuple)) else [results]
         for name, r in zip(outs, results):
             if name:
                 self.env[name] = r
+
+    def _drop_nodes_after(self, mark) -> None:
+        """Undo what a converter emitted before it gave up (its nodes are the graph's last ones)."""
+        while self.g.nodes and self.g.nodes[-1] is not mark:
+            self.g.remove_node(self.g.nodes[-1])
+
+    def opaque(self, n: onnx.NodeProto, args: list) -> list:
+        """Keep ``n`` as an ``onnx_node`` (see nnforge.ops.onnx_node): a one-node model with typed inputs."""
+        reads = [i for i in dict.fromkeys(n.input) if i]
+        reads += [i for i in _outer_names(n) if i not in reads]
+        values = []
+        for name in reads:
+            v = self.env.get(name)
+            if v is None:
+                raise _Unsupported(f"reads {name!r}, which is not defined before it")
+            if v is _POISON:
+                raise _Unsupported(f"reads {name!r}, which could not be imported")
+            if isinstance(v, Sym):
+                raise _Unsupported(f"reads the symbolic shape {name!r} ({v.arr.tolist()}) as tensor data")
+            values.append(v)
+        outs = [o for o in n.output if o]
+        out_types = [self._inferred_type(o) for o in outs]
+        frag = helper.make_graph(
+            [n],
+            "onnx_node",
+            [_value_info(name, v.type) for name, v in zip(reads, values)],
+            [_value_info(o, t) for o, t in zip(outs, out_types)],
+        )
+        model = helper.make_model(frag, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        node = self.g.add_node(
+            "onnx_node",
+            values,
+            {
+                "op_type": n.op_type,
+                "model": onnx_node.pack(model),
+                "out_types": [{"shape": list(t.shape), "dtype": t.dtype} for t in out_types],
+            },
+            name=self._hint(),
+            source=f"onnx node {n.name or '?'} ({n.op_type}, kept as is)",
+        )
+        by_name = dict(zip(outs, node.outputs))
+        return [by_name.get(o, _POISON) for o in n.output]
+
+    def _inferred_type(self, name: str) -> TensorType:
+        t = self.inferred_types.get(name)
+        if t is None or not t.HasField("tensor_type"):
+            kind = "unknown" if t is None else t.WhichOneof("value")
+            raise _Unsupported(f"its output {name!r} is not a tensor ONNX shape inference types ({kind})")
+        tt = t.tensor_type
+        if tt.elem_type not in DTYPES:
+            raise _Unsupported(f"its output {name!r} has element type {TensorProto.DataType.Name(tt.elem_type)}")
+        if not tt.HasField("shape"):
+            raise _Unsupported(f"ONNX shape inference does not know the rank of its output {name!r}")
+        return TensorType(tuple(self._dim(d, name, i) for i, d in enumerate(tt.shape.dim)), DTYPES[tt.elem_type])
 
     def _is_shape_math(self, n, args) -> bool:
         """A shape-math rule applies: some input is a symbolic Sym, the others are integer constants."""

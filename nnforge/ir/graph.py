@@ -24,7 +24,21 @@ import numpy as np
 from . import symbols
 from .symbols import Dim
 
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+DTYPES = (
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,9 @@ class TensorType:
             "int32": "i32",
             "int16": "i16",
             "int8": "i8",
+            "uint64": "u64",
+            "uint32": "u32",
+            "uint16": "u16",
             "uint8": "u8",
             "bool": "i1",
         }[self.dtype]

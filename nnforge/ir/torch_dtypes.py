@@ -14,6 +14,9 @@ TORCH_DTYPES = {
     "int32": torch.int32,
     "int16": torch.int16,
     "int8": torch.int8,
+    "uint64": torch.uint64,  # torch's wider unsigned types: few kernels, but they carry data
+    "uint32": torch.uint32,
+    "uint16": torch.uint16,
     "uint8": torch.uint8,
     "bool": torch.bool,
 }

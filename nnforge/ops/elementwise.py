@@ -29,7 +29,7 @@ _onnxrt = LazyModule("nnforge.backends.onnxrt")  # ONNX_DTYPES
 _torch_dtypes = LazyModule("nnforge.ir.torch_dtypes")  # (imports torch)
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
+INT_DTYPES = ("int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8")
 
 
 def is_float(dtype: str) -> bool:
