@@ -42,6 +42,8 @@ def fallback_chain(backend: str, target: Target) -> list[str]:
         return []  # an edge bundle runs one backend's runtime on the device
     chain = ["onnxrt"] if backend != "onnxrt" and "onnxrt" in target.backends else []
     return chain + ([FALLBACK] if backend != FALLBACK else [])
+
+
 DEFAULT_MIN_BLOCK_SIZE = 3
 
 

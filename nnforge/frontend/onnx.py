@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx.external_data_helper
 import onnx.inliner
+import onnx.version_converter
 import sympy
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
@@ -38,7 +39,8 @@ from ..ops.shape import BIG
 
 __all__ = ["import_onnx", "CONVERTERS", "MIN_OPSET"]
 
-MIN_OPSET = 13  # Squeeze/Unsqueeze/ReduceSum/Split take axes as inputs from here on; older models: re-export
+MIN_OPSET = 13  # Squeeze/Unsqueeze/ReduceSum/Split take axes as inputs from here on
+OLDEST_OPSET = 1  # older models (opsets 1..12) are converted to MIN_OPSET with onnx.version_converter
 # constants computed at import (ConstantOfShape, Range, folded ops) may not exceed this many elements:
 # a tiny file must not make the importer allocate gigabytes
 MAX_IMPORT_ELEMENTS = 1 << 26
@@ -193,12 +195,9 @@ def _validate(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     versions = {op.domain or "ai.onnx": op.version for op in model.opset_import}
     version = versions.get("ai.onnx")
     newest = onnx.defs.onnx_opset_version()
-    if version is None:
-        raise ModelLoadError(f"{where}: the model imports no default ONNX opset (opset_import has {sorted(versions)})")
-    if not MIN_OPSET <= version <= newest:
+    if version is not None and not MIN_OPSET <= version <= newest:
         raise ModelLoadError(
-            f"{where}: ONNX opset {version} is not supported; nnforge reads opsets "
-            f"{MIN_OPSET}..{newest} (convert with onnx.version_converter)"
+            f"{where}: ONNX opset {version} is not supported; nnforge reads opsets {OLDEST_OPSET}..{newest}"
         )
     local = {(f.domain, f.name) for f in model.functions}
     # other domains' ops are kept as is for ONNX Runtime when ONNX knows their schema (ai.onnx.ml, preview)
@@ -225,6 +224,28 @@ def _validate(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
         raise ModelLoadError(f"{where}: fails ONNX shape inference:\n  {_first_lines(e)}") from None
 
 
+def _upgrade(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """Opsets 7..12 -> MIN_OPSET with ONNX's own version converter; a model importing no default opset
+    (only ai.onnx.ml, say) gets the newest one, which its nodes do not use."""
+    versions = {op.domain or "ai.onnx": op.version for op in model.opset_import}
+    version = versions.get("ai.onnx")
+    if version is None:
+        model.opset_import.append(helper.make_opsetid("", onnx.defs.onnx_opset_version()))
+        return model
+    if not OLDEST_OPSET <= version < MIN_OPSET:
+        return model
+    if version < 9 and any(n.op_type == "Scan" for n in model.graph.node):
+        # Scan-8 scans a batch axis that Scan-9 dropped; the converter keeps the inputs' ranks, which breaks it
+        raise ModelLoadError(f"{where}: Scan at opset {version} (with its batch axis) cannot be converted to opset 9+")
+    try:
+        return onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:  # the converter raises RuntimeError/ValidationError/its own adapter errors
+        raise ModelLoadError(
+            f"{where}: ONNX opset {version} could not be converted to opset {MIN_OPSET} "
+            f"(onnx.version_converter: {_first_lines(e, 2)})"
+        ) from None
+
+
 def import_onnx(src, name: str | None = None) -> Graph:
     """Read an ONNX model (path, bytes or ModelProto) into an IR graph.
 
@@ -239,6 +260,7 @@ def import_onnx(src, name: str | None = None) -> Graph:
             model = onnx.inliner.inline_local_functions(model)
         except Exception as e:
             raise ModelLoadError(f"{where}: cannot inline its local functions: {e}") from None
+    model = _upgrade(model, where)
     inferred = _validate(model, where)
     graph = _Importer(model, where, inferred).run()
     if name:
@@ -250,7 +272,9 @@ _ONNX_OF = {v: k for k, v in DTYPES.items()}
 
 
 def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, _ONNX_OF[t.dtype], [d if isinstance(d, int) else str(d) for d in t.shape])
+    return helper.make_tensor_value_info(
+        name, _ONNX_OF[t.dtype], [d if isinstance(d, int) else str(d) for d in t.shape]
+    )
 
 
 def _outer_names(n: onnx.NodeProto) -> list[str]:
@@ -648,7 +672,6 @@ CONVERTERS.update(
             "Add": "add",
             "Sub": "sub",
             "Mul": "mul",
-            "Div": "div",  # integer Div: the IR floors, ONNX truncates (same for dims)
             "Equal": "eq",
             "Less": "lt",
             "LessOrEqual": "le",
@@ -873,9 +896,17 @@ def _reshape(imp, n, args):
     return imp.op("reshape", x, shape=shape)
 
 
+def _div(imp, n, args):
+    """ONNX's integer Div rounds toward zero; the IR's div floors unless told otherwise."""
+    return imp.op("div", *args, rounding="trunc")
+
+
 def _flatten(imp, n, args):
     x = imp.value(args[0])
-    axis = imp.attrs(n).get("axis", 1) % (x.type.rank + 1)
+    axis = imp.attrs(n).get("axis", 1)
+    if not -x.type.rank <= axis <= x.type.rank:
+        raise _Unsupported(f"axis {axis} is out of range for rank {x.type.rank}")
+    axis = axis + x.type.rank if axis < 0 else axis  # ONNX counts a negative axis from the end (rank + axis)
     return imp.op("reshape", x, shape=[symbols.mul(*x.shape[:axis]) if axis else 1, symbols.mul(*x.shape[axis:])])
 
 
@@ -1072,6 +1103,7 @@ CONVERTERS.update(
         "ArgMax": _argmax,
         "Reshape": _reshape,
         "Flatten": _flatten,
+        "Div": _div,
         "Transpose": _transpose,
         "Expand": _expand,
         "Concat": _concat,

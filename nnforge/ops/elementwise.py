@@ -292,31 +292,42 @@ def _(c, x):
 # -- div -----------------------------------------------------------------------------------------------
 
 
-@defop("div", _binary_infer(), num_inputs=(2, 2), kind="elementwise")
-def div(a, b):
-    """True division for floats, floor division for integers."""
-    if np.issubdtype(a.dtype, np.integer):
-        return np.floor_divide(a, b)
-    return np.divide(a, b)
+def _div_infer(ts, attrs):
+    if attrs["rounding"] not in ("floor", "trunc"):
+        raise OpError(f"div: rounding must be 'floor' or 'trunc', not {attrs['rounding']!r}")
+    return _binary_infer()(ts, attrs)
+
+
+@defop("div", _div_infer, num_inputs=(2, 2), kind="elementwise", attrs={"rounding": ("str", "floor")})
+def div(a, b, rounding="floor"):
+    """True division for floats; for integers, floor division (torch, numpy) or, with rounding="trunc",
+    division rounding toward zero (ONNX, C)."""
+    if not np.issubdtype(a.dtype, np.integer):
+        return np.divide(a, b)
+    with np.errstate(divide="ignore"):
+        q = np.floor_divide(a, b)
+    if rounding == "trunc":  # floor differs from trunc where the quotient is negative and inexact
+        q = q + ((a - q * b != 0) & ((a < 0) != (b < 0))).astype(q.dtype)
+    return q
 
 
 @div.torch
-def _(cx, a, b):
+def _(cx, a, b, rounding="floor"):
     if a.dtype.is_floating_point:
         return a / b
-    return torch.div(a, b, rounding_mode="floor")  # the IR floors on integers, like numpy
+    return torch.div(a, b, rounding_mode=rounding)
 
 
 @div.onnxrt
-def _(cx, a, b):
-    if not is_int(cx.node.inputs[0].dtype):
-        return cx.emit("Div", [a, b])
-    # ONNX Div truncates: floor(a/b) = (a - mod(a, b)) / b with Python-style Mod
+def _(cx, a, b, rounding="floor"):
+    if not is_int(cx.node.inputs[0].dtype) or rounding == "trunc":
+        return cx.emit("Div", [a, b])  # ONNX's integer Div truncates
+    # floor(a/b) = (a - mod(a, b)) / b with Python-style Mod
     return cx.emit("Div", [cx.emit("Sub", [a, cx.emit("Mod", [a, b], fmod=0)]), b])
 
 
 @div.tvm
-def _(c, a, b):
+def _(c, a, b, rounding="floor"):
     dt = c.in_type(0).dtype
     if is_float(dt):
         return R.divide(a, b)
@@ -324,7 +335,12 @@ def _(c, a, b):
     zero, one = c.const(0, dt), c.const(1, dt)
     bz = c.emit(R.equal(b, zero))
     safe = c.emit(R.where(bz, c.emit(R.broadcast_to(one, c.dims.shape(c.in_type(1).shape))), b))
-    return R.where(bz, zero, R.floor_divide(a, safe))
+    q = c.emit(R.floor_divide(a, safe))
+    if rounding == "trunc":  # one more where the quotient is negative and inexact
+        inexact = c.emit(R.not_equal(c.emit(R.subtract(a, c.emit(R.multiply(q, safe)))), zero))
+        negative = c.emit(R.not_equal(c.emit(R.less(a, zero)), c.emit(R.less(safe, zero))))
+        q = c.emit(R.add(q, c.emit(R.astype(c.emit(R.logical_and(inexact, negative)), dt))))
+    return R.where(bz, zero, q)
 
 
 # -- where ---------------------------------------------------------------------------------------------

@@ -68,7 +68,9 @@ def _infer(ts, attrs):
     if node.op_type != attrs["op_type"]:
         raise OpError(f"onnx_node: op_type {attrs['op_type']!r} does not match its payload's {node.op_type!r}")
     if len(model.graph.input) != len(ts):
-        raise OpError(f"onnx_node {node.op_type}: its payload reads {len(model.graph.input)} values, node has {len(ts)}")
+        raise OpError(
+            f"onnx_node {node.op_type}: its payload reads {len(model.graph.input)} values, node has {len(ts)}"
+        )
     types = _out_types(attrs["out_types"])
     if len(types) != len(model.graph.output):
         raise OpError(f"onnx_node {node.op_type}: {len(types)} out_types for {len(model.graph.output)} outputs")
@@ -92,7 +94,9 @@ def onnx_node(*xs, op_type, model, out_types):
         outs = ReferenceEvaluator(proto).run(None, feeds)
     except Exception as e:  # noqa: BLE001 - the reference raises many types; name the op
         raise OnnxNodeError(f"onnx_node {op_type}: onnx.reference cannot run it: {type(e).__name__}: {e}") from None
-    return [np.asarray(o, dtype=t["dtype"]) if t["dtype"] != "bfloat16" else np.asarray(o) for o, t in zip(outs, out_types)]
+    return [
+        np.asarray(o, dtype=t["dtype"]) if t["dtype"] != "bfloat16" else np.asarray(o) for o, t in zip(outs, out_types)
+    ]
 
 
 @onnx_node.onnxrt
