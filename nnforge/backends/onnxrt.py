@@ -43,6 +43,20 @@ ONNX_DTYPES = {
     "uint16": TensorProto.UINT16,
     "uint8": TensorProto.UINT8,
     "bool": TensorProto.BOOL,
+    "float8_e4m3fn": TensorProto.FLOAT8E4M3FN,
+    "float8_e4m3fnuz": TensorProto.FLOAT8E4M3FNUZ,
+    "float8_e5m2": TensorProto.FLOAT8E5M2,
+    "float8_e5m2fnuz": TensorProto.FLOAT8E5M2FNUZ,
+    "float8_e8m0fnu": TensorProto.FLOAT8E8M0,
+}
+# dtypes ONNX Runtime's Python API has no numpy type for: they cross as their raw bits
+RAW_BITS = {
+    "bfloat16": np.uint16,
+    "float8_e4m3fn": np.uint8,
+    "float8_e4m3fnuz": np.uint8,
+    "float8_e5m2": np.uint8,
+    "float8_e5m2fnuz": np.uint8,
+    "float8_e8m0fnu": np.uint8,
 }
 
 
@@ -308,7 +322,7 @@ def to_onnx(graph: Graph, contrib: bool = False, device: str = "cpu") -> onnx.Mo
         taken.add(name)
         outputs.append(_value_info(v, name))
     # lowerings may replace a weight by a pre-transposed copy: ship only initializers something reads
-    read = {i for node in cx.nodes for i in node.input} | {o.name for o in outputs}
+    read = _names_read(cx.nodes) | {o.name for o in outputs}
     g = helper.make_graph(
         cx.nodes,
         graph.name or "graph",
@@ -324,6 +338,17 @@ def to_onnx(graph: Graph, contrib: bool = False, device: str = "cpu") -> onnx.Mo
     ir_version = max(IR_VERSION, onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
     model = helper.make_model(g, opset_imports=opsets, ir_version=ir_version, producer_name="nnforge")
     return model
+
+
+def _names_read(nodes) -> set[str]:
+    """Every name the nodes read, inside their subgraphs too (kept If/Loop bodies read outer values)."""
+    out: set[str] = set()
+    for n in nodes:
+        out.update(n.input)
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out |= _names_read(g.node) | {o.name for o in g.output}
+    return out
 
 
 def check(model: onnx.ModelProto) -> None:
@@ -388,6 +413,31 @@ def make_session(model_bytes: bytes, target: Target, options: dict | None = None
         raise NnforgeError(f"onnxrt: ONNX Runtime could not load the model: {e}") from None
 
 
+def _to_ort(a: np.ndarray):
+    """An input ORT's Python API takes: numpy, or an OrtValue over the raw bits of a type numpy lacks."""
+    if a.dtype.name not in RAW_BITS:
+        return a
+    import onnxruntime as ort
+
+    bits = np.ascontiguousarray(a).view(RAW_BITS[a.dtype.name])
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, ONNX_DTYPES[a.dtype.name])
+
+
+def _from_ort(value, dtype: str) -> np.ndarray:
+    """An output as numpy; types numpy lacks are read as raw bits and viewed as ml_dtypes' types."""
+    if dtype not in RAW_BITS:
+        return value.numpy()
+    import ctypes
+
+    import ml_dtypes
+
+    raw = RAW_BITS[dtype]
+    shape = tuple(value.shape())
+    n = int(np.prod(shape))
+    buf = (ctypes.c_uint8 * (n * np.dtype(raw).itemsize)).from_address(value.data_ptr())
+    return np.frombuffer(buf, dtype=raw, count=n).copy().reshape(shape).view(getattr(ml_dtypes, dtype))
+
+
 class OnnxRuntimeArtifact(Artifact):
     backend = "onnxrt"
     thread_safe = True  # InferenceSession.run may be called concurrently
@@ -399,6 +449,8 @@ class OnnxRuntimeArtifact(Artifact):
         # wasm runs in onnxruntime-web (Node), not here; the artifact still carries the model
         self.session = None if target.name == "wasm" else make_session(model_bytes, target, self.options)
         self.output_names = [o.name for o in onnx.load_model_from_string(model_bytes).graph.output]
+        self.output_dtypes = [v.dtype for v in graph.outputs]
+        self.raw_outputs = any(dt in RAW_BITS for dt in self.output_dtypes)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -412,9 +464,12 @@ class OnnxRuntimeArtifact(Artifact):
             bind_symbols(self.graph, arrays)  # a wrong count/dtype/shape gets the IR's clear message
         except ValueError as e:
             raise NnforgeError(f"onnxrt: bad input: {e}") from None
-        feed = {v.name: a for v, a in zip(self.graph.inputs, arrays)}
+        feed = {v.name: _to_ort(a) for v, a in zip(self.graph.inputs, arrays)}
         try:
-            return self.session.run(self.output_names, feed)
+            if not self.raw_outputs:
+                return self.session.run(self.output_names, feed)
+            values = self.session.run_with_ort_values(self.output_names, feed)
+            return [_from_ort(v, dt) for v, dt in zip(values, self.output_dtypes)]
         except Exception as e:
             raise NnforgeError(f"onnxrt: ONNX Runtime failed while running {self.graph.name!r}: {e}") from None
 

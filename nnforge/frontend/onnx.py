@@ -60,6 +60,11 @@ DTYPES = {
     TensorProto.UINT16: "uint16",
     TensorProto.UINT8: "uint8",
     TensorProto.BOOL: "bool",
+    TensorProto.FLOAT8E4M3FN: "float8_e4m3fn",
+    TensorProto.FLOAT8E4M3FNUZ: "float8_e4m3fnuz",
+    TensorProto.FLOAT8E5M2: "float8_e5m2",
+    TensorProto.FLOAT8E5M2FNUZ: "float8_e5m2fnuz",
+    TensorProto.FLOAT8E8M0: "float8_e8m0fnu",
 }
 
 
@@ -322,6 +327,7 @@ class _Unsupported(Exception):
 
 
 _POISON = object()  # output of a node that could not be converted; its users are skipped silently
+_PENDING = object()  # a value inside the opaque region (a sequence, or a type ONNX cannot infer statically)
 
 
 def _dim_op(fn) -> Callable:
@@ -369,6 +375,7 @@ class _Importer:
         self.env: dict[str, Any] = {}  # ONNX name -> Value | Sym | _POISON
         self.failed: list[tuple[str, str]] = []
         self.node = None  # the ONNX node being converted (for names and messages)
+        self.region: list[onnx.NodeProto] = []  # nodes kept together as one onnx_node (see _join_region)
 
     # -- driver -----------------------------------------------------------------------
     def run(self) -> Graph:
@@ -384,6 +391,7 @@ class _Importer:
                 self.env[vi.name] = self.g.add_input(vi.name, self._input_type(vi))
         for n in graph.node:
             self._convert(n)
+        self._flush_region(graph)
         if self.failed:
             raise UnsupportedOpError(self.failed, where=self.where)
         self.node = None
@@ -411,6 +419,8 @@ class _Importer:
         outs = list(n.output)
         if any(a is _POISON for a in args):
             results = [_POISON] * len(outs)
+        elif any(a is _PENDING for a in args):
+            results = self._join_region(n)
         else:
             mark = self.g.nodes[-1] if self.g.nodes else None
             try:
@@ -443,6 +453,8 @@ class _Importer:
         """Keep ``n`` as an ``onnx_node`` (see nnforge.ops.onnx_node): a one-node model with typed inputs."""
         reads = [i for i in dict.fromkeys(n.input) if i]
         reads += [i for i in _outer_names(n) if i not in reads]
+        if any(self.env.get(name) is _PENDING for name in reads):
+            return self._join_region(n)
         values = []
         for name in reads:
             v = self.env.get(name)
@@ -454,27 +466,71 @@ class _Importer:
                 raise _Unsupported(f"reads the symbolic shape {name!r} ({v.arr.tolist()}) as tensor data")
             values.append(v)
         outs = [o for o in n.output if o]
-        out_types = [self._inferred_type(o) for o in outs]
+        try:
+            out_types = [self._inferred_type(o) for o in outs]
+        except _Unsupported:  # a sequence, or a shape only known at run time: keep it with its readers
+            return self._join_region(n)
+        node = self._emit_fragment([n], reads, values, outs, out_types, f"onnx node {n.name or '?'} ({n.op_type})")
+        by_name = dict(zip(outs, node.outputs))
+        return [by_name.get(o, _POISON) for o in n.output]
+
+    def _emit_fragment(self, nodes, reads, values, outs, out_types, source: str):
         frag = helper.make_graph(
-            [n],
+            nodes,
             "onnx_node",
             [_value_info(name, v.type) for name, v in zip(reads, values)],
             [_value_info(o, t) for o, t in zip(outs, out_types)],
         )
         model = helper.make_model(frag, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
-        node = self.g.add_node(
+        return self.g.add_node(
             "onnx_node",
             values,
             {
-                "op_type": n.op_type,
+                "op_type": "+".join(dict.fromkeys(n.op_type for n in nodes)),
                 "model": onnx_node.pack(model),
                 "out_types": [{"shape": list(t.shape), "dtype": t.dtype} for t in out_types],
             },
             name=self._hint(),
-            source=f"onnx node {n.name or '?'} ({n.op_type}, kept as is)",
+            source=source + ", kept as is",
         )
-        by_name = dict(zip(outs, node.outputs))
-        return [by_name.get(o, _POISON) for o in n.output]
+
+    def _join_region(self, n: onnx.NodeProto) -> list:
+        """Values IR types cannot hold (sequences, optionals, ranks ONNX infers only at run time) stay inside
+        one opaque region with every node that reads them; it becomes one onnx_node at the end of the graph,
+        whose outputs are the graph outputs it makes."""
+        self.region.append(n)
+        for o in n.output:
+            if o:
+                self.env[o] = _PENDING
+        return [_PENDING if o else None for o in n.output]
+
+    def _flush_region(self, graph) -> None:
+        if not self.region:
+            return
+        self.node = self.region[-1]
+        made = {o for m in self.region for o in m.output if o}
+        reads = []
+        for m in self.region:
+            for name in [*m.input, *_outer_names(m)]:
+                if name and name not in made and name not in reads:
+                    reads.append(name)
+        values = [self.env.get(name) for name in reads]
+        bad = [name for name, v in zip(reads, values) if not isinstance(v, Value)]
+        outs = [vi.name for vi in graph.output if vi.name in made]
+        ops = ", ".join(dict.fromkeys(m.op_type for m in self.region))
+        try:
+            if bad:
+                raise _Unsupported(f"reads {bad[:3]}, which are not tensors known before it")
+            if not outs:
+                raise _Unsupported("makes no graph output")
+            out_types = [self._inferred_type(o) for o in outs]
+        except _Unsupported as e:
+            self.failed.append((ops, f"the region of nodes kept as is for ONNX Runtime: {e}"))
+            for o in made:
+                self.env[o] = _POISON
+            return
+        node = self._emit_fragment(self.region, reads, values, outs, out_types, f"onnx nodes {ops}")
+        self.env.update(zip(outs, node.outputs))
 
     def _inferred_type(self, name: str) -> TensorType:
         t = self.inferred_types.get(name)

@@ -38,6 +38,12 @@ DTYPES = (
     "uint16",
     "uint8",
     "bool",
+    # 8-bit floats (ml_dtypes' numpy types): carried at the boundary and by kept ONNX ops
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
 )
 
 
@@ -77,6 +83,11 @@ class TensorType:
             "uint16": "u16",
             "uint8": "u8",
             "bool": "i1",
+            "float8_e4m3fn": "f8e4m3fn",
+            "float8_e4m3fnuz": "f8e4m3fnuz",
+            "float8_e5m2": "f8e5m2",
+            "float8_e5m2fnuz": "f8e5m2fnuz",
+            "float8_e8m0fnu": "f8e8m0fnu",
         }[self.dtype]
         return f"{short}[{','.join(str(d) for d in self.shape)}]"
 

@@ -1,10 +1,11 @@
-"""``onnx_node``: an ONNX node nnforge has no IR op for, kept as is for ONNX Runtime to run.
+"""``onnx_node``: ONNX nodes nnforge has no IR op for, kept as they are for ONNX Runtime to run.
 
 When the ONNX frontend meets an operator without a converter (or an attribute combination its
 converter cannot take), it keeps the node opaque instead of refusing the model. The node stores a
-self-contained one-node ONNX model (``model``, base64 of its protobuf): the node with its attributes
+self-contained ONNX model (``model``, base64 of its protobuf): usually one node (with its attributes
 and subgraphs, its opset imports, and typed graph inputs for every value it reads, including the
-outer values its subgraphs (If/Loop/Scan bodies) refer to. ``out_types`` are the output types ONNX
+outer values its subgraphs (If/Loop/Scan bodies) refer to); several nodes where values pass between them
+that IR types cannot hold (sequences, optionals, shapes known only at run time). ``out_types`` are the output types ONNX
 shape inference gave at import, which nnforge's shape inference returns.
 
 It runs where ONNX runs: the ONNX Runtime backend inlines the node into its model; the TVM backend
@@ -39,8 +40,8 @@ def fragment(payload: str):
         model = onnx.ModelProto.FromString(base64.b64decode(payload.encode("ascii"), validate=True))
     except (binascii.Error, ValueError, DecodeError, UnicodeEncodeError) as e:
         raise OnnxNodeError(f"onnx_node: its model payload is not a base64 ONNX protobuf: {e}") from None
-    if len(model.graph.node) != 1 or not model.opset_import:
-        raise OnnxNodeError("onnx_node: its model payload must hold exactly one node and its opset imports")
+    if not model.graph.node or not model.opset_import:
+        raise OnnxNodeError("onnx_node: its model payload must hold its nodes and opset imports")
     return model
 
 
@@ -64,16 +65,14 @@ def _out_types(raw) -> list[TensorType]:
 
 def _infer(ts, attrs):
     model = fragment(attrs["model"])
-    node = model.graph.node[0]
-    if node.op_type != attrs["op_type"]:
-        raise OpError(f"onnx_node: op_type {attrs['op_type']!r} does not match its payload's {node.op_type!r}")
+    op = attrs["op_type"]
+    if op != "+".join(dict.fromkeys(n.op_type for n in model.graph.node)):
+        raise OpError(f"onnx_node: op_type {op!r} does not match its payload's nodes")
     if len(model.graph.input) != len(ts):
-        raise OpError(
-            f"onnx_node {node.op_type}: its payload reads {len(model.graph.input)} values, node has {len(ts)}"
-        )
+        raise OpError(f"onnx_node {op}: its payload reads {len(model.graph.input)} values, node has {len(ts)}")
     types = _out_types(attrs["out_types"])
     if len(types) != len(model.graph.output):
-        raise OpError(f"onnx_node {node.op_type}: {len(types)} out_types for {len(model.graph.output)} outputs")
+        raise OpError(f"onnx_node {op}: {len(types)} out_types for {len(model.graph.output)} outputs")
     return types
 
 
@@ -101,12 +100,15 @@ def onnx_node(*xs, op_type, model, out_types):
 
 @onnx_node.onnxrt
 def _(cx, *ins, op_type, model, out_types):
-    """Inline the node: its inputs renamed to the values lowered so far, its outputs given fresh names."""
+    """Inline the nodes: inputs renamed to the values lowered so far, every value they make given a fresh name."""
     proto = fragment(model)
     rename = {i.name: name for i, name in zip(proto.graph.input, ins)}
-    for o in proto.graph.output:
-        rename[o.name] = cx.fresh(op_type.lower())
-    cx.add_foreign_node(_renamed(proto.graph.node[0], rename), proto.opset_import)
+    for n in proto.graph.node:
+        for o in n.output:
+            if o:
+                rename[o] = cx.fresh(n.op_type.lower())
+    for n in proto.graph.node:
+        cx.add_foreign_node(_renamed(n, rename), proto.opset_import)
     return [rename[o.name] for o in proto.graph.output]
 
 
