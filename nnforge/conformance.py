@@ -106,12 +106,14 @@ def _compare(expected: list, got: list, rtol: float, atol: float) -> str | None:
             if not np.array_equal(out, ref):
                 return f"output {k}: values differ"
             continue
-        if ref.dtype.kind not in "fc":  # integers compare exactly; odd float types go through float32
+        odd_float = ref.dtype.kind == "V" and "float" in ref.dtype.name  # ml_dtypes' bfloat16, float8, float4
+        if ref.dtype.kind not in "fc" and not odd_float:  # integers (also int4/int2) compare exactly
             if not np.array_equal(out.astype(np.float64), ref.astype(np.float64)):
                 return f"output {k}: values differ"
             continue
         with np.errstate(all="ignore"):
-            r, o = ref.astype(np.float64) if ref.dtype.kind == "f" else ref, out.astype(ref.dtype)
+            r = ref.astype(np.float64) if ref.dtype.kind in "fV" else ref
+            o = out.astype(np.float64) if ref.dtype.kind in "fV" else out.astype(ref.dtype)
             ok = np.isclose(o, r, rtol=rtol, atol=atol, equal_nan=True)
         if not ok.all():
             i = int(np.argmin(ok.reshape(-1)))
@@ -134,10 +136,11 @@ def _run_ort(model, inputs: list) -> list:
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    feed = {n: _to_ort(a) if isinstance(a, np.ndarray) else a for n, a in zip(names, inputs)}
     kinds = [o.type.tensor_type.elem_type for o in model.graph.output]
     dtypes = [np.dtype(helper.tensor_dtype_to_np_dtype(k)).name if k else "" for k in kinds]
-    if not any(dt in RAW_BITS for dt in dtypes):
+    raw = any(dt in RAW_BITS for dt in dtypes)
+    feed = {n: _to_ort(a, raw) if isinstance(a, np.ndarray) else a for n, a in zip(names, inputs)}
+    if not raw:
         return sess.run(None, feed)
     return [_from_ort(v, dt) for v, dt in zip(sess.run_with_ort_values(None, feed), dtypes)]
 

@@ -8,6 +8,7 @@ cached, expressions built from the sympy tree with integer Add/Mul/Div/Mod).
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,7 +49,15 @@ ONNX_DTYPES = {
     "float8_e5m2": TensorProto.FLOAT8E5M2,
     "float8_e5m2fnuz": TensorProto.FLOAT8E5M2FNUZ,
     "float8_e8m0fnu": TensorProto.FLOAT8E8M0,
+    "int4": TensorProto.INT4,
+    "uint4": TensorProto.UINT4,
+    "int2": TensorProto.INT2,
+    "uint2": TensorProto.UINT2,
+    "float4_e2m1fn": TensorProto.FLOAT4E2M1,
+    "string": TensorProto.STRING,
 }
+# sub-byte types ONNX packs several to a byte (low bits first): dtype -> bits per element
+PACKED_BITS = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}
 # dtypes ONNX Runtime's Python API has no numpy type for: they cross as their raw bits
 RAW_BITS = {
     "bfloat16": np.uint16,
@@ -57,6 +66,7 @@ RAW_BITS = {
     "float8_e5m2": np.uint8,
     "float8_e5m2fnuz": np.uint8,
     "float8_e8m0fnu": np.uint8,
+    **{dt: np.uint8 for dt in PACKED_BITS},
 }
 
 
@@ -413,29 +423,57 @@ def make_session(model_bytes: bytes, target: Target, options: dict | None = None
         raise NnforgeError(f"onnxrt: ONNX Runtime could not load the model: {e}") from None
 
 
-def _to_ort(a: np.ndarray):
-    """An input ORT's Python API takes: numpy, or an OrtValue over the raw bits of a type numpy lacks."""
-    if a.dtype.name not in RAW_BITS:
-        return a
+def _to_ort(a: np.ndarray, wrap: bool = False):
+    """An input ORT's Python API takes: numpy (an OrtValue with ``wrap``), or an OrtValue over the raw bits of a
+    type numpy lacks."""
     import onnxruntime as ort
 
-    bits = np.ascontiguousarray(a).view(RAW_BITS[a.dtype.name])
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, ONNX_DTYPES[a.dtype.name])
+    if a.dtype.name not in RAW_BITS:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) if wrap and a.dtype != object else a
+
+    dt = a.dtype.name
+    bits = np.ascontiguousarray(a).view(RAW_BITS[dt])
+    if dt not in PACKED_BITS:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, ONNX_DTYPES[dt])
+    packed = _pack(bits.reshape(-1), PACKED_BITS[dt])
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), ONNX_DTYPES[dt])
+    if packed.size:
+        ctypes.memmove(value.data_ptr(), packed.ctypes.data, packed.size)
+    return value
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Sub-byte codes (one per uint8) packed ONNX's way: element i in bits [bits*(i%per), ...) of byte i//per."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    codes = np.pad(codes & mask, (0, -len(codes) % per))
+    return np.bitwise_or.reduce([codes[k::per] << (bits * k) for k in range(per)], axis=0).astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    per, mask = 8 // bits, (1 << bits) - 1
+    return np.stack([(packed >> (bits * k)) & mask for k in range(per)], axis=1).reshape(-1)[:n]
 
 
 def _from_ort(value, dtype: str) -> np.ndarray:
     """An output as numpy; types numpy lacks are read as raw bits and viewed as ml_dtypes' types."""
     if dtype not in RAW_BITS:
         return value.numpy()
-    import ctypes
-
     import ml_dtypes
 
-    raw = RAW_BITS[dtype]
-    shape = tuple(value.shape())
-    n = int(np.prod(shape))
-    buf = (ctypes.c_uint8 * (n * np.dtype(raw).itemsize)).from_address(value.data_ptr())
-    return np.frombuffer(buf, dtype=raw, count=n).copy().reshape(shape).view(getattr(ml_dtypes, dtype))
+    raw, shape = RAW_BITS[dtype], tuple(value.shape())
+    n, size = int(np.prod(shape)), value.tensor_size_in_bytes()
+    data = np.frombuffer((ctypes.c_uint8 * size).from_address(value.data_ptr()), dtype=np.uint8).copy()
+    if dtype in PACKED_BITS:
+        codes = _unpack(data, PACKED_BITS[dtype], n)
+        if dtype in ("int4", "int2"):  # sign-extend the code, then convert the value
+            half = 1 << (PACKED_BITS[dtype] - 1)
+            return (
+                np.where(codes >= half, codes.astype(np.int16) - 2 * half, codes)
+                .astype(getattr(ml_dtypes, dtype))
+                .reshape(shape)
+            )
+        return codes.view(getattr(ml_dtypes, dtype)).reshape(shape)
+    return data.view(raw)[:n].reshape(shape).view(getattr(ml_dtypes, dtype))
 
 
 class OnnxRuntimeArtifact(Artifact):
@@ -464,7 +502,7 @@ class OnnxRuntimeArtifact(Artifact):
             bind_symbols(self.graph, arrays)  # a wrong count/dtype/shape gets the IR's clear message
         except ValueError as e:
             raise NnforgeError(f"onnxrt: bad input: {e}") from None
-        feed = {v.name: _to_ort(a) for v, a in zip(self.graph.inputs, arrays)}
+        feed = {v.name: _to_ort(a, self.raw_outputs) for v, a in zip(self.graph.inputs, arrays)}
         try:
             if not self.raw_outputs:
                 return self.session.run(self.output_names, feed)

@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelLoadError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, symbols, verify
+from ..ir.graph import CARRIED_DTYPES
 from ..ir.interpret import run_node
 from ..ir.registry import REGISTRY, OpError
 from ..ir.shapes import broadcast_shapes
@@ -65,6 +66,12 @@ DTYPES = {
     TensorProto.FLOAT8E5M2: "float8_e5m2",
     TensorProto.FLOAT8E5M2FNUZ: "float8_e5m2fnuz",
     TensorProto.FLOAT8E8M0: "float8_e8m0fnu",
+    TensorProto.INT4: "int4",
+    TensorProto.UINT4: "uint4",
+    TensorProto.INT2: "int2",
+    TensorProto.UINT2: "uint2",
+    TensorProto.FLOAT4E2M1: "float4_e2m1fn",
+    TensorProto.STRING: "string",
 }
 
 
@@ -421,6 +428,8 @@ class _Importer:
             results = [_POISON] * len(outs)
         elif any(a is _PENDING for a in args):
             results = self._join_region(n)
+        elif self._carried_types(n, args):  # IR ops do not compute on float8, 4-bit or string values
+            results = self._opaque_or_fail(n, args, "it computes on a type only ONNX ops take")
         else:
             mark = self.g.nodes[-1] if self.g.nodes else None
             try:
@@ -433,16 +442,29 @@ class _Importer:
             except (_Unsupported, OpError, ValueError, TypeError, IndexError, KeyError) as e:
                 # no IR mapping (or not this attribute combination): keep the node as is for ONNX Runtime
                 self._drop_nodes_after(mark)
-                try:
-                    results = self.opaque(n, args)
-                except _Unsupported as why:
-                    reason = e if isinstance(e, _Unsupported) else f"{type(e).__name__}: {e}"
-                    self.failed.append((n.op_type, f"node {n.name or '?'}: {reason}; kept as is: {why}"))
-                    results = [_POISON] * len(outs)
+                results = self._opaque_or_fail(
+                    n, args, e if isinstance(e, _Unsupported) else f"{type(e).__name__}: {e}"
+                )
         results = results if isinstance(results, (list, tuple)) else [results]
         for name, r in zip(outs, results):
             if name:
                 self.env[name] = r
+
+    def _opaque_or_fail(self, n: onnx.NodeProto, args: list, reason) -> list:
+        try:
+            return self.opaque(n, args)
+        except _Unsupported as why:
+            self.failed.append((n.op_type, f"node {n.name or '?'}: {reason}; kept as is: {why}"))
+            return [_POISON] * len(n.output)
+
+    def _carried_types(self, n: onnx.NodeProto, args: list) -> bool:
+        if any(isinstance(a, Value) and a.dtype in CARRIED_DTYPES for a in args):
+            return True
+        types = [self.inferred_types.get(o) for o in n.output if o]
+        return any(
+            t is not None and t.HasField("tensor_type") and DTYPES.get(t.tensor_type.elem_type) in CARRIED_DTYPES
+            for t in types
+        )
 
     def _drop_nodes_after(self, mark) -> None:
         """Undo what a converter emitted before it gave up (its nodes are the graph's last ones)."""

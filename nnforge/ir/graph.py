@@ -44,7 +44,16 @@ DTYPES = (
     "float8_e5m2",
     "float8_e5m2fnuz",
     "float8_e8m0fnu",
+    # sub-byte types (ml_dtypes; one element per byte in numpy, packed in ONNX) and strings (numpy object arrays)
+    "int4",
+    "uint4",
+    "int2",
+    "uint2",
+    "float4_e2m1fn",
+    "string",
 )
+# dtypes that values carry between the boundary and kept ONNX ops, but no IR op computes on
+CARRIED_DTYPES = frozenset(DTYPES[DTYPES.index("float8_e4m3fn") :])
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,12 @@ class TensorType:
             "float8_e5m2": "f8e5m2",
             "float8_e5m2fnuz": "f8e5m2fnuz",
             "float8_e8m0fnu": "f8e8m0fnu",
+            "int4": "i4",
+            "uint4": "u4",
+            "int2": "i2",
+            "uint2": "u2",
+            "float4_e2m1fn": "f4e2m1fn",
+            "string": "str",
         }[self.dtype]
         return f"{short}[{','.join(str(d) for d in self.shape)}]"
 
@@ -98,6 +113,8 @@ class TensorType:
 
 def dtype_name(dt) -> str:
     name = np.dtype(dt).name
+    if np.dtype(dt).kind in "OU":  # strings: numpy object (or unicode) arrays
+        name = "string"
     if name not in DTYPES:
         raise ValueError(f"unsupported dtype {name}")
     return name

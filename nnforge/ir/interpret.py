@@ -26,7 +26,8 @@ def bind_symbols(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:
     env: dict[str, int] = {}
     for v, a in zip(graph.inputs, arrays):
         want = v.type
-        if a.dtype.name != want.dtype:
+        got = "string" if a.dtype.kind in "OU" else a.dtype.name
+        if got != want.dtype:
             raise ValueError(f"input {v.name!r}: expected dtype {want.dtype} ({want}), got {a.dtype.name}")
         if a.ndim != want.rank:
             raise ValueError(f"input {v.name!r}: expected rank {want.rank} ({want}), got shape {tuple(a.shape)}")
