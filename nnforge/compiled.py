@@ -76,7 +76,7 @@ class CompiledModel:
         if any(hasattr(a, "detach") for a in args):
             import torch
 
-            outs = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
+            outs = [torch.from_numpy(np.require(o, requirements="C")) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def save(self, directory) -> None:

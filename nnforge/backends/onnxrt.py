@@ -429,10 +429,10 @@ def _to_ort(a: np.ndarray, wrap: bool = False):
     import onnxruntime as ort
 
     if a.dtype.name not in RAW_BITS:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) if wrap and a.dtype != object else a
+        return ort.OrtValue.ortvalue_from_numpy(np.require(a, requirements="C")) if wrap and a.dtype != object else a
 
     dt = a.dtype.name
-    bits = np.ascontiguousarray(a).view(RAW_BITS[dt])
+    bits = np.require(a, requirements="C").view(RAW_BITS[dt])
     if dt not in PACKED_BITS:
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, ONNX_DTYPES[dt])
     packed = _pack(bits.reshape(-1), PACKED_BITS[dt])

@@ -126,7 +126,7 @@ class TVMArtifact(Artifact):
         for name in self.meta["params"]:
             if name not in self.graph.constants:
                 raise NnforgeError(f"TVM artifact needs weight {name!r}, which its graph does not hold")
-            consts.append(tvm.runtime.tensor(np.ascontiguousarray(self.graph.constants[name]), self._dev))
+            consts.append(tvm.runtime.tensor(np.require(self.graph.constants[name], requirements="C"), self._dev))
         if self.meta.get("transform_params"):
             params = list(vm[self.meta["func"] + "_transform_params"](consts))
         else:
@@ -162,7 +162,7 @@ class TVMArtifact(Artifact):
         if self.target.name == "arm":
             raise NnforgeError("an arm (aarch64) library runs only under qemu; it has no device runner here")
         self._ensure_vm()
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self._dev) for a in arrays]
+        args = [tvm.runtime.tensor(np.require(a, requirements="C"), self._dev) for a in arrays]
 
         def call():
             self._main(*args, *self._params)
@@ -182,7 +182,7 @@ class TVMArtifact(Artifact):
             and a.size
         ):
             return tvm.runtime.from_dlpack(a)
-        return tvm.runtime.tensor(np.ascontiguousarray(a), self._dev)
+        return tvm.runtime.tensor(np.require(a, requirements="C"), self._dev)
 
     # -- files -----------------------------------------------------------------------------
     def save_files(self, directory: Path) -> list[str]:

@@ -180,7 +180,7 @@ def _transformed_params(lowered, mod, graph: Graph) -> list[np.ndarray]:
     from ..targets import get_target
     from .tvm import make_pipeline, tvm_target
 
-    consts = [np.ascontiguousarray(graph.constants[name]) for name in lowered.param_names]
+    consts = [np.require(graph.constants[name], requirements="C") for name in lowered.param_names]
     if "main_transform_params" not in [gv.name_hint for gv in mod.functions]:
         return consts
     host = tvm_target(get_target("cpu"), {})
@@ -217,7 +217,7 @@ def build(graph: Graph, target: Target, options: dict, lowered, stage) -> "TVMWa
     arrays = list(zip([p["id"] for p in program["params"]], params)) + prog.constants
     blob, index, offset = bytearray(), [], 0
     for name, arr in arrays:
-        data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        data = np.require(arr, requirements="C").astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
         index.append(
             {"id": name, "dtype": str(arr.dtype), "shape": list(arr.shape), "offset": offset, "nbytes": len(data)}
         )

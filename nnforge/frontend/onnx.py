@@ -1148,9 +1148,8 @@ def _trilu(imp, n, args):
     return imp.op("where", keep, x, imp.constant(np.zeros((), x.dtype)))
 
 
-def _isnan(imp, n, args):  # NaN is the only value that differs from itself
-    x = imp.value(args[0])
-    return imp.op("ne", x, x)
+def _isnan(imp, n, args):
+    return imp.op("isnan", imp.value(args[0]))
 
 
 CONVERTERS.update(

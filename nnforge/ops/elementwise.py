@@ -179,6 +179,16 @@ def _(c, *xs):
     return _relax(_ONE_CALL[c.node.op].relax)(*xs)
 
 
+@implement("tvm", "eq", "ne")
+def _(c, a, b):
+    """x == x and x != x are NaN tests (a common torch idiom) that TVM's LLVM build folds to constants: use isnan."""
+    x, y = c.node.inputs
+    if x is y and is_float(x.dtype):
+        nan = c.emit(R.isnan(a))
+        return nan if c.node.op == "ne" else R.logical_not(nan)
+    return (R.equal if c.node.op == "eq" else R.not_equal)(a, b)
+
+
 # -- maximum, minimum (NaN-propagating) --------------------------------------------------------------
 
 
@@ -266,6 +276,32 @@ def _tvm_bool(c, x, i: int):
 @implement("tvm", "logical_and", "logical_or")
 def _(c, a, b):
     return (R.logical_and if c.node.op == "logical_and" else R.logical_or)(_tvm_bool(c, a, 0), _tvm_bool(c, b, 1))
+
+
+def _isnan_infer(ts, attrs):
+    float_only(ts[0], "isnan")
+    return [TensorType(ts[0].shape, "bool")]
+
+
+@defop("isnan", _isnan_infer, kind="elementwise")
+def isnan(x):
+    """x is NaN. Its own op because compilers may fold the idiom x != x to false (TVM's LLVM build does)."""
+    return np.isnan(x)
+
+
+@isnan.torch
+def _(cx, x):
+    return torch.isnan(x)
+
+
+@isnan.onnxrt
+def _(cx, x):
+    return cx.emit("IsNaN", [x])
+
+
+@isnan.tvm
+def _(c, x):
+    return R.isnan(x)
 
 
 @defop("logical_not", lambda ts, a: [TensorType(ts[0].shape, "bool")], kind="elementwise")

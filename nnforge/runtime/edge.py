@@ -285,7 +285,7 @@ def _write_inputs(tmp: Path, inputs: Sequence[np.ndarray]) -> list[str]:
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         p = tmp / f"in{i}.npy"
-        np.save(p, np.ascontiguousarray(a), allow_pickle=False)
+        np.save(p, np.require(a, requirements="C"), allow_pickle=False)
         paths.append(str(p))
     return paths
 
