@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install toolchains clean fuzz
+.PHONY: demo test lint bench install toolchains clean fuzz conformance
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: install toolchains lint
 N ?= 10000
 fuzz: install
 	NNFORGE_FUZZ_N=$(N) $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz/test_fuzz.py -k "not regression"
+
+# all 1884 ONNX backend node tests through nnforge (both backends) and ONNX Runtime directly (~15 min on 2 cores)
+conformance: install
+	$(BIN)/python -m nnforge.conformance --backend ort onnxrt tvm --out docs/results/conformance.json \
+		--floor onnxrt=1650 tvm=1300
 
 bench: install
 	$(BIN)/nnforge bench

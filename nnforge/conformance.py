@@ -269,6 +269,12 @@ def summary(results: list[Result]) -> dict:
     return dict(Counter(r.status for r in results))
 
 
+def own_wrong(results: list[Result], ort: list[Result]) -> list[Result]:
+    """Wrong answers ONNX Runtime used directly does not give too (those nnforge would only pass through)."""
+    ort_wrong = {r.name for r in ort if r.status == "wrong"}
+    return [r for r in results if r.status == "wrong" and r.name not in ort_wrong]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nnforge.conformance", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", nargs="+", default=["onnxrt", "tvm", "ort"], choices=BACKENDS)
@@ -276,6 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="seconds a case may take")
     ap.add_argument("--out", type=Path, help="write every result as JSON here")
+    ap.add_argument("--floor", nargs="*", default=[], help="BACKEND=N: fail when fewer pass (and on own wrong answers)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -290,7 +297,17 @@ def main(argv=None) -> int:
     if args.out:
         doc = {b: [asdict(r) for r in res] for b, res in everything.items()}
         args.out.write_text(json.dumps(doc, indent=0))
-    return 0
+    failed = False
+    for spec in args.floor:
+        backend, _, n = spec.partition("=")
+        res = everything.get(backend, [])
+        passed = sum(r.status == "pass" for r in res)
+        own = own_wrong(res, everything["ort"]) if "ort" in everything else []
+        print(f"{backend}: {passed} pass (floor {n}); wrong answers ONNX Runtime does not give: {len(own)}")
+        for r in own:
+            print(f"  {r.name}: {r.detail}")
+        failed |= passed < int(n) or bool(own)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
