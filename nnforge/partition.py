@@ -426,7 +426,10 @@ def build_partitioned(
     subs = []
     for k, p in enumerate(plan.partitions):
         sub = subgraph(graph, p, f"{graph.name}_p{k}")
-        subs.append(get_backend(p.backend).build(sub, tgt, dict(options or {}) if p.backend == backend else {}))
+        opts = dict(options or {}) if p.backend == backend else {}
+        if p.backend == "onnxrt":  # partitions take turns on the cores: ORT's idle workers must not spin
+            opts["spinning"] = False
+        subs.append(get_backend(p.backend).build(sub, tgt, opts))
     return PartitionedArtifact(graph, tgt, plan, subs)
 
 
@@ -496,7 +499,11 @@ class PartitionedArtifact(Artifact):
             tmp = tempfile.mkdtemp(prefix="nnforge-part-")  # the sub-artifact sees its files under their own names
             for f, stored in p.files.items():
                 shutil.copyfile(Path(directory) / stored, Path(tmp) / Path(f).name)
-            art = art_cls.load_files(Path(tmp), sub, target, manifest)
+            sub_manifest = manifest
+            if p.backend == "onnxrt":  # as built: an ORT partition's idle workers do not spin
+                opts = manifest.get("options") if p.backend == plan.backend else {}
+                sub_manifest = {**manifest, "options": {**(opts or {}), "spinning": False}}
+            art = art_cls.load_files(Path(tmp), sub, target, sub_manifest)
             weakref.finalize(art, shutil.rmtree, tmp, True)
             subs.append(art)
         return cls(graph, target, plan, subs)

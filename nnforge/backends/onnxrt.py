@@ -398,7 +398,8 @@ _OPT_LEVELS = {
 
 
 def make_session(model_bytes: bytes, target: Target, options: dict | None = None):
-    """The one place ORT sessions are created. options: opt_level (all|extended|basic|none), threads (int)."""
+    """The one place ORT sessions are created. options: opt_level (all|extended|basic|none), threads (int),
+    spinning (False: worker threads sleep when idle, for sessions that share the cores with other runtimes)."""
     import onnxruntime as ort
 
     options = options or {}
@@ -409,6 +410,9 @@ def make_session(model_bytes: bytes, target: Target, options: dict | None = None
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level])
     if options.get("threads"):
         so.intra_op_num_threads = int(options["threads"])
+    if options.get("spinning") is False:  # a partition: idle ORT workers must not spin while torch or TVM runs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: ORT's warnings are about its own fusions
     # ORT fuses residual add + LayerNormalization into SkipLayerNormalization, whose CPU kernel is slower
     # than the two ops here (BERT-shaped encoder: 8-14% of the whole run)
