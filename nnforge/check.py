@@ -7,8 +7,11 @@ interpreter). A runner that fails is listed with its error instead of aborting t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import numpy as np
 
 from .compiled import to_numpy
 from .passes.manager import max_rel_error
@@ -86,6 +89,17 @@ def check(
         reference = [to_numpy(o) for o in (out if isinstance(out, (tuple, list)) else (out,))]
         ref_name = "eager torch"
         rows.append(CheckRow("eager torch", [0.0] * len(reference)))
+    elif isinstance(model, (str, bytes, os.PathLike)) or type(model).__name__ == "ModelProto":
+        # an ONNX file: ONNX Runtime on the file as is is the reference, so importer mistakes show too
+        from .backends.onnxrt import run_onnx_directly
+
+        reference, ref_name = None, "onnxruntime (the file as is)"
+        try:
+            reference = [to_numpy(o) for o in run_onnx_directly(model, arrays)]
+            rows.append(CheckRow(ref_name, [0.0] * len(reference)))
+        except Exception as e:  # noqa: BLE001 - ORT refusing the file is a row, the interpreter becomes the reference
+            rows.append(CheckRow(ref_name, failure=f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+            ref_name = "interpreter"
     else:
         reference, ref_name = None, "interpreter"
 
@@ -98,7 +112,14 @@ def check(
             return
         if reference is None:
             reference = got
+        if len(got) != len(reference) or any(np.shape(g) != np.shape(r) for r, g in zip(reference, got)):
+            shapes = [tuple(np.shape(g)) for g in got]
+            rows.append(CheckRow(name, failure=f"outputs of shapes {shapes}, the reference's are {ref_shapes()}"))
+            return
         rows.append(CheckRow(name, [max_rel_error([r], [g]) for r, g in zip(reference, got)]))
+
+    def ref_shapes():
+        return [tuple(np.shape(r)) for r in reference]
 
     add("interpreter (imported)", lambda: interpret(graph, arrays))
     add(f"interpreter ({pipeline})", lambda: interpret(PassManager(pipeline).run(graph.copy()), arrays))

@@ -125,24 +125,9 @@ def _compare(expected: list, got: list, rtol: float, atol: float) -> str | None:
 
 
 def _run_ort(model, inputs: list) -> list:
-    """ONNX Runtime alone, with the same numpy boundary as nnforge's (raw bits for bfloat16 and float8)."""
-    import onnxruntime as ort
-    from onnx import helper
+    from .backends.onnxrt import run_onnx_directly
 
-    from .backends.onnxrt import RAW_BITS, _from_ort, _to_ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    kinds = [o.type.tensor_type.elem_type for o in model.graph.output]
-    dtypes = [np.dtype(helper.tensor_dtype_to_np_dtype(k)).name if k else "" for k in kinds]
-    raw = any(dt in RAW_BITS for dt in dtypes)
-    feed = {n: _to_ort(a, raw) if isinstance(a, np.ndarray) else a for n, a in zip(names, inputs)}
-    if not raw:
-        return sess.run(None, feed)
-    return [_from_ort(v, dt) for v, dt in zip(sess.run_with_ort_values(None, feed), dtypes)]
+    return run_onnx_directly(model, inputs, threads=1)
 
 
 def _run_nnforge(model, inputs: list, backend: str) -> list:

@@ -480,6 +480,29 @@ def _from_ort(value, dtype: str) -> np.ndarray:
     return data.view(raw)[:n].reshape(shape).view(getattr(ml_dtypes, dtype))
 
 
+def run_onnx_directly(model, inputs: Sequence, threads: int = 0) -> list:
+    """An ONNX model (ModelProto, bytes or path) run by ONNX Runtime alone, as a user would without nnforge, with
+    the same numpy boundary (raw bits for bfloat16, float8 and packed 4/2-bit types): the differential check's
+    reference for ONNX files, and the conformance runs' "ORT direct"."""
+    import onnxruntime as ort
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    kinds = [o.type.tensor_type.elem_type for o in model.graph.output]
+    dtypes = [np.dtype(helper.tensor_dtype_to_np_dtype(k)).name if k else "" for k in kinds]
+    raw = any(dt in RAW_BITS for dt in dtypes)
+    feed = {n: _to_ort(np.asarray(a), raw) if not isinstance(a, (list, dict)) else a for n, a in zip(names, inputs)}
+    if not raw:
+        return sess.run(None, feed)
+    return [_from_ort(v, dt) for v, dt in zip(sess.run_with_ort_values(None, feed), dtypes)]
+
+
 class OnnxRuntimeArtifact(Artifact):
     backend = "onnxrt"
     thread_safe = True  # InferenceSession.run may be called concurrently

@@ -111,6 +111,15 @@ class TensorType:
         return TensorType(tuple(int(d) for d in array.shape), dtype_name(array.dtype))
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype an IR dtype's arrays have (object for strings, ml_dtypes' types for the small floats)."""
+    if name == "string":
+        return np.dtype(object)
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name, name))
+
+
 def dtype_name(dt) -> str:
     name = np.dtype(dt).name
     if np.dtype(dt).kind in "OU":  # strings: numpy object (or unicode) arrays

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from . import symbols
-from .graph import Graph, TensorType
+from .graph import Graph, TensorType, numpy_dtype
 from .registry import get_op
 
 
@@ -74,7 +74,7 @@ def run_node(node, args: list, env: dict[str, int]) -> list[np.ndarray]:
     with np.errstate(all="ignore"):  # NaN/Inf propagate like eager instead of warning
         res = opdef.ref(*args, **attrs)
     res = list(res) if isinstance(res, (tuple, list)) else [res]
-    return [np.asarray(r).astype(o.dtype, copy=False) for r, o in zip(res, node.outputs)]
+    return [np.asarray(r).astype(numpy_dtype(o.dtype), copy=False) for r, o in zip(res, node.outputs)]
 
 
 def interpret(graph: Graph, inputs: Sequence[np.ndarray], *, keep_all: bool = False):

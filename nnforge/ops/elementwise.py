@@ -371,11 +371,11 @@ def _(c, a, b, rounding="floor"):
     zero, one = c.const(0, dt), c.const(1, dt)
     bz = c.emit(R.equal(b, zero))
     safe = c.emit(R.where(bz, c.emit(R.broadcast_to(one, c.dims.shape(c.in_type(1).shape))), b))
-    q = c.emit(R.floor_divide(a, safe))
-    if rounding == "trunc":  # one more where the quotient is negative and inexact
-        inexact = c.emit(R.not_equal(c.emit(R.subtract(a, c.emit(R.multiply(q, safe)))), zero))
-        negative = c.emit(R.not_equal(c.emit(R.less(a, zero)), c.emit(R.less(safe, zero))))
-        q = c.emit(R.add(q, c.emit(R.astype(c.emit(R.logical_and(inexact, negative)), dt))))
+    if rounding == "trunc":  # |a| // |b| with the quotient's sign
+        q = c.emit(R.floor_divide(c.emit(R.abs(a)), c.emit(R.abs(safe))))
+        q = c.emit(R.multiply(q, c.emit(R.multiply(c.emit(R.sign(a)), c.emit(R.sign(safe))))))
+    else:
+        q = c.emit(R.floor_divide(a, safe))
     return R.where(bz, zero, q)
 
 

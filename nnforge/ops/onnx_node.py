@@ -93,9 +93,16 @@ def onnx_node(*xs, op_type, model, out_types):
         outs = ReferenceEvaluator(proto).run(None, feeds)
     except Exception as e:  # noqa: BLE001 - the reference raises many types; name the op
         raise OnnxNodeError(f"onnx_node {op_type}: onnx.reference cannot run it: {type(e).__name__}: {e}") from None
-    return [
-        np.asarray(o, dtype=t["dtype"]) if t["dtype"] != "bfloat16" else np.asarray(o) for o, t in zip(outs, out_types)
-    ]
+    return [_as_ir(np.asarray(o), t["dtype"]) for o, t in zip(outs, out_types)]
+
+
+def _as_ir(a: np.ndarray, dtype: str) -> np.ndarray:
+    """onnx.reference's result in the IR dtype's numpy form (ml_dtypes' types, object arrays for strings)."""
+    import ml_dtypes
+
+    if dtype == "string":
+        return a.astype(object)
+    return a.astype(getattr(ml_dtypes, dtype, None) or dtype)
 
 
 @onnx_node.onnxrt

@@ -191,7 +191,15 @@ def tvm_nan_if_any(c, x, y, reduce):
 
 @implement("tvm", "reduce_max", "reduce_min")
 def _(c, x, axes=None, keepdims=False):
-    y = c.emit((R.max if c.node.op == "reduce_max" else R.min)(x, axes, keepdims))
+    is_max = c.node.op == "reduce_max"
+    y = c.emit((R.max if is_max else R.min)(x, axes, keepdims))
+    dt = c.in_type(0).dtype
+    if is_float(dt):
+        # TVM starts a max at the lowest finite value (a min at the highest), so a window of only -inf (+inf)
+        # gives that value instead of the infinity: ONNX's "every key masked" test (max == -inf) then fails
+        inf = c.const(-np.inf if is_max else np.inf, dt)
+        others = c.emit(R.max(c.emit(R.astype(c.emit(R.not_equal(x, inf)), dt)), axes, keepdims))
+        y = c.emit(R.where(c.emit(R.equal(others, c.const(0, dt))), inf, y))
     return tvm_nan_if_any(c, x, y, lambda t: R.max(t, axes, keepdims))
 
 
