@@ -41,7 +41,7 @@ fuzz: install
 
 # all 1884 ONNX backend node tests through nnforge (both backends) and ONNX Runtime directly (~15 min on 2 cores)
 conformance: install
-	$(BIN)/python -m nnforge.conformance --backend ort onnxrt tvm --out docs/results/conformance.json \
+	$(BIN)/python -m nnforge.conformance --backend ort onnxrt tvm --models --out docs/results/conformance.json \
 		--floor onnxrt=1650 tvm=1300
 
 bench: install

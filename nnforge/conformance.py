@@ -64,6 +64,48 @@ def cases(names=None) -> list:
     return found
 
 
+@dataclass
+class ModelCase:
+    """One of the model-zoo CNNs the onnx wheel ships as "light" models (opset 9, weights made by
+    ConstantOfShape); inputs are seeded random, expected outputs ONNX Runtime's on the file as is."""
+
+    name: str
+    path: str
+    rtol: float = 1e-3
+    atol: float = 1e-4
+
+    @property
+    def model(self):
+        import onnx
+
+        return onnx.load(self.path)
+
+    @property
+    def data_sets(self):
+        from onnx import helper
+
+        from .backends.onnxrt import run_onnx_directly
+
+        model = self.model
+        inits = {t.name for t in model.graph.initializer}
+        rng = np.random.default_rng(0)
+        inputs = []
+        for vi in model.graph.input:
+            if vi.name in inits:
+                continue
+            tt = vi.type.tensor_type
+            shape = [d.dim_value or 1 for d in tt.shape.dim]
+            inputs.append(rng.standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+        return [(inputs, run_onnx_directly(model, inputs))]
+
+
+def model_cases() -> list[ModelCase]:
+    import onnx
+
+    light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    return [ModelCase(f"model_{p.stem.removeprefix('light_')}", str(p)) for p in sorted(light.glob("light_*.onnx"))]
+
+
 def sample(all_names: list[str], every: int = 8) -> list[str]:
     """A fixed, spread-out subset for the test suite: every ``every``-th case in name order."""
     return sorted(all_names)[::every]
@@ -145,6 +187,8 @@ def run_case(case, backend: str) -> Result:
     t0 = time.perf_counter()
     if any(case.name.startswith(p) for p in RANDOM_CASES):
         return Result(case.name, backend, "random", "random outputs by definition")
+    if isinstance(case, ModelCase) and backend == "ort":
+        return Result(case.name, backend, "reference", "ONNX Runtime's outputs are the reference")
     status, detail = "pass", ""
     try:
         for inputs, expected in case.data_sets:
@@ -173,7 +217,8 @@ def run_case(case, backend: str) -> Result:
 
 
 def _worker(backend: str, names: list[str]) -> None:
-    for case in cases(names):
+    models = {c.name: c for c in model_cases() if c.name in names}
+    for case in cases([n for n in names if n not in models]) + list(models.values()):
         print(json.dumps({"start": case.name}), flush=True)
         print(json.dumps(asdict(run_case(case, backend))), flush=True)
 
@@ -264,6 +309,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nnforge.conformance", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", nargs="+", default=["onnxrt", "tvm", "ort"], choices=BACKENDS)
     ap.add_argument("--only", nargs="*", help="case names (default: all)")
+    ap.add_argument("--models", action="store_true", help="also the nine model-zoo CNNs the onnx wheel ships")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="seconds a case may take")
     ap.add_argument("--out", type=Path, help="write every result as JSON here")
@@ -274,11 +320,16 @@ def main(argv=None) -> int:
         _worker(args.worker[0], args.worker[1:])
         return 0
     names = args.only or [c.name for c in cases()]
+    models = [c.name for c in model_cases()] if args.models else []
     everything = {}
     for backend in args.backend:
         res = run(backend, names, args.jobs, args.timeout)
         everything[backend] = res
         print(f"{backend}: {len(res)} cases: {summary(res)}", flush=True)
+        if models and backend != "ort":
+            zoo = run(backend, models, args.jobs, args.timeout)
+            everything[f"{backend} (model zoo)"] = zoo
+            print(f"{backend}: model zoo: " + ", ".join(f"{r.name} {r.status} {r.detail}".strip() for r in zoo))
     if args.out:
         doc = {b: [asdict(r) for r in res] for b, res in everything.items()}
         args.out.write_text(json.dumps(doc, indent=0))

@@ -49,3 +49,14 @@ def test_compare_catches_each_kind_of_difference():
     assert "differ" in conformance._compare([b], [(a + 1).astype(ml_dtypes.bfloat16)], 1e-3, 1e-7)
     i4 = np.array([1, -2], ml_dtypes.int4)
     assert "differ" in conformance._compare([i4], [np.array([1, 2], ml_dtypes.int4)], 1e-3, 1e-7)
+
+
+@pytest.mark.parametrize(
+    "backend, names",
+    [("onnxrt", ["model_inception_v1", "model_squeezenet"]), ("tvm", ["model_squeezenet"])],
+)
+def test_model_zoo_cnns_from_the_onnx_wheel(backend, names):
+    """Opset-9 model-zoo CNNs (converted on import; LRN and Dropout's mask on the way) match ONNX Runtime.
+    `make conformance` runs all nine on both backends, VGG-19's 102M-element weight included."""
+    results = conformance.run(backend, names, progress=False)
+    assert [(r.name, r.status) for r in results] == [(n, "pass") for n in sorted(names)], results

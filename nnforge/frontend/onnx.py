@@ -674,13 +674,14 @@ class _Importer:
         return self.node.output[k] if self.node is not None and len(self.node.output) > k else "c"
 
     # -- emitting IR ----------------------------------------------------------------------
-    def op(self, ir_op: str, *inputs, k: int = 0, **attrs) -> Value:
-        """Append an IR node for output ``k`` of the current ONNX node; fold it when every input is constant."""
+    def op(self, ir_op: str, *inputs, k: int = 0, fold: bool = True, **attrs) -> Value:
+        """Append an IR node for output ``k`` of the current ONNX node; fold it when every input is constant
+        (unless ``fold`` is off: a tensor too large to make at import, filled at run time)."""
         inputs = [self.value(i) if i is not None else None for i in inputs]
         node = self.g.make_node(
             ir_op, inputs, attrs, name=self._hint(k), source=f"onnx node {self.node.name or '?'} ({self.node.op_type})"
         )
-        if self._foldable(node):
+        if fold and self._foldable(node):
             self.check_size(node.outputs[0].type.shape, f"the result of {ir_op}")
             arrays = [self.g.constant(i) if i is not None else None for i in inputs]
             return self.g.add_constant(run_node(node, arrays, {})[0], name=self._hint(k))
@@ -784,9 +785,11 @@ def _identity(imp, n, args):
 
 
 def _dropout(imp, n, args):
-    if len(n.output) > 1 and n.output[1]:
-        raise _Unsupported("the dropout mask output is not supported")
-    return args[0]  # inference: dropout is the identity
+    """Inference: the identity, and a mask of all True where it is asked for."""
+    x = imp.value(args[0])
+    if len(n.output) < 2 or not n.output[1]:
+        return x
+    return [x, imp.op("expand", imp.constant(np.array(True)), k=1, shape=list(x.shape))]
 
 
 def _pow(imp, n, args):
@@ -1112,10 +1115,11 @@ def _constant_of_shape(imp, n, args):
     if all(isinstance(d, int) for d in dims):
         if any(d < 0 for d in dims):
             raise _Unsupported(f"negative size in shape {dims}")
-        imp.check_size(dims, "ConstantOfShape")
-        return imp.constant(np.full(dims, value[0], dtype=value.dtype))
+        if math.prod(dims) <= MAX_IMPORT_ELEMENTS:
+            return imp.constant(np.full(dims, value[0], dtype=value.dtype))
+        # larger than the import-time limit (a light model's stand-in for a big weight): filled at run time
     one = imp.constant(np.full([1] * len(dims), value[0], dtype=value.dtype))
-    return imp.op("expand", one, shape=dims)
+    return imp.op("expand", one, shape=dims, fold=False)
 
 
 def _scalar_dim(imp, a, what: str):
