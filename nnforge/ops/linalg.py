@@ -62,6 +62,8 @@ def _(cx, a, b):
 
 @matmul.tvm
 def _(c, a, b):
+    if c.in_type(0).dtype in ("float16", "bfloat16"):  # accumulate in float32, as ONNX Runtime and torch do
+        return R.astype(c.emit(R.matmul(a, b, out_dtype="float32")), c.in_type(0).dtype)
     return R.matmul(a, b)
 
 

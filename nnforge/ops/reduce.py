@@ -293,11 +293,19 @@ def _(cx, x, axis=-1):
     return cx.emit("LogSoftmax", [x], axis=axis)
 
 
+def _in_float32(c, x, fn):
+    """``fn`` computed in float32 for half-precision inputs (ONNX Runtime and torch do; fp16 sums drift)."""
+    dt = c.in_type(0).dtype
+    if dt not in ("float16", "bfloat16"):
+        return fn(x)
+    return R.astype(c.emit(fn(c.emit(R.astype(x, "float32")))), dt)
+
+
 @softmax.tvm
 def _(c, x, axis=-1):
-    return R.nn.softmax(x, axis)
+    return _in_float32(c, x, lambda v: R.nn.softmax(v, axis))
 
 
 @log_softmax.tvm
 def _(c, x, axis=-1):
-    return R.nn.log_softmax(x, axis)
+    return _in_float32(c, x, lambda v: R.nn.log_softmax(v, axis))
