@@ -137,6 +137,17 @@ def test_unknown_target_and_backend_are_named():
         nnforge.compile(zm.model, zm.inputs, target="arm", backend="onnxrt")
 
 
+def test_backend_aliases_mean_onnxrt_and_an_unknown_backend_lists_the_names():
+    zm = zoo.build("mlp", "tiny")
+    for alias in ("onnxruntime", "ORT", "onnxrt"):
+        fast = nnforge.compile(zm.model, zm.inputs, backend=alias, progress=False)
+        assert fast.backend == "onnxrt" and fast.accuracy["max_rel_error"] <= 1e-4
+    with pytest.raises(nnforge.NnforgeError) as e:
+        nnforge.compile(zm.model, zm.inputs, backend="tensorrt", progress=False)
+    assert "unknown backend 'tensorrt'" in str(e.value)
+    assert all(name in str(e.value) for name in ("'onnxrt'", "'tvm'", "'onnxruntime'", "'ort'"))
+
+
 def test_lossy_settings_run_after_the_lossless_pipeline_and_report_their_error():
     zm = zoo.build("vit", "tiny")
     cal = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
