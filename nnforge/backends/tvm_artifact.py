@@ -80,6 +80,7 @@ def first_line(e: Exception) -> str:
 
 class TVMArtifact(Artifact):
     backend = "tvm"
+    lib_bytes: bytes | None = None  # a loaded arm library's file: it cannot be loaded into this process
 
     def __init__(
         self,
@@ -191,7 +192,9 @@ class TVMArtifact(Artifact):
         names = [LIB_NAME, META_NAME]
         lib_path = str(directory / LIB_NAME)
         try:
-            if self.target.name == "arm":
+            if self.lib is None:  # a loaded aarch64 library (it cannot be loaded here): its bytes as they were
+                (directory / LIB_NAME).write_bytes(self.lib_bytes)
+            elif self.target.name == "arm":
                 self.lib.export_library(lib_path, cc=_arm_cxx())
             else:
                 self.lib.export_library(lib_path)
@@ -247,6 +250,7 @@ class TVMArtifact(Artifact):
         tuning = {n: (directory / n).read_text() for n in TUNING_FILES if (directory / n).is_file()}
         art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None, tuning)
         art.lib_path, art.bundle_dir = lib_path, directory
+        art.lib_bytes = lib_path.read_bytes() if lib is None else None  # saving it again writes these
         return art
 
 
