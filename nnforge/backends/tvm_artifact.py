@@ -23,6 +23,7 @@ from ..errors import NnforgeError
 from ..ir import Graph
 from ..ir.interpret import bind_symbols
 from ..targets import Target
+from . import tvm_log
 from .base import Artifact
 
 if "TVM_NUM_THREADS" not in os.environ:
@@ -194,10 +195,10 @@ class TVMArtifact(Artifact):
         try:
             if self.lib is None:  # a loaded aarch64 library (it cannot be loaded here): its bytes as they were
                 (directory / LIB_NAME).write_bytes(self.lib_bytes)
-            elif self.target.name == "arm":
-                self.lib.export_library(lib_path, cc=_arm_cxx())
             else:
-                self.lib.export_library(lib_path)
+                linker = {"cc": _arm_cxx()} if self.target.name == "arm" else {}
+                with tvm_log.quiet():  # saving an executable logs a warning per memory scope
+                    self.lib.export_library(lib_path, **linker)
         except NnforgeError:
             raise
         except Exception as e:
