@@ -81,7 +81,7 @@ def first_line(e: Exception) -> str:
 
 class TVMArtifact(Artifact):
     backend = "tvm"
-    lib_bytes: bytes | None = None  # a loaded arm library's file: it cannot be loaded into this process
+    lib_bytes: bytes | None = None  # the library file a loaded artifact came from: what saving it writes back
 
     def __init__(
         self,
@@ -193,7 +193,7 @@ class TVMArtifact(Artifact):
         names = [LIB_NAME, META_NAME]
         lib_path = str(directory / LIB_NAME)
         try:
-            if self.lib is None:  # a loaded aarch64 library (it cannot be loaded here): its bytes as they were
+            if self.lib_bytes is not None:  # a loaded library cannot be exported again (or, for arm, loaded here)
                 (directory / LIB_NAME).write_bytes(self.lib_bytes)
             else:
                 linker = {"cc": _arm_cxx()} if self.target.name == "arm" else {}
@@ -251,7 +251,7 @@ class TVMArtifact(Artifact):
         tuning = {n: (directory / n).read_text() for n in TUNING_FILES if (directory / n).is_file()}
         art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None, tuning)
         art.lib_path, art.bundle_dir = lib_path, directory
-        art.lib_bytes = lib_path.read_bytes() if lib is None else None  # saving it again writes these
+        art.lib_bytes = lib_path.read_bytes()  # saving it again (an export of a cached model) writes these
         return art
 
 
