@@ -341,9 +341,10 @@ class Space:
             for name, values in knobs
             if len(values) > 1
         )
+        text = text or "a single setting"
         if not self.blocks:
             text += " (no transformer blocks: token and layer settings do not apply)"
-        return text or "nothing (a single setting)"
+        return text
 
 
 def default_space(graph: Graph, budget: Budget, batch, backend: str | None = None) -> Space:
