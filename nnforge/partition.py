@@ -413,7 +413,7 @@ def build_partitioned(
     if tgt.name not in FALLBACK_TARGETS:
         bad = [
             (
-                f"{graph.nodes[k].op} (%{graph.nodes[k].outputs[0].name}): {plan.reasons.get(k, '')}",
+                f"{_op_name(graph.nodes[k])} (%{graph.nodes[k].outputs[0].name}): {plan.reasons.get(k, '')}",
                 graph.nodes[k].source,
             )
             for k in plan.fallback_nodes
@@ -431,6 +431,11 @@ def build_partitioned(
             opts["spinning"] = False
         subs.append(get_backend(p.backend).build(sub, tgt, opts))
     return PartitionedArtifact(graph, tgt, plan, subs)
+
+
+def _op_name(node: Node) -> str:
+    """An opaque torch op by the op it stands for (``torch_op aten.cumsum.default``), else the IR op."""
+    return f"torch_op {node.attrs['target']}" if node.op == "torch_op" else node.op
 
 
 class PartitionedArtifact(Artifact):

@@ -30,6 +30,8 @@ TARGETS: dict[str, Target] = {
     ),
 }
 ALIASES = {"gpu": "cuda", "aarch64": "arm", "arm64": "arm", "webassembly": "wasm", "host": "cpu", "llvm": "cpu"}
+BACKENDS = ("onnxrt", "tvm")  # the backends a target builds with (the torch executor only takes fallback partitions)
+BACKEND_ALIASES = {"onnxruntime": "onnxrt", "ort": "onnxrt"}
 
 
 def get_target(name: "str | Target") -> Target:
@@ -41,8 +43,19 @@ def get_target(name: "str | Target") -> Target:
     return TARGETS[key]
 
 
+def backend_name(name: str) -> str:
+    """A backend name or alias ("onnxruntime", "ort") -> its canonical name; NnforgeError listing the names."""
+    key = str(name).strip().lower()
+    key = BACKEND_ALIASES.get(key, key)
+    if key not in BACKENDS:
+        raise NnforgeError(
+            f"unknown backend {name!r}; choose from {list(BACKENDS)} or aliases {sorted(BACKEND_ALIASES)}"
+        )
+    return key
+
+
 def resolve_backend(target: Target, backend: str | None) -> str:
-    backend = backend or target.default_backend
+    backend = backend_name(backend) if backend else target.default_backend
     if backend not in target.backends:
         raise NnforgeError(
             f"backend {backend!r} cannot build for target {target.name!r}; it takes {list(target.backends)}"

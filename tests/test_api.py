@@ -137,6 +137,17 @@ def test_unknown_target_and_backend_are_named():
         nnforge.compile(zm.model, zm.inputs, target="arm", backend="onnxrt")
 
 
+def test_backend_aliases_mean_onnxrt_and_an_unknown_backend_lists_the_names():
+    zm = zoo.build("mlp", "tiny")
+    for alias in ("onnxruntime", "ORT", "onnxrt"):
+        fast = nnforge.compile(zm.model, zm.inputs, backend=alias, progress=False)
+        assert fast.backend == "onnxrt" and fast.accuracy["max_rel_error"] <= 1e-4
+    with pytest.raises(nnforge.NnforgeError) as e:
+        nnforge.compile(zm.model, zm.inputs, backend="tensorrt", progress=False)
+    assert "unknown backend 'tensorrt'" in str(e.value)
+    assert all(name in str(e.value) for name in ("'onnxrt'", "'tvm'", "'onnxruntime'", "'ort'"))
+
+
 def test_lossy_settings_run_after_the_lossless_pipeline_and_report_their_error():
     zm = zoo.build("vit", "tiny")
     cal = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
@@ -180,3 +191,127 @@ def test_budget_picks_a_setting_within_budget_and_reports_it():
     note = fast.notes[0]
     assert "chosen:" in note and "held-out drop" in note and "within budget" in note
     assert "budget: cosine drop <= 0.05" in fast.report()
+
+
+# ---------------------------------------------------------------------------------------
+# every compile path goes through the partition plan: a model with an op no backend takes
+# ---------------------------------------------------------------------------------------
+
+
+class WithCumsum(torch.nn.Module):
+    """Linear layers around torch.cumsum, which no backend lowers: it runs on the torch executor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.l3 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.l2(torch.nn.functional.gelu(self.l1(x))))
+        h = torch.cumsum(torch.tanh(h * 0.5), dim=-1)
+        return torch.sigmoid(self.l3(torch.tanh(h) * 2.0)) + 1.0
+
+
+BATCH = torch.export.Dim("batch", min=1, max=64)
+HOST_BACKENDS = ["onnxrt", "tvm"]
+
+
+def _cumsum_model():
+    model = WithCumsum().eval()
+    cal = [(torch.randn(16, 8, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    return model, (torch.randn(4, 8),), cal
+
+
+def _assert_falls_back(fast, backend):
+    assert fast.backend == f"{backend}+torch"
+    plan = fast.artifact.plan
+    assert [p.backend for p in plan.partitions] == [backend, "torch", backend], str(plan)
+    (k,) = plan.fallback_nodes
+    assert fast.graph.nodes[k].attrs["target"] == "aten.cumsum.default"
+
+
+def _eager(model, x):
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NNFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_a_cache_hit_runs_the_partition_plan(backend, cache_dir):
+    model, xs, _ = _cumsum_model()
+    first = nnforge.compile(model, xs, backend=backend, dynamic_shapes=({0: BATCH},), cache=True, progress=False)
+    hit = nnforge.compile(model, xs, backend=backend, dynamic_shapes=({0: BATCH},), cache=True, progress=False)
+    assert not first.from_cache and hit.from_cache and hit.cache_key == first.cache_key
+    _assert_falls_back(hit, backend)
+    x = torch.randn(7, 8)  # another batch size
+    assert rel_err(_eager(model, x), hit(x).numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_lossy_passes_run_the_partition_plan(backend):
+    model, xs, cal = _cumsum_model()
+    fast = nnforge.compile(
+        model,
+        xs,
+        backend=backend,
+        dynamic_shapes=({0: BATCH},),
+        quantize=nnforge.Quantize(),
+        calibration=cal,
+        cache=False,
+        progress=False,
+    )
+    _assert_falls_back(fast, backend)
+    assert any(r.lossy for r in fast.records) and any(n.op == "qlinear" for n in fast.graph.nodes)
+    assert 0 < fast.accuracy["max_rel_error"] <= 0.05  # int8 weights: some error, reported
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_the_budget_search_runs_the_partition_plan(backend):
+    model, xs, cal = _cumsum_model()
+    fast = nnforge.compile(
+        model,
+        xs,
+        backend=backend,
+        dynamic_shapes=({0: BATCH},),
+        budget=nnforge.Budget(max_drop=0.01, sparsity=[0.0, 0.5]),
+        calibration=cal,
+        progress=False,
+    )
+    _assert_falls_back(fast, backend)
+    assert "chosen:" in fast.notes[0] and "within budget" in fast.notes[0]
+    assert fast.accuracy["max_rel_error"] < 1.0
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_export_for_a_host_target_keeps_the_plan_and_a_cached_export_too(backend, tmp_path, cache_dir):
+    model, xs, _ = _cumsum_model()
+    for name in ("first", "cached"):
+        out = nnforge.export(model, xs, target="cpu", backend=backend, out=tmp_path / name, cache=True, progress=False)
+        loaded = nnforge.load(out)
+        _assert_falls_back(loaded, backend)
+        assert rel_err(_eager(model, xs[0]), loaded(*xs).numpy()) <= 1e-5
+    assert "compile cache" in " ".join(loaded.notes)
+
+
+def test_export_for_cuda_plans_tvm_and_torch_partitions(tmp_path):
+    model, xs, _ = _cumsum_model()
+    out = nnforge.export(model, xs, target="cuda", out=tmp_path / "cuda", check=False, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"] == "cuda" and manifest["backend"] == "tvm+torch"
+    assert [p["backend"] for p in manifest["partitions"]["partitions"]] == ["tvm", "torch", "tvm"]
+
+
+@pytest.mark.parametrize("target, backend", [("arm", "tvm"), ("wasm", "onnxrt"), ("wasm", "tvm")])
+def test_edge_targets_refuse_a_fallback_op_by_name(target, backend, tmp_path, cache_dir):
+    model, xs, _ = _cumsum_model()
+    for cache in (False, True):
+        with pytest.raises(nnforge.UnsupportedOpError) as e:
+            nnforge.export(model, xs, target=target, backend=backend, out=tmp_path / "b", cache=cache, progress=False)
+        assert "torch_op aten.cumsum.default" in str(e.value) and "needs a host target" in str(e.value)
+        assert "test_api.py" in str(e.value)  # the model's source line
+    assert not (tmp_path / "b").exists()

@@ -1,13 +1,17 @@
-"""Accuracy-budgeted search over token merging, pruning and layer skipping."""
+"""Accuracy-budgeted search over token merging, pruning, layer skipping, sparsity and quantization; a CNN and an
+MLP (trained on the digits here, no transformer blocks) get the sparsity and quantization knobs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from digits_vit import accuracy
 
+import nnforge
 from nnforge.errors import NnforgeError
 from nnforge.ir import interpret
+from nnforge.models.digits import load_data
 from nnforge.passes.budget import (
     Budget,
     Setting,
@@ -92,13 +96,14 @@ def test_lossless_setting_and_flops_shrink(split):
 
 def test_default_space_and_pareto_plot(split, tmp_path):
     d, cal, held = split
-    rs, keeps, skips, quants = default_space(d.graph, Budget(), cal[0])
+    space = default_space(d.graph, Budget(), cal[0])
+    rs, keeps, skips = space.merge_r, space.prune_keep, space.skip
     # 64 patch tokens (the class token is kept) over 6 blocks: merging at most 3/4 of them, skipping up to half the blocks
     assert rs == [0, 2, 4, 6, 8] and max(rs) * 6 <= 64 * 3 // 4 and keeps[0] == 1.0 and skips == [0, 1, 2, 3]
-    assert quants == ["float", "int8", "w8a8"] and default_space(d.graph, Budget(), cal[0], "tvm")[3] == [
-        "float",
-        "w8a8",
-    ]
+    assert space.quantize == ["float", "int8", "w8a8"] and space.blocks == 6
+    assert default_space(d.graph, Budget(), cal[0], "tvm").quantize == ["float", "w8a8"]
+    assert space.sparsity == [0.0]  # with blocks, sparsity is searched only when asked for
+    assert default_space(d.graph, Budget(sparsity=[0.5, 0]), cal[0]).sparsity == [0.0, 0.5]
     space = dict(merge_r=[0, 4], prune_keep=[1.0], skip=[0, 1], quantize=["float"])
     res = search(d.graph, Budget(max_drop=0.02, **space), cal, held, time_fn=flop_time(cal[0]), progress=True)
     path = tmp_path / "pareto.png"
@@ -167,3 +172,136 @@ def test_a_faster_quantization_is_chosen_and_an_unavailable_one_left_out(split):
         time_fn=time_fn,
     )
     assert res.setting.lossless  # int8 costs some quality: a zero budget keeps float
+
+
+# ---------------------------------------------------------------------------------------
+# models without transformer blocks: a CNN and an MLP trained on the digits (8x8 images)
+# ---------------------------------------------------------------------------------------
+
+
+class DigitsMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class DigitsCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1, stride=2),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32 * 4 * 4, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 300) -> torch.nn.Module:
+    """Adam on batches of 64, one thread (the same model on every machine, and no fight for a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(0, len(xt), (64,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    """(x_test, y_test, {"mlp": model, "cnn": model}): both trained on the 1300 training digits at 8x8."""
+    x_train, y_train, x_test, y_test = load_data(img=8)
+    models = {"mlp": _train(DigitsMLP(), x_train, y_train), "cnn": _train(DigitsCNN(), x_train, y_train)}
+    return x_test, y_test, models
+
+
+BATCH = torch.export.Dim("batch", min=1, max=1024)
+
+
+def _torch_batches(x: np.ndarray, size: int = 100) -> list[tuple[torch.Tensor]]:
+    return [(torch.from_numpy(x[i : i + size]),) for i in range(0, len(x), size)]
+
+
+@pytest.mark.parametrize("family", ["cnn", "mlp"])
+def test_compile_with_a_budget_searches_quantization_and_sparsity_for_a_model_without_blocks(family, digits_small):
+    x_test, y_test, models = digits_small
+    model = models[family]
+    cal, held = _torch_batches(x_test[:200]), _torch_batches(x_test[200:])
+    with torch.no_grad():
+        base = accuracy(model(torch.from_numpy(x_test[200:])).numpy(), y_test[200:])
+    assert base > 0.9  # a real, trained model
+    fast = nnforge.compile(
+        model,
+        (torch.from_numpy(x_test[:4]),),
+        dynamic_shapes=({0: BATCH},),
+        budget=nnforge.Budget(metric="top1", max_drop=0.02),
+        calibration=cal,
+        heldout=held,
+        progress=False,
+    )
+    note = fast.notes[0]
+    assert "chosen:" in note and "within budget" in note, note
+    searched = note.split("searched: ")[1]
+    assert "sparsity 0, 0.5, 0.8, 0.9" in searched and "quantize float, int8, w8a8" in searched
+    assert "no transformer blocks" in searched and "merge" not in searched
+    # the held-out digits, re-measured on the compiled model: its top-1 agreement with the original's
+    got = np.concatenate([fast(*b).numpy() for b in held])
+    with torch.no_grad():
+        want = np.concatenate([model(*b).numpy() for b in held])
+    assert 1.0 - top1_quality(got, want) <= 0.02
+    assert base - accuracy(got, y_test[200:]) <= 0.03  # and against the labels
+
+
+def test_sparsity_is_chosen_where_it_saves_work_and_the_budget_holds(digits_small):
+    """Counted in FLOPs, a CSR linear costs its stored weights: the strongest sparsity within budget wins."""
+    x_test, y_test, models = digits_small
+    graph = nnforge.import_model(models["mlp"], (torch.from_numpy(x_test[:4]),), dynamic_shapes=({0: BATCH},))
+    cal = [[x_test[i : i + 100]] for i in (0, 100)]
+    held = [[x_test[i : i + 100]] for i in range(200, len(x_test), 100)]
+    budget = Budget(metric="top1", max_drop=0.05, quantize=["float"])
+    res = search(graph, budget, cal, held, time_fn=flop_time(cal[0]))
+    assert res.setting.sparsity > 0 and not res.setting.merge_r and res.speedup > 1.5, res.report()
+    assert any(n.op == "sparse_linear" for n in res.graph.nodes)
+    drop = quality_drop(top1_quality, _outputs(res.graph, held), _outputs(graph, held))
+    assert drop == pytest.approx(res.drop) and drop <= 0.05
+    assert f"chosen: sparsity {res.setting.sparsity:g}" in res.report()
+    stronger = [c for c in res.candidates if c.setting.sparsity > res.setting.sparsity]
+    assert all(c.drop is None or c.drop > budget.margin * budget.max_drop or c.heldout_drop > 0.05 for c in stronger)
+
+
+def test_token_and_layer_knobs_on_a_model_without_blocks_are_refused_by_name(digits_small):
+    x_test, _, models = digits_small
+    graph = nnforge.import_model(models["cnn"], (torch.from_numpy(x_test[:4]),))
+    cal = [[x_test[:4]]]
+    with pytest.raises(NnforgeError, match=r"budget: merge_r, skip act on transformer blocks.*none"):
+        default_space(graph, Budget(merge_r=[0, 2], skip=[1]), cal[0])
+    space = default_space(graph, Budget(merge_r=[0], prune_keep=[1.0]), cal[0], "tvm")  # the lossless values are fine
+    assert space.blocks == 0 and space.sparsity == [0.0, 0.8, 0.9] and space.quantize == ["float", "w8a8"]
+    with pytest.raises(NnforgeError, match=r"sparsity must list fractions in \[0, 1\)"):
+        default_space(graph, Budget(sparsity=[1.0]), cal[0])

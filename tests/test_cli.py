@@ -1,4 +1,9 @@
-"""The nnforge command line: show, compile, run, passes, and its error messages."""
+"""The nnforge command line: show, compile, run, passes, cache, and its error messages."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,3 +61,32 @@ def test_passes_lists_pipelines(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "dce" in out and "pipeline O2" in out
+
+
+def test_python_m_nnforge_cache_info_lists_entries_least_recently_used_first(onnx_file, tmp_path):
+    """Through ``python -m nnforge`` in a fresh process, as a user runs it (the cache under its own folder)."""
+    _, path = onnx_file
+    env = {
+        **os.environ,
+        "NNFORGE_CACHE": "1",
+        "NNFORGE_CACHE_DIR": str(tmp_path / "cache"),
+        "NNFORGE_CACHE_MAX_BYTES": "750MB",
+    }
+    root = Path(__file__).resolve().parent.parent  # this checkout's nnforge
+
+    def nnforge(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "nnforge", *args], env=env, cwd=root, capture_output=True, text=True
+        )
+
+    for backend in ("onnxrt", "tvm"):
+        done = nnforge("compile", str(path), "--backend", backend, "-o", str(tmp_path / backend))
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr  # TVM's log lines stay quiet
+    info = nnforge("cache", "info")
+    assert info.returncode == 0 and info.stderr == ""
+    lines = info.stdout.splitlines()
+    assert lines[0] == f"nnforge compile cache: {tmp_path / 'cache'}"
+    assert "2 entries" in lines[1] and "of 750.0 MB" in lines[1]
+    assert lines[2] == "  least recently used first:"
+    assert "cpu / onnxrt" in lines[3] and "cpu / tvm" in lines[4]  # compiled in that order

@@ -44,7 +44,7 @@ from tvm import relax  # noqa: E402
 from ..errors import NnforgeError, UnsupportedOpError
 from ..ir import Graph
 from ..targets import Target, get_target
-from . import tvm_lower, tvm_schedule  # noqa: E402
+from . import tvm_log, tvm_lower, tvm_schedule  # noqa: E402
 from .base import Backend, Unsupported, register_backend
 from .tvm_artifact import (  # noqa: F401  # noqa: F401  (sets TVM_NUM_THREADS before TVM loads)
     CUDA_SOURCE_NAME,
@@ -202,7 +202,8 @@ class TVMBackend(Backend):
         self, graph: Graph, options: dict | None = None, target: "tvm.target.Target | None" = None
     ) -> "tvm_lower.Lowered":
         """The Relax module for ``graph`` before any pipeline ran (for inspection and tests)."""
-        return tvm_lower.lower_graph(graph, embed_params=bool((options or {}).get("embed_params")), target=target)
+        with tvm_log.quiet():  # asking LLVM about wasm32 logs its vector width
+            return tvm_lower.lower_graph(graph, embed_params=bool((options or {}).get("embed_params")), target=target)
 
     def kernels(self, graph: Graph, target: Target | str = "cpu", options: dict | None = None) -> "tvm.IRModule":
         """The module after fusion and scheduling (TIR kernels + Relax main): to read or time kernels."""
@@ -265,7 +266,7 @@ class TVMBackend(Backend):
                     database = tvm_tune.open_db(tmp)  # applied: only records faster than the default schedule
             stage("compiling (legalize, fuse, schedule, codegen)")
             try:
-                with database if database is not None else contextlib.nullcontext():
+                with database if database is not None else contextlib.nullcontext(), tvm_log.quiet():
                     ex = tvm.compile(
                         mod,
                         target=ttarget,

@@ -23,6 +23,7 @@ from ..errors import NnforgeError
 from ..ir import Graph
 from ..ir.interpret import bind_symbols
 from ..targets import Target
+from . import tvm_log
 from .base import Artifact
 
 if "TVM_NUM_THREADS" not in os.environ:
@@ -80,6 +81,7 @@ def first_line(e: Exception) -> str:
 
 class TVMArtifact(Artifact):
     backend = "tvm"
+    lib_bytes: bytes | None = None  # the library file a loaded artifact came from: what saving it writes back
 
     def __init__(
         self,
@@ -191,10 +193,12 @@ class TVMArtifact(Artifact):
         names = [LIB_NAME, META_NAME]
         lib_path = str(directory / LIB_NAME)
         try:
-            if self.target.name == "arm":
-                self.lib.export_library(lib_path, cc=_arm_cxx())
+            if self.lib_bytes is not None:  # a loaded library cannot be exported again (or, for arm, loaded here)
+                (directory / LIB_NAME).write_bytes(self.lib_bytes)
             else:
-                self.lib.export_library(lib_path)
+                linker = {"cc": _arm_cxx()} if self.target.name == "arm" else {}
+                with tvm_log.quiet():  # saving an executable logs a warning per memory scope
+                    self.lib.export_library(lib_path, **linker)
         except NnforgeError:
             raise
         except Exception as e:
@@ -247,6 +251,7 @@ class TVMArtifact(Artifact):
         tuning = {n: (directory / n).read_text() for n in TUNING_FILES if (directory / n).is_file()}
         art = cls(graph, target, lib, meta, cuda_src.read_text() if cuda_src.is_file() else None, tuning)
         art.lib_path, art.bundle_dir = lib_path, directory
+        art.lib_bytes = lib_path.read_bytes()  # saving it again (an export of a cached model) writes these
         return art
 
 

@@ -32,6 +32,7 @@ from tvm import relax
 from ..errors import NnforgeError
 from ..ir.graph import Graph
 from ..targets import Target
+from . import tvm_log
 from .base import Artifact
 
 WASM_TARGET = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm", "mattr": ["+simd128"]}
@@ -153,7 +154,8 @@ class _Program:
 def _link(kernels: dict, target, work: Path) -> bytes:
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in kernels.items()})
     mod = mod.with_attr("system_lib_prefix", "")
-    lib = tvm.tirx.build(mod, target=target)
+    with tvm_log.quiet():
+        lib = tvm.tirx.build(mod, target=target)
     obj = work / "kernels.o"
     lib.write_to_file(str(obj))
     out = work / MODULE_NAME
@@ -198,7 +200,7 @@ def build(graph: Graph, target: Target, options: dict, lowered, stage) -> "TVMWa
     stage("weights: running the lifted transforms on the host")
     params = _transformed_params(lowered, mod, graph)
     stage("fusing and scheduling for wasm32")
-    with wt:
+    with wt, tvm_log.quiet():  # LLVM's wasm32 target logs its vector width each time it is made
         sched = tvm.transform.Sequential(
             pipeline_passes(
                 wt, options.get("schedule", "default"), options.get("fast_math", True), stop_after_schedule=True

@@ -1,9 +1,12 @@
 """Accuracy-budgeted search over the lossy passes: the fastest setting whose quality drop stays in budget.
 
 ``search(graph, Budget(metric="cosine", max_drop=0.01), calibration, heldout, time_fn)`` tries
-settings of token merging (r), token pruning (keep ratio), layer skipping (blocks removed) and
-quantization ("float", "int8" weight-only, "w8a8" int8 weights + dynamic int8 activations) jointly.
-A quantization the backend cannot build (``time_fn`` raises an NnforgeError) is left out. For each
+settings of token merging (r), token pruning (keep ratio), layer skipping (blocks removed),
+sparsity (the fraction of each linear/conv weight row pruned by Wanda, linears then stored as CSR
+where smaller) and quantization ("float", "int8" weight-only, "w8a8" int8 weights + dynamic int8
+activations) jointly, each where it applies: the token and layer knobs need transformer blocks, so a
+CNN or an MLP gets the sparsity and quantization ones (``default_space``). A quantization the backend
+cannot build (``time_fn`` raises an NnforgeError) is left out. For each
 setting it builds the graph, measures the quality drop against the lossless graph on the
 calibration batches, and times it with ``time_fn(graph) -> seconds`` (the real target backend, as
 the caller wires it; ``flop_time`` is a deterministic stand-in). The fastest setting within the
@@ -30,11 +33,12 @@ import numpy as np
 from ..errors import NnforgeError
 from ..ir import Graph, interpret, symbols
 from ..ir.interpret import bind_symbols
-from .blocks import find_blocks, require_blocks
+from .blocks import BlockInfo, find_blocks, require_blocks
 from .layers import SkipLayers, SkipLayersPass
 from .lowbit import Quantize
 from .lowbit.passes import QuantizeFromSettings
 from .manager import Pass, PassContext
+from .sparsity import Sparsity, SparsityFromSettings
 from .tokens import TokenMerge, TokenMergePass, TokenPrune, TokenPrunePass
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -49,6 +53,7 @@ class Budget:
     prune_keep: Sequence[float] | None = None
     skip: Sequence[int] | None = None
     quantize: Sequence[str] | None = None  # of QUANT; None: DEFAULT_QUANT for the backend (else all)
+    sparsity: Sequence[float] | None = None  # pruned fractions in [0, 1); None: DEFAULT_SPARSITY (see default_space)
     margin: float = 0.8  # calibration must show at most margin * max_drop
 
 
@@ -57,6 +62,15 @@ QUANT = ("float", "int8", "w8a8")  # weakest first: w8a8 uses the int8 weights a
 # weights are dequantized inside the float matmul), so it is not worth a search step; W8A8 runs int8 dot
 # products where the CPU has VNNI (bench BERT: ~1.9x float)
 DEFAULT_QUANT = {"tvm": ("float", "w8a8")}
+# the default pruned fractions for a model without transformer blocks (with blocks the token and layer knobs
+# are the search; Budget(sparsity=...) adds sparsity there); TVM runs a CSR kernel only where at most 20% of a
+# linear's weights are stored (tvm_sparse.MAX_DENSITY): sparser than that it runs the dense kernel
+DEFAULT_SPARSITY = {"tvm": (0.0, 0.8, 0.9)}
+SPARSITY = (0.0, 0.5, 0.8, 0.9)
+
+
+def _sparsity_config(ratio: float) -> Sparsity:
+    return Sparsity(method="wanda", ratio=ratio, storage="csr")
 
 
 def _quantize_config(name: str) -> Quantize:
@@ -69,16 +83,25 @@ class Setting:
     prune_keep: float = 1.0
     skip: int = 0
     quant: str = "float"
+    sparsity: float = 0.0  # fraction of each weight row pruned
 
     @property
     def lossless(self) -> bool:
-        return self.merge_r == 0 and self.prune_keep == 1.0 and self.skip == 0 and self.quant == "float"
+        return (
+            self.merge_r == 0
+            and self.prune_keep == 1.0
+            and self.skip == 0
+            and self.quant == "float"
+            and not self.sparsity
+        )
 
     def passes(self):
-        """The lossy passes for this setting, in the order they compose: skip, prune, merge, quantize."""
+        """The lossy passes for this setting, in the order they compose: skip, sparsity, prune, merge, quantize."""
         out = []
         if self.skip:
             out.append(SkipLayersPass(SkipLayers(n=self.skip)))
+        if self.sparsity:
+            out.append(SparsityFromSettings(_sparsity_config(self.sparsity)))
         if self.prune_keep < 1.0:
             out.append(TokenPrunePass(TokenPrune(keep=self.prune_keep)))
         if self.merge_r:
@@ -93,6 +116,7 @@ class Setting:
             self.merge_r >= other.merge_r
             and self.prune_keep <= other.prune_keep
             and self.skip >= other.skip
+            and self.sparsity >= other.sparsity
             and QUANT.index(self.quant) >= QUANT.index(other.quant)
         )
 
@@ -101,6 +125,7 @@ class Setting:
             ([f"merge r={self.merge_r}"] if self.merge_r else [])
             + ([f"prune keep={self.prune_keep:g}"] if self.prune_keep < 1 else [])
             + ([f"skip {self.skip}"] if self.skip else [])
+            + ([f"sparsity {self.sparsity:g}"] if self.sparsity else [])
             + ([self.quant] if self.quant != "float" else [])
         )
         return ", ".join(parts) or "lossless"
@@ -108,7 +133,7 @@ class Setting:
 
 def search_passes() -> list[Pass]:
     """One of each pass the search may run: what a pipeline around the search is ordered by."""
-    return Setting(merge_r=1, prune_keep=0.5, skip=1, quant="int8").passes()
+    return Setting(merge_r=1, prune_keep=0.5, skip=1, quant="int8", sparsity=0.5).passes()
 
 
 @dataclass
@@ -133,6 +158,7 @@ class BudgetResult:
     baseline_seconds: float
     budget: Budget
     candidates: list[Candidate] = field(default_factory=list)
+    space: "Space | None" = None
 
     @property
     def speedup(self) -> float:
@@ -151,6 +177,7 @@ class BudgetResult:
             f"held-out drop: {self.drop:.4g} ({'within' if self.drop <= self.budget.max_drop else 'OVER'} budget)\n"
             f"speed-up: {self.speedup:.2f}x ({self.baseline_seconds:.4g}s -> {self.seconds:.4g}s)\n"
             f"candidates: {tried} measured of {len(self.candidates)}"
+            + (f"\nsearched: {self.space.describe()}" if self.space is not None else "")
         )
 
 
@@ -226,6 +253,8 @@ COSTS = {
     "qlinear": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[0])[-1],
     "qconv2d": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[1])[1] * (2 if n.attrs["bits"] == 4 else 1),
     "conv2d": lambda n, shp: _numel(shp(n.output)) * _numel(shp(n.inputs[1])[1:]),
+    # per output row, one multiply-add per stored weight (values: [nnz]; row_ptr: [out features + 1])
+    "sparse_linear": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[1])[0] // max(1, shp(n.inputs[3])[0] - 1),
 }
 
 
@@ -267,35 +296,102 @@ def wall_time(
 # ---------------------------------------------------------------------------------------
 
 
-def _tokens(graph: Graph, batch) -> int:
-    info = find_blocks(graph)
+def _tokens(info: BlockInfo, graph: Graph, batch) -> int:
     env = bind_symbols(graph, [np.asarray(a) for a in batch])
     return symbols.evaluate(info.tokens, env)
 
 
-def default_space(
-    graph: Graph, budget: Budget, batch, backend: str | None = None
-) -> tuple[list[int], list[float], list[int], list[str]]:
-    """Candidate knobs from the model: merging up to 3/4 of the tokens, keep ratios, up to half the blocks skipped,
-    the quantizations worth timing on ``backend``."""
-    info = find_blocks(graph)
-    n = len(info.blocks)
-    decoder = info.kind == "decoder"
-    if budget.merge_r is not None:
-        rs = list(budget.merge_r)
-    elif decoder:
-        rs = [0]
-    else:
-        free = _tokens(graph, batch) - info.class_tokens
-        top = max(1, (3 * free) // (4 * n))
-        rs = sorted({0, *(max(1, round(top * f)) for f in (0.25, 0.5, 0.75, 1.0))})
-    keeps = list(budget.prune_keep) if budget.prune_keep is not None else [1.0, 0.9, 0.7, 0.5]
-    skips = list(budget.skip) if budget.skip is not None else list(range(0, max(1, n // 2) + 1))
+def blocks_of(graph: Graph) -> BlockInfo | None:
+    """The transformer blocks the token and layer knobs act on (fusing first if needed), or None."""
+    try:
+        return require_blocks(graph, "budget")
+    except NnforgeError:
+        return None
+
+
+@dataclass
+class Space:
+    """The candidate values of each knob; a knob with one value is not searched."""
+
+    merge_r: list[int]
+    prune_keep: list[float]
+    skip: list[int]
+    quantize: list[str]
+    sparsity: list[float]
+    blocks: int = 0  # transformer blocks found (0: the token and layer knobs do not apply)
+
+    def settings(self) -> list[Setting]:
+        """Every combination, weakest first."""
+        combos = itertools.product(self.merge_r, self.prune_keep, self.skip, self.quantize, self.sparsity)
+        return sorted(
+            (Setting(r, k, s, q, sp) for r, k, s, q, sp in combos),
+            key=lambda s: (s.merge_r + s.skip, -s.prune_keep, s.sparsity, QUANT.index(s.quant)),
+        )
+
+    def describe(self) -> str:
+        knobs = [
+            ("merge r", self.merge_r),
+            ("prune keep", self.prune_keep),
+            ("skip", self.skip),
+            ("sparsity", self.sparsity),
+            ("quantize", self.quantize),
+        ]
+        text = "; ".join(
+            f"{name} {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}"
+            for name, values in knobs
+            if len(values) > 1
+        )
+        text = text or "a single setting"
+        if not self.blocks:
+            text += " (no transformer blocks: token and layer settings do not apply)"
+        return text
+
+
+def default_space(graph: Graph, budget: Budget, batch, backend: str | None = None) -> Space:
+    """Candidate knobs from the model: with transformer blocks, merging up to 3/4 of the tokens, keep ratios and up
+    to half the blocks skipped; sparsity (by default only without blocks, ``DEFAULT_SPARSITY`` for ``backend``);
+    the quantizations worth timing on ``backend``. A Budget's explicit lists replace the defaults."""
+    info = blocks_of(graph)
     quants = list(budget.quantize) if budget.quantize is not None else list(DEFAULT_QUANT.get(backend, QUANT))
     for q in quants:
         if q not in QUANT:
             raise NnforgeError(f"budget: quantize must list values of {QUANT}, got {q!r}")
-    return rs, keeps, skips, quants
+    if budget.sparsity is not None:
+        ratios = sorted({float(r) for r in budget.sparsity})
+    else:
+        ratios = [0.0] if info is not None else list(DEFAULT_SPARSITY.get(backend, SPARSITY))
+    for r in ratios:
+        if not 0.0 <= r < 1.0:
+            raise NnforgeError(f"budget: sparsity must list fractions in [0, 1), got {r!r}")
+    if info is None:
+        asked = [
+            k
+            for k, v, off in (
+                ("merge_r", budget.merge_r, 0),
+                ("prune_keep", budget.prune_keep, 1.0),
+                ("skip", budget.skip, 0),
+            )
+            if v is not None and any(x != off for x in v)
+        ]
+        if asked:
+            why = "; ".join(find_blocks(graph).notes) or "no attention op in the graph"
+            raise NnforgeError(
+                f"budget: {', '.join(asked)} act on transformer blocks, and this model has none ({why}); "
+                "search quantize= and sparsity= only"
+            )
+        return Space([0], [1.0], [0], quants, ratios)
+    n = len(info.blocks)
+    if budget.merge_r is not None:
+        rs = list(budget.merge_r)
+    elif info.kind == "decoder":
+        rs = [0]
+    else:
+        free = _tokens(info, graph, batch) - info.class_tokens
+        top = max(1, (3 * free) // (4 * n))
+        rs = sorted({0, *(max(1, round(top * f)) for f in (0.25, 0.5, 0.75, 1.0))})
+    keeps = list(budget.prune_keep) if budget.prune_keep is not None else [1.0, 0.9, 0.7, 0.5]
+    skips = list(budget.skip) if budget.skip is not None else list(range(0, max(1, n // 2) + 1))
+    return Space(rs, keeps, skips, quants, ratios, blocks=n)
 
 
 def build(graph: Graph, setting: Setting, calibration) -> Graph:
@@ -338,15 +434,10 @@ def search(
     builds with (it picks the default quantization choices)."""
     if not calibration or not heldout:
         raise NnforgeError("budget: needs calibration batches and held-out batches (kept apart)")
-    require_blocks(graph, "budget")
     metric = metric_fn(budget.metric)
     time_fn = time_fn or flop_time(list(calibration[0]))
-    rs, keeps, skips, quants = default_space(graph, budget, calibration[0], backend)
-    settings = sorted(
-        (Setting(r, k, s, q) for r, k, s, q in itertools.product(rs, keeps, skips, quants)),
-        key=lambda s: (s.merge_r + s.skip, -s.prune_keep, QUANT.index(s.quant)),
-    )  # weak first
-    cands = [Candidate(s) for s in settings]
+    space = default_space(graph, budget, calibration[0], backend)
+    cands = [Candidate(s) for s in space.settings()]
     ref_cal, graphs = outputs(graph, calibration, run), {}
     failed: list[Setting] = []
     bar = _progress(progress, len(cands))
@@ -384,8 +475,8 @@ def search(
     for c in sorted((c for c in cands if c.setting in graphs and c.seconds < baseline), key=lambda c: c.seconds):
         c.heldout_drop = quality_drop(metric, outputs(graphs[c.setting], heldout, run), ref_held)
         if c.heldout_drop <= budget.max_drop:
-            return BudgetResult(c.setting, graphs[c.setting], c.heldout_drop, c.seconds, baseline, budget, cands)
-    return BudgetResult(Setting(), graph.copy(), 0.0, baseline, baseline, budget, cands)
+            return BudgetResult(c.setting, graphs[c.setting], c.heldout_drop, c.seconds, baseline, budget, cands, space)
+    return BudgetResult(Setting(), graph.copy(), 0.0, baseline, baseline, budget, cands, space)
 
 
 def plot_pareto(result: BudgetResult, path) -> None:
