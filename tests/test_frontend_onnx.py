@@ -214,17 +214,19 @@ def test_less_common_ops_match_onnxruntime():
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_symbolic_shape_as_data_is_unsupported():
-    nodes = [helper.make_node("Shape", ["x"], ["y"], name="shape_out")]
-    with pytest.raises(UnsupportedOpError, match="symbolic shape"):
-        import_onnx(_model(nodes, [_vi("x", ["n", 3])], [_vi("y", [2], TensorProto.INT64)]))
+def test_symbolic_shapes_used_as_data_are_computed_at_run_time():
     nodes = [
         helper.make_node("Shape", ["x"], ["s"]),
         helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["x", "sf"], ["y"], name="scale_by_shape"),
     ]
-    with pytest.raises(UnsupportedOpError, match=r"Cast.*symbolic shape"):
-        import_onnx(_model(nodes, [_vi("x", ["n", 2])], [_vi("y", ["n", 2])]))
+    model = _model(nodes, [_vi("x", ["n", 2])], [_vi("y", ["n", 2]), _vi("s", [2], TensorProto.INT64)])
+    g = import_onnx(model)
+    for n in (1, 3):
+        x = np.random.default_rng(n).standard_normal((n, 2)).astype(np.float32)
+        y, s = interpret(g, [x])
+        np.testing.assert_array_equal(s, [n, 2])
+        np.testing.assert_allclose(y, x * np.array([n, 2], np.float32), rtol=1e-6)
 
 
 def test_unnamed_dynamic_dim_gets_a_symbol():
@@ -238,19 +240,12 @@ def test_unnamed_dynamic_dim_gets_a_symbol():
     )
 
 
-def test_nodes_that_cannot_be_kept_are_listed_at_once():
-    """A node without an IR op is kept for ONNX Runtime (tests/test_onnx_passthrough.py), unless it reads a
-    shape known only as symbols at import: each such node is named, all at once."""
-    nodes = [
-        helper.make_node("Shape", ["x"], ["s"]),
-        helper.make_node("BitwiseNot", ["s"], ["a"], name="first_bad"),
-        helper.make_node("BitwiseAnd", ["s", "s"], ["b"], name="second_bad"),
-    ]
-    outs = [_vi("a", [2], TensorProto.INT64), _vi("b", [2], TensorProto.INT64)]
-    with pytest.raises(UnsupportedOpError) as e:
-        import_onnx(_model(nodes, [_vi("x", ["n", 3])], outs))
-    assert [op for op, _ in e.value.items] == ["BitwiseNot", "BitwiseAnd"]
-    assert "first_bad" in str(e.value) and "second_bad" in str(e.value) and "symbolic shape" in str(e.value)
+def test_values_ir_types_cannot_hold_are_refused_at_the_boundary():
+    """A sequence as a graph output cannot leave the kept region: refused, naming the ops."""
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], name="to_seq")]
+    seq = helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)
+    with pytest.raises(UnsupportedOpError, match="SplitToSequence.*not a tensor"):
+        import_onnx(_model(nodes, [_vi("x", [4, 3])], [seq]))
 
 
 def test_attribute_combinations_the_ir_lacks_are_kept_as_is():

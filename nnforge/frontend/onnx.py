@@ -45,6 +45,7 @@ OLDEST_OPSET = 1  # older models (opsets 1..12) are converted to MIN_OPSET with 
 # constants computed at import (ConstantOfShape, Range, folded ops) may not exceed this many elements:
 # a tiny file must not make the importer allocate gigabytes
 MAX_IMPORT_ELEMENTS = 1 << 26
+MAX_RUNTIME_FILL = 1 << 30  # a constant filled at run time (ConstantOfShape above the import limit): 4 GB of fp32
 MAX_INPUT_ELEMENTS = 1 << 34  # a declared input larger than this is a broken or hostile file, not a model
 
 DTYPES = {
@@ -383,6 +384,7 @@ class _Importer:
         self.failed: list[tuple[str, str]] = []
         self.node = None  # the ONNX node being converted (for names and messages)
         self.region: list[onnx.NodeProto] = []  # nodes kept together as one onnx_node (see _join_region)
+        self.symbol_tensors: dict[str, Value] = {}  # symbol -> int64 [1] tensor of its run-time value
 
     # -- driver -----------------------------------------------------------------------
     def run(self) -> Graph:
@@ -401,13 +403,14 @@ class _Importer:
         self._flush_region(graph)
         if self.failed:
             raise UnsupportedOpError(self.failed, where=self.where)
+        for vi in graph.output:  # a shape as a graph output: computed at run time
+            if isinstance(self.env[vi.name], Sym):
+                self.node = helper.make_node("Identity", [vi.name], [vi.name], name=f"output {vi.name}")
+                try:
+                    self.env[vi.name] = self._materialize(self.env[vi.name])
+                except _Unsupported as e:
+                    raise UnsupportedOpError([("output", f"graph output {vi.name}: {e}")], where=self.where) from None
         self.node = None
-        symbolic = [vi.name for vi in graph.output if isinstance(self.env[vi.name], Sym)]
-        if symbolic:
-            raise UnsupportedOpError(
-                [("output", f"graph output {name} is a symbolic shape {self.env[name]}") for name in symbolic],
-                where=self.where,
-            )
         self.g.outputs = [self.env[vi.name] for vi in graph.output]
         self.g.remove_unused_constants()
         self.g.meta.update(
@@ -484,9 +487,7 @@ class _Importer:
                 raise _Unsupported(f"reads {name!r}, which is not defined before it")
             if v is _POISON:
                 raise _Unsupported(f"reads {name!r}, which could not be imported")
-            if isinstance(v, Sym):
-                raise _Unsupported(f"reads the symbolic shape {name!r} ({v.arr.tolist()}) as tensor data")
-            values.append(v)
+            values.append(self._materialize(v) if isinstance(v, Sym) else v)
         outs = [o for o in n.output if o]
         try:
             out_types = [self._inferred_type(o) for o in outs]
@@ -665,10 +666,49 @@ class _Importer:
         return Sym(arr, dtype)
 
     def value(self, a) -> Value:
-        """An input as an IR value; a symbolic shape tensor cannot be one (the IR has no shape_of op)."""
+        """An input as an IR value; a symbolic shape tensor used as data is computed at run time."""
         if isinstance(a, Sym):
-            raise _Unsupported(f"uses the symbolic shape {a.arr.tolist()} as tensor data")
+            return self._materialize(a)
         return a
+
+    def _materialize(self, s: Sym) -> Value:
+        """A shape known only as symbols, as a run-time tensor: each symbol read from the shape of a graph input
+        that has it (an ONNX Shape node, kept for ONNX Runtime: the IR has no shape_of op), expressions of them
+        built with IR integer ops."""
+        parts = [self._dim_tensor(symbols.to_sympy(d)) for d in s.arr.reshape(-1)]
+        flat = parts[0] if len(parts) == 1 else self.op("concat", *parts, axis=0)
+        if s.arr.shape != (len(parts),):
+            flat = self.op("reshape", flat, shape=list(s.arr.shape))
+        return flat if s.dtype == "int64" else self.op("cast", flat, dtype=s.dtype)
+
+    def _dim_tensor(self, e) -> Value:
+        if e.is_Integer:
+            return self.constant(np.array([int(e)], np.int64))
+        if e.is_Symbol:
+            return self._symbol_tensor(e.name)
+        if isinstance(e, (sympy.Add, sympy.Mul)) and all(a.is_Integer or a.free_symbols for a in e.args):
+            terms = [self._dim_tensor(a) for a in e.args]
+            out = terms[0]
+            for t in terms[1:]:
+                out = self.op("add" if isinstance(e, sympy.Add) else "mul", out, t)
+            return out
+        if isinstance(e, sympy.floor):
+            num, den = sympy.fraction(sympy.together(e.args[0]))
+            return self.op("div", self._dim_tensor(num), self._dim_tensor(den))  # positive sizes: floor == trunc
+        raise _Unsupported(f"cannot compute the size {e} at run time")
+
+    def _symbol_tensor(self, name: str) -> Value:
+        if name not in self.symbol_tensors:
+            # a graph input with that size, else a value computed so far (a size only known at run time)
+            values = [*self.g.inputs, *(o for n in self.g.nodes for o in n.outputs)]
+            where = next(((v, k) for v in values for k, d in enumerate(v.shape) if d == name), None)
+            if where is None:
+                raise _Unsupported(f"the size {name!r} is not a dimension of any value before it")
+            v, axis = where
+            shape = helper.make_node("Shape", ["x"], ["n"], start=axis, end=axis + 1)
+            node = self._emit_fragment([shape], ["x"], [v], ["n"], [TensorType((1,), "int64")], f"size {name}")
+            self.symbol_tensors[name] = node.outputs[0]
+        return self.symbol_tensors[name]
 
     def _hint(self, k: int = 0) -> str:
         return self.node.output[k] if self.node is not None and len(self.node.output) > k else "c"
@@ -697,17 +737,17 @@ class _Importer:
                 return False
         return True
 
-    def check_size(self, shape, what: str) -> None:
-        """Refuse an import-time constant of more than MAX_IMPORT_ELEMENTS (before allocating it)."""
+    def check_size(self, shape, what: str, limit: int = MAX_IMPORT_ELEMENTS) -> None:
+        """Refuse an import-time constant of more than ``limit`` elements (before allocating it)."""
         n = 1
         for d in shape:
             n *= int(d)
-        if n > MAX_IMPORT_ELEMENTS:
+        if n > limit:
             node = (self.node.name or "?") if self.node is not None else "?"
             raise ModelLoadError(
                 f"{self.where}: node {node} ({self.node.op_type if self.node else '?'}): {what} "
                 f"would be a constant of {n:,} elements (shape {list(shape)}); nnforge refuses "
-                f"import-time tensors over {MAX_IMPORT_ELEMENTS:,} elements"
+                f"constant tensors over {limit:,} elements"
             )
 
     def constant(self, array, k: int = 0) -> Value:
@@ -1117,7 +1157,9 @@ def _constant_of_shape(imp, n, args):
             raise _Unsupported(f"negative size in shape {dims}")
         if math.prod(dims) <= MAX_IMPORT_ELEMENTS:
             return imp.constant(np.full(dims, value[0], dtype=value.dtype))
-        # larger than the import-time limit (a light model's stand-in for a big weight): filled at run time
+        # larger than the import-time limit (a light model's stand-in for a big weight): filled at run time,
+        # up to a limit no real weight reaches
+        imp.check_size(dims, "ConstantOfShape", MAX_RUNTIME_FILL)
     one = imp.constant(np.full([1] * len(dims), value[0], dtype=value.dtype))
     return imp.op("expand", one, shape=dims, fold=False)
 
