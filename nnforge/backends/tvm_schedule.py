@@ -732,8 +732,15 @@ def schedule_passes(target: Target, schedule: str = "default") -> list:
         return []
     if schedule == "dlight":
         return [dl.ApplyDefaultSchedule(Guarded(dl.cpu.GEMV()), Guarded(dl.cpu.Reduction()))]
+    from .tvm_depthwise import CPUDepthwiseConv  # (imports this module)
+
     return [
         dl.ApplyDefaultSchedule(
-            CPUWinogradOutput(), CPUMatmul(), CPURowwise(), CPUElementwise(), Guarded(dl.cpu.GEMV())
+            CPUWinogradOutput(),
+            CPUDepthwiseConv(),
+            CPUMatmul(),
+            CPURowwise(),
+            CPUElementwise(),
+            Guarded(dl.cpu.GEMV()),
         )
     ]
