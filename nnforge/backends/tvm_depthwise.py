@@ -128,28 +128,31 @@ class CPUDepthwiseConv(CPURule):
         if sch.get_producers(planes) or len(blocks) != 3:
             return None  # something else was fused in: leave the kernel to the generic rules
         out = blocks[-1]
+        lanes, registers = vector_lanes(target, 32), _vector_registers(target)
         b, oc, y, x, i, j = sch.get_loops(rows)
         channel = sch.fuse(b, oc)
         sch.parallel(channel)
-        sch.reverse_compute_at(out, y, preserve_unit_loops=True)  # each row written out once summed
+        width = _int(sch.get(x).extent)
+        vectors, rows_at_once = _register_block(_int(sch.get(y).extent), width, lanes, registers)
+        yo, yi = sch.split(y, [None, rows_at_once])
+        xo, xv, xi = sch.split(x, [None, vectors, min(width, lanes)])
+        sch.reorder(yo, xo, i, j, yi, xv, xi)
+        sch.reverse_compute_at(out, yo, preserve_unit_loops=True)  # rows written out once summed
         sch.set_scope(rows, 0, "local")
         sch.compute_at(planes, channel, preserve_unit_loops=True)
         sch.set_scope(planes, 0, "local")
-        lanes = vector_lanes(target, 32)
         _vectorize_row(sch, out, lanes)
-        _fill_planes(sch, planes, lanes)
-        width = _int(sch.get(x).extent)
-        chunk = _row_chunk(width, lanes, _vector_registers(target))
-        xo, xi = sch.split(x, [None, chunk])
-        sch.reorder(xo, i, j, xi)
-        sch.unroll(i)
-        sch.unroll(j)
+        _fill_planes(sch, planes)
+        # every accumulator its own register: LLVM splits a vector of 7 x 16 lanes poorly (its
+        # broadcasts became chains of inserts)
+        for loop in (i, j, yi, xv):
+            sch.unroll(loop)
         sch.vectorize(xi)
         sch.decompose_reduction(rows, i)
         return sch
 
 
-def _fill_planes(sch, planes, lanes: int) -> None:
+def _fill_planes(sch, planes) -> None:
     """The plane's columns split into the left padding, the interior and the right padding: in the
     interior TVM's simplifier drops the bound checks, so its loop is a plain copy (stride 1, vectorised
     here) or a deinterleave (stride s: the s phases unrolled inside the column loop, which LLVM
@@ -167,18 +170,20 @@ def _fill_planes(sch, planes, lanes: int) -> None:
         return
     if phases > 1:
         sch.unroll(sch.get_loops(sch.get_child_blocks(middle)[-1])[-1])
-    else:  # one vector as long as the row (split or partitioned, a loop not starting at 0 lost columns)
-        sch.vectorize(middle)
+    # stride 1: a plain copy, which LLVM vectorises (TVM's split or partition of a loop that does not
+    # start at 0 lost columns)
 
 
-def _row_chunk(width: int, lanes: int, registers: int) -> int:
-    """Columns accumulated at once: whole vectors dividing the (padded) row, at most MAX_ROW_VECTORS
-    (a quarter of the vector registers with 16 of them), so accumulators + a tap fit in registers."""
-    if width <= lanes:
-        return width
-    most = MAX_ROW_VECTORS if registers >= 32 else MAX_ROW_VECTORS // 2
-    vectors = width // lanes
-    return lanes * max(v for v in range(1, most + 1) if vectors % v == 0)
+def _register_block(oh: int, width: int, lanes: int, registers: int) -> tuple[int, int]:
+    """(vectors per row, rows) accumulated at once across the window, each vector one register: up to
+    MAX_ROW_VECTORS vectors along the row and then more rows, for about half the vector registers in
+    all. One chain of 49 dependent multiply-adds per vector ran at the FMA latency (ConvNeXt's 7x7 on
+    7x7 planes: one vector per row); independent accumulators hide it."""
+    per_row = max(width // lanes, 1)
+    most = registers // 2
+    vectors = max(v for v in range(1, min(MAX_ROW_VECTORS, per_row) + 1) if per_row % v == 0)
+    rows = max(r for r in range(1, oh + 1) if oh % r == 0 and r * vectors <= max(most, vectors))
+    return vectors, rows
 
 
 def _consumers(sch, block) -> list:
