@@ -149,10 +149,37 @@ class WhisperStem(nn.Module):
         return nn.functional.gelu(self.conv2(nn.functional.gelu(self.conv1(x))))
 
 
+def whisper_tiny_encoder(frames: int):
+    """Whisper-tiny's encoder (random weights, transformers' WhisperEncoder): the conv1d stem, then 4
+    transformer layers of width 384 over frames / 2 positions."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = WhisperConfig(
+        d_model=384,
+        encoder_layers=4,
+        encoder_attention_heads=6,
+        encoder_ffn_dim=1536,
+        num_mel_bins=80,
+        max_source_positions=frames // 2,
+    )
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = WhisperEncoder(cfg)
+
+        def forward(self, x):
+            return self.encoder(x).last_hidden_state
+
+    return Encoder(), torch.randn(1, 80, frames)
+
+
 MODELS = [
     Layer("model mobilenet-like 160px", mobilenet_like),
     Layer("model convnext-like 128px", convnext_like),
     Layer("model whisper stem T3000", lambda: (WhisperStem(), torch.randn(1, 80, 3000))),
+    Layer("model whisper-tiny encoder T3000", lambda: whisper_tiny_encoder(3000)),
 ]
 
 
