@@ -8,6 +8,7 @@ import pytest
 import torch
 import tvm
 import tvm_ffi
+from toolchains import need
 
 import nnforge
 from nnforge.backends import tvm as tb
@@ -98,6 +99,17 @@ def test_depthwise_kernel_is_scheduled_by_its_rule(c, hw, k, stride):
     assert "T.parallel" in text and "T.vectorized" in text and "T.unroll" in text
     assert 'scope="local"' in text  # the plane and the row sums are thread-local
     assert not [n for n in kernels(g) if "im2col" in n or "matmul" in n]
+
+
+def test_depthwise_on_arm_runs_under_qemu():
+    """The aarch64 build (NEON: 4 lanes, 32 registers) takes the same kernel: 5x5 stride 2 and 7x7, run under
+    qemu-aarch64, against the interpreter."""
+    need("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-sysroot", "aarch64-tvm-runtime")
+    for k, stride in ((5, 2), (7, 1)):
+        g = depthwise_graph(6, 11, 13, (k, k), (stride, stride), (k // 2, k // 2))
+        xs = rand(1, 6, 11, 13)
+        got = tb.build(g, "arm").run([xs])[0]
+        np.testing.assert_allclose(got, interpret(g, [xs])[0], rtol=1e-4, atol=1e-4)
 
 
 def test_depthwise_rows_are_whole_vectors():
