@@ -4,19 +4,25 @@
     python bench/conv_schedules.py --only convnext whisper  # layers whose name holds one of these words
     python bench/conv_schedules.py --models                 # also small whole CNNs (MobileNet-like stacks)
     python bench/conv_schedules.py --json out/conv.json     # keep the numbers
+    python bench/conv_schedules.py --one-thread             # one thread each, process CPU time per call
 
 Layers: ConvNeXt-T's depthwise 7x7 convolutions, MobileNetV3 / EfficientNet-B0's depthwise 3x3 and 5x5
 (stride 1 and 2), a grouped 3x3 (ResNeXt-like) and Whisper-tiny's encoder stem (conv1d 80->384 k3, then
-384->384 k3 stride 2, on 3000 frames and on a shorter clip). Each layer is a torch module compiled by
+384->384 k3 stride 2, on 3000 frames and on a shorter clip); with --models, a MobileNetV2-like and a
+ConvNeXt-like network, Whisper's stem and Whisper-tiny's whole encoder. Each is a torch module compiled by
 ``nnforge.compile`` (min_block_size=1, so the whole layer runs on the backend), timed in interleaved
-rounds (nnforge.bench.harness.time_interleaved, each runner's best round). Nothing here asserts a time.
+rounds (nnforge.bench.harness.time_interleaved, each runner's best round; with --one-thread, process CPU
+time, which other processes on a shared machine disturb far less than wall time). Nothing here asserts
+a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,7 +198,23 @@ def _randomize_bn(model: nn.Module) -> None:
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
 
 
-def bench_one(layer: Layer, repeat: int, rounds: int, status) -> dict:
+def cpu_interleaved(fns: dict, repeat: int, rounds: int, status, label: str) -> dict:
+    """Process CPU time per call (ms) of each callable, best of ``rounds`` interleaved rounds: with one
+    thread, what a call costs regardless of how long other processes on the machine hold its core."""
+    best: dict = {}
+    for k in range(rounds):
+        status(f"{label}CPU time, round {k + 1} of {rounds}")
+        for key, fn in fns.items():
+            fn()
+            n = max(1, repeat // rounds)
+            t0 = time.process_time()
+            for _ in range(n):
+                fn()
+            best[key] = min(best.get(key, float("inf")), (time.process_time() - t0) / n * 1e3)
+    return best
+
+
+def bench_one(layer: Layer, repeat: int, rounds: int, status, one_thread: bool = False) -> dict:
     torch.manual_seed(0)
     model, x = layer.make()
     model = model.eval()
@@ -203,18 +225,27 @@ def bench_one(layer: Layer, repeat: int, rounds: int, status) -> dict:
         fns = {"eager": lambda: model(x)}
         for backend in ("onnxrt", "tvm"):
             status(f"{layer.name}: building nnforge-{backend}")
+            options = {"threads": 1} if one_thread and backend == "onnxrt" else None
             cm = nnforge.compile(
-                model, (x,), backend=backend, check=False, progress=False, cache=False, min_block_size=1
+                model,
+                (x,),
+                backend=backend,
+                check=False,
+                progress=False,
+                cache=False,
+                min_block_size=1,
+                options=options,
             )
             arrays = [x.numpy()]
             row[f"{backend} err"] = max_rel_error([ref], [cm.run(arrays)[0]])
             fns[f"nnforge-{backend}"] = lambda cm=cm, arrays=arrays: cm.run(arrays)
-        best = time_interleaved(fns, repeat, rounds, status, f"{layer.name}: ")
+        timer = cpu_interleaved if one_thread else time_interleaved
+        best = timer(fns, repeat, rounds, status, f"{layer.name}: ")
     row.update({f"{k} ms": v for k, v in best.items()})
     return row
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], title: str) -> str:
     cells = [
         (
             r["layer"],
@@ -241,15 +272,23 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30, help="calls per runner, over all rounds")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="write the rows to this JSON file")
+    ap.add_argument(
+        "--one-thread", action="store_true", help="every runner on one thread, timed in process CPU time per call"
+    )
     args = ap.parse_args()
+    if args.one_thread:  # before any TVM kernel runs: TVM reads it when its thread pool starts
+        os.environ["TVM_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     todo = LAYERS + (MODELS if args.models else [])
     if args.only:
         todo = [la for la in todo if any(w in la.name for w in args.only)]
     rows = []
     with Console(stderr=True).status("conv bench") as status:
         for layer in todo:
-            rows.append(bench_one(layer, args.repeat, args.rounds, lambda m: status.update(f"conv bench: {m}")))
-    print(render(rows))
+            say = lambda m: status.update(f"conv bench: {m}")  # noqa: E731
+            rows.append(bench_one(layer, args.repeat, args.rounds, say, args.one_thread))
+    how = "one thread, CPU ms per call" if args.one_thread else "median ms"
+    print(render(rows, f"convolution layers, batch 1 ({how}, best of interleaved rounds)"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
