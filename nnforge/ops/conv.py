@@ -2,7 +2,8 @@
 
 TVM: conv2d is im2col (one gather kernel, padding inlined) + a matmul written as one TE reduction into NCHW,
 so it gets the CPU matmul schedule and its bias/batch-norm/activation fuse into it; 3x3 stride-1 convolutions
-on CPU targets are Winograd F(2x2, 3x3) instead (backends/tvm_winograd.py). Max pooling propagates NaN as
+on CPU targets are Winograd F(2x2, 3x3) instead (backends/tvm_winograd.py), depthwise ones (groups == input
+channels) a direct kernel (backends/tvm_depthwise.py). A 1-D convolution arrives as a height-1 conv2d. Max pooling propagates NaN as
 torch does on both backends (TVM's max and ONNX Runtime's MaxPool would drop it). ceil_mode follows the IR
 (torch): a last window that would start in the right padding is dropped; ONNX pools that cannot match
 that are reported by the support check (``_pool_check``), as are uneven adaptive pools (``_adaptive_check``).
