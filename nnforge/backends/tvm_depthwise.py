@@ -2,17 +2,20 @@
 
 As im2col + a batched matmul, a depthwise convolution is G matmuls of one row each ([1, kh*kw] x
 [kh*kw, OH*OW]) and ran 5-50x slower than ONNX Runtime (ConvNeXt's 7x7 on 96 channels at 56x56:
-10 ms against 0.2). Here it is one direct kernel in two stages:
+10 ms against 0.2). Here it is one direct kernel in three stages:
 
     planes[n, c, r, phase, k]  the channel's input plane, zero-padded, its columns split by phase
                                (padded column stride * k + phase), so that the window's columns
                                x * stride + j * dilation are unit-stride runs over the output x
-    out[n, o, y, x]            sum over the kh x kw window of planes[...] * w[o, 0, i, j]
+    rows[n, o, y, 0:OWp]       sum over the kh x kw window of planes[...] * w[o, 0, i, j], over a row
+                               padded to whole vectors (``padded_width``)
+    out[n, o, y, 0:OW]         the row without its padding
 
 ``CPUDepthwiseConv`` schedules it: channels in parallel, each channel's padded plane built in a
-thread-local buffer, then per output row the whole window unrolled into vector multiply-adds over the
-row (accumulated in registers), the fused epilogue (bias, batch norm, activation, residual add)
-applied as the row is written out. A depth multiplier (O = m * C) is taken as well.
+thread-local buffer, then for a block of output rows the whole window unrolled into vector
+multiply-adds (the block's accumulators in registers), and the fused epilogue (bias, batch norm,
+activation, residual add) applied as the rows are written out. A depth multiplier (O = m * C) is taken
+as well; a 1-D depthwise convolution arrives as a height-1 one.
 """
 
 from __future__ import annotations
@@ -107,11 +110,11 @@ class CPUDepthwiseConv(CPURule):
     """Schedules the kernel made by ``_depthwise`` with whatever Relax fused around it.
 
     Per (image, channel), in parallel: the padded plane goes into a thread-local buffer (an elementwise
-    producer fused before the convolution is computed into it), then for each output row and each
-    chunk of at most MAX_ROW_VECTORS vectors of it the kh x kw window is unrolled, each tap one vector
-    multiply-add over the chunk, so the chunk's accumulators stay in registers across the window; the
-    row is then written out through the fused epilogue (bias, batch norm, activation), vectorised.
-    (Left to TVM's naive loops, the kernel ran at about 1 GFLOP/s.)"""
+    producer fused before the convolution is computed into it), then for each block of output rows
+    and up to MAX_ROW_VECTORS vectors along them (``_register_block``) the kh x kw window is unrolled,
+    each tap one vector multiply-add per accumulator, the accumulators in registers across the window;
+    the rows are then written out through the fused epilogue (bias, batch norm, activation),
+    vectorised. (Left to the generic rules, the kernel ran at about 1 GFLOP/s.)"""
 
     def _apply(self, func, target: Target):
         sch = s_tir.Schedule(func)
@@ -154,10 +157,10 @@ class CPUDepthwiseConv(CPURule):
 
 def _fill_planes(sch, planes) -> None:
     """The plane's columns split into the left padding, the interior and the right padding: in the
-    interior TVM's simplifier drops the bound checks, so its loop is a plain copy (stride 1, vectorised
-    here) or a deinterleave (stride s: the s phases unrolled inside the column loop, which LLVM
-    vectorises as one interleaved access group). Vectorised with the bound checks, each lane's load was
-    scalar (a stride-2 layer spent 95% of its time here)."""
+    interior TVM's simplifier drops the bound checks, so its loop is a plain copy (stride 1) or a
+    deinterleave (stride s: the s phases unrolled inside the column loop, one interleaved access group),
+    both left to LLVM's vectoriser. Vectorised by TVM with the bound checks, each lane's load was scalar
+    (a stride-2 layer spent 95% of its time here)."""
     first, end = (int(v) for v in sch.get(planes).annotations[INTERIOR])
     ph, k = sch.get_loops(planes)[-2:]
     phases, cols = _int(sch.get(ph).extent), _int(sch.get(k).extent)
