@@ -258,9 +258,7 @@ def render(rows: list[dict], title: str) -> str:
         for r in rows
     ]
     columns = ("layer", "eager ms", "nnforge-ORT ms", "nnforge-TVM ms", "TVM / ORT", "TVM max rel err")
-    return _table_text(
-        "convolution layers, batch 1 (median ms, best of interleaved rounds)", columns, ("layer",), cells, 120
-    )
+    return _table_text(title, columns, ("layer",), cells, 120)
 
 
 def main() -> None:
