@@ -101,14 +101,22 @@ def test_depthwise_kernel_is_scheduled_by_its_rule(c, hw, k, stride):
     assert not [n for n in kernels(g) if "im2col" in n or "matmul" in n]
 
 
-def test_depthwise_on_arm_runs_under_qemu():
-    """The aarch64 build (NEON: 4 lanes, 32 registers) takes the same kernel: 5x5 stride 2 and 7x7, run under
-    qemu-aarch64, against the interpreter."""
-    need("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-sysroot", "aarch64-tvm-runtime")
+@pytest.mark.parametrize(
+    "target,tools",
+    [
+        ("arm", ("aarch64-linux-gnu-g++", "qemu-aarch64", "aarch64-sysroot", "aarch64-tvm-runtime")),
+        ("wasm", ("node", "wasm-ld")),
+    ],
+)
+def test_depthwise_on_arm_and_wasm(target, tools):
+    """The aarch64 build (NEON: 4 lanes, 32 registers, run under qemu-aarch64) and the wasm32 one (4 lanes,
+    run in Node) take the same kernel: 5x5 stride 2 and 7x7, against the interpreter."""
+    need(*tools)
     for k, stride in ((5, 2), (7, 1)):
         g = depthwise_graph(6, 11, 13, (k, k), (stride, stride), (k // 2, k // 2))
+        assert [n for n in tb.BACKEND.kernels(g, target).get_global_vars() if CONV_BLOCK in n.name_hint]
         xs = rand(1, 6, 11, 13)
-        got = tb.build(g, "arm").run([xs])[0]
+        got = tb.build(g, target).run([xs])[0]
         np.testing.assert_allclose(got, interpret(g, [xs])[0], rtol=1e-4, atol=1e-4)
 
 
