@@ -78,11 +78,13 @@ def assert_scheduled_by_the_rule(g):
         (2, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), True, 1),  # a 1x1 image: every tap but one is padding
         (2, 5, 150, (3, 3), (1, 1), (1, 1), (1, 1), True, 1),  # a row of 10 vectors: two chunks of 5
         (2, 4, 200, (5, 5), (2, 2), (2, 2), (1, 1), True, 1),  # stride 2, a 100-wide output row
+        (2, 6, 40, (31, 35), (1, 1), (15, 17), (1, 1), True, 1),  # a window too large to unroll whole
     ],
 )
 def test_depthwise_matches_the_interpreter(c, h, w, k, stride, padding, dilation, bias, mult):
     """Depthwise convolutions at odd, tiny and wide sizes, strides 1-3, padding, dilation, a depth multiplier,
-    with and without bias, batch 2, the scale/shift/relu after it fused: same numbers as the interpreter."""
+    a huge window, with and without bias, batch 2, the scale/shift/relu after it fused: same numbers as the
+    interpreter."""
     g = depthwise_graph(c, h, w, k, stride, padding, dilation, bias, mult, batch=2)
     assert_scheduled_by_the_rule(g)
     xs = rand(2, c, h, w)

@@ -29,6 +29,7 @@ from .tvm_schedule import CPURule, _inline, _int, _vector_registers, _vectorize_
 PLANES_BLOCK, ROWS_BLOCK, CONV_BLOCK = "depthwise_planes", "depthwise_rows", "depthwise_conv2d"
 INTERIOR = "nnforge.interior_columns"  # planes' block annotation: [first, end) of its unchecked columns
 MAX_ROW_VECTORS = 8  # output vectors accumulated at once (in registers across the window)
+MAX_UNROLLED = 1024  # multiply-adds written out per unrolled window (a 31x31 window is not unrolled whole)
 
 
 def applies(target, xt, weight_shape, groups: int) -> bool:
@@ -135,8 +136,8 @@ class CPUDepthwiseConv(CPURule):
         b, oc, y, x, i, j = sch.get_loops(rows)
         channel = sch.fuse(b, oc)
         sch.parallel(channel)
-        width = _int(sch.get(x).extent)
-        vectors, rows_at_once = _register_block(_int(sch.get(y).extent), width, lanes, registers)
+        width, taps = _int(sch.get(x).extent), _int(sch.get(i).extent) * _int(sch.get(j).extent)
+        vectors, rows_at_once = _register_block(_int(sch.get(y).extent), width, lanes, registers, taps)
         yo, yi = sch.split(y, [None, rows_at_once])
         xo, xv, xi = sch.split(x, [None, vectors, min(width, lanes)])
         sch.reorder(yo, xo, i, j, yi, xv, xi)
@@ -148,7 +149,7 @@ class CPUDepthwiseConv(CPURule):
         _fill_planes(sch, planes)
         # every accumulator its own register: LLVM splits a vector of 7 x 16 lanes poorly (its
         # broadcasts became chains of inserts)
-        for loop in (i, j, yi, xv):
+        for loop in (i, j, yi, xv) if taps <= MAX_UNROLLED else (j, yi, xv):
             sch.unroll(loop)
         sch.vectorize(xi)
         sch.decompose_reduction(rows, i)
@@ -177,15 +178,17 @@ def _fill_planes(sch, planes) -> None:
     # start at 0 lost columns)
 
 
-def _register_block(oh: int, width: int, lanes: int, registers: int) -> tuple[int, int]:
+def _register_block(oh: int, width: int, lanes: int, registers: int, taps: int = 1) -> tuple[int, int]:
     """(vectors per row, rows) accumulated at once across the window, each vector one register: up to
     MAX_ROW_VECTORS vectors along the row and then more rows, for about half the vector registers in
-    all. One chain of 49 dependent multiply-adds per vector ran at the FMA latency (ConvNeXt's 7x7 on
-    7x7 planes: one vector per row); independent accumulators hide it."""
+    all, and no more than MAX_UNROLLED multiply-adds in the unrolled window. One chain of 49 dependent
+    multiply-adds per vector ran at the FMA latency (ConvNeXt's 7x7 on 7x7 planes: one vector per row);
+    independent accumulators hide it."""
     per_row = max(width // lanes, 1)
     most = registers // 2
-    vectors = max(v for v in range(1, min(MAX_ROW_VECTORS, per_row) + 1) if per_row % v == 0)
-    rows = max(r for r in range(1, oh + 1) if oh % r == 0 and r * vectors <= max(most, vectors))
+    fit = lambda n: n <= most and n * taps <= MAX_UNROLLED  # noqa: E731
+    vectors = max(v for v in range(1, min(MAX_ROW_VECTORS, per_row) + 1) if per_row % v == 0 and (v == 1 or fit(v)))
+    rows = max(r for r in range(1, oh + 1) if oh % r == 0 and (r == 1 or fit(r * vectors)))
     return vectors, rows
 
 
