@@ -18,6 +18,8 @@ tuning and are tried in order on every fused kernel:
   width of a fused reshape, as in im2col, so its index divisions become loops).
 - ``CPUWinogradOutput``: the output transform of a Winograd convolution (tvm_winograd) with its fused
   epilogue: one 2x2 output tile per step, tiles along a row left to LLVM (interleaved stores).
+- ``CPUDepthwiseConv`` (tvm_depthwise.py): the direct depthwise convolution kernel with its fused
+  epilogue: channels in parallel, the window unrolled into vector multiply-adds over output rows.
 - dlight's ``cpu.GEMV`` for what is left.
 
 A rule that fails, or whose result TVM's verifier rejects, does not apply (the kernel falls through
@@ -732,8 +734,15 @@ def schedule_passes(target: Target, schedule: str = "default") -> list:
         return []
     if schedule == "dlight":
         return [dl.ApplyDefaultSchedule(Guarded(dl.cpu.GEMV()), Guarded(dl.cpu.Reduction()))]
+    from .tvm_depthwise import CPUDepthwiseConv  # (imports this module)
+
     return [
         dl.ApplyDefaultSchedule(
-            CPUWinogradOutput(), CPUMatmul(), CPURowwise(), CPUElementwise(), Guarded(dl.cpu.GEMV())
+            CPUWinogradOutput(),
+            CPUDepthwiseConv(),
+            CPUMatmul(),
+            CPURowwise(),
+            CPUElementwise(),
+            Guarded(dl.cpu.GEMV()),
         )
     ]

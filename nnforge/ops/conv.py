@@ -2,7 +2,8 @@
 
 TVM: conv2d is im2col (one gather kernel, padding inlined) + a matmul written as one TE reduction into NCHW,
 so it gets the CPU matmul schedule and its bias/batch-norm/activation fuse into it; 3x3 stride-1 convolutions
-on CPU targets are Winograd F(2x2, 3x3) instead (backends/tvm_winograd.py). Max pooling propagates NaN as
+on CPU targets are Winograd F(2x2, 3x3) instead (backends/tvm_winograd.py), depthwise ones (groups == input
+channels) a direct kernel (backends/tvm_depthwise.py). A 1-D convolution arrives as a height-1 conv2d. Max pooling propagates NaN as
 torch does on both backends (TVM's max and ONNX Runtime's MaxPool would drop it). ceil_mode follows the IR
 (torch): a last window that would start in the right padding is dropped; ONNX pools that cannot match
 that are reported by the support check (``_pool_check``), as are uneven adaptive pools (``_adaptive_check``).
@@ -23,6 +24,7 @@ from .reduce import onnx_nan_mask, onnx_nan_where, tvm_nan_if_any
 
 _onnx = LazyModule("onnx")  # TensorProto
 _tvm_winograd = LazyModule("nnforge.backends.tvm_winograd")  # 3x3 stride-1 convolutions on CPUs
+_tvm_depthwise = LazyModule("nnforge.backends.tvm_depthwise")  # groups == channels, on CPUs
 
 
 def _windows(x, kh, kw, s, d):
@@ -114,6 +116,8 @@ def conv2d_tvm(c, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), 
     n, cin, h, wd = xt.shape
     oh, ow = ot.shape[2], ot.shape[3]
     dims = c.dims
+    if weight_shape is None and _tvm_depthwise.applies(c.target, xt, (o, cg, kh, kw), g):
+        return _tvm_depthwise.conv2d(c, x, w, b, s, p, d)
     if weight_shape is None and _tvm_winograd.applies(c.target, xt, (kh, kw), s, p, d, g):
         return _tvm_winograd.conv2d_3x3(c, x, w, b, p)
     if kh == kw == 1 and s == [1, 1] and not any(p):
@@ -127,7 +131,7 @@ def conv2d_tvm(c, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), 
         # stop Relax's FuseOps)
         cols = c.emit(R.reshape(cols, [dims(n), cg * kh * kw, pix]))
         wm = c.emit(R.reshape(w, [o, cg * kh * kw]))
-        y = c.bb.emit_te(_conv_as_matmul, wm, cols, dims(ow), primfunc_name_hint="conv2d_mm")
+        y = c.bb.emit_te(_conv_as_matmul, wm, cols, dims(oh), dims(ow), primfunc_name_hint="conv2d_mm")
         if b is not None:
             y = c.emit(R.add(y, c.emit(R.reshape(b, [1, o, 1, 1]))))
         return y
@@ -156,17 +160,27 @@ def _im2col(x, kh, kw, s, p, d, oh, ow):
     return te.compute((n, cin, kh, kw, oh, ow), f, name="im2col")
 
 
-def _conv_as_matmul(wm, cols, ow):
-    """out[n, o, y, x] = sum_k wm[o, k] * cols[n, k, y * OW + x] (a matmul over im2col columns)."""
-    from tvm import te, tirx
+def _conv_as_matmul(wm, cols, oh, ow):
+    """out[n, o, y, x] = sum_k wm[o, k] * cols[n, k, y * OW + x] (a matmul over im2col columns).
+
+    A unit output axis (a 1-D convolution is a height-1 2-D one) is left out of the column index:
+    ``y * OW + x`` with y always 0 made one buffer axis hold two loop variables, which CPUMatmul's
+    trait detection refuses, and the kernel ran as naive loops (Whisper's stem 40x slower than ORT)."""
+    from tvm import te
 
     n, ck, pix = cols.shape
     o = wm.shape[0]
     k = te.reduce_axis((0, ck), name="k")
+
+    def column(y, x):
+        if isinstance(oh, int) and oh == 1:
+            return x
+        if isinstance(ow, int) and ow == 1:
+            return y
+        return y * ow + x
+
     return te.compute(
-        (n, o, tirx.floordiv(pix, ow), ow),
-        lambda b, oc, y, x: te.sum(wm[oc, k] * cols[b, k, y * ow + x], axis=k),
-        name="conv2d_mm",
+        (n, o, oh, ow), lambda b, oc, y, x: te.sum(wm[oc, k] * cols[b, k, column(y, x)], axis=k), name="conv2d_mm"
     )
 
 
