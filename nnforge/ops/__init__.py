@@ -4,4 +4,18 @@ and ONNX / TVM lowerings side by side (see nnforge/ir/registry.py and docs/addin
 Imported by ``nnforge.ir.registry.load_ops`` on the registry's first use; every module registers on import.
 """
 
-from . import attention, conv, elementwise, fallback, linalg, lowbit, norm, reduce, region, shape, tokens  # noqa: F401
+from . import (  # noqa: F401
+    attention,
+    conv,
+    elementwise,
+    fallback,
+    indexing,
+    linalg,
+    lowbit,
+    norm,
+    reduce,
+    region,
+    resize,
+    shape,
+    tokens,
+)
