@@ -144,6 +144,7 @@ def gpt2(size: str = "tiny"):
 
     if size == "tiny":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, use_cache=False)
+        cfg.bos_token_id = cfg.eos_token_id = 0
     else:
         cfg = GPT2Config(use_cache=False)
     return GPT2Model(cfg).eval(), _tokens(size, cfg.vocab_size)[:1]
