@@ -63,7 +63,7 @@ def one_op(op, items, **attrs):
         else:
             args.append(g.add_input(f"x{i}", TensorType.of(it)))
             feeds.append(it)
-    g.outputs = [g.op(op, *args, **attrs)]
+    g.outputs = list(g.add_node(op, args, attrs).outputs)  # every output (topk has two)
     return g, feeds
 
 

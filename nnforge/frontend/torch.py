@@ -59,6 +59,8 @@ _DTYPES = {
     torch.int8: "int8",
     torch.uint8: "uint8",
     torch.bool: "bool",
+    torch.complex64: "complex64",  # only torch_op nodes take or give complex values (see _complex)
+    torch.complex128: "complex128",
 }
 
 
@@ -1174,6 +1176,14 @@ def _user_input(g: Graph, syms: _SymbolNames, name: str, val):
     raise TorchImportError(f"input {name!r}: a {type(val).__name__} input is not supported (only tensors)")
 
 
+def _complex(node: torch.fx.Node) -> bool:
+    """Whether the node takes or gives a complex tensor: no IR op does, so such a node stays a torch_op
+    (``torch.fft.rfft(x).abs()`` runs on torch; the complex value never leaves the torch partition)."""
+    vals = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
+    vals = [t for v in vals for t in (v if isinstance(v, (list, tuple)) else [v])]
+    return any(isinstance(t, torch.Tensor) and t.is_complex() for t in vals)
+
+
 def _convert_nodes(g: Graph, ep, env: dict, syms: _SymbolNames, opaque: bool = False) -> list[tuple[str, str]]:
     """Convert every call node through ATEN_OPS; returns the (op, source) pairs that could not be.
 
@@ -1197,6 +1207,8 @@ def _convert_nodes(g: Graph, ep, env: dict, syms: _SymbolNames, opaque: bool = F
         try:
             if fn is None:
                 raise _Unsupported("")
+            if _complex(node):
+                raise _Unsupported("complex values (kept on the torch executor)")
             env[node] = fn(cx, *args, **kwargs)
             if isinstance(env[node], Value) and isinstance(cx.val, torch.Tensor):
                 _check_type(env[node], cx.val, syms, where)

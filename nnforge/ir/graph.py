@@ -24,7 +24,20 @@ import numpy as np
 from . import symbols
 from .symbols import Dim
 
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+DTYPES = (
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
+)  # complex: only inside torch_op partitions
 
 
 @dataclass(frozen=True)
