@@ -3,6 +3,8 @@ compile on ONNX Runtime and TVM with no torch fallback at all, and match eager P
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,20 @@ def test_unknown_model_and_size_are_named():
         real.build("resnet1000")
     with pytest.raises(nnforge.NnforgeError, match="unknown size 'huge'"):
         real.build("bert", "huge")
+
+
+def test_bench_zoo_cli_times_the_chosen_models_and_runners(tmp_path, capsys):
+    """``nnforge bench --zoo``: one row per model and runner, each measured and matching eager (no time asserted)."""
+    from nnforge import cli
+
+    out = tmp_path / "zoo.json"
+    argv = ["bench", "--zoo", "--size", "tiny", "--model", "bert", "--model", "swin_t", "--repeat", "2"]
+    argv += ["--runner", "nnforge-onnxrt", "--runner", "nnforge-tvm", "--json", str(out)]
+    assert cli.main(argv) == 0
+    assert "swin_t" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert {(r["family"], r["runner"]) for r in rows} == {
+        (m, r) for m in ("bert", "swin_t") for r in ("eager", "nnforge-onnxrt", "nnforge-tvm")
+    }
+    for r in rows:
+        assert r["median_ms"] > 0 and r["max_rel_error"] < 1e-4, r

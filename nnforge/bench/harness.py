@@ -85,8 +85,11 @@ def time_interleaved(fns: dict, repeat: int, rounds: int = 3, progress=None, lab
 
 
 def _as_list(out) -> list[np.ndarray]:
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs]
+    """A runner's outputs as arrays, flattened (a transformers ModelOutput or a nested tuple too)."""
+    from torch.utils import _pytree as pytree
+
+    leaves = [o for o in pytree.tree_leaves(out) if o is not None]
+    return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in leaves]
 
 
 def _runners(zm, tune: int = 0, progress=None):
