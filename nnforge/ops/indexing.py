@@ -12,6 +12,7 @@ import numpy as np
 from ..ir.graph import TensorType
 from ..ir.registry import REQUIRED, OpError, defop
 from .common import LazyModule, R, broadcast_shapes, norm_axis, torch
+from .elementwise import onnx_dtype
 
 relax = LazyModule("tvm.relax")
 _INDEX_DTYPES = ("int64", "int32")
@@ -89,7 +90,7 @@ def _(cx, x, *idx, axes):
     parts = []
     for a, i, v in zip(axes, idx, cx.node.inputs[1:]):
         if v.dtype != "int64":
-            i = cx.emit("Cast", [i], to=7)  # INT64
+            i = cx.emit("Cast", [i], to=onnx_dtype("int64"))
         i = cx.emit("Mod", [i, cx.dim(x_t.shape[a])], fmod=0)  # wraps negative indices (Python modulo)
         parts.append(cx.emit("Unsqueeze", [cx.emit("Expand", [i, cx.dims(b)]), cx.const([-1], "int64", "axes")]))
     ind = parts[0] if len(parts) == 1 else cx.emit("Concat", parts, axis=-1)
