@@ -345,10 +345,11 @@ def run_zoo(
                 runners=runners or ZOO_RUNNERS,
                 zm=zm,
             )
+            if json_path:  # after every model: a long run that is stopped keeps what it measured
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     print(render(rows))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
         print(f"results written to {json_path}")
     return rows
 
