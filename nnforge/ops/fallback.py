@@ -68,7 +68,9 @@ def tensor_slots(tree) -> list[int]:
 
 def _infer(ts, attrs):
     if not isinstance(attrs["target"], str) or not _NAME.match(attrs["target"]):
-        raise OpError(f"torch_op: target {attrs['target']!r} is not a qualified op name like 'aten.logcumsumexp.default'")
+        raise OpError(
+            f"torch_op: target {attrs['target']!r} is not a qualified op name like 'aten.logcumsumexp.default'"
+        )
     slots = tensor_slots(attrs["args"]) + tensor_slots(attrs["kwargs"])
     if any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(ts) for k in slots):
         raise OpError(f"torch_op {attrs['target']}: arguments refer to inputs {slots}, node has {len(ts)}")
