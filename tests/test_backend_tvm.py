@@ -207,6 +207,7 @@ CASES = [
     ("group_norm", [rand(2, 6, 5)], {"num_groups": 2, "eps": 1e-3}),
     ("hardswish", [rand(3, 9) * 4], {}),
     ("hardsigmoid", [rand(3, 9) * 4], {}),
+    *[(op, [nans(4, 5)], {}) for op in ("hardswish", "hardsigmoid")],
     *[(op, [nans(4, 5), nans(5)], {}) for op in ("maximum", "minimum")],
     ("relu", [nans(4, 5)], {}),
     ("clamp", [nans(4, 5)], {"min": -0.5, "max": 0.5}),

@@ -603,9 +603,10 @@ def _(cx, x):
 
 
 def tvm_hardsigmoid(c, x, dtype: str):
-    """clip(x + 3, 0, 6) / 6 as one Relax expression chain (fuses into the neighbouring elementwise kernel)."""
+    """clip(x + 3, 0, 6) / 6 as one Relax expression chain (fuses into the neighbouring elementwise kernel);
+    the clip keeps a NaN, as numpy, torch and ONNX Runtime do (plain Relax max/min would make it 0)."""
     y = c.emit(R.add(x, c.const(3, dtype)))
-    y = c.emit(R.minimum(c.emit(R.maximum(y, c.const(0, dtype))), c.const(6, dtype)))
+    y = c.emit(tvm_minimum(c, c.emit(tvm_maximum(c, y, c.const(0, dtype), dtype)), c.const(6, dtype), dtype))
     return R.multiply(y, c.const(1 / 6, dtype))
 
 
