@@ -184,3 +184,26 @@ def test_complex_intermediates_stay_inside_one_torch_partition():
             assert not complex_values & set(p.inputs + p.outputs), (p.backend, p.inputs, p.outputs)
         assert [p.backend for p in plan.partitions].count(backend) >= 1
         np.testing.assert_allclose(np.asarray(cm(x)), spectrum(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_group_normalization_imports_as_group_norm():
+    """GroupNormalization (opset 21, scale and bias per channel) becomes group_norm."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from nnforge.frontend.onnx import import_onnx
+
+    x = rand(2, 6, 3, 3).numpy()
+    scale, bias = rand(6).numpy(), rand(6).numpy()
+    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=3, epsilon=1e-3)
+    graph = helper.make_graph(
+        [node],
+        "gn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+        [onnx.numpy_helper.from_array(scale, "s"), onnx.numpy_helper.from_array(bias, "b")],
+    )
+    g = import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert [nd.op for nd in g.nodes] == ["group_norm"]
+    want = F.group_norm(torch.from_numpy(x), 3, torch.from_numpy(scale), torch.from_numpy(bias), 1e-3).numpy()
+    np.testing.assert_allclose(interpret(g, [x])[0], want, rtol=1e-5, atol=1e-5)

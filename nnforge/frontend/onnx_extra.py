@@ -2,7 +2,7 @@
 
 Each is a small function registered into ``nnforge.frontend.onnx.CONVERTERS`` (imported at the end of
 that module): GatherElements, ScatterElements, GatherND, CumSum, TopK, Pad, Resize (nearest / linear on
-NCHW height and width), InstanceNormalization, HardSwish, HardSigmoid. A form the IR has no op for
+NCHW height and width), InstanceNormalization, GroupNormalization, HardSwish, HardSigmoid. A form the IR has no op for
 (exclusive or reversed CumSum, reflect padding, cubic resizing, ...) is refused with the attribute named.
 """
 
@@ -123,6 +123,16 @@ def _instance_norm(imp, n, args):
     return imp.op("group_norm", x, args[1], args[2], num_groups=channels, eps=eps)
 
 
+def _group_norm(imp, n, args):
+    """GroupNormalization (opset 21: scale and bias per channel) is the IR's group_norm. (Opset 18's per-group
+    form is deprecated; onnx.checker refuses it before it gets here.)"""
+    x = imp.value(args[0])
+    a = imp.attrs(n)
+    if len(x.shape) < 2 or args[1].shape[0] != x.shape[1]:
+        raise _Unsupported("GroupNormalization whose scale is not per channel")
+    return imp.op("group_norm", x, args[1], args[2], num_groups=a["num_groups"], eps=a.get("epsilon", 1e-5))
+
+
 def _hardswish(imp, n, args):
     return imp.op("hardswish", args[0])
 
@@ -150,6 +160,7 @@ CONVERTERS.update(
         "Pad": _pad,
         "Resize": _resize,
         "InstanceNormalization": _instance_norm,
+        "GroupNormalization": _group_norm,
         "HardSwish": _hardswish,
         "HardSigmoid": _hardsigmoid,
     }
