@@ -74,11 +74,13 @@ def ensure_torchvision() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _timm(name: str, tiny: dict, bench: dict | None = None, tiny_hw: int = 32) -> Callable:
+def _timm(name: str, tiny: dict, tiny_hw: int = 32) -> Callable:
+    """A builder of timm model ``name``: at "tiny" with the ``tiny`` overrides, at "bench" as timm defines it."""
+
     def build(size: str = "tiny"):
         import timm
 
-        kwargs = tiny if size == "tiny" else (bench or {})
+        kwargs = tiny if size == "tiny" else {}
         model = timm.create_model(name, pretrained=False, **kwargs).eval()
         hw = tiny_hw if size == "tiny" else 224
         return model, (torch.randn(1, 3, hw, hw),)
