@@ -102,6 +102,12 @@ def _cmd_bench(args) -> int:
 
         run_sparse(args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/sparse.json", repeat=args.repeat)
         return 0
+    if args.zoo:
+        from .bench.harness import run_zoo
+
+        json_path = args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/zoo.json"
+        run_zoo(args.model or None, size=args.size, json_path=json_path, repeat=args.repeat, runners=args.runner)
+        return 0
     if args.lowbit:
         from .bench.harness import run_lowbit
 
@@ -245,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: the TVM CSR sparse kernel vs the dense matmul on one linear layer at densities "
         "0.5..0.05, and which one nnforge uses; JSON to bench/results/sparse.json",
     )
+    b.add_argument(
+        "--zoo",
+        action="store_true",
+        help="instead: the real architectures of nnforge.models.real (timm, transformers, diffusers, random "
+        "weights) through eager, torch.compile, ONNX Runtime, nnforge-onnxrt and nnforge-tvm; JSON to "
+        "bench/results/zoo.json",
+    )
+    b.add_argument("--model", action="append", help="with --zoo: only these models (repeatable; default all)")
     b.set_defaults(func=_cmd_bench)
 
     k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")

@@ -9,8 +9,13 @@ import tempfile
 
 import pytest
 
+from nnforge.models.real import ensure_torchvision
+
 os.environ.setdefault("NNFORGE_CACHE", "0")
 os.environ.setdefault("NNFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="nnforge-test-cache-"))
+# timm installs torchvision, whose PyPI (CUDA) build fails to import beside the CPU torch, and transformers
+# imports it when present: give it the op schemas it checks before any test imports either
+ensure_torchvision()
 
 
 @pytest.fixture(scope="session")

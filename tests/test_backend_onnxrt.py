@@ -258,6 +258,57 @@ CASES = {
         lambda b: b.op("mul", b.op("arange", start=1, end=10, step=3, dtype="float32"), b.x(3)),
         lambda b: b.op("add", b.op("arange", end=4, dtype="int32"), b.x(4, dtype="int32", lo=0, hi=5)),
     ],
+    # indexing, scans, selection (nnforge/ops/indexing.py)
+    "index": [
+        lambda b: b.op(
+            "index",
+            b.x(4, 5, 6),
+            b.c(value=np.array([0, -1, 2])),
+            b.x(2, 1, dtype="int64", lo=-6, hi=6, name="j"),
+            axes=[0, 2],
+        ),
+        lambda b: b.op(
+            "index", b.x(4, 5, 6, 3), b.c(value=np.array([[0, 1]])), b.c(value=np.array([1, -4], np.int32)), axes=[1, 2]
+        ),
+    ],
+    "gather_elements": [
+        lambda b: b.op("gather_elements", b.x(3, 4), b.x(2, 4, dtype="int64", lo=0, hi=3, name="i"), axis=0)
+    ],
+    "scatter_elements": [
+        lambda b: b.op("scatter_elements", b.x(3, 4), b.c(value=np.array([[0, 2, 1, 0]])), b.x(1, 4, name="u")),
+        lambda b: b.op(
+            "scatter_elements",
+            b.x(3, 4),
+            b.c(value=np.array([[0, 1], [1, 1], [3, 0]])),
+            b.x(3, 2, name="u"),
+            axis=1,
+            reduction="add",
+        ),
+    ],
+    "cumsum": [
+        lambda b: b.op("cumsum", b.x(3, 4), axis=1),
+        lambda b: b.op("cumsum", b.x(3, 4, dtype="int64", lo=-5, hi=5), axis=0),
+    ],
+    "topk": [
+        lambda b: b.g.add_node("topk", [b.x(3, 7)], {"k": 3}).outputs,
+        lambda b: b.g.add_node("topk", [b.x(6, 3)], {"k": 6, "axis": 0, "largest": False}).outputs,  # a sort
+    ],
+    # padding, resizing, group norm, hard activations
+    "pad": [
+        lambda b: b.op("pad", b.x(1, 2, 4, 5), pads=[0, 0, 1, 2, 0, 0, 2, -1], value=0.5),
+        lambda b: b.op("pad", b.x(2, 6), pads=[0, -1, 0, -2]),
+    ],
+    "upsample2d": [
+        lambda b: b.op("upsample2d", b.x(1, 2, 4, 5), size=[8, 10]),
+        lambda b: b.op("upsample2d", b.x(1, 2, 4, 5), size=[6, 7], mode="linear"),
+        lambda b: b.op("upsample2d", b.x(1, 2, 4, 5), size=[7, 9], mode="linear", align_corners=True),
+    ],
+    "group_norm": [
+        lambda b: b.op("group_norm", b.x(2, 6, 3, 4), b.c(6), b.c(6), num_groups=3),
+        lambda b: b.op("group_norm", b.x(2, 6, 5), num_groups=2, eps=1e-3),
+    ],
+    "hardswish": [lambda b: b.op("hardswish", b.x(3, 9, lo=-5, hi=5))],
+    "hardsigmoid": [lambda b: b.op("hardsigmoid", b.x(3, 9, lo=-5, hi=5))],
 }
 
 

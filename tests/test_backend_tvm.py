@@ -63,7 +63,7 @@ def one_op(op, items, **attrs):
         else:
             args.append(g.add_input(f"x{i}", TensorType.of(it)))
             feeds.append(it)
-    g.outputs = [g.op(op, *args, **attrs)]
+    g.outputs = list(g.add_node(op, args, attrs).outputs)  # every output (topk has two)
     return g, feeds
 
 
@@ -187,6 +187,27 @@ CASES = [
     ("full_like", [rand(2, 3)], {"value": 1.5}),
     ("full_like", [rand(2, 3)], {"value": -2, "dtype": "int64"}),
     ("arange", [], {"start": 2, "end": 11, "step": 3}),
+    # indexing, scans, selection (nnforge/ops/indexing.py)
+    ("index", [rand(4, 5, 6), np.array([0, -1, 2]), np.array([[1], [3]])], {"axes": [0, 2]}),  # apart: dims first
+    ("index", [rand(4, 5, 6, 3), np.array([[0, 1]]), np.array([1, -4], np.int32)], {"axes": [1, 2]}),  # in place
+    ("gather_elements", [rand(3, 4), ints(2, 4, lo=0, hi=3)], {"axis": 0}),
+    ("scatter_elements", [rand(3, 4), np.array([[0, 2, 1, 0]]), rand(1, 4)], {"axis": 0}),
+    ("scatter_elements", [rand(3, 4), ints(3, 2, lo=0, hi=4), rand(3, 2)], {"axis": 1, "reduction": "add"}),
+    ("cumsum", [rand(3, 4)], {"axis": 1}),
+    ("cumsum", [ints(3, 4)], {"axis": 0}),
+    ("topk", [rand(3, 7)], {"k": 3}),
+    ("topk", [rand(6, 3)], {"k": 6, "axis": 0, "largest": False}),  # a sort
+    # padding, resizing, group norm, hard activations
+    ("pad", [rand(1, 2, 4, 5)], {"pads": [0, 0, 1, 2, 0, 0, 2, -1], "value": 0.5}),
+    ("pad", [rand(2, 6)], {"pads": [0, -1, 0, -2]}),
+    ("upsample2d", [rand(1, 2, 4, 5)], {"size": [8, 10]}),
+    ("upsample2d", [rand(1, 2, 4, 5)], {"size": [6, 7], "mode": "linear"}),
+    ("upsample2d", [rand(1, 2, 4, 5)], {"size": [7, 9], "mode": "linear", "align_corners": True}),
+    ("group_norm", [rand(2, 6, 3, 4), C(rand(6)), C(rand(6))], {"num_groups": 3}),
+    ("group_norm", [rand(2, 6, 5)], {"num_groups": 2, "eps": 1e-3}),
+    ("hardswish", [rand(3, 9) * 4], {}),
+    ("hardsigmoid", [rand(3, 9) * 4], {}),
+    *[(op, [nans(4, 5)], {}) for op in ("hardswish", "hardsigmoid")],
     *[(op, [nans(4, 5), nans(5)], {}) for op in ("maximum", "minimum")],
     ("relu", [nans(4, 5)], {}),
     ("clamp", [nans(4, 5)], {"min": -0.5, "max": 0.5}),

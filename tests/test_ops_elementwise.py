@@ -58,6 +58,8 @@ CASES = [
     ("pow", [pos(3, 4), rand(3, 4)], {}),
     *[(op, [rand(3, 4).round(), rand(4).round()], {}) for op in ("eq", "ne", "lt", "le", "gt", "ge")],
     ("logical_and", [bools(3, 4), bools(3, 4)], {}),
+    ("hardswish", [rand(3, 9) * 4], {}),
+    ("hardsigmoid", [rand(3, 9) * 4], {}),
     ("logical_or", [bools(3, 4), bools(1, 4)], {}),
     ("logical_not", [bools(5)], {}),
     ("where", [bools(3, 4), rand(3, 4), rand(4)], {}),
@@ -116,7 +118,7 @@ def one_op(op, arrays, attrs) -> Graph:
 
 def test_every_op_of_the_families_has_a_case():
     ops = {name for name, op in REGISTRY.items() if op.ref.__module__ in FAMILIES}
-    assert len(ops) == 44
+    assert len(ops) == 46
     assert sorted(ops - {c[0] for c in CASES}) == []
 
 

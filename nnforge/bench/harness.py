@@ -85,8 +85,11 @@ def time_interleaved(fns: dict, repeat: int, rounds: int = 3, progress=None, lab
 
 
 def _as_list(out) -> list[np.ndarray]:
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs]
+    """A runner's outputs as arrays, flattened (a transformers ModelOutput or a nested tuple too)."""
+    from torch.utils import _pytree as pytree
+
+    leaves = [o for o in pytree.tree_leaves(out) if o is not None]
+    return [o.detach().numpy() if hasattr(o, "detach") else np.asarray(o) for o in leaves]
 
 
 def _runners(zm, tune: int = 0, progress=None):
@@ -164,15 +167,17 @@ def bench_family(
     runners: Sequence[str] | None = None,
     tune: int = 0,
     rounds: int = 3,
+    zm=None,
 ) -> list[BenchRow]:
     """Every runner is built first, then timed in ``rounds`` interleaved rounds (each runner's best round
-    counts), so that load from other processes hits every runner alike."""
+    counts), so that load from other processes hits every runner alike. ``zm``: the model to time (a
+    ``ZooModel``), default the zoo family ``family`` at ``size``."""
     import torch
 
     from ..models import zoo
     from ..passes.manager import max_rel_error
 
-    zm = zoo.build(family, size, batch=1)
+    zm = zm or zoo.build(family, size, batch=1)
     gflop = model_gflop(zm)
     built = []  # (name, fn, output, compile s) or (name, None, None, failure note)
     with torch.no_grad():
@@ -299,6 +304,52 @@ def run_bench(
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        print(f"results written to {json_path}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# nnforge bench --zoo: the real architectures of nnforge.models.real
+# ---------------------------------------------------------------------------------------
+
+ZOO_RUNNERS = ("eager", "torch.compile", "onnxruntime", "nnforge-onnxrt", "nnforge-tvm")
+
+
+def run_zoo(
+    names: Sequence[str] | None = None,
+    size: str = "bench",
+    json_path: str | None = None,
+    repeat: int = 20,
+    runners: Sequence[str] | None = None,
+) -> list[BenchRow]:
+    """Each real architecture (``nnforge.models.real``) through eager, torch.compile, ONNX Runtime used
+    directly and nnforge's backends, timed as ``nnforge bench`` times the families; one table."""
+    from rich.console import Console
+
+    from ..models import real
+    from ..models.zoo import ZooModel
+
+    console = Console(stderr=True)
+    rows: list[BenchRow] = []
+    names = list(names or real.ZOO)
+    with console.status("bench --zoo") as status:
+        for k, name in enumerate(names):
+            status.update(f"bench --zoo: {name} ({k + 1} of {len(names)}): building")
+            model, inputs = real.build(name, size)
+            zm = ZooModel(name, model, tuple(inputs), None, ())
+            rows += bench_family(
+                name,
+                size,
+                repeat,
+                progress=lambda m, k=k: status.update(f"bench --zoo ({k + 1} of {len(names)}): {m}"),
+                runners=runners or ZOO_RUNNERS,
+                zm=zm,
+            )
+            if json_path:  # after every model: a long run that is stopped keeps what it measured
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    print(render(rows))
+    if json_path:
         print(f"results written to {json_path}")
     return rows
 

@@ -1316,3 +1316,5 @@ SYM_RULES: dict[str, Callable] = {
     "Cast": _sym_cast,
     "Identity": lambda imp, n, xs: imp.sym(xs[0]),
 }
+
+from . import onnx_extra  # noqa: E402, F401  (registers more converters into CONVERTERS)

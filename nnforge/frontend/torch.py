@@ -59,6 +59,8 @@ _DTYPES = {
     torch.int8: "int8",
     torch.uint8: "uint8",
     torch.bool: "bool",
+    torch.complex64: "complex64",  # only torch_op nodes take or give complex values (see _complex)
+    torch.complex128: "complex128",
 }
 
 
@@ -739,12 +741,104 @@ def _embedding(cx: _Ctx, weight, indices, *args, **kwargs):
 
 
 def _index(cx: _Ctx, x, indices):
-    """x[idx] / x[:, idx]: one integer index tensor, the other axes untouched, is a gather."""
-    given = [(i, t) for i, t in enumerate(indices) if t is not None]
-    if len(given) != 1 or given[0][1].dtype not in ("int64", "int32"):
-        raise _Unsupported("advanced indexing beyond one integer index tensor")
-    axis, idx = given[0]
-    return cx.op("gather", x, idx, axis=axis)
+    """x[i] / x[:, i] / x[i, :, j]: integer index tensors (None slots keep an axis whole), broadcast together."""
+    given = [(axis, t) for axis, t in enumerate(indices) if t is not None]
+    if any(t.dtype not in ("int64", "int32") for _, t in given):
+        raise _Unsupported("indexing with a boolean mask (its result size depends on the data)")
+    if len(given) == 1:  # one index tensor on one axis: numpy.take
+        axis, idx = given[0]
+        return cx.op("gather", x, idx, axis=axis)
+    return cx.op("index", x, *[t for _, t in given], axes=[axis for axis, _ in given])
+
+
+def _gather_elements(cx: _Ctx, x, dim, index, sparse_grad=False):
+    return cx.op("gather_elements", x, index, axis=_axis(dim, len(x.shape)))
+
+
+def _scatter(reduction: str):
+    def convert(cx: _Ctx, x, dim, index, src):
+        """scatter.src / scatter.value / scatter_add: src is read only where index has entries."""
+        axis = _axis(dim, len(x.shape))
+        if isinstance(src, Value):
+            if tuple(src.shape) != tuple(index.shape):
+                src = _crop_to(cx, src, index.shape)
+        else:
+            src = cx.op("expand", cx.const(src, x.dtype), shape=list(index.shape))
+        return cx.op("scatter_elements", x, index, cx.cast(src, x.dtype), axis=axis, reduction=reduction)
+
+    return convert
+
+
+def _crop_to(cx: _Ctx, v: Value, shape) -> Value:
+    for axis, (have, want) in enumerate(zip(v.shape, shape)):
+        if have != want:
+            if not isinstance(want, int):
+                raise _Unsupported("scatter with a larger src of symbolic size")
+            v = cx.op("slice", v, axis=axis, start=0, end=want)
+    return v
+
+
+def _cumsum(cx: _Ctx, x, dim, dtype=None):
+    return cx.op("cumsum", cx.cast(x, cx.out_dtype), axis=_axis(dim, len(x.shape)))
+
+
+def _topk(cx: _Ctx, x, k, dim=-1, largest=True, sorted=True):
+    # unsorted topk may come back in any order; the sorted order is one of them
+    node = cx.g.add_node(
+        "topk",
+        [x],
+        {"k": _int_or_unsupported(k, "topk k"), "axis": _axis(dim, len(x.shape)), "largest": bool(largest)},
+        name=cx.node.name,
+        source=cx.source,
+    )
+    return list(node.outputs)
+
+
+def _sort(cx: _Ctx, x, dim=-1, descending=False, stable=None):
+    """A sort is a topk of the whole axis (stable: equal values keep their order)."""
+    axis = _axis(dim, len(x.shape))
+    return _topk(cx, x, _int_or_unsupported(x.shape[axis], "sort axis size"), axis, bool(descending))
+
+
+def _sort_stable(cx: _Ctx, x, stable=None, dim=-1, descending=False):
+    return _sort(cx, x, dim, descending)
+
+
+def _constant_pad(cx: _Ctx, x, pad, value=0):
+    """constant_pad_nd: torch's pads run from the last axis (begin, end pairs); negative pads crop."""
+    pad = _ints(pad)
+    rank = len(x.shape)
+    begin, end = [0] * rank, [0] * rank
+    for k in range(len(pad) // 2):
+        begin[rank - 1 - k], end[rank - 1 - k] = pad[2 * k], pad[2 * k + 1]
+    if not any(begin + end):
+        return x
+    if not isinstance(value, (int, float)):
+        raise _Unsupported("a symbolic pad value")
+    return cx.op("pad", x, pads=begin + end, value=float(value))
+
+
+def _group_norm(cx: _Ctx, x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    return cx.op("group_norm", x, weight, bias, num_groups=num_groups, eps=eps)
+
+
+def _native_group_norm(cx: _Ctx, x, weight, bias, n, c, hxw, group, eps):
+    """native_group_norm also returns the statistics, which only training uses."""
+    return [_group_norm(cx, x, group, weight, bias, eps), None, None]
+
+
+def _upsample(mode: str):
+    def convert(cx: _Ctx, x, output_size=None, *args):
+        """upsample_{nearest,bilinear}2d (.default and .vec): torch resolved the output size."""
+        align = bool(args[0]) if mode == "linear" else False
+        scales = [a for a in args[1 if mode == "linear" else 0 :] if a is not None]
+        scales = [s for a in scales for s in (a if isinstance(a, (list, tuple)) else [a])]
+        size = _ints(cx.out_shape[2:])
+        if scales and any(d * s != o for d, s, o in zip(_ints(x.shape[2:]), scales, size)):
+            raise _Unsupported("upsampling by a scale factor that does not give a whole output size")
+        return cx.op("upsample2d", x, size=size, mode=mode, align_corners=align)
+
+    return convert
 
 
 def _arange(cx: _Ctx, *args, **kwargs):
@@ -821,6 +915,8 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.hardtanh.default: _hardtanh,
     aten.leaky_relu.default: _leaky_relu,
     aten.elu.default: _elu,
+    aten.hardswish.default: _unary("hardswish"),  # kept whole: ONNX Runtime's HardSwish is one fused kernel
+    aten.hardsigmoid.default: _unary("hardsigmoid"),
     aten.log1p.default: _log1p,
     aten._to_copy.default: _to_copy,
     # reductions and normalisation
@@ -844,6 +940,8 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.rms_norm.default: _rms_norm,
     aten._native_batch_norm_legit_no_training.default: _bn_no_training,
     aten.batch_norm.default: _batch_norm,
+    aten.group_norm.default: _group_norm,
+    aten.native_group_norm.default: _native_group_norm,
     # linear algebra, attention, convolution
     aten.linear.default: _linear,
     aten.matmul.default: _matmul,
@@ -880,6 +978,19 @@ ATEN_OPS: dict[Any, Callable] = {
     aten.split_with_sizes.default: _split,
     aten.index_select.default: _gather,
     aten.index.Tensor: _index,
+    aten.gather.default: _gather_elements,
+    aten.scatter.src: _scatter("none"),
+    aten.scatter.value: _scatter("none"),
+    aten.scatter_add.default: _scatter("add"),
+    aten.cumsum.default: _cumsum,
+    aten.topk.default: _topk,
+    aten.sort.default: _sort,
+    aten.sort.stable: _sort_stable,
+    aten.constant_pad_nd.default: _constant_pad,
+    aten.upsample_nearest2d.default: _upsample("nearest"),
+    aten.upsample_nearest2d.vec: _upsample("nearest"),
+    aten.upsample_bilinear2d.default: _upsample("linear"),
+    aten.upsample_bilinear2d.vec: _upsample("linear"),
     aten.embedding.default: _embedding,
     # tensor creation
     aten.arange.default: _arange,
@@ -1065,6 +1176,14 @@ def _user_input(g: Graph, syms: _SymbolNames, name: str, val):
     raise TorchImportError(f"input {name!r}: a {type(val).__name__} input is not supported (only tensors)")
 
 
+def _complex(node: torch.fx.Node) -> bool:
+    """Whether the node takes or gives a complex tensor: no IR op does, so such a node stays a torch_op
+    (``torch.fft.rfft(x).abs()`` runs on torch; the complex value never leaves the torch partition)."""
+    vals = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
+    vals = [t for v in vals for t in (v if isinstance(v, (list, tuple)) else [v])]
+    return any(isinstance(t, torch.Tensor) and t.is_complex() for t in vals)
+
+
 def _convert_nodes(g: Graph, ep, env: dict, syms: _SymbolNames, opaque: bool = False) -> list[tuple[str, str]]:
     """Convert every call node through ATEN_OPS; returns the (op, source) pairs that could not be.
 
@@ -1088,6 +1207,8 @@ def _convert_nodes(g: Graph, ep, env: dict, syms: _SymbolNames, opaque: bool = F
         try:
             if fn is None:
                 raise _Unsupported("")
+            if _complex(node):
+                raise _Unsupported("complex values (kept on the torch executor)")
             env[node] = fn(cx, *args, **kwargs)
             if isinstance(env[node], Value) and isinstance(cx.val, torch.Tensor):
                 _check_type(env[node], cx.val, syms, where)

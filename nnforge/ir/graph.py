@@ -51,8 +51,11 @@ DTYPES = (
     "uint2",
     "float4_e2m1fn",
     "string",
+    # complex: only inside torch_op partitions
+    "complex64",
+    "complex128",
 )
-# dtypes that values carry between the boundary and kept ONNX ops, but no IR op computes on
+# dtypes that values carry between the boundary and kept ONNX or torch ops, but no IR op computes on
 CARRIED_DTYPES = frozenset(DTYPES[DTYPES.index("float8_e4m3fn") :])
 
 
@@ -103,6 +106,8 @@ class TensorType:
             "uint2": "u2",
             "float4_e2m1fn": "f4e2m1fn",
             "string": "str",
+            "complex64": "c64",
+            "complex128": "c128",
         }[self.dtype]
         return f"{short}[{','.join(str(d) for d in self.shape)}]"
 

@@ -19,6 +19,8 @@ TORCH_DTYPES = {
     "uint16": torch.uint16,
     "uint8": torch.uint8,
     "bool": torch.bool,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
 }
 IR_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 

@@ -613,3 +613,60 @@ ACTIVATIONS: dict[str, Activation] = {
         lambda c, y: R.nn.silu(y),
     ),
 }
+
+
+# -- hardswish, hardsigmoid (kept whole: ONNX Runtime has fused kernels for both) ------------------------
+
+
+def hardsigmoid_ref(x):
+    return (np.clip(x + 3, 0, 6) / 6).astype(x.dtype)
+
+
+@defop("hardsigmoid", _unary_infer(), kind="elementwise")
+def hardsigmoid(x):
+    """relu6(x + 3) / 6 (torch.nn.Hardsigmoid)."""
+    return hardsigmoid_ref(x)
+
+
+@defop("hardswish", _unary_infer(), kind="elementwise")
+def hardswish(x):
+    """x * relu6(x + 3) / 6 (torch.nn.Hardswish, MobileNetV3's activation)."""
+    return x * hardsigmoid_ref(x)
+
+
+@hardsigmoid.torch
+def _(cx, x):
+    return torch.nn.functional.hardsigmoid(x)
+
+
+@hardswish.torch
+def _(cx, x):
+    return torch.nn.functional.hardswish(x)
+
+
+@hardsigmoid.onnxrt
+def _(cx, x):
+    return cx.emit("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
+
+
+@hardswish.onnxrt
+def _(cx, x):
+    return cx.emit("HardSwish", [x])
+
+
+def tvm_hardsigmoid(c, x, dtype: str):
+    """clip(x + 3, 0, 6) / 6 as one Relax expression chain (fuses into the neighbouring elementwise kernel);
+    the clip keeps a NaN, as numpy, torch and ONNX Runtime do (plain Relax max/min would make it 0)."""
+    y = c.emit(R.add(x, c.const(3, dtype)))
+    y = c.emit(tvm_minimum(c, c.emit(tvm_maximum(c, y, c.const(0, dtype), dtype)), c.const(6, dtype), dtype))
+    return R.multiply(y, c.const(1 / 6, dtype))
+
+
+@hardsigmoid.tvm
+def _(c, x):
+    return tvm_hardsigmoid(c, x, c.in_type(0).dtype)
+
+
+@hardswish.tvm
+def _(c, x):
+    return R.multiply(x, c.emit(tvm_hardsigmoid(c, x, c.in_type(0).dtype)))

@@ -4,7 +4,7 @@ When a model given as a torch module uses an ATen op nnforge has no IR op for (o
 combination a converter cannot take), or a custom op (``torch.library``), the frontend keeps it
 as one ``torch_op`` node instead of failing. The node stores
 
-- ``target``: the op's qualified name, e.g. ``"aten.cumsum.default"`` or ``"mylib.scale.default"``;
+- ``target``: the op's qualified name, e.g. ``"aten.logcumsumexp.default"`` or ``"mylib.scale.default"``;
 - ``args`` / ``kwargs``: the call's arguments as plain JSON, where a tensor argument is
   ``{"$t": k}`` (the node's k-th input), a symbolic size ``{"$dim": "batch*2"}``, a dtype
   ``{"$dtype": "float32"}``, a non-finite float ``{"$float": "inf"}`` (and a few torch enums);
@@ -68,7 +68,9 @@ def tensor_slots(tree) -> list[int]:
 
 def _infer(ts, attrs):
     if not isinstance(attrs["target"], str) or not _NAME.match(attrs["target"]):
-        raise OpError(f"torch_op: target {attrs['target']!r} is not a qualified op name like 'aten.cumsum.default'")
+        raise OpError(
+            f"torch_op: target {attrs['target']!r} is not a qualified op name like 'aten.logcumsumexp.default'"
+        )
     slots = tensor_slots(attrs["args"]) + tensor_slots(attrs["kwargs"])
     if any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(ts) for k in slots):
         raise OpError(f"torch_op {attrs['target']}: arguments refer to inputs {slots}, node has {len(ts)}")
@@ -104,7 +106,7 @@ def resolve(name: str):
     import torch
 
     if not isinstance(name, str) or not _NAME.match(name):
-        raise TorchOpError(f"torch_op: {name!r} is not a qualified op name like 'aten.cumsum.default'")
+        raise TorchOpError(f"torch_op: {name!r} is not a qualified op name like 'aten.logcumsumexp.default'")
     ns, op, overload = name.split(".")
     try:
         fn = getattr(getattr(getattr(torch.ops, ns), op), overload)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import TensorType
-from ..ir.registry import OpError, defop
+from ..ir.registry import REQUIRED, OpError, defop
 from .common import R, float_only, torch
 
 
@@ -162,3 +162,62 @@ def _(c, x, mean, var, w=None, b=None, eps=1e-5):
         shift = c.emit(R.add(shift, b))
     bshape = [1, -1] + [1] * (t.rank - 2)
     return R.add(c.emit(R.multiply(x, c.emit(R.reshape(scale, bshape)))), c.emit(R.reshape(shift, bshape)))
+
+
+# -- group_norm ----------------------------------------------------------------------------------
+
+
+def _group_norm_infer(ts, attrs):
+    x, g = ts[0], attrs["num_groups"]
+    float_only(x, "group_norm")
+    if x.rank < 2 or not isinstance(x.shape[1], int) or g < 1 or x.shape[1] % g:
+        raise OpError(f"group_norm: {g} groups do not divide the channel axis of {x.shape}")
+    return [x]
+
+
+@defop(
+    "group_norm", _group_norm_infer, attrs={"num_groups": ("int", REQUIRED), "eps": ("float", 1e-5)}, num_inputs=(1, 3)
+)
+def group_norm(x, w=None, b=None, num_groups=1, eps=1e-5):
+    """Normalise each group of channels (axis 1) over its channels and spatial axes, then scale and shift
+    per channel (torch.nn.GroupNorm)."""
+    n, c = x.shape[:2]
+    g = x.reshape(n, num_groups, -1)
+    mean = g.mean(axis=-1, keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    if w is not None:
+        y = y * w.reshape(shape)
+    if b is not None:
+        y = y + b.reshape(shape)
+    return y.astype(x.dtype)
+
+
+@group_norm.torch
+def _(cx, x, w=None, b=None, num_groups=1, eps=1e-5):
+    return torch.nn.functional.group_norm(x, num_groups, w, b, eps)
+
+
+@group_norm.onnxrt
+def _(cx, x, w=None, b=None, num_groups=1, eps=1e-5):
+    # opset 20 has no per-channel GroupNormalization (21 has): instance-normalise [N, groups, rest], then affine
+    t = cx.node.inputs[0].type
+    grouped = cx.emit("Reshape", [x, cx.const([0, num_groups, -1], "int64", "groups")])
+    ones, zeros = (cx.const(np.full([num_groups], v, t.dtype), hint="gn") for v in (1, 0))
+    y = cx.emit(
+        "Reshape", [cx.emit("InstanceNormalization", [grouped, ones, zeros], epsilon=float(eps)), cx.emit("Shape", [x])]
+    )
+    per_channel = cx.const([-1] + [1] * (t.rank - 2), "int64", "channel_shape")
+    if w:
+        y = cx.emit("Mul", [y, cx.emit("Reshape", [w, per_channel])])
+    return cx.emit("Add", [y, cx.emit("Reshape", [b, per_channel])]) if b else y
+
+
+@group_norm.tvm
+def _(c, x, w=None, b=None, num_groups=1, eps=1e-5):
+    t = c.in_type(0)
+    ch = t.shape[1]
+    gamma = w if w is not None else c.const(np.ones([ch]), t.dtype)
+    beta = b if b is not None else c.const(np.zeros([ch]), t.dtype)
+    return R.nn.group_norm(x, gamma, beta, num_groups, 1, list(range(2, t.rank)), eps)
