@@ -17,6 +17,9 @@ export PYTHONUNBUFFERED=1
 SITE=/tmp/nnforge-site
 mkdir -p "$SITE"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu/apache_tvm_ffi-*.whl || exit 1
+# onnx and ml_dtypes for the conformance sample, where the machine lacks them
+python3 -c "import onnx, ml_dtypes" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+  --target "$SITE" .gpu/onnx-*.whl .gpu/ml_dtypes-*.whl
 tar -xJf .gpu/tvm-runtime.tar.xz -C "$SITE" || exit 1
 [ -f .gpu/compiler.xz.part-aa ] && cp .gpu/compiler.xz.part-aa "$STAGE/"
 if [ -f "$STAGE/compiler.xz.part-aa" ] && [ -f .gpu/compiler.xz.part-ab ]; then
@@ -34,6 +37,9 @@ echo "== 2. CUDA tests"
 NNFORGE_CUDA_BUNDLES=.gpu/bundles-tiny python3 -m pytest -q -p no:cacheprovider -rs tests/test_tvm_runtime.py \
   tests/test_backend_tvm.py -k "cuda or runtime" 2>&1 | tee "$OUT/tests.log" | tail -25
 if python3 -c "import sys, tvm; sys.exit(1 if tvm.base._RUNTIME_ONLY else 0)"; then
+  echo "== 2b. ONNX node tests (every 8th) through nnforge-tvm on cuda, beside ONNX Runtime direct"
+  timeout 240 python3 -m nnforge.conformance --backend ort tvm --target cuda --sample 8 --jobs 12 --timeout 120 \
+    --out "$OUT/conformance-cuda.json" 2>&1 | grep -v "^$" | tail -20
   echo "== 3. bench-size families built here for sm_90 and timed"
   python3 -m nnforge.bench.cuda build /tmp/nnforge-bench --size bench --batch 8 --arch sm_90 2>&1 | tee "$OUT/build.log" | tail -12
   python3 -m nnforge.bench.cuda run /tmp/nnforge-bench --repeat 30 --json "$OUT/cuda_bench.json" 2>&1 | tee "$OUT/bench.log"

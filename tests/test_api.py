@@ -199,7 +199,7 @@ def test_budget_picks_a_setting_within_budget_and_reports_it():
 
 
 class WithCumsum(torch.nn.Module):
-    """Linear layers around torch.cumsum, which no backend lowers: it runs on the torch executor."""
+    """Linear layers around torch.logcumsumexp, which no backend lowers: it runs on the torch executor."""
 
     def __init__(self):
         super().__init__()
@@ -208,7 +208,7 @@ class WithCumsum(torch.nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.l2(torch.nn.functional.gelu(self.l1(x))))
-        h = torch.cumsum(torch.tanh(h * 0.5), dim=-1)
+        h = torch.logcumsumexp(torch.tanh(h * 0.5), dim=-1)
         return torch.sigmoid(self.l3(torch.tanh(h) * 2.0)) + 1.0
 
 
@@ -227,7 +227,7 @@ def _assert_falls_back(fast, backend):
     plan = fast.artifact.plan
     assert [p.backend for p in plan.partitions] == [backend, "torch", backend], str(plan)
     (k,) = plan.fallback_nodes
-    assert fast.graph.nodes[k].attrs["target"] == "aten.cumsum.default"
+    assert fast.graph.nodes[k].attrs["target"] == "aten.logcumsumexp.default"
 
 
 def _eager(model, x):
@@ -312,6 +312,6 @@ def test_edge_targets_refuse_a_fallback_op_by_name(target, backend, tmp_path, ca
     for cache in (False, True):
         with pytest.raises(nnforge.UnsupportedOpError) as e:
             nnforge.export(model, xs, target=target, backend=backend, out=tmp_path / "b", cache=cache, progress=False)
-        assert "torch_op aten.cumsum.default" in str(e.value) and "needs a host target" in str(e.value)
+        assert "torch_op aten.logcumsumexp.default" in str(e.value) and "needs a host target" in str(e.value)
         assert "test_api.py" in str(e.value)  # the model's source line
     assert not (tmp_path / "b").exists()

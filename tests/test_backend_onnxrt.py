@@ -61,12 +61,19 @@ CASES = {
         lambda b: b.op(
             "div", b.x(3, 4, dtype="int64", lo=-9, hi=9), b.x(4, dtype="int64", value=np.array([2, -3, 4, 7]))
         ),
+        lambda b: b.op(
+            "div",
+            b.x(3, 4, dtype="int32", lo=-9, hi=9),
+            b.x(4, dtype="int32", value=np.array([2, -3, 4, 7], np.int32)),
+            rounding="trunc",
+        ),
     ],
     "maximum": [lambda b: b.op("maximum", b.x(2, 3), b.x(1, 3, name="y"))],
     "minimum": [lambda b: b.op("minimum", b.x(2, 3), b.x(2, 3, name="y"))],
     "pow": [lambda b: b.op("pow", b.x(2, 3, lo=0.1, hi=2.0), b.x(2, 3, name="y"))],
     "eq": [lambda b: b.op("eq", _grid(b, 3, 4), _grid(b, 3, 4))],
     "ne": [lambda b: b.op("ne", _grid(b, 3, 4), _grid(b, 4))],
+    "isnan": [lambda b: b.op("isnan", b.x(3, 4, value=np.array([1.0, np.nan, np.inf, -0.0] * 3).reshape(3, 4)))],
     "lt": [lambda b: b.op("lt", _grid(b, 3, 4), _grid(b, 3, 4))],
     "le": [lambda b: b.op("le", _grid(b, 3, 4), _grid(b, 3, 4))],
     "gt": [lambda b: b.op("gt", _grid(b, 3, 4), _grid(b, 3, 4))],
@@ -388,6 +395,21 @@ def _qweight(b, n, k, bits, group, zeros=True):
     scales = b.rng.uniform(0.01, 0.1, (n, k // group)).astype(np.float32)
     z = b.c(value=b.rng.integers(0, 16, (n, k // group)).astype(np.uint8)) if bits == 4 and zeros else None
     return b.c(value=codes), b.c(value=scales), z
+
+
+def _kept(b):
+    """An ONNX node the IR has no op for (Hardmax), as the ONNX frontend keeps it."""
+    from onnx import TensorProto, helper
+
+    from nnforge.frontend.onnx import import_onnx
+
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 4]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Hardmax", ["x"], ["y"], axis=1)], "kept", vi[:1], vi[1:])
+    node = import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).nodes[0]
+    return b.op("onnx_node", b.x(3, 4), **node.attrs)
+
+
+CASES["onnx_node"] = [_kept]
 
 
 def _csr(b, n, k):

@@ -343,7 +343,7 @@ def div(a, b, rounding="floor"):
     with np.errstate(divide="ignore"):
         q = np.floor_divide(a, b)
     if rounding == "trunc":  # floor differs from trunc where the quotient is negative and inexact
-        q = q + ((a - q * b != 0) & ((a < 0) != (b < 0))).astype(q.dtype)
+        q = q + ((a - q * b != 0) & ((a < 0) != (b < 0)) & (b != 0)).astype(q.dtype)
     return q
 
 
