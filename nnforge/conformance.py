@@ -172,10 +172,13 @@ def _run_ort(model, inputs: list) -> list:
     return run_onnx_directly(model, inputs, threads=1)
 
 
+TARGET = os.environ.get("NNFORGE_CONFORMANCE_TARGET", "cpu")  # the workers' target (--target)
+
+
 def _run_nnforge(model, inputs: list, backend: str) -> list:
     import nnforge
 
-    compiled = nnforge.compile(model, inputs, "cpu", backend=backend, check=False, cache=False, progress=False)
+    compiled = nnforge.compile(model, inputs, TARGET, backend=backend, check=False, cache=False, progress=False)
     out = compiled(*inputs)
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -310,6 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", nargs="+", default=["onnxrt", "tvm", "ort"], choices=BACKENDS)
     ap.add_argument("--only", nargs="*", help="case names (default: all)")
     ap.add_argument("--models", action="store_true", help="also the nine model-zoo CNNs the onnx wheel ships")
+    ap.add_argument("--sample", type=int, default=1, help="every N-th case only (the test suite uses 8)")
+    ap.add_argument("--target", default="cpu", help="nnforge's target (cuda where a GPU is)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="seconds a case may take")
     ap.add_argument("--out", type=Path, help="write every result as JSON here")
@@ -319,7 +324,8 @@ def main(argv=None) -> int:
     if args.worker:
         _worker(args.worker[0], args.worker[1:])
         return 0
-    names = args.only or [c.name for c in cases()]
+    os.environ["NNFORGE_CONFORMANCE_TARGET"] = args.target  # the workers inherit it
+    names = args.only or sample([c.name for c in cases()], args.sample)
     models = [c.name for c in model_cases()] if args.models else []
     everything = {}
     for backend in args.backend:

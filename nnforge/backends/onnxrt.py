@@ -374,13 +374,16 @@ def check(model: onnx.ModelProto) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _providers(target: Target) -> list[str]:
+def _providers(target: Target, cpu_ok: bool = False) -> list[str]:
+    """``cpu_ok``: a partition of a cuda model may run on the CPU provider where onnxruntime-gpu is missing."""
     import onnxruntime as ort
 
     if target.name == "cpu":
         return ["CPUExecutionProvider"]
     if target.name == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
+            if cpu_ok:
+                return ["CPUExecutionProvider"]
             raise NnforgeError(
                 "onnxrt: target 'cuda' needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers "
                 f"{ort.get_available_providers()} (pip install onnxruntime-gpu, or use target 'cpu')"
@@ -419,7 +422,10 @@ def make_session(model_bytes: bytes, target: Target, options: dict | None = None
     disabled = ["SkipLayerNormFusion"] if target.name == "cpu" else []
     try:
         return ort.InferenceSession(
-            model_bytes, sess_options=so, providers=_providers(target), disabled_optimizers=disabled
+            model_bytes,
+            sess_options=so,
+            providers=_providers(target, cpu_ok=options.get("spinning") is False),
+            disabled_optimizers=disabled,
         )
     except NnforgeError:
         raise
