@@ -38,7 +38,7 @@ NNFORGE_CUDA_BUNDLES=.gpu/bundles-tiny python3 -m pytest -q -p no:cacheprovider 
   tests/test_backend_tvm.py -k "cuda or runtime" 2>&1 | tee "$OUT/tests.log" | tail -25
 if python3 -c "import sys, tvm; sys.exit(1 if tvm.base._RUNTIME_ONLY else 0)"; then
   echo "== 2b. ONNX node tests (every 8th) through nnforge-tvm on cuda, beside ONNX Runtime direct"
-  timeout 240 python3 -m nnforge.conformance --backend ort tvm --target cuda --sample 8 --jobs 12 --timeout 120 \
+  timeout 200 python3 -m nnforge.conformance --backend ort tvm --target cuda --sample 8 --jobs 12 --timeout 120 \
     --out "$OUT/conformance-cuda.json" 2>&1 | grep -v "^$" | tail -20
   echo "== 3. bench-size families built here for sm_90 and timed"
   python3 -m nnforge.bench.cuda build /tmp/nnforge-bench --size bench --batch 8 --arch sm_90 2>&1 | tee "$OUT/build.log" | tail -12
