@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from ..ir.graph import DTYPES, TensorType
+from ..ir.registry import OpError
 from ..ir.shapes import BIG, broadcast_shapes, conv_out, float_only, norm_axis, pair, same_dtype  # noqa: F401
 
 
@@ -24,3 +26,18 @@ class LazyModule:
 torch = LazyModule("torch")
 F = LazyModule("torch.nn.functional")
 R = LazyModule("tvm.relax.op")  # Relax operators, for TVM lowerings
+
+
+def declared_out_types(raw, op: str) -> list[TensorType]:
+    """An opaque op's ``out_types`` attribute (the types its source framework computed at import), checked."""
+    if not isinstance(raw, list) or not raw:
+        raise OpError(f"{op}: out_types must be a non-empty list of {{shape, dtype}}")
+    out = []
+    for t in raw:
+        if not isinstance(t, dict) or not isinstance(t.get("shape"), list) or t.get("dtype") not in DTYPES:
+            raise OpError(f"{op}: bad out_types entry {str(t)[:80]}")
+        try:
+            out.append(TensorType(tuple(t["shape"]), t["dtype"]))
+        except (ValueError, TypeError) as e:
+            raise OpError(f"{op}: bad out_types entry {str(t)[:80]}: {e}") from None
+    return out

@@ -23,8 +23,8 @@ import re
 from typing import Any
 
 from ..ir import symbols
-from ..ir.graph import DTYPES, TensorType
 from ..ir.registry import REQUIRED, OpError, defop
+from .common import declared_out_types
 
 _NAME = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*\.[A-Za-z_]\w*$")
 _FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
@@ -39,20 +39,6 @@ class TorchOpError(OpError):
 # ---------------------------------------------------------------------------------------
 # shape inference: the types torch computed at import
 # ---------------------------------------------------------------------------------------
-
-
-def _out_types(raw) -> list[TensorType]:
-    if not isinstance(raw, list) or not raw:
-        raise OpError("torch_op: out_types must be a non-empty list of {shape, dtype}")
-    out = []
-    for t in raw:
-        if not isinstance(t, dict) or not isinstance(t.get("shape"), list) or t.get("dtype") not in DTYPES:
-            raise OpError(f"torch_op: bad out_types entry {str(t)[:80]}")
-        try:
-            out.append(TensorType(tuple(t["shape"]), t["dtype"]))
-        except (ValueError, TypeError) as e:
-            raise OpError(f"torch_op: bad out_types entry {str(t)[:80]}: {e}") from None
-    return out
 
 
 def tensor_slots(tree) -> list[int]:
@@ -74,7 +60,7 @@ def _infer(ts, attrs):
     slots = tensor_slots(attrs["args"]) + tensor_slots(attrs["kwargs"])
     if any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < len(ts) for k in slots):
         raise OpError(f"torch_op {attrs['target']}: arguments refer to inputs {slots}, node has {len(ts)}")
-    return _out_types(attrs["out_types"])
+    return declared_out_types(attrs["out_types"], "torch_op")
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ import functools
 
 import numpy as np
 
-from ..ir.graph import DTYPES, TensorType
 from ..ir.registry import REQUIRED, OpError, defop
+from .common import declared_out_types
 
 
 class OnnxNodeError(OpError):
@@ -49,20 +49,6 @@ def pack(model) -> str:
     return base64.b64encode(model.SerializeToString()).decode("ascii")
 
 
-def _out_types(raw) -> list[TensorType]:
-    if not isinstance(raw, list) or not raw:
-        raise OpError("onnx_node: out_types must be a non-empty list of {shape, dtype}")
-    out = []
-    for t in raw:
-        if not isinstance(t, dict) or not isinstance(t.get("shape"), list) or t.get("dtype") not in DTYPES:
-            raise OpError(f"onnx_node: bad out_types entry {str(t)[:80]}")
-        try:
-            out.append(TensorType(tuple(t["shape"]), t["dtype"]))
-        except (ValueError, TypeError) as e:
-            raise OpError(f"onnx_node: bad out_types entry {str(t)[:80]}: {e}") from None
-    return out
-
-
 def _infer(ts, attrs):
     model = fragment(attrs["model"])
     op = attrs["op_type"]
@@ -70,7 +56,7 @@ def _infer(ts, attrs):
         raise OpError(f"onnx_node: op_type {op!r} does not match its payload's nodes")
     if len(model.graph.input) != len(ts):
         raise OpError(f"onnx_node {op}: its payload reads {len(model.graph.input)} values, node has {len(ts)}")
-    types = _out_types(attrs["out_types"])
+    types = declared_out_types(attrs["out_types"], "onnx_node")
     if len(types) != len(model.graph.output):
         raise OpError(f"onnx_node {op}: {len(types)} out_types for {len(model.graph.output)} outputs")
     return types
