@@ -223,3 +223,18 @@ def test_fully_masked_rows_on_tvm():
     _check_ok(m, [x])
     y = nnforge.compile(m, [x], backend="tvm", cache=False, progress=False).run([x])[0]
     np.testing.assert_array_equal(y[0], 0.0)
+
+
+def test_negative_indices_in_gather_and_scatter_elements():
+    """TVM's gather_elements read out of bounds on a negative index (garbage, not an error)."""
+    nodes = [
+        helper.make_node("GatherElements", ["x", "i"], ["g"], axis=1),
+        helper.make_node("ScatterElements", ["x", "i", "u"], ["s"], axis=1),
+    ]
+    m = _model(
+        nodes,
+        [_vi("x", [2, 3]), _vi("i", [2, 2], TensorProto.INT64), _vi("u", [2, 2])],
+        [_vi("g", [2, 2]), _vi("s", [2, 3])],
+    )
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    _check_ok(m, [x, np.array([[-1, 0], [-3, 2]], np.int64), np.full((2, 2), 9.0, np.float32)])

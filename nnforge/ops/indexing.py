@@ -108,9 +108,7 @@ def _(c, x, *idx, axes):
     for a, i, v in zip(axes, idx, c.node.inputs[1:]):
         if v.dtype != "int64":
             i = c.emit(R.astype(i, "int64"))
-        d = x_t.shape[a]
-        n = c.const(d, "int64") if isinstance(d, int) else c.emit(R.shape_to_tensor(relax.ShapeExpr([c.dims(d)])))
-        i = c.emit(R.where(c.emit(R.less(i, c.const(0, "int64"))), c.emit(R.add(i, n)), i))  # negative: from the end
+        i = _tvm_from_end(c, i, x_t.shape[a])
         parts.append(c.emit(R.expand_dims(c.emit(R.broadcast_to(i, shape)), -1)))
     ind = parts[0] if len(parts) == 1 else c.emit(R.concat(parts, -1))
     y = c.emit(R.gather_nd(x, ind))
@@ -137,7 +135,7 @@ def gather_elements(x, idx, axis=0):
 
 @gather_elements.torch
 def _(cx, x, idx, axis=0):
-    return torch.gather(x, axis, idx.long())
+    return torch.gather(x, axis, _torch_from_end(idx, x.shape[axis]))
 
 
 @gather_elements.onnxrt
@@ -145,9 +143,22 @@ def _(cx, x, idx, axis=0):
     return cx.emit("GatherElements", [x, idx], axis=axis)
 
 
+def _tvm_from_end(c, i, d, dtype: str = "int64"):
+    """Indices ``i`` (of ``dtype``) into an axis of size ``d`` with negative ones counted from the end."""
+    n = c.const(d, dtype) if isinstance(d, int) else c.emit(R.shape_to_tensor(relax.ShapeExpr([c.dims(d)])))
+    if not isinstance(d, int) and dtype != "int64":
+        n = c.emit(R.astype(n, dtype))
+    return c.emit(R.where(c.emit(R.less(i, c.const(0, dtype))), c.emit(R.add(i, n)), i))
+
+
+def _torch_from_end(idx, size: int):
+    return torch.where(idx < 0, idx + size, idx).long()  # torch's gather/scatter refuse negative indices
+
+
 @gather_elements.tvm
 def _(c, x, idx, axis=0):
-    return R.gather_elements(x, idx, axis)
+    ax = axis % c.in_type(0).rank
+    return R.gather_elements(x, _tvm_from_end(c, idx, c.in_type(0).shape[ax], c.in_type(1).dtype), ax)
 
 
 def _scatter_infer(ts, attrs):
@@ -182,9 +193,10 @@ def scatter_elements(x, idx, src, axis=0, reduction="none"):
 
 @scatter_elements.torch
 def _(cx, x, idx, src, axis=0, reduction="none"):
+    idx = _torch_from_end(idx, x.shape[axis])
     if reduction == "add":
-        return torch.scatter_add(x, axis, idx.long(), src)
-    return torch.scatter(x, axis, idx.long(), src)
+        return torch.scatter_add(x, axis, idx, src)
+    return torch.scatter(x, axis, idx, src)
 
 
 @scatter_elements.onnxrt
@@ -194,7 +206,9 @@ def _(cx, x, idx, src, axis=0, reduction="none"):
 
 @scatter_elements.tvm
 def _(c, x, idx, src, axis=0, reduction="none"):
-    return R.scatter_elements(x, idx, src, axis, "add" if reduction == "add" else "update")
+    ax = axis % c.in_type(0).rank
+    idx = _tvm_from_end(c, idx, c.in_type(0).shape[ax], c.in_type(1).dtype)
+    return R.scatter_elements(x, idx, src, ax, "add" if reduction == "add" else "update")
 
 
 # -- cumsum ----------------------------------------------------------------------------------------
