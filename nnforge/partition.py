@@ -16,6 +16,7 @@ caller goes through (compile, the budget search timing its candidates, export; `
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import weakref
@@ -458,10 +459,20 @@ class PartitionedArtifact(Artifact):
             raise NnforgeError(f"partitioned model: bad input: {e}") from None
         env = {v.name: a for v, a in zip(self.graph.inputs, arrays)}
         for p, art in zip(self.plan.partitions, self.subs):
-            env.update(zip(p.outputs, run_artifact(art, [env[n] for n in p.inputs])))
+            with self._turn(p):
+                env.update(zip(p.outputs, run_artifact(art, [env[n] for n in p.inputs])))
         return [env[v.name] if v.name in env else self.graph.constant(v) for v in self.graph.outputs]
 
     __call__ = run
+
+    def _turn(self, p: Partition):
+        """Partitions take turns on the cores: a torch partition on the host runs on one torch thread (see
+        torch_exec.one_torch_thread); ONNX Runtime's partitions were built not to spin."""
+        if p.fallback and self.target.name == "cpu":
+            from .backends.torch_exec import one_torch_thread
+
+            return one_torch_thread()
+        return contextlib.nullcontext()
 
     def manifest_fields(self) -> dict:
         return {"partitions": self.plan.to_json()}

@@ -47,6 +47,29 @@ class Rare(torch.nn.Module):
         return torch.sigmoid(self.l3(torch.tanh(h) * 2.0)) + 1.0
 
 
+_THREADS_SEEN: list[int] = []
+
+
+@torch.library.custom_op("nnforge_test::note_threads", mutates_args=())
+def note_threads(x: torch.Tensor) -> torch.Tensor:
+    _THREADS_SEEN.append(torch.get_num_threads())
+    return x.clone()
+
+
+@note_threads.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class NotesThreads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.l2(torch.ops.nnforge_test.note_threads(torch.relu(self.l1(x))))
+
+
 class MultiOut(torch.nn.Module):
     def forward(self, x):
         values, idx = torch.cummax(x, dim=-1)
@@ -128,6 +151,25 @@ def test_compile_falls_back_to_torch_for_what_onnxrt_lacks(rare_compiled):
     x = torch.randn(7, 8)  # another batch size
     _close(fast(x).numpy(), [t.numpy() for t in _eager(model, x)])
     assert fast.accuracy["max_rel_error"] <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_torch_partitions_take_one_thread_and_give_it_back(backend):
+    """Between ONNX Runtime or TVM partitions, torch runs on one thread (its OpenMP workers would spin and take
+    the cores from the next partition: bench/fallback_cost.py); the caller's thread count is restored."""
+    model, x = NotesThreads().eval(), torch.randn(4, 8)
+    fast = nnforge.compile(model, (x,), backend=backend, cache=False, progress=False, min_block_size=1)
+    assert {p.backend for p in fast.artifact.plan.partitions} >= {backend, "torch"}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = _eager(model, x)
+        _THREADS_SEEN.clear()
+        _close(fast(x), want)
+        assert _THREADS_SEEN == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_small_backend_partitions_stay_on_torch():

@@ -10,6 +10,8 @@ bundle's IR is all it needs.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -107,6 +109,32 @@ def _torch_check(n: Node):
     """The op's support check on the torch executor, if it has one (torch_op: its name must resolve)."""
     opdef = REGISTRY.get(n.op)
     return opdef.checks.get("torch") if opdef is not None else None
+
+
+_threads_lock = threading.Lock()
+_threads_depth = 0
+_threads_saved = 0
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread for a while (re-entrant, across threads). A torch partition between ONNX Runtime
+    or TVM partitions runs so: torch's OpenMP workers otherwise spin after each op and take the cores from the
+    runtime that runs next (bench/fallback_cost.py: 2.4x the model without the fallback op, 1.09x so)."""
+    global _threads_depth, _threads_saved
+    with _threads_lock:
+        if _threads_depth == 0:
+            _threads_saved = torch.get_num_threads()
+            if _threads_saved != 1:
+                torch.set_num_threads(1)
+        _threads_depth += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_depth -= 1
+            if _threads_depth == 0 and _threads_saved != 1:
+                torch.set_num_threads(_threads_saved)
 
 
 class TorchArtifact(Artifact):
