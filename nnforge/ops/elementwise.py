@@ -371,7 +371,7 @@ def _(c, a, b, rounding="floor"):
     zero, one = c.const(0, dt), c.const(1, dt)
     bz = c.emit(R.equal(b, zero))
     safe = c.emit(R.where(bz, c.emit(R.broadcast_to(one, c.dims.shape(c.in_type(1).shape))), b))
-    if rounding == "trunc":  # |a| // |b| with the quotient's sign
+    if rounding == "trunc" and not dt.startswith("uint"):  # |a| // |b| with the quotient's sign (unsigned: floor)
         q = c.emit(R.floor_divide(c.emit(R.abs(a)), c.emit(R.abs(safe))))
         q = c.emit(R.multiply(q, c.emit(R.multiply(c.emit(R.sign(a)), c.emit(R.sign(safe))))))
     else:
