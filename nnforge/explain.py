@@ -13,6 +13,7 @@ import linecache
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -47,7 +48,8 @@ class Explanation:
 
     @property
     def fallback(self) -> list[NodeRow]:
-        return [r for r in self.rows if r.partition.endswith(FALLBACK)]
+        """Rows the chosen backend does not run (another backend of the fallback chain does)."""
+        return [r for r in self.rows if r.partition and not r.partition.endswith(" " + self.backend)]
 
     def __str__(self) -> str:
         return self.text
@@ -174,7 +176,11 @@ def _render(exp: Explanation) -> str:
     else:
         say(str(exp.plan))
         falls = exp.fallback
-        say(f"falls back to {FALLBACK}: {len(falls)} of {len(exp.rows)} node(s)")
+        where = Counter(r.partition.split()[-1] for r in falls)
+        say(
+            f"falls back: {len(falls)} of {len(exp.rows)} node(s)"
+            + (f" ({', '.join(f'{b} {n}' for b, n in where.items())})" if falls else "")
+        )
         for r in falls:
             why = r.verdicts[exp.backend] or exp.plan.reasons.get(r.index, "")
             line = f"  #{r.index} {r.op} (%{r.value})" + (f" at {r.source}" if r.source else "") + f": {why}"

@@ -109,7 +109,7 @@ class PartitionPlan:
     def __str__(self) -> str:
         lines = [
             f"partition plan: {len(self.partitions)} partition(s), backend {self.backend}, "
-            f"fallback {FALLBACK}, min_block_size {self.min_block_size}"
+            f"min_block_size {self.min_block_size}"
         ]
         for k, p in enumerate(self.partitions):
             lines.append(

@@ -238,3 +238,15 @@ def test_negative_indices_in_gather_and_scatter_elements():
     )
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     _check_ok(m, [x, np.array([[-1, 0], [-3, 2]], np.int64), np.full((2, 2), 9.0, np.float32)])
+
+
+def test_explain_shows_kept_nodes_falling_back_to_onnx_runtime():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Hardmax", ["a"], ["b"]),
+             helper.make_node("Exp", ["b"], ["c"]), helper.make_node("Neg", ["c"], ["d"]),
+             helper.make_node("Abs", ["d"], ["y"])]  # fmt: skip
+    m = _model(nodes, [_vi("x", [2, 5])], [_vi("y", [2, 5])])
+    exp = nnforge.explain(m, [np.ones((2, 5), np.float32)], backend="tvm", quiet=True)
+    kept = next(r for r in exp.rows if r.op == "onnx_node")
+    assert kept.partition.endswith("onnxrt") and kept.verdicts["tvm"] and kept.verdicts["torch"]
+    assert [r.op for r in exp.fallback] == ["relu", "onnx_node"]  # relu joins it: a TVM island below min_block_size
+    assert "falls back: 2 of 5 node(s) (onnxrt 2)" in str(exp)

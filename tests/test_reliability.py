@@ -165,7 +165,7 @@ def test_explain_lists_every_op_backend_partition_and_source_line():
     assert [r.partition for r in exp.rows if r.op != "aten.logcumsumexp.default"][0].endswith("onnxrt")
     for needle in (
         "partition plan",
-        "falls back to torch: 1 of",
+        f"falls back: 1 of {len(exp.rows)} node(s) (torch 1)",
         "op coverage",
         "aten.logcumsumexp.default",
         "no ONNX equivalent",

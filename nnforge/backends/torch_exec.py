@@ -106,9 +106,12 @@ def run_node_torch(node: Node, args: list, env: dict, device: str = "cpu") -> li
 
 
 def _torch_check(n: Node):
-    """The op's support check on the torch executor, if it has one (torch_op: its name must resolve)."""
+    """The op's support check on the torch executor (torch_op: its name must resolve; an op declared not to run
+    on torch, such as a kept ONNX node, says why)."""
     opdef = REGISTRY.get(n.op)
-    return opdef.checks.get("torch") if opdef is not None else None
+    if opdef is None:
+        return None
+    return lambda node, target_name: opdef.problem("torch", node, target_name)
 
 
 _threads_lock = threading.Lock()
