@@ -502,11 +502,18 @@ def run_onnx_directly(model, inputs: Sequence, threads: int = 0) -> list:
     names = [i.name for i in sess.get_inputs()]
     kinds = [o.type.tensor_type.elem_type for o in model.graph.output]
     dtypes = [np.dtype(helper.tensor_dtype_to_np_dtype(k)).name if k else "" for k in kinds]
+    feed = {n: a if isinstance(a, (list, dict)) else np.asarray(a) for n, a in zip(names, inputs)}
+    return run_session(sess, None, feed, dtypes)
+
+
+def run_session(sess, output_names, inputs: dict, dtypes: Sequence[str]) -> list:
+    """``sess.run`` across the numpy boundary: types ORT's Python API has no numpy type for (``RAW_BITS``) go in
+    and come out as raw bits; when an output is one of them, every input must be an OrtValue."""
     raw = any(dt in RAW_BITS for dt in dtypes)
-    feed = {n: _to_ort(np.asarray(a), raw) if not isinstance(a, (list, dict)) else a for n, a in zip(names, inputs)}
+    feed = {n: _to_ort(a, raw) if isinstance(a, np.ndarray) else a for n, a in inputs.items()}
     if not raw:
-        return sess.run(None, feed)
-    return [_from_ort(v, dt) for v, dt in zip(sess.run_with_ort_values(None, feed), dtypes)]
+        return sess.run(output_names, feed)
+    return [_from_ort(v, dt) for v, dt in zip(sess.run_with_ort_values(output_names, feed), dtypes)]
 
 
 class OnnxRuntimeArtifact(Artifact):
@@ -521,7 +528,6 @@ class OnnxRuntimeArtifact(Artifact):
         self.session = None if target.name == "wasm" else make_session(model_bytes, target, self.options)
         self.output_names = [o.name for o in onnx.load_model_from_string(model_bytes).graph.output]
         self.output_dtypes = [v.dtype for v in graph.outputs]
-        self.raw_outputs = any(dt in RAW_BITS for dt in self.output_dtypes)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -535,12 +541,9 @@ class OnnxRuntimeArtifact(Artifact):
             bind_symbols(self.graph, arrays)  # a wrong count/dtype/shape gets the IR's clear message
         except ValueError as e:
             raise NnforgeError(f"onnxrt: bad input: {e}") from None
-        feed = {v.name: _to_ort(a, self.raw_outputs) for v, a in zip(self.graph.inputs, arrays)}
+        feed = {v.name: a for v, a in zip(self.graph.inputs, arrays)}
         try:
-            if not self.raw_outputs:
-                return self.session.run(self.output_names, feed)
-            values = self.session.run_with_ort_values(self.output_names, feed)
-            return [_from_ort(v, dt) for v, dt in zip(values, self.output_dtypes)]
+            return run_session(self.session, self.output_names, feed, self.output_dtypes)
         except Exception as e:
             raise NnforgeError(f"onnxrt: ONNX Runtime failed while running {self.graph.name!r}: {e}") from None
 
