@@ -29,6 +29,7 @@ import sympy
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
+from ..backends.onnxrt import ONNX_DTYPES
 from ..errors import ModelLoadError, UnsupportedOpError
 from ..ir import Graph, TensorType, Value, symbols, verify
 from ..ir.graph import CARRIED_DTYPES
@@ -48,32 +49,7 @@ MAX_IMPORT_ELEMENTS = 1 << 26
 MAX_RUNTIME_FILL = 1 << 30  # a constant filled at run time (ConstantOfShape above the import limit): 4 GB of fp32
 MAX_INPUT_ELEMENTS = 1 << 34  # a declared input larger than this is a broken or hostile file, not a model
 
-DTYPES = {
-    TensorProto.FLOAT: "float32",
-    TensorProto.FLOAT16: "float16",
-    TensorProto.BFLOAT16: "bfloat16",
-    TensorProto.DOUBLE: "float64",
-    TensorProto.INT64: "int64",
-    TensorProto.INT32: "int32",
-    TensorProto.INT16: "int16",
-    TensorProto.INT8: "int8",
-    TensorProto.UINT64: "uint64",
-    TensorProto.UINT32: "uint32",
-    TensorProto.UINT16: "uint16",
-    TensorProto.UINT8: "uint8",
-    TensorProto.BOOL: "bool",
-    TensorProto.FLOAT8E4M3FN: "float8_e4m3fn",
-    TensorProto.FLOAT8E4M3FNUZ: "float8_e4m3fnuz",
-    TensorProto.FLOAT8E5M2: "float8_e5m2",
-    TensorProto.FLOAT8E5M2FNUZ: "float8_e5m2fnuz",
-    TensorProto.FLOAT8E8M0: "float8_e8m0fnu",
-    TensorProto.INT4: "int4",
-    TensorProto.UINT4: "uint4",
-    TensorProto.INT2: "int2",
-    TensorProto.UINT2: "uint2",
-    TensorProto.FLOAT4E2M1: "float4_e2m1fn",
-    TensorProto.STRING: "string",
-}
+DTYPES = {onnx_type: ir for ir, onnx_type in ONNX_DTYPES.items()}  # ONNX element type -> IR dtype (one table)
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,12 +257,9 @@ def import_onnx(src, name: str | None = None) -> Graph:
     return graph
 
 
-_ONNX_OF = {v: k for k, v in DTYPES.items()}
-
-
 def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(
-        name, _ONNX_OF[t.dtype], [d if isinstance(d, int) else str(d) for d in t.shape]
+        name, ONNX_DTYPES[t.dtype], [d if isinstance(d, int) else str(d) for d in t.shape]
     )
 
 
