@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import onnx
 
 from .compiled import to_numpy
 from .passes.manager import max_rel_error
@@ -89,7 +90,7 @@ def check(
         reference = [to_numpy(o) for o in (out if isinstance(out, (tuple, list)) else (out,))]
         ref_name = "eager torch"
         rows.append(CheckRow("eager torch", [0.0] * len(reference)))
-    elif isinstance(model, (str, bytes, os.PathLike)) or type(model).__name__ == "ModelProto":
+    elif isinstance(model, (str, bytes, os.PathLike, onnx.ModelProto)):
         # an ONNX file: ONNX Runtime on the file as is is the reference, so importer mistakes show too
         from .backends.onnxrt import run_onnx_directly
 
