@@ -10,6 +10,7 @@ from .compiled import CompiledModel
 from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
 from .explain import explain
 from .ir import Graph, TensorType
+from .llm import CompiledLM, Sampling, compile_lm
 from .partition import BuildSettings
 from .passes.budget import Budget
 from .passes.layers import SkipLayers
@@ -22,6 +23,9 @@ from .targets import TARGETS, Target, get_target
 __version__ = "0.1.0"
 __all__ = [
     "compile",
+    "compile_lm",
+    "CompiledLM",
+    "Sampling",
     "check",
     "explain",
     "export",

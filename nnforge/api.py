@@ -408,9 +408,14 @@ def _reference_outputs(model, example_inputs, source: Graph, examples) -> list[n
     return interpret(source, examples)
 
 
-def load(directory, target: str | None = None) -> CompiledModel:
-    """Restore a saved bundle; refuses tampered bundles, newer formats and (if given) another target."""
+def load(directory, target: str | None = None):
+    """Restore a saved bundle (a CompiledModel, or a CompiledLM for a compile_lm bundle); refuses tampered
+    bundles, newer formats and (if given) another target."""
     artifact, manifest = read_bundle(directory, expect_target=target)
+    if "decoder" in manifest:
+        from .llm.compiled import load_lm
+
+        return load_lm(directory, artifact, manifest)
     from .passes.manager import PassRecord
 
     records = []

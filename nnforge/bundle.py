@@ -56,11 +56,12 @@ def io_spec(graph: Graph) -> tuple[list, list]:
     return [spec(v) for v in graph.inputs], [spec(v) for v in graph.outputs]
 
 
-def write_bundle(artifact, directory, extra: dict | None = None) -> Path:
-    """Write artifact files + IR + manifest into ``directory`` (created if needed)."""
+def write_bundle(artifact, directory, extra: dict | None = None, extra_files: list[str] = ()) -> Path:
+    """Write artifact files + IR + manifest into ``directory`` (created if needed); ``extra_files``: files the
+    caller already wrote there (a tokenizer) that the manifest hashes too."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    files = list(artifact.save_files(d))
+    files = list(artifact.save_files(d)) + list(extra_files)
     files += _edge_runtime(artifact.target.name, d)
     save_graph(artifact.graph, d)
     files += [GRAPH_FILE, WEIGHTS_FILE]

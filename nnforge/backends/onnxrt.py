@@ -140,10 +140,12 @@ class _Lowering:
             domain = "" if o.domain == "ai.onnx" else o.domain
             self.foreign_opsets[domain] = max(self.foreign_opsets.get(domain, 0), o.version)
 
-    def emit_multi(self, op_type: str, inputs: Sequence[str], n_out: int, **attrs) -> list[str]:
-        """A standard-domain node with several outputs; returns their names."""
+    def emit_multi(self, op_type: str, inputs: Sequence[str], n_out: int, domain: str = "", **attrs) -> list[str]:
+        """A node with several outputs; returns their names."""
         outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], domain=domain or None, **attrs))
+        if domain:
+            self.domains.add(domain)
         return outs
 
     def lower(self, node: Node, ins: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ Imported by ``nnforge.ir.registry.load_ops`` on the registry's first use; every 
 from . import (  # noqa: F401
     attention,
     conv,
+    decode,
     elementwise,
     fallback,
     indexing,

@@ -1,0 +1,262 @@
+"""``compile_lm``: a causal LM as a compiled decoder step with a KV cache, and ``CompiledLM`` to run it.
+
+    lm = nnforge.compile_lm(model, max_length=512, backend="onnxrt", quantize="int4", tokenizer=tok)
+    lm.generate("What is the capital of France?", max_new_tokens=32, chat=True).text
+    lm.perplexity(ids); lm.save("bundle"); nnforge.load("bundle").generate(...)
+
+The step graph is built with logits for every position (what perplexity and speculative verification
+read), the low-bit passes run on it once, and the generation variant (logits of the last row only)
+and layer-skipped drafts are cut from the same optimized graph, so they share its weights' math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import NnforgeError
+from ..ir import Graph
+from ..passes.lowbit.settings import Quantize
+from ..targets import get_target
+from .build import build_step
+from .generate import Generation, Sampling, as_batch, generate
+from .runtime import KVCache, StepRunner
+from .spec import DecoderSpec, read_decoder
+from .surgery import last_rows, skip_layers
+
+
+@dataclass
+class Text(Generation):
+    text: list[str] | None = None
+
+
+def _quantize_settings(quantize) -> Quantize | None:
+    if quantize is None or isinstance(quantize, Quantize):
+        return quantize
+    if quantize in ("int8", "int4"):  # weight-only, embeddings as the weights; int4 groups of 32 (as GGUF Q4)
+        return Quantize(weights=quantize, group_size=32 if quantize == "int4" else 128, embeddings=quantize)
+    raise NnforgeError(f"compile_lm: quantize must be None, 'int8', 'int4' or a nnforge.Quantize, got {quantize!r}")
+
+
+def prefill_batches(ids_list: Sequence[Sequence[int]], graph: Graph) -> list[list[np.ndarray]]:
+    """Graph inputs for prefilling each token sequence into an empty cache (calibration for GPTQ)."""
+    out = []
+    for ids in ids_list:
+        ids = np.asarray(ids, np.int64)[None]
+        s = ids.shape[1]
+        feed = {
+            "input_ids": ids,
+            "seqlens_k": np.array([s - 1], np.int32),
+            "total_len": np.array(s, np.int32),
+            "position_ids": np.arange(s)[None],
+            "last_index": np.array([s - 1]),
+        }
+        out.append(
+            [feed[v.name] if v.name in feed else np.zeros((1,) + tuple(v.shape[1:]), np.float32) for v in graph.inputs]
+        )
+    return out
+
+
+def optimize_step(graph: Graph, quantize: Quantize | None, calibration=None, progress: bool = False) -> Graph:
+    from ..passes.manager import PassContext, PassManager, resolve_pipeline
+
+    passes = resolve_pipeline(["cse", "dce"])
+    if quantize is not None:
+        passes = [quantize.make_pass()] + passes
+    batches = prefill_batches(calibration, graph) if calibration else None
+    if quantize is not None and quantize.method == "gptq" and not batches:
+        raise NnforgeError("compile_lm: GPTQ needs calibration=[token id sequences]")
+    ctx = PassContext(sample_inputs=None, calibration=batches)
+    return PassManager(passes, check=False, progress=(lambda p: print(f"pass {p}")) if progress else None).run(
+        graph, ctx
+    )
+
+
+class CompiledLM:
+    """A compiled decoder: generate, score (logits / perplexity), draft, save."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        info: dict,
+        backend: str,
+        target: str,
+        options: dict | None = None,
+        tokenizer=None,
+    ):
+        self.graph = graph  # the optimized step graph with logits for every position
+        self.info = info  # spec facts the runtime needs (kv heads, head dim, eos, pad, family)
+        self.backend, self.target, self.options = backend, get_target(target).name, dict(options or {})
+        self.tokenizer = tokenizer
+        self._runners: dict = {}
+
+    # -- building -------------------------------------------------------------------------------------
+    def _build(self, graph: Graph) -> StepRunner:
+        from ..backends.base import get_backend
+
+        artifact = get_backend(self.backend).build(graph, self.target, self.options)
+        return StepRunner(artifact, graph)
+
+    def runner(self, kind: str = "last", skip: Sequence[int] = ()) -> StepRunner:
+        """The step runner for generation ("last"), scoring ("all"), or a layer-skipped draft of either."""
+        key = (kind, tuple(sorted(skip)))
+        if key not in self._runners:
+            graph = self.graph if kind == "all" else last_rows(self.graph)
+            self._runners[key] = self._build(skip_layers(graph, skip) if skip else graph)
+        return self._runners[key]
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        i = self.info
+        return KVCache(i["num_layers"], batch, i["kv_heads"], i["capacity"], i["head_dim"])
+
+    # -- running --------------------------------------------------------------------------------------
+    def encode(self, prompt, chat: bool = False) -> list[list[int]]:
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
+            if self.tokenizer is None:
+                raise NnforgeError("generate: a text prompt needs a tokenizer (compile_lm(..., tokenizer=...))")
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            return [self._encode_text(t, chat) for t in texts]
+        return as_batch(prompt)
+
+    def _encode_text(self, text: str, chat: bool) -> list[int]:
+        tok = self.tokenizer
+        if chat:
+            if not hasattr(tok, "apply_chat_template"):
+                raise NnforgeError("generate: chat=True needs a Hugging Face tokenizer with a chat template")
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if hasattr(tok, "encode") and not hasattr(tok, "apply_chat_template"):  # a tokenizers.Tokenizer
+            return tok.encode(text).ids
+        return list(tok.encode(text))
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 32,
+        sampling: Sampling | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        on_token: Callable[[list[int]], None] | None = None,
+        chat: bool = False,
+        **sampling_kwargs,
+    ) -> Text:
+        """Generate from a text prompt (or a list of them; needs the tokenizer) or token ids (one sequence, a
+        list of them, or a 2-D array). Sampling: ``temperature``, ``top_k``, ``top_p``, ``seed`` keywords or a
+        Sampling; greedy by default. Stops at ``max_new_tokens`` or an EOS / stop token per sequence."""
+        sampling = sampling or Sampling(**sampling_kwargs)
+        batch = self.encode(prompt, chat)
+        stops = tuple(self.info["eos_ids"]) if stop_tokens is None else tuple(stop_tokens)
+        gen = generate(
+            self.runner("last"),
+            self.new_cache,
+            batch,
+            max_new_tokens,
+            sampling,
+            stops,
+            on_token,
+            pad_id=self.info["pad_id"],
+        )
+        text = None
+        if self.tokenizer is not None:
+            text = [self.decode(t) for t in gen.tokens]
+        return Text(**vars(gen), text=text)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        kept = [t for t in tokens if t not in self.info["eos_ids"]]
+        return self.tokenizer.decode(kept, skip_special_tokens=True) if hasattr(self.tokenizer, "decode") else ""
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] of one sequence, from an empty cache."""
+        runner, cache = self.runner("all"), self.new_cache(1)
+        ids = [int(t) for t in ids]
+        if len(ids) > cache.capacity:
+            raise NnforgeError(f"logits: {len(ids)} tokens exceed max_length={cache.capacity}")
+        out = runner.run(cache, cache.step_inputs(np.asarray([ids], np.int64)))
+        return out[0]
+
+    def perplexity(self, ids: Sequence[int]) -> float:
+        """exp(mean negative log-likelihood) of each token given the ones before it."""
+        z = self.logits(ids)[:-1].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        nll = -logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+        return float(np.exp(nll.mean()))
+
+    # -- saving ---------------------------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        """A bundle: the "last" step model, its IR, the decoder facts and the tokenizer (tokenizers' JSON)."""
+        from ..bundle import write_bundle
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        files = []
+        if self.tokenizer is not None:
+            tok = getattr(self.tokenizer, "backend_tokenizer", self.tokenizer)  # HF fast tokenizer -> tokenizers
+            if not hasattr(tok, "to_str"):
+                raise NnforgeError("save: the tokenizer cannot be saved as tokenizers' JSON")
+            (d / "tokenizer.json").write_text(tok.to_str())
+            files.append("tokenizer.json")
+        runner = self.runner("last")
+        decoder = {**self.info, "graph_meta": runner.graph.meta["decoder"]}
+        return write_bundle(runner.artifact, d, extra={"decoder": decoder}, extra_files=files)
+
+
+def compile_lm(
+    model,
+    max_length: int = 512,
+    target: str = "cpu",
+    backend: str = "onnxrt",
+    quantize=None,
+    calibration: Sequence[Sequence[int]] | None = None,
+    tokenizer=None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> CompiledLM:
+    """Compile a causal LM (Hugging Face Llama-family or GPT-2, nnforge's GPT, or a DecoderSpec) into a decoder
+    step with a KV cache of ``max_length`` slots. ``quantize``: None, "int8", "int4" (weight-only, RTN; the
+    LM head and embedding too) or a ``nnforge.Quantize`` (e.g. method="gptq" with ``calibration`` token
+    sequences)."""
+    spec = read_decoder(model)
+    if max_length < 2:
+        raise NnforgeError(f"compile_lm: max_length must be >= 2, got {max_length}")
+    if spec.positions is not None and max_length > spec.max_positions:
+        raise NnforgeError(
+            f"compile_lm: max_length={max_length} exceeds the model's {spec.max_positions} learned positions"
+        )
+    graph = optimize_step(
+        build_step(spec, max_length, logits="all"), _quantize_settings(quantize), calibration, progress
+    )
+    options = {"threads": threads} if threads else {}
+    lm = CompiledLM(graph, spec_info(spec, max_length), backend, target, options, tokenizer)
+    lm.runner("last")  # build now: compile errors belong to compile_lm
+    return lm
+
+
+def spec_info(spec: DecoderSpec, capacity: int) -> dict:
+    return {
+        "family": spec.family,
+        "num_layers": spec.num_layers,
+        "kv_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "capacity": capacity,
+        "eos_ids": list(spec.eos_ids),
+        "pad_id": spec.pad_id,
+        "vocab": spec.vocab,
+    }
+
+
+def load_lm(directory, artifact, manifest: dict) -> CompiledLM:
+    """A CompiledLM from a bundle read by ``nnforge.load``."""
+    decoder = manifest["decoder"]
+    graph = artifact.graph
+    graph.meta["decoder"] = decoder.pop("graph_meta")
+    tokenizer = None
+    if (Path(directory) / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str((Path(directory) / "tokenizer.json").read_text())
+    lm = CompiledLM(graph, decoder, artifact.backend, artifact.target.name, tokenizer=tokenizer)
+    lm._runners[("last", ())] = StepRunner(artifact, graph)
+    return lm

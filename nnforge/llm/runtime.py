@@ -1,0 +1,131 @@
+"""Running a compiled decoder step with its KV cache: one backend call per step, no per-layer Python.
+
+``KVCache`` owns the cache buffers of a batch ([batch, kv_heads, capacity, head_dim] per layer and
+k/v) and the length of each sequence. ``StepRunner`` runs one compiled step graph against it:
+
+- ONNX Runtime: the buffers are OrtValues over numpy memory bound with IOBinding as both the past input
+  and the present output of GroupQueryAttention, which then writes the new slots in place: no copy of
+  the cache per token.
+- other backends (TVM, the torch executor, the interpreter): the step returns new cache tensors, which
+  become the cache (the backend's scatter copies each layer's cache once per step).
+
+A layer-skipped draft's step graph has cache inputs only for its layers; it binds to the same buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import NnforgeError
+from .build import cache_names
+
+
+@dataclass
+class StepInputs:
+    ids: np.ndarray  # int64 [B, S]
+    seqlens_k: np.ndarray  # int32 [B]
+    total_len: int
+    positions: np.ndarray  # int64 [B, S]
+    last_index: np.ndarray  # int64 [B]
+
+
+class KVCache:
+    """The cache buffers of one batch and each sequence's length (filled slots)."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.capacity = capacity
+        self.buffers = {name: np.zeros(shape, np.float32) for name in cache_names(range(num_layers))}
+        self.lengths = np.zeros(batch, np.int64)
+        self._ort: dict | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def ort_values(self) -> dict:
+        """OrtValues over the buffers (made once, so ONNX Runtime keeps writing into the same memory)."""
+        if self._ort is None:
+            import onnxruntime as ort
+
+            self._ort = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.buffers.items()}
+        return self._ort
+
+    def replace(self, name: str, value: np.ndarray) -> None:
+        self.buffers[name] = value
+        self._ort = None
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+    def step_inputs(self, ids: np.ndarray, new_lengths: np.ndarray | None = None) -> StepInputs:
+        """Inputs of a step that appends ``ids`` [B, S] after each sequence's filled slots. ``new_lengths``: the
+        real number of new tokens per sequence (a right-padded first prompt), default S for all."""
+        b, s = ids.shape
+        n = np.full(b, s, np.int64) if new_lengths is None else np.asarray(new_lengths, np.int64)
+        first = not self.lengths.any()
+        if not first and (n != s).any():
+            raise NnforgeError("decoder: only the first prompt of a batch may be padded")
+        end = self.lengths + n  # filled slots after the step
+        if end.max() > self.capacity:
+            raise NnforgeError(f"decoder: {int(end.max())} tokens do not fit the cache capacity {self.capacity}")
+        positions = self.lengths[:, None] + np.arange(s)[None, :]
+        total = s if first else int(end.max())
+        return StepInputs(
+            ids.astype(np.int64),
+            (end - 1).astype(np.int32),
+            total,
+            positions.astype(np.int64),
+            (n - 1).astype(np.int64),
+        )
+
+
+class StepRunner:
+    """One compiled step graph (an Artifact) bound to a KVCache."""
+
+    def __init__(self, artifact, graph):
+        self.artifact, self.graph = artifact, graph
+        meta = graph.meta["decoder"]
+        self.layers, self.logits_mode = meta["layers"], meta["logits"]
+        self.input_names = [v.name for v in graph.inputs]
+        self.cache_outputs = cache_names(self.layers)  # graph outputs after the logits, in order
+        self.session = getattr(artifact, "session", None) if artifact.backend == "onnxrt" else None
+        if self.session is not None:
+            self.ort_inputs = [i.name for i in self.session.get_inputs()]
+            self.ort_outputs = [o.name for o in self.session.get_outputs()]
+
+    def _feed(self, x: StepInputs) -> dict:
+        return {
+            "input_ids": x.ids,
+            "seqlens_k": x.seqlens_k,
+            "total_len": np.asarray(x.total_len, np.int32),
+            "position_ids": x.positions,
+            "last_index": x.last_index,
+        }
+
+    def run(self, cache: KVCache, x: StepInputs) -> np.ndarray:
+        """Logits of the step; the cache is updated (its lengths by the caller)."""
+        feed = self._feed(x)
+        if self.session is not None:
+            return self._run_ort(cache, feed)
+        inputs = [feed[n] if n in feed else cache.buffers[n] for n in self.input_names]
+        outs = self.artifact.run(inputs)
+        for name, value in zip(self.cache_outputs, outs[1:]):
+            cache.replace(name, np.asarray(value))
+        return np.asarray(outs[0])
+
+    def _run_ort(self, cache: KVCache, feed: dict) -> np.ndarray:
+        values = cache.ort_values()
+        io = self.session.io_binding()
+        for name in self.ort_inputs:
+            if name in feed:
+                io.bind_cpu_input(name, np.ascontiguousarray(feed[name]))
+            else:
+                io.bind_ortvalue_input(name, values[name])
+        io.bind_output(self.ort_outputs[0], "cpu")
+        for out_name, cache_name in zip(self.ort_outputs[1:], self.cache_outputs):
+            io.bind_ortvalue_output(out_name, values[cache_name])  # same buffer as the past input: in place
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()

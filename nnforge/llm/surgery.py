@@ -1,0 +1,66 @@
+"""Edits of a built decoder-step graph that keep its passes' work (a quantized graph stays quantized).
+
+``last_rows``: the generation variant of a graph that returns logits for every position: only the
+row each sequence continues from reaches the LM head (a 49152-wide head on a 121-token prompt would
+otherwise cost more than the rest of the prefill). ``skip_layers``: a layer-skipped draft (the
+residual stream jumps over the skipped layers; their cache inputs and outputs disappear).
+"""
+
+from __future__ import annotations
+
+from ..errors import NnforgeError
+from ..ir import Graph
+from ..ir.graph import TensorType
+from ..passes.cleanup import DeadCodeElimination
+from ..passes.manager import PassContext
+
+
+def _meta(graph: Graph) -> dict:
+    meta = graph.meta.get("decoder")
+    if not meta:
+        raise NnforgeError(f"{graph.name!r} is not a decoder step graph (no decoder metadata)")
+    return meta
+
+
+def last_rows(graph: Graph) -> Graph:
+    meta = _meta(graph)
+    if meta["logits"] != "all":
+        raise NnforgeError("last_rows: the graph already returns only the last rows")
+    g = graph.copy()
+    head = g.outputs[0].producer
+    hidden_in = head.inputs[0]
+    last = g.add_input("last_index", TensorType(("batch",), "int64"))
+    g.inputs.remove(last)
+    g.inputs.insert(next(i for i, v in enumerate(g.inputs) if v.name.startswith("past_")), last)
+    width = hidden_in.shape[-1]
+    idx = g.add_node("reshape", [last], {"shape": (-1, 1, 1)}, before=head).output
+    idx = g.add_node("expand", [idx], {"shape": (-1, 1, width)}, before=head).output
+    rows = g.add_node("gather_elements", [hidden_in, idx], {"axis": 1}, name="last_rows", before=head).output
+    head.set_input(0, rows)
+    logits = g.add_node(head.op, list(head.inputs), dict(head.attrs), name="lm_head", before=head).output
+    g.replace_all_uses(head.output, logits)
+    g.outputs[0] = logits
+    g.remove_node(head)
+    g.meta["decoder"] = {**meta, "logits": "last"}
+    return g
+
+
+def skip_layers(graph: Graph, skipped) -> Graph:
+    meta = _meta(graph)
+    skipped = sorted(set(int(i) for i in skipped))
+    bad = [i for i in skipped if i not in meta["layers"]]
+    if bad:
+        raise NnforgeError(f"skip_layers: layers {bad} are not in the graph (it runs {meta['layers']})")
+    g = graph.copy()
+    values = {v.name: v for v in g.all_values()}
+    for i in skipped:
+        block_in, block_out = (values[n] for n in meta["blocks"][str(i)])
+        g.replace_all_uses(block_out, block_in)
+    kept = [i for i in meta["layers"] if i not in skipped]
+    drop = {f"past_{kv}_{i}" for i in skipped for kv in ("k", "v")}
+    positions = {name: k for k, name in enumerate(f"past_{kv}_{i}" for i in meta["layers"] for kv in ("k", "v"))}
+    g.outputs = [g.outputs[0]] + [g.outputs[1 + positions[n]] for n in positions if n not in drop]
+    DeadCodeElimination().run(g, PassContext())
+    g.inputs = [v for v in g.inputs if v.name not in drop]
+    g.meta["decoder"] = {**meta, "layers": kept, "blocks": {str(i): meta["blocks"][str(i)] for i in kept}}
+    return g
