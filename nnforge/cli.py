@@ -102,6 +102,12 @@ def _cmd_bench(args) -> int:
 
         run_sparse(args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/sparse.json", repeat=args.repeat)
         return 0
+    if args.llm:
+        from .bench.llm import ROWS, run_llm
+
+        json_path = args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/llm.json"
+        run_llm([r for r in ROWS if not args.runner or any(k in r for k in args.runner)], json_path=json_path)
+        return 0
     if args.zoo:
         from .bench.harness import run_zoo
 
@@ -125,6 +131,38 @@ def _cmd_bench(args) -> int:
         plot=args.plot,
         tune=args.tune,
     )
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .api import load
+    from .llm import CompiledLM
+
+    lm = load(args.bundle)
+    if not isinstance(lm, CompiledLM):
+        raise NnforgeError(f"{args.bundle} is not a compile_lm bundle")
+    if lm.tokenizer is None:
+        raise NnforgeError(f"{args.bundle} carries no tokenizer (tokenizer.json)")
+    shown = []
+
+    def stream(tokens):  # print the text as it grows
+        shown.extend(tokens)
+        text = lm.decode(shown)
+        print(text[len(stream.printed) :], end="", flush=True)
+        stream.printed = text
+
+    stream.printed = ""
+    lm.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.raw,
+        on_token=stream,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    print()
     return 0
 
 
@@ -259,7 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
         "bench/results/zoo.json",
     )
     b.add_argument("--model", action="append", help="with --zoo: only these models (repeatable; default all)")
+    b.add_argument(
+        "--llm",
+        action="store_true",
+        help="instead: LLM decoding on SmolLM2-135M (prefill, decode tok/s, memory, perplexity, greedy agreement): "
+        "Hugging Face eager, onnxruntime-genai fp32/int4, nnforge float/int8/int4, speculative; --runner filters "
+        "rows by substring; JSON to bench/results/llm.json",
+    )
     b.set_defaults(func=_cmd_bench)
+
+    gn = sub.add_parser("generate", help="generate text with a compile_lm bundle that carries a tokenizer")
+    gn.add_argument("bundle", help="a directory written by CompiledLM.save")
+    gn.add_argument("--prompt", required=True)
+    gn.add_argument("--max-new-tokens", type=int, default=64)
+    gn.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    gn.add_argument("--top-k", type=int, default=0)
+    gn.add_argument("--top-p", type=float, default=1.0)
+    gn.add_argument("--seed", type=int, default=None)
+    gn.add_argument("--raw", action="store_true", help="the prompt as is (default: wrapped in the chat template)")
+    gn.set_defaults(func=_cmd_generate)
 
     k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")
     k.add_argument("model", help="an .onnx file")

@@ -60,6 +60,17 @@ def prefill_batches(ids_list: Sequence[Sequence[int]], graph: Graph) -> list[lis
     return out
 
 
+def int8_compute(graph: Graph) -> int:
+    """Weight-only low-bit layers compute with int8 activations per weight group (ONNX Runtime's MatMulNBits
+    accuracy_level 4, what onnxruntime-genai's int4 models use on CPU); returns how many layers changed."""
+    changed = 0
+    for node in graph.nodes:
+        if node.op == "qlinear" and node.attrs["act_quant"] == "none":
+            node.attrs = {**node.attrs, "act_quant": "block_int8"}
+            changed += 1
+    return changed
+
+
 def optimize_step(graph: Graph, quantize: Quantize | None, calibration=None, progress: bool = False) -> Graph:
     from ..passes.manager import PassContext, PassManager, resolve_pipeline
 
@@ -100,11 +111,21 @@ class CompiledLM:
         artifact = get_backend(self.backend).build(graph, self.target, self.options)
         return StepRunner(artifact, graph)
 
-    def runner(self, kind: str = "last", skip: Sequence[int] = ()) -> StepRunner:
-        """The step runner for generation ("last"), scoring ("all"), or a layer-skipped draft of either."""
-        key = (kind, tuple(sorted(skip)))
+    def runner(self, kind: str = "last", skip: Sequence[int] = (), quantize=None) -> StepRunner:
+        """The step runner for generation ("last") or scoring ("all"); with ``skip`` and/or ``quantize``, a draft
+        of the model: its layers ``skip`` left out, its weights quantized ("int8", "int4", a Quantize). Every
+        runner reads and writes the same cache layout, so a draft can share the model's cache."""
+        key = (kind, tuple(sorted(skip)), repr(quantize))
         if key not in self._runners:
-            graph = self.graph if kind == "all" else last_rows(self.graph)
+            graph = self.graph
+            if quantize is not None:
+                if graph.op_counts().get("qlinear"):
+                    raise NnforgeError("runner: the model is quantized already; a draft can only skip layers")
+                settings = _quantize_settings(quantize)
+                graph = optimize_step(graph.copy(), settings)
+                if self.backend in ("onnxrt", "ort", "onnxruntime"):
+                    int8_compute(graph)
+            graph = graph if kind == "all" else last_rows(graph)
             self._runners[key] = self._build(skip_layers(graph, skip) if skip else graph)
         return self._runners[key]
 
@@ -123,14 +144,14 @@ class CompiledLM:
 
     def _encode_text(self, text: str, chat: bool) -> list[int]:
         tok = self.tokenizer
+        hf = hasattr(tok, "apply_chat_template")  # a transformers tokenizer, else a tokenizers.Tokenizer
         if chat:
-            if not hasattr(tok, "apply_chat_template"):
-                raise NnforgeError("generate: chat=True needs a Hugging Face tokenizer with a chat template")
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        if hasattr(tok, "encode") and not hasattr(tok, "apply_chat_template"):  # a tokenizers.Tokenizer
-            return tok.encode(text).ids
-        return list(tok.encode(text))
+            if hf:
+                ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+                return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            text = render_chat(self.info.get("chat_template"), text)
+            return tok.encode(text, add_special_tokens=False).ids
+        return list(tok(text)["input_ids"]) if hf else tok.encode(text).ids
 
     def generate(
         self,
@@ -212,12 +233,16 @@ def compile_lm(
     calibration: Sequence[Sequence[int]] | None = None,
     tokenizer=None,
     threads: int | None = None,
+    compute: str = "int8",
     progress: bool = False,
 ) -> CompiledLM:
     """Compile a causal LM (Hugging Face Llama-family or GPT-2, nnforge's GPT, or a DecoderSpec) into a decoder
     step with a KV cache of ``max_length`` slots. ``quantize``: None, "int8", "int4" (weight-only, RTN; the
     LM head and embedding too) or a ``nnforge.Quantize`` (e.g. method="gptq" with ``calibration`` token
-    sequences)."""
+    sequences). ``compute``: "int8" (default) lets quantized layers on ONNX Runtime multiply int8 activations
+    (quantized per weight group at run time, MatMulNBits accuracy_level 4), "float" dequantizes the weights."""
+    if compute not in ("int8", "float"):
+        raise NnforgeError(f"compile_lm: compute must be 'int8' or 'float', got {compute!r}")
     spec = read_decoder(model)
     if max_length < 2:
         raise NnforgeError(f"compile_lm: max_length must be >= 2, got {max_length}")
@@ -225,13 +250,25 @@ def compile_lm(
         raise NnforgeError(
             f"compile_lm: max_length={max_length} exceeds the model's {spec.max_positions} learned positions"
         )
-    graph = optimize_step(
-        build_step(spec, max_length, logits="all"), _quantize_settings(quantize), calibration, progress
-    )
+    settings = _quantize_settings(quantize)
+    graph = optimize_step(build_step(spec, max_length, logits="all"), settings, calibration, progress)
+    if settings is not None and backend in ("onnxrt", "ort", "onnxruntime") and compute == "int8":
+        int8_compute(graph)
     options = {"threads": threads} if threads else {}
-    lm = CompiledLM(graph, spec_info(spec, max_length), backend, target, options, tokenizer)
+    info = {**spec_info(spec, max_length), "chat_template": getattr(tokenizer, "chat_template", None)}
+    lm = CompiledLM(graph, info, backend, target, options, tokenizer)
     lm.runner("last")  # build now: compile errors belong to compile_lm
     return lm
+
+
+def render_chat(template: str | None, text: str) -> str:
+    """One user turn in the model's chat template (Jinja, rendered in a sandbox: a bundle's template is data)."""
+    if not template:
+        raise NnforgeError("generate: chat=True needs the model's chat template (this model has none)")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=[{"role": "user", "content": text}], add_generation_prompt=True)
 
 
 def spec_info(spec: DecoderSpec, capacity: int) -> dict:

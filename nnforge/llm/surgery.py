@@ -53,7 +53,7 @@ def skip_layers(graph: Graph, skipped) -> Graph:
         raise NnforgeError(f"skip_layers: layers {bad} are not in the graph (it runs {meta['layers']})")
     g = graph.copy()
     values = {v.name: v for v in g.all_values()}
-    for i in skipped:
+    for i in reversed(skipped):  # from the last: a run of skipped layers then resolves to the first one's input
         block_in, block_out = (values[n] for n in meta["blocks"][str(i)])
         g.replace_all_uses(block_out, block_in)
     kept = [i for i in meta["layers"] if i not in skipped]

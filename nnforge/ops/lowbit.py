@@ -79,7 +79,7 @@ _tvm_vnni = LazyModule("nnforge.backends.tvm_vnni")  # int8 dot products
 
 BITS = {8: "int8", 4: "uint8"}  # bits -> qweight dtype
 DEFAULT_ZERO = {8: 0, 4: 8}
-ACT_QUANT = ("none", "dynamic", "dynamic_tensor", "static")
+ACT_QUANT = ("none", "dynamic", "dynamic_tensor", "static", "block_int8")
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,6 +120,15 @@ def dequantize(qweight, scales, zeros=None, bits: int = 8, group_size: int | Non
     z = DEFAULT_ZERO[bits] if zeros is None else np.repeat(zeros.astype(np.int32), group_size, axis=1)
     s = np.repeat(scales.astype(np.float32), group_size, axis=1)
     return ((q - z).astype(np.float32) * s).astype(np.float32)
+
+
+def quantize_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """x with each run of ``block`` values along the last axis rounded to symmetric int8 (amax / 127), dequantized."""
+    shape = x.shape
+    xb = x.reshape(shape[:-1] + (shape[-1] // block, block)).astype(np.float32)
+    scale = np.abs(xb).max(-1, keepdims=True) / np.float32(127)
+    q = np.clip(np.round(xb / np.where(scale == 0, 1, scale)), -127, 127)
+    return (q * scale).reshape(shape).astype(x.dtype)
 
 
 def quantize_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +203,8 @@ _QLINEAR_ATTRS = {
     "group_size": ("int", REQUIRED),
     "act": ("str", "none"),
     # none: weight-only | dynamic: int8 per token | dynamic_tensor: uint8 per tensor, range at run time
-    # | static: calibrated uint8 per tensor
+    # | static: calibrated uint8 per tensor | block_int8: symmetric int8 per weight group at run time
+    # (ONNX Runtime's MatMulNBits with accuracy_level 4: int8 dot products, the fast CPU path for LLM decode)
     "act_quant": ("str", "none"),
     "x_scale": ("float", 1.0),
     "x_zero_point": ("int", 0),  # static only
@@ -213,7 +223,7 @@ def _qlinear_infer(ts, attrs):
         raise OpError(f"qlinear: unknown activation {attrs['act']!r}; choose from {sorted(ACTIVATIONS)}")
     if attrs["act_quant"] not in ACT_QUANT:
         raise OpError(f"qlinear: act_quant must be one of {ACT_QUANT}, got {attrs['act_quant']!r}")
-    if attrs["act_quant"] != "none" and (attrs["bits"] != 8 or attrs["group_size"] != k):
+    if attrs["act_quant"] not in ("none", "block_int8") and (attrs["bits"] != 8 or attrs["group_size"] != k):
         raise OpError("qlinear: quantized activations need int8 weights with one scale per output channel")
     if attrs["act_quant"] == "static" and not (attrs["x_scale"] > 0 and 0 <= attrs["x_zero_point"] <= 255):
         raise OpError(
@@ -261,6 +271,8 @@ def qlinear(
 ):
     if act_quant == "none":
         y = np.matmul(x, dequantize(qweight, scales, zeros, bits, group_size).T)
+    elif act_quant == "block_int8":
+        y = np.matmul(quantize_blocks(x, group_size), dequantize(qweight, scales, zeros, bits, group_size).T)
     else:
         y = _w8a8(x, qweight, scales, act_quant, x_scale, x_zero_point)
     y = y.astype(x.dtype)
@@ -454,13 +466,21 @@ def _arrays(cx, n):
 def _onnx_act_check(node, target: str) -> str | None:
     if not _has_act("onnxrt", node.attrs["act"]):
         return f"activation {node.attrs['act']!r} has no ONNX lowering"
+    if node.attrs.get("act_quant") == "block_int8":
+        k = node.inputs[2].shape[1] * node.attrs["group_size"]
+        if target not in ("cpu", "cuda") or _block_size(k, node.attrs["group_size"]) is None:
+            return "block_int8 activations need ONNX Runtime's MatMulNBits (cpu/cuda, group size 16..256)"
     return None
 
 
 # -- weight-only --
 
 
-def _matmul_nbits(cx, n, ins) -> str | None:
+def _block_int8(cx, n, ins) -> str:
+    return _matmul_nbits(cx, n, ins, accuracy_level=4)
+
+
+def _matmul_nbits(cx, n, ins, accuracy_level: int = 0) -> str | None:
     bits, gs = n.attrs["bits"], n.attrs["group_size"]
     q, scales, zeros = _arrays(cx, n)
     rows, k = scales.shape[0], scales.shape[1] * gs
@@ -478,7 +498,8 @@ def _matmul_nbits(cx, n, ins) -> str | None:
         if z.shape[1] % 2:
             z = np.concatenate([z, np.full((rows, 1), DEFAULT_ZERO[4], np.uint8)], axis=1)
         args.append(cx.const(pack_int4(z), "uint8", "nbits_zeros"))
-    return cx.emit("MatMulNBits", args, domain="com.microsoft", K=k, N=rows, bits=bits, block_size=block)
+    level = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    return cx.emit("MatMulNBits", args, domain="com.microsoft", K=k, N=rows, bits=bits, block_size=block, **level)
 
 
 def dequantized_weight(cx, n) -> str:
@@ -581,7 +602,13 @@ def _static(cx, n, ins) -> str:
     return cx.emit("Mul", [acc, cx.const(wscale, "float32", "xw_scale")])
 
 
-_ONNX_ACT_QUANT = {"none": _weight_only, "dynamic": _dynamic, "dynamic_tensor": _dynamic_tensor, "static": _static}
+_ONNX_ACT_QUANT = {
+    "none": _weight_only,
+    "dynamic": _dynamic,
+    "dynamic_tensor": _dynamic_tensor,
+    "static": _static,
+    "block_int8": _block_int8,
+}
 
 
 @qlinear.onnxrt(check=_onnx_act_check)
@@ -705,6 +732,8 @@ def _weight(c, qw, scales, zeros, scales_at: int = 2):
 
 
 def _tvm_act_check(node, target: str) -> str | None:
+    if node.attrs.get("act_quant") == "block_int8":
+        return "block_int8 activations are ONNX Runtime's MatMulNBits kernel"
     return (
         None if _has_act("tvm", node.attrs.get("act")) else f"activation {node.attrs.get('act')!r} has no TVM lowering"
     )

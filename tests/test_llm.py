@@ -1,0 +1,315 @@
+"""LLM decoding: the cached_attention op, compile_lm's decoder step against Hugging Face's own decoding,
+sampling, batches, low-bit decode, self-speculative decoding with the cache, bundles and the CLI; the real
+SmolLM2-135M in the last tests."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import nnforge
+from nnforge.backends.base import get_backend
+from nnforge.errors import NnforgeError
+from nnforge.ir import Graph, interpret
+from nnforge.ir.graph import TensorType
+from nnforge.llm.speculative import least_influential, speculative_generate
+from nnforge.models.real import ensure_torchvision
+
+ensure_torchvision()
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+BACKENDS = ["onnxrt", "tvm"]
+
+
+# -- the op ---------------------------------------------------------------------------------------------
+
+
+def _attention_graph(h=4, kv=2, d=16, cap=16, rope=True) -> Graph:
+    g = Graph("cached_attention")
+    ins = [
+        g.add_input("q", TensorType(("B", "S", h * d))),
+        g.add_input("k", TensorType(("B", "S", kv * d))),
+        g.add_input("v", TensorType(("B", "S", kv * d))),
+        g.add_input("past_k", TensorType(("B", kv, cap, d))),
+        g.add_input("past_v", TensorType(("B", kv, cap, d))),
+        g.add_input("seqlens_k", TensorType(("B",), "int32")),
+        g.add_input("total_len", TensorType((), "int32")),
+    ]
+    if rope:
+        angles = np.arange(cap)[:, None] / 10000 ** (np.arange(0, d, 2) / d)
+        ins += [g.add_constant(np.cos(angles).astype(np.float32)), g.add_constant(np.sin(angles).astype(np.float32))]
+    g.outputs = list(g.add_node("cached_attention", ins, {"num_heads": h, "kv_num_heads": kv}).outputs)
+    return g
+
+
+def _case(rng, batch, s, seqlens, total, h=4, kv=2, d=16, cap=16):
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    return [
+        f(batch, s, h * d),
+        f(batch, s, kv * d),
+        f(batch, s, kv * d),
+        f(batch, kv, cap, d),
+        f(batch, kv, cap, d),
+    ] + [
+        np.array(seqlens, np.int32),
+        np.array(total, np.int32),
+    ]
+
+
+# (batch, new tokens, seqlens_k, total_len): a right-padded first prompt, one decode step per sequence at its
+# own length, a chunk of 3 after a filled cache (speculative verification)
+CASES = [(2, 5, [4, 2], 5), (2, 1, [7, 3], 8), (1, 3, [9], 10)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("rope", [True, False])
+def test_cached_attention_matches_the_reference(backend, rope):
+    g, rng = _attention_graph(rope=rope), np.random.default_rng(0)
+    art = get_backend(backend).build(g, "cpu")
+    for batch, s, seqlens, total in CASES:
+        ins = _case(rng, batch, s, seqlens, total)
+        ref, out = interpret(g, ins), art.run(ins)
+        for b in range(batch):
+            first = total == s
+            rows = seqlens[b] + 1 if first else s  # rows past a padded prompt's end are unspecified
+            filled = rows + (0 if first else seqlens[b] + 1 - s)
+            np.testing.assert_allclose(out[0][b, :rows], ref[0][b, :rows], rtol=1e-4, atol=1e-5)
+            for i in (1, 2):  # the cache up to the filled slots (later slots are the runtime's)
+                np.testing.assert_allclose(out[i][b, :, :filled], ref[i][b, :, :filled], rtol=1e-5, atol=1e-6)
+
+
+def test_cached_attention_rejects_a_position_beyond_the_capacity():
+    g = _attention_graph(cap=16)
+    with pytest.raises(Exception, match="beyond the cache capacity 16"):
+        interpret(g, _case(np.random.default_rng(0), 1, 1, [16], 17))
+
+
+# -- decoders -------------------------------------------------------------------------------------------
+
+
+def _llama(vocab=97, layers=3, tie=False):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _nnforge_gpt():
+    from nnforge.models.zoo import GPT
+
+    torch.manual_seed(0)
+    return GPT(vocab=97, dim=64, depth=2, heads=4, max_len=128).eval()
+
+
+def _hf_greedy(model, prompt, n):
+    """Hugging Face's generate with its dynamic cache, EOS ignored (n tokens forced)."""
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.eos_token_id, cfg.do_sample, cfg.max_new_tokens, cfg.min_new_tokens = None, False, n, None
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), generation_config=cfg)[0, len(prompt) :].tolist()
+
+
+def _eager_greedy(model, prompt, n):
+    """Greedy decoding with the whole sequence recomputed each step (nnforge's GPT has no cache of its own)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+PROMPT = [5, 17, 3, 88, 41, 9, 60, 2, 33]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt"])
+def test_greedy_decoding_equals_the_model(family, backend):
+    model = {"llama": _llama, "gpt2": _gpt2, "gpt": _nnforge_gpt}[family]()
+    ref = (_eager_greedy if family == "gpt" else _hf_greedy)(model, PROMPT, 20)
+    lm = nnforge.compile_lm(model, max_length=48, backend=backend)
+    out = lm.generate(PROMPT, max_new_tokens=20, stop_tokens=())
+    assert out.tokens[0] == ref
+    assert out.steps == 19  # one prefill, then one backend call per token
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_padded_batch_decodes_each_sequence_as_alone(backend):
+    model = _llama()
+    lm = nnforge.compile_lm(model, max_length=48, backend=backend)
+    prompts = [PROMPT, PROMPT[:4], PROMPT[2:]]
+    out = lm.generate(prompts, max_new_tokens=12, stop_tokens=())
+    assert out.tokens == [_hf_greedy(model, p, 12) for p in prompts]
+
+
+def test_logits_and_perplexity_match_the_model():
+    model = _llama()
+    lm = nnforge.compile_lm(model, max_length=48)
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].double()
+    np.testing.assert_allclose(lm.logits(PROMPT), ref.numpy(), rtol=1e-4, atol=1e-5)
+    nll = -torch.log_softmax(ref[:-1], -1)[torch.arange(len(PROMPT) - 1), torch.tensor(PROMPT[1:])]
+    assert lm.perplexity(PROMPT) == pytest.approx(float(torch.exp(nll.mean())), rel=1e-5)
+
+
+def test_onnxruntime_updates_the_cache_in_place():
+    lm = nnforge.compile_lm(_llama(), max_length=48)
+    cache = lm.new_cache(1)
+    buffers = dict(cache.buffers)
+    runner = lm.runner("last")
+    runner.run(cache, cache.step_inputs(np.array([PROMPT])))
+    assert all(cache.buffers[n] is buffers[n] for n in buffers)  # the same arrays: no copy per step
+    assert np.abs(buffers["past_k_0"][0, :, : len(PROMPT)]).sum() > 0  # ... written by the model
+    assert not buffers["past_k_0"][0, :, len(PROMPT) :].any()
+
+
+def test_sampling_is_seeded_and_its_limits_reduce_to_greedy():
+    lm = nnforge.compile_lm(_llama(), max_length=48)
+    greedy = lm.generate(PROMPT, max_new_tokens=10, stop_tokens=()).tokens
+    a = lm.generate(PROMPT, max_new_tokens=10, stop_tokens=(), temperature=1.5, seed=7).tokens
+    assert a == lm.generate(PROMPT, max_new_tokens=10, stop_tokens=(), temperature=1.5, seed=7).tokens
+    assert a != greedy  # a hot temperature on a random model leaves greedy's path
+    assert lm.generate(PROMPT, max_new_tokens=10, stop_tokens=(), temperature=1.5, top_k=1, seed=1).tokens == greedy
+    assert lm.generate(PROMPT, max_new_tokens=10, stop_tokens=(), temperature=1.5, top_p=1e-6, seed=1).tokens == greedy
+
+
+def test_stop_tokens_end_a_sequence_and_tokens_stream():
+    lm = nnforge.compile_lm(_llama(), max_length=48)
+    full = lm.generate(PROMPT, max_new_tokens=12, stop_tokens=()).tokens[0]
+    streamed = []
+    out = lm.generate(PROMPT, max_new_tokens=12, stop_tokens=[full[4]], on_token=streamed.append)
+    assert out.tokens[0] == full[: full.index(full[4]) + 1]
+    assert [t[0] for t in streamed] == out.tokens[0]
+
+
+def test_bad_requests_get_clear_errors():
+    lm = nnforge.compile_lm(_llama(), max_length=16)
+    with pytest.raises(NnforgeError, match="max_length=16"):
+        lm.generate(PROMPT, max_new_tokens=10)
+    with pytest.raises(NnforgeError, match="needs a tokenizer"):
+        lm.generate("hello")
+    with pytest.raises(NnforgeError, match="top_p"):
+        lm.generate(PROMPT, top_p=0.0)
+    with pytest.raises(NnforgeError, match="not a supported causal LM"):
+        nnforge.compile_lm(torch.nn.Linear(3, 3))
+    with pytest.raises(NnforgeError, match="quantize must be"):
+        nnforge.compile_lm(_llama(), quantize="int3")
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_low_bit_decode_stays_close_to_float(quantize):
+    model = _llama(vocab=512, layers=2)
+    text = list(np.random.default_rng(1).integers(0, 512, 40))
+    float_lm = nnforge.compile_lm(model, max_length=64)
+    lm = nnforge.compile_lm(model, max_length=64, quantize=quantize)
+    ops = [n.op_type for n in lm.runner("last").artifact.model.graph.node]
+    assert ops.count("MatMulNBits") == 2 * 4 + 1  # qkv, o, gate+up, down per layer, and the LM head
+    ref, got = float_lm.perplexity(text), lm.perplexity(text)
+    assert abs(got / ref - 1) < (0.02 if quantize == "int8" else 0.1)
+    # the interpreter (the ops' numpy references, int8 activations per group included) agrees with ORT
+    graph = lm.graph
+    from nnforge.llm.compiled import prefill_batches
+
+    ins = prefill_batches([text[:12]], graph)[0]
+    np.testing.assert_allclose(lm.logits(text[:12]), interpret(graph, ins)[0][0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_self_speculative_decoding_equals_greedy(backend):
+    model = _llama(layers=4)
+    lm = nnforge.compile_lm(model, max_length=64, backend=backend)
+    greedy = lm.generate(PROMPT, max_new_tokens=24, stop_tokens=()).tokens[0]
+    skip = least_influential(lm, PROMPT, 1)
+    assert len(skip) == 1 and skip[0] not in (0, 3)
+    spec = speculative_generate(lm, PROMPT, 24, skip, k=3)
+    assert spec.tokens == greedy
+    assert spec.drafted > 0 and sum(spec.history) == spec.accepted
+
+
+def test_a_bundle_generates_as_the_compiled_model(tmp_path):
+    from nnforge.cli import main
+
+    model = _llama(vocab=49152, layers=2)  # SmolLM2's vocabulary, so its tokenizer fits
+    tokenizer = _smollm_tokenizer()
+    lm = nnforge.compile_lm(model, max_length=64, tokenizer=tokenizer)
+    want = lm.generate("The capital of France is", max_new_tokens=8, stop_tokens=())
+    lm.save(tmp_path / "lm")
+    again = nnforge.load(tmp_path / "lm")
+    assert isinstance(again, nnforge.CompiledLM)
+    got = again.generate("The capital of France is", max_new_tokens=8, stop_tokens=())
+    assert got.tokens == want.tokens and got.text == want.text
+    chat = lm.generate("Hi", max_new_tokens=4, chat=True, stop_tokens=())
+    assert again.generate("Hi", max_new_tokens=4, chat=True, stop_tokens=()).tokens == chat.tokens
+    (tmp_path / "lm" / "tokenizer.json").write_text("{}")
+    with pytest.raises(nnforge.BundleError, match="tokenizer.json was modified"):
+        nnforge.load(tmp_path / "lm")
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+
+
+def _smollm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from nnforge.models.smollm import smollm2_folder
+
+    return AutoTokenizer.from_pretrained(smollm2_folder())
+
+
+def test_cli_generate_prints_the_bundles_text(tmp_path, capsys):
+    from nnforge.cli import main
+
+    lm = nnforge.compile_lm(_llama(vocab=49152, layers=2), max_length=64, tokenizer=_smollm_tokenizer())
+    lm.save(tmp_path / "lm")
+    want = lm.generate("Hello", max_new_tokens=6, chat=True).text[0]
+    assert main(["generate", str(tmp_path / "lm"), "--prompt", "Hello", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+
+
+# -- the real model -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from nnforge.models.smollm import smollm2
+
+    return smollm2()
+
+
+def test_smollm2_greedy_equals_hugging_face_for_64_tokens(smollm):
+    model, tokenizer = smollm
+    lm = nnforge.compile_lm(model, max_length=256, tokenizer=tokenizer)
+    answer = lm.generate("What is the capital of France?", max_new_tokens=16, chat=True)
+    assert answer.text[0].strip() == "The capital of France is Paris."
+    prompt = lm.encode("Tell me a story about a lighthouse keeper.", chat=True)[0]
+    out = lm.generate(prompt, max_new_tokens=64, stop_tokens=())
+    assert out.tokens[0] == _hf_greedy(model, prompt, 64)
+
+
+def test_smollm2_int4_keeps_perplexity_and_the_answer(smollm):
+    from nnforge.bench.llm import texts
+
+    model, tokenizer = smollm
+    heldout = texts(tokenizer)["heldout"][:200]
+    lm = nnforge.compile_lm(model, max_length=256, tokenizer=tokenizer, quantize="int4")
+    ref = nnforge.compile_lm(model, max_length=256).perplexity(heldout)
+    assert lm.perplexity(heldout) / ref < 1.10
+    assert "Paris" in lm.generate("What is the capital of France?", max_new_tokens=16, chat=True).text[0]
