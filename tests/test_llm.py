@@ -226,12 +226,13 @@ def test_low_bit_decode_stays_close_to_float(quantize):
     assert ops.count("MatMulNBits") == 2 * 4 + 1  # qkv, o, gate+up, down per layer, and the LM head
     ref, got = float_lm.perplexity(text), lm.perplexity(text)
     assert abs(got / ref - 1) < (0.02 if quantize == "int8" else 0.1)
-    # the interpreter (the ops' numpy references, int8 activations per group included) agrees with ORT
-    graph = lm.graph
+    # the interpreter (the ops' numpy references, int8 activations per weight block included) agrees with ORT on a
+    # one-row step, the decode shape; on several rows MLAS may compute in float, within the quantization error
     from nnforge.llm.compiled import prefill_batches
 
-    ins = prefill_batches([text[:12]], graph)[0]
-    np.testing.assert_allclose(lm.logits(text[:12]), interpret(graph, ins)[0][0], rtol=1e-3, atol=1e-3)
+    for ids, tol in (([text[0]], 1e-4), ([text[1]], 1e-4), (text[:12], 3e-2)):
+        ins = prefill_batches([ids], lm.graph)[0]
+        np.testing.assert_allclose(lm.logits(ids), interpret(lm.graph, ins)[0][0], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

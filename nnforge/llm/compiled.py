@@ -295,5 +295,5 @@ def load_lm(directory, artifact, manifest: dict) -> CompiledLM:
 
         tokenizer = Tokenizer.from_str((Path(directory) / "tokenizer.json").read_text())
     lm = CompiledLM(graph, decoder, artifact.backend, artifact.target.name, tokenizer=tokenizer)
-    lm._runners[("last", ())] = StepRunner(artifact, graph)
+    lm._runners[("last", (), repr(None))] = StepRunner(artifact, graph)
     return lm

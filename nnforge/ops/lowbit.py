@@ -272,7 +272,8 @@ def qlinear(
     if act_quant == "none":
         y = np.matmul(x, dequantize(qweight, scales, zeros, bits, group_size).T)
     elif act_quant == "block_int8":
-        y = np.matmul(quantize_blocks(x, group_size), dequantize(qweight, scales, zeros, bits, group_size).T)
+        block = _block_size(x.shape[-1], group_size) or group_size  # MatMulNBits' block: activations share it
+        y = np.matmul(quantize_blocks(x, block), dequantize(qweight, scales, zeros, bits, group_size).T)
     else:
         y = _w8a8(x, qweight, scales, act_quant, x_scale, x_zero_point)
     y = y.astype(x.dtype)
