@@ -10,7 +10,7 @@ from .compiled import CompiledModel
 from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
 from .explain import explain
 from .ir import Graph, TensorType
-from .llm import CompiledLM, Sampling, compile_lm
+from .llm import CompiledLM, KVCompress, Sampling, compile_lm
 from .partition import BuildSettings
 from .passes.budget import Budget
 from .passes.layers import SkipLayers
@@ -26,6 +26,7 @@ __all__ = [
     "compile_lm",
     "CompiledLM",
     "Sampling",
+    "KVCompress",
     "check",
     "explain",
     "export",

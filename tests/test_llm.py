@@ -314,3 +314,28 @@ def test_smollm2_int4_keeps_perplexity_and_the_answer(smollm):
     ref = nnforge.compile_lm(model, max_length=256).perplexity(heldout)
     assert lm.perplexity(heldout) / ref < 1.10
     assert "Paris" in lm.generate("What is the capital of France?", max_new_tokens=16, chat=True).text[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("window", [0, 2])
+def test_attention_mass_matches_the_reference(backend, window):
+    h, kv, d, cap = 4, 2, 16, 16
+    g = Graph("mass")
+    ins = [
+        g.add_input("q", TensorType(("B", "S", h * d))),
+        g.add_input("present_k", TensorType(("B", kv, cap, d))),
+        g.add_input("seqlens_k", TensorType(("B",), "int32")),
+        g.add_input("total_len", TensorType((), "int32")),
+    ]
+    angles = np.arange(cap)[:, None] / 10000 ** (np.arange(0, d, 2) / d)
+    ins += [g.add_constant(np.cos(angles).astype(np.float32)), g.add_constant(np.sin(angles).astype(np.float32))]
+    attrs = {"num_heads": h, "kv_num_heads": kv, "window": window}
+    g.outputs = [g.add_node("attention_mass", ins, attrs).output]
+    art, rng = get_backend(backend).build(g, "cpu"), np.random.default_rng(0)
+    for batch, s, seqlens, total in [(1, 5, [4], 5), (2, 1, [7, 3], 8), (1, 3, [9], 10)]:
+        x = _case(rng, batch, s, seqlens, total)
+        feed = [x[0], x[3], x[5], x[6]]
+        ref = interpret(g, feed)[0]
+        np.testing.assert_allclose(art.run(feed)[0], ref, rtol=1e-4, atol=1e-5)
+        rows = min(window, s) if window else s
+        np.testing.assert_allclose(ref.sum(-1), np.full((batch, kv), rows * h // kv), rtol=1e-5)  # probabilities

@@ -9,7 +9,8 @@ static capacity. Inputs, in order:
     total_len     int32 []       the longest sequence's length after this step
     position_ids  int64 [B, S]   (learned position tables only: GPT-2, nnforge GPT)
     last_index    int64 [B]      (logits="last") the row whose logits are returned per sequence
-    past_k_i, past_v_i           float [B, kv_heads, capacity, head_dim] for each layer i
+    past_k_i, past_v_i           float [B, kv_heads, cache_len, head_dim] for each layer i (cache_len <= capacity,
+                                 the positions the RoPE tables cover)
 
 Outputs: ``logits`` ([B, 1, V] for logits="last", [B, S, V] for "all"), then ``present_k_i`` /
 ``present_v_i`` (the same buffers' next contents; ONNX Runtime writes them in place).
@@ -78,7 +79,8 @@ def build_step(spec: DecoderSpec, capacity: int, logits: str = "last", layers: l
     total = g.add_input("total_len", TensorType((), "int32"))
     positions = g.add_input("position_ids", TensorType(("batch", "seq"), "int64")) if s.positions is not None else None
     last = g.add_input("last_index", TensorType(("batch",), "int64")) if logits == "last" else None
-    cache_t = TensorType(("batch", kvh, capacity, d), "float32")
+    # the cache's length is symbolic: a KV-cache policy runs the same graph on a smaller cache (its budget)
+    cache_t = TensorType(("batch", kvh, "cache_len", d), "float32")
     run = list(range(s.num_layers)) if layers is None else sorted(set(layers))
     past = dict(zip(cache_names(run), (g.add_input(n, cache_t) for n in cache_names(run))))
     cos = sin = None

@@ -22,10 +22,11 @@ from ..ir import Graph
 from ..passes.lowbit.settings import Quantize
 from ..targets import get_target
 from .build import build_step
-from .generate import Generation, Sampling, as_batch, generate
+from .generate import Generation, PlainDecoder, Sampling, as_batch, generate
+from .kv import CompressedDecoder, KVCompress
 from .runtime import KVCache, StepRunner
 from .spec import DecoderSpec, read_decoder
-from .surgery import last_rows, skip_layers
+from .surgery import last_rows, skip_layers, with_attention_mass
 
 
 @dataclass
@@ -97,11 +98,13 @@ class CompiledLM:
         target: str,
         options: dict | None = None,
         tokenizer=None,
+        kv: KVCompress | None = None,
     ):
         self.graph = graph  # the optimized step graph with logits for every position
         self.info = info  # spec facts the runtime needs (kv heads, head dim, eos, pad, family)
         self.backend, self.target, self.options = backend, get_target(target).name, dict(options or {})
         self.tokenizer = tokenizer
+        self.kv = kv  # a KV-cache compression policy generate uses, or None
         self._runners: dict = {}
 
     # -- building -------------------------------------------------------------------------------------
@@ -111,11 +114,13 @@ class CompiledLM:
         artifact = get_backend(self.backend).build(graph, self.target, self.options)
         return StepRunner(artifact, graph)
 
-    def runner(self, kind: str = "last", skip: Sequence[int] = (), quantize=None) -> StepRunner:
+    def runner(
+        self, kind: str = "last", skip: Sequence[int] = (), quantize=None, mass: int | None = None
+    ) -> StepRunner:
         """The step runner for generation ("last") or scoring ("all"); with ``skip`` and/or ``quantize``, a draft
         of the model: its layers ``skip`` left out, its weights quantized ("int8", "int4", a Quantize). Every
         runner reads and writes the same cache layout, so a draft can share the model's cache."""
-        key = (kind, tuple(sorted(skip)), repr(quantize))
+        key = (kind, tuple(sorted(skip)), repr(quantize), mass)
         if key not in self._runners:
             graph = self.graph
             if quantize is not None:
@@ -126,12 +131,22 @@ class CompiledLM:
                 if self.backend in ("onnxrt", "ort", "onnxruntime"):
                     int8_compute(graph)
             graph = graph if kind == "all" else last_rows(graph)
-            self._runners[key] = self._build(skip_layers(graph, skip) if skip else graph)
+            graph = skip_layers(graph, skip) if skip else graph
+            self._runners[key] = self._build(with_attention_mass(graph, mass) if mass is not None else graph)
         return self._runners[key]
 
-    def new_cache(self, batch: int = 1) -> KVCache:
+    def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
         i = self.info
-        return KVCache(i["num_layers"], batch, i["kv_heads"], i["capacity"], i["head_dim"])
+        cap = capacity or i["capacity"]
+        return KVCache(i["num_layers"], batch, i["kv_heads"], cap, i["head_dim"], i.get("rope_theta"))
+
+    def decoder(self):
+        """What generate steps: the plain full-capacity cache, or the KV-compression policy's."""
+        if self.kv is None:
+            return PlainDecoder(self.runner("last"), self.new_cache, self.info["pad_id"])
+        return CompressedDecoder(
+            self.kv, lambda window: self.runner("last", mass=window), self.new_cache, self.info["pad_id"]
+        )
 
     # -- running --------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> list[list[int]]:
@@ -170,8 +185,7 @@ class CompiledLM:
         batch = self.encode(prompt, chat)
         stops = tuple(self.info["eos_ids"]) if stop_tokens is None else tuple(stop_tokens)
         gen = generate(
-            self.runner("last"),
-            self.new_cache,
+            self.decoder(),
             batch,
             max_new_tokens,
             sampling,
@@ -198,12 +212,24 @@ class CompiledLM:
         return out[0]
 
     def perplexity(self, ids: Sequence[int]) -> float:
-        """exp(mean negative log-likelihood) of each token given the ones before it."""
+        """exp(mean negative log-likelihood) of each token given the ones before it. With a KV-compression
+        policy the text is fed a token at a time through the policy's cache (what generation sees)."""
+        if self.kv is not None:
+            return self._streamed_perplexity([int(t) for t in ids])
         z = self.logits(ids)[:-1].astype(np.float64)
         z -= z.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
         nll = -logp[np.arange(len(ids) - 1), np.asarray(ids[1:])]
         return float(np.exp(nll.mean()))
+
+    def _streamed_perplexity(self, ids: list[int]) -> float:
+        decoder, nll = self.decoder(), 0.0
+        logits = decoder.start([ids[:1]], len(ids))
+        for t in ids[1:]:
+            z = logits[0].astype(np.float64)
+            nll -= z[t] - z.max() - np.log(np.exp(z - z.max()).sum())
+            logits = decoder.step(np.array([t]))
+        return float(np.exp(nll / (len(ids) - 1)))
 
     # -- saving ---------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
@@ -234,13 +260,15 @@ def compile_lm(
     tokenizer=None,
     threads: int | None = None,
     compute: str = "int8",
+    kv: KVCompress | None = None,
     progress: bool = False,
 ) -> CompiledLM:
     """Compile a causal LM (Hugging Face Llama-family or GPT-2, nnforge's GPT, or a DecoderSpec) into a decoder
     step with a KV cache of ``max_length`` slots. ``quantize``: None, "int8", "int4" (weight-only, RTN; the
     LM head and embedding too) or a ``nnforge.Quantize`` (e.g. method="gptq" with ``calibration`` token
     sequences). ``compute``: "int8" (default) lets quantized layers on ONNX Runtime multiply int8 activations
-    (quantized per weight group at run time, MatMulNBits accuracy_level 4), "float" dequantizes the weights."""
+    (quantized per weight group at run time, MatMulNBits accuracy_level 4), "float" dequantizes the weights.
+    ``kv``: a ``nnforge.KVCompress`` policy: generation keeps its cache within the policy's budget."""
     if compute not in ("int8", "float"):
         raise NnforgeError(f"compile_lm: compute must be 'int8' or 'float', got {compute!r}")
     spec = read_decoder(model)
@@ -256,7 +284,9 @@ def compile_lm(
         int8_compute(graph)
     options = {"threads": threads} if threads else {}
     info = {**spec_info(spec, max_length), "chat_template": getattr(tokenizer, "chat_template", None)}
-    lm = CompiledLM(graph, info, backend, target, options, tokenizer)
+    if kv is not None and not isinstance(kv, KVCompress):
+        raise NnforgeError(f"compile_lm: kv must be a nnforge.KVCompress, got {kv!r}")
+    lm = CompiledLM(graph, info, backend, target, options, tokenizer, kv)
     lm.runner("last")  # build now: compile errors belong to compile_lm
     return lm
 
@@ -281,6 +311,7 @@ def spec_info(spec: DecoderSpec, capacity: int) -> dict:
         "eos_ids": list(spec.eos_ids),
         "pad_id": spec.pad_id,
         "vocab": spec.vocab,
+        "rope_theta": spec.rope_theta,
     }
 
 
@@ -295,5 +326,5 @@ def load_lm(directory, artifact, manifest: dict) -> CompiledLM:
 
         tokenizer = Tokenizer.from_str((Path(directory) / "tokenizer.json").read_text())
     lm = CompiledLM(graph, decoder, artifact.backend, artifact.target.name, tokenizer=tokenizer)
-    lm._runners[("last", (), repr(None))] = StepRunner(artifact, graph)
+    lm._runners[("last", (), repr(None), None)] = StepRunner(artifact, graph)
     return lm

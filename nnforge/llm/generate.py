@@ -108,9 +108,29 @@ def decode_step(runner: StepRunner, cache: KVCache, tokens: np.ndarray) -> np.nd
     return logits[:, -1]
 
 
+class PlainDecoder:
+    """Prefill and decode steps on one cache of the model's full capacity."""
+
+    def __init__(self, runner: StepRunner, make_cache: Callable[[int], KVCache], pad_id: int = 0):
+        self.runner, self.make_cache, self.pad_id = runner, make_cache, pad_id
+
+    def start(self, batch: list[list[int]], max_new_tokens: int) -> np.ndarray:
+        self.cache = self.make_cache(len(batch))
+        longest = max(len(s) for s in batch)
+        if longest + max_new_tokens - 1 > self.cache.capacity:
+            raise NnforgeError(
+                f"generate: a {longest}-token prompt and {max_new_tokens} new tokens need "
+                f"{longest + max_new_tokens - 1} cache slots; this model was compiled with "
+                f"max_length={self.cache.capacity}"
+            )
+        return prefill(self.runner, self.cache, batch, self.pad_id)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return decode_step(self.runner, self.cache, tokens)
+
+
 def generate(
-    runner: StepRunner,
-    make_cache: Callable[[int], KVCache],
+    decoder,
     prompts,
     max_new_tokens: int = 32,
     sampling: Sampling = Sampling(),
@@ -118,21 +138,16 @@ def generate(
     on_token: Callable[[list[int]], None] | None = None,
     pad_id: int = 0,
 ) -> Generation:
+    """Generate with ``decoder`` (``start(batch, max_new_tokens) -> logits``, ``step(tokens) -> logits``: a
+    PlainDecoder, or a compressed-cache decoder of nnforge.llm.kv)."""
     batch = as_batch(prompts)
     if max_new_tokens < 1:
         raise NnforgeError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    cache = make_cache(len(batch))
-    need = max(len(s) for s in batch) + max_new_tokens - 1
-    if need > cache.capacity:
-        raise NnforgeError(
-            f"generate: a {max(len(s) for s in batch)}-token prompt and {max_new_tokens} new tokens need "
-            f"{need} cache slots; this model was compiled with max_length={cache.capacity}"
-        )
     rng = np.random.default_rng(sampling.seed)
     stops = set(int(t) for t in stop_tokens)
     out = Generation([[] for _ in batch], prompt_tokens=sum(len(s) for s in batch), stopped=[False] * len(batch))
     t0 = time.perf_counter()
-    logits = prefill(runner, cache, batch, pad_id)
+    logits = decoder.start(batch, max_new_tokens)
     out.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     while True:
@@ -147,7 +162,7 @@ def generate(
         if all(out.stopped):
             break
         picked = np.where(out.stopped, pad_id, picked)  # finished sequences idle on the pad token
-        logits = decode_step(runner, cache, picked)
+        logits = decoder.step(picked)
         out.steps += 1
     out.decode_seconds = time.perf_counter() - t1
     return out

@@ -34,9 +34,12 @@ class StepInputs:
 class KVCache:
     """The cache buffers of one batch and each sequence's length (filled slots)."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int):
+    def __init__(
+        self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, rope_theta: float | None = None
+    ):
         shape = (batch, kv_heads, capacity, head_dim)
         self.capacity = capacity
+        self.rope_theta, self.head_dim = rope_theta, head_dim
         self.buffers = {name: np.zeros(shape, np.float32) for name in cache_names(range(num_layers))}
         self.lengths = np.zeros(batch, np.int64)
         self._ort: dict | None = None
@@ -59,6 +62,42 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers.values())
+
+    def take(self, other: "KVCache") -> None:
+        """Copy the filled slots of a larger cache into this one."""
+        n = int(other.lengths.max())
+        if n > self.capacity:
+            raise NnforgeError(f"KVCache.take: {n} filled slots do not fit {self.capacity}")
+        for name, buf in self.buffers.items():
+            buf[:, :, :n] = other.buffers[name][:, :, :n]
+        self.lengths[:] = other.lengths
+
+    def compact(self, keep: dict[int, np.ndarray]) -> None:
+        """Keep, per layer, the slots ``keep[layer]`` ([B, kv_heads, n], ascending) at slots 0..n-1 of the same
+        buffers (in place: ONNX Runtime keeps its bindings). RoPE keys are rotated by their move, so each
+        key is as if computed at its new slot: positions become positions within the cache (StreamingLLM)."""
+        n = {idx.shape[-1] for idx in keep.values()}
+        if len(n) != 1:
+            raise NnforgeError("compact: every layer must keep the same number of slots")
+        n = n.pop()
+        for layer, idx in keep.items():
+            for kv in ("k", "v"):
+                buf = self.buffers[f"past_{kv}_{layer}"]
+                kept = np.take_along_axis(buf, idx[..., None].astype(np.int64), axis=2)
+                if kv == "k" and self.rope_theta is not None:
+                    kept = self._rotate(kept, np.arange(n)[None, None, :] - idx)
+                buf[:, :, :n] = kept
+                buf[:, :, n:] = 0
+        self.lengths[:] = n
+
+    def _rotate(self, keys: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """Rotate-half RoPE by ``delta`` positions per key ([B, H, n] of [B, H, n, D])."""
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        angles = delta[..., None].astype(np.float64) * inv
+        cos, sin = np.cos(angles), np.sin(angles)
+        a, b = keys[..., : d // 2].astype(np.float64), keys[..., d // 2 :].astype(np.float64)
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1).astype(keys.dtype)
 
     def step_inputs(self, ids: np.ndarray, new_lengths: np.ndarray | None = None) -> StepInputs:
         """Inputs of a step that appends ``ids`` [B, S] after each sequence's filled slots. ``new_lengths``: the
@@ -91,6 +130,8 @@ class StepRunner:
         self.layers, self.logits_mode = meta["layers"], meta["logits"]
         self.input_names = [v.name for v in graph.inputs]
         self.cache_outputs = cache_names(self.layers)  # graph outputs after the logits, in order
+        self.mass_window = meta.get("mass_window")  # None: no attention-mass outputs (after the caches)
+        self.masses: dict[int, np.ndarray] = {}  # layer -> [B, kv_heads, cache_len] of the last run
         self.session = getattr(artifact, "session", None) if artifact.backend == "onnxrt" else None
         if self.session is not None:
             self.ort_inputs = [i.name for i in self.session.get_inputs()]
@@ -112,8 +153,10 @@ class StepRunner:
             return self._run_ort(cache, feed)
         inputs = [feed[n] if n in feed else cache.buffers[n] for n in self.input_names]
         outs = self.artifact.run(inputs)
-        for name, value in zip(self.cache_outputs, outs[1:]):
+        n = len(self.cache_outputs)
+        for name, value in zip(self.cache_outputs, outs[1 : 1 + n]):
             cache.replace(name, np.asarray(value))
+        self.masses = dict(zip(self.layers, (np.asarray(m) for m in outs[1 + n :])))
         return np.asarray(outs[0])
 
     def _run_ort(self, cache: KVCache, feed: dict) -> np.ndarray:
@@ -125,7 +168,12 @@ class StepRunner:
             else:
                 io.bind_ortvalue_input(name, values[name])
         io.bind_output(self.ort_outputs[0], "cpu")
-        for out_name, cache_name in zip(self.ort_outputs[1:], self.cache_outputs):
+        n = len(self.cache_outputs)
+        for out_name, cache_name in zip(self.ort_outputs[1 : 1 + n], self.cache_outputs):
             io.bind_ortvalue_output(out_name, values[cache_name])  # same buffer as the past input: in place
+        for out_name in self.ort_outputs[1 + n :]:
+            io.bind_output(out_name, "cpu")
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        outs = io.get_outputs()
+        self.masses = dict(zip(self.layers, (v.numpy() for v in outs[1 + n :])))
+        return outs[0].numpy()

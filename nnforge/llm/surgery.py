@@ -64,3 +64,23 @@ def skip_layers(graph: Graph, skipped) -> Graph:
     g.inputs = [v for v in g.inputs if v.name not in drop]
     g.meta["decoder"] = {**meta, "layers": kept, "blocks": {str(i): meta["blocks"][str(i)] for i in kept}}
     return g
+
+
+def with_attention_mass(graph: Graph, window: int = 0) -> Graph:
+    """The graph with one more output per layer: the attention each cache slot received in the step
+    (``attention_mass`` over the chunk's last ``window`` rows, 0: all), read by the KV-cache policies."""
+    meta = _meta(graph)
+    if meta.get("mass_window") is not None:
+        raise NnforgeError("with_attention_mass: the graph has attention-mass outputs already")
+    g = graph.copy()
+    masses = []
+    for node in [n for n in g.nodes if n.op == "cached_attention"]:
+        q, seqlens, total, rope = node.inputs[0], node.inputs[5], node.inputs[6], list(node.inputs[7:])
+        attrs = {k: node.attrs[k] for k in ("num_heads", "kv_num_heads", "scale")}
+        mass = g.add_node("attention_mass", [q, node.outputs[1], seqlens, total, *rope], {**attrs, "window": window})
+        masses.append(mass.output)
+    if len(masses) != len(meta["layers"]):
+        raise NnforgeError("with_attention_mass: expected one cached_attention per layer")
+    g.outputs = list(g.outputs) + masses
+    g.meta["decoder"] = {**meta, "mass_window": window}
+    return g

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..ir.graph import TensorType
 from ..ir.registry import REQUIRED, OpError, defop
+from .attention import INT64_MAX
 from .common import LazyModule, R, float_only, torch
 
 relax = LazyModule("tvm.relax")
@@ -168,6 +169,15 @@ def _tvm_rotate(c, x, cos, sin, half: int):
     return c.emit(R.concat([first, second], axis=3))
 
 
+def _tvm_positions(c, seqlens_k, total_len, s):
+    """[b, s] int64: the cache slot of each new token."""
+    s_tensor = c.emit(R.shape_to_tensor(relax.ShapeExpr([s])))
+    first = c.emit(R.equal(c.emit(R.astype(total_len, "int64")), s_tensor))
+    cont = c.emit(R.subtract(c.emit(R.add(c.emit(R.astype(seqlens_k, "int64")), c.const(1, "int64"))), s_tensor))
+    past = c.emit(R.where(first, c.const(0, "int64"), cont))
+    return c.emit(R.add(c.emit(R.expand_dims(past, 1)), c.emit(R.arange(0, s, 1, "int64"))))
+
+
 @cached_attention.tvm
 def _(c, q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **attrs):
     h, kvh = attrs["num_heads"], attrs["kv_num_heads"]
@@ -175,12 +185,7 @@ def _(c, q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **at
     dtype, d, cap, group = qt.dtype, ct.shape[3], c.dims(ct.shape[2]), h // kvh
     bsz, s = c.dims(qt.shape[0]), c.dims(qt.shape[1])
     scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(d)
-    # the cache slot of each new token, [b, s]
-    s_tensor = c.emit(R.shape_to_tensor(relax.ShapeExpr([s])))
-    first = c.emit(R.equal(c.emit(R.astype(total_len, "int64")), s_tensor))
-    cont = c.emit(R.subtract(c.emit(R.add(c.emit(R.astype(seqlens_k, "int64")), c.const(1, "int64"))), s_tensor))
-    past = c.emit(R.where(first, c.const(0, "int64"), cont))
-    pos = c.emit(R.add(c.emit(R.expand_dims(past, 1)), c.emit(R.arange(0, s, 1, "int64"))))
+    pos = _tvm_positions(c, seqlens_k, total_len, s)
 
     def heads(x, n):
         return c.emit(R.permute_dims(c.emit(R.reshape(x, [bsz, s, n, d])), [0, 2, 1, 3]))
@@ -205,3 +210,142 @@ def _(c, q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **at
     out = c.emit(R.reshape(c.emit(R.matmul(p, present_v)), [bsz, h, s, d]))
     out = c.emit(R.reshape(c.emit(R.permute_dims(out, [0, 2, 1, 3])), [bsz, s, h * d]))
     return [out, present_k, present_v]
+
+
+# -- attention_mass -------------------------------------------------------------------------------------
+
+
+def _mass_infer(ts, attrs):
+    q, pk, seqlens, total = ts[:4]
+    h, kvh = attrs["num_heads"], attrs["kv_num_heads"]
+    float_only(q, "attention_mass")
+    if q.rank != 3 or pk.rank != 4 or pk.shape[1] != kvh or q.shape[2] != h * pk.shape[3]:
+        raise OpError(f"attention_mass: q {q.shape} and cache {pk.shape} do not fit {h}/{kvh} heads")
+    if seqlens.dtype != "int32" or total.dtype != "int32":
+        raise OpError("attention_mass: seqlens_k and total_len must be int32")
+    return [TensorType((pk.shape[0], kvh, pk.shape[2]), q.dtype)]
+
+
+@defop(
+    "attention_mass",
+    _mass_infer,
+    num_inputs=(4, 6),
+    attrs={
+        "num_heads": ("int", REQUIRED),
+        "kv_num_heads": ("int", REQUIRED),
+        "scale": ("optional_float", None),
+        "window": ("int", 0),
+    },
+    doc="the attention each cache slot receives in a cached_attention step: softmax probabilities summed over "
+    "the query heads of each kv head and over the chunk's last ``window`` rows (0: all), [batch, kv_heads, capacity]",
+)
+def attention_mass(q, present_k, seqlens_k, total_len, cos=None, sin=None, **attrs):
+    """What KV-cache compression ranks slots by (H2O's accumulated attention, SnapKV's observation window).
+    ``q`` is the step's query before RoPE (as cached_attention takes it), ``present_k`` the updated cache."""
+    h, kvh, window = attrs["num_heads"], attrs["kv_num_heads"], attrs["window"]
+    bsz, s, _ = q.shape
+    d, cap = present_k.shape[3], present_k.shape[2]
+    scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(d)
+    pos = _positions(seqlens_k, total_len, s)
+    qh = q.reshape(bsz, s, h, d).transpose(0, 2, 1, 3)
+    if cos is not None:
+        qh = _rotate(qh, cos[pos][:, None], sin[pos][:, None])
+    keys = np.repeat(present_k, h // kvh, axis=1)
+    scores = np.matmul(qh, keys.transpose(0, 1, 3, 2)) * np.asarray(scale, q.dtype)
+    allowed = np.arange(cap)[None, None, None, :] <= pos[:, None, :, None]
+    z = np.where(allowed, scores, -np.inf)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)  # [b, h, s, cap]
+    rows = p[:, :, -window:] if window else p
+    return rows.sum(2).reshape(bsz, kvh, h // kvh, cap).sum(2).astype(q.dtype)
+
+
+@attention_mass.torch
+def _(cx, q, present_k, seqlens_k, total_len, cos=None, sin=None, **attrs):
+    h, kvh, window = attrs["num_heads"], attrs["kv_num_heads"], attrs["window"]
+    bsz, s, _ = q.shape
+    d, cap = present_k.shape[3], present_k.shape[2]
+    scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(d)
+    past = torch.zeros_like(seqlens_k) if int(total_len) == s else seqlens_k + 1 - s
+    pos = past[:, None].long() + torch.arange(s)
+    qh = q.reshape(bsz, s, h, d).transpose(1, 2)
+    if cos is not None:
+        c, sn = cos[pos][:, None], sin[pos][:, None]
+        a, b = qh[..., : d // 2], qh[..., d // 2 :]
+        qh = torch.cat([a * c - b * sn, b * c + a * sn], -1)
+    keys = present_k.repeat_interleave(h // kvh, dim=1)
+    scores = (qh @ keys.transpose(-1, -2)) * scale
+    allowed = torch.arange(cap)[None, None, None, :] <= pos[:, None, :, None]
+    p = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1)
+    rows = p[:, :, -window:] if window else p
+    return rows.sum(2).reshape(bsz, kvh, h // kvh, cap).sum(2)
+
+
+def _onnx_positions(cx, seqlens, total, s_dim):
+    """[b, s] int64 slot of each new token, as cached_attention places them."""
+    i64 = lambda name: cx.emit("Cast", [name], to=7)  # noqa: E731
+    s = cx.emit("Reshape", [s_dim, cx.const([], "int64", "scalar_shape")])
+    first = cx.emit("Equal", [i64(total), s])
+    cont = cx.emit("Sub", [cx.emit("Add", [i64(seqlens), cx.const(1, "int64")]), s])
+    past = cx.emit("Where", [first, cx.const(0, "int64"), cont])
+    steps = cx.emit("Range", [cx.const(0, "int64"), s, cx.const(1, "int64")])
+    return cx.emit("Add", [cx.emit("Unsqueeze", [past, cx.const([1], "int64")]), steps])
+
+
+@attention_mass.onnxrt
+def _(cx, q, present_k, seqlens_k, total_len, cos=None, sin=None, **attrs):
+    h, kvh, window = attrs["num_heads"], attrs["kv_num_heads"], attrs["window"]
+    qt, ct = cx.node.inputs[0].type, cx.node.inputs[1].type
+    d, group = ct.shape[3], h // kvh
+    scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(d)
+    shape = cx.emit("Shape", [q])
+    b_dim = cx.emit("Slice", [shape, cx.const([0], "int64"), cx.const([1], "int64")])
+    s_dim = cx.emit("Slice", [shape, cx.const([1], "int64"), cx.const([2], "int64")])
+    pos = _onnx_positions(cx, seqlens_k, total_len, s_dim)
+    heads = cx.emit("Concat", [b_dim, s_dim, cx.const([h, d], "int64")], axis=0)
+    qh = cx.emit("Transpose", [cx.emit("Reshape", [q, heads])], perm=[0, 2, 1, 3])  # [b, h, s, d]
+    if cos:
+        c = cx.emit("Unsqueeze", [cx.emit("Gather", [cos, pos], axis=0), cx.const([1], "int64")])
+        sn = cx.emit("Unsqueeze", [cx.emit("Gather", [sin, pos], axis=0), cx.const([1], "int64")])
+        half = d // 2
+        a = cx.emit("Slice", [qh, cx.const([0], "int64"), cx.const([half], "int64"), cx.const([3], "int64")])
+        b = cx.emit("Slice", [qh, cx.const([half], "int64"), cx.const([d], "int64"), cx.const([3], "int64")])
+        first = cx.emit("Sub", [cx.emit("Mul", [a, c]), cx.emit("Mul", [b, sn])])
+        second = cx.emit("Add", [cx.emit("Mul", [b, c]), cx.emit("Mul", [a, sn])])
+        qh = cx.emit("Concat", [first, second], axis=3)
+    # [b, kvh, group, s, d]: the query heads of one kv head together
+    grouped = cx.emit("Concat", [b_dim, cx.const([kvh, group], "int64"), s_dim, cx.const([d], "int64")], axis=0)
+    qg = cx.emit("Reshape", [qh, grouped])
+    keys = cx.emit("Unsqueeze", [cx.emit("Transpose", [present_k], perm=[0, 1, 3, 2]), cx.const([2], "int64")])
+    scores = cx.emit("Mul", [cx.emit("MatMul", [qg, keys]), cx.const(scale, qt.dtype)])  # [b, kvh, g, s, cap]
+    cap = cx.emit("Gather", [cx.emit("Shape", [present_k]), cx.const(2, "int64")], axis=0)
+    slots = cx.emit("Range", [cx.const(0, "int64"), cap, cx.const(1, "int64")])
+    row_pos = cx.emit("Unsqueeze", [pos, cx.const([1, 2, 4], "int64")])  # [b, 1, 1, s, 1]
+    allowed = cx.emit("LessOrEqual", [slots, row_pos])
+    p = cx.emit("Softmax", [cx.emit("Where", [allowed, scores, cx.const(-np.inf, qt.dtype)])], axis=-1)
+    if window:
+        p = cx.emit("Slice", [p, cx.const([-window], "int64"), cx.const([INT64_MAX], "int64"), cx.const([3], "int64")])
+    return cx.emit("ReduceSum", [p, cx.const([2, 3], "int64")], keepdims=0)
+
+
+@attention_mass.tvm
+def _(c, q, present_k, seqlens_k, total_len, cos=None, sin=None, **attrs):
+    h, kvh, window = attrs["num_heads"], attrs["kv_num_heads"], attrs["window"]
+    qt, ct = c.in_type(0), c.in_type(1)
+    dtype, d, cap, group = qt.dtype, ct.shape[3], c.dims(ct.shape[2]), h // kvh
+    bsz, s = c.dims(qt.shape[0]), c.dims(qt.shape[1])
+    scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(d)
+    pos = _tvm_positions(c, seqlens_k, total_len, s)
+    qh = c.emit(R.permute_dims(c.emit(R.reshape(q, [bsz, s, h, d])), [0, 2, 1, 3]))
+    if cos is not None:
+        rows = [c.emit(R.expand_dims(c.emit(R.take(t, pos, axis=0)), 1)) for t in (cos, sin)]
+        qh = _tvm_rotate(c, qh, *rows, d // 2)
+    qg = c.emit(R.reshape(qh, [bsz, kvh, group, s, d]))
+    keys = c.emit(R.expand_dims(c.emit(R.permute_dims(present_k, [0, 1, 3, 2])), 2))
+    scores = c.emit(R.multiply(c.emit(R.matmul(qg, keys)), c.const(scale, dtype)))  # [b, kvh, g, s, cap]
+    row_pos = c.emit(R.reshape(pos, [bsz, 1, 1, s, 1]))
+    allowed = c.emit(R.less_equal(c.emit(R.arange(0, cap, 1, "int64")), row_pos))
+    p = c.emit(R.nn.softmax(c.emit(R.where(allowed, scores, c.const(-np.inf, dtype))), -1))
+    if window:
+        p = c.emit(R.strided_slice(p, [3], [-window], [2**62]))
+    return R.sum(p, axis=[2, 3])
