@@ -10,7 +10,7 @@ from .compiled import CompiledModel
 from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
 from .explain import explain
 from .ir import Graph, TensorType
-from .llm import CompiledLM, KVCompress, Sampling, compile_lm
+from .llm import CompiledLM, KVCompress, PromptPrune, Sampling, compile_lm
 from .partition import BuildSettings
 from .passes.budget import Budget
 from .passes.layers import SkipLayers
@@ -27,6 +27,7 @@ __all__ = [
     "CompiledLM",
     "Sampling",
     "KVCompress",
+    "PromptPrune",
     "check",
     "explain",
     "export",

@@ -285,6 +285,86 @@ def test_cli_generate_prints_the_bundles_text(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == want.strip()
 
 
+# -- KV-cache compression, prompt pruning --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv"])
+def test_kv_policies_keep_the_cache_within_the_budget(policy):
+    model = _llama(layers=3)
+    plain = nnforge.compile_lm(model, max_length=64).generate(PROMPT, max_new_tokens=30, stop_tokens=()).tokens[0]
+    roomy = nnforge.compile_lm(model, max_length=64, kv=nnforge.KVCompress(policy, budget=48, sinks=2, recent=4))
+    assert roomy.generate(PROMPT, max_new_tokens=30, stop_tokens=()).tokens[0] == plain  # nothing to evict
+    kv = nnforge.KVCompress(policy, budget=16, sinks=2, recent=4, window=4)
+    lm = nnforge.compile_lm(model, max_length=64, kv=kv)
+    decoder = lm.decoder()
+    out = nnforge.llm.generate.generate(decoder, [PROMPT], 30, stop_tokens=())
+    assert len(out.tokens[0]) == 30  # 9 + 30 tokens through a 16-slot cache
+    assert decoder.cache.capacity == 16 and decoder.state.evictions >= 2
+    assert decoder.cache.lengths[0] <= 16
+    tvm = nnforge.compile_lm(model, max_length=64, kv=kv, backend="tvm")
+    assert tvm.generate(PROMPT, max_new_tokens=30, stop_tokens=()).tokens == out.tokens  # same policy, same tokens
+    assert np.isfinite(lm.perplexity(PROMPT * 3))
+
+
+def test_compaction_moves_rope_keys_to_their_new_positions():
+    """Layer 0's keys depend only on their token and position: after dropping slot 0 and compacting, the cache
+    must hold what a prefill of the remaining tokens writes."""
+    lm = nnforge.compile_lm(_llama(), max_length=48)
+    runner = lm.runner("last")
+    cache, fresh = lm.new_cache(1), lm.new_cache(1)
+    runner.run(cache, cache.step_inputs(np.array([PROMPT])))
+    cache.lengths += len(PROMPT)
+    runner.run(fresh, fresh.step_inputs(np.array([PROMPT[1:]])))
+    keep = np.arange(1, len(PROMPT))[None, None, :].repeat(2, axis=1)
+    cache.compact({layer: keep for layer in range(3)})
+    n = len(PROMPT) - 1
+    for kv in ("k", "v"):
+        got, want = cache.buffers[f"past_{kv}_0"][0, :, :n], fresh.buffers[f"past_{kv}_0"][0, :, :n]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_pruning_keeps_the_window_and_the_chosen_fraction():
+    model = _llama(layers=3)
+    prompt = list(np.random.default_rng(3).integers(0, 97, 40))
+    plain = nnforge.compile_lm(model, max_length=64).generate(prompt, max_new_tokens=8, stop_tokens=()).tokens
+    keep_all = nnforge.compile_lm(model, max_length=64, prune=nnforge.PromptPrune(keep=1.0, layer=1, min_tokens=4))
+    assert keep_all.generate(prompt, max_new_tokens=8, stop_tokens=()).tokens == plain
+    lm = nnforge.compile_lm(model, max_length=64, prune=nnforge.PromptPrune(keep=0.5, layer=1, window=4, min_tokens=4))
+    decoder = lm.decoder()
+    out = nnforge.llm.generate.generate(decoder, [prompt], 8, stop_tokens=())
+    kept = decoder.kept[0]
+    assert len(kept) == 20 and kept == sorted(kept) and kept[-4:] == [36, 37, 38, 39]
+    assert len(out.tokens[0]) == 8
+    with pytest.raises(NnforgeError, match="must be below"):
+        nnforge.compile_lm(model, max_length=64, prune=nnforge.PromptPrune(layer=3)).decoder()
+
+
+def test_float_zero_points_represent_q4_1_weights_exactly():
+    from nnforge.passes.lowbit.rtn import rtn
+
+    rng = np.random.default_rng(0)
+    d, m = rng.random((8, 4, 1)) * 0.1, rng.standard_normal((8, 4, 1))  # per 32-group step and minimum
+    q = rng.integers(0, 16, (8, 4, 32))
+    q[..., 0], q[..., 1] = 0, 15  # every group spans its whole grid, as GGUF's Q4_1 quantizer makes it
+    w = (d * q + m).reshape(8, 128).astype(np.float32)
+    exact = rtn(w, 4, 32, float_zero=True).dequantize()
+    np.testing.assert_allclose(exact, w, atol=1e-5)
+    assert np.abs(rtn(w, 4, 32).dequantize() - w).max() > 1e-3  # integer zero points cannot
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_zero_point_int4_matches_the_reference(backend):
+    from nnforge.llm.compiled import prefill_batches
+
+    model = _llama(vocab=512, layers=2)
+    q = nnforge.Quantize(weights="int4", group_size=32, embeddings="int8", zero_point="float")
+    lm = nnforge.compile_lm(model, max_length=64, quantize=q, backend=backend)
+    assert any(n.op == "qlinear" and n.inputs[3].dtype == "float32" for n in lm.graph.nodes)
+    ids = [3, 50, 7, 400]
+    ins = prefill_batches([ids], lm.graph)[0]
+    np.testing.assert_allclose(lm.logits(ids), interpret(lm.graph, ins)[0][0], rtol=1e-4, atol=1e-4)
+
+
 # -- the real model -------------------------------------------------------------------------------------
 
 

@@ -36,8 +36,14 @@ ROWS = (
     "nnforge-onnxrt-int4",
     "nnforge-tvm-float",
     "nnforge-onnxrt-float-speculative",
-    "nnforge-onnxrt-int4-speculative",
+    "nnforge-onnxrt-float-streaming50",
+    "nnforge-onnxrt-float-h2o50",
+    "nnforge-onnxrt-float-snapkv50",
+    "nnforge-onnxrt-float-streaming25",
+    "nnforge-onnxrt-float-h2o25",
+    "nnforge-onnxrt-float-snapkv25",
 )
+FULL_CACHE = 128 + NEW_TOKENS  # slots the decode run fills without compression
 
 
 def corpus_ids(tokenizer, n: int = 1400) -> list[int]:
@@ -162,12 +168,17 @@ def _nnforge_row(name: str, model, tokenizer, t: dict, threads: int) -> dict:
     from nnforge.llm.speculative import least_influential, speculative_generate
 
     parts = name.split("-")
-    backend, precision, speculative = parts[1], parts[2], parts[-1] == "speculative"
+    backend, precision, extra = parts[1], parts[2], parts[3] if len(parts) > 3 else ""
+    speculative = extra == "speculative"
     quantize = None if precision == "float" else precision
+    kv = None
+    if extra and not speculative:  # a KV policy and its budget in percent of the full cache
+        policy, percent = extra.rstrip("0123456789"), int(extra[len(extra.rstrip("0123456789")) :])
+        kv = nnforge.KVCompress(policy, budget=FULL_CACHE * percent // 100)
     start = time.perf_counter()
-    lm = nnforge.compile_lm(model, max_length=640, backend=backend, quantize=quantize, threads=threads)
+    lm = nnforge.compile_lm(model, max_length=640, backend=backend, quantize=quantize, threads=threads, kv=kv)
     row = {"compile_s": round(time.perf_counter() - start, 1)}
-    cache_bytes = lm.new_cache(1).nbytes()
+    cache_bytes = lm.new_cache(1, kv.budget if kv else FULL_CACHE).nbytes()  # the slots the decode run holds
 
     def prefill(ids):
         lm.generate(ids, max_new_tokens=1, stop_tokens=())
@@ -175,14 +186,16 @@ def _nnforge_row(name: str, model, tokenizer, t: dict, threads: int) -> dict:
     row["prefill128_ms"] = _median_ms(lambda: prefill(t["prompt128"]))
     row["prefill512_ms"] = _median_ms(lambda: prefill(t["prompt512"]))
     if speculative:
-        skip = least_influential(lm, t["prompt128"], 8)
-        lm.runner("all"), lm.runner("last", skip)  # build before timing
+        skip = least_influential(lm, t["prompt128"], 4)
+        lm.set_options(spinning=False)  # three sessions take turns: idle ones must not spin
+        lm.runner("all"), lm.runner("last", skip, "int8")  # build before timing
         plain = lm.generate(t["prompt128"], max_new_tokens=NEW_TOKENS, stop_tokens=())
-        spec = speculative_generate(lm, t["prompt128"], NEW_TOKENS, skip, k=3)
+        spec = speculative_generate(lm, t["prompt128"], NEW_TOKENS, skip, k=3, quantize="int8")
         row["tokens"] = spec.tokens
         row["decode_tok_s"] = spec.decode_tokens_per_second
         row["note"] = (
-            f"skips {len(skip)} of {lm.info['num_layers']} layers, k=3: acceptance {spec.acceptance_rate:.0%}, "
+            f"int8 draft skipping {len(skip)} of {lm.info['num_layers']} layers, k=3: acceptance "
+            f"{spec.acceptance_rate:.0%}, "
             f"decode {spec.decode_tokens_per_second / plain.decode_tokens_per_second:.2f}x its own greedy decode; "
             f"tokens equal to greedy: {spec.tokens == plain.tokens[0]}"
         )

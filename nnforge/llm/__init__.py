@@ -8,6 +8,6 @@ compiled (compile_lm, CompiledLM).
 
 from .compiled import CompiledLM, compile_lm
 from .generate import Generation, Sampling
-from .kv import KVCompress
+from .kv import KVCompress, PromptPrune
 
-__all__ = ["CompiledLM", "Generation", "KVCompress", "Sampling", "compile_lm"]
+__all__ = ["CompiledLM", "Generation", "KVCompress", "PromptPrune", "Sampling", "compile_lm"]

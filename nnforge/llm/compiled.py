@@ -23,7 +23,7 @@ from ..passes.lowbit.settings import Quantize
 from ..targets import get_target
 from .build import build_step
 from .generate import Generation, PlainDecoder, Sampling, as_batch, generate
-from .kv import CompressedDecoder, KVCompress
+from .kv import CompressedDecoder, KVCompress, PromptPrune, PrunedDecoder
 from .runtime import KVCache, StepRunner
 from .spec import DecoderSpec, read_decoder
 from .surgery import last_rows, skip_layers, with_attention_mass
@@ -56,17 +56,22 @@ def prefill_batches(ids_list: Sequence[Sequence[int]], graph: Graph) -> list[lis
             "last_index": np.array([s - 1]),
         }
         out.append(
-            [feed[v.name] if v.name in feed else np.zeros((1,) + tuple(v.shape[1:]), np.float32) for v in graph.inputs]
+            [
+                feed[v.name] if v.name in feed else np.zeros((1, v.shape[1], s, v.shape[3]), np.float32)
+                for v in graph.inputs
+            ]
         )
     return out
 
 
 def int8_compute(graph: Graph) -> int:
     """Weight-only low-bit layers compute with int8 activations per weight group (ONNX Runtime's MatMulNBits
-    accuracy_level 4, what onnxruntime-genai's int4 models use on CPU); returns how many layers changed."""
+    accuracy_level 4, what onnxruntime-genai's int4 models use on CPU); returns how many layers changed. Layers
+    with float zero points keep float compute: MatMulNBits has no int8 path for them."""
     changed = 0
     for node in graph.nodes:
-        if node.op == "qlinear" and node.attrs["act_quant"] == "none":
+        float_zero = len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].dtype == "float32"
+        if node.op == "qlinear" and node.attrs["act_quant"] == "none" and not float_zero:
             node.attrs = {**node.attrs, "act_quant": "block_int8"}
             changed += 1
     return changed
@@ -99,12 +104,14 @@ class CompiledLM:
         options: dict | None = None,
         tokenizer=None,
         kv: KVCompress | None = None,
+        prune: PromptPrune | None = None,
     ):
         self.graph = graph  # the optimized step graph with logits for every position
         self.info = info  # spec facts the runtime needs (kv heads, head dim, eos, pad, family)
         self.backend, self.target, self.options = backend, get_target(target).name, dict(options or {})
         self.tokenizer = tokenizer
         self.kv = kv  # a KV-cache compression policy generate uses, or None
+        self.prune = prune  # prefill token pruning, or None
         self._runners: dict = {}
 
     # -- building -------------------------------------------------------------------------------------
@@ -135,18 +142,33 @@ class CompiledLM:
             self._runners[key] = self._build(with_attention_mass(graph, mass) if mass is not None else graph)
         return self._runners[key]
 
+    def set_options(self, **options) -> None:
+        """Backend options for the runners built from now on (built ones are dropped), e.g. ``spinning=False``
+        when several runners take turns (speculative decoding): an idle ONNX Runtime pool must not spin."""
+        self.options.update(options)
+        self._runners.clear()
+
     def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
         i = self.info
         cap = capacity or i["capacity"]
         return KVCache(i["num_layers"], batch, i["kv_heads"], cap, i["head_dim"], i.get("rope_theta"))
 
     def decoder(self):
-        """What generate steps: the plain full-capacity cache, or the KV-compression policy's."""
+        """What generate steps: the plain full-capacity cache or the KV-compression policy's, behind prompt
+        pruning when it is on."""
         if self.kv is None:
-            return PlainDecoder(self.runner("last"), self.new_cache, self.info["pad_id"])
-        return CompressedDecoder(
-            self.kv, lambda window: self.runner("last", mass=window), self.new_cache, self.info["pad_id"]
-        )
+            inner = PlainDecoder(self.runner("last"), self.new_cache, self.info["pad_id"])
+        else:
+            inner = CompressedDecoder(
+                self.kv, lambda window: self.runner("last", mass=window), self.new_cache, self.info["pad_id"]
+            )
+        if self.prune is None:
+            return inner
+        layers = self.info["num_layers"]
+        if self.prune.layer >= layers:
+            raise NnforgeError(f"PromptPrune.layer={self.prune.layer} must be below the {layers} layers")
+        scout = self.runner("last", skip=range(self.prune.layer, layers), mass=self.prune.window)
+        return PrunedDecoder(self.prune, inner, scout, self.new_cache)
 
     # -- running --------------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = False) -> list[list[int]]:
@@ -261,6 +283,7 @@ def compile_lm(
     threads: int | None = None,
     compute: str = "int8",
     kv: KVCompress | None = None,
+    prune: PromptPrune | None = None,
     progress: bool = False,
 ) -> CompiledLM:
     """Compile a causal LM (Hugging Face Llama-family or GPT-2, nnforge's GPT, or a DecoderSpec) into a decoder
@@ -268,7 +291,8 @@ def compile_lm(
     LM head and embedding too) or a ``nnforge.Quantize`` (e.g. method="gptq" with ``calibration`` token
     sequences). ``compute``: "int8" (default) lets quantized layers on ONNX Runtime multiply int8 activations
     (quantized per weight group at run time, MatMulNBits accuracy_level 4), "float" dequantizes the weights.
-    ``kv``: a ``nnforge.KVCompress`` policy: generation keeps its cache within the policy's budget."""
+    ``kv``: a ``nnforge.KVCompress`` policy: generation keeps its cache within the policy's budget.
+    ``prune``: a ``nnforge.PromptPrune``: long prompts are pruned before the prefill."""
     if compute not in ("int8", "float"):
         raise NnforgeError(f"compile_lm: compute must be 'int8' or 'float', got {compute!r}")
     spec = read_decoder(model)
@@ -286,7 +310,9 @@ def compile_lm(
     info = {**spec_info(spec, max_length), "chat_template": getattr(tokenizer, "chat_template", None)}
     if kv is not None and not isinstance(kv, KVCompress):
         raise NnforgeError(f"compile_lm: kv must be a nnforge.KVCompress, got {kv!r}")
-    lm = CompiledLM(graph, info, backend, target, options, tokenizer, kv)
+    if prune is not None and not isinstance(prune, PromptPrune):
+        raise NnforgeError(f"compile_lm: prune must be a nnforge.PromptPrune, got {prune!r}")
+    lm = CompiledLM(graph, info, backend, target, options, tokenizer, kv, prune)
     lm.runner("last")  # build now: compile errors belong to compile_lm
     return lm
 

@@ -182,3 +182,52 @@ class CompressedDecoder:
         logits = decode_step(self.decode_runner, self.cache, tokens)
         self.state.observe(self.decode_runner.masses, prefill=False)
         return logits
+
+
+@dataclass(frozen=True)
+class PromptPrune:
+    """Prefill token pruning: the first ``layer`` layers read the whole prompt, and the attention its last
+    ``window`` tokens pay in layer ``layer - 1`` picks the ``keep`` fraction of prompt tokens (the window
+    always kept) that the whole model then prefills, at positions renumbered within the cache. This is the
+    GemFilter form of LazyLLM / PyramidDrop's idea (a cache of one length for all layers, as
+    GroupQueryAttention keeps it): time to first token falls to about layer/num_layers + keep of a full
+    prefill."""
+
+    keep: float = 0.5
+    layer: int = 6
+    window: int = 8
+    min_tokens: int = 64  # shorter prompts are not pruned
+
+    def __post_init__(self):
+        if not 0 < self.keep <= 1:
+            raise NnforgeError(f"PromptPrune.keep must lie in (0, 1], got {self.keep}")
+        if self.layer < 1 or self.window < 1:
+            raise NnforgeError("PromptPrune.layer and window must be >= 1")
+
+
+class PrunedDecoder:
+    """A decoder whose prefill first prunes long prompts (PromptPrune); ``scout`` is the step runner of the
+    first layers with attention-mass outputs."""
+
+    def __init__(self, cfg: PromptPrune, inner, scout: StepRunner, make_cache):
+        self.cfg, self.inner, self.scout, self.make_cache = cfg, inner, scout, make_cache
+        self.kept: list[list[int]] = []
+
+    def start(self, batch: list[list[int]], max_new_tokens: int) -> np.ndarray:
+        self.kept = [self.select(seq) for seq in batch]
+        return self.inner.start([[seq[i] for i in keep] for seq, keep in zip(batch, self.kept)], max_new_tokens)
+
+    def select(self, seq: list[int]) -> list[int]:
+        """Indices of the prompt tokens kept (ascending)."""
+        cfg, n = self.cfg, len(seq)
+        k = max(int(round(cfg.keep * n)), cfg.window)
+        if n < cfg.min_tokens or k >= n:
+            return list(range(n))
+        cache = self.make_cache(1, n)
+        prefill(self.scout, cache, [seq])
+        mass = self.scout.masses[max(self.scout.layers)][0].sum(0)[:n]  # [n]: attention the window paid
+        mass[n - cfg.window :] = np.inf
+        return sorted(np.argpartition(-mass, k - 1)[:k].tolist())
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self.inner.step(tokens)

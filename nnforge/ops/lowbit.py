@@ -10,7 +10,7 @@ Weight storage (the contract between the passes, the interpreter and the backend
   HIGH nibble (the order of ONNX Runtime's MatMulNBits, so the bytes lower unchanged).
   Without a zeros input the zero point is 8.
 - ``scales``: float32 ``[N, K/group_size]``; ``group_size == K`` means one scale per output channel.
-- ``zeros``: uint8 ``[N, K/group_size]``, one zero point per byte (unpacked: they are 1/group_size
+- ``zeros``: uint8 ``[N, K/group_size]`` (or float32 for int4 RTN with ``zero_point="float"``), one zero point per byte (unpacked: they are 1/group_size
   of the weight bytes, and unpacked they read plainly).
 
 The references dequantize and run the float op, except W8A8 (``act_quant`` dynamic/static),
@@ -117,6 +117,11 @@ def dequantize(qweight, scales, zeros=None, bits: int = 8, group_size: int | Non
     q = unpacked_weight(qweight, bits)
     n, k = q.shape
     group_size = group_size or k
+    if zeros is not None and zeros.dtype == np.float32:  # float zero points (int4 RTN zero_point="float")
+        z = np.repeat(zeros, group_size, axis=1)
+        return ((q.astype(np.float32) - z) * np.repeat(scales.astype(np.float32), group_size, axis=1)).astype(
+            np.float32
+        )
     z = DEFAULT_ZERO[bits] if zeros is None else np.repeat(zeros.astype(np.int32), group_size, axis=1)
     s = np.repeat(scales.astype(np.float32), group_size, axis=1)
     return ((q - z).astype(np.float32) * s).astype(np.float32)
@@ -180,8 +185,8 @@ def _weight_dims(qw: TensorType, scales: TensorType, zeros: TensorType | None, a
     if zeros is not None:
         if bits == 8:
             raise OpError(f"{op}: int8 weights are symmetric: no zeros input")
-        if zeros.dtype != "uint8" or tuple(zeros.shape) != want:
-            raise OpError(f"{op}: zeros must be u8[{want[0]},{want[1]}], got {zeros}")
+        if zeros.dtype not in ("uint8", "float32") or tuple(zeros.shape) != want:
+            raise OpError(f"{op}: zeros must be u8 or f32 [{want[0]},{want[1]}], got {zeros}")
     return n, k
 
 
@@ -494,7 +499,9 @@ def _matmul_nbits(cx, n, ins, accuracy_level: int = 0) -> str | None:
     b = cx.const(codes.reshape(rows, k // block, blob), "uint8", "nbits_w")
     s = cx.const(np.repeat(scales, rep, axis=1).astype(np.float32), "float32", "nbits_scales")
     args = [ins[0], b, s]
-    if zeros is not None:
+    if zeros is not None and zeros.dtype == np.float32:  # float zero points go in as they are (zp in code units)
+        args.append(cx.const(np.repeat(zeros, rep, axis=1), "float32", "nbits_zeros"))
+    elif zeros is not None:
         z = np.repeat(zeros, rep, axis=1)
         if z.shape[1] % 2:
             z = np.concatenate([z, np.full((rows, 1), DEFAULT_ZERO[4], np.uint8)], axis=1)

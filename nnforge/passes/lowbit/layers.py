@@ -26,6 +26,7 @@ class Plan:
     x_scale: float = 1.0
     x_zero_point: int = 0
     qw: QWeight | None = None  # filled by quantize_weight
+    float_zero: bool = False  # int4 RTN: the zero point a float (the group's exact min), not an integer code
 
 
 def quantize_weight(layer: Layer, plan: Plan, group_size: int, hessian: np.ndarray | None) -> QWeight | None:
@@ -34,7 +35,7 @@ def quantize_weight(layer: Layer, plan: Plan, group_size: int, hessian: np.ndarr
         return None
     if plan.method == "gptq" and layer.kind == "linear":
         return gptq(layer.weight, hessian, plan.bits, gs)
-    return rtn(layer.weight, plan.bits, gs)
+    return rtn(layer.weight, plan.bits, gs, float_zero=plan.float_zero)
 
 
 def _qlinear_attrs(layer: Layer, plan: Plan) -> dict:
@@ -163,6 +164,7 @@ def layer_plans(layers: list[Layer], cfg: Quantize, calib: Calibration) -> dict[
         bits = WEIGHT_BITS[cfg.weights]
         act = cfg.activations if (layer.kind == "linear" and cfg.activations) else "none"
         plan = Plan(bits, cfg.method if layer.kind == "linear" else "rtn", act)
+        plan.float_zero = cfg.zero_point == "float" and bits == 4 and plan.method == "rtn" and layer.kind == "linear"
         if act == "static":
             plan.x_scale, plan.x_zero_point = static_params(calib.arrays[layer.key], cfg)
         plans[i] = plan

@@ -40,6 +40,14 @@ class QWeight:
 SHRINK = np.linspace(1.0, 0.6, 17)  # int4 range search: candidate fractions of each row's min/max
 
 
+def scale_zero_float(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int4 with a float zero point per row: the 16 levels span exactly [min, max] (as GGUF's Q4_1), so a
+    row need not contain 0 on its grid."""
+    lo, hi = w.min(axis=1), w.max(axis=1)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32).astype(np.float64)
+    return scale, (-lo / scale).astype(np.float32).astype(np.float64)
+
+
 def scale_zero(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Scale (and zero point) per row of w: symmetric max-abs for 8 bits; for 4 bits asymmetric, with the
     range shrunk per row to whichever of SHRINK minimises the squared rounding error (clipping a few
@@ -66,37 +74,37 @@ def to_ints(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int
     """Integers for columns w [N, c] given per-row scale/zero."""
     if zero is None:
         return np.clip(np.round(w / scale[:, None]), -127, 127)
-    return np.clip(np.round(w / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+    return np.clip(np.round(w / scale[:, None] + zero[:, None]), 0, 2**bits - 1)  # zero may be a float
 
 
 def from_ints(q, scale, zero):
     return (q - (0 if zero is None else zero[:, None])) * scale[:, None]
 
 
-def make_qweight(q, scales, zeros, bits, gs) -> QWeight:
+def make_qweight(q, scales, zeros, bits, gs, float_zero: bool = False) -> QWeight:
     # scales are stored as float32: recompute nothing, just cast (the dequantized values use the f32 scale)
     return QWeight(
         q.astype(np.int32),
         np.ascontiguousarray(scales, np.float32),
-        None if zeros is None else np.ascontiguousarray(zeros, np.uint8),
+        None if zeros is None else np.ascontiguousarray(zeros, np.float32 if float_zero else np.uint8),
         bits,
         gs,
     )
 
 
-def rtn(w: np.ndarray, bits: int, group_size: int) -> QWeight:
-    """Round-to-nearest, group by group."""
+def rtn(w: np.ndarray, bits: int, group_size: int, float_zero: bool = False) -> QWeight:
+    """Round-to-nearest, group by group (int4 zero points float with ``float_zero``)."""
     w = np.asarray(w, np.float64)
     n, k = w.shape
     groups = w.reshape(n, k // group_size, group_size).transpose(1, 0, 2)  # [G, N, gs]
     qs, ss, zs = [], [], []
     for grp in groups:
-        s, z = scale_zero(grp, bits)
+        s, z = scale_zero_float(grp) if float_zero and bits == 4 else scale_zero(grp, bits)
         qs.append(to_ints(grp, s, z, bits))
         ss.append(s)
         zs.append(z)
     q = np.concatenate(qs, axis=1)
-    return make_qweight(q, np.stack(ss, 1), None if bits == 8 else np.stack(zs, 1), bits, group_size)
+    return make_qweight(q, np.stack(ss, 1), None if bits == 8 else np.stack(zs, 1), bits, group_size, float_zero)
 
 
 def group_size_for(k: int, bits: int, wanted: int) -> int | None:

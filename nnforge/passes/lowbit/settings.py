@@ -26,6 +26,8 @@ class Quantize(PassOptions):
     mixed        None, {"size": 0.3} (constant bytes <= 0.3x float) or {"max_error": 0.02}
                  (relative output error on calibration data): per layer 8 / 4 bits / float
     exclude      layer names (weight names) containing any of these stay float
+    zero_point   int4 RTN linear layers: "int" (a 4-bit code, the grid holds 0) | "float" (the group's exact
+                 min: finer steps, and GGUF Q4_1 weights are represented exactly)
     """
 
     weights: str = "int8"
@@ -38,6 +40,7 @@ class Quantize(PassOptions):
     embeddings: str | None = "int8"
     mixed: dict | None = None
     exclude: tuple = ()
+    zero_point: str = "int"
 
     def __post_init__(self):
         _choice("weights", self.weights, WEIGHT_BITS)
@@ -45,6 +48,7 @@ class Quantize(PassOptions):
         _choice("activations", self.activations, (None, "dynamic", "dynamic_tensor", "static"))
         _choice("observer", self.observer, ("minmax", "percentile"))
         _choice("embeddings", self.embeddings, (None, "int8", "int4"))
+        _choice("zero_point", self.zero_point, ("int", "float"))
         if self.group_size not in (16, 32, 64, 128, 256):
             raise NnforgeError(f"Quantize.group_size must be a power of two in 16..256, got {self.group_size}")
         if not 0.0 <= self.smooth <= 1.0:
