@@ -419,3 +419,21 @@ def test_attention_mass_matches_the_reference(backend, window):
         np.testing.assert_allclose(art.run(feed)[0], ref, rtol=1e-4, atol=1e-5)
         rows = min(window, s) if window else s
         np.testing.assert_allclose(ref.sum(-1), np.full((batch, kv), rows * h // kv), rtol=1e-5)  # probabilities
+
+
+@pytest.mark.parametrize("metric", ["perplexity", "greedy"])
+def test_the_budget_picks_the_fastest_setting_within_it(metric):
+    model = _llama(vocab=512, layers=2)
+    heldout = list(np.random.default_rng(2).integers(0, 512, 48))
+    budget = nnforge.Budget(metric=metric, max_drop=0.5 if metric == "greedy" else 0.05, quantize=["int8", "int4"])
+    lm = nnforge.compile_lm(model, max_length=160, budget=budget, heldout=heldout, prompt=PROMPT)
+    report = lm.notes[0]
+    assert report.count("tok/s") == 6  # float, int8, int4, each with and without an H2O cache
+    chosen = next(line for line in report.splitlines() if line.startswith(" *"))
+    assert "fits" in chosen
+    fitting = [float(line.split()[-5]) for line in report.splitlines()[1:] if line.endswith("fits")]
+    assert float(chosen.split()[-5]) == max(fitting)
+    strict = nnforge.compile_lm(
+        model, max_length=160, budget=nnforge.Budget(metric=metric, max_drop=0.0), heldout=heldout, prompt=PROMPT
+    )
+    assert all(line.startswith("   ") or "loss 0.0000" in line for line in strict.notes[0].splitlines()[1:])

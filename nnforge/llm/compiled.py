@@ -112,6 +112,7 @@ class CompiledLM:
         self.tokenizer = tokenizer
         self.kv = kv  # a KV-cache compression policy generate uses, or None
         self.prune = prune  # prefill token pruning, or None
+        self.notes: list[str] = []  # e.g. the budget search's report
         self._runners: dict = {}
 
     # -- building -------------------------------------------------------------------------------------
@@ -284,6 +285,9 @@ def compile_lm(
     compute: str = "int8",
     kv: KVCompress | None = None,
     prune: PromptPrune | None = None,
+    budget=None,
+    heldout: Sequence[int] | None = None,
+    prompt: Sequence[int] | None = None,
     progress: bool = False,
 ) -> CompiledLM:
     """Compile a causal LM (Hugging Face Llama-family or GPT-2, nnforge's GPT, or a DecoderSpec) into a decoder
@@ -292,7 +296,21 @@ def compile_lm(
     sequences). ``compute``: "int8" (default) lets quantized layers on ONNX Runtime multiply int8 activations
     (quantized per weight group at run time, MatMulNBits accuracy_level 4), "float" dequantizes the weights.
     ``kv``: a ``nnforge.KVCompress`` policy: generation keeps its cache within the policy's budget.
-    ``prune``: a ``nnforge.PromptPrune``: long prompts are pruned before the prefill."""
+    ``prune``: a ``nnforge.PromptPrune``: long prompts are pruned before the prefill.
+    ``budget``: a ``nnforge.Budget`` (metric "perplexity" on ``heldout`` token ids, or "greedy" agreement after
+    ``prompt``): the fastest quantization / KV-cache setting within it (see nnforge/llm/budget.py); the
+    search's report is ``lm.notes``."""
+    if budget is not None:
+        from .budget import search
+
+        if heldout is None or prompt is None:
+            raise NnforgeError("compile_lm: a budget needs heldout= and prompt= token ids")
+        if quantize is not None or kv is not None:
+            raise NnforgeError("compile_lm: give a budget or quantize/kv settings, not both")
+        rest = dict(max_length=max_length, target=target, backend=backend, tokenizer=tokenizer, threads=threads)
+        result = search(model, budget, heldout, prompt, calibration=calibration, compute=compute, prune=prune, **rest)
+        result.chosen.lm.notes = [result.report()]
+        return result.chosen.lm
     if compute not in ("int8", "float"):
         raise NnforgeError(f"compile_lm: compute must be 'int8' or 'float', got {compute!r}")
     spec = read_decoder(model)
