@@ -34,7 +34,9 @@ ROWS = (
     "nnforge-onnxrt-float",
     "nnforge-onnxrt-int8",
     "nnforge-onnxrt-int4",
+    "nnforge-onnxrt-int4intzero",
     "nnforge-tvm-float",
+    "nnforge-tvm-int4",
     "nnforge-onnxrt-float-speculative",
     "nnforge-onnxrt-float-streaming50",
     "nnforge-onnxrt-float-h2o50",
@@ -170,7 +172,9 @@ def _nnforge_row(name: str, model, tokenizer, t: dict, threads: int) -> dict:
     parts = name.split("-")
     backend, precision, extra = parts[1], parts[2], parts[3] if len(parts) > 3 else ""
     speculative = extra == "speculative"
-    quantize = None if precision == "float" else precision
+    from nnforge.llm.budget import QUANTIZE
+
+    quantize = QUANTIZE["int4-intzero" if precision == "int4intzero" else precision]
     kv = None
     if extra and not speculative:  # a KV policy and its budget in percent of the full cache
         policy, percent = extra.rstrip("0123456789"), int(extra[len(extra.rstrip("0123456789")) :])

@@ -9,8 +9,8 @@ Metrics that fit decoding (``Budget.metric``):
     greedy      fraction of greedy tokens (``GREEDY_TOKENS`` after ``prompt``) that differ from the float
                 model's, counted up to the first difference (a changed token changes everything after it)
 
-Candidates (``Budget.quantize`` narrows them): int4 RTN with integer zero points (int8 compute), int4 with
-float zero points, int8, and float, each alone and with an H2O cache of half the float run's slots.
+Candidates (``Budget.quantize`` narrows them): int4 (float zero points), int4 with integer zero points and
+an int4 embedding ("int4-intzero"), int8, and float, each alone and with an H2O cache of half the float run's slots.
 Each is compiled, its decode speed measured on ``prompt`` and its quality computed; the fastest within
 the budget wins. The report lists every candidate.
 """
@@ -30,7 +30,7 @@ QUANTIZE = {
     "float": None,
     "int8": "int8",
     "int4": "int4",
-    "int4-fz": Quantize(weights="int4", group_size=32, embeddings="int4", zero_point="float"),
+    "int4-intzero": Quantize(weights="int4", group_size=32, embeddings="int4"),
 }
 
 

@@ -37,8 +37,10 @@ class Text(Generation):
 def _quantize_settings(quantize) -> Quantize | None:
     if quantize is None or isinstance(quantize, Quantize):
         return quantize
-    if quantize in ("int8", "int4"):  # weight-only, embeddings as the weights; int4 groups of 32 (as GGUF Q4)
-        return Quantize(weights=quantize, group_size=32 if quantize == "int4" else 128, embeddings=quantize)
+    if quantize == "int8":  # weight-only, per output channel; the embedding too
+        return Quantize(weights="int8", embeddings="int8")
+    if quantize == "int4":  # groups of 32 with float zero points (as GGUF's Q4_1), the embedding in int8
+        return Quantize(weights="int4", group_size=32, embeddings="int8", zero_point="float")
     raise NnforgeError(f"compile_lm: quantize must be None, 'int8', 'int4' or a nnforge.Quantize, got {quantize!r}")
 
 
@@ -66,12 +68,10 @@ def prefill_batches(ids_list: Sequence[Sequence[int]], graph: Graph) -> list[lis
 
 def int8_compute(graph: Graph) -> int:
     """Weight-only low-bit layers compute with int8 activations per weight group (ONNX Runtime's MatMulNBits
-    accuracy_level 4, what onnxruntime-genai's int4 models use on CPU); returns how many layers changed. Layers
-    with float zero points keep float compute: MatMulNBits has no int8 path for them."""
+    accuracy_level 4, what onnxruntime-genai's int4 models use on CPU); returns how many layers changed."""
     changed = 0
     for node in graph.nodes:
-        float_zero = len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].dtype == "float32"
-        if node.op == "qlinear" and node.attrs["act_quant"] == "none" and not float_zero:
+        if node.op == "qlinear" and node.attrs["act_quant"] == "none":
             node.attrs = {**node.attrs, "act_quant": "block_int8"}
             changed += 1
     return changed

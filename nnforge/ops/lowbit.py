@@ -278,7 +278,12 @@ def qlinear(
         y = np.matmul(x, dequantize(qweight, scales, zeros, bits, group_size).T)
     elif act_quant == "block_int8":
         block = _block_size(x.shape[-1], group_size) or group_size  # MatMulNBits' block: activations share it
-        y = np.matmul(quantize_blocks(x, block), dequantize(qweight, scales, zeros, bits, group_size).T)
+        if zeros is not None and zeros.dtype == np.float32:  # int8 products with zero point 8, float correction
+            y = np.matmul(quantize_blocks(x, block), dequantize(qweight, scales, None, bits, group_size).T)
+            sums = x.reshape(x.shape[:-1] + (scales.shape[1], group_size)).sum(-1)
+            y = y + np.matmul(sums, ((DEFAULT_ZERO[4] - zeros) * scales).T.astype(np.float32))
+        else:
+            y = np.matmul(quantize_blocks(x, block), dequantize(qweight, scales, zeros, bits, group_size).T)
     else:
         y = _w8a8(x, qweight, scales, act_quant, x_scale, x_zero_point)
     y = y.astype(x.dtype)
@@ -499,15 +504,28 @@ def _matmul_nbits(cx, n, ins, accuracy_level: int = 0) -> str | None:
     b = cx.const(codes.reshape(rows, k // block, blob), "uint8", "nbits_w")
     s = cx.const(np.repeat(scales, rep, axis=1).astype(np.float32), "float32", "nbits_scales")
     args = [ins[0], b, s]
-    if zeros is not None and zeros.dtype == np.float32:  # float zero points go in as they are (zp in code units)
-        args.append(cx.const(np.repeat(zeros, rep, axis=1), "float32", "nbits_zeros"))
+    float_zero = zeros is not None and zeros.dtype == np.float32
+    if float_zero:  # MatMulNBits' float zero points have no fast kernel: zero point 8 here, the rest added below
+        pass
     elif zeros is not None:
         z = np.repeat(zeros, rep, axis=1)
         if z.shape[1] % 2:
             z = np.concatenate([z, np.full((rows, 1), DEFAULT_ZERO[4], np.uint8)], axis=1)
         args.append(cx.const(pack_int4(z), "uint8", "nbits_zeros"))
     level = {"accuracy_level": accuracy_level} if accuracy_level else {}
-    return cx.emit("MatMulNBits", args, domain="com.microsoft", K=k, N=rows, bits=bits, block_size=block, **level)
+    y = cx.emit("MatMulNBits", args, domain="com.microsoft", K=k, N=rows, bits=bits, block_size=block, **level)
+    return cx.emit("Add", [y, _zero_correction(cx, n, ins[0], zeros, scales)]) if float_zero else y
+
+
+def _zero_correction(cx, n, x: str, zeros: np.ndarray, scales: np.ndarray) -> str:
+    """W = (q - z) * s = (q - 8) * s + (8 - z) * s: with float zero points z, x @ W^T is MatMulNBits with its
+    default zero point 8 plus (x summed per group) @ ((8 - z) * s)^T, a [G, N] float matmul (G = K / group)."""
+    rank, gs = n.inputs[0].type.rank, n.attrs["group_size"]
+    groups = scales.shape[1]
+    shape = _i64(cx, [0] * (rank - 1) + [groups, gs])  # 0 copies the leading dims
+    sums = cx.emit("ReduceSum", [cx.emit("Reshape", [x, shape]), _i64(cx, [-1])], keepdims=0)
+    offset = np.ascontiguousarray(((DEFAULT_ZERO[4] - zeros) * scales).T.astype(np.float32))
+    return cx.emit("MatMul", [sums, cx.const(offset, "float32", "nbits_zero_offset")])
 
 
 def dequantized_weight(cx, n) -> str:
