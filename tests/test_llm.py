@@ -385,15 +385,14 @@ def test_smollm2_greedy_equals_hugging_face_for_64_tokens(smollm):
     assert out.tokens[0] == _hf_greedy(model, prompt, 64)
 
 
-def test_smollm2_int4_keeps_perplexity_and_the_answer(smollm):
+def test_smollm2_int4_keeps_perplexity_within_3_percent(smollm):
     from nnforge.bench.llm import texts
 
     model, tokenizer = smollm
     heldout = texts(tokenizer)["heldout"][:200]
     lm = nnforge.compile_lm(model, max_length=256, tokenizer=tokenizer, quantize="int4")
     ref = nnforge.compile_lm(model, max_length=256).perplexity(heldout)
-    assert lm.perplexity(heldout) / ref < 1.10
-    assert "Paris" in lm.generate("What is the capital of France?", max_new_tokens=16, chat=True).text[0]
+    assert lm.perplexity(heldout) / ref < 1.03  # the target: int4 within 3% of float
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
