@@ -46,9 +46,15 @@ def _cmd_tune(args) -> int:
     from .api import compile as nf_compile
 
     options = {"tune_db": args.db} if args.db else {}
+    target = args.target or "cpu"
+    if args.rpc or args.key:  # measured on a TVM RPC tracker's devices, built here for the key's target
+        from .backends.tvm_rpc import target_of_key
+
+        options.update(tune_rpc=args.rpc, tune_key=args.key)
+        target = args.target or target_of_key(args.key or "")
     compiled = nf_compile(
         args.model,
-        target="cpu",
+        target=target,
         backend="tvm",
         pipeline=args.pipeline,
         tune=args.trials,
@@ -106,7 +112,14 @@ def _cmd_bench(args) -> int:
         from .bench.harness import run_zoo
 
         json_path = args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/zoo.json"
-        run_zoo(args.model or None, size=args.size, json_path=json_path, repeat=args.repeat, runners=args.runner)
+        run_zoo(
+            args.model or None,
+            size=args.size,
+            json_path=json_path,
+            repeat=args.repeat,
+            runners=args.runner,
+            executor=args.ray,
+        )
         return 0
     if args.lowbit:
         from .bench.harness import run_lowbit
@@ -188,11 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="bundle directory")
     c.set_defaults(func=_cmd_compile)
 
-    t = sub.add_parser("tune", help="compile an ONNX file with TVM, tuning its cpu kernels with MetaSchedule")
+    t = sub.add_parser(
+        "tune", help="compile an ONNX file with TVM, tuning its kernels with MetaSchedule (here, or on an RPC farm)"
+    )
     t.add_argument("model")
     t.add_argument("--trials", type=int, required=True, help="MetaSchedule trials in all (e.g. 64 per kernel)")
     t.add_argument(
         "--db", default=None, help="tuning database directory (default $NNFORGE_TUNE_DB or ~/.cache/nnforge/tuning)"
+    )
+    t.add_argument(
+        "--rpc", default=None, metavar="HOST:PORT", help="measure on the devices of this TVM RPC tracker (with --key)"
+    )
+    t.add_argument("--key", default=None, help="the key the devices registered under with the tracker")
+    t.add_argument(
+        "--target", default=None, help="cpu or arm (default: cpu; with --key, arm for keys like aarch64-*, arm-*)"
     )
     t.add_argument("--pipeline", default="O2")
     t.add_argument("--no-check", action="store_true", help="skip the per-pass numerics check")
@@ -259,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bench/results/zoo.json",
     )
     b.add_argument("--model", action="append", help="with --zoo: only these models (repeatable; default all)")
+    b.add_argument(
+        "--ray",
+        nargs="?",
+        const="ray",
+        default=None,
+        metavar="ADDRESS",
+        help="with --zoo: one Ray task per model (on the cluster at ADDRESS, $RAY_ADDRESS, or a local one)",
+    )
     b.set_defaults(func=_cmd_bench)
 
     k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")
