@@ -11,15 +11,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import nnforge
+from nnforge.backends import tvm as tb
 from nnforge.backends import tvm_rpc, tvm_tune
 from nnforge.cli import main as cli_main
 from nnforge.errors import NnforgeError
+from nnforge.targets import get_target
 
 KEY = "nnforge-test"
 
@@ -87,6 +90,9 @@ def test_farm_options_are_checked(farm):
         tvm_rpc.Farm("127.0.0.1", free_port(), KEY).devices()
     assert tvm_rpc.target_of_key("aarch64-rpi4") == "arm" and tvm_rpc.target_of_key("arm") == "arm"
     assert tvm_rpc.target_of_key("x86-farm") == "cpu" and tvm_rpc.target_of_key(KEY) == "cpu"
+    # an aarch64 farm's records stay apart from this host's (MetaSchedule matches records by kernel alone)
+    arm, cpu = (tvm_tune.tune_target(tb.tvm_target(get_target(t), {})) for t in ("arm", "cpu"))
+    assert tvm_tune.db_dir("/db", arm) == Path("/db/aarch64-linux-gnu") and tvm_tune.db_dir("/db", cpu) == Path("/db")
 
 
 def test_cli_tune_names_a_key_without_devices(farm, tmp_path, capsys):

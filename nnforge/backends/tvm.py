@@ -273,7 +273,7 @@ class TVMBackend(Backend):
                 stage("fusing kernels for tuning")
                 with ttarget:
                     fused = tvm.transform.Sequential(pipeline_passes(ttarget, "none", fast_math, True))(mod)
-                db_dir = tvm_tune.db_dir(options.get("tune_db"))
+                db_dir = tvm_tune.db_dir(options.get("tune_db"), ttarget)
                 full = tvm_tune.open_db(db_dir)
                 tuning = tvm_tune.tune(fused, ttarget, trials, full, stage, farm)
                 tuning.update(tvm_tune.vet(fused, ttarget, full, db_dir, stage, farm=farm))  # tuned vs default schedule

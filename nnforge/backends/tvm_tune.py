@@ -54,8 +54,12 @@ RECORD_FILE = "tuning_records.json"
 VERDICT_FILE = "tuning_verdicts.json"  # kernel hash -> tuned vs default time; not shipped: bundles hold kept records
 
 
-def db_dir(option=None) -> Path:
-    return Path(option or os.environ.get("NNFORGE_TUNE_DB") or Path.home() / ".cache" / "nnforge" / "tuning")
+def db_dir(option=None, target: "tvm.target.Target | None" = None) -> Path:
+    """The database directory; a cross target's records (e.g. an aarch64 farm's) in a subfolder named by its
+    triple, as MetaSchedule looks a record up by kernel alone and would apply one target's to another."""
+    root = Path(option or os.environ.get("NNFORGE_TUNE_DB") or Path.home() / ".cache" / "nnforge" / "tuning")
+    triple = str(target.attrs.get("mtriple", "")) if target is not None else ""
+    return root / triple if triple else root
 
 
 def open_db(directory) -> "ms.database.JSONDatabase":
