@@ -98,6 +98,8 @@ DEFAULT_BENCH_JSON = "bench/results/bench.json"
 def _cmd_bench(args) -> int:
     from .bench.harness import run_bench
 
+    if args.ray and not args.zoo:
+        raise NnforgeError("--ray fans out the zoo bench: use it with --zoo")
     if args.pareto:
         from .bench.harness import run_pareto
 

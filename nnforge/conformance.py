@@ -303,7 +303,8 @@ def run(
 
     if scale.wants_ray(executor):
         shards = [names[k : k + SHARD] for k in range(0, len(names), SHARD)]
-        run_one = functools.partial(shard_results, backend=backend, timeout=timeout, target=TARGET)
+        target = os.environ.get("NNFORGE_CONFORMANCE_TARGET", "cpu")  # main() sets it after TARGET was read
+        run_one = functools.partial(shard_results, backend=backend, timeout=timeout, target=target)
         done = scale.map_items(run_one, shards, f"ONNX node tests on {backend}", executor, progress, describe=_span)
         return sorted((r for shard in done for r in shard), key=lambda r: r.name)
 

@@ -83,9 +83,15 @@ def map_items(
     describe: Callable[[object], str] = str,
     num_cpus: float = 1,
     max_retries: int = RETRIES,
+    skip: Callable[[int], bool] | None = None,
+    on_result: Callable[[int, object], None] | None = None,
 ) -> list:
     """``[fn(item) for item in items]``, each call a Ray task; results in the order of ``items``.
-    An exception ``fn`` raises is raised here (Ray retries only tasks whose worker died)."""
+    An exception ``fn`` raises is raised here (Ray retries only tasks whose worker died).
+
+    ``skip(k)``: asked just before item ``k`` is submitted, in order; True leaves it out (its result is None).
+    Then only as many tasks as the cluster has CPUs are in flight, so that ``on_result(k, result)``, called as
+    each result arrives, can make later items skippable (the budget search's pruning)."""
     if not items:
         return []
     ray = connect(executor)
@@ -96,24 +102,37 @@ def map_items(
         return fn(item)
 
     task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(call)
-    refs = [task.remote(item) for item in items]
-    position = {ref: k for k, ref in enumerate(refs)}
+    window = max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus)) if skip else len(items)
     results: list = [None] * len(items)
+    position: dict = {}
     columns = (TextColumn(f"[bold]{label} on Ray"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"))
     with Progress(
         *columns, TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not progress
     ) as bar:
         bar_task = bar.add_task("", total=len(items))
-        pending = list(refs)
-        while pending:
+        upcoming, pending = iter(range(len(items))), []
+        while True:
+            for k in upcoming:  # top up the tasks in flight
+                if skip is not None and skip(k):
+                    bar.update(bar_task, advance=1, description=f"{describe(items[k])}: skipped")
+                    continue
+                ref = task.remote(items[k])
+                position[ref] = k
+                pending.append(ref)
+                if len(pending) >= window:
+                    break
+            if not pending:
+                break
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                k = position[ref]
+                k = position.pop(ref)
                 try:
                     results[k] = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:  # fn raised: the caller's exception, as if run here
                     raise e.as_instanceof_cause() from None
                 except ray.exceptions.RayError as e:  # out of retries, or the cluster went away
                     raise NnforgeError(f"{label}: {describe(items[k])} failed on Ray: {e}") from None
+                if on_result is not None:
+                    on_result(k, results[k])
                 bar.update(bar_task, advance=1, description=describe(items[k]))
     return results

@@ -460,20 +460,31 @@ def _time_or_error(time_fn, g: Graph):
 
 
 def _search_on_ray(graph, budget, cands, calibration, metric, run, ref_cal, time_fn, graphs, progress) -> None:
-    """Every candidate's quality as a Ray task, then the serial search's decisions replayed in its order (a
-    setting stronger than one over budget stays unevaluated, as there), then the survivors timed as Ray tasks."""
+    """The candidates' qualities as Ray tasks, as many at once as the cluster has CPUs, in the serial order; a
+    setting stronger than one found over budget is not submitted. The serial decisions are then replayed over
+    the results in order, so every candidate gets the serial search's figure (or its "not evaluated"), and
+    the candidates within budget are timed as Ray tasks."""
+    over: list[Setting] = []
+
+    def note(k: int, res: tuple) -> None:
+        _, drop, error = res
+        if error or drop > budget.margin * budget.max_drop:
+            over.append(cands[k].setting)
+
     results = scale.map_items(
         functools.partial(_quality, graph, calibration=calibration, metric=metric, run=run, ref_cal=ref_cal),
         [c.setting for c in cands],
         "budget search: quality",
         budget.executor or "ray",
         progress,
+        skip=lambda k: any(cands[k].setting.dominates(f) for f in over),
+        on_result=note,
     )
     failed: list[Setting] = []
     within = []
     for c, res in zip(cands, results):
         if any(c.setting.dominates(f) for f in failed):
-            continue
+            continue  # a setting dominating one over budget comes after it in the order: skipped there too
         g = _judge(c, failed, budget, *res)
         if g is not None:
             within.append((c, g))
