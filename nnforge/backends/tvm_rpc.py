@@ -10,8 +10,8 @@ per device at once. The farm is TVM's own:
     python -m tvm.exec.rpc_server --tracker HOST:9190 --key KEY    # on every device
 
 A device that goes away in the middle of a measurement fails that measurement, not the tune: the
-measurement is asked again (``ATTEMPTS`` in all), and the tracker hands it to a device still there.
-Only measured candidates reach the database, so no record comes from a device that died.
+measurement is asked again (``ATTEMPTS`` in all), and the tracker hands it to a device still there, so
+its record holds a real time rather than MetaSchedule's mark of a failed run (1e10 s).
 """
 
 from __future__ import annotations
