@@ -46,9 +46,15 @@ def _cmd_tune(args) -> int:
     from .api import compile as nf_compile
 
     options = {"tune_db": args.db} if args.db else {}
+    target = args.target or "cpu"
+    if args.rpc or args.key:  # measured on a TVM RPC tracker's devices, built here for the key's target
+        from .backends.tvm_rpc import target_of_key
+
+        options.update(tune_rpc=args.rpc, tune_key=args.key)
+        target = args.target or target_of_key(args.key or "")
     compiled = nf_compile(
         args.model,
-        target="cpu",
+        target=target,
         backend="tvm",
         pipeline=args.pipeline,
         tune=args.trials,
@@ -92,6 +98,8 @@ DEFAULT_BENCH_JSON = "bench/results/bench.json"
 def _cmd_bench(args) -> int:
     from .bench.harness import run_bench
 
+    if args.ray and not args.zoo:
+        raise NnforgeError("--ray fans out the zoo bench: use it with --zoo")
     if args.pareto:
         from .bench.harness import run_pareto
 
@@ -112,7 +120,14 @@ def _cmd_bench(args) -> int:
         from .bench.harness import run_zoo
 
         json_path = args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/zoo.json"
-        run_zoo(args.model or None, size=args.size, json_path=json_path, repeat=args.repeat, runners=args.runner)
+        run_zoo(
+            args.model or None,
+            size=args.size,
+            json_path=json_path,
+            repeat=args.repeat,
+            runners=args.runner,
+            executor=args.ray,
+        )
         return 0
     if args.lowbit:
         from .bench.harness import run_lowbit
@@ -226,11 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="bundle directory")
     c.set_defaults(func=_cmd_compile)
 
-    t = sub.add_parser("tune", help="compile an ONNX file with TVM, tuning its cpu kernels with MetaSchedule")
+    t = sub.add_parser(
+        "tune", help="compile an ONNX file with TVM, tuning its kernels with MetaSchedule (here, or on an RPC farm)"
+    )
     t.add_argument("model")
     t.add_argument("--trials", type=int, required=True, help="MetaSchedule trials in all (e.g. 64 per kernel)")
     t.add_argument(
         "--db", default=None, help="tuning database directory (default $NNFORGE_TUNE_DB or ~/.cache/nnforge/tuning)"
+    )
+    t.add_argument(
+        "--rpc", default=None, metavar="HOST:PORT", help="measure on the devices of this TVM RPC tracker (with --key)"
+    )
+    t.add_argument("--key", default=None, help="the key the devices registered under with the tracker")
+    t.add_argument(
+        "--target", default=None, help="cpu or arm (default: cpu; with --key, arm for keys like aarch64-*, arm-*)"
     )
     t.add_argument("--pipeline", default="O2")
     t.add_argument("--no-check", action="store_true", help="skip the per-pass numerics check")
@@ -303,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: LLM decoding on SmolLM2-135M (prefill, decode tok/s, memory, perplexity, greedy agreement): "
         "Hugging Face eager, onnxruntime-genai fp32/int4, nnforge float/int8/int4, speculative; --runner filters "
         "rows by substring; JSON to bench/results/llm.json",
+    )
+    b.add_argument(
+        "--ray",
+        nargs="?",
+        const="ray",
+        default=None,
+        metavar="ADDRESS",
+        help="with --zoo: one Ray task per model (on the cluster at ADDRESS, $RAY_ADDRESS, or a local one)",
     )
     b.set_defaults(func=_cmd_bench)
 

@@ -22,6 +22,7 @@ conformance``) runs the whole suite; the tests run a fixed sample (``sample``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import queue
@@ -275,9 +276,37 @@ def run_shard(backend: str, names: list[str], timeout: float, on_result) -> None
             todo = []
 
 
-def run(backend: str, names: list[str], jobs: int = 2, timeout: float = 300, progress: bool = True) -> list[Result]:
-    """All ``names`` on ``backend``, split over ``jobs`` worker processes."""
+SHARD = 16  # cases per Ray task: progress in steps of 16, and a worker process started per 16 cases
+
+
+def shard_results(names: list[str], backend: str, timeout: float, target: str) -> list[Result]:
+    """``names`` run in a worker process, as a Ray task: the results in a list."""
+    os.environ["NNFORGE_CONFORMANCE_TARGET"] = target  # the Ray worker's environment is not the driver's
+    results: list[Result] = []
+    run_shard(backend, names, timeout, results.append)
+    return results
+
+
+def run(
+    backend: str,
+    names: list[str],
+    jobs: int = 2,
+    timeout: float = 300,
+    progress: bool = True,
+    executor: str | None = None,
+) -> list[Result]:
+    """All ``names`` on ``backend``, split over ``jobs`` worker processes, or in shards of ``SHARD`` cases
+    as Ray tasks (``executor`` "ray" or a Ray address; ``nnforge.scale``)."""
     from rich.progress import Progress
+
+    from . import scale
+
+    if scale.wants_ray(executor):
+        shards = [names[k : k + SHARD] for k in range(0, len(names), SHARD)]
+        target = os.environ.get("NNFORGE_CONFORMANCE_TARGET", "cpu")  # main() sets it after TARGET was read
+        run_one = functools.partial(shard_results, backend=backend, timeout=timeout, target=target)
+        done = scale.map_items(run_one, shards, f"ONNX node tests on {backend}", executor, progress, describe=_span)
+        return sorted((r for shard in done for r in shard), key=lambda r: r.name)
 
     results: list[Result] = []
     lock = threading.Lock()
@@ -298,6 +327,10 @@ def run(backend: str, names: list[str], jobs: int = 2, timeout: float = 300, pro
     return sorted(results, key=lambda r: r.name)
 
 
+def _span(shard: list[str]) -> str:
+    return f"{shard[0]} .. {shard[-1]}"
+
+
 def summary(results: list[Result]) -> dict:
     return dict(Counter(r.status for r in results))
 
@@ -316,6 +349,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=int, default=1, help="every N-th case only (the test suite uses 8)")
     ap.add_argument("--target", default="cpu", help="nnforge's target (cuda where a GPU is)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument(
+        "--ray",
+        nargs="?",
+        const="ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run the cases as Ray tasks (on the cluster at ADDRESS, $RAY_ADDRESS, or a local one)",
+    )
     ap.add_argument("--timeout", type=float, default=300, help="seconds a case may take")
     ap.add_argument("--out", type=Path, help="write every result as JSON here")
     ap.add_argument("--floor", nargs="*", default=[], help="BACKEND=N: fail when fewer pass (and on own wrong answers)")
@@ -329,11 +370,11 @@ def main(argv=None) -> int:
     models = [c.name for c in model_cases()] if args.models else []
     everything = {}
     for backend in args.backend:
-        res = run(backend, names, args.jobs, args.timeout)
+        res = run(backend, names, args.jobs, args.timeout, executor=args.ray)
         everything[backend] = res
         print(f"{backend}: {len(res)} cases: {summary(res)}", flush=True)
         if models and backend != "ort":
-            zoo = run(backend, models, args.jobs, args.timeout)
+            zoo = run(backend, models, args.jobs, args.timeout, executor=args.ray)
             everything[f"{backend} (model zoo)"] = zoo
             print(f"{backend}: model zoo: " + ", ".join(f"{r.name} {r.status} {r.detail}".strip() for r in zoo))
     if args.out:

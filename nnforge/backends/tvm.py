@@ -22,6 +22,8 @@ Build options (``options=`` of ``build``; unknown keys are refused):
   mcpu          LLVM CPU for the cpu target (default: the host's, e.g. znver5)
   tune          MetaSchedule trials for the cpu target's kernels (default 0: no tuning); see tvm_tune.py
   tune_db       the tuning database directory (default $NNFORGE_TUNE_DB or ~/.cache/nnforge/tuning)
+  tune_rpc      HOST:PORT of a TVM RPC tracker: measure the trials on its devices (tvm_rpc.py), also for arm
+  tune_key      the key those devices registered under
 
 CPU threads: TVM's pool defaults to half the logical CPUs on x86 (it assumes hyper-threading), one
 thread on a 2-core machine; this module sets TVM_NUM_THREADS to every CPU the process may use unless
@@ -57,7 +59,18 @@ from .tvm_artifact import (  # noqa: F401  # noqa: F401  (sets TVM_NUM_THREADS b
     num_threads,
 )
 
-OPTIONS = ("progress", "embed_params", "schedule", "fast_math", "arch", "mcpu", "tune", "tune_db")
+OPTIONS = (
+    "progress",
+    "embed_params",
+    "schedule",
+    "fast_math",
+    "arch",
+    "mcpu",
+    "tune",
+    "tune_db",
+    "tune_rpc",
+    "tune_key",
+)
 SCHEDULES = ("default", "dlight", "none")
 
 
@@ -227,15 +240,19 @@ class TVMBackend(Backend):
             )
         ttarget = tvm_target(target, options)
         trials = int(options.get("tune") or 0)
-        if trials and target.name != "cpu":
-            raise NnforgeError(
-                f"tuning (tune={trials}) measures kernels on this machine: only target cpu, not {target.name!r}"
-            )
+        farm = None
         if trials:
-            from . import tvm_tune  # MetaSchedule: imported only when tuning
+            from . import tvm_rpc, tvm_tune  # MetaSchedule: imported only when tuning
 
+            farm = tvm_rpc.farm_from_options(options)
+            if target.name not in (("cpu", "arm") if farm else ("cpu",)):
+                raise NnforgeError(
+                    f"tuning (tune={trials}) measures kernels on this machine (target cpu) or on a farm's devices "
+                    f"(tune_rpc, target cpu or arm), not target {target.name!r}"
+                    + ("" if farm else ": give tune_rpc and tune_key")
+                )
             tvm_tune.require_packages()
-            ttarget = tvm_tune.tune_target(ttarget)
+            ttarget = tvm_tune.tune_target(ttarget, farm)
         if target.name == "wasm":  # kernels in a wasm module, run by nnforge's JS runtime
             from . import tvm_wasm
 
@@ -256,10 +273,10 @@ class TVMBackend(Backend):
                 stage("fusing kernels for tuning")
                 with ttarget:
                     fused = tvm.transform.Sequential(pipeline_passes(ttarget, "none", fast_math, True))(mod)
-                db_dir = tvm_tune.db_dir(options.get("tune_db"))
+                db_dir = tvm_tune.db_dir(options.get("tune_db"), ttarget)
                 full = tvm_tune.open_db(db_dir)
-                tuning = tvm_tune.tune(fused, ttarget, trials, full, stage)
-                tuning.update(tvm_tune.vet(fused, ttarget, full, db_dir, stage))  # tuned vs default schedule
+                tuning = tvm_tune.tune(fused, ttarget, trials, full, stage, farm)
+                tuning.update(tvm_tune.vet(fused, ttarget, full, db_dir, stage, farm=farm))  # tuned vs default schedule
                 with tempfile.TemporaryDirectory(prefix="nnforge-tunedb-") as tmp:  # this model's kept records
                     tvm_tune.export_records(fused, ttarget, full, tmp, tvm_tune.load_verdicts(db_dir))
                     tuning_files = {p.name: p.read_text() for p in Path(tmp).iterdir() if p.suffix == ".json"}

@@ -54,8 +54,12 @@ RECORD_FILE = "tuning_records.json"
 VERDICT_FILE = "tuning_verdicts.json"  # kernel hash -> tuned vs default time; not shipped: bundles hold kept records
 
 
-def db_dir(option=None) -> Path:
-    return Path(option or os.environ.get("NNFORGE_TUNE_DB") or Path.home() / ".cache" / "nnforge" / "tuning")
+def db_dir(option=None, target: "tvm.target.Target | None" = None) -> Path:
+    """The database directory; a cross target's records (e.g. an aarch64 farm's) in a subfolder named by its
+    triple, as MetaSchedule looks a record up by kernel alone and would apply one target's to another."""
+    root = Path(option or os.environ.get("NNFORGE_TUNE_DB") or Path.home() / ".cache" / "nnforge" / "tuning")
+    triple = str(target.attrs.get("mtriple", "")) if target is not None else ""
+    return root / triple if triple else root
 
 
 def open_db(directory) -> "ms.database.JSONDatabase":
@@ -66,9 +70,11 @@ def open_db(directory) -> "ms.database.JSONDatabase":
     )
 
 
-def tune_target(target: "tvm.target.Target") -> "tvm.target.Target":
-    """MetaSchedule needs the core count in the target."""
+def tune_target(target: "tvm.target.Target", farm=None) -> "tvm.target.Target":
+    """MetaSchedule needs the core count in the target: this machine's, or a farm device's (tvm_rpc)."""
     spec = dict(target.export())
+    if farm is not None:
+        spec.setdefault("num-cores", farm.device_threads())
     spec.setdefault("num-cores", len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     return tvm.target.Target({k: v for k, v in spec.items() if k in ("kind", "mcpu", "mtriple", "mattr", "num-cores")})
 
@@ -87,7 +93,12 @@ class _InProcessBuilder(ms.builder.PyBuilder):
         return out
 
 
-def _runner() -> "ms.runner.LocalRunner":
+def _runner(farm=None) -> "ms.runner.PyRunner":
+    """Measures on this machine, or on the devices of a ``tvm_rpc.Farm``."""
+    if farm is not None:
+        from . import tvm_rpc
+
+        return tvm_rpc.runner(farm)
     return ms.runner.LocalRunner(timeout_sec=120)  # MetaSchedule's default evaluator: number=3, min_repeat_ms=100
 
 
@@ -117,8 +128,9 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.report(f"tuning: {min(self.done, self.total)}/{self.total} trials")
 
 
-def tune(fused: "tvm.IRModule", target: "tvm.target.Target", trials: int, database, stage) -> dict:
-    """Tune the kernels of ``fused`` that ``database`` has no record for; returns counts for the meta."""
+def tune(fused: "tvm.IRModule", target: "tvm.target.Target", trials: int, database, stage, farm=None) -> dict:
+    """Tune the kernels of ``fused`` that ``database`` has no record for; returns counts for the meta.
+    ``farm``: measure on a TVM RPC tracker's devices (``tvm_rpc.Farm``) instead of this machine."""
     todo = _tasks(fused, target)
     new = [t for t in todo if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
     stats = {"trials": 0, "kernels": len(todo), "from_db": len(todo) - len(new), "tuned": 0}
@@ -150,7 +162,7 @@ def tune(fused: "tvm.IRModule", target: "tvm.target.Target", trials: int, databa
                 max_trials_global=trials,
                 num_trials_per_iter=per_iter,
                 builder=_InProcessBuilder(),
-                runner=_runner(),
+                runner=_runner(farm),
                 database=database,
                 measure_callbacks=list(ms.measure_callback.MeasureCallback.create("default")) + [progress],
             )
@@ -176,7 +188,9 @@ def load_verdicts(directory) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def vet(fused: "tvm.IRModule", target: "tvm.target.Target", database, directory, stage, rounds: int = 2) -> dict:
+def vet(
+    fused: "tvm.IRModule", target: "tvm.target.Target", database, directory, stage, rounds: int = 2, farm=None
+) -> dict:
     """Time each kernel's best record against nnforge's default schedule for it; note in ``directory``'s
     verdict file whether the tuned one is faster. Kernels already decided for this record are skipped."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
@@ -191,7 +205,7 @@ def vet(fused: "tvm.IRModule", target: "tvm.target.Target", database, directory,
             v = verdicts.get(_key(t.dispatched[0]))
             if v is None or v.get("record_us") != _record_us(rec):  # a new best record is decided again
                 todo.append((t, rec))
-    runner = _runner() if todo else None
+    runner = _runner(farm) if todo else None
     for n, (t, rec) in enumerate(todo):
         stage(f"tuning: checking kernel {n + 1}/{len(todo)} against the default schedule")
         mod = t.dispatched[0]

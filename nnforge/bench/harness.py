@@ -6,6 +6,7 @@ Benchmarks are not tests: nothing here asserts a time.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import statistics
@@ -315,39 +316,55 @@ def run_bench(
 ZOO_RUNNERS = ("eager", "torch.compile", "onnxruntime", "nnforge-onnxrt", "nnforge-tvm")
 
 
+def zoo_rows(name: str, size: str, repeat: int, runners: Sequence[str] | None, progress=None) -> list[BenchRow]:
+    """One real architecture through the zoo runners (a Ray task of ``run_zoo(..., executor="ray")``)."""
+    from ..models import real
+    from ..models.zoo import ZooModel
+
+    if progress:
+        progress(f"{name}: building")
+    model, inputs = real.build(name, size)
+    zm = ZooModel(name, model, tuple(inputs), None, ())
+    return bench_family(name, size, repeat, progress=progress, runners=runners or ZOO_RUNNERS, zm=zm)
+
+
 def run_zoo(
     names: Sequence[str] | None = None,
     size: str = "bench",
     json_path: str | None = None,
     repeat: int = 20,
     runners: Sequence[str] | None = None,
+    executor: str | None = None,
 ) -> list[BenchRow]:
     """Each real architecture (``nnforge.models.real``) through eager, torch.compile, ONNX Runtime used
-    directly and nnforge's backends, timed as ``nnforge bench`` times the families; one table."""
+    directly and nnforge's backends, timed as ``nnforge bench`` times the families; one table.
+    ``executor``: "ray" or a Ray address times each model in a Ray task (``nnforge.scale``); one model's
+    runners stay together, so the times within a row are comparable as serially."""
     from rich.console import Console
 
+    from .. import scale
     from ..models import real
-    from ..models.zoo import ZooModel
 
-    console = Console(stderr=True)
     rows: list[BenchRow] = []
     names = list(names or real.ZOO)
-    with console.status("bench --zoo") as status:
-        for k, name in enumerate(names):
-            status.update(f"bench --zoo: {name} ({k + 1} of {len(names)}): building")
-            model, inputs = real.build(name, size)
-            zm = ZooModel(name, model, tuple(inputs), None, ())
-            rows += bench_family(
-                name,
-                size,
-                repeat,
-                progress=lambda m, k=k: status.update(f"bench --zoo ({k + 1} of {len(names)}): {m}"),
-                runners=runners or ZOO_RUNNERS,
-                zm=zm,
-            )
-            if json_path:  # after every model: a long run that is stopped keeps what it measured
-                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-                Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+    def save() -> None:
+        if json_path:  # after every model: a long run that is stopped keeps what it measured
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+    if scale.wants_ray(executor):
+        for model_rows in scale.map_items(
+            functools.partial(zoo_rows, size=size, repeat=repeat, runners=runners), names, "bench --zoo", executor
+        ):
+            rows += model_rows
+        save()
+    else:
+        with Console(stderr=True).status("bench --zoo") as status:
+            for k, name in enumerate(names):
+                say = lambda m, k=k: status.update(f"bench --zoo ({k + 1} of {len(names)}): {m}")  # noqa: E731
+                rows += zoo_rows(name, size, repeat, runners, progress=say)
+                save()
     print(render(rows))
     if json_path:
         print(f"results written to {json_path}")

@@ -23,6 +23,7 @@ batches concatenated in order, e.g. accuracy against labels the callable closes 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .. import scale
 from ..errors import NnforgeError
 from ..ir import Graph, interpret, symbols
 from ..ir.interpret import bind_symbols
@@ -55,6 +57,9 @@ class Budget:
     quantize: Sequence[str] | None = None  # of QUANT; None: DEFAULT_QUANT for the backend (else all)
     sparsity: Sequence[float] | None = None  # pruned fractions in [0, 1); None: DEFAULT_SPARSITY (see default_space)
     margin: float = 0.8  # calibration must show at most margin * max_drop
+    # where candidates are evaluated: None (here, or on Ray once ray.init ran in this process), "serial", "ray"
+    # or a Ray address (nnforge.scale)
+    executor: str | None = None
 
 
 QUANT = ("float", "int8", "w8a8")  # weakest first: w8a8 uses the int8 weights and quantizes activations too
@@ -420,6 +425,84 @@ def _progress(enabled: bool, total: int):
     )
 
 
+def _quality(graph: Graph, setting: Setting, calibration, metric, run, ref_cal) -> tuple:
+    """(built graph, calibration drop, error): one candidate's quality, the same here or in a Ray task."""
+    try:  # too strong for these inputs (e.g. merging more tokens than a sequence has) fails here
+        g = build(graph, setting, calibration)
+        return g, quality_drop(metric, outputs(g, calibration, run), ref_cal), ""
+    except (NnforgeError, ValueError) as e:
+        return None, None, str(e)
+
+
+def _judge(c: Candidate, failed: list, budget: Budget, g, drop, error) -> Graph | None:
+    """Note a candidate's quality; the graph when it is within the calibration budget (else it joins ``failed``)."""
+    c.drop, c.error = drop, error
+    if error or drop > budget.margin * budget.max_drop:
+        failed.append(c.setting)
+        return None
+    return g
+
+
+def _timed(c: Candidate, time_fn, g: Graph) -> bool:
+    try:
+        c.seconds = time_fn(g)
+        return True
+    except NnforgeError as e:  # e.g. a quantized op this backend cannot build
+        c.error = str(e)
+        return False
+
+
+def _time_or_error(time_fn, g: Graph):
+    try:
+        return time_fn(g)
+    except NnforgeError as e:
+        return e
+
+
+def _search_on_ray(graph, budget, cands, calibration, metric, run, ref_cal, time_fn, graphs, progress) -> None:
+    """The candidates' qualities as Ray tasks, as many at once as the cluster has CPUs, in the serial order; a
+    setting stronger than one found over budget is not submitted. The serial decisions are then replayed over
+    the results in order, so every candidate gets the serial search's figure (or its "not evaluated"), and
+    the candidates within budget are timed as Ray tasks."""
+    over: list[Setting] = []
+
+    def note(k: int, res: tuple) -> None:
+        _, drop, error = res
+        if error or drop > budget.margin * budget.max_drop:
+            over.append(cands[k].setting)
+
+    results = scale.map_items(
+        functools.partial(_quality, graph, calibration=calibration, metric=metric, run=run, ref_cal=ref_cal),
+        [c.setting for c in cands],
+        "budget search: quality",
+        budget.executor or "ray",
+        progress,
+        skip=lambda k: any(cands[k].setting.dominates(f) for f in over),
+        on_result=note,
+    )
+    failed: list[Setting] = []
+    within = []
+    for c, res in zip(cands, results):
+        if any(c.setting.dominates(f) for f in failed):
+            continue  # a setting dominating one over budget comes after it in the order: skipped there too
+        g = _judge(c, failed, budget, *res)
+        if g is not None:
+            within.append((c, g))
+    times = scale.map_items(
+        functools.partial(_time_or_error, time_fn),
+        [g for _, g in within],
+        "budget search: timing",
+        budget.executor or "ray",
+        progress,
+    )
+    for (c, g), t in zip(within, times):
+        if isinstance(t, NnforgeError):
+            c.error = str(t)
+        else:
+            c.seconds = t
+            graphs[c.setting] = g
+
+
 def search(
     graph: Graph,
     budget: Budget,
@@ -440,35 +523,25 @@ def search(
     cands = [Candidate(s) for s in space.settings()]
     ref_cal, graphs = outputs(graph, calibration, run), {}
     failed: list[Setting] = []
-    bar = _progress(progress, len(cands))
-    if bar:
-        bar.start()
-        task = bar.add_task("", total=len(cands))
-    try:
-        for c in cands:
-            if bar:
-                bar.update(task, advance=1, description=str(c.setting))
-            if any(c.setting.dominates(f) for f in failed):
-                continue  # stronger than a setting already over budget
-            try:  # too strong for these inputs (e.g. merging more tokens than a sequence has) fails here
-                g = build(graph, c.setting, calibration)
-                c.drop = quality_drop(metric, outputs(g, calibration, run), ref_cal)
-            except (NnforgeError, ValueError) as e:
-                c.error = str(e)
-                failed.append(c.setting)
-                continue
-            if c.drop > budget.margin * budget.max_drop:
-                failed.append(c.setting)
-                continue
-            try:
-                c.seconds = time_fn(g)
-            except NnforgeError as e:  # e.g. a quantized op this backend cannot build
-                c.error = str(e)
-                continue
-            graphs[c.setting] = g
-    finally:
+    if scale.wants_ray(budget.executor):
+        _search_on_ray(graph, budget, cands, calibration, metric, run, ref_cal, time_fn, graphs, progress)
+    else:
+        bar = _progress(progress, len(cands))
         if bar:
-            bar.stop()
+            bar.start()
+            task = bar.add_task("", total=len(cands))
+        try:
+            for c in cands:
+                if bar:
+                    bar.update(task, advance=1, description=str(c.setting))
+                if any(c.setting.dominates(f) for f in failed):
+                    continue  # stronger than a setting already over budget
+                g = _judge(c, failed, budget, *_quality(graph, c.setting, calibration, metric, run, ref_cal))
+                if g is not None and _timed(c, time_fn, g):
+                    graphs[c.setting] = g
+        finally:
+            if bar:
+                bar.stop()
     lossless = next((c for c in cands if c.setting.lossless and c.seconds is not None), None)
     baseline = lossless.seconds if lossless is not None else time_fn(graph)  # timed like the others
     ref_held = outputs(graph, heldout, run)
