@@ -285,6 +285,24 @@ def test_cli_generate_prints_the_bundles_text(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == want.strip()
 
 
+def _cuda_exists() -> bool:
+    import tvm
+
+    return tvm.cuda(0).exist
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_the_decoder_builds_for_cuda(quantize):
+    """TVM generates the decoder's CUDA kernels without a GPU; where one exists, it decodes as the CPU does."""
+    model = _llama(layers=2)
+    lm = nnforge.compile_lm(model, max_length=48, backend="tvm", target="cuda", quantize=quantize)
+    assert "__global__" in lm.runner("last").artifact.cuda_source
+    if _cuda_exists():
+        cpu = nnforge.compile_lm(model, max_length=48, backend="tvm", quantize=quantize)
+        want = cpu.generate(PROMPT, max_new_tokens=12, stop_tokens=()).tokens
+        assert lm.generate(PROMPT, max_new_tokens=12, stop_tokens=()).tokens == want
+
+
 # -- KV-cache compression, prompt pruning --------------------------------------------------------------
 
 
