@@ -235,6 +235,20 @@ def test_low_bit_decode_stays_close_to_float(quantize):
         np.testing.assert_allclose(lm.logits(ids), interpret(lm.graph, ins)[0][0], rtol=tol, atol=tol)
 
 
+def test_gptq_int4_calibrates_on_token_sequences():
+    model = _llama(vocab=512, layers=2)
+    rng = np.random.default_rng(4)
+    calibration = [list(rng.integers(0, 512, 24)) for _ in range(4)]
+    text = list(rng.integers(0, 512, 40))
+    q = nnforge.Quantize(weights="int4", method="gptq", group_size=32, embeddings=None)
+    lm = nnforge.compile_lm(model, max_length=64, quantize=q, calibration=calibration)
+    assert lm.graph.op_counts()["qlinear"] == 2 * 4 + 1
+    ref = nnforge.compile_lm(model, max_length=64).perplexity(text)
+    assert abs(lm.perplexity(text) / ref - 1) < 0.1
+    with pytest.raises(NnforgeError, match="GPTQ needs calibration"):
+        nnforge.compile_lm(model, max_length=64, quantize=q)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_self_speculative_decoding_equals_greedy(backend):
     model = _llama(layers=4)

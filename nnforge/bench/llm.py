@@ -38,6 +38,7 @@ ROWS = (
     "nnforge-tvm-float",
     "nnforge-tvm-int4",
     "nnforge-onnxrt-float-speculative",
+    "nnforge-onnxrt-float-prune50",
     "nnforge-onnxrt-float-streaming50",
     "nnforge-onnxrt-float-h2o50",
     "nnforge-onnxrt-float-snapkv50",
@@ -175,12 +176,16 @@ def _nnforge_row(name: str, model, tokenizer, t: dict, threads: int) -> dict:
     from nnforge.llm.budget import QUANTIZE
 
     quantize = QUANTIZE["int4-intzero" if precision == "int4intzero" else precision]
-    kv = None
-    if extra and not speculative:  # a KV policy and its budget in percent of the full cache
+    kv = prune = None
+    if extra.startswith("prune"):  # prefill token pruning keeping that percent of long prompts
+        prune = nnforge.PromptPrune(keep=int(extra[5:]) / 100)
+    elif extra and not speculative:  # a KV policy and its budget in percent of the full cache
         policy, percent = extra.rstrip("0123456789"), int(extra[len(extra.rstrip("0123456789")) :])
         kv = nnforge.KVCompress(policy, budget=FULL_CACHE * percent // 100)
     start = time.perf_counter()
-    lm = nnforge.compile_lm(model, max_length=640, backend=backend, quantize=quantize, threads=threads, kv=kv)
+    lm = nnforge.compile_lm(
+        model, max_length=640, backend=backend, quantize=quantize, threads=threads, kv=kv, prune=prune
+    )
     row = {"compile_s": round(time.perf_counter() - start, 1)}
     cache_bytes = lm.new_cache(1, kv.budget if kv else FULL_CACHE).nbytes()  # the slots the decode run holds
 
