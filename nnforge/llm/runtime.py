@@ -133,6 +133,7 @@ class StepRunner:
         self.mass_window = meta.get("mass_window")  # None: no attention-mass outputs (after the caches)
         self.masses: dict[int, np.ndarray] = {}  # layer -> [B, kv_heads, cache_len] of the last run
         self.session = getattr(artifact, "session", None) if artifact.backend == "onnxrt" else None
+        self._bound = None  # (cache OrtValues, IOBinding) of the last run
         if self.session is not None:
             self.ort_inputs = [i.name for i in self.session.get_inputs()]
             self.ort_outputs = [o.name for o in self.session.get_outputs()]
@@ -159,20 +160,31 @@ class StepRunner:
         self.masses = dict(zip(self.layers, (np.asarray(m) for m in outs[1 + n :])))
         return np.asarray(outs[0])
 
-    def _run_ort(self, cache: KVCache, feed: dict) -> np.ndarray:
+    def _binding(self, cache: KVCache):
+        """An IOBinding with the cache bound (kept while the cache's OrtValues are the same: per step only the
+        small inputs are bound again)."""
         values = cache.ort_values()
+        if self._bound is not None and self._bound[0] is values:
+            return self._bound[1]
         io = self.session.io_binding()
+        for name in self.ort_inputs:
+            if name in values:
+                io.bind_ortvalue_input(name, values[name])
+        n = len(self.cache_outputs)
+        io.bind_output(self.ort_outputs[0], "cpu")  # logits: allocated by ORT at each run
+        for out_name, cache_name in zip(self.ort_outputs[1 : 1 + n], self.cache_outputs):
+            io.bind_ortvalue_output(out_name, values[cache_name])  # same buffer as the past input: in place
+        for out_name in self.ort_outputs[1 + n :]:  # attention mass
+            io.bind_output(out_name, "cpu")
+        self._bound = (values, io)
+        return io
+
+    def _run_ort(self, cache: KVCache, feed: dict) -> np.ndarray:
+        io = self._binding(cache)
         for name in self.ort_inputs:
             if name in feed:
                 io.bind_cpu_input(name, np.ascontiguousarray(feed[name]))
-            else:
-                io.bind_ortvalue_input(name, values[name])
-        io.bind_output(self.ort_outputs[0], "cpu")
         n = len(self.cache_outputs)
-        for out_name, cache_name in zip(self.ort_outputs[1 : 1 + n], self.cache_outputs):
-            io.bind_ortvalue_output(out_name, values[cache_name])  # same buffer as the past input: in place
-        for out_name in self.ort_outputs[1 + n :]:
-            io.bind_output(out_name, "cpu")
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()
         self.masses = dict(zip(self.layers, (v.numpy() for v in outs[1 + n :])))
