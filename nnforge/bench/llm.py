@@ -248,7 +248,7 @@ def run_llm(rows=None, threads: int = 2, json_path: str | None = "bench/results/
 
     rows = list(rows or ROWS)
     results = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TVM_NUM_THREADS": str(threads)}
     with Progress(transient=True) as progress:
         task = progress.add_task("LLM bench", total=len(rows))
         for name in rows:
@@ -291,10 +291,11 @@ def run_llm(rows=None, threads: int = 2, json_path: str | None = "bench/results/
             fmt(r.get("perplexity"), "{:.2f}"),
             fmt(r.get("greedy_match"), "{}/" + str(MATCH_TOKENS)),
         )
-    Console().print(table)
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
     for r in results:
         if r.get("note"):
-            Console().print(f"{r['row']}: {r['note']}")
+            console.print(f"{r['row']}: {r['note']}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(results, indent=1))

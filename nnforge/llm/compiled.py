@@ -313,6 +313,10 @@ def compile_lm(
         return result.chosen.lm
     if compute not in ("int8", "float"):
         raise NnforgeError(f"compile_lm: compute must be 'int8' or 'float', got {compute!r}")
+    if kv is not None and not isinstance(kv, KVCompress):
+        raise NnforgeError(f"compile_lm: kv must be a nnforge.KVCompress, got {kv!r}")
+    if prune is not None and not isinstance(prune, PromptPrune):
+        raise NnforgeError(f"compile_lm: prune must be a nnforge.PromptPrune, got {prune!r}")
     spec = read_decoder(model)
     if max_length < 2:
         raise NnforgeError(f"compile_lm: max_length must be >= 2, got {max_length}")
@@ -322,14 +326,11 @@ def compile_lm(
         )
     settings = _quantize_settings(quantize)
     graph = optimize_step(build_step(spec, max_length, logits="all"), settings, calibration, progress)
-    if settings is not None and backend in ("onnxrt", "ort", "onnxruntime") and compute == "int8":
+    onnxrt = backend in ("onnxrt", "ort", "onnxruntime")
+    if settings is not None and onnxrt and compute == "int8":
         int8_compute(graph)
-    options = {"threads": threads} if threads else {}
+    options = {"threads": threads} if threads and onnxrt else {}  # TVM's pool size is TVM_NUM_THREADS
     info = {**spec_info(spec, max_length), "chat_template": getattr(tokenizer, "chat_template", None)}
-    if kv is not None and not isinstance(kv, KVCompress):
-        raise NnforgeError(f"compile_lm: kv must be a nnforge.KVCompress, got {kv!r}")
-    if prune is not None and not isinstance(prune, PromptPrune):
-        raise NnforgeError(f"compile_lm: prune must be a nnforge.PromptPrune, got {prune!r}")
     lm = CompiledLM(graph, info, backend, target, options, tokenizer, kv, prune)
     lm.runner("last")  # build now: compile errors belong to compile_lm
     return lm

@@ -185,6 +185,8 @@ class StepRunner:
             if name in feed:
                 io.bind_cpu_input(name, np.ascontiguousarray(feed[name]))
         n = len(self.cache_outputs)
+        for out_name in [self.ort_outputs[0]] + self.ort_outputs[1 + n :]:  # shapes change with S: a fresh
+            io.bind_output(out_name, "cpu")  # output each run (rebinding a name keeps its place in the outputs)
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()
         self.masses = dict(zip(self.layers, (v.numpy() for v in outs[1 + n :])))
