@@ -302,14 +302,37 @@ def run_llm(rows=None, threads: int = 2, json_path: str | None = "bench/results/
     return results
 
 
+def markdown(results: list[dict]) -> str:
+    """The results as a Markdown table (docs/llm.md)."""
+    head = "| runner | prefill 128 ms | prefill 512 ms | decode tok/s | weights MB | KV MB | perplexity | greedy = HF |"
+    lines = [head, "|---|" + "---:|" * 7]
+
+    def f(v, spec="{:.1f}"):
+        return "-" if v is None else spec.format(v)
+
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['row']} | failed: {r['error'][:80]} |" + " |" * 6)
+            continue
+        lines.append(
+            f"| {r['row']} | {f(r.get('prefill128_ms'), '{:.0f}')} | {f(r.get('prefill512_ms'), '{:.0f}')} | "
+            f"{f(r.get('decode_tok_s'))} | {f(r.get('weights_mb'), '{:.0f}')} | {f(r.get('kv_mb'))} | "
+            f"{f(r.get('perplexity'), '{:.2f}')} | {f(r.get('greedy_match'), '{}/' + str(MATCH_TOKENS))} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m nnforge.bench.llm")
     p.add_argument("--row", help="run one row in this process and print its JSON")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown", metavar="JSON", help="print a results file as a Markdown table")
     args = p.parse_args(argv)
-    if args.row:
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+    elif args.row:
         print(json.dumps(run_row(args.row, args.threads), default=lambda x: np.asarray(x).tolist()))
     else:
         run_llm(threads=args.threads)
