@@ -35,5 +35,7 @@ def sample(
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t)
             pred = noise_prediction(denoiser(model_input, t, **conditioning))
+            if pred.shape[1] == 2 * x.shape[1]:  # a learned variance (DiT) rides along: the noise is the first half
+                pred = pred[:, : x.shape[1]]
             x = scheduler.step(pred, t, x, generator=generator, **step_options).prev_sample
     return x
