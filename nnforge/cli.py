@@ -102,6 +102,12 @@ def _cmd_bench(args) -> int:
 
         run_sparse(args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/sparse.json", repeat=args.repeat)
         return 0
+    if args.diffusion:
+        from .bench.diffusion import DEFAULT_JSON, run_diffusion
+
+        json_path = args.json if args.json != DEFAULT_BENCH_JSON else DEFAULT_JSON
+        run_diffusion(args.model or ("digits", "unet2d_condition", "dit"), json_path=json_path, steps=args.steps)
+        return 0
     if args.zoo:
         from .bench.harness import run_zoo
 
@@ -258,7 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
         "weights) through eager, torch.compile, ONNX Runtime, nnforge-onnxrt and nnforge-tvm; JSON to "
         "bench/results/zoo.json",
     )
-    b.add_argument("--model", action="append", help="with --zoo: only these models (repeatable; default all)")
+    b.add_argument(
+        "--diffusion",
+        action="store_true",
+        help="instead: step caching (DeepCache, FORA, T-Gate) on DDIM sampling runs at batch 1 and 8: speed-up over "
+        "uncached nnforge, PSNR/SSIM and classifier agreement on the digits model (--model digits, "
+        "unet2d_condition, dit); JSON to bench/results/diffusion.json",
+    )
+    b.add_argument("--steps", type=int, default=50, help="with --diffusion: sampling steps per run")
+    b.add_argument("--model", action="append", help="with --zoo/--diffusion: only these models (repeatable)")
     b.set_defaults(func=_cmd_bench)
 
     k = sub.add_parser("check", help="run eager/interpreter/every backend on the same inputs and compare")

@@ -10,27 +10,29 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..errors import NnforgeError
 from .sample import noise_prediction
 from .stepcache import StepCachedDenoiser, split
 
 
-class DenoiserStep(torch.nn.Module):
-    """One denoising step as a plain tensor function: positional (sample, timestep, *conditioning)."""
+def denoiser_step(model, conditioning: list[str]):
+    """One denoising step as a plain tensor function: positional (sample, timestep, *conditioning) -> noise."""
+    import torch
 
-    def __init__(self, model: torch.nn.Module, conditioning: list[str]):
-        super().__init__()
-        self.model = model
-        self.conditioning = conditioning
+    class DenoiserStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-    def forward(self, sample, timestep, *conditioning):
-        out = self.model(sample, timestep=timestep, **dict(zip(self.conditioning, conditioning)))
-        return noise_prediction(out)
+        def forward(self, sample, timestep, *values):
+            return noise_prediction(self.model(sample, timestep=timestep, **dict(zip(conditioning, values))))
+
+    return DenoiserStep()
 
 
-def _example(shape: tuple, dtype, like: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+def _example(shape: tuple, dtype, like=None, seed: int = 0):
+    import torch
+
     if like is not None and tuple(like.shape) == shape:
         return like
     g = torch.Generator().manual_seed(seed)
@@ -40,8 +42,8 @@ def _example(shape: tuple, dtype, like: torch.Tensor | None = None, seed: int = 
 
 
 def compile_denoiser(
-    model: torch.nn.Module,
-    sample: torch.Tensor,
+    model,
+    sample,
     timestep,
     *,
     cache: Any = None,
@@ -54,6 +56,8 @@ def compile_denoiser(
     """Compile ``model`` for denoising: ``cache`` a step-cache method (``DeepCache``, ``BlockCache``, ``TGate``)
     or None (every step runs the whole graph). ``sample``, ``timestep`` and ``conditioning`` (``class_labels=``,
     ``encoder_hidden_states=``) are example inputs; other batch sizes compile on first use."""
+    import torch
+
     from ..api import compile as nnforge_compile
     from ..api import import_model
 
@@ -63,7 +67,7 @@ def compile_denoiser(
     examples += [torch.as_tensor(conditioning[k]) for k in names]
     if examples[1].dtype == torch.float64:
         examples[1] = examples[1].float()
-    step = DenoiserStep(model, names)
+    step = denoiser_step(model, names)
     dtypes = [e.dtype for e in examples]
 
     def build(shapes: tuple):

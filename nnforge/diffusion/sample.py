@@ -7,10 +7,8 @@ model and a compiled ``StepCachedDenoiser`` alike. A step-cached denoiser is tol
 
 from __future__ import annotations
 
-import torch
 
-
-def noise_prediction(out) -> torch.Tensor:
+def noise_prediction(out):
     """The tensor a denoiser returned: diffusers output objects carry it as ``.sample``, tuples first."""
     if hasattr(out, "sample"):
         return out.sample
@@ -19,13 +17,13 @@ def noise_prediction(out) -> torch.Tensor:
     return out
 
 
-def sample(
-    denoiser, scheduler, noise: torch.Tensor, steps: int = 50, *, generator=None, eta: float = 0.0, **conditioning
-):
+def sample(denoiser, scheduler, noise, steps: int = 50, *, generator=None, eta: float = 0.0, **conditioning):
     """Denoise ``noise`` in ``steps`` scheduler steps; returns the final sample (torch tensor).
 
     ``conditioning`` goes to every denoiser call (``class_labels=``, ``encoder_hidden_states=``);
     ``eta`` and ``generator`` to a DDIM scheduler's step (eta 0: deterministic)."""
+    import torch
+
     scheduler.set_timesteps(steps)
     if hasattr(denoiser, "reset"):
         denoiser.reset(len(scheduler.timesteps))

@@ -9,7 +9,8 @@ setting changes what the model draws.
 
 Training is sized for a test session on a shared 2-core machine: one thread, bf16 autocast where the CPU
 has native bf16 (as the digits ViT), fixed seeds, AdamW with warm-up and cosine decay and an EMA of the
-weights (what is sampled from). The tests train it once per session (tests/digits_diffusion.py).
+weights (what is sampled from). ``trained_once(dir)`` trains it once and keeps the weights in ``dir``: the
+tests (fixture ``digits_diffusion``) and ``nnforge bench --diffusion`` use it.
 """
 
 from __future__ import annotations
@@ -179,3 +180,33 @@ def digits_diffusion(*, unet_steps: int = 600, classifier_steps: int = 600, prog
     with torch.no_grad():
         accuracy = float((classifier(torch.from_numpy(x_test)).argmax(-1).numpy() == y_test).mean())
     return DigitsDiffusion(unet, classifier, accuracy)
+
+
+def trained_once(cache_dir) -> DigitsDiffusion:
+    """``digits_diffusion()``, trained at most once per ``cache_dir``: the first process to need it trains and saves
+    the weights there (safetensors, under a file lock); the others (test workers, the bench's next run) load them."""
+    import os
+    from pathlib import Path
+
+    from filelock import FileLock  # a torch dependency
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(cache_dir) / "digits-diffusion.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{weights}.lock"):
+        if weights.is_file():
+            model = digits_diffusion(unet_steps=0, classifier_steps=0)  # the same networks, untrained
+            state = load_file(weights)
+            for name, net in (("unet", model.unet), ("classifier", model.classifier)):
+                prefix = f"{name}."
+                net.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            model.classifier_accuracy = float(state["accuracy"])
+            return model
+        model = digits_diffusion()
+        state = {f"unet.{k}": v.contiguous() for k, v in model.unet.state_dict().items()}
+        state |= {f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()}
+        state["accuracy"] = torch.tensor(model.classifier_accuracy)
+        tmp = weights.with_name(f"{weights.name}.{os.getpid()}.tmp")
+        save_file(state, tmp)
+        os.replace(tmp, weights)
+        return model
