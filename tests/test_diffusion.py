@@ -199,3 +199,33 @@ def test_methods_name_what_the_graph_lacks():
         denoiser(torch.randn(1, 4, 8, 8), 3)
     with pytest.raises(nnforge.NnforgeError, match="got encoder_hidden_states too"):
         denoiser(torch.randn(1, 4, 8, 8), 3, class_labels=torch.tensor([1]), encoder_hidden_states=torch.zeros(1))
+
+
+def test_budget_picks_the_cheapest_setting_within_agreement_and_psnr(digits_diffusion):
+    from nnforge.diffusion.budget import search_cache
+
+    m = digits_diffusion
+    labels = torch.arange(30) % 10
+    noise = torch.randn(30, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    candidates = [DeepCache(interval=2), DeepCache(interval=3), DeepCache(interval=10)]
+    choice = search_cache(
+        m.unet,
+        noise,
+        m.scheduler("ddim"),
+        nnforge.Budget(metric="agreement", max_drop=0.05),
+        steps=20,
+        candidates=candidates,
+        classify=m.classify,
+        min_psnr=25.0,
+        timing="flops",  # deterministic on a busy machine: multiply-adds of the steps as scheduled
+        class_labels=labels,
+    )
+    by_name = {t.name: t for t in choice.trials}
+    assert list(by_name) == ["DeepCache(N=10, branch=0)", "DeepCache(N=3, branch=0)", "DeepCache(N=2, branch=0)"]
+    # interval 10 on 20 steps reuses the deep feature for 9 steps at a time: far from the uncached samples
+    assert by_name["DeepCache(N=10, branch=0)"].psnr < 25 and not by_name["DeepCache(N=10, branch=0)"].within
+    assert choice.setting == DeepCache(interval=3) and choice.heldout.within
+    assert 2.0 < choice.speedup < 3.0  # 7 full steps of 20, the cached ones about 6x cheaper
+    assert "chosen: DeepCache(N=3, branch=0)" in choice.report()
+    with pytest.raises(nnforge.NnforgeError, match="needs classify="):
+        search_cache(m.unet, noise, m.scheduler("ddim"), nnforge.Budget(metric="agreement"), class_labels=labels)

@@ -7,7 +7,7 @@ classifier's agreement with the requested digit, plus the budget's choice for a 
 random-weight ``UNet2DConditionModel`` (Stable-Diffusion-shaped, 32x32 latents, 77 text tokens) and DiT
 (DiT-S/2 on 32x32 latents) are timed only: random weights draw nothing to judge.
 
-Timing: the best of ``--repeat`` runs, with the torch threads of this process set to ``--threads``.
+Timing: the best of 2 runs after a warm-up run, with the torch threads of this process set to ``--threads``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ QUALITY_SAMPLES = 100
 
 
 def _sampling_time(denoiser, scheduler, noise, steps: int, conditioning: dict, repeat: int) -> float:
-    """Seconds of the fastest of ``repeat`` whole sampling runs."""
+    """Seconds of the fastest of ``repeat`` whole sampling runs, after one untimed run."""
     import torch
 
     from ..diffusion import sample
 
     best = float("inf")
     with torch.no_grad():
+        sample(denoiser, scheduler, noise, steps, **conditioning)  # warm-up: first runs allocate
         for _ in range(repeat):
             start = time.perf_counter()
             sample(denoiser, scheduler, noise, steps, **conditioning)

@@ -121,20 +121,29 @@ def search_cache(
     classify: Callable | None = None,
     min_psnr: float | None = None,
     repeat: int = 2,
+    timing: str = "wall",
     compile_options: dict | None = None,
     progress: Callable[[str], None] = lambda msg: None,
     **conditioning,
 ) -> CacheChoice:
     """The fastest step-cache setting within ``budget`` (see the module doc). ``noise``: the calibration batch;
-    ``heldout_noise``: another batch (default: fresh noise of the same shape, seeded)."""
+    ``heldout_noise``: another batch (default: fresh noise of the same shape, seeded). ``timing``: "wall" (the
+    best of ``repeat`` sampling runs after a warm-up) or "flops" (``flop_seconds``: deterministic, for a busy
+    machine or a target that is not here)."""
     from .compile import compile_denoiser
 
     options = dict(compile_options or {})
     quality = _quality(budget, classify, conditioning.get("class_labels"))
     t0 = next(iter(scheduler.timesteps)) if getattr(scheduler, "timesteps", None) is not None else 999
 
+    if timing not in ("wall", "flops"):
+        raise NnforgeError(f"search_cache: timing is 'wall' or 'flops', not {timing!r}")
+
     def run(setting, x) -> tuple[np.ndarray, float]:
         denoiser = compile_denoiser(model, x, t0, cache=setting, **options, **conditioning)
+        out = sample(denoiser, scheduler, x, steps, **conditioning)  # warm-up: first runs allocate
+        if timing == "flops":
+            return out.numpy(), flop_seconds(denoiser, x, steps, conditioning)
         best = float("inf")
         for _ in range(max(1, repeat)):
             start = time.perf_counter()
@@ -186,6 +195,23 @@ def search_cache(
             break
         choice.notes.append(f"{t.name}: within budget on calibration, not on held-out noise (drop {checked.drop:.3f})")
     return choice
+
+
+def flop_seconds(denoiser, noise, steps: int, conditioning: dict, flops_per_second: float = 1e10) -> float:
+    """A run's multiply-adds (``nnforge.passes.budget.flops`` of the compiled full and cached graphs, per step as
+    the schedule picks them) at a fixed rate."""
+    from ..passes.budget import flops
+
+    arrays = [noise.numpy(), np.full(noise.shape[0], 999)] + [np.asarray(v) for v in conditioning.values()]
+    full, cached = denoiser.models(tuple(a.shape for a in arrays))
+    per_full = flops(full.graph, arrays)
+    per_cached = 0 if cached is None else flops(cached.graph, arrays + _features_like(cached, len(arrays)))
+    return sum(per_full if f else per_cached for f in denoiser.full_steps(steps)) / flops_per_second
+
+
+def _features_like(compiled, skip: int) -> list[np.ndarray]:
+    """Zero arrays standing in for the cached graph's feature inputs (only their shapes matter to ``flops``)."""
+    return [np.zeros([int(d) for d in v.shape], v.dtype) for v in compiled.graph.inputs[skip:]]
 
 
 def _timesteps(t, like):

@@ -108,6 +108,13 @@ class StepCachedDenoiser:
             self._built[shapes] = self._build(shapes)
         return self._built[shapes]
 
+    def full_steps(self, steps: int) -> list[bool]:
+        """Which steps of a ``steps``-step run (started by ``reset(steps)``) run the full graph."""
+        if self._built and next(iter(self._built.values()))[1] is None:
+            return [True] * steps
+        schedule = self._full_steps(steps)
+        return [k == 0 or bool(schedule(k)) for k in range(steps)]
+
     def reset(self, steps: int | None = None) -> None:
         """A new sampling run of ``steps`` steps begins (None: not known, e.g. under a pipeline)."""
         self.step = 0
