@@ -7,7 +7,10 @@ classifier's agreement with the requested digit, plus the budget's choice for a 
 random-weight ``UNet2DConditionModel`` (Stable-Diffusion-shaped, 32x32 latents, 77 text tokens) and DiT
 (DiT-S/2 on 32x32 latents) are timed only: random weights draw nothing to judge.
 
-Timing: the best of 2 runs after a warm-up run, with the torch threads of this process set to ``--threads``.
+Timing: the best of ``repeat`` runs after a warm-up run, on ``threads`` threads (ONNX Runtime's intra-op pool
+and torch's, default 1: on a machine shared with other work a larger pool mostly measures the others). Beside
+the measured speed-up, each row gives the speed-up in multiply-adds of the run (``flop_seconds``): what the
+cut saves regardless of the machine's load.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def run_diffusion(
     batches=(1, 8),
     steps: int = 50,
     repeat: int = 2,
-    threads: int | None = None,
+    threads: int = 1,
     json_path: str | None = DEFAULT_JSON,
     cache_dir: str | None = None,
     say=print,
@@ -111,6 +114,7 @@ def run_diffusion(
 
     from ..cache import cache_dir as nnforge_cache_dir
     from ..diffusion import compile_denoiser, sample
+    from ..diffusion.budget import flop_seconds
     from ..diffusion.metrics import psnr, ssim
     from ..models.digits_diffusion import trained_once
     from ..models.real import ensure_torchvision
@@ -118,8 +122,8 @@ def run_diffusion(
     ensure_torchvision()
     from diffusers import DDIMScheduler
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    build = {"threads": threads}
     rows: list[dict] = []
     digits = None
     with Progress(console=Console(stderr=True), transient=True) as progress:
@@ -139,15 +143,17 @@ def run_diffusion(
                     progress.update(task, description=f"{name}: {label}, batch {b}")
                     noise = torch.randn((b, *shape), generator=torch.Generator().manual_seed(b))
                     c = cond(b)
-                    denoiser = compile_denoiser(model, noise, 999, cache=setting, **c)
+                    denoiser = compile_denoiser(model, noise, 999, cache=setting, options=build, **c)
                     row[f"s_b{b}"] = _sampling_time(denoiser, scheduler, noise, steps, c, repeat)
+                    row[f"flop_s_b{b}"] = flop_seconds(denoiser, noise, steps, c)
                     if setting is None:
                         row[f"eager_s_b{b}"] = _sampling_time(model, scheduler, noise, steps, c, 1)
                 if judged:
                     progress.update(task, description=f"{name}: {label}, quality on {QUALITY_SAMPLES} samples")
                     noise = torch.randn((QUALITY_SAMPLES, *shape), generator=torch.Generator().manual_seed(1))
                     c = cond(QUALITY_SAMPLES)
-                    out = sample(compile_denoiser(model, noise, 999, cache=setting, **c), scheduler, noise, steps, **c)
+                    denoiser = compile_denoiser(model, noise, 999, cache=setting, options=build, **c)
+                    out = sample(denoiser, scheduler, noise, steps, **c)
                     quality_ref = out if setting is None else quality_ref
                     row["psnr"] = psnr(out, quality_ref)
                     row["ssim"] = ssim(out, quality_ref)
@@ -158,8 +164,9 @@ def run_diffusion(
                 if r["model"] == name:
                     for b in batches:
                         r[f"speedup_b{b}"] = base[f"s_b{b}"] / r[f"s_b{b}"]
+                        r[f"flop_speedup_b{b}"] = base[f"flop_s_b{b}"] / r[f"flop_s_b{b}"]
             if judged:
-                rows.append(_budget_row(digits, steps, repeat, progress, task, rows, batches))
+                rows.append(_budget_row(digits, steps, repeat, build, progress, task, rows))
     say(format_table(rows, batches))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +174,7 @@ def run_diffusion(
     return rows
 
 
-def _budget_row(digits, steps: int, repeat: int, progress, task, rows: list[dict], batches) -> dict:
+def _budget_row(digits, steps: int, repeat: int, build: dict, progress, task, rows: list[dict]) -> dict:
     """The budget's choice for a 1-point agreement budget (and PSNR >= 25 dB), searched on its own calibration
     noise, its quality measured on held-out noise; its timings are those of the same setting's row."""
     import torch
@@ -188,13 +195,14 @@ def _budget_row(digits, steps: int, repeat: int, progress, task, rows: list[dict
         classify=digits.classify,
         min_psnr=25.0,
         repeat=repeat,
+        compile_options={"options": build},
         class_labels=labels,
     )
     held = choice.heldout
     chosen = choice.setting.name if choice.setting else "uncached"
     timed = next(r for r in rows if r["model"] == "digits" and r["setting"] == chosen)
     return {
-        **{k: timed[k] for k in timed if k.startswith(("s_b", "speedup_b"))},
+        **{k: timed[k] for k in timed if k.startswith(("s_b", "speedup_b", "flop_"))},
         "model": "digits",
         "setting": f"budget 1 pt -> {chosen}",
         "steps": steps,
@@ -211,6 +219,7 @@ def format_table(rows: list[dict], batches=(1, 8)) -> str:
     head = ["model", "setting"]
     for b in batches:
         head += [f"b{b} s", f"b{b} x"]
+    head += ["MACs x"]
     head += ["PSNR dB", "SSIM", "agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -223,6 +232,7 @@ def format_table(rows: list[dict], batches=(1, 8)) -> str:
             eager = r.get(f"eager_s_b{b}")
             secs = f(r.get(f"s_b{b}"), ".3f") + (f" (eager {eager:.3f})" if eager else "")
             cells += [secs, f(r.get(f"speedup_b{b}"), ".2f")]
+        cells += [f(r.get(f"flop_speedup_b{batches[-1]}"), ".2f")]
         agree = r.get("agreement")
         cells += [f(r.get("psnr"), ".1f"), f(r.get("ssim"), ".3f"), "-" if agree is None else f"{agree:.0%}"]
         lines.append("| " + " | ".join(cells) + " |")

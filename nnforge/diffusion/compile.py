@@ -51,11 +51,13 @@ def compile_denoiser(
     backend: str | None = None,
     pipeline: str = "O2",
     check: bool = False,
+    options: dict | None = None,
     **conditioning,
 ) -> StepCachedDenoiser:
     """Compile ``model`` for denoising: ``cache`` a step-cache method (``DeepCache``, ``BlockCache``, ``TGate``)
     or None (every step runs the whole graph). ``sample``, ``timestep`` and ``conditioning`` (``class_labels=``,
-    ``encoder_hidden_states=``) are example inputs; other batch sizes compile on first use."""
+    ``encoder_hidden_states=``) are example inputs; other batch sizes compile on first use. ``options``: the
+    backend's build options (e.g. ``{"threads": 1}`` for ONNX Runtime)."""
     import torch
 
     from ..api import compile as nnforge_compile
@@ -84,6 +86,7 @@ def compile_denoiser(
                 backend=backend,
                 pipeline=pipeline,
                 check=check,
+                options=options,
                 cache=False,
                 progress=False,
             )

@@ -32,7 +32,8 @@ def sample(denoiser, scheduler, noise, steps: int = 50, *, generator=None, eta: 
     with torch.no_grad():
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t)
-            pred = noise_prediction(denoiser(model_input, t, **conditioning))
+            timesteps = t.reshape(1).expand(x.shape[0])  # one per sample, as pipelines pass them (DiT needs it)
+            pred = noise_prediction(denoiser(model_input, timesteps, **conditioning))
             if pred.shape[1] == 2 * x.shape[1]:  # a learned variance (DiT) rides along: the noise is the first half
                 pred = pred[:, : x.shape[1]]
             x = scheduler.step(pred, t, x, generator=generator, **step_options).prev_sample
