@@ -52,13 +52,18 @@ def compile_denoiser(
     pipeline: str = "O2",
     check: bool = False,
     options: dict | None = None,
+    progress: bool | None = None,
     **conditioning,
 ) -> StepCachedDenoiser:
     """Compile ``model`` for denoising: ``cache`` a step-cache method (``DeepCache``, ``BlockCache``, ``TGate``)
     or None (every step runs the whole graph). ``sample``, ``timestep`` and ``conditioning`` (``class_labels=``,
     ``encoder_hidden_states=``) are example inputs; other batch sizes compile on first use. ``options``: the
-    backend's build options (e.g. ``{"threads": 1}`` for ONNX Runtime)."""
+    backend's build options (e.g. ``{"threads": 1}`` for ONNX Runtime); ``progress``: a status line while
+    each graph builds (default: when stderr is a terminal)."""
     import torch
+
+    if not isinstance(sample, torch.Tensor) or sample.dim() < 1:
+        raise NnforgeError("compile_denoiser: sample must be a torch tensor with a batch dimension")
 
     from ..api import compile as nnforge_compile
     from ..api import import_model
@@ -88,7 +93,7 @@ def compile_denoiser(
                 check=check,
                 options=options,
                 cache=False,
-                progress=False,
+                progress=progress,
             )
 
         if cache is None:
@@ -98,12 +103,10 @@ def compile_denoiser(
         features = full.run(arrays)[cut.outputs :]
         return full, build_one(cut.cached, features)
 
-    if sample.dim() < 1:
-        raise NnforgeError("compile_denoiser: sample must have a batch dimension")
     return StepCachedDenoiser(
         build,
         ["sample", "timestep", *names],
-        cache.full_steps if cache is not None else (lambda steps: lambda step: True),
+        cache.full_steps if cache is not None else None,
         config=getattr(model, "config", None),
         method=getattr(cache, "name", "uncached"),
         example_shapes=tuple(tuple(e.shape) for e in examples),

@@ -73,14 +73,15 @@ class StepCachedDenoiser:
     graphs for that shape on first use.
 
     ``build(shapes) -> (full, cached)``: compiled models for inputs of those shapes; ``inputs``: the denoiser's
-    argument names in graph order (``sample``, ``timestep``, then conditioning such as ``class_labels``).
+    argument names in graph order (``sample``, ``timestep``, then conditioning such as ``class_labels``);
+    ``full_steps(steps) -> schedule``: the method's step schedule, None when nothing is reused (no cached graph).
     """
 
     def __init__(
         self,
         build: Callable[[tuple], tuple[Any, Any]],
         inputs: Sequence[str],
-        full_steps: Callable[[int | None], Callable[[int], bool]],
+        full_steps: Callable[[int | None], Callable[[int], bool]] | None,
         *,
         config=None,
         method: str = "",
@@ -88,16 +89,18 @@ class StepCachedDenoiser:
     ):
         self._build = build
         self.inputs = list(inputs)
-        self._full_steps = full_steps
+        self._full_steps = full_steps or (lambda steps: lambda step: True)
+        self.reuses = full_steps is not None
         self.config = config
         self.method = method
         self.dtype = _torch().float32
         self.device = _torch().device("cpu")
         self._built: dict[tuple, tuple[Any, Any]] = {}
         self._features: list[np.ndarray] | None = None
+        self._features_shapes: tuple | None = None  # the input shapes they were computed for
         self._last_t: float | None = None
         self.step = 0
-        self._schedule = full_steps(None)
+        self._schedule = self._full_steps(None)
         self.full_calls = self.cached_calls = 0
         if example_shapes is not None:
             self.models(example_shapes)
@@ -110,7 +113,7 @@ class StepCachedDenoiser:
 
     def full_steps(self, steps: int) -> list[bool]:
         """Which steps of a ``steps``-step run (started by ``reset(steps)``) run the full graph."""
-        if self._built and next(iter(self._built.values()))[1] is None:
+        if not self.reuses:
             return [True] * steps
         schedule = self._full_steps(steps)
         return [k == 0 or bool(schedule(k)) for k in range(steps)]
@@ -118,7 +121,7 @@ class StepCachedDenoiser:
     def reset(self, steps: int | None = None) -> None:
         """A new sampling run of ``steps`` steps begins (None: not known, e.g. under a pipeline)."""
         self.step = 0
-        self._features = None
+        self._features = self._features_shapes = None
         self._last_t = None
         self._schedule = self._full_steps(steps)
 
@@ -141,11 +144,13 @@ class StepCachedDenoiser:
             self.reset()  # timesteps decrease through a run: this is the next run
         self._last_t = t_now
         arrays = [x, t] + [_numpy(given[n]) for n in self.inputs[2:]]
-        full, cached = self.models(tuple(a.shape for a in arrays))
+        shapes = tuple(a.shape for a in arrays)
+        full, cached = self.models(shapes)
         arrays = [a.astype(dtype, copy=False) for a, dtype in zip(arrays, _input_dtypes(full))]
-        if cached is None or self._features is None or self._schedule(self.step):
+        if cached is None or self._features_shapes != shapes or self._schedule(self.step):
             outs = full.run(arrays)
             out, self._features = outs[0], outs[len(outs) - self.n_features(cached, arrays) :]
+            self._features_shapes = shapes
             self.full_calls += 1
         else:
             out = cached.run(arrays + self._features)[0]
