@@ -159,6 +159,7 @@ def run_diffusion(
                     row["ssim"] = ssim(out, quality_ref)
                     row["agreement"] = digits.agreement(out, c["class_labels"])
                 rows.append(row)
+                _write(rows, json_path)  # as it goes: a long run interrupted keeps its rows
             base = next(r for r in rows if r["model"] == name and r["setting"] == "uncached")
             for r in rows:
                 if r["model"] == name:
@@ -167,11 +168,15 @@ def run_diffusion(
                         r[f"flop_speedup_b{b}"] = base[f"flop_s_b{b}"] / r[f"flop_s_b{b}"]
             if judged:
                 rows.append(_budget_row(digits, steps, repeat, build, progress, task, rows))
+    _write(rows, json_path)
     say(format_table(rows, batches))
+    return rows
+
+
+def _write(rows: list[dict], json_path: str | None) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(rows, indent=1))
-    return rows
 
 
 def _budget_row(digits, steps: int, repeat: int, build: dict, progress, task, rows: list[dict]) -> dict:
