@@ -7,7 +7,8 @@ classifier's agreement with the requested digit, plus the budget's choice for a 
 random-weight ``UNet2DConditionModel`` (Stable-Diffusion-shaped, 32x32 latents, 77 text tokens) and DiT
 (DiT-S/2 on 32x32 latents) are timed only: random weights draw nothing to judge.
 
-Timing: the best of ``repeat`` runs after a warm-up run, on ``threads`` threads (ONNX Runtime's intra-op pool
+Timing: the best of ``rounds`` runs after a warm-up, interleaved (each round runs every setting once, so
+the machine's changing load falls on all alike), on ``threads`` threads (ONNX Runtime's intra-op pool
 and torch's, default 1: on a machine shared with other work a larger pool mostly measures the others). Beside
 the measured speed-up, each row gives the speed-up in multiply-adds of the run (``flop_seconds``): what the
 cut saves regardless of the machine's load.
@@ -23,19 +24,25 @@ DEFAULT_JSON = "bench/results/diffusion.json"
 QUALITY_SAMPLES = 100
 
 
-def _sampling_time(denoiser, scheduler, noise, steps: int, conditioning: dict, repeat: int) -> float:
-    """Seconds of the fastest of ``repeat`` whole sampling runs, after one untimed run."""
+def _label(setting) -> str:
+    return "uncached" if setting is None else setting.name
+
+
+def _interleaved_times(runners, scheduler, noise, steps: int, conditioning: dict, rounds: int) -> list[float]:
+    """Seconds of each runner's whole sampling run, the best of ``rounds``: each round runs every runner once
+    (after one untimed warm-up round), so a change in the machine's load falls on all of them alike."""
     import torch
 
     from ..diffusion import sample
 
-    best = float("inf")
+    best = [float("inf")] * len(runners)
     with torch.no_grad():
-        sample(denoiser, scheduler, noise, steps, **conditioning)  # warm-up: first runs allocate
-        for _ in range(repeat):
-            start = time.perf_counter()
-            sample(denoiser, scheduler, noise, steps, **conditioning)
-            best = min(best, time.perf_counter() - start)
+        for r in range(rounds + 1):
+            for k, runner in enumerate(runners):
+                start = time.perf_counter()
+                sample(runner, scheduler, noise, steps, **conditioning)
+                if r:
+                    best[k] = min(best[k], time.perf_counter() - start)
     return best
 
 
@@ -101,7 +108,7 @@ def run_diffusion(
     *,
     batches=(1, 8),
     steps: int = 50,
-    repeat: int = 2,
+    rounds: int = 3,
     threads: int = 1,
     json_path: str | None = DEFAULT_JSON,
     cache_dir: str | None = None,
@@ -135,31 +142,34 @@ def run_diffusion(
                 model, scheduler = digits.unet, digits.scheduler("ddim")
             else:
                 scheduler = DDIMScheduler(num_train_timesteps=1000)
-            quality_ref = None
-            for setting in [None, *settings]:
-                label = "uncached" if setting is None else setting.name
-                row = {"model": name, "setting": label, "steps": steps}
-                for b in batches:
-                    progress.update(task, description=f"{name}: {label}, batch {b}")
-                    noise = torch.randn((b, *shape), generator=torch.Generator().manual_seed(b))
-                    c = cond(b)
-                    denoiser = compile_denoiser(model, noise, 999, cache=setting, options=build, **c)
-                    row[f"s_b{b}"] = _sampling_time(denoiser, scheduler, noise, steps, c, repeat)
+            all_settings = [None, *settings]
+            model_rows = [{"model": name, "setting": _label(x), "steps": steps} for x in all_settings]
+            for b in batches:
+                progress.update(task, description=f"{name}: compiling for batch {b}")
+                noise = torch.randn((b, *shape), generator=torch.Generator().manual_seed(b))
+                c = cond(b)
+                denoisers = [compile_denoiser(model, noise, 999, cache=x, options=build, **c) for x in all_settings]
+                runners = [*denoisers, model]  # eager diffusers last
+                progress.update(task, description=f"{name}: timing batch {b} ({rounds} rounds)")
+                times = _interleaved_times(runners, scheduler, noise, steps, c, rounds)
+                for row, denoiser, seconds in zip(model_rows, denoisers, times):
+                    row[f"s_b{b}"] = seconds
                     row[f"flop_s_b{b}"] = flop_seconds(denoiser, noise, steps, c)
-                    if setting is None:
-                        row[f"eager_s_b{b}"] = _sampling_time(model, scheduler, noise, steps, c, 1)
-                if judged:
-                    progress.update(task, description=f"{name}: {label}, quality on {QUALITY_SAMPLES} samples")
-                    noise = torch.randn((QUALITY_SAMPLES, *shape), generator=torch.Generator().manual_seed(1))
-                    c = cond(QUALITY_SAMPLES)
+                model_rows[0][f"eager_s_b{b}"] = times[-1]
+            if judged:
+                noise = torch.randn((QUALITY_SAMPLES, *shape), generator=torch.Generator().manual_seed(1))
+                c = cond(QUALITY_SAMPLES)
+                quality_ref = None
+                for setting, row in zip(all_settings, model_rows):
+                    progress.update(task, description=f"{name}: {row['setting']}, quality on {QUALITY_SAMPLES} samples")
                     denoiser = compile_denoiser(model, noise, 999, cache=setting, options=build, **c)
                     out = sample(denoiser, scheduler, noise, steps, **c)
                     quality_ref = out if setting is None else quality_ref
                     row["psnr"] = psnr(out, quality_ref)
                     row["ssim"] = ssim(out, quality_ref)
                     row["agreement"] = digits.agreement(out, c["class_labels"])
-                rows.append(row)
-                _write(rows, json_path)  # as it goes: a long run interrupted keeps its rows
+            rows += model_rows
+            _write(rows, json_path)  # as it goes: a long run interrupted keeps its rows
             base = next(r for r in rows if r["model"] == name and r["setting"] == "uncached")
             for r in rows:
                 if r["model"] == name:
@@ -167,7 +177,8 @@ def run_diffusion(
                         r[f"speedup_b{b}"] = base[f"s_b{b}"] / r[f"s_b{b}"]
                         r[f"flop_speedup_b{b}"] = base[f"flop_s_b{b}"] / r[f"flop_s_b{b}"]
             if judged:
-                rows.append(_budget_row(digits, steps, repeat, build, progress, task, rows))
+                rows.append(_budget_row(digits, steps, build, progress, task, rows))
+                _write(rows, json_path)
     _write(rows, json_path)
     say(format_table(rows, batches))
     return rows
@@ -179,7 +190,7 @@ def _write(rows: list[dict], json_path: str | None) -> None:
         Path(json_path).write_text(json.dumps(rows, indent=1))
 
 
-def _budget_row(digits, steps: int, repeat: int, build: dict, progress, task, rows: list[dict]) -> dict:
+def _budget_row(digits, steps: int, build: dict, progress, task, rows: list[dict]) -> dict:
     """The budget's choice for a 1-point agreement budget (and PSNR >= 25 dB), searched on its own calibration
     noise, its quality measured on held-out noise; its timings are those of the same setting's row."""
     import torch
@@ -199,7 +210,7 @@ def _budget_row(digits, steps: int, repeat: int, build: dict, progress, task, ro
         candidates=_digits_settings(),
         classify=digits.classify,
         min_psnr=25.0,
-        repeat=repeat,
+        timing="flops",  # the search's own timings are what the rows above measure; count MACs to choose
         compile_options={"options": build},
         class_labels=labels,
     )
