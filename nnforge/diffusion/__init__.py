@@ -8,6 +8,7 @@ See docs/diffusion.md.
 """
 
 from .blockcache import BlockCache, TGate, cross_attentions, residual_branches
+from .budget import CacheChoice, search_cache
 from .compile import compile_denoiser
 from .deepcache import DeepCache, find_skips, format_skips
 from .sample import sample
@@ -15,6 +16,7 @@ from .stepcache import CacheSplit, StepCachedDenoiser, split
 
 __all__ = [
     "BlockCache",
+    "CacheChoice",
     "CacheSplit",
     "DeepCache",
     "StepCachedDenoiser",
@@ -25,5 +27,6 @@ __all__ = [
     "format_skips",
     "residual_branches",
     "sample",
+    "search_cache",
     "split",
 ]
