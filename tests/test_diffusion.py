@@ -89,6 +89,16 @@ def test_uncached_and_deepcache_denoisers_follow_eager_sampling(digits_diffusion
     assert 20 < psnr(out, eager) < 80  # close, but not the same computation
 
 
+def test_ddpm_sampling_draws_the_same_noise_as_eager():
+    from diffusers import DDPMScheduler
+
+    unet, noise = tiny_unet2d(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = lambda denoiser: sample(
+        denoiser, DDPMScheduler(num_train_timesteps=100), noise, 10, generator=torch.Generator().manual_seed(5)
+    )
+    np.testing.assert_allclose(run(compile_denoiser(unet, noise, 99)), run(unet), atol=1e-4)
+
+
 def test_deepcache_interval_3_keeps_the_digits_recognisable(digits_diffusion):
     """The issue's target on the real model: 50 DDIM steps, 10 samples of each digit, same noise."""
     m = digits_diffusion
