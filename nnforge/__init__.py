@@ -7,6 +7,7 @@ fast.save("out/"); again = nnforge.load("out/")
 from .api import LossySettings, compile, export, import_model, load
 from .check import check
 from .compiled import CompiledModel
+from .diffusion import BlockCache, DeepCache, StepCachedDenoiser, TGate, compile_denoiser
 from .errors import BundleError, ModelLoadError, NnforgeError, NumericsError, UnsupportedOpError, VerificationError
 from .explain import explain
 from .ir import Graph, TensorType
@@ -34,6 +35,11 @@ __all__ = [
     "load",
     "import_model",
     "CompiledModel",
+    "compile_denoiser",
+    "StepCachedDenoiser",
+    "DeepCache",
+    "BlockCache",
+    "TGate",
     "Graph",
     "TensorType",
     "Pass",

@@ -116,6 +116,12 @@ def _cmd_bench(args) -> int:
         json_path = args.json if args.json != DEFAULT_BENCH_JSON else "bench/results/llm.json"
         run_llm([r for r in ROWS if not args.runner or any(k in r for k in args.runner)], json_path=json_path)
         return 0
+    if args.diffusion:
+        from .bench.diffusion import DEFAULT_JSON, run_diffusion
+
+        json_path = args.json if args.json != DEFAULT_BENCH_JSON else DEFAULT_JSON
+        run_diffusion(args.model or ("digits", "unet2d_condition", "dit"), json_path=json_path, steps=args.steps)
+        return 0
     if args.zoo:
         from .bench.harness import run_zoo
 
@@ -320,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
         "weights) through eager, torch.compile, ONNX Runtime, nnforge-onnxrt and nnforge-tvm; JSON to "
         "bench/results/zoo.json",
     )
-    b.add_argument("--model", action="append", help="with --zoo: only these models (repeatable; default all)")
     b.add_argument(
         "--llm",
         action="store_true",
@@ -336,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="with --zoo: one Ray task per model (on the cluster at ADDRESS, $RAY_ADDRESS, or a local one)",
     )
+    b.add_argument(
+        "--diffusion",
+        action="store_true",
+        help="instead: step caching (DeepCache, FORA, T-Gate) on DDIM sampling runs at batch 1 and 8: speed-up over "
+        "uncached nnforge, PSNR/SSIM and classifier agreement on the digits model (--model digits, "
+        "unet2d_condition, dit); JSON to bench/results/diffusion.json",
+    )
+    b.add_argument("--steps", type=int, default=50, help="with --diffusion: sampling steps per run")
+    b.add_argument("--model", action="append", help="with --zoo/--diffusion: only these models (repeatable)")
     b.set_defaults(func=_cmd_bench)
 
     gn = sub.add_parser("generate", help="generate text with a compile_lm bundle that carries a tokenizer")

@@ -28,3 +28,15 @@ def digits_vit(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's basetemp is <session basetemp>/popen-gwN
         shared = shared.parent
     return dv.trained_once(shared / "digits-vit")
+
+
+@pytest.fixture(scope="session")
+def digits_diffusion(tmp_path_factory):
+    """The class-conditional digits DDPM and its classifier (nnforge.models.digits_diffusion), trained once per
+    session (about 2 minutes on one thread) by whichever xdist worker needs it first, loaded by the others."""
+    from nnforge.models.digits_diffusion import trained_once
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    return trained_once(shared / "digits-diffusion")
