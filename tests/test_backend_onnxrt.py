@@ -412,6 +412,37 @@ def _kept(b):
 CASES["onnx_node"] = [_kept]
 
 
+def _decode_inputs(b, s, seqlens, total, h=4, kv=2, d=16, cap=12):
+    """q, k, v, the caches, seqlens_k, total_len and RoPE tables of a cached_attention step (tests/test_llm.py
+    covers prefill, padded batches and draft chunks on every backend)."""
+    batch = len(seqlens)
+    angles = np.arange(cap)[:, None] / 10000 ** (np.arange(0, d, 2) / d)
+    return (
+        [b.x(batch, s, h * d, name="q"), b.x(batch, s, kv * d, name="k"), b.x(batch, s, kv * d, name="v")]
+        + [b.x(batch, kv, cap, d, name="past_k"), b.x(batch, kv, cap, d, name="past_v")]
+        + [b.x(value=np.array(seqlens, np.int32), name="seqlens_k"), b.x(value=np.array(total, np.int32), name="total")]
+        + [b.c(value=np.cos(angles).astype(np.float32)), b.c(value=np.sin(angles).astype(np.float32))]
+    )
+
+
+def _cached_attention(b, s, seqlens, total):
+    node = b.g.add_node("cached_attention", _decode_inputs(b, s, seqlens, total), {"num_heads": 4, "kv_num_heads": 2})
+    return node.outputs[0]  # the cache past the filled slots is the runtime's (test_llm.py checks the filled ones)
+
+
+def _attention_mass(b, s, seqlens, total, window):
+    q, _, _, past_k, _, sl, tl, cos, sin = _decode_inputs(b, s, seqlens, total)
+    attrs = {"num_heads": 4, "kv_num_heads": 2, "window": window}
+    return b.g.add_node("attention_mass", [q, past_k, sl, tl, cos, sin], attrs).output
+
+
+CASES["cached_attention"] = [
+    lambda b: _cached_attention(b, 4, [3], 4),  # a prompt into an empty cache
+    lambda b: _cached_attention(b, 1, [6, 2], 7),  # one decode step per sequence at its own length
+]
+CASES["attention_mass"] = [lambda b: _attention_mass(b, 3, [8], 9, 0), lambda b: _attention_mass(b, 4, [3], 4, 2)]
+
+
 def _csr(b, n, k):
     from nnforge.ops.lowbit import csr_from_dense
 
@@ -530,6 +561,8 @@ _NO_ROUND_TRIP = {("max_pool2d", 3), ("avg_pool2d", 4)}
 _NO_ROUND_TRIP |= {(op, k) for op in ("token_merge", "token_prune") for k in range(len(CASES[op]))}
 # low-bit ops lower to MatMulNBits / integer matmuls / bit unpacking, which the ONNX frontend does not import
 _NO_ROUND_TRIP |= {(op, k) for op in ("qlinear", "qconv2d", "qgather", "sparse_linear") for k in range(len(CASES[op]))}
+# the decoder's ops lower to ORT's GroupQueryAttention and a decomposition: no ONNX op reads back as them
+_NO_ROUND_TRIP |= {(op, k) for op in ("cached_attention", "attention_mass") for k in range(len(CASES[op]))}
 
 
 @pytest.mark.parametrize(
