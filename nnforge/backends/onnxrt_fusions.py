@@ -99,6 +99,39 @@ def _skip_rms_norm(cx, add, norm):
     cx.domains.add("com.microsoft")
 
 
+def _packed_qkv(graph: Graph) -> dict:
+    """cached_attention whose q, k, v are consecutive slices (along the last axis) of one tensor read by nothing
+    else: {attention node: slice nodes}; GroupQueryAttention takes the packed tensor as its query."""
+    users = graph.users()
+    out = {}
+    for n in graph.nodes:
+        if n.op != "cached_attention":
+            continue
+        slices = [v.producer for v in n.inputs[:3]]
+        if any(s is None or s.op != "slice" for s in slices) or len({s.inputs[0] for s in slices}) != 1:
+            continue
+        packed = slices[0].inputs[0]
+        ends = [0] + [s.attrs["end"] for s in slices]
+        consecutive = all(
+            s.attrs["axis"] in (-1, packed.type.rank - 1) and s.attrs["step"] == 1 and s.attrs["start"] == ends[i]
+            for i, s in enumerate(slices)
+        )
+        if consecutive and ends[-1] == packed.shape[-1] and set(users[packed]) == set(slices):
+            if all(users[s.output] == [n] for s in slices):
+                out[n] = slices
+    return out
+
+
+def _gqa_packed(cx, att, packed):
+    from ..ops.decode import group_query_attention
+
+    ins = [cx.value(packed), "", ""] + [cx.value(v) if v is not None else None for v in att.inputs[3:]]
+    ins += [None] * (9 - len(ins))
+    names = group_query_attention(cx, ins, att.attrs)
+    for value, name in zip(att.outputs, names):
+        cx.alias[value.name] = name
+
+
 def contrib_fusions(graph: Graph) -> tuple[dict, set]:
     """Groups of IR nodes that lower to one ONNX Runtime contrib kernel: ({node: lower(cx)}, nodes lowered by them)."""
     fused, skip = {}, set()
@@ -107,6 +140,9 @@ def contrib_fusions(graph: Graph) -> tuple[dict, set]:
         skip.update([lin, *slices])
     # (ORT's SkipLayerNormalization was tried for add + layer_norm: its CPU kernel is ~5x slower than the two ops
     # on BERT's [batch, 128, 384]; the RMS variant replaces seven small ops per norm in a decoder step)
+    for att, slices in _packed_qkv(graph).items():
+        fused[att] = lambda cx, att=att, packed=slices[0].inputs[0]: _gqa_packed(cx, att, packed)
+        skip.update(slices)
     for add, norm in _residual_rms_norms(graph).items():
         fused[add] = lambda cx, add=add, norm=norm: _skip_rms_norm(cx, add, norm)
         skip.add(norm)

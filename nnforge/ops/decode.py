@@ -144,6 +144,13 @@ def _ort_check(node, target: str) -> str | None:
 
 @cached_attention.onnxrt(check=_ort_check)
 def _(cx, q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **attrs):
+    return group_query_attention(cx, [q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin], attrs)
+
+
+def group_query_attention(cx, ins: list, attrs: dict) -> list[str]:
+    """ORT's GroupQueryAttention on ONNX names (q, k, v, caches, seqlens_k, total_len, cos, sin); k and v ""
+    when q is the packed q/k/v projection (onnxrt_fusions lowers the slices of one linear that way)."""
+    q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin = ins
     if not cx.contrib:
         raise OpError("cached_attention: ONNX Runtime's GroupQueryAttention (a contrib op) is not allowed here")
     ins = [q, k, v, past_k, past_v, seqlens_k, total_len] + ([cos, sin] if cos else [])
