@@ -471,4 +471,5 @@ def test_the_budget_picks_the_fastest_setting_within_it(metric):
     strict = nnforge.compile_lm(
         model, max_length=160, budget=nnforge.Budget(metric=metric, max_drop=0.0), heldout=heldout, prompt=PROMPT
     )
-    assert all(line.startswith("   ") or "loss 0.0000" in line for line in strict.notes[0].splitlines()[1:])
+    chosen = next(line for line in strict.notes[0].splitlines() if line.startswith(" *"))
+    assert float(chosen.split()[-2]) <= 0.0  # no loss at all (a quantized model may even score a hair better)
