@@ -17,6 +17,7 @@ from typing import Callable
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, Value
+from ..passes.blocks import _between  # the same walk the block analysis uses
 
 ATTENTION = ("sdpa", "attention")
 
@@ -27,22 +28,6 @@ class Branch:
     stream: Value
     value: Value  # the branch's output: what block caching reuses
     attention: bool  # the branch contains an attention op
-
-
-def _between(v: Value, stop: Value) -> tuple[list[Node], bool]:
-    """Nodes computing ``v`` back to ``stop`` (not through it), and whether ``stop`` is reached."""
-    nodes, seen, todo, reached = [], set(), [v], False
-    while todo:
-        x = todo.pop()
-        if x is stop:
-            reached = True
-            continue
-        if x in seen or x.producer is None:
-            continue
-        seen.add(x)
-        nodes.append(x.producer)
-        todo.extend(i for i in x.producer.inputs if i is not None)
-    return nodes, reached
 
 
 def residual_branches(graph: Graph) -> list[Branch]:

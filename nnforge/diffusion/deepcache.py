@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import NnforgeError
 from ..ir import Graph, Node, Value
+from ..passes.blocks import _ancestors
 
 
 @dataclass
@@ -26,18 +27,6 @@ class Skip:
     concat: Node
     deep: Value  # from the decoder: what DeepCache reuses
     skip: Value  # from the encoder
-
-
-def _ancestors(v: Value) -> set[Value]:
-    seen, todo = set(), [v]
-    while todo:
-        x = todo.pop()
-        if x in seen:
-            continue
-        seen.add(x)
-        if x.producer is not None:
-            todo.extend(i for i in x.producer.inputs if i is not None)
-    return seen
 
 
 def find_skips(graph: Graph) -> list[Skip]:
