@@ -261,7 +261,8 @@ EXTRA_OPS = {
     "elementwise_region",
     "torch_op",
     "onnx_node",  # runs on ONNX Runtime; tests/test_onnx_passthrough.py covers its TVM partitions
-    "cached_attention",  # the decoder's ops: tests/test_llm.py checks both on every backend
+    "cached_attention",  # the decoder's ops: tests/test_llm.py checks them on every backend
+    "cached_attention_int8",
     "attention_mass",
 }
 CORE_OPS = sorted(set(REGISTRY) - EXTRA_OPS)

@@ -44,6 +44,21 @@ def test_symbolic_shape_inference():
     assert g.op("concat", flat, flat, axis=0).shape == ("2*batch*seq", 16)
 
 
+def test_specialize_fixes_a_symbol_in_types_and_shape_attributes():
+    from nnforge.ir.shapes import specialize
+
+    g = Graph()
+    x = g.add_input("x", TensorType(("batch", "seq", 8)))
+    y = g.op("reshape", g.op("relu", x), shape=("batch", "seq", 2, 4))
+    g.outputs = [g.op("reshape", y, shape=("batch * seq", 8))]
+    one = specialize(g, {"seq": 1})
+    assert one.inputs[0].shape == ("batch", 1, 8) and g.inputs[0].shape == ("batch", "seq", 8)  # a copy
+    assert [n.output.shape for n in one.nodes] == [("batch", 1, 8), ("batch", 1, 2, 4), ("batch", 8)]
+    verify(one)
+    xs = np.random.default_rng(0).standard_normal((3, 1, 8)).astype(np.float32)
+    np.testing.assert_array_equal(interpret(one, [xs])[0], interpret(g, [xs])[0])
+
+
 def test_broadcast_and_type_errors_name_the_op():
     ta, tb = TensorType((2, 3)), TensorType((4, 3))
     with pytest.raises(OpError, match="add"):

@@ -15,6 +15,7 @@ from nnforge.backends.base import get_backend
 from nnforge.errors import NnforgeError
 from nnforge.ir import Graph, interpret
 from nnforge.ir.graph import TensorType
+from nnforge.ir.shapes import specialize
 from nnforge.llm.speculative import least_influential, speculative_generate
 from nnforge.models.real import ensure_torchvision
 
@@ -79,6 +80,88 @@ def test_cached_attention_matches_the_reference(backend, rope):
             np.testing.assert_allclose(out[0][b, :rows], ref[0][b, :rows], rtol=1e-4, atol=1e-5)
             for i in (1, 2):  # the cache up to the filled slots (later slots are the runtime's)
                 np.testing.assert_allclose(out[i][b, :, :filled], ref[i][b, :, :filled], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [16, 8])
+def test_tvm_decode_attention_kernels_match_the_reference(d):
+    """A step of one token (the decode build): TVM's kernels read only each sequence's filled slots."""
+    g = specialize(_attention_graph(d=d), {"S": 1})
+    assert g.inputs[0].shape == ("B", 1, 4 * d)
+    art, rng = get_backend("tvm").build(g, "cpu"), np.random.default_rng(1)
+    for batch, seqlens, total in [(2, [7, 3], 8), (1, [0], 1), (3, [15, 0, 9], 16)]:
+        ins = _case(rng, batch, 1, seqlens, total, d=d)
+        ref, out = interpret(g, ins), art.run(ins)
+        np.testing.assert_allclose(out[0], ref[0], rtol=1e-4, atol=1e-5)
+        for i in (1, 2):
+            np.testing.assert_allclose(out[i], ref[i], rtol=1e-5, atol=1e-6)
+
+
+def _int8_attention_graph(steps="S", h=4, kv=2, d=16, cap=16) -> Graph:
+    from nnforge.llm.surgery import int8_cache
+
+    g = _attention_graph(h, kv, d, cap)
+    g.meta["decoder"] = {"layers": [0], "logits": "all"}
+    for name in ("past_k", "past_v"):
+        next(v for v in g.inputs if v.name == name).name = f"{name}_0"
+    g = int8_cache(g)
+    return specialize(g, {"S": steps}) if steps != "S" else g
+
+
+@pytest.mark.parametrize("backend,steps", [("tvm", "S"), ("tvm", 1), ("torch", "S")])
+def test_int8_cache_attention_matches_the_reference(backend, steps):
+    """The int8 KV cache: new keys/values stored as int8 codes with a scale per head and slot; attention reads
+    them dequantized. TVM's prompt path dequantizes the cache, its decode kernels read the codes."""
+    g, rng = _int8_attention_graph(steps), np.random.default_rng(2)
+    assert [n.op for n in g.nodes] == ["cached_attention_int8"] and g.inputs[3].dtype == "int8"
+    art = get_backend(backend).build(g, "cpu")
+    cases = CASES if steps == "S" else [c for c in CASES if c[1] == 1] + [(3, 1, [15, 0, 9], 16)]
+    for batch, s, seqlens, total in cases:
+        q, k, v, *_ = _case(rng, batch, s, seqlens, total)
+        caches = [rng.integers(-127, 128, (batch, 2, 16, 16)).astype(np.int8) for _ in "kv"]
+        scales = [rng.random((batch, 2, 16, 1), np.float32) for _ in "kv"]
+        feed = dict(
+            zip(
+                ["q", "k", "v", "past_k_0", "past_v_0", "past_k_scale_0", "past_v_scale_0"], [q, k, v, *caches, *scales]
+            )
+        )
+        feed.update(seqlens_k=np.array(seqlens, np.int32), total_len=np.array(total, np.int32))
+        ins = [feed[v.name] for v in g.inputs]
+        ref, out = interpret(g, ins), art.run(ins)
+        for b in range(batch):
+            first = total == s
+            rows = seqlens[b] + 1 if first else s
+            filled = rows + (0 if first else seqlens[b] + 1 - s)
+            np.testing.assert_allclose(out[0][b, :rows], ref[0][b, :rows], rtol=1e-4, atol=1e-4)
+            for i in (1, 2):  # codes: a division rounded on another machine may land one code off
+                assert np.abs(out[i][b, :, :filled].astype(int) - ref[i][b, :, :filled]).max() <= 1
+            for i in (3, 4):
+                np.testing.assert_allclose(out[i][b, :, :filled], ref[i][b, :, :filled], rtol=1e-6)
+    # the quantization itself: a row's codes span +-127 and reproduce it within half a step
+    from nnforge.ops.decode import quantize_rows
+
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    codes, scale = quantize_rows(x)
+    assert np.abs(codes).max(-1).tolist() == [127] * 5
+    assert np.all(np.abs(codes * scale - x) <= scale / 2 + 1e-6)
+
+
+def test_an_int8_kv_cache_decodes_on_tvm_close_to_float():
+    model = _llama()
+    float_lm = nnforge.compile_lm(model, max_length=48, backend="tvm")
+    lm = nnforge.compile_lm(model, max_length=48, backend="tvm", kv_dtype="int8")
+    cache = lm.new_cache(1)
+    assert cache.buffers["past_k_0"].dtype == np.int8 and cache.buffers["past_k_scale_0"].shape == (1, 2, 48, 1)
+    d = 16  # int8 codes plus a float32 scale per head_dim values, against float32 values
+    assert cache.nbytes() / float_lm.new_cache(1).nbytes() == (d + 4) / (4 * d)
+    want = float_lm.generate([PROMPT], max_new_tokens=12).tokens[0]
+    got = lm.generate([PROMPT], max_new_tokens=12).tokens[0]
+    assert got == want  # a random tiny model: int8 keys/values do not change its greedy choice
+    ids = PROMPT + want
+    assert lm.perplexity(ids) == pytest.approx(float_lm.perplexity(ids), rel=0.01)
+    with pytest.raises(NnforgeError, match="kv_dtype='int8' runs on backend='tvm'"):
+        nnforge.compile_lm(model, max_length=48, kv_dtype="int8")
+    with pytest.raises(NnforgeError, match="keep a float cache"):
+        nnforge.compile_lm(model, max_length=48, backend="tvm", kv_dtype="int8", kv=nnforge.KVCompress("h2o", 32))
 
 
 def test_cached_attention_rejects_a_position_beyond_the_capacity():
@@ -181,6 +264,26 @@ def test_onnxruntime_updates_the_cache_in_place():
     assert all(cache.buffers[n] is buffers[n] for n in buffers)  # the same arrays: no copy per step
     assert np.abs(buffers["past_k_0"][0, :, : len(PROMPT)]).sum() > 0  # ... written by the model
     assert not buffers["past_k_0"][0, :, len(PROMPT) :].any()
+
+
+def test_tvm_updates_the_cache_in_place_and_decodes_with_a_one_token_build(tmp_path):
+    lm = nnforge.compile_lm(_llama(), max_length=48, backend="tvm")
+    runner = lm.runner("last")
+    assert runner.decode is not None and runner.decode.graph.inputs[0].shape == ("batch", 1)
+    cache = lm.new_cache(1)
+    buffers = {n: b.ctypes.data for n, b in cache.buffers.items()}
+    runner.run(cache, cache.step_inputs(np.array([PROMPT])))
+    cache.lengths += len(PROMPT)
+    runner.run(cache, cache.step_inputs(np.array([[7]])))
+    assert {n: b.ctypes.data for n, b in cache.buffers.items()} == buffers  # the same memory: no copy per step
+    assert np.abs(cache.buffers["past_k_0"][0, :, : len(PROMPT) + 1]).sum(-1).all()  # ... written by the model
+    assert not cache.buffers["past_k_0"][0, :, len(PROMPT) + 1 :].any()
+    # the bundle carries the one-token build
+    want = lm.generate([PROMPT], max_new_tokens=6).tokens
+    lm.save(tmp_path / "lm")
+    again = nnforge.load(tmp_path / "lm")
+    assert again.runner("last").decode is not None
+    assert again.generate([PROMPT], max_new_tokens=6).tokens == want == [_hf_greedy(_llama(), PROMPT, 6)]
 
 
 def test_sampling_is_seeded_and_its_limits_reduce_to_greedy():

@@ -550,6 +550,30 @@ def test_tvm_dequantizes_inside_the_matmul_and_keeps_weights_low_bit(name, optio
     assert any('sblock("dequantize' in loop and 'sblock("qmatmul_update' in loop for loop in loops)
 
 
+@pytest.mark.parametrize("bits,group,zeros", [(4, 32, "float"), (4, 32, "int"), (4, 64, None), (8, 96, None)])
+def test_tvm_decode_rows_take_the_gemv_kernel(bits, group, zeros):
+    """A step of one token per sequence ([batch, 1, K], the decode build) runs tvm_gemv: codes unpacked in
+    registers, the group's scale and zero point applied per group; it equals the reference for any batch."""
+    from nnforge.backends import tvm as tb
+
+    n, k = 96, 192
+    qw = R.rtn(randn(n, k), bits, group, float_zero=zeros == "float")
+    g = Graph()
+    x = g.add_input("x", TensorType(("batch", 1, k)))
+    zero = None if zeros is None or qw.zeros is None else g.add_constant(qw.zeros)
+    g.outputs = [
+        g.op("qlinear", x, g.add_constant(qw.stored()), g.add_constant(qw.scales), zero, g.add_constant(randn(n)),
+             bits=bits, group_size=qw.group_size)
+    ]  # fmt: skip
+    verify(g)
+    kernels = tb.BACKEND.kernels(g, "cpu")
+    assert any(gv.name_hint.startswith("qgemv") for gv in kernels.functions)
+    art = tb.build(g, "cpu")
+    for batch in (1, 3):
+        xs = randn(batch, 1, k)
+        np.testing.assert_allclose(art.run([xs])[0], interpret(g, [xs])[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("act", ["dynamic", "dynamic_tensor", "static"])
 def test_tvm_w8a8_runs_int8_dot_products_where_the_cpu_has_vnni(act, monkeypatch):
     """On a VNNI CPU, W8A8 multiplies uint8 x int8 codes with vpdpbusd (tvm_vnni), bias and rescale in

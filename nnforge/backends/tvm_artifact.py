@@ -136,7 +136,8 @@ class TVMArtifact(Artifact):
         self._vm, self._params = vm, params
         self._main = vm[self.meta["func"]]  # looking the function up costs ~50 us per call
 
-    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def run(self, inputs: Sequence[np.ndarray], raw: bool = False) -> list:
+        """Outputs as numpy arrays (``raw``: as TVM tensors, for a caller that converts only some of them)."""
         arrays = [np.asarray(a) for a in inputs]
         try:
             bind_symbols(self.graph, arrays)
@@ -150,9 +151,8 @@ class TVMArtifact(Artifact):
             out = self._main(*args, *self._params)
         except Exception as e:  # a shape check inside the VM (e.g. broadcasting two symbols that differ)
             raise NnforgeError(f"TVM artifact ({self.target.name}) failed to run: {first_line(e)}") from e
-        if len(self.graph.outputs) == 1:
-            return [out.numpy()]
-        return [o.numpy() for o in out]
+        outs = [out] if len(self.graph.outputs) == 1 else list(out)
+        return outs if raw else [o.numpy() for o in outs]
 
     __call__ = run
 

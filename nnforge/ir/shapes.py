@@ -64,3 +64,29 @@ def conv_out(size: Dim, k: int, s: int, p: int, d: int, ceil_mode=False) -> Dim:
     import sympy
 
     return symbols.from_sympy((sympy.ceiling(expr / s) if ceil_mode else sympy.floor(expr / s)) + 1)
+
+
+def specialize(graph, env: dict[str, int]):
+    """A copy of ``graph`` with the symbols of ``env`` fixed (e.g. ``{"seq": 1}``: a decode step): the inputs'
+    types, dimensions in shape attributes (reshape / expand targets) and every inferred type after them.
+    Backends then see static extents where the symbols were (a kernel for one row, not for any number)."""
+    from . import symbols as S
+    from .registry import infer_types
+
+    def dim(d):
+        if isinstance(d, str) and S.symbols_in(d) & env.keys():
+            return S.from_sympy(S.to_sympy(d).subs({S.to_sympy(k): v for k, v in env.items()}))
+        return d
+
+    def attr(v):
+        return type(v)(dim(d) for d in v) if isinstance(v, (tuple, list)) else v
+
+    g = graph.copy()
+    for v in g.inputs:
+        v.type = TensorType(tuple(dim(d) for d in v.type.shape), v.type.dtype)
+    for n in g.nodes:
+        n.attrs = {k: attr(v) for k, v in n.attrs.items()}
+        types = infer_types(n.op, [i.type if i is not None else None for i in n.inputs], n.attrs)
+        for out, t in zip(n.outputs, types):
+            out.type = t
+    return g

@@ -39,8 +39,11 @@ def rope_tables(spec: DecoderSpec, capacity: int) -> tuple[np.ndarray, np.ndarra
     return angles.cos().numpy(), angles.sin().numpy()
 
 
-def cache_names(layers) -> list[str]:
-    return [f"past_{kv}_{i}" for i in layers for kv in ("k", "v")]
+def cache_names(layers, cache: str = "float") -> list[str]:
+    """The cache inputs of ``layers``, in the order of the step's cache outputs: k and v per layer, and with an
+    int8 cache (``cache="int8"``) their scales."""
+    parts = ("k", "v") + (("k_scale", "v_scale") if cache == "int8" else ())
+    return [f"past_{kv}_{i}" for i in layers for kv in parts]
 
 
 class _Writer:

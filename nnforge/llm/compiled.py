@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import NnforgeError
 from ..ir import Graph
+from ..ir.shapes import specialize
 from ..passes.lowbit.settings import Quantize
 from ..targets import get_target
 from .build import build_step
@@ -26,7 +27,9 @@ from .generate import Generation, PlainDecoder, Sampling, as_batch, generate
 from .kv import CompressedDecoder, KVCompress, PromptPrune, PrunedDecoder
 from .runtime import KVCache, StepRunner
 from .spec import DecoderSpec, read_decoder
-from .surgery import last_rows, skip_layers, with_attention_mass
+from .surgery import int8_cache, last_rows, skip_layers, with_attention_mass
+
+DECODE_DIR = "decode"  # a TVM bundle's one-token step
 
 
 @dataclass
@@ -119,8 +122,14 @@ class CompiledLM:
     def _build(self, graph: Graph) -> StepRunner:
         from ..backends.base import get_backend
 
-        artifact = get_backend(self.backend).build(graph, self.target, self.options)
-        return StepRunner(artifact, graph)
+        backend = get_backend(self.backend)
+        artifact = backend.build(graph, self.target, self.options)
+        decode = None
+        if self.backend == "tvm" and "seq" in graph.symbols():
+            # one token per sequence: the decode steps get kernels for one row (the low-bit GEMV), as
+            # TVM cannot pick a kernel by a symbolic row count at run time
+            decode = backend.build(specialize(graph, {"seq": 1}), self.target, self.options)
+        return StepRunner(artifact, graph, decode)
 
     def runner(
         self, kind: str = "last", skip: Sequence[int] = (), quantize=None, mass: int | None = None
@@ -152,7 +161,8 @@ class CompiledLM:
     def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
         i = self.info
         cap = capacity or i["capacity"]
-        return KVCache(i["num_layers"], batch, i["kv_heads"], cap, i["head_dim"], i.get("rope_theta"))
+        cache = self.graph.meta["decoder"].get("cache", "float")
+        return KVCache(i["num_layers"], batch, i["kv_heads"], cap, i["head_dim"], i.get("rope_theta"), cache)
 
     def decoder(self):
         """What generate steps: the plain full-capacity cache or the KV-compression policy's, behind prompt
@@ -270,6 +280,8 @@ class CompiledLM:
             files.append("tokenizer.json")
         runner = self.runner("last")
         decoder = {**self.info, "graph_meta": runner.graph.meta["decoder"]}
+        if runner.decode is not None:  # the one-token build, a bundle of its own inside
+            write_bundle(runner.decode, d / DECODE_DIR)
         return write_bundle(runner.artifact, d, extra={"decoder": decoder}, extra_files=files)
 
 
@@ -289,6 +301,7 @@ def compile_lm(
     heldout: Sequence[int] | None = None,
     prompt: Sequence[int] | None = None,
     progress: bool = False,
+    kv_dtype: str = "float32",
 ) -> CompiledLM:
     """Compile a causal LM (Hugging Face Llama-family or GPT-2, nnforge's GPT, or a DecoderSpec) into a decoder
     step with a KV cache of ``max_length`` slots. ``quantize``: None, "int8", "int4" (weight-only, RTN; the
@@ -299,18 +312,21 @@ def compile_lm(
     ``prune``: a ``nnforge.PromptPrune``: long prompts are pruned before the prefill.
     ``budget``: a ``nnforge.Budget`` (metric "perplexity" on ``heldout`` token ids, or "greedy" agreement after
     ``prompt``): the fastest quantization / KV-cache setting within it (see nnforge/llm/budget.py); the
-    search's report is ``lm.notes``."""
+    search's report is ``lm.notes``.
+    ``kv_dtype``: "float32" or "int8" (TVM: keys and values stored as int8 codes with a scale per head and slot,
+    a quarter of the cache's memory and of what each decode step reads from it)."""
     if budget is not None:
         from .budget import search
 
         if heldout is None or prompt is None:
             raise NnforgeError("compile_lm: a budget needs heldout= and prompt= token ids")
-        if quantize is not None or kv is not None:
-            raise NnforgeError("compile_lm: give a budget or quantize/kv settings, not both")
+        if quantize is not None or kv is not None or kv_dtype != "float32":
+            raise NnforgeError("compile_lm: give a budget or quantize/kv/kv_dtype settings, not both")
         rest = dict(max_length=max_length, target=target, backend=backend, tokenizer=tokenizer, threads=threads)
         result = search(model, budget, heldout, prompt, calibration=calibration, compute=compute, prune=prune, **rest)
         result.chosen.lm.notes = [result.report()]
         return result.chosen.lm
+    _check_kv_dtype(kv_dtype, backend, kv, prune)
     if compute not in ("int8", "float"):
         raise NnforgeError(f"compile_lm: compute must be 'int8' or 'float', got {compute!r}")
     if kv is not None and not isinstance(kv, KVCompress):
@@ -326,6 +342,8 @@ def compile_lm(
         )
     settings = _quantize_settings(quantize)
     graph = optimize_step(build_step(spec, max_length, logits="all"), settings, calibration, progress)
+    if kv_dtype == "int8":
+        graph = int8_cache(graph)
     onnxrt = backend in ("onnxrt", "ort", "onnxruntime")
     if settings is not None and onnxrt and compute == "int8":
         int8_compute(graph)
@@ -344,6 +362,20 @@ def render_chat(template: str | None, text: str) -> str:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(messages=[{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def _check_kv_dtype(kv_dtype: str, backend: str, kv, prune) -> None:
+    if kv_dtype not in ("float32", "int8"):
+        raise NnforgeError(f"compile_lm: kv_dtype must be 'float32' or 'int8', got {kv_dtype!r}")
+    if kv_dtype == "int8" and backend != "tvm":
+        raise NnforgeError(
+            f"compile_lm: kv_dtype='int8' runs on backend='tvm', not {backend!r} "
+            "(ONNX Runtime's GroupQueryAttention keeps a float cache)"
+        )
+    if kv_dtype == "int8" and (kv is not None or prune is not None):
+        raise NnforgeError(
+            "compile_lm: KV-cache compression and prompt pruning keep a float cache, not kv_dtype='int8'"
+        )
 
 
 def spec_info(spec: DecoderSpec, capacity: int) -> dict:
@@ -371,5 +403,10 @@ def load_lm(directory, artifact, manifest: dict) -> CompiledLM:
 
         tokenizer = Tokenizer.from_str((Path(directory) / "tokenizer.json").read_text())
     lm = CompiledLM(graph, decoder, artifact.backend, artifact.target.name, tokenizer=tokenizer)
-    lm._runners[("last", (), repr(None), None)] = StepRunner(artifact, graph)
+    decode = None
+    if (Path(directory) / DECODE_DIR).is_dir():
+        from ..bundle import read_bundle
+
+        decode, _ = read_bundle(Path(directory) / DECODE_DIR)
+    lm._runners[("last", (), repr(None), None)] = StepRunner(artifact, graph, decode)
     return lm

@@ -6,8 +6,11 @@ k/v) and the length of each sequence. ``StepRunner`` runs one compiled step grap
 - ONNX Runtime: the buffers are OrtValues over numpy memory bound with IOBinding as both the past input
   and the present output of GroupQueryAttention, which then writes the new slots in place: no copy of
   the cache per token.
-- other backends (TVM, the torch executor, the interpreter): the step returns new cache tensors, which
-  become the cache (the backend's scatter copies each layer's cache once per step).
+- TVM: the step writes the new slots into the cache in place too (``backends/tvm_cache.py``): the buffers
+  are 64-byte aligned, so TVM takes the numpy memory without a copy, and its cache outputs are the same
+  memory. A second build of the step for one token per sequence runs the decode steps (``CompiledLM._build``).
+- other backends (the torch executor, the interpreter): the step returns new cache tensors, which become
+  the cache.
 
 A layer-skipped draft's step graph has cache inputs only for its layers; it binds to the same buffers.
 """
@@ -31,16 +34,40 @@ class StepInputs:
     last_index: np.ndarray  # int64 [B]
 
 
+CODES = {"int8": np.int8}  # the element type of an int8 cache's k/v buffers (their scales are float32)
+
+
+def aligned_zeros(shape, dtype=np.float32, alignment: int = 64) -> np.ndarray:
+    """Zeros whose data starts on an ``alignment``-byte boundary: TVM takes such numpy memory without a copy
+    (its kernels assume 64-byte alignment), so its in-place cache writes land in these buffers."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(size + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
 class KVCache:
     """The cache buffers of one batch and each sequence's length (filled slots)."""
 
     def __init__(
-        self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, rope_theta: float | None = None
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        rope_theta: float | None = None,
+        cache: str = "float",
     ):
         shape = (batch, kv_heads, capacity, head_dim)
-        self.capacity = capacity
+        self.capacity, self.cache = capacity, cache
         self.rope_theta, self.head_dim = rope_theta, head_dim
-        self.buffers = {name: np.zeros(shape, np.float32) for name in cache_names(range(num_layers))}
+        self.buffers = {
+            name: aligned_zeros((*shape[:3], 1))
+            if "scale" in name
+            else aligned_zeros(shape, CODES.get(cache, np.float32))
+            for name in cache_names(range(num_layers), cache)
+        }
         self.lengths = np.zeros(batch, np.int64)
         self._ort: dict | None = None
 
@@ -76,6 +103,8 @@ class KVCache:
         """Keep, per layer, the slots ``keep[layer]`` ([B, kv_heads, n], ascending) at slots 0..n-1 of the same
         buffers (in place: ONNX Runtime keeps its bindings). RoPE keys are rotated by their move, so each
         key is as if computed at its new slot: positions become positions within the cache (StreamingLLM)."""
+        if self.cache != "float":
+            raise NnforgeError("compact: KV-cache compression keeps a float cache (not an int8 one)")
         n = {idx.shape[-1] for idx in keep.values()}
         if len(n) != 1:
             raise NnforgeError("compact: every layer must keep the same number of slots")
@@ -121,15 +150,22 @@ class KVCache:
         )
 
 
-class StepRunner:
-    """One compiled step graph (an Artifact) bound to a KVCache."""
+def _same_memory(a, b: np.ndarray) -> bool:
+    """Whether a step's cache output is the cache buffer itself (written in place)."""
+    a = np.asarray(a)
+    return a.shape == b.shape and a.ctypes.data == b.ctypes.data
 
-    def __init__(self, artifact, graph):
-        self.artifact, self.graph = artifact, graph
+
+class StepRunner:
+    """One compiled step graph (an Artifact) bound to a KVCache. ``decode``: the same graph built for one token
+    per sequence (TVM: static one-row kernels, e.g. the low-bit GEMV), run for steps of one token."""
+
+    def __init__(self, artifact, graph, decode=None):
+        self.artifact, self.graph, self.decode = artifact, graph, decode
         meta = graph.meta["decoder"]
         self.layers, self.logits_mode = meta["layers"], meta["logits"]
         self.input_names = [v.name for v in graph.inputs]
-        self.cache_outputs = cache_names(self.layers)  # graph outputs after the logits, in order
+        self.cache_outputs = cache_names(self.layers, meta.get("cache", "float"))  # outputs after the logits
         self.mass_window = meta.get("mass_window")  # None: no attention-mass outputs (after the caches)
         self.masses: dict[int, np.ndarray] = {}  # layer -> [B, kv_heads, cache_len] of the last run
         self.session = getattr(artifact, "session", None) if artifact.backend == "onnxrt" else None
@@ -153,12 +189,17 @@ class StepRunner:
         if self.session is not None:
             return self._run_ort(cache, feed)
         inputs = [feed[n] if n in feed else cache.buffers[n] for n in self.input_names]
-        outs = self.artifact.run(inputs)
+        artifact = self.decode if self.decode is not None and x.ids.shape[1] == 1 else self.artifact
+        if artifact.backend != "tvm":
+            outs = artifact.run(inputs)
+        else:  # TVM writes the cache in place: convert only what is new, e.g. the logits
+            outs = [np.from_dlpack(o) for o in artifact.run(inputs, raw=True)]
         n = len(self.cache_outputs)
         for name, value in zip(self.cache_outputs, outs[1 : 1 + n]):
-            cache.replace(name, np.asarray(value))
-        self.masses = dict(zip(self.layers, (np.asarray(m) for m in outs[1 + n :])))
-        return np.asarray(outs[0])
+            if not _same_memory(value, cache.buffers[name]):  # a new tensor: into the (aligned) buffer
+                np.copyto(cache.buffers[name], value)
+        self.masses = dict(zip(self.layers, (np.array(m) for m in outs[1 + n :])))
+        return np.array(outs[0])
 
     def _binding(self, cache: KVCache):
         """An IOBinding with the cache bound (kept while the cache's OrtValues are the same: per step only the

@@ -13,6 +13,7 @@ from ..ir import Graph
 from ..ir.graph import TensorType
 from ..passes.cleanup import DeadCodeElimination
 from ..passes.manager import PassContext
+from .build import cache_names
 
 
 def _meta(graph: Graph) -> dict:
@@ -57,12 +58,43 @@ def skip_layers(graph: Graph, skipped) -> Graph:
         block_in, block_out = (values[n] for n in meta["blocks"][str(i)])
         g.replace_all_uses(block_out, block_in)
     kept = [i for i in meta["layers"] if i not in skipped]
-    drop = {f"past_{kv}_{i}" for i in skipped for kv in ("k", "v")}
-    positions = {name: k for k, name in enumerate(f"past_{kv}_{i}" for i in meta["layers"] for kv in ("k", "v"))}
+    cache = meta.get("cache", "float")
+    drop = set(cache_names(skipped, cache))
+    positions = {name: k for k, name in enumerate(cache_names(meta["layers"], cache))}
     g.outputs = [g.outputs[0]] + [g.outputs[1 + positions[n]] for n in positions if n not in drop]
     DeadCodeElimination().run(g, PassContext())
     g.inputs = [v for v in g.inputs if v.name not in drop]
     g.meta["decoder"] = {**meta, "layers": kept, "blocks": {str(i): meta["blocks"][str(i)] for i in kept}}
+    return g
+
+
+def int8_cache(graph: Graph) -> Graph:
+    """The graph with an int8 KV cache: every ``cached_attention`` becomes ``cached_attention_int8``, whose cache
+    inputs are int8 codes plus one float scale per head and slot (``past_k_scale_i`` [B, kv_heads, cache_len, 1]);
+    the step's outputs are per layer k, v, k scale, v scale (``cache_names(layers, "int8")``)."""
+    meta = _meta(graph)
+    if meta.get("cache", "float") != "float" or meta.get("mass_window") is not None:
+        raise NnforgeError("int8_cache: the graph's cache is not a plain float cache")
+    g = graph.copy()
+    presents = {}
+    for i, node in zip(meta["layers"], [n for n in g.nodes if n.op == "cached_attention"]):
+        pk, pv = node.inputs[3], node.inputs[4]
+        if (pk.name, pv.name) != (f"past_k_{i}", f"past_v_{i}"):
+            raise NnforgeError(f"int8_cache: layer {i}'s attention does not read its cache inputs")
+        for past in (pk, pv):
+            past.type = TensorType(past.type.shape, "int8")
+        scale_t = TensorType((*pk.shape[:3], 1), "float32")
+        ks, vs = (g.add_input(f"past_{kv}_scale_{i}", scale_t) for kv in ("k", "v"))
+        q, k, v, _, _, seqlens, total, *rope = node.inputs
+        new = g.add_node(
+            "cached_attention_int8", [q, k, v, pk, pv, ks, vs, seqlens, total, *rope], dict(node.attrs), before=node
+        )
+        g.replace_all_uses(node.outputs[0], new.outputs[0])
+        names = cache_names([i], "int8")
+        presents.update(dict(zip(names, new.outputs[1:])))
+        g.remove_node(node)
+    g.outputs = [g.outputs[0]] + [presents[n] for n in cache_names(meta["layers"], "int8")]
+    g.meta["decoder"] = {**meta, "cache": "int8"}
     return g
 
 

@@ -26,11 +26,12 @@ import math
 import numpy as np
 
 from ..ir.graph import TensorType
-from ..ir.registry import REQUIRED, OpError, defop
+from ..ir.registry import REQUIRED, OpError, defop, implement
 from .attention import INT64_MAX
 from .common import LazyModule, R, float_only, torch
 
 relax = LazyModule("tvm.relax")
+_tvm_cache = LazyModule("nnforge.backends.tvm_cache")
 
 
 def _infer(ts, attrs):
@@ -80,30 +81,47 @@ def _rotate(x, cos, sin):
 )
 def cached_attention(q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **attrs):
     h, kvh = attrs["num_heads"], attrs["kv_num_heads"]
+    qh, kh, vh, pos, scale = _step(q, k, v, seqlens_k, total_len, cos, sin, attrs, past_k.shape[2], past_k.shape[3])
+    present_k, present_v = _write(past_k, kh, pos), _write(past_v, vh, pos)
+    return [_attend(qh, present_k, present_v, pos, scale, h // kvh), present_k, present_v]
+
+
+def _step(q, k, v, seqlens_k, total_len, cos, sin, attrs, cap: int, d: int):
+    """(q, k, v per head [b, heads, s, d], RoPE applied; the slot of each new token [b, s]; the scale)."""
+    h, kvh = attrs["num_heads"], attrs["kv_num_heads"]
     bsz, s, _ = q.shape
-    d, cap = past_k.shape[3], past_k.shape[2]
     scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(d)
     pos = _positions(seqlens_k, total_len, s)
     if pos.max(initial=0) >= cap:
         raise OpError(f"cached_attention: position {int(pos.max())} is beyond the cache capacity {cap}")
-    qh = q.reshape(bsz, s, h, d).transpose(0, 2, 1, 3)  # [b, h, s, d]
+    qh = q.reshape(bsz, s, h, d).transpose(0, 2, 1, 3)
     kh = k.reshape(bsz, s, kvh, d).transpose(0, 2, 1, 3)
     vh = v.reshape(bsz, s, kvh, d).transpose(0, 2, 1, 3)
     if cos is not None:
         c, sn = cos[pos][:, None], sin[pos][:, None]  # [b, 1, s, d/2]
         qh, kh = _rotate(qh, c, sn), _rotate(kh, c, sn)
-    present_k, present_v = past_k.copy(), past_v.copy()
-    for b in range(bsz):
-        present_k[b][:, pos[b]] = kh[b]
-        present_v[b][:, pos[b]] = vh[b]
-    group = h // kvh
-    keys = np.repeat(present_k, group, axis=1)  # [b, h, cap, d]
-    vals = np.repeat(present_v, group, axis=1)
-    scores = np.matmul(qh, keys.transpose(0, 1, 3, 2)) * np.asarray(scale, q.dtype)
+    return qh, kh, vh, pos, scale
+
+
+def _write(cache: np.ndarray, rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The cache with ``rows`` [b, heads, s, ...] stored at slots ``pos`` [b, s]."""
+    out = cache.copy()
+    for b in range(len(pos)):
+        out[b][:, pos[b]] = rows[b]
+    return out
+
+
+def _attend(qh, keys, values, pos, scale, group: int) -> np.ndarray:
+    """Attention of qh [b, h, s, d] over caches [b, kv_heads, cap, d], token i seeing slots 0 .. pos[b, i]:
+    [b, s, h * d]."""
+    bsz, h, s, d = qh.shape
+    cap = keys.shape[2]
+    keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)  # [b, h, cap, d]
+    scores = np.matmul(qh, keys.transpose(0, 1, 3, 2)) * np.asarray(scale, qh.dtype)
     allowed = np.arange(cap)[None, None, None, :] <= pos[:, None, :, None]
     p = np.exp(np.where(allowed, scores - np.where(allowed, scores, -np.inf).max(-1, keepdims=True), -np.inf))
-    out = np.matmul(p / p.sum(-1, keepdims=True), vals).astype(q.dtype)
-    return [out.transpose(0, 2, 1, 3).reshape(bsz, s, h * d), present_k, present_v]
+    out = np.matmul(p / p.sum(-1, keepdims=True), values).astype(qh.dtype)
+    return out.transpose(0, 2, 1, 3).reshape(bsz, s, h * d)
 
 
 @cached_attention.torch
@@ -185,11 +203,11 @@ def _tvm_positions(c, seqlens_k, total_len, s):
     return c.emit(R.add(c.emit(R.expand_dims(past, 1)), c.emit(R.arange(0, s, 1, "int64"))))
 
 
-@cached_attention.tvm
-def _(c, q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **attrs):
+def _tvm_step(c, q, k, v, seqlens_k, total_len, cos, sin, attrs):
+    """q, k, v per head ([b, heads, s, d], RoPE applied), the slot of each new token [b, s], and the sizes."""
     h, kvh = attrs["num_heads"], attrs["kv_num_heads"]
-    qt, ct = c.in_type(0), c.in_type(3)
-    dtype, d, cap, group = qt.dtype, ct.shape[3], c.dims(ct.shape[2]), h // kvh
+    qt = c.in_type(0)
+    d = qt.shape[2] // h
     bsz, s = c.dims(qt.shape[0]), c.dims(qt.shape[1])
     scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(d)
     pos = _tvm_positions(c, seqlens_k, total_len, s)
@@ -204,19 +222,114 @@ def _(c, q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **at
             c.emit(R.expand_dims(c.emit(R.take(sin, pos, axis=0)), 1)),
         )
         qh, kh = _tvm_rotate(c, qh, *rows, d // 2), _tvm_rotate(c, kh, *rows, d // 2)
-    slots = c.emit(R.broadcast_to(c.emit(R.reshape(pos, [bsz, 1, s, 1])), [bsz, kvh, s, d]))
-    present_k = c.emit(R.scatter_elements(past_k, slots, kh, axis=2))
-    present_v = c.emit(R.scatter_elements(past_v, slots, vh, axis=2))
+    return qh, kh, vh, pos, dict(bsz=bsz, s=s, d=d, h=h, kvh=kvh, scale=scale, steps=qt.shape[1])
+
+
+def _tvm_attend(c, qh, pos, z: dict, keys, values, k_scale=None, v_scale=None):
+    """[b, s, h * d]: attention of qh over the cache (float, or int8 codes with their scales [b, kvh, cap, 1])."""
+    bsz, s, d, h, kvh = z["bsz"], z["s"], z["d"], z["h"], z["kvh"]
+    group = h // kvh
     # query heads of one kv head become rows of one matmul: [b, kvh, group * s, d]
     qg = c.emit(R.reshape(qh, [bsz, kvh, group * s, d]))
-    scores = c.emit(R.matmul(qg, c.emit(R.permute_dims(present_k, [0, 1, 3, 2]))))
-    scores = c.emit(R.multiply(scores, c.const(scale, dtype)))
     row_pos = c.emit(R.reshape(c.emit(R.tile(pos, [1, group])), [bsz, 1, group * s, 1]))
-    allowed = c.emit(R.less_equal(c.emit(R.arange(0, cap, 1, "int64")), row_pos))
-    p = c.emit(R.nn.softmax(c.emit(R.where(allowed, scores, c.const(-np.inf, dtype))), -1))
-    out = c.emit(R.reshape(c.emit(R.matmul(p, present_v)), [bsz, h, s, d]))
-    out = c.emit(R.reshape(c.emit(R.permute_dims(out, [0, 2, 1, 3])), [bsz, s, h * d]))
-    return [out, present_k, present_v]
+    if c.in_type(0).dtype == "float32" and _tvm_cache.decode_available(d, z["steps"]):
+        # a decode step: kernels that read only the filled slots of the cache, not its whole capacity
+        limit = c.emit(R.add(c.emit(R.reshape(row_pos, [bsz, group * s])), c.const(1, "int64")))
+        out = _tvm_cache.decode_attention(c.bb, qg, keys, values, limit, z["scale"], k_scale, v_scale)
+    else:
+        if k_scale is not None:  # an int8 cache, dequantized whole (a prompt's step reads every slot anyway)
+            keys = c.emit(R.multiply(c.emit(R.astype(keys, "float32")), k_scale))
+            values = c.emit(R.multiply(c.emit(R.astype(values, "float32")), v_scale))
+        dtype = c.in_type(0).dtype
+        scores = c.emit(R.matmul(qg, c.emit(R.permute_dims(keys, [0, 1, 3, 2]))))
+        scores = c.emit(R.multiply(scores, c.const(z["scale"], dtype)))
+        cap = keys.ty.shape[2]
+        allowed = c.emit(R.less_equal(c.emit(R.arange(0, cap, 1, "int64")), row_pos))
+        p = c.emit(R.nn.softmax(c.emit(R.where(allowed, scores, c.const(-np.inf, dtype))), -1))
+        out = c.emit(R.matmul(p, values))
+    out = c.emit(R.reshape(out, [bsz, h, s, d]))
+    return c.emit(R.reshape(c.emit(R.permute_dims(out, [0, 2, 1, 3])), [bsz, s, h * d]))
+
+
+@cached_attention.tvm
+def _(c, q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **attrs):
+    qh, kh, vh, pos, z = _tvm_step(c, q, k, v, seqlens_k, total_len, cos, sin, attrs)
+    # the new slots are written into the cache buffers in place (tvm_cache): no copy of the cache per step
+    present_k = _tvm_cache.write_slots(c.bb, past_k, kh, pos)
+    present_v = _tvm_cache.write_slots(c.bb, past_v, vh, pos)
+    return [_tvm_attend(c, qh, pos, z, present_k, present_v), present_k, present_v]
+
+
+# -- cached_attention_int8 ------------------------------------------------------------------------------
+
+
+def _int8_infer(ts, attrs):
+    q, k, v, pk, pv, pks, pvs, seqlens, total = ts[:9]
+    if pk.dtype != "int8" or pv.dtype != "int8":
+        raise OpError(f"cached_attention_int8: the caches must be int8 codes, got {pk.dtype}, {pv.dtype}")
+    scales = TensorType((*pk.shape[:3], 1), "float32")
+    if pks.dtype != "float32" or pvs.dtype != "float32" or pks.shape != scales.shape or pvs.shape != scales.shape:
+        raise OpError(f"cached_attention_int8: cache scales must be float32 {scales.shape}, got {pks}, {pvs}")
+    as_float = TensorType(pk.shape, q.dtype)
+    out = _infer([q, k, v, as_float, as_float, seqlens, total, *ts[9:]], attrs)[0]
+    return [out, pk, pv, pks, pvs]
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row of the last axis (one key or value of one head): codes and scales [..., 1]."""
+    amax = np.abs(x).max(-1, keepdims=True)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    return np.clip(np.round(x / scale), -127, 127).astype(np.int8), scale
+
+
+@defop(
+    "cached_attention_int8",
+    _int8_infer,
+    num_inputs=(9, 11),
+    kind="fused",
+    attrs={"num_heads": ("int", REQUIRED), "kv_num_heads": ("int", REQUIRED), "scale": ("optional_float", None)},
+    doc="cached_attention over an int8 KV cache: each new key and value is stored as int8 codes with one float "
+    "scale per head and slot (symmetric); outputs (out, present_k, present_v, present_k_scale, present_v_scale)",
+)
+def cached_attention_int8(
+    q, k, v, past_k, past_v, past_k_scale, past_v_scale, seqlens_k, total_len, cos=None, sin=None, **attrs
+):
+    h, kvh = attrs["num_heads"], attrs["kv_num_heads"]
+    qh, kh, vh, pos, scale = _step(q, k, v, seqlens_k, total_len, cos, sin, attrs, past_k.shape[2], past_k.shape[3])
+    (kq, ks), (vq, vs) = quantize_rows(kh), quantize_rows(vh)
+    pk, pv = _write(past_k, kq, pos), _write(past_v, vq, pos)
+    pks, pvs = _write(past_k_scale, ks, pos), _write(past_v_scale, vs, pos)
+    keys, values = pk.astype(q.dtype) * pks, pv.astype(q.dtype) * pvs
+    return [_attend(qh, keys, values, pos, scale, h // kvh), pk, pv, pks, pvs]
+
+
+@implement("torch", "cached_attention_int8")
+def _(cx, *inputs, **attrs):
+    return cx.reference(*inputs, **attrs)
+
+
+cached_attention_int8.not_on(
+    "onnxrt", "ONNX Runtime's GroupQueryAttention keeps a float cache: an int8 KV cache runs on TVM"
+)
+
+
+def _tvm_quantize_rows(c, x):
+    amax = c.emit(R.max(c.emit(R.abs(x)), axis=[-1], keepdims=True))
+    scale = c.emit(
+        R.where(R.greater(amax, c.const(0, "float32")), R.divide(amax, c.const(127, "float32")), c.const(1, "float32"))
+    )
+    codes = c.emit(R.astype(c.emit(R.clip(c.emit(R.round(c.emit(R.divide(x, scale)))), -127, 127)), "int8"))
+    return codes, scale
+
+
+@cached_attention_int8.tvm
+def _(c, q, k, v, past_k, past_v, past_k_scale, past_v_scale, seqlens_k, total_len, cos=None, sin=None, **attrs):
+    qh, kh, vh, pos, z = _tvm_step(c, q, k, v, seqlens_k, total_len, cos, sin, attrs)
+    (kq, ks), (vq, vs) = _tvm_quantize_rows(c, kh), _tvm_quantize_rows(c, vh)
+    pk, pv = _tvm_cache.write_slots(c.bb, past_k, kq, pos), _tvm_cache.write_slots(c.bb, past_v, vq, pos)
+    pks = _tvm_cache.write_slots(c.bb, past_k_scale, ks, pos)
+    pvs = _tvm_cache.write_slots(c.bb, past_v_scale, vs, pos)
+    return [_tvm_attend(c, qh, pos, z, pk, pv, pks, pvs), pk, pv, pks, pvs]
 
 
 # -- attention_mass -------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def _tvm_act(c, act: str, y):
 
 _tvm_sparse = LazyModule("nnforge.backends.tvm_sparse")  # the CSR kernel
 _tvm_vnni = LazyModule("nnforge.backends.tvm_vnni")  # int8 dot products
+_tvm_gemv = LazyModule("nnforge.backends.tvm_gemv")  # few-row low-bit kernel (decode)
 
 BITS = {8: "int8", 4: "uint8"}  # bits -> qweight dtype
 DEFAULT_ZERO = {8: 0, 4: 8}
@@ -769,12 +770,38 @@ def _tvm_act_check(node, target: str) -> str | None:
 def _(c, x, qw, scales, zeros=None, bias=None, **attrs):
     if c.attr("act_quant") != "none":
         y, bias = _tvm_w8a8(c, x, qw, scales, bias)
+    elif _decode_rows(c.node) and _tvm_gemv.available(c.target, *c.node.inputs[1].shape[:1], *_in_features(c.node)):
+        y = _gemv(c, x, qw, scales, zeros)
     else:
         a = c.node.attrs
         y = c.bb.emit_te(_qmatmul, x, qw, scales, zeros, a["bits"], a["group_size"], primfunc_name_hint="qmatmul")
     if bias is not None:
         y = c.emit(R.add(y, bias))
     return _tvm_act(c, c.attr("act"), y)
+
+
+def _decode_rows(node) -> bool:
+    """Few rows: a step of one token per sequence (sequence axis 1), or at most 8 rows in all."""
+    lead = node.inputs[0].shape[:-1]
+    if len(lead) >= 2 and lead[-1] == 1:
+        return True
+    return all(isinstance(d, int) for d in lead) and int(np.prod(lead, dtype=np.int64)) <= 8
+
+
+def _in_features(node) -> tuple[int, int, int]:
+    """(K, bits, group size) of a weight-only qlinear."""
+    a = node.attrs
+    return node.inputs[2].shape[1] * a["group_size"], a["bits"], a["group_size"]
+
+
+def _gemv(c, x, qw, scales, zeros):
+    """The decode kernel (tvm_gemv): codes unpacked in registers, one row of x at a time."""
+    n = c.node.inputs[1].shape[0]
+    k, bits, group = _in_features(c.node)
+    lead = c.dims.shape(c.node.inputs[0].shape[:-1])
+    x2d = c.emit(R.reshape(x, [-1, k]))
+    y = _tvm_gemv.qmatmul(c.bb, x2d, qw, scales, zeros, n, k, bits, group, DEFAULT_ZERO[bits])
+    return c.emit(R.reshape(y, [*lead, n]))
 
 
 def _qmatmul(x, qw, scales, zeros, bits: int, group: int):

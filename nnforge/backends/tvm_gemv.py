@@ -1,0 +1,140 @@
+"""A GEMV kernel for weight-only low-bit ``qlinear`` with few rows (LLM decode), for the TVM backend.
+
+Decoding one token multiplies a vector by every weight matrix once: the time is reading the weights.
+The matmul schedule (tvm_schedule.CPUMatmul) dequantizes a float panel of the weight per column tile,
+which for one row costs more than the matmul (SmolLM2 int4: 14.6 tok/s, below float's 20.8). This
+kernel reads the packed codes and turns them into floats in registers, never storing a float weight:
+
+- the codes are re-laid out once, at load, as ``[N/T, K/2, T]`` bytes for int4 (``[N/T, K, T]`` for
+  int8): for a tile of T output rows, the bytes of one input position are contiguous, so a vector load
+  brings one code of T rows and the T accumulators live in vector registers (no horizontal sums);
+- per group of ``group`` inputs the kernel sums ``x * code`` as floats, then folds the group's scale
+  and zero point in once: ``x . w = scale * sum(x * code) - scale * zero * sum(x)`` (``sum(x)`` per group
+  is computed once per call). Integer, float and default zero points all become ``scale * zero``.
+
+The kernel is scheduled when it is made (the default schedule rules skip scheduled kernels). Rows
+(batch x sequence) may be symbolic; each row re-reads the tile's codes from cache, so the kernel is
+for a handful of rows: ``ops/lowbit.py`` uses it where the sequence axis is 1 (the decode-step graph,
+and the LM head of the generation graph, which sees one row per sequence).
+"""
+
+from __future__ import annotations
+
+from tvm import relax, s_tir, te, tirx
+from tvm.relax import op as R
+
+LANES = 16  # float32 lanes of one AVX-512 register; other targets split the tile as LLVM sees fit
+
+
+def tile_rows(n: int) -> int | None:
+    """Output rows per tile: 64 where the tiles still spread over threads, else 32 or 16; None if N has no
+    multiple-of-16 divisor the kernel can use."""
+    for t in (64, 32, 16):
+        if n % t == 0 and n // t >= 32:
+            return t
+    for t in (32, 16):
+        if n % t == 0:
+            return t
+    return None
+
+
+def available(target, n: int, k: int, bits: int, group: int) -> bool:
+    return (
+        target is not None
+        and target.kind.name == "llvm"
+        and tile_rows(n) is not None
+        and k % group == 0
+        and (bits == 8 or group % 2 == 0)
+    )
+
+
+def _kernel(x, packed, scales, offsets, bits: int, group: int):
+    """y [M, N] = x [M, K] times the weight held as ``packed`` codes, ``scales`` and ``offsets`` (scale * zero)
+    [N/T, G, T]; ``offsets`` None: symmetric codes (int8)."""
+    m, k = x.shape
+    nt, _, t = packed.shape
+    n, groups = nt * t, k // group
+
+    def code(j, kk):
+        if bits == 4:
+            byte = packed[j // t, kk // 2, j % t]
+            shift = tirx.Cast("uint8", tirx.floormod(kk, 2) * 4)
+            return tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8")).astype("float32")
+        return packed[j // t, kk, j % t].astype("float32")
+
+    r = te.reduce_axis((0, group), name="r")
+    dot = te.compute(
+        (m, groups, n), lambda i, g, j: te.sum(x[i, g * group + r] * code(j, g * group + r), axis=r), name="group_dot"
+    )
+    rg = te.reduce_axis((0, groups), name="g")
+    if offsets is None:
+        return te.compute((m, n), lambda i, j: te.sum(scales[j // t, rg, j % t] * dot[i, rg, j], axis=rg), name="gemv")
+    rs = te.reduce_axis((0, group), name="rs")
+    xsum = te.compute((m, groups), lambda i, g: te.sum(x[i, g * group + rs], axis=rs), name="group_sum")
+    return te.compute(
+        (m, n),
+        lambda i, j: te.sum(
+            scales[j // t, rg, j % t] * dot[i, rg, j] - offsets[j // t, rg, j % t] * xsum[i, rg], axis=rg
+        ),
+        name="gemv",
+    )
+
+
+def _schedule(func, t: int, bits: int, with_sum: bool):
+    sch = s_tir.Schedule(func)
+    out, dot = sch.get_sblock("gemv"), sch.get_sblock("group_dot")
+    i, j, g = sch.get_loops(out)
+    jo, ji = sch.split(j, [None, t])
+    sch.reorder(jo, i, g, ji)
+    acc = sch.cache_write(out, 0, "local")
+    sch.reverse_compute_at(acc, i, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.parallel(jo)
+    # the group's dot products: computed per group into T registers, reduced over the group's inputs
+    sch.compute_at(dot, g, preserve_unit_loops=True)
+    sch.set_scope(dot, 0, "local")
+    dj, dr = sch.get_loops(dot)[-2:]
+    if bits == 4:  # the two nibbles of a byte: unrolled, so each shift is a constant
+        dro, dri = sch.split(dr, [None, 2])
+        sch.reorder(dro, dri, dj)
+        sch.unroll(dri)
+    else:
+        sch.reorder(dr, dj)
+    sch.vectorize(dj)
+    sch.decompose_reduction(dot, sch.get_loops(dot)[-3 if bits == 4 else -2])
+    sch.vectorize(ji)
+    sch.decompose_reduction(out, g)
+    if with_sum:  # sum(x) per group: one small pass over the rows
+        sch.parallel(sch.get_loops(sch.get_sblock("group_sum"))[0])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)  # 8: opaque
+
+
+def qmatmul(bb: relax.BlockBuilder, x, qweight, scales, zeros, n: int, k: int, bits: int, group: int, zero: float):
+    """y [M, N] float32 from x [M, K] and weight codes ``qweight`` ([N, K] int8 or [N, K/2] uint8 of two
+    nibbles), ``scales`` [N, G] and ``zeros`` [N, G] (integer or float; None: ``zero`` for every group).
+    The re-layout of codes, scales and offsets reads weights alone: LiftTransformParams runs it at load."""
+    t = tile_rows(n)
+    groups = k // group
+    width = k // 2 if bits == 4 else k
+    packed = bb.emit(R.permute_dims(bb.emit(R.reshape(qweight, [n // t, t, width])), [0, 2, 1]))
+
+    def tiled(v):
+        return bb.emit(R.permute_dims(bb.emit(R.reshape(v, [n // t, t, groups])), [0, 2, 1]))
+
+    offsets = None
+    if zeros is not None:
+        offsets = tiled(bb.emit(R.multiply(scales, bb.emit(R.astype(zeros, "float32")))))
+    elif zero:
+        offsets = tiled(bb.emit(R.multiply(scales, relax.const(float(zero), "float32"))))
+    args = [x, packed, tiled(scales)] + ([offsets] if offsets is not None else [])
+    name = f"qgemv_int{bits}_g{group}_{n}x{k}" + ("_zero" if offsets is not None else "")
+    mod = bb.get()
+    if mod.get_global_vars() and any(gv.name_hint == name for gv in mod.get_global_vars()):
+        # the same kernel for every layer of this shape: one function, scheduled and compiled once
+        gv = mod.get_global_var(name)
+        m = x.ty.shape[0]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], "float32")))
+    call = bb.call_te(_kernel, x, packed, tiled(scales), offsets, bits, group, primfunc_name_hint=name)
+    gv = call.args[0]
+    bb.update_func(gv, _schedule(bb.get()[gv], t, bits, offsets is not None))
+    return bb.emit(call)
