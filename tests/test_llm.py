@@ -412,14 +412,15 @@ def _cuda_exists() -> bool:
     return tvm.cuda(0).exist
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_the_decoder_builds_for_cuda(quantize):
+@pytest.mark.parametrize("quantize,kv_dtype", [(None, "float32"), ("int4", "float32"), (None, "int8")])
+def test_the_decoder_builds_for_cuda(quantize, kv_dtype):
     """TVM generates the decoder's CUDA kernels without a GPU; where one exists, it decodes as the CPU does."""
     model = _llama(layers=2)
-    lm = nnforge.compile_lm(model, max_length=48, backend="tvm", target="cuda", quantize=quantize)
+    opts = dict(max_length=48, backend="tvm", quantize=quantize, kv_dtype=kv_dtype)
+    lm = nnforge.compile_lm(model, target="cuda", **opts)
     assert "__global__" in lm.runner("last").artifact.cuda_source
     if _cuda_exists():
-        cpu = nnforge.compile_lm(model, max_length=48, backend="tvm", quantize=quantize)
+        cpu = nnforge.compile_lm(model, **opts)
         want = cpu.generate(PROMPT, max_new_tokens=12, stop_tokens=()).tokens
         assert lm.generate(PROMPT, max_new_tokens=12, stop_tokens=()).tokens == want
 

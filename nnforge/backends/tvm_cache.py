@@ -1,4 +1,5 @@
-"""In-place KV-cache writes for the TVM backend (``cached_attention``'s new slots).
+"""KV-cache kernels for the TVM backend on CPUs: in-place writes of a step's new slots, and decode attention
+that reads only the filled slots (float or int8 caches).
 
 Relax values are immutable: a ``scatter_elements`` of a step's keys into the cache makes a new cache
 tensor, a copy of the whole cache per layer per step. ``write_slots`` is a TIR kernel called with
@@ -54,9 +55,14 @@ def _lanes(d: int) -> int | None:
     return next((w for w in (16, 8, 4) if d % w == 0), None)
 
 
-def decode_available(head_dim: int, steps) -> bool:
-    """The decode kernels: a step of one token (static), a head size the vector loops divide."""
-    return steps == 1 and _lanes(head_dim) is not None
+def usable(target) -> bool:
+    """The kernels here are CPU loops (parallel over rows, vectorized): LLVM targets only."""
+    return target is not None and target.kind.name == "llvm"
+
+
+def decode_available(target, head_dim: int, steps) -> bool:
+    """The decode kernels: a CPU target, a step of one token (static), a head size the vector loops divide."""
+    return usable(target) and steps == 1 and _lanes(head_dim) is not None
 
 
 def _scores_kernel(heads: int, d: int, scale: float, cache: str):

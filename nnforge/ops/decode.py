@@ -232,7 +232,7 @@ def _tvm_attend(c, qh, pos, z: dict, keys, values, k_scale=None, v_scale=None):
     # query heads of one kv head become rows of one matmul: [b, kvh, group * s, d]
     qg = c.emit(R.reshape(qh, [bsz, kvh, group * s, d]))
     row_pos = c.emit(R.reshape(c.emit(R.tile(pos, [1, group])), [bsz, 1, group * s, 1]))
-    if c.in_type(0).dtype == "float32" and _tvm_cache.decode_available(d, z["steps"]):
+    if c.in_type(0).dtype == "float32" and _tvm_cache.decode_available(c.target, d, z["steps"]):
         # a decode step: kernels that read only the filled slots of the cache, not its whole capacity
         limit = c.emit(R.add(c.emit(R.reshape(row_pos, [bsz, group * s])), c.const(1, "int64")))
         out = _tvm_cache.decode_attention(c.bb, qg, keys, values, limit, z["scale"], k_scale, v_scale)
@@ -251,12 +251,20 @@ def _tvm_attend(c, qh, pos, z: dict, keys, values, k_scale=None, v_scale=None):
     return c.emit(R.reshape(c.emit(R.permute_dims(out, [0, 2, 1, 3])), [bsz, s, h * d]))
 
 
+def _tvm_write(c, cache, rows, pos):
+    """``cache`` with ``rows`` [b, heads, s, x] stored at slots ``pos`` [b, s]: in place on CPUs (tvm_cache: no
+    copy of the cache per step), elsewhere a scatter into a new cache tensor."""
+    if _tvm_cache.usable(c.target):
+        return _tvm_cache.write_slots(c.bb, cache, rows, pos)
+    bsz, heads, s, width = rows.ty.shape
+    slots = c.emit(R.broadcast_to(c.emit(R.reshape(pos, [bsz, 1, s, 1])), [bsz, heads, s, width]))
+    return c.emit(R.scatter_elements(cache, slots, rows, axis=2))
+
+
 @cached_attention.tvm
 def _(c, q, k, v, past_k, past_v, seqlens_k, total_len, cos=None, sin=None, **attrs):
     qh, kh, vh, pos, z = _tvm_step(c, q, k, v, seqlens_k, total_len, cos, sin, attrs)
-    # the new slots are written into the cache buffers in place (tvm_cache): no copy of the cache per step
-    present_k = _tvm_cache.write_slots(c.bb, past_k, kh, pos)
-    present_v = _tvm_cache.write_slots(c.bb, past_v, vh, pos)
+    present_k, present_v = _tvm_write(c, past_k, kh, pos), _tvm_write(c, past_v, vh, pos)
     return [_tvm_attend(c, qh, pos, z, present_k, present_v), present_k, present_v]
 
 
@@ -326,9 +334,8 @@ def _tvm_quantize_rows(c, x):
 def _(c, q, k, v, past_k, past_v, past_k_scale, past_v_scale, seqlens_k, total_len, cos=None, sin=None, **attrs):
     qh, kh, vh, pos, z = _tvm_step(c, q, k, v, seqlens_k, total_len, cos, sin, attrs)
     (kq, ks), (vq, vs) = _tvm_quantize_rows(c, kh), _tvm_quantize_rows(c, vh)
-    pk, pv = _tvm_cache.write_slots(c.bb, past_k, kq, pos), _tvm_cache.write_slots(c.bb, past_v, vq, pos)
-    pks = _tvm_cache.write_slots(c.bb, past_k_scale, ks, pos)
-    pvs = _tvm_cache.write_slots(c.bb, past_v_scale, vs, pos)
+    pk, pv = _tvm_write(c, past_k, kq, pos), _tvm_write(c, past_v, vq, pos)
+    pks, pvs = _tvm_write(c, past_k_scale, ks, pos), _tvm_write(c, past_v_scale, vs, pos)
     return [_tvm_attend(c, qh, pos, z, pk, pv, pks, pvs), pk, pv, pks, pvs]
 
 
