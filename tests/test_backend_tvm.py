@@ -626,6 +626,21 @@ def test_batch1_linear_gets_the_gemv_schedule(m, k, n, act):
     np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [96, 2048])
+def test_a_decode_step_linear_takes_the_streaming_gemv(n):
+    """A linear on one token per sequence ([batch, 1, K], an LLM's decode build) is tvm_gemv's float kernel: the
+    weight re-laid out at load as [N/T, K, T] and T accumulators per row in registers, for any batch."""
+    g = Graph("decode_linear")
+    x = g.add_input("x", TensorType(("batch", 1, 64)))
+    g.outputs = [g.op("linear", x, g.add_constant(rand(n, 64), "w"), g.add_constant(rand(n), "b"))]
+    kernels = tb.BACKEND.kernels(g, "cpu")
+    assert [gv.name_hint for gv in kernels.functions if "gemv" in gv.name_hint] == [f"gemv_f32_{n}x64"]
+    art = tb.build(g, "cpu")
+    for batch in (1, 3):
+        xs = rand(batch, 1, 64)
+        np.testing.assert_allclose(art.run([xs])[0], interpret(g, [xs])[0], rtol=1e-5, atol=1e-5)
+
+
 def test_matmul_tile_widths_are_powers_of_two():
     """Column tiles of 28, 40 or 49 made LLVM's MR-row micro-kernel 10-40x slower: J is tiled by a
     power of two that divides it, or padded; a one-row matmul takes wide whole-vector tiles."""

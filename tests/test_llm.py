@@ -269,7 +269,7 @@ def test_onnxruntime_updates_the_cache_in_place():
 def test_tvm_updates_the_cache_in_place_and_decodes_with_a_one_token_build(tmp_path):
     lm = nnforge.compile_lm(_llama(), max_length=48, backend="tvm")
     runner = lm.runner("last")
-    assert runner.decode is not None and runner.decode.graph.inputs[0].shape == ("batch", 1)
+    assert runner.decode is not None and runner.decode.graph.inputs[0].shape == (1, 1)
     cache = lm.new_cache(1)
     buffers = {n: b.ctypes.data for n, b in cache.buffers.items()}
     runner.run(cache, cache.step_inputs(np.array([PROMPT])))

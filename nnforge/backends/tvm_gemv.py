@@ -1,4 +1,4 @@
-"""A GEMV kernel for weight-only low-bit ``qlinear`` with few rows (LLM decode), for the TVM backend.
+"""GEMV kernels for few rows (LLM decode) on TVM CPU targets: weight-only low-bit ``qlinear`` and float ``linear``.
 
 Decoding one token multiplies a vector by every weight matrix once: the time is reading the weights.
 The matmul schedule (tvm_schedule.CPUMatmul) dequantizes a float panel of the weight per column tile,
@@ -16,6 +16,10 @@ The kernel is scheduled when it is made (the default schedule rules skip schedul
 (batch x sequence) may be symbolic; each row re-reads the tile's codes from cache, so the kernel is
 for a handful of rows: ``ops/lowbit.py`` uses it where the sequence axis is 1 (the decode-step graph,
 and the LM head of the generation graph, which sees one row per sequence).
+
+``matmul`` is the same loop nest for a float weight (re-laid out as ``[N/T, K, T]``), which ``ops/linalg.py``
+uses for a decode step's linear layers: SmolLM2's weights stream at ~29 GB/s with 2 threads, where the
+matmul schedule's one-row tiles read ~8 GB/s (static batch 1) to ~20 GB/s (symbolic rows).
 """
 
 from __future__ import annotations
@@ -137,4 +141,42 @@ def qmatmul(bb: relax.BlockBuilder, x, qweight, scales, zeros, n: int, k: int, b
     call = bb.call_te(_kernel, x, packed, tiled(scales), offsets, bits, group, primfunc_name_hint=name)
     gv = call.args[0]
     bb.update_func(gv, _schedule(bb.get()[gv], t, bits, offsets is not None))
+    return bb.emit(call)
+
+
+def _float_kernel(x, packed):
+    """y [M, N] = x [M, K] times a float weight packed as [N/T, K, T]."""
+    m, k = x.shape
+    nt, _, t = packed.shape
+    r = te.reduce_axis((0, k), name="r")
+    return te.compute((m, nt * t), lambda i, j: te.sum(x[i, r] * packed[j // t, r, j % t], axis=r), name="gemv")
+
+
+def _float_schedule(func, t: int):
+    sch = s_tir.Schedule(func)
+    out = sch.get_sblock("gemv")
+    i, j, r = sch.get_loops(out)
+    jo, ji = sch.split(j, [None, t])
+    sch.reorder(jo, i, r, ji)
+    acc = sch.cache_write(out, 0, "local")
+    sch.reverse_compute_at(acc, i, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.parallel(jo)
+    sch.vectorize(ji)
+    sch.decompose_reduction(out, r)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+def matmul(bb: relax.BlockBuilder, x, weight, n: int, k: int):
+    """y [M, N] float32 = x [M, K] @ weight[N, K].T for a few rows, the weight re-laid out at load as [N/T, K, T]
+    (T output rows' values of one input position side by side: one vector load, T accumulators)."""
+    t = tile_rows(n)
+    packed = bb.emit(R.permute_dims(bb.emit(R.reshape(weight, [n // t, t, k])), [0, 2, 1]))
+    name = f"gemv_f32_{n}x{k}"
+    mod = bb.get()
+    if any(gv.name_hint == name for gv in mod.get_global_vars()):
+        gv = mod.get_global_var(name)
+        return bb.emit(relax.call_tir(gv, [x, packed], relax.TensorType([x.ty.shape[0], n], "float32")))
+    call = bb.call_te(_float_kernel, x, packed, primfunc_name_hint=name)
+    bb.update_func(call.args[0], _float_schedule(bb.get()[call.args[0]], t))
     return bb.emit(call)

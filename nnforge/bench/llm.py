@@ -1,9 +1,10 @@
 """``nnforge bench --llm``: LLM decoding on the real SmolLM2-135M-Instruct, side by side in one run.
 
 Rows: Hugging Face eager ``generate`` (its dynamic cache), onnxruntime-genai (its model builder, fp32 and
-int4, CPU), and nnforge (compile_lm) float / int8 / int4 on ONNX Runtime and float on TVM, then nnforge's
-self-speculative decoding and KV-cache policies. Each row runs in its own process (one runtime's thread
-pool cannot slow the next, and its peak memory is its own) with the same thread count.
+int4, CPU), and nnforge (compile_lm) float / int8 / int4 on ONNX Runtime and on TVM (there also with an
+int8 KV cache, ``-kv8``), then nnforge's self-speculative decoding and KV-cache policies. Each row runs in
+its own process (one runtime's thread pool cannot slow the next, and its peak memory is its own) with the
+same thread count.
 
 Measured per row: prefill ms for a 128- and a 512-token prompt (median of 3), decode tokens/s at batch 1
 (128 new tokens forced after the 128-token prompt; new tokens after the first over the time after the
@@ -36,7 +37,10 @@ ROWS = (
     "nnforge-onnxrt-int4",
     "nnforge-onnxrt-int4intzero",
     "nnforge-tvm-float",
+    "nnforge-tvm-int8",
     "nnforge-tvm-int4",
+    "nnforge-tvm-float-kv8",
+    "nnforge-tvm-int4-kv8",
     "nnforge-onnxrt-float-speculative",
     "nnforge-onnxrt-float-prune50",
     "nnforge-onnxrt-float-streaming50",
@@ -177,14 +181,22 @@ def _nnforge_row(name: str, model, tokenizer, t: dict, threads: int) -> dict:
 
     quantize = QUANTIZE["int4-intzero" if precision == "int4intzero" else precision]
     kv = prune = None
+    kv_dtype = "int8" if extra == "kv8" else "float32"  # an int8 KV cache (TVM)
     if extra.startswith("prune"):  # prefill token pruning keeping that percent of long prompts
         prune = nnforge.PromptPrune(keep=int(extra[5:]) / 100)
-    elif extra and not speculative:  # a KV policy and its budget in percent of the full cache
+    elif extra and not speculative and extra != "kv8":  # a KV policy and its budget in percent of the full cache
         policy, percent = extra.rstrip("0123456789"), int(extra[len(extra.rstrip("0123456789")) :])
         kv = nnforge.KVCompress(policy, budget=FULL_CACHE * percent // 100)
     start = time.perf_counter()
     lm = nnforge.compile_lm(
-        model, max_length=640, backend=backend, quantize=quantize, threads=threads, kv=kv, prune=prune
+        model,
+        max_length=640,
+        backend=backend,
+        quantize=quantize,
+        threads=threads,
+        kv=kv,
+        prune=prune,
+        kv_dtype=kv_dtype,
     )
     row = {"compile_s": round(time.perf_counter() - start, 1)}
     cache_bytes = lm.new_cache(1, kv.budget if kv else FULL_CACHE).nbytes()  # the slots the decode run holds

@@ -30,6 +30,7 @@ from .spec import DecoderSpec, read_decoder
 from .surgery import int8_cache, last_rows, skip_layers, with_attention_mass
 
 DECODE_DIR = "decode"  # a TVM bundle's one-token step
+DECODE_SHAPE = {"seq": 1, "batch": 1}  # what TVM's second build of the step is specialized to
 
 
 @dataclass
@@ -119,16 +120,16 @@ class CompiledLM:
         self._runners: dict = {}
 
     # -- building -------------------------------------------------------------------------------------
-    def _build(self, graph: Graph) -> StepRunner:
+    def _build(self, graph: Graph, one_token: bool = True) -> StepRunner:
         from ..backends.base import get_backend
 
         backend = get_backend(self.backend)
         artifact = backend.build(graph, self.target, self.options)
         decode = None
-        if self.backend == "tvm" and "seq" in graph.symbols():
-            # one token per sequence: the decode steps get kernels for one row (the low-bit GEMV), as
-            # TVM cannot pick a kernel by a symbolic row count at run time
-            decode = backend.build(specialize(graph, {"seq": 1}), self.target, self.options)
+        if one_token and self.backend == "tvm" and "seq" in graph.symbols():
+            # batch-1 decode steps get kernels for one row (GEMVs) and static shapes, as TVM cannot pick a
+            # kernel by a symbolic row count at run time; other steps run the general build
+            decode = backend.build(specialize(graph, DECODE_SHAPE), self.target, self.options)
         return StepRunner(artifact, graph, decode)
 
     def runner(
@@ -149,7 +150,8 @@ class CompiledLM:
                     int8_compute(graph)
             graph = graph if kind == "all" else last_rows(graph)
             graph = skip_layers(graph, skip) if skip else graph
-            self._runners[key] = self._build(with_attention_mass(graph, mass) if mass is not None else graph)
+            graph = with_attention_mass(graph, mass) if mass is not None else graph
+            self._runners[key] = self._build(graph, one_token=kind == "last")  # "all": scoring, verification
         return self._runners[key]
 
     def set_options(self, **options) -> None:

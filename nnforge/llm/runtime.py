@@ -157,8 +157,8 @@ def _same_memory(a, b: np.ndarray) -> bool:
 
 
 class StepRunner:
-    """One compiled step graph (an Artifact) bound to a KVCache. ``decode``: the same graph built for one token
-    per sequence (TVM: static one-row kernels, e.g. the low-bit GEMV), run for steps of one token."""
+    """One compiled step graph (an Artifact) bound to a KVCache. ``decode``: the same graph built for one sequence
+    of one token (TVM: static one-row kernels such as the GEMVs), run for the steps it fits."""
 
     def __init__(self, artifact, graph, decode=None):
         self.artifact, self.graph, self.decode = artifact, graph, decode
@@ -189,7 +189,7 @@ class StepRunner:
         if self.session is not None:
             return self._run_ort(cache, feed)
         inputs = [feed[n] if n in feed else cache.buffers[n] for n in self.input_names]
-        artifact = self.decode if self.decode is not None and x.ids.shape[1] == 1 else self.artifact
+        artifact = self.decode if self.decode is not None and self._decode_fits(x.ids.shape) else self.artifact
         if artifact.backend != "tvm":
             outs = artifact.run(inputs)
         else:  # TVM writes the cache in place: convert only what is new, e.g. the logits
@@ -200,6 +200,11 @@ class StepRunner:
                 np.copyto(cache.buffers[name], value)
         self.masses = dict(zip(self.layers, (np.array(m) for m in outs[1 + n :])))
         return np.array(outs[0])
+
+    def _decode_fits(self, ids_shape) -> bool:
+        """Whether the one-token build takes these ids (its batch may be fixed too)."""
+        want = self.decode.graph.inputs[0].shape
+        return all(not isinstance(w, int) or w == n for w, n in zip(want, ids_shape))
 
     def _binding(self, cache: KVCache):
         """An IOBinding with the cache bound (kept while the cache's OrtValues are the same: per step only the

@@ -1,9 +1,11 @@
 """Linear algebra: matmul, linear (y = x @ w.T + b, w is [out, in]) and linear_act (a linear with its activation fused).
 
 ONNX: a 2-D linear is one Gemm(transB=1); otherwise MatMul with the weight transposed once, at export, as its own
-initializer. TVM: a linear with 1-4 static rows on a CPU (batch 1: a matrix-vector product, bound by reading the
-weight) reads its weight packed into column panels (``_gemv_panel``, ``_gemv_packed``); otherwise a Relax matmul
-on the transposed weight, which LiftTransformParams transposes once at load.
+initializer. TVM: a linear on one token per sequence ([batch, 1, K], an LLM's decode step) is tvm_gemv's kernel
+(the weight re-laid out at load as [N/T, K, T]: T rows' accumulators in registers); a 2-D linear with 1-4 static
+rows on a CPU (batch 1: a matrix-vector product, bound by reading the weight) reads its weight packed into column
+panels (``_gemv_panel``, ``_gemv_packed``); otherwise a Relax matmul on the transposed weight, which
+LiftTransformParams transposes once at load.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..ir.registry import OpError, defop
 from .common import LazyModule, R, broadcast_shapes, same_dtype, torch
 from .elementwise import ACTIVATIONS
 
+_tvm_gemv = LazyModule("nnforge.backends.tvm_gemv")  # few-row kernels
 _tvm_schedule = LazyModule("nnforge.backends.tvm_schedule")  # the GEMV column tile
 
 
@@ -113,10 +116,22 @@ def _(cx, x, w, b=None):
 
 @linear.tvm
 def _linear_tvm(c, x, w, b=None):
+    xt, (n, k) = c.in_type(0), c.in_type(1).shape
+    if _decode_rows(c) and _tvm_gemv.available(c.target, n, k, 32, k):
+        lead = c.dims.shape(xt.shape[:-1])
+        y = _tvm_gemv.matmul(c.bb, c.emit(R.reshape(x, [-1, k])), w, n, k)
+        y = c.emit(R.reshape(y, [*lead, n]))
+        return R.add(y, b) if b is not None else y
     wt = c.emit(R.permute_dims(w, [1, 0]))
     panel = _gemv_panel(c)
     y = _gemv_packed(c, x, wt, panel) if panel else c.emit(R.matmul(x, wt))
     return R.add(y, b) if b is not None else y
+
+
+def _decode_rows(c) -> bool:
+    """A float32 linear on a step of one token per sequence ([batch, 1, K]: an LLM's decode build)."""
+    xt = c.in_type(0)
+    return xt.dtype == "float32" and xt.rank >= 3 and xt.shape[-2] == 1 and isinstance(c.in_type(1).shape[1], int)
 
 
 def _gemv_panel(c) -> int | None:
