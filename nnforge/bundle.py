@@ -56,15 +56,19 @@ def io_spec(graph: Graph) -> tuple[list, list]:
     return [spec(v) for v in graph.inputs], [spec(v) for v in graph.outputs]
 
 
-def write_bundle(artifact, directory, extra: dict | None = None, extra_files: list[str] = ()) -> Path:
+def write_bundle(
+    artifact, directory, extra: dict | None = None, extra_files: list[str] = (), with_graph: bool = True
+) -> Path:
     """Write artifact files + IR + manifest into ``directory`` (created if needed); ``extra_files``: files the
-    caller already wrote there (a tokenizer) that the manifest hashes too."""
+    caller already wrote there (a tokenizer) that the manifest hashes too. ``with_graph=False``: no IR and
+    weights (a second build of a model whose bundle holds them: the reader passes the graph to read_bundle)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     files = list(artifact.save_files(d)) + list(extra_files)
     files += _edge_runtime(artifact.target.name, d)
-    save_graph(artifact.graph, d)
-    files += [GRAPH_FILE, WEIGHTS_FILE]
+    if with_graph:
+        save_graph(artifact.graph, d)
+        files += [GRAPH_FILE, WEIGHTS_FILE]
     inputs, outputs = io_spec(artifact.graph)
     manifest = {
         "format": FORMAT,
@@ -127,12 +131,15 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
-def read_bundle(directory, expect_target: str | None = None):
-    """Load a bundle into an Artifact of its backend."""
+def read_bundle(directory, expect_target: str | None = None, graph: Graph | None = None):
+    """Load a bundle into an Artifact of its backend (``graph``: for a bundle written without its IR, the graph
+    it was built from; its inputs must be the manifest's)."""
     from .backends.base import artifact_class
 
     d = Path(directory)
     manifest = read_manifest(d)
+    if graph is not None and list(io_spec(graph)[0]) != list(manifest.get("inputs", [])):
+        raise BundleError(f"{d}: the bundle was not built from this graph (its inputs differ)")
     try:
         target = get_target(manifest.get("target", ""))
     except Exception as e:
@@ -140,7 +147,7 @@ def read_bundle(directory, expect_target: str | None = None):
     if expect_target is not None and target.name != get_target(expect_target).name:
         raise BundleError(f"bundle is for target {target.name!r}, not {expect_target!r}")
     try:
-        graph = load_graph(d)
+        graph = load_graph(d) if graph is None else graph
     except ModelLoadError as e:
         raise BundleError(f"bundle IR: {e}") from None
     if "partitions" in manifest:  # partitions of several backends, run in the recorded plan's order

@@ -281,6 +281,7 @@ def test_tvm_updates_the_cache_in_place_and_decodes_with_a_one_token_build(tmp_p
     # the bundle carries the one-token build
     want = lm.generate([PROMPT], max_new_tokens=6).tokens
     lm.save(tmp_path / "lm")
+    assert not list((tmp_path / "lm" / "decode").glob("weights*"))  # it shares the bundle's weights
     again = nnforge.load(tmp_path / "lm")
     assert again.runner("last").decode is not None
     assert again.generate([PROMPT], max_new_tokens=6).tokens == want == [_hf_greedy(_llama(), PROMPT, 6)]

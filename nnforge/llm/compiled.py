@@ -282,8 +282,8 @@ class CompiledLM:
             files.append("tokenizer.json")
         runner = self.runner("last")
         decoder = {**self.info, "graph_meta": runner.graph.meta["decoder"]}
-        if runner.decode is not None:  # the one-token build, a bundle of its own inside
-            write_bundle(runner.decode, d / DECODE_DIR)
+        if runner.decode is not None:  # the one-token build: a bundle inside, sharing this one's IR and weights
+            write_bundle(runner.decode, d / DECODE_DIR, with_graph=False)
         return write_bundle(runner.artifact, d, extra={"decoder": decoder}, extra_files=files)
 
 
@@ -409,6 +409,6 @@ def load_lm(directory, artifact, manifest: dict) -> CompiledLM:
     if (Path(directory) / DECODE_DIR).is_dir():
         from ..bundle import read_bundle
 
-        decode, _ = read_bundle(Path(directory) / DECODE_DIR)
+        decode, _ = read_bundle(Path(directory) / DECODE_DIR, graph=specialize(graph, DECODE_SHAPE))
     lm._runners[("last", (), repr(None), None)] = StepRunner(artifact, graph, decode)
     return lm
