@@ -14,6 +14,8 @@ import numpy as np
 from tvm import relax
 from tvm.relax import op as R
 
+from .tvm_gemv import defined
+
 KERNEL = "kv_write_slots"
 
 
@@ -39,12 +41,7 @@ def _kernel(dtype: str):
 def write_slots(bb: relax.BlockBuilder, cache, new, positions):
     """``cache`` [B, H, C, D] with ``new`` [B, H, S, D] stored at slots ``positions`` [B, S] (int64), in place."""
     dtype = str(cache.ty.dtype)
-    name = f"{KERNEL}_{dtype}"
-    mod = bb.get()
-    if any(gv.name_hint == name for gv in mod.get_global_vars()):
-        gv = mod.get_global_var(name)
-    else:
-        gv = bb.add_func(_kernel(dtype).with_attr("global_symbol", name), name)
+    gv = _func(bb, f"{KERNEL}_{dtype}", lambda: _kernel(dtype))
     return bb.emit(R.call_tir_inplace(gv, [cache, new, positions], [0], cache.ty))
 
 
@@ -149,10 +146,9 @@ def _weighted_sum_kernel(heads: int, d: int, cache: str):
 
 
 def _func(bb, name: str, make):
-    mod = bb.get()
-    if any(gv.name_hint == name for gv in mod.get_global_vars()):
-        return mod.get_global_var(name)
-    return bb.add_func(make().with_attr("global_symbol", name), name)
+    """The kernel ``name`` of the module, added from ``make()`` (a PrimFunc) the first time."""
+    gv = defined(bb, name)
+    return gv if gv is not None else bb.add_func(make().with_attr("global_symbol", name), name)
 
 
 def decode_attention(bb: relax.BlockBuilder, q, k, v, limit, scale: float, k_scale=None, v_scale=None):

@@ -132,16 +132,18 @@ def qmatmul(bb: relax.BlockBuilder, x, qweight, scales, zeros, n: int, k: int, b
         offsets = tiled(bb.emit(R.multiply(scales, relax.const(float(zero), "float32"))))
     args = [x, packed, tiled(scales)] + ([offsets] if offsets is not None else [])
     name = f"qgemv_int{bits}_g{group}_{n}x{k}" + ("_zero" if offsets is not None else "")
-    mod = bb.get()
-    if mod.get_global_vars() and any(gv.name_hint == name for gv in mod.get_global_vars()):
-        # the same kernel for every layer of this shape: one function, scheduled and compiled once
-        gv = mod.get_global_var(name)
-        m = x.ty.shape[0]
-        return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], "float32")))
-    call = bb.call_te(_kernel, x, packed, tiled(scales), offsets, bits, group, primfunc_name_hint=name)
-    gv = call.args[0]
-    bb.update_func(gv, _schedule(bb.get()[gv], t, bits, offsets is not None))
+    gv = defined(bb, name)
+    if gv is not None:
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType([x.ty.shape[0], n], "float32")))
+    call = bb.call_te(_kernel, *args[:3], offsets, bits, group, primfunc_name_hint=name)
+    bb.update_func(call.args[0], _schedule(bb.get()[call.args[0]], t, bits, offsets is not None))
     return bb.emit(call)
+
+
+def defined(bb: relax.BlockBuilder, name: str):
+    """The module's kernel called ``name``, if made already: every layer of one shape calls one function,
+    scheduled and compiled once."""
+    return next((gv for gv in bb.get().get_global_vars() if gv.name_hint == name), None)
 
 
 def _float_kernel(x, packed):
@@ -173,9 +175,8 @@ def matmul(bb: relax.BlockBuilder, x, weight, n: int, k: int):
     t = tile_rows(n)
     packed = bb.emit(R.permute_dims(bb.emit(R.reshape(weight, [n // t, t, k])), [0, 2, 1]))
     name = f"gemv_f32_{n}x{k}"
-    mod = bb.get()
-    if any(gv.name_hint == name for gv in mod.get_global_vars()):
-        gv = mod.get_global_var(name)
+    gv = defined(bb, name)
+    if gv is not None:
         return bb.emit(relax.call_tir(gv, [x, packed], relax.TensorType([x.ty.shape[0], n], "float32")))
     call = bb.call_te(_float_kernel, x, packed, primfunc_name_hint=name)
     bb.update_func(call.args[0], _float_schedule(bb.get()[call.args[0]], t))
