@@ -17,6 +17,7 @@ from tvm.relax import op as R
 from .tvm_gemv import defined
 
 KERNEL = "kv_write_slots"
+SLOTS = 4  # cache slots whose scores the decode kernel computes together
 
 
 def _kernel(dtype: str):
@@ -83,26 +84,35 @@ def _scores_kernel(heads: int, d: int, scale: float, cache: str):
         for t in T.parallel(b * heads * r):
             bi, hi, ri = t // (heads * r), t // r % heads, t % r
             n = T.max(T.min(limit[bi, ri], c), T.int64(0))
-            acc = T.alloc_buffer((w0,), "float32", scope="local")
-            for ci in range(n):
-                for i in T.vectorized(w0):
-                    acc[i] = q[bi, hi, ri, i] * T.Cast("float32", k[bi, hi, ci, i])
-                for d0 in range(1, d // w0):
-                    for i in T.vectorized(w0):
-                        acc[i] = acc[i] + q[bi, hi, ri, d0 * w0 + i] * T.Cast("float32", k[bi, hi, ci, d0 * w0 + i])
-                # fold the lanes in halves (a tree, not a chain of w0 dependent adds)
-                if w0 >= 16:
-                    for i in T.vectorized(8):
-                        acc[i] = acc[i] + acc[i + 8]
-                if w0 >= 8:
-                    for i in T.vectorized(4):
-                        acc[i] = acc[i] + acc[i + 4]
-                for i in T.vectorized(2):
-                    acc[i] = acc[i] + acc[i + 2]
-                if quantized:
-                    out[bi, hi, ri, ci] = (acc[0] + acc[1]) * (ks[bi, hi, ci, 0] * T.float32(scale))
-                else:
-                    out[bi, hi, ri, ci] = (acc[0] + acc[1]) * T.float32(scale)
+            acc = T.alloc_buffer((SLOTS * w0,), "float32", scope="local")
+            # SLOTS slots at a time: independent accumulator chains keep the vector units busy (the last group
+            # rereads slot c - 1 for the slots past the end, whose scores are not written)
+            for cg in range((n + SLOTS - 1) // SLOTS):
+                for i in T.vectorized(SLOTS * w0):
+                    acc[i] = T.float32(0)
+                for d0 in range(d // w0):
+                    for u in T.unroll(SLOTS):
+                        for i in T.vectorized(w0):
+                            acc[u * w0 + i] = acc[u * w0 + i] + q[bi, hi, ri, d0 * w0 + i] * T.Cast(
+                                "float32", k[bi, hi, T.min(cg * SLOTS + u, c - 1), d0 * w0 + i]
+                            )
+                for u in T.unroll(SLOTS):
+                    # fold the lanes in halves (a tree, not a chain of w0 dependent adds)
+                    if w0 >= 16:
+                        for i in T.vectorized(8):
+                            acc[u * w0 + i] = acc[u * w0 + i] + acc[u * w0 + i + 8]
+                    if w0 >= 8:
+                        for i in T.vectorized(4):
+                            acc[u * w0 + i] = acc[u * w0 + i] + acc[u * w0 + i + 4]
+                    for i in T.vectorized(2):
+                        acc[u * w0 + i] = acc[u * w0 + i] + acc[u * w0 + i + 2]
+                    if cg * SLOTS + u < n:
+                        if quantized:
+                            out[bi, hi, ri, cg * SLOTS + u] = (acc[u * w0] + acc[u * w0 + 1]) * (
+                                ks[bi, hi, cg * SLOTS + u, 0] * T.float32(scale)
+                            )
+                        else:
+                            out[bi, hi, ri, cg * SLOTS + u] = (acc[u * w0] + acc[u * w0 + 1]) * T.float32(scale)
             for ci in range(n, c):
                 out[bi, hi, ri, ci] = T.float32("-inf")
 
