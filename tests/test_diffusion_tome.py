@@ -16,8 +16,8 @@ from nnforge.diffusion.compile import denoiser_step
 from nnforge.diffusion.metrics import psnr
 from nnforge.ir import Graph, TensorType, interpret
 from nnforge.ir.registry import OpError
-from nnforge.ops.merge import partition
 from nnforge.models.real import ensure_torchvision
+from nnforge.ops.merge import partition
 
 ensure_torchvision()
 
@@ -131,7 +131,10 @@ def test_tome_on_the_digits_model_and_with_deepcache(digits_diffusion):
     labels = torch.arange(50) % 10
     noise = torch.randn(50, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     run = lambda cache: sample(  # noqa: E731
-        compile_denoiser(m.unet, noise, 999, cache=cache, class_labels=labels), m.scheduler("ddim"), noise, 50,
+        compile_denoiser(m.unet, noise, 999, cache=cache, class_labels=labels),
+        m.scheduler("ddim"),
+        noise,
+        50,
         class_labels=labels,
     )
     reference = run(None)

@@ -146,7 +146,9 @@ def _site(graph: Graph, att: Node, users, index) -> Site | str:
         if len(us) != 1 or us[0].op not in TOKENWISE or us[0].output.type.rank != 3:
             break
         u = us[0]
-        if u.op == "add" and any(i is not out and i is not None and i.type.rank == 3 and i.shape[1] == n for i in u.inputs):
+        if u.op == "add" and any(
+            i is not out and i is not None and i.type.rank == 3 and i.shape[1] == n for i in u.inputs
+        ):
             break  # the residual add: the stream is full size
         if u.output.shape[1] != n:
             break
