@@ -18,6 +18,7 @@ from nnforge.ir import Graph, TensorType, interpret
 from nnforge.ir.registry import OpError
 from nnforge.models.real import ensure_torchvision
 from nnforge.ops.merge import partition
+from nnforge.passes.manager import PassManager
 
 ensure_torchvision()
 
@@ -123,6 +124,10 @@ def test_merged_denoiser_compiles_losslessly(case):
     diff = np.abs(reference - unmerged).max()
     assert 1e-4 < diff < 0.5 * np.abs(unmerged).max()  # lossy, but close
     assert DiffusionToMe(ratio=0).rewrite(graph) is graph
+    # the same rewrite as a lossy pass in a pipeline
+    manager = PassManager([DiffusionToMe(ratio=0.5).make_pass()])
+    assert manager.run(graph.copy()).op_counts()["grid_merge"] == len(stats.merged)
+    assert manager.records[0].lossy and manager.records[0].changed
 
 
 def test_tome_on_the_digits_model_and_with_deepcache(digits_diffusion):
@@ -148,3 +153,50 @@ def test_tome_on_the_digits_model_and_with_deepcache(digits_diffusion):
     assert 20 < psnr(combined, reference) < psnr(merged, reference)
     assert m.agreement(merged, labels) >= base - 0.04
     assert m.agreement(combined, labels) >= base - 0.06
+
+
+def test_budget_tries_merge_ratios_where_the_attention_is_big_enough(digits_diffusion):
+    from nnforge.diffusion import Combined
+    from nnforge.diffusion.budget import default_candidates
+
+    graph, _ = unet_case()
+    tome = [c for c in default_candidates(graph) if "ToMe" in c.name]
+    assert tome == [
+        DiffusionToMe(0.3),
+        DiffusionToMe(0.5),
+        DiffusionToMe(0.7),
+        Combined((DeepCache(interval=3), DiffusionToMe(0.5))),
+    ]
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([5, 5]), torch.tensor([1, 2])
+    notes = []
+    digits = default_candidates(graph_of(digits_diffusion.unet, x, t, y, conditioning=["class_labels"]), notes)
+    assert not any("ToMe" in c.name for c in digits)
+    assert notes == [
+        "ToMe not tried: the largest self-attention has 16 tokens (fewer than 64: merging saves next to nothing)"
+    ]
+
+
+def test_budget_picks_the_largest_merge_ratio_within_a_psnr_floor(digits_diffusion):
+    """Measured on this noise (20 DDIM steps, 30 samples): ratio 0.3 / 0.5 / 0.7 keep 44.0 / 41.1 / 39.0 dB against
+    the uncached samples; a 42.5 dB floor admits 0.3 only, though 0.7 is the cheapest."""
+    from nnforge.diffusion.budget import search_cache
+
+    m = digits_diffusion
+    labels = torch.arange(30) % 10
+    noise = torch.randn(30, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    choice = search_cache(
+        m.unet,
+        noise,
+        m.scheduler("ddim"),
+        nnforge.Budget(metric="agreement", max_drop=0.05),
+        steps=20,
+        candidates=[DiffusionToMe(0.3), DiffusionToMe(0.5), DiffusionToMe(0.7)],
+        classify=m.classify,
+        min_psnr=42.5,
+        timing="flops",
+        class_labels=labels,
+    )
+    assert [t.name for t in choice.trials] == ["ToMe(ratio=0.7)", "ToMe(ratio=0.5)", "ToMe(ratio=0.3)"]  # by MACs
+    assert [t.within for t in choice.trials] == [False, False, True]
+    assert all(t.agreement >= choice.reference.agreement - 0.05 for t in choice.trials)
+    assert choice.setting == DiffusionToMe(0.3) and choice.heldout.psnr > 42.5
