@@ -20,7 +20,8 @@ later merges), nothing here tracks sizes: the merge is undone after the attentio
 ONNX and TVM: the source/destination partition is static (a constant index list); the matching is a MatMul of
 the normalised tokens, ReduceMax/ArgMax per source, a descending sort of the best scores (TopK / argsort; ties go
 to the lower index, as the reference's stable argsort); the slots are two ScatterElements into a constant base,
-and the means a ScatterElements with reduction add of the tokens (and of ones, for the counts) into zeros.
+and the means (ONNX) a ScatterND with reduction add of the merged sources' rows into their destinations' rows
+divided by the counts, (TVM) a scatter_elements with reduction add of all tokens into zeros, divided likewise.
 """
 
 from __future__ import annotations
@@ -132,19 +133,28 @@ def _(cx, x, r=0, grid=(1, 1), stride=(2, 2)):
     slot = cx.emit(
         "ScatterElements", [slot, kept_pos, cx.emit("Expand", [i64(list(range(n_keep))), shape(n_keep)])], axis=1
     )
+    rows = lambda pos: cx.emit("GatherND", [x, cx.emit("Unsqueeze", [pos, i64([-1])])], batch_dims=1)  # noqa: E731
+    means = cx.emit("Gather", [x, cx.const(dst, "int64", "dst")], axis=1)
     if r:
         merged = cx.emit("Slice", [order, i64([0]), i64([r]), i64([1])])
-        to = cx.emit("Add", [cx.emit("GatherElements", [target, merged], axis=1), i64(n_keep)])
-        slot = cx.emit("ScatterElements", [slot, cx.emit("Gather", [src_pos, merged], axis=0), to], axis=1)
-    hidden = cx.emit("Shape", [x], start=2, end=3)
-    over_hidden = cx.emit("Expand", [cx.emit("Unsqueeze", [slot, i64([-1])]), cx.emit("Shape", [x])])
-    zeros = cx.emit("Expand", [cx.const(0.0, dt), cx.emit("Concat", [batch, i64([n - r]), hidden], axis=0)])
-    total = cx.emit("ScatterElements", [zeros, over_hidden, x], axis=1, reduction="add")
-    ones = cx.emit("Expand", [cx.const(1.0, dt), shape(n)])
-    count = cx.emit(
-        "ScatterElements", [cx.emit("Expand", [cx.const(0.0, dt), shape(n - r)]), slot, ones], axis=1, reduction="add"
-    )
-    return [cx.emit("Div", [total, cx.emit("Unsqueeze", [count, i64([-1])])]), slot]
+        to = cx.emit("GatherElements", [target, merged], axis=1)  # [batch, r]: destination of each merged source
+        slot = cx.emit(
+            "ScatterElements",
+            [slot, cx.emit("Gather", [src_pos, merged], axis=0), cx.emit("Add", [to, i64(n_keep)])],
+            axis=1,
+        )
+        # the merged sources' rows added into their destinations' rows (ScatterND on whole rows: ScatterElements
+        # over every element cost about 3x as much), then divided by the counts
+        positions = cx.emit("Range", [i64(0), cx.emit("Squeeze", [batch, i64([0])]), i64(1)])
+        at_batch = cx.emit("Expand", [cx.emit("Unsqueeze", [positions, i64([1])]), cx.emit("Shape", [to])])
+        at = cx.emit("Concat", [cx.emit("Unsqueeze", [t, i64([-1])]) for t in (at_batch, to)], axis=-1)
+        means = cx.emit("ScatterND", [means, at, rows(cx.emit("Gather", [src_pos, merged], axis=0))], reduction="add")
+        ones = cx.emit("Expand", [cx.const(1.0, dt), shape(len(dst))])
+        count = cx.emit(
+            "ScatterElements", [ones, to, cx.emit("Expand", [cx.const(1.0, dt), shape(r)])], axis=1, reduction="add"
+        )
+        means = cx.emit("Div", [means, cx.emit("Unsqueeze", [count, i64([-1])])])
+    return [cx.emit("Concat", [rows(kept_pos), means], axis=1), slot]
 
 
 # ---------------------------------------------------------------------------------------
