@@ -113,6 +113,8 @@ def test_merged_denoiser_compiles_losslessly(case):
     stats = merge_self_attention(graph.copy(), DiffusionToMe(ratio=0.5))
     if case == "unet2d_condition":  # the down block's and the last up block's two (32x32); not the mid block's
         assert [(n, r) for _, n, r in stats.merged] == [(1024, 512)] * 3
+        coarser = merge_self_attention(graph.copy(), DiffusionToMe(ratio=0.5, max_downsample=2))
+        assert sorted(n for _, n, _ in coarser.merged) == [256, 1024, 1024, 1024]  # and the mid block's (16x16)
     else:  # both DiT blocks: 8x8 patches
         assert [(n, r) for _, n, r in stats.merged] == [(64, 32)] * 2
     assert merged.op_counts()["grid_merge"] == len(stats.merged)
@@ -200,3 +202,26 @@ def test_budget_picks_the_largest_merge_ratio_within_a_psnr_floor(digits_diffusi
     assert [t.within for t in choice.trials] == [False, False, True]
     assert all(t.agreement >= choice.reference.agreement - 0.05 for t in choice.trials)
     assert choice.setting == DiffusionToMe(0.3) and choice.heldout.psnr > 42.5
+
+
+def test_bad_settings_and_graphs_without_self_attention_are_named():
+    with pytest.raises(nnforge.NnforgeError, match=r"ratio must be in \[0, 1\)"):
+        DiffusionToMe(ratio=1.0)
+    with pytest.raises(nnforge.NnforgeError, match="stride and max_downsample must be >= 1"):
+        DiffusionToMe(stride=0)
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    plain = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        add_attention=False,  # no mid-block attention either
+    ).eval()
+    with pytest.raises(nnforge.NnforgeError, match="found no self-attention"):
+        DiffusionToMe(0.5).rewrite(graph_of(plain, torch.randn(1, 3, 8, 8), torch.tensor([3])))
