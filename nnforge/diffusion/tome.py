@@ -112,7 +112,8 @@ def mergeable_tokens(graph: Graph) -> list[int]:
     return [t for t in (attention_tokens(n) for n in self_attentions(graph)) if isinstance(t, int)]
 
 
-def _site(graph: Graph, att: Node, users, index) -> Site | str:
+def _site(att: Node, grid: tuple[int, int], users, index) -> Site | str:
+    """Where to merge and unmerge around ``att``, or why not."""
     q, k, v = att.inputs[:3]
     n = q.shape[1]
     if len(att.inputs) > 3 and att.inputs[3] is not None:
@@ -153,7 +154,7 @@ def _site(graph: Graph, att: Node, users, index) -> Site | str:
         if u.output.shape[1] != n:
             break
         out = u.output
-    return Site(att, n, (0, 0), x, path, out)
+    return Site(att, n, grid, x, path, out)
 
 
 def merge_self_attention(graph: Graph, cfg: DiffusionToMe) -> MergeStats:
@@ -189,15 +190,14 @@ def merge_self_attention(graph: Graph, cfg: DiffusionToMe) -> MergeStats:
     for att, grid in grids.items():
         if finest / grid[0] > cfg.max_downsample:
             continue
-        site = _site(graph, att, users, index)
+        site = _site(att, grid, users, index)
         if isinstance(site, str):
             stats.notes.append(f"%{att.output.name}: {site}, left alone")
             continue
-        site.grid = grid
         sites.append(site)
     for s in sites:
-        src = s.tokens - (-(-s.grid[0] // cfg.stride)) * (-(-s.grid[1] // cfg.stride))
-        r = min(int(s.tokens * cfg.ratio), src)
+        sources = s.tokens - (-(-s.grid[0] // cfg.stride)) * (-(-s.grid[1] // cfg.stride))  # minus one per cell
+        r = min(int(s.tokens * cfg.ratio), sources)
         if r <= 0:
             continue
         _insert(graph, s, r, cfg.stride)
@@ -218,7 +218,7 @@ def _insert(graph: Graph, s: Site, r: int, stride: int) -> None:
     merged, slot = merge.outputs
     for nd in s.path:
         nd.inputs = [merged if i is s.x else i for i in nd.inputs]
-    readers = [nd for nd in graph.users_of(s.out)]
+    readers = list(graph.users_of(s.out))
     before = min(readers, key=graph.nodes.index) if readers else None
     idx = graph.add_node("unsqueeze", [slot], {"axes": [-1]}, name="tome_slot", before=before).output
     idx = graph.add_node("expand", [idx], {"shape": [-1, -1, s.out.shape[2]]}, name="tome_slot", before=before).output
