@@ -411,6 +411,12 @@ def _kept(b):
 
 CASES["onnx_node"] = [_kept]
 
+# ToMe for diffusion (nnforge/ops/merge.py): merged tokens and slots; a 5x6 grid leaves the last cells short
+CASES["grid_merge"] = [
+    lambda b: b.g.add_node("grid_merge", [b.x(2, 30, 4)], {"r": 11, "grid": [5, 6]}).outputs,
+    lambda b: b.g.add_node("grid_merge", [b.x(1, 16, 3)], {"r": 0, "grid": [4, 4], "stride": [1, 2]}).outputs,
+]
+
 
 def _decode_inputs(b, s, seqlens, total, h=4, kv=2, d=16, cap=12):
     """q, k, v, the caches, seqlens_k, total_len and RoPE tables of a cached_attention step (tests/test_llm.py
@@ -558,7 +564,7 @@ def test_op_matches_interpreter(op, k):
 # lowerings the ONNX frontend cannot read back: asymmetric pads (ceil_mode pools) have no IR form
 _NO_ROUND_TRIP = {("max_pool2d", 3), ("avg_pool2d", 4)}
 # token merging/pruning lower to TopK and Gather/ScatterElements, which have no IR form to import back to
-_NO_ROUND_TRIP |= {(op, k) for op in ("token_merge", "token_prune") for k in range(len(CASES[op]))}
+_NO_ROUND_TRIP |= {(op, k) for op in ("token_merge", "token_prune", "grid_merge") for k in range(len(CASES[op]))}
 # low-bit ops lower to MatMulNBits / integer matmuls / bit unpacking, which the ONNX frontend does not import
 _NO_ROUND_TRIP |= {(op, k) for op in ("qlinear", "qconv2d", "qgather", "sparse_linear") for k in range(len(CASES[op]))}
 # the decoder's ops lower to ORT's GroupQueryAttention and a decomposition: no ONNX op reads back as them

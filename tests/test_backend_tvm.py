@@ -258,6 +258,7 @@ EXTRA_OPS = {
     "token_merge",
     "token_prune",
     "attention_scores",
+    "grid_merge",  # ToMe for diffusion: tests/test_diffusion_tome.py checks it on every backend
     "elementwise_region",
     "torch_op",
     "onnx_node",  # runs on ONNX Runtime; tests/test_onnx_passthrough.py covers its TVM partitions

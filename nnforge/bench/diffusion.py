@@ -47,7 +47,7 @@ def _interleaved_times(runners, scheduler, noise, steps: int, conditioning: dict
 
 
 def _digits_settings():
-    from ..diffusion import DeepCache
+    from ..diffusion import Combined, DeepCache, DiffusionToMe
 
     return [
         DeepCache(interval=2),
@@ -56,6 +56,9 @@ def _digits_settings():
         DeepCache(interval=4),
         DeepCache(interval=5),
         DeepCache(interval=4, schedule="nonuniform"),
+        DiffusionToMe(ratio=0.5),
+        DiffusionToMe(ratio=0.7),
+        Combined((DeepCache(interval=3), DiffusionToMe(ratio=0.5))),
     ]
 
 
@@ -80,7 +83,7 @@ def _models(names):
     """(name, model, sample shape [c, h, w], conditioning(batch) -> kwargs, settings, judged) per model."""
     import torch
 
-    from ..diffusion import BlockCache, DeepCache, TGate
+    from ..diffusion import BlockCache, Combined, DeepCache, DiffusionToMe, TGate
     from ..models import real
 
     for name in names:
@@ -96,10 +99,16 @@ def _models(names):
         elif name == "unet2d_condition":
             step, (x, _, text) = real.build("unet2d_condition", "bench")
             cond = lambda b, text=text: {"encoder_hidden_states": text.expand(b, -1, -1).contiguous()}
-            settings = [DeepCache(interval=3), DeepCache(interval=5), TGate(gate=10)]
+            settings = [
+                DeepCache(interval=3),
+                DeepCache(interval=5),
+                TGate(gate=10),
+                DiffusionToMe(ratio=0.5),
+                Combined((DeepCache(interval=3), DiffusionToMe(ratio=0.5))),
+            ]
             yield name, step.unet, tuple(x.shape[1:]), cond, settings, False
         elif name == "dit":
-            settings = [BlockCache(interval=2), BlockCache(interval=3)]
+            settings = [BlockCache(interval=2), BlockCache(interval=3), DiffusionToMe(ratio=0.5)]
             yield "dit", _dit(), (4, 32, 32), lambda b: {"class_labels": torch.arange(b) % 1000}, settings, False
 
 
@@ -112,9 +121,11 @@ def run_diffusion(
     threads: int = 1,
     json_path: str | None = DEFAULT_JSON,
     cache_dir: str | None = None,
+    select: str | None = None,
     say=print,
 ) -> list[dict]:
-    """Run the bench; returns its rows (also written to ``json_path``) and prints the table."""
+    """Run the bench; returns its rows (also written to ``json_path``) and prints the table. ``select``: only the
+    settings whose name contains it (and uncached), e.g. "ToMe"."""
     import torch
     from rich.console import Console
     from rich.progress import Progress
@@ -136,6 +147,7 @@ def run_diffusion(
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("diffusion bench", total=None)
         for name, model, shape, cond, settings, judged in _models(models):
+            settings = [x for x in settings if select is None or select in x.name]
             if name == "digits":
                 progress.update(task, description="digits: training or loading the model")
                 digits = trained_once(Path(cache_dir or nnforge_cache_dir()) / "digits-diffusion")
@@ -177,7 +189,7 @@ def run_diffusion(
                         r[f"speedup_b{b}"] = base[f"s_b{b}"] / r[f"s_b{b}"]
                         r[f"flop_speedup_b{b}"] = base[f"flop_s_b{b}"] / r[f"flop_s_b{b}"]
             if judged:
-                rows.append(_budget_row(digits, steps, build, progress, task, rows))
+                rows.append(_budget_row(digits, steps, build, progress, task, rows, settings))
                 _write(rows, json_path)
     _write(rows, json_path)
     say(format_table(rows, batches))
@@ -190,7 +202,7 @@ def _write(rows: list[dict], json_path: str | None) -> None:
         Path(json_path).write_text(json.dumps(rows, indent=1))
 
 
-def _budget_row(digits, steps: int, build: dict, progress, task, rows: list[dict]) -> dict:
+def _budget_row(digits, steps: int, build: dict, progress, task, rows: list[dict], settings: list) -> dict:
     """The budget's choice for a 1-point agreement budget (and PSNR >= 25 dB), searched on its own calibration
     noise, its quality measured on held-out noise; its timings are those of the same setting's row."""
     import torch
@@ -207,7 +219,7 @@ def _budget_row(digits, steps: int, build: dict, progress, task, rows: list[dict
         digits.scheduler("ddim"),
         Budget(metric="agreement", max_drop=0.01),
         steps=steps,
-        candidates=_digits_settings(),
+        candidates=settings,
         classify=digits.classify,
         min_psnr=25.0,
         timing="flops",  # the search's own timings are what the rows above measure; count MACs to choose

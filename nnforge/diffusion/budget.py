@@ -2,7 +2,8 @@
 
 ``search_cache(model, noise, scheduler, budget, ...)`` samples from the same noise with the uncached compiled
 denoiser and with each candidate setting (DeepCache intervals, branches and schedules for a U-Net; FORA
-intervals for a DiT; T-Gate steps where there is cross-attention), times each run on this machine and measures
+intervals for a DiT; T-Gate steps where there is cross-attention; ToMe merge ratios where the self-attention is
+big enough), times each run on this machine and measures
 its samples against the uncached ones. ``nnforge.Budget(metric, max_drop)`` says what may be lost:
 
 - ``metric="agreement"``: the share of samples a classifier (``classify(images) -> labels``) reads as the class
@@ -29,13 +30,14 @@ from .blockcache import BlockCache, TGate, cross_attentions, residual_branches
 from .deepcache import DeepCache, find_skips
 from .metrics import psnr, ssim
 from .sample import sample
+from .tome import MIN_TOKENS, DiffusionToMe, mergeable_tokens
 
 PSNR_CEILING = 40.0  # dB: "psnr" as a drop is how far below this a candidate's samples are
 
 
 @dataclass
 class Trial:
-    setting: Any  # a DeepCache / BlockCache / TGate, or None (uncached)
+    setting: Any  # a DeepCache / BlockCache / TGate / DiffusionToMe / Combined, or None (uncached)
     seconds: float
     psnr: float
     ssim: float
@@ -78,9 +80,15 @@ class CacheChoice:
         return "\n".join(lines + self.notes)
 
 
-def default_candidates(graph) -> list:
+TOME_RATIOS = (0.3, 0.5, 0.7)
+
+
+def default_candidates(graph, notes: list[str] | None = None) -> list:
     """The settings worth trying on this denoiser: DeepCache where there are U-Net skips, FORA where there are
-    transformer blocks, T-Gate where there is cross-attention."""
+    transformer blocks, T-Gate where there is cross-attention, ToMe merge ratios (alone, and at 0.5 with DeepCache
+    interval 3) where the largest self-attention has at least ``MIN_TOKENS`` tokens (``notes`` says when not)."""
+    from .compile import Combined
+
     out: list = []
     skips = find_skips(graph)
     if skips:
@@ -91,6 +99,18 @@ def default_candidates(graph) -> list:
         out += [BlockCache(interval=n) for n in (2, 3)]
     if cross_attentions(graph):
         out += [TGate(gate=g) for g in (10, 20)]
+    tokens = max(mergeable_tokens(graph), default=0)
+    if tokens >= MIN_TOKENS:
+        out += [DiffusionToMe(ratio=r) for r in TOME_RATIOS]
+        if skips:
+            out.append(Combined((DeepCache(interval=3), DiffusionToMe(ratio=0.5))))
+    elif notes is not None:
+        notes.append(
+            f"ToMe not tried: the largest self-attention has {tokens} tokens (fewer than {MIN_TOKENS}: "
+            "merging saves next to nothing)"
+            if tokens
+            else "ToMe not tried: no self-attention"
+        )
     return out
 
 
@@ -130,7 +150,7 @@ def search_cache(
     ``heldout_noise``: another batch (default: fresh noise of the same shape, seeded). ``timing``: "wall" (the
     best of ``repeat`` sampling runs after a warm-up) or "flops" (``flop_seconds``: deterministic, for a busy
     machine or a target that is not here)."""
-    from .compile import compile_denoiser
+    from .compile import as_setting, compile_denoiser
 
     options = dict(compile_options or {})
     quality = _quality(budget, classify, conditioning.get("class_labels"))
@@ -162,6 +182,7 @@ def search_cache(
         ok = drop <= budget.max_drop and (min_psnr is None or p >= min_psnr)
         return Trial(setting, seconds, p, ssim(out, ref), agree, drop, ok), out
 
+    notes: list[str] = []
     reference, ref_out = trial(None, noise, None, None)
     base = quality(ref_out, ref_out)
     reference.drop = 0.0
@@ -171,14 +192,15 @@ def search_cache(
 
         names = [k for k, v in conditioning.items() if v is not None]
         example = [noise, _timesteps(t0, noise)] + [conditioning[k] for k in names]
-        candidates = default_candidates(import_model(denoiser_step(model, names), tuple(example)))
+        candidates = default_candidates(import_model(denoiser_step(model, names), tuple(example)), notes)
+    candidates = [as_setting(c) for c in candidates]
     trials = []
     for setting in candidates:
         calibration = trial(setting, noise, ref_out, base)[0]
         calibration.within = calibration.within and calibration.drop <= budget.margin * budget.max_drop
         trials.append(calibration)
     trials.sort(key=lambda t: t.seconds)
-    choice = CacheChoice(None, reference, trials, None)
+    choice = CacheChoice(None, reference, trials, None, notes=notes)
     if heldout_noise is None:
         import torch
 

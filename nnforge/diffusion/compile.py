@@ -8,6 +8,7 @@ the features to reuse on the imported IR, ``stepcache.split`` cuts it, and both 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NnforgeError
@@ -28,6 +29,56 @@ def denoiser_step(model, conditioning: list[str]):
             return noise_prediction(self.model(sample, timestep=timestep, **dict(zip(conditioning, values))))
 
     return DenoiserStep()
+
+
+@dataclass(frozen=True)
+class Combined:
+    """Several settings at once: graph rewrites (``DiffusionToMe``), applied in order, and at most one step cache
+    (``DeepCache``, ``BlockCache``, ``TGate``), which cuts the rewritten graph. ``compile_denoiser(cache=[...])``
+    makes one from a list."""
+
+    settings: tuple
+
+    def __post_init__(self):
+        caches = [s for s in self.settings if reuses(s)]
+        if len(caches) > 1:
+            raise NnforgeError(f"compile_denoiser: at most one step cache at a time, got {[s.name for s in caches]}")
+
+    @property
+    def name(self) -> str:
+        return " + ".join(s.name for s in self.settings)
+
+    @property
+    def step_cache(self):
+        return next((s for s in self.settings if reuses(s)), None)
+
+    @property
+    def reuses(self) -> bool:
+        return self.step_cache is not None
+
+    def rewrite(self, graph):
+        for s in self.settings:
+            if hasattr(s, "rewrite"):
+                graph = s.rewrite(graph)
+        return graph
+
+    def features(self, graph):
+        return self.step_cache.features(graph)
+
+    def full_steps(self, steps):
+        return self.step_cache.full_steps(steps)
+
+
+def as_setting(cache: Any):
+    """None, one setting, or a list / tuple of them (a ``Combined``)."""
+    if isinstance(cache, (list, tuple)):
+        return Combined(tuple(cache)) if len(cache) != 1 else cache[0]
+    return cache
+
+
+def reuses(setting) -> bool:
+    """Whether a setting reuses work across steps (a step cache) rather than only rewriting the graph."""
+    return setting is not None and getattr(setting, "reuses", hasattr(setting, "features"))
 
 
 def _example(shape: tuple, dtype, like=None, seed: int = 0):
@@ -55,8 +106,9 @@ def compile_denoiser(
     progress: bool | None = None,
     **conditioning,
 ) -> StepCachedDenoiser:
-    """Compile ``model`` for denoising: ``cache`` a step-cache method (``DeepCache``, ``BlockCache``, ``TGate``)
-    or None (every step runs the whole graph). ``sample``, ``timestep`` and ``conditioning`` (``class_labels=``,
+    """Compile ``model`` for denoising: ``cache`` a step-cache method (``DeepCache``, ``BlockCache``, ``TGate``),
+    a graph rewrite (``DiffusionToMe``), a list of them (rewrites first, at most one step cache) or None (every
+    step runs the whole graph). ``sample``, ``timestep`` and ``conditioning`` (``class_labels=``,
     ``encoder_hidden_states=``) are example inputs; other batch sizes compile on first use. ``options``: the
     backend's build options (e.g. ``{"threads": 1}`` for ONNX Runtime); ``progress``: a status line while
     each graph builds (default: when stderr is a terminal)."""
@@ -69,6 +121,7 @@ def compile_denoiser(
     from ..api import import_model
 
     model = model.eval()
+    cache = as_setting(cache)
     names = [k for k, v in conditioning.items() if v is not None]
     examples = [sample, torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0]).contiguous()]
     examples += [torch.as_tensor(conditioning[k]) for k in names]
@@ -81,6 +134,8 @@ def compile_denoiser(
         inputs = tuple(_example(tuple(s), d, e) for s, d, e in zip(shapes, dtypes, examples))
         with torch.no_grad():
             graph = import_model(step, inputs)
+        if hasattr(cache, "rewrite"):
+            graph = cache.rewrite(graph)
         arrays = [x.numpy() for x in inputs]
 
         def build_one(g, extra=()):
@@ -96,7 +151,7 @@ def compile_denoiser(
                 progress=progress,
             )
 
-        if cache is None:
+        if not reuses(cache):
             return build_one(graph), None
         cut = split(graph, cache.features(graph))
         full = build_one(cut.full)
@@ -106,7 +161,7 @@ def compile_denoiser(
     return StepCachedDenoiser(
         build,
         ["sample", "timestep", *names],
-        cache.full_steps if cache is not None else None,
+        cache.full_steps if reuses(cache) else None,
         config=getattr(model, "config", None),
         method=getattr(cache, "name", "uncached"),
         example_shapes=tuple(tuple(e.shape) for e in examples),

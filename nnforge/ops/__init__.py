@@ -13,6 +13,7 @@ from . import (  # noqa: F401
     indexing,
     linalg,
     lowbit,
+    merge,
     norm,
     onnx_node,
     reduce,

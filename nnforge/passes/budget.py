@@ -248,6 +248,13 @@ def _attention_cost(n, shp):
     return 2 * q[0] * queries * k[1] * q[2]
 
 
+def _grid_merge_cost(n, shp):
+    """The cosine similarities of about 3/4 of the tokens (sources) with 1/4 (destinations, stride 2x2)."""
+    b, tokens, hidden = shp(n.inputs[0])
+    dst = tokens // (n.attrs["stride"][0] * n.attrs["stride"][1])
+    return b * (tokens - dst) * dst * hidden + 2 * b * tokens * hidden
+
+
 # op -> cost(node, shape_of) in multiply-adds; everything else costs one per output element
 COSTS = {
     "linear": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[1])[1],
@@ -257,6 +264,7 @@ COSTS = {
     "attention_scores": _attention_cost,
     "qlinear": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[0])[-1],
     "qconv2d": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[1])[1] * (2 if n.attrs["bits"] == 4 else 1),
+    "grid_merge": _grid_merge_cost,
     "conv2d": lambda n, shp: _numel(shp(n.output)) * _numel(shp(n.inputs[1])[1:]),
     # per output row, one multiply-add per stored weight (values: [nnz]; row_ptr: [out features + 1])
     "sparse_linear": lambda n, shp: _numel(shp(n.output)) * shp(n.inputs[1])[0] // max(1, shp(n.inputs[3])[0] - 1),
