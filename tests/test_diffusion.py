@@ -14,7 +14,7 @@ from nnforge.api import import_model
 from nnforge.diffusion import BlockCache, DeepCache, TGate, compile_denoiser, cross_attentions, find_skips, sample
 from nnforge.diffusion.compile import denoiser_step
 from nnforge.diffusion.metrics import psnr
-from nnforge.models.real import ensure_torchvision
+from nnforge.models.real import ensure_torchvision, unet2d_tiny
 
 ensure_torchvision()
 
@@ -32,22 +32,6 @@ def tiny_dit():
         sample_size=8,
         patch_size=2,
         num_embeds_ada_norm=1000,
-        norm_num_groups=4,
-    ).eval()
-
-
-def tiny_unet2d():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
     ).eval()
 
@@ -92,7 +76,7 @@ def test_uncached_and_deepcache_denoisers_follow_eager_sampling(digits_diffusion
 def test_ddpm_sampling_draws_the_same_noise_as_eager():
     from diffusers import DDPMScheduler
 
-    unet, noise = tiny_unet2d(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    unet, noise = unet2d_tiny(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     run = lambda denoiser: sample(
         denoiser, DDPMScheduler(num_train_timesteps=100), noise, 10, generator=torch.Generator().manual_seed(5)
     )
@@ -132,7 +116,7 @@ def test_schedules():
 def test_ddim_pipeline_runs_the_compiled_unet():
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    unet = tiny_unet2d()
+    unet = unet2d_tiny()
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=100))
     run = lambda: pipe(
         batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="np"
@@ -191,7 +175,7 @@ def test_tgate_freezes_cross_attention():
 
 
 def test_methods_name_what_the_graph_lacks():
-    dit, unet = tiny_dit(), tiny_unet2d()
+    dit, unet = tiny_dit(), unet2d_tiny()
     dit_graph = graph_of(
         dit, torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.tensor([1]), conditioning=["class_labels"]
     )

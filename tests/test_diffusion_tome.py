@@ -16,7 +16,7 @@ from nnforge.diffusion.compile import denoiser_step
 from nnforge.diffusion.metrics import psnr
 from nnforge.ir import Graph, TensorType, interpret
 from nnforge.ir.registry import OpError
-from nnforge.models.real import ensure_torchvision
+from nnforge.models.real import ensure_torchvision, unet2d_tiny
 from nnforge.ops.merge import partition
 from nnforge.passes.manager import PassManager
 
@@ -209,19 +209,6 @@ def test_bad_settings_and_graphs_without_self_attention_are_named():
         DiffusionToMe(ratio=1.0)
     with pytest.raises(nnforge.NnforgeError, match="stride and max_downsample must be >= 1"):
         DiffusionToMe(stride=0)
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    plain = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        add_attention=False,  # no mid-block attention either
-    ).eval()
+    plain = unet2d_tiny(add_attention=False)  # no mid-block attention either
     with pytest.raises(nnforge.NnforgeError, match="found no self-attention"):
         DiffusionToMe(0.5).rewrite(graph_of(plain, torch.randn(1, 3, 8, 8), torch.tensor([3])))

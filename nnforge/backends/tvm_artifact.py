@@ -119,7 +119,9 @@ class TVMArtifact(Artifact):
             return dev
         return tvm.cpu(0)
 
-    def _ensure_vm(self):
+    def prepare(self) -> None:
+        """Load the library and transform the weights now; the first run does it otherwise (for a decoder
+        about a second, which the first generated tokens would pay)."""
         if self._vm is not None:
             return
         self._dev = self._device()
@@ -145,7 +147,7 @@ class TVMArtifact(Artifact):
             raise NnforgeError(f"TVM artifact ({self.target.name}): {e}") from None
         if self.target.name == "arm":  # an aarch64 library: run its bundle under qemu-aarch64
             return self.run_emulated(arrays)
-        self._ensure_vm()
+        self.prepare()
         args = [self._to_device(a) for a in arrays]
         try:
             out = self._main(*args, *self._params)
@@ -163,7 +165,7 @@ class TVMArtifact(Artifact):
         bind_symbols(self.graph, arrays)
         if self.target.name == "arm":
             raise NnforgeError("an arm (aarch64) library runs only under qemu; it has no device runner here")
-        self._ensure_vm()
+        self.prepare()
         args = [tvm.runtime.tensor(np.require(a, requirements="C"), self._dev) for a in arrays]
 
         def call():

@@ -227,6 +227,26 @@ def whisper_encoder(size: str = "tiny"):
 # ---------------------------------------------------------------------------------------
 
 
+def unet2d_tiny(add_attention: bool = True):
+    """diffusers UNet2DModel, 8x8x3, two levels, random weights: the smallest unconditioned denoiser (with
+    ``add_attention=False`` it has no self-attention at all)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        add_attention=add_attention,
+    ).eval()
+
+
 def unet2d_condition(size: str = "tiny"):
     """diffusers UNet2DConditionModel: one denoising step (latents, timestep, text embeddings)."""
     from diffusers import UNet2DConditionModel
