@@ -119,6 +119,23 @@ def test_bundle_round_trip_and_tamper_detection(compiled_families, tmp_path):
         nnforge.load(tmp_path)
 
 
+def test_a_loaded_bundle_maps_its_files_and_can_be_saved_over_itself(compiled_families, tmp_path):
+    """A loaded bundle's IR weights are read-only maps of weights.safetensors and ORT reads model.onnx itself:
+    neither is held in memory a second time. Saving over the bundle it came from writes new files beside the
+    mapped ones and renames them over, so the loaded model keeps running."""
+    zm, fast = compiled_families["mlp"]
+    fast.save(tmp_path / "b")
+    loaded = nnforge.load(tmp_path / "b")
+    weights = [a for a in loaded.graph.constants.values() if a.size]
+    assert weights and not any(a.flags.writeable for a in weights)
+    assert not isinstance(loaded.artifact._model_bytes, bytes)
+    expected = fast(*zm.inputs)
+    loaded.save(tmp_path / "b")
+    assert torch.equal(loaded(*zm.inputs), expected)
+    assert torch.equal(nnforge.load(tmp_path / "b")(*zm.inputs), expected)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.suffix == ".tmp") == []
+
+
 def test_compile_an_onnx_file(tmp_path):
     zm = zoo.build("mlp", "tiny")
     path = tmp_path / "mlp.onnx"

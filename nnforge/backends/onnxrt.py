@@ -9,6 +9,7 @@ cached, expressions built from the sympy tree with integer Add/Mul/Div/Mod).
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -402,9 +403,10 @@ _OPT_LEVELS = {
 }
 
 
-def make_session(model_bytes: bytes, target: Target, options: dict | None = None):
-    """The one place ORT sessions are created. options: opt_level (all|extended|basic|none), threads (int),
-    spinning (False: worker threads sleep when idle, for sessions that share the cores with other runtimes)."""
+def make_session(model_bytes, target: Target, options: dict | None = None):
+    """The one place ORT sessions are created, from model bytes or a file path. options: opt_level
+    (all|extended|basic|none), threads (int), spinning (False: worker threads sleep when idle, for sessions that
+    share the cores with other runtimes)."""
     import onnxruntime as ort
 
     options = options or {}
@@ -522,14 +524,25 @@ class OnnxRuntimeArtifact(Artifact):
     backend = "onnxrt"
     thread_safe = True  # InferenceSession.run may be called concurrently
 
-    def __init__(self, graph: Graph, target: Target, model_bytes: bytes, options: dict | None = None):
+    def __init__(self, graph: Graph, target: Target, model_bytes, options: dict | None = None, path=None):
+        """``model_bytes``: the ONNX model's bytes, or a read-only map of ``path`` (a loaded bundle's model.onnx,
+        from which ORT then reads the model itself: the bytes are not held in memory beside the session)."""
         super().__init__(graph, target)
-        self.model_bytes = model_bytes
+        self._model_bytes = model_bytes
         self.options = dict(options or {})
         # wasm runs in onnxruntime-web (Node), not here; the artifact still carries the model
-        self.session = None if target.name == "wasm" else make_session(model_bytes, target, self.options)
-        self.output_names = [o.name for o in onnx.load_model_from_string(model_bytes).graph.output]
+        source = str(path) if path is not None else model_bytes
+        self.session = None if target.name == "wasm" else make_session(source, target, self.options)
+        if self.session is not None:  # parsing a large model again only for its output names costs its size
+            self.output_names = [o.name for o in self.session.get_outputs()]
+        else:
+            self.output_names = [o.name for o in onnx.load_model_from_string(self.model_bytes).graph.output]
         self.output_dtypes = [v.dtype for v in graph.outputs]
+
+    @property
+    def model_bytes(self) -> bytes:
+        b = self._model_bytes
+        return b if isinstance(b, bytes) else bytes(b)
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -555,17 +568,19 @@ class OnnxRuntimeArtifact(Artifact):
     def save_files(self, directory: Path) -> list[str]:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / MODEL_FILE).write_bytes(self.model_bytes)
+        tmp = directory / (MODEL_FILE + ".tmp")  # renamed over: a loaded artifact may map the old file
+        tmp.write_bytes(self.model_bytes)
+        os.replace(tmp, directory / MODEL_FILE)
         return [MODEL_FILE]
 
     @classmethod
     def load_files(cls, directory: Path, graph: Graph, target: Target, manifest: dict) -> "OnnxRuntimeArtifact":
         path = Path(directory) / MODEL_FILE
         try:
-            data = path.read_bytes()
+            data = np.memmap(path, np.uint8, mode="r") if path.stat().st_size else b""
         except OSError as e:
             raise errors.BundleError(f"onnxrt: cannot read {path}: {e.strerror or e}") from None
-        return cls(graph, get_target(target), data, (manifest or {}).get("options"))
+        return cls(graph, get_target(target), data, (manifest or {}).get("options"), path=path if len(data) else None)
 
 
 class OnnxRuntimeBackend(Backend):

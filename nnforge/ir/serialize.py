@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from ..errors import ModelLoadError, VerificationError
 from .graph import Graph, Node, TensorType, Value
@@ -62,7 +63,40 @@ def save_graph(g: Graph, directory: str | os.PathLike) -> None:
     (d / GRAPH_FILE).write_text(json.dumps(graph_to_json(g), indent=1))
     # safetensors wants contiguous, writable arrays; empty dict is fine
     # (np.asarray(order="C"), not ascontiguousarray: that turns 0-d scalars into shape (1,))
-    save_file({k: np.asarray(a, order="C") for k, a in g.constants.items()}, str(d / WEIGHTS_FILE))
+    # written beside and renamed over: a loaded model may map the old file (map_weights), which must not change
+    tmp = d / (WEIGHTS_FILE + ".tmp")
+    save_file({k: np.asarray(a, order="C") for k, a in g.constants.items()}, str(tmp))
+    os.replace(tmp, d / WEIGHTS_FILE)
+
+
+_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}  # fmt: skip
+
+
+def map_weights(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors as read-only maps of the file: a loaded model's weights are read from disk
+    only where something reads them (a runtime copying them in), not held a second time in memory.
+    safetensors checks the header first (dtypes, shapes, offsets inside the file, no overlaps)."""
+    with safe_open(str(path), framework="numpy") as f:
+        names = list(f.keys())
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    out = {}
+    for name in names:
+        info = header[name]
+        if info["dtype"] not in _DTYPES:
+            raise ModelLoadError(f"{path}: weight {name!r} has dtype {info['dtype']}, which nnforge does not use")
+        dtype, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"])
+        count = int(np.prod(shape))
+        if count == 0:
+            out[name] = np.zeros(shape, dtype)
+            continue
+        mapped = np.memmap(path, dtype, mode="r", offset=8 + size + info["data_offsets"][0], shape=(count,))
+        out[name] = mapped.view(np.ndarray).reshape(shape)  # a plain array (not np.memmap) over the map
+    return out
 
 
 def _type(obj, where) -> TensorType:
@@ -149,9 +183,11 @@ def load_graph(directory: str | os.PathLike) -> Graph:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{d / GRAPH_FILE} is not valid JSON: {e}") from None
     try:
-        constants = load_file(str(d / WEIGHTS_FILE))
+        constants = map_weights(d / WEIGHTS_FILE)
     except FileNotFoundError:
         raise ModelLoadError(f"{d / WEIGHTS_FILE} does not exist") from None
+    except ModelLoadError:
+        raise
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ModelLoadError(f"{d / WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
     return graph_from_json(doc, constants)
