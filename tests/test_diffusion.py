@@ -14,26 +14,9 @@ from nnforge.api import import_model
 from nnforge.diffusion import BlockCache, DeepCache, TGate, compile_denoiser, cross_attentions, find_skips, sample
 from nnforge.diffusion.compile import denoiser_step
 from nnforge.diffusion.metrics import psnr
-from nnforge.models.real import ensure_torchvision, unet2d_tiny
+from nnforge.models.real import dit_tiny, ensure_torchvision, unet2d_tiny
 
 ensure_torchvision()
-
-
-def tiny_dit():
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=3,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        norm_num_groups=4,
-    ).eval()
 
 
 def graph_of(model, *inputs, conditioning=()):
@@ -135,7 +118,7 @@ def test_ddim_pipeline_runs_the_compiled_unet():
 def test_dit_block_cache_in_the_dit_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
-    dit = tiny_dit()
+    dit = dit_tiny()
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).eval()
     pipe = DiTPipeline(dit, vae, DDIMScheduler(num_train_timesteps=100))
@@ -175,7 +158,7 @@ def test_tgate_freezes_cross_attention():
 
 
 def test_methods_name_what_the_graph_lacks():
-    dit, unet = tiny_dit(), unet2d_tiny()
+    dit, unet = dit_tiny(), unet2d_tiny()
     dit_graph = graph_of(
         dit, torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.tensor([1]), conditioning=["class_labels"]
     )

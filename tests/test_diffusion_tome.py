@@ -16,7 +16,7 @@ from nnforge.diffusion.compile import denoiser_step
 from nnforge.diffusion.metrics import psnr
 from nnforge.ir import Graph, TensorType, interpret
 from nnforge.ir.registry import OpError
-from nnforge.models.real import ensure_torchvision, unet2d_tiny
+from nnforge.models.real import dit_tiny, ensure_torchvision, unet2d_tiny
 from nnforge.ops.merge import partition
 from nnforge.passes.manager import PassManager
 
@@ -73,23 +73,6 @@ def graph_of(model, *inputs, conditioning=()):
         return import_model(denoiser_step(model, list(conditioning)), inputs)
 
 
-def small_dit(sample_size=16):
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=sample_size,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        norm_num_groups=4,
-    ).eval()
-
-
 def unet_case():
     """The zoo's tiny UNet2DConditionModel on 32x32 latents: self-attention on 1024 tokens at the finest level."""
     from nnforge.models import real
@@ -103,7 +86,11 @@ def unet_case():
 def dit_case():
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([40, 40]), torch.tensor([1, 7])
-    return graph_of(small_dit(), x, t, y, conditioning=["class_labels"]), [x.numpy(), t.numpy(), y.numpy()]
+    return graph_of(dit_tiny(num_layers=2, sample_size=16), x, t, y, conditioning=["class_labels"]), [
+        x.numpy(),
+        t.numpy(),
+        y.numpy(),
+    ]
 
 
 @pytest.mark.parametrize("case", ["unet2d_condition", "dit"])

@@ -247,6 +247,26 @@ def unet2d_tiny(add_attention: bool = True):
     ).eval()
 
 
+def dit_tiny(num_layers: int = 3, sample_size: int = 8):
+    """diffusers DiTTransformer2DModel, class-conditional, 2 heads of 16, patch 2 on 4-channel latents, random
+    weights: the smallest DiT (``sample_size`` 16 gives 64 tokens)."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=4,
+    ).eval()
+
+
 def unet2d_condition(size: str = "tiny"):
     """diffusers UNet2DConditionModel: one denoising step (latents, timestep, text embeddings)."""
     from diffusers import UNet2DConditionModel
