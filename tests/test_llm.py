@@ -389,6 +389,26 @@ def test_a_bundle_generates_as_the_compiled_model(tmp_path):
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loaded_bundle_scores_drafts_and_saves_over_itself(backend, tmp_path):
+    """A bundle keeps the generation graph (the last rows' logits); the loaded LM rebuilds the all-rows graph
+    from it, so perplexity, a quantized layer-skipping draft and speculative decoding work as before saving,
+    and saving over the bundle it was loaded from (whose files it maps) keeps it running."""
+    from nnforge.llm.speculative import speculative_generate
+
+    lm = nnforge.compile_lm(_llama(), max_length=48, backend=backend)
+    lm.save(tmp_path / "lm")
+    again = nnforge.load(tmp_path / "lm")
+    text = list(np.random.default_rng(2).integers(0, 97, 30))
+    assert again.perplexity(text) == pytest.approx(lm.perplexity(text), rel=1e-5)
+    greedy = lm.generate(PROMPT, max_new_tokens=8, stop_tokens=()).tokens[0]
+    spec = speculative_generate(again, PROMPT, 8, skip=[1], k=3, quantize="int8")
+    assert spec.tokens == greedy
+    again.save(tmp_path / "lm")
+    assert again.generate(PROMPT, max_new_tokens=8, stop_tokens=()).tokens[0] == greedy
+    assert nnforge.load(tmp_path / "lm").generate(PROMPT, max_new_tokens=8, stop_tokens=()).tokens[0] == greedy
+
+
 def _smollm_tokenizer():
     from transformers import AutoTokenizer
 

@@ -194,13 +194,17 @@ class TVMArtifact(Artifact):
         directory.mkdir(parents=True, exist_ok=True)
         names = [LIB_NAME, META_NAME]
         lib_path = str(directory / LIB_NAME)
+        # written beside and renamed over: a loaded artifact may have the old library mapped (overwriting a
+        # loaded shared library in place crashes the process that runs it)
+        tmp = directory / ("tmp-" + LIB_NAME)
         try:
             if self.lib_bytes is not None:  # a loaded library cannot be exported again (or, for arm, loaded here)
-                (directory / LIB_NAME).write_bytes(self.lib_bytes)
+                tmp.write_bytes(self.lib_bytes)
             else:
                 linker = {"cc": _arm_cxx()} if self.target.name == "arm" else {}
                 with tvm_log.quiet():  # saving an executable logs a warning per memory scope
-                    self.lib.export_library(lib_path, **linker)
+                    self.lib.export_library(str(tmp), **linker)
+            os.replace(tmp, lib_path)
         except NnforgeError:
             raise
         except Exception as e:

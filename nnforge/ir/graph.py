@@ -319,6 +319,13 @@ class Graph:
         self.inputs.append(v)
         return v
 
+    def remove_input(self, v: Value) -> None:
+        """Drop a graph input nothing reads any more; its name is free again (a later add_input may take it)."""
+        if self.has_users(v):
+            raise ValueError(f"remove_input: input {v.name!r} is still read")
+        self.inputs.remove(v)
+        self._names.discard(v.name)
+
     def add_constant(self, array, name: str = "c") -> Value:
         array = np.asarray(array, order="C")  # not ascontiguousarray: it turns 0-d scalars into shape (1,)
         v = Value(self.fresh_name(name), TensorType.of(array))

@@ -27,7 +27,7 @@ from .generate import Generation, PlainDecoder, Sampling, as_batch, generate
 from .kv import CompressedDecoder, KVCompress, PromptPrune, PrunedDecoder
 from .runtime import KVCache, StepRunner
 from .spec import DecoderSpec, read_decoder
-from .surgery import int8_cache, last_rows, skip_layers, with_attention_mass
+from .surgery import all_rows, int8_cache, last_rows, skip_layers, with_attention_mass
 
 DECODE_DIR = "decode"  # a TVM bundle's one-token step
 DECODE_SHAPE = {"seq": 1, "batch": 1}  # what TVM's second build of the step is specialized to
@@ -406,7 +406,8 @@ def load_lm(directory, artifact, manifest: dict) -> CompiledLM:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_str((Path(directory) / "tokenizer.json").read_text())
-    lm = CompiledLM(graph, decoder, artifact.backend, artifact.target.name, tokenizer=tokenizer)
+    # the bundle's graph returns the last rows' logits; the LM's own graph (scoring, drafts) returns all rows
+    lm = CompiledLM(all_rows(graph), decoder, artifact.backend, artifact.target.name, tokenizer=tokenizer)
     decode = None
     if (Path(directory) / DECODE_DIR).is_dir():
         from ..bundle import read_bundle

@@ -46,6 +46,30 @@ def last_rows(graph: Graph) -> Graph:
     return g
 
 
+def all_rows(graph: Graph) -> Graph:
+    """The inverse of last_rows: logits for every row again. A bundle keeps the generation ("last") graph;
+    scoring, draft verification and drafts are built from this one."""
+    meta = _meta(graph)
+    if meta["logits"] != "last":
+        raise NnforgeError("all_rows: the graph already returns every row's logits")
+    g = graph.copy()
+    head = g.outputs[0].producer
+    rows = head.inputs[0].producer
+    if rows is None or rows.op != "gather_elements" or rows.inputs[1].producer is None:
+        raise NnforgeError("all_rows: the LM head does not read the last rows' gather that last_rows adds")
+    expand = rows.inputs[1].producer
+    reshape = expand.inputs[0].producer
+    ins = [rows.inputs[0], *head.inputs[1:]]
+    logits = g.add_node(head.op, ins, dict(head.attrs), name="lm_head", before=head).output
+    g.replace_all_uses(head.output, logits)
+    g.outputs[0] = logits
+    for node in (head, rows, expand, reshape):  # users first: each is dead once the one before is gone
+        g.remove_node(node)
+    g.remove_input(reshape.inputs[0])  # last_index: last_rows adds it again by that name
+    g.meta["decoder"] = {**meta, "logits": "all"}
+    return g
+
+
 def skip_layers(graph: Graph, skipped) -> Graph:
     meta = _meta(graph)
     skipped = sorted(set(int(i) for i in skipped))
