@@ -84,16 +84,23 @@ def _kernel(x, packed, scales, offsets, bits: int, group: int):
     )
 
 
-def _schedule(func, t: int, bits: int, with_sum: bool):
-    sch = s_tir.Schedule(func)
-    out, dot = sch.get_sblock("gemv"), sch.get_sblock("group_dot")
-    i, j, g = sch.get_loops(out)
+def _row_tiles(sch, out, t: int):
+    """Both GEMVs' outer schedule: T output rows per tile, tiles in parallel, the tile's T accumulators in
+    registers (written back as one vector). Returns the loops (row, reduction, tile row)."""
+    i, j, r = sch.get_loops(out)
     jo, ji = sch.split(j, [None, t])
-    sch.reorder(jo, i, g, ji)
+    sch.reorder(jo, i, r, ji)
     acc = sch.cache_write(out, 0, "local")
     sch.reverse_compute_at(acc, i, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.parallel(jo)
+    return i, r, ji
+
+
+def _schedule(func, t: int, bits: int, with_sum: bool):
+    sch = s_tir.Schedule(func)
+    out, dot = sch.get_sblock("gemv"), sch.get_sblock("group_dot")
+    _, g, ji = _row_tiles(sch, out, t)
     # the group's dot products: computed per group into T registers, reduced over the group's inputs
     sch.compute_at(dot, g, preserve_unit_loops=True)
     sch.set_scope(dot, 0, "local")
@@ -157,13 +164,7 @@ def _float_kernel(x, packed):
 def _float_schedule(func, t: int):
     sch = s_tir.Schedule(func)
     out = sch.get_sblock("gemv")
-    i, j, r = sch.get_loops(out)
-    jo, ji = sch.split(j, [None, t])
-    sch.reorder(jo, i, r, ji)
-    acc = sch.cache_write(out, 0, "local")
-    sch.reverse_compute_at(acc, i, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(acc)[-1])
-    sch.parallel(jo)
+    _, r, ji = _row_tiles(sch, out, t)
     sch.vectorize(ji)
     sch.decompose_reduction(out, r)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
