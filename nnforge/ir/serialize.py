@@ -81,21 +81,16 @@ def map_weights(path: Path) -> dict[str, np.ndarray]:
     safetensors checks the header first (dtypes, shapes, offsets inside the file, no overlaps)."""
     with safe_open(str(path), framework="numpy") as f:
         names = list(f.keys())
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
+    whole = np.memmap(path, np.uint8, mode="r").view(np.ndarray)  # one map; every weight is a view of it
+    size = int(whole[:8].view("<u8")[0])
+    header = json.loads(whole[8 : 8 + size].tobytes())
     out = {}
     for name in names:
         info = header[name]
         if info["dtype"] not in _DTYPES:
             raise ModelLoadError(f"{path}: weight {name!r} has dtype {info['dtype']}, which nnforge does not use")
-        dtype, shape = np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"])
-        count = int(np.prod(shape))
-        if count == 0:
-            out[name] = np.zeros(shape, dtype)
-            continue
-        mapped = np.memmap(path, dtype, mode="r", offset=8 + size + info["data_offsets"][0], shape=(count,))
-        out[name] = mapped.view(np.ndarray).reshape(shape)  # a plain array (not np.memmap) over the map
+        begin, end = (8 + size + o for o in info["data_offsets"])
+        out[name] = whole[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out
 
 
