@@ -131,7 +131,8 @@ class CompiledLM:
             # kernel by a symbolic row count at run time; other steps run the general build
             decode = backend.build(specialize(graph, DECODE_SHAPE), self.target, self.options)
             if self.target == "cpu":  # now, not in the first tokens (an arm or cuda library runs elsewhere)
-                artifact.prepare(), decode.prepare()
+                artifact.prepare()
+                decode.prepare()
         return StepRunner(artifact, graph, decode)
 
     def runner(
